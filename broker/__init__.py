@@ -1,0 +1,1 @@
+"""The Roost server: hardened amqtt broker, configuration, IM services, storage."""

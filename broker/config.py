@@ -1,0 +1,296 @@
+"""Roost configuration: YAML in, typed dataclasses out, every mistake refused at start.
+
+`load_config(path)` returns a `RoostConfig` or raises `ConfigError` naming the key
+path and what is wrong, so the broker never starts half-configured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config" / "roost.yaml"
+CONFIG_ENV = "ROOST_CONFIG"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key path where it was found."""
+
+    def __init__(self, path: str, problem: str) -> None:
+        super().__init__(f"config error at '{path}': {problem}" if path else f"config error: {problem}")
+        self.path = path
+        self.problem = problem
+
+
+@dataclass
+class ListenerConfig:
+    type: Literal["tcp", "ws"] = "tcp"
+    bind: str = "127.0.0.1:1883"
+    ssl: bool = False
+    certfile: str | None = None
+    keyfile: str | None = None
+    cafile: str | None = None
+    max_connections: int = 0  # 0: only limits.max_connections applies
+
+
+@dataclass
+class StorageConfig:
+    path: str = "data/roost.db"
+
+
+@dataclass
+class JwtConfig:
+    secret: str = ""
+    algorithm: Literal["HS256"] = "HS256"
+
+
+@dataclass
+class AuthConfig:
+    allow_anonymous: bool = False
+    # Failed CONNECTs from one address are slowed down: each failure adds this
+    # much delay, capped; the table of addresses is bounded.
+    failure_delay: float = 0.5
+    failure_delay_max: float = 5.0
+    failure_table_size: int = 10000
+    jwt: JwtConfig | None = None
+
+
+@dataclass
+class AclRule:
+    action: Literal["allow", "deny"]
+    access: Literal["publish", "subscribe", "all"]
+    topic: str
+    who: str = "*"
+
+
+@dataclass
+class LimitsConfig:
+    max_payload: int = 1024 * 1024          # bytes of one MQTT PUBLISH payload
+    max_connections: int = 10000            # across all listeners
+    max_inflight: int = 100                 # un-acked QoS 1/2 messages to one client
+    max_queued: int = 1000                  # messages queued per session (offline or behind inflight)
+    max_body: int = 64 * 1024               # bytes of a message `body` (too_large beyond)
+    max_subscriptions: int = 1000           # topic filters per session
+    request_rate: float = 50.0              # requests per second per client (token bucket)
+    request_burst: int = 200                # bucket size
+    max_pending_requests: int = 100         # requests of one client being processed at once
+
+
+@dataclass
+class MailboxConfig:
+    max_events: int = 10000
+    ttl: float = 30 * 86400.0  # seconds; YAML may say "30d", "12h", "15m", "45s"
+
+
+@dataclass
+class MessagingConfig:
+    # Until contacts are accepted, direct messages need this switch (issue 3).
+    allow_dm_without_contact: bool = False
+
+
+@dataclass
+class InfluxConfig:
+    url: str = ""
+    org: str = ""
+    bucket: str = ""
+    token: str = ""
+    batch_size: int = 500
+    flush_interval: float = 1.0
+    buffer_size: int = 100000
+    max_retry_delay: float = 30.0
+
+
+@dataclass
+class TelemetryConfig:
+    influxdb: InfluxConfig | None = None
+    max_fields: int = 64
+
+
+@dataclass
+class HomeAssistantConfig:
+    enabled: bool = False
+    service_account: str = "homeassistant"
+    discovery_prefix: str = "homeassistant"
+
+
+@dataclass
+class LogConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass
+class RoostConfig:
+    listeners: dict[str, ListenerConfig] = field(default_factory=lambda: {"default": ListenerConfig()})
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    acl: list[AclRule] = field(default_factory=list)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    mailbox: MailboxConfig = field(default_factory=MailboxConfig)
+    messaging: MessagingConfig = field(default_factory=MessagingConfig)
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    # Where relative paths (storage.path, certificates) are resolved from.
+    base_dir: str = "."
+
+    def resolve(self, path: str) -> Path:
+        p = Path(path)
+        return p if p.is_absolute() else Path(self.base_dir) / p
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION_FIELDS = {("MailboxConfig", "ttl")}
+
+
+def parse_duration(value: Any, path: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(path, "expected a duration such as 30d, 12h or 3600")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            raise ConfigError(path, "must not be negative")
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    raise ConfigError(path, f"expected a duration such as 30d, 12h or 3600, got {value!r}")
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(non_none[0], value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(path, f"must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(path, "expected a mapping")
+        return {str(k): _convert(args[1], v, f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(path, "expected a list")
+        return [_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"expected a whole number, got {value!r}")
+        if value < 0:
+            raise ConfigError(path, "must not be negative")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"expected a number, got {value!r}")
+        if value < 0:
+            raise ConfigError(path, "must not be negative")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(path, f"unsupported type {tp}")  # pragma: no cover
+
+
+def _build(cls: Any, data: Any, path: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(path, "expected a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in known or key == "base_dir":
+            where = f"{path}.{key}" if path else str(key)
+            raise ConfigError(where, f"unknown key (known: {', '.join(sorted(known - {'base_dir'}))})")
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else key
+        if (cls.__name__, key) in _DURATION_FIELDS:
+            kwargs[key] = parse_duration(value, where)
+        else:
+            kwargs[key] = _convert(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _check(cfg: RoostConfig) -> None:
+    if not cfg.listeners:
+        raise ConfigError("listeners", "at least one listener is needed")
+    for name, lst in cfg.listeners.items():
+        host, _, port = lst.bind.rpartition(":")
+        if not port.isdigit() or int(port) > 65535:
+            raise ConfigError(f"listeners.{name}.bind", f"expected HOST:PORT, got {lst.bind!r}")
+        if lst.ssl:
+            for key in ("certfile", "keyfile"):
+                value = getattr(lst, key)
+                if not value:
+                    raise ConfigError(f"listeners.{name}.{key}", "required when ssl is true")
+                if not cfg.resolve(value).is_file():
+                    raise ConfigError(f"listeners.{name}.{key}", f"file not found: {value}")
+    if cfg.limits.max_inflight < 1:
+        raise ConfigError("limits.max_inflight", "must be at least 1")
+    if cfg.mailbox.max_events < 1:
+        raise ConfigError("mailbox.max_events", "must be at least 1")
+    if cfg.auth.jwt is not None and not cfg.auth.jwt.secret:
+        raise ConfigError("auth.jwt.secret", "required when auth.jwt is set")
+    influx = cfg.telemetry.influxdb
+    if influx is not None:
+        for key in ("url", "bucket"):
+            if not getattr(influx, key):
+                raise ConfigError(f"telemetry.influxdb.{key}", "required when telemetry.influxdb is set")
+    from contract.ids import is_valid_principal_id
+
+    if cfg.homeassistant.enabled and not is_valid_principal_id(cfg.homeassistant.service_account):
+        raise ConfigError("homeassistant.service_account", "not a valid principal id")
+    for i, rule in enumerate(cfg.acl):
+        if not rule.topic:
+            raise ConfigError(f"acl[{i}].topic", "must not be empty")
+
+
+def config_from_dict(data: Any, base_dir: str = ".") -> RoostConfig:
+    cfg = _build(RoostConfig, data, "")
+    cfg.base_dir = base_dir
+    _check(cfg)
+    return cfg
+
+
+def default_config_path() -> Path:
+    env = os.environ.get(CONFIG_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> RoostConfig:
+    """Read and validate the YAML file (default: $ROOST_CONFIG or config/roost.yaml).
+
+    Relative paths inside are resolved from the current directory for the
+    bundled default file, and from the file's own folder otherwise.
+    """
+    p = Path(path) if path is not None else default_config_path()
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", f"config file not found: {p}") from None
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file {p}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError("", f"{p} is not valid YAML: {exc}") from None
+    base = "." if p.resolve() == DEFAULT_CONFIG_PATH else str(p.resolve().parent)
+    return config_from_dict(data or {}, base_dir=base)

@@ -1,0 +1,1 @@
+"""IM services: pure-Python logic over the store, testable without a broker."""

@@ -1,0 +1,26 @@
+"""The services container: built once per broker by the composition root
+(broker/app.py) and reached by plugins through `plugins.base.services_of`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.config import RoostConfig
+from broker.services.identity import IdentityService
+from broker.services.relations import Relations
+
+
+@dataclass
+class Services:
+    config: RoostConfig
+    store: Any                       # broker.store.sqlite.SqliteStore (or another engine)
+    identity: IdentityService
+    relations: Relations = field(default_factory=Relations)
+    # Filled in by their own modules' builders (see broker/app.py):
+    messaging: Any = None            # broker.services.messaging.MessagingService
+    social: Any = None               # broker.services.social.SocialService
+    presence: Any = None             # broker.services.presence.PresenceService
+    devices: Any = None              # broker.services.devices.DeviceService
+    telemetry: Any = None            # broker.services.telemetry.TelemetryService
+    homeassistant: Any = None        # broker.services.homeassistant.HomeAssistantService

@@ -1,0 +1,1 @@
+"""Storage behind a small interface (base.py); SQLite is the default engine."""

@@ -1,0 +1,64 @@
+"""The storage interface: small, typed, engine-neutral.
+
+Services depend on these Protocols only. `broker/store/sqlite.py` implements them
+on SQLite; another engine (PostgreSQL) implements the same Protocols. Each domain
+(identity, retained, messaging, social, devices) is a separate repository
+object on the `Store`, so the domains can grow independently.
+
+Every method is async; writes return only after their transaction committed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    id: str
+    kind: str              # user | device | service
+    name: str
+    status: str
+    secret_hash: str
+    created_at: float
+    device_kind: str | None = None   # devices: thermostat, light, door_sensor, ...
+    room: str | None = None          # devices: where it is
+    pairing_code: str | None = None  # devices: code shown once at registration
+
+
+@dataclass(frozen=True, slots=True)
+class RetainedMessage:
+    topic: str
+    payload: bytes
+    qos: int
+
+
+class IdentityStore(Protocol):
+    async def add_principal(self, p: Principal) -> None:
+        """Raises `AlreadyExists` when the id is taken (by any kind)."""
+
+    async def get_principal(self, principal_id: str) -> Principal | None: ...
+
+    async def list_principals(self, kind: str | None = None) -> list[Principal]: ...
+
+    async def remove_principal(self, principal_id: str) -> bool: ...
+
+    async def set_secret(self, principal_id: str, secret_hash: str) -> bool: ...
+
+    async def set_profile(self, principal_id: str, *, name: str | None, status: str | None) -> Principal | None: ...
+
+    async def search_users(self, query: str, limit: int) -> list[Principal]:
+        """Users (kind user) whose id equals `query` or whose name starts with it."""
+
+
+class RetainedStore(Protocol):
+    async def load_all(self) -> list[RetainedMessage]: ...
+
+    async def put(self, msg: RetainedMessage) -> None: ...
+
+    async def delete(self, topic: str) -> None: ...
+
+
+class AlreadyExists(Exception):
+    """A unique key is already taken."""

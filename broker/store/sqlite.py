@@ -1,0 +1,32 @@
+"""The SQLite store: one database file, one writer, every domain repository."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from broker.store import sqlite_identity
+from broker.store.sqlite_db import Database, Migration
+from broker.store.sqlite_identity import SqliteIdentityStore, SqliteRetainedStore
+
+# Domain modules contribute their migrations in this fixed order.
+MIGRATIONS: list[Migration] = [
+    *sqlite_identity.MIGRATIONS,
+]
+
+
+class SqliteStore:
+    """Implements broker.store.base's repositories on one SQLite file."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.db = Database(path)
+        self.identity = SqliteIdentityStore(self.db)
+        self.retained = SqliteRetainedStore(self.db)
+
+    def open_sync(self) -> None:
+        self.db.open_sync(MIGRATIONS)
+
+    async def open(self) -> None:
+        await self.db.open(MIGRATIONS)
+
+    async def close(self) -> None:
+        await self.db.close()

@@ -1,0 +1,218 @@
+"""SQLite plumbing: one writer thread with group commit, one reader thread, migrations.
+
+Every write is a function `fn(conn) -> result` run on the writer thread. The
+writer takes every job waiting in its queue (up to `batch_max`), runs each in its
+own SAVEPOINT inside one transaction, commits once (one fsync for the batch) and
+only then resolves the callers' futures: an awaited `write()` means committed.
+A job that raises rolls back its own savepoint only; the others still commit.
+
+Reads run on a separate thread and connection (WAL lets them proceed while the
+writer writes). Nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+log = logging.getLogger("roost.store")
+
+T = TypeVar("T")
+Job = Callable[[sqlite3.Connection], Any]
+
+# A migration is (unique name, SQL script). Names are recorded once applied.
+Migration = tuple[str, str]
+
+
+class StoreBusy(Exception):
+    """The writer queue is full: the caller should answer `unavailable`."""
+
+
+class StoreClosed(Exception):
+    """The store was closed."""
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+class Database:
+    def __init__(self, path: str | Path, *, queue_size: int = 20000, batch_max: int = 1000) -> None:
+        self.path = Path(path)
+        self._queue_size = queue_size
+        self._batch_max = batch_max
+        self._jobs: queue.Queue[tuple[Job, asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = queue.Queue(queue_size)
+        self._writer: threading.Thread | None = None
+        self._wconn: sqlite3.Connection | None = None
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roost-sqlite-read")
+        self._rconn: sqlite3.Connection | None = None
+        self._closed = False
+        self.commits = 0
+        self.jobs_committed = 0
+
+    # ---- lifecycle -------------------------------------------------------
+    def open_sync(self, migrations: Sequence[Migration]) -> None:
+        """Open, apply pending migrations, start the writer. Blocking: call before
+        the event loop serves clients, or through `open()`."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._wconn = _connect(self.path)
+        apply_migrations(self._wconn, migrations)
+        self._writer = threading.Thread(target=self._write_loop, name="roost-sqlite-writer", daemon=True)
+        self._writer.start()
+
+    async def open(self, migrations: Sequence[Migration]) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self.open_sync, migrations)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._writer is not None:
+            self._jobs.put(None)
+            await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+        if self._wconn is not None:
+            self._wconn.close()
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._close_reader)
+        self._reader.shutdown(wait=True)
+
+    def _close_reader(self) -> None:
+        if self._rconn is not None:
+            self._rconn.close()
+            self._rconn = None
+
+    # ---- writes ----------------------------------------------------------
+    async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` in the next group-committed transaction; returns after COMMIT."""
+        if self._closed:
+            raise StoreClosed("store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        try:
+            self._jobs.put_nowait((fn, fut, loop))
+        except queue.Full:
+            raise StoreBusy("storage writer queue is full") from None
+        return await fut
+
+    @property
+    def pending_writes(self) -> int:
+        return self._jobs.qsize()
+
+    def _write_loop(self) -> None:
+        conn = self._wconn
+        assert conn is not None
+        stop = False
+        while not stop:
+            first = self._jobs.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < self._batch_max:
+                try:
+                    item = self._jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            outcomes: list[tuple[bool, Any]] = []
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                for fn, _fut, _loop in batch:
+                    conn.execute("SAVEPOINT job")
+                    try:
+                        outcomes.append((True, fn(conn)))
+                        conn.execute("RELEASE job")
+                    except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                        conn.execute("ROLLBACK TO job")
+                        conn.execute("RELEASE job")
+                        outcomes.append((False, exc))
+                conn.execute("COMMIT")
+                self.commits += 1
+                self.jobs_committed += len(batch)
+            except BaseException as exc:  # the commit itself failed: nobody's write landed
+                log.exception("group commit failed")
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                outcomes = [(False, exc)] * len(batch)
+            for (ok, value), (_fn, fut, loop) in zip(outcomes, batch):
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
+        # Fail whatever is left so no caller waits forever.
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[2].call_soon_threadsafe(_settle, item[1], False, StoreClosed("store is closed"))
+
+    # ---- reads -----------------------------------------------------------
+    async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closed:
+            raise StoreClosed("store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._reader, self._run_read, fn)
+
+    def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._rconn is None:
+            self._rconn = _connect(self.path)
+        self._rconn.execute("BEGIN")
+        try:
+            return fn(self._rconn)
+        finally:
+            self._rconn.execute("COMMIT")
+
+    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Blocking read, for start-up and admin commands only (never on the loop)."""
+        conn = _connect(self.path)
+        try:
+            return fn(conn)
+        finally:
+            conn.close()
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if fut.done():
+        return
+    if ok:
+        fut.set_result(value)
+    else:
+        fut.set_exception(value)
+
+
+def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration]) -> list[str]:
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_migrations (name TEXT PRIMARY KEY, applied_at REAL NOT NULL)")
+    done = {row[0] for row in conn.execute("SELECT name FROM schema_migrations")}
+    applied = []
+    for name, sql in migrations:
+        if name in done:
+            continue
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in _split_sql(sql):
+                conn.execute(statement)
+            conn.execute("INSERT INTO schema_migrations(name, applied_at) VALUES (?, strftime('%s','now'))", (name,))
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        applied.append(name)
+        log.info("applied migration %s", name)
+    return applied
+
+
+def _split_sql(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

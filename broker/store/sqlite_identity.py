@@ -1,0 +1,128 @@
+"""SQLite implementation of IdentityStore and RetainedStore."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from broker.store.base import AlreadyExists, Principal, RetainedMessage
+from broker.store.sqlite_db import Database, Migration
+
+MIGRATIONS: list[Migration] = [
+    ("0001_identity", """
+        CREATE TABLE principals (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('user','device','service')),
+            name TEXT NOT NULL DEFAULT '',
+            status TEXT NOT NULL DEFAULT '',
+            secret_hash TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            device_kind TEXT,
+            room TEXT,
+            pairing_code TEXT
+        );
+        CREATE INDEX principals_name ON principals(kind, name COLLATE NOCASE);
+    """),
+    ("0002_retained", """
+        CREATE TABLE retained (
+            topic TEXT PRIMARY KEY,
+            payload BLOB NOT NULL,
+            qos INTEGER NOT NULL
+        );
+    """),
+]
+
+_COLUMNS = "id, kind, name, status, secret_hash, created_at, device_kind, room, pairing_code"
+
+
+def _row(r: tuple) -> Principal:
+    return Principal(*r)
+
+
+class SqliteIdentityStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def add_principal(self, p: Principal) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(
+                    f"INSERT INTO principals ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
+                    (p.id, p.kind, p.name, p.status, p.secret_hash, p.created_at, p.device_kind, p.room, p.pairing_code),
+                )
+            except sqlite3.IntegrityError:
+                raise AlreadyExists(p.id) from None
+
+        await self._db.write(job)
+
+    async def get_principal(self, principal_id: str) -> Principal | None:
+        def job(conn: sqlite3.Connection) -> Principal | None:
+            r = conn.execute(f"SELECT {_COLUMNS} FROM principals WHERE id=?", (principal_id,)).fetchone()
+            return _row(r) if r else None
+
+        return await self._db.read(job)
+
+    async def list_principals(self, kind: str | None = None) -> list[Principal]:
+        def job(conn: sqlite3.Connection) -> list[Principal]:
+            if kind is None:
+                rows = conn.execute(f"SELECT {_COLUMNS} FROM principals ORDER BY id").fetchall()
+            else:
+                rows = conn.execute(f"SELECT {_COLUMNS} FROM principals WHERE kind=? ORDER BY id", (kind,)).fetchall()
+            return [_row(r) for r in rows]
+
+        return await self._db.read(job)
+
+    async def remove_principal(self, principal_id: str) -> bool:
+        return await self._db.write(
+            lambda conn: conn.execute("DELETE FROM principals WHERE id=?", (principal_id,)).rowcount > 0
+        )
+
+    async def set_secret(self, principal_id: str, secret_hash: str) -> bool:
+        return await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE principals SET secret_hash=? WHERE id=?", (secret_hash, principal_id)
+            ).rowcount > 0
+        )
+
+    async def set_profile(self, principal_id: str, *, name: str | None, status: str | None) -> Principal | None:
+        def job(conn: sqlite3.Connection) -> Principal | None:
+            if name is not None:
+                conn.execute("UPDATE principals SET name=? WHERE id=?", (name, principal_id))
+            if status is not None:
+                conn.execute("UPDATE principals SET status=? WHERE id=?", (status, principal_id))
+            r = conn.execute(f"SELECT {_COLUMNS} FROM principals WHERE id=?", (principal_id,)).fetchone()
+            return _row(r) if r else None
+
+        return await self._db.write(job)
+
+    async def search_users(self, query: str, limit: int) -> list[Principal]:
+        def job(conn: sqlite3.Connection) -> list[Principal]:
+            like = query.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            rows = conn.execute(
+                f"SELECT {_COLUMNS} FROM principals WHERE kind='user' AND (id=? OR "
+                "(length(?) >= 2 AND name LIKE ? ESCAPE '\\')) ORDER BY id LIMIT ?",
+                (query, query, like, limit),
+            ).fetchall()
+            return [_row(r) for r in rows]
+
+        return await self._db.read(job)
+
+
+class SqliteRetainedStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def load_all(self) -> list[RetainedMessage]:
+        rows = await self._db.read(lambda conn: conn.execute("SELECT topic, payload, qos FROM retained").fetchall())
+        return [RetainedMessage(t, bytes(p), q) for t, p, q in rows]
+
+    async def put(self, msg: RetainedMessage) -> None:
+        await self._db.write(
+            lambda conn: conn.execute(
+                "INSERT INTO retained(topic, payload, qos) VALUES (?,?,?) "
+                "ON CONFLICT(topic) DO UPDATE SET payload=excluded.payload, qos=excluded.qos",
+                (msg.topic, msg.payload, msg.qos),
+            )
+        )
+
+    async def delete(self, topic: str) -> None:
+        await self._db.write(lambda conn: conn.execute("DELETE FROM retained WHERE topic=?", (topic,)))

@@ -1,0 +1,72 @@
+"""Request, response and event envelopes (PROTOCOL.md, "Requests and responses")."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from contract.errors import ErrorCode, ProtocolError
+
+MAX_REQUEST_ID_LEN = 64
+MAX_SYNC_LIMIT = 1000
+MAX_HISTORY_LIMIT = 200
+
+OPS = (
+    "send", "sync", "ack", "read", "history", "convs",
+    "contact.request", "contact.accept", "contact.reject",
+    "contact.remove", "contact.block", "contact.unblock", "contacts",
+    "user.search", "profile.get", "profile.set",
+    "group.create", "group.add", "group.remove", "group.leave", "group.info",
+    "device.claim", "device.share", "devices",
+)
+
+EVENT_KINDS = ("msg", "delivered", "read", "unread", "contact", "group", "dropped")
+BODY_TYPES = ("text", "command", "result", "event", "file")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    id: str
+    op: str
+    params: dict[str, Any]
+
+
+def parse_request(payload: bytes) -> Request:
+    """Decode a request; raises ProtocolError(bad_request) with the id when known.
+
+    The error's `request_id` attribute carries the id (or None) so the caller can
+    answer even a malformed request exactly once.
+    """
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, ValueError):
+        raise _bad(None, "payload is not JSON") from None
+    if not isinstance(doc, dict):
+        raise _bad(None, "request must be a JSON object")
+    rid = doc.get("id")
+    if not isinstance(rid, str) or not (1 <= len(rid) <= MAX_REQUEST_ID_LEN):
+        raise _bad(None, f"'id' must be a string of 1..{MAX_REQUEST_ID_LEN} characters")
+    op = doc.get("op")
+    if not isinstance(op, str):
+        raise _bad(rid, "'op' must be a string")
+    params = {k: v for k, v in doc.items() if k not in ("id", "op")}
+    return Request(id=rid, op=op, params=params)
+
+
+def _bad(rid: str | None, message: str) -> ProtocolError:
+    err = ProtocolError(ErrorCode.BAD_REQUEST, message)
+    err.request_id = rid  # type: ignore[attr-defined]
+    return err
+
+
+def ok_response(rid: str, result: dict[str, Any]) -> bytes:
+    return dumps({"id": rid, "ok": True, "result": result})
+
+
+def error_response(rid: str | None, code: ErrorCode | str, message: str) -> bytes:
+    return dumps({"id": rid, "ok": False, "error": {"code": str(code), "message": message}})
+
+
+def dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()

@@ -1,0 +1,57 @@
+"""Identifier rules: principal ids, client ids and conversation ids."""
+
+from __future__ import annotations
+
+import re
+
+PRINCIPAL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+CLIENT_LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+GROUP_ID_RE = re.compile(r"^[a-z0-9]{1,32}$")
+
+PRINCIPAL_KINDS = ("user", "device", "service")
+
+
+def is_valid_principal_id(value: object) -> bool:
+    return isinstance(value, str) and PRINCIPAL_ID_RE.match(value) is not None
+
+
+def split_client_id(client_id: str) -> tuple[str, str | None] | None:
+    """`alice` -> ("alice", None); `alice.phone` -> ("alice", "phone"); invalid -> None."""
+    principal, dot, label = client_id.partition(".")
+    if not is_valid_principal_id(principal):
+        return None
+    if not dot:
+        return principal, None
+    if CLIENT_LABEL_RE.match(label) is None:
+        return None
+    return principal, label
+
+
+def principal_of_client_id(client_id: str) -> str | None:
+    parts = split_client_id(client_id)
+    return parts[0] if parts else None
+
+
+def dm_conv(a: str, b: str) -> str:
+    lo, hi = sorted((a, b))
+    return f"dm:{lo}:{hi}"
+
+
+def group_conv(group_id: str) -> str:
+    return f"grp:{group_id}"
+
+
+def parse_conv(conv: object) -> tuple[str, tuple[str, ...]] | None:
+    """Return ("dm", (a, b)) or ("grp", (gid,)); None when malformed."""
+    if not isinstance(conv, str):
+        return None
+    if conv.startswith("dm:"):
+        parts = conv.split(":")
+        if len(parts) == 3 and is_valid_principal_id(parts[1]) and is_valid_principal_id(parts[2]) and parts[1] < parts[2]:
+            return "dm", (parts[1], parts[2])
+        return None
+    if conv.startswith("grp:"):
+        gid = conv[4:]
+        if GROUP_ID_RE.match(gid):
+            return "grp", (gid,)
+    return None

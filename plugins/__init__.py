@@ -1,0 +1,1 @@
+"""amqtt plugins: thin adapters from MQTT events to Roost's services."""
