@@ -6,7 +6,7 @@ remembered as a keyed SHA-256 of the secret: reconnects of the same device cost
 microseconds, and a wrong secret still goes through argon2.
 
 Admin commands may change the store from another process while the broker runs;
-they append to `admin_log`, which `IdentityService.poll_admin_log` reads.
+they append to `admin_log`, which the broker reads through `IdentityService.admin_changes`.
 """
 
 from __future__ import annotations
@@ -131,6 +131,17 @@ class IdentityService:
             self._directory[p.id] = p
         return p
 
+    async def admin_changes(self, after: int) -> list[tuple[int, str, str]]:
+        """Admin changes made (maybe by another process) after log position `after`;
+        the directory is refreshed for each principal named."""
+        rows = await self._store.admin_log_after(after)
+        for _seq, principal_id, _action in rows:
+            await self.reload(principal_id)
+        return rows
+
+    async def admin_log_head(self) -> int:
+        return await self._store.admin_log_head()
+
     # ---- authentication --------------------------------------------------
     async def authenticate(self, principal_id: str, secret: str) -> Principal | None:
         p = await self.get(principal_id)
@@ -179,12 +190,15 @@ class IdentityService:
         except AlreadyExists:
             raise IdentityError(f"id {principal_id!r} is already taken") from None
         self._directory[p.id] = p
+        await self._store.log_admin(p.id, "added")
         return Registered(id=p.id, secret=secret if generated else None, pairing_code=pairing)
 
     async def remove(self, principal_id: str) -> bool:
         removed = await self._store.remove_principal(principal_id)
         self._directory.pop(principal_id, None)
         self._verified.pop(principal_id, None)
+        if removed:
+            await self._store.log_admin(principal_id, "removed")
         return removed
 
     async def set_secret(self, principal_id: str, secret: str) -> bool:
@@ -194,6 +208,7 @@ class IdentityService:
         ok = await self._store.set_secret(principal_id, secret_hash)
         if ok:
             await self.reload(principal_id)
+            await self._store.log_admin(principal_id, "passwd")
         return ok
 
     async def set_profile(self, principal_id: str, *, name: str | None, status: str | None) -> Principal | None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from broker.store import sqlite_identity
+from broker.store import sqlite_devices
 from broker.store.sqlite_db import Database, Migration
 from broker.store.sqlite_identity import SqliteIdentityStore, SqliteRetainedStore
 
 # Domain modules contribute their migrations in this fixed order.
 MIGRATIONS: list[Migration] = [
     *sqlite_identity.MIGRATIONS,
+    *sqlite_devices.MIGRATIONS,
 ]
 
 
@@ -21,6 +23,8 @@ class SqliteStore:
         self.db = Database(path)
         self.identity = SqliteIdentityStore(self.db)
         self.retained = SqliteRetainedStore(self.db)
+        self.devices = sqlite_devices.SqliteDeviceStore(self.db)
+        self.presence = sqlite_devices.SqlitePresenceStore(self.db)
 
     def open_sync(self) -> None:
         self.db.open_sync(MIGRATIONS)

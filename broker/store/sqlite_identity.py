@@ -29,6 +29,16 @@ MIGRATIONS: list[Migration] = [
             qos INTEGER NOT NULL
         );
     """),
+    # Admin commands may run in another process than the broker: they append
+    # here and the broker applies the changes (kick removed principals, reload).
+    ("0003_admin_log", """
+        CREATE TABLE admin_log (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            principal TEXT NOT NULL,
+            action TEXT NOT NULL,
+            at REAL NOT NULL
+        );
+    """),
 ]
 
 _COLUMNS = "id, kind, name, status, secret_hash, created_at, device_kind, room, pairing_code"
@@ -93,6 +103,18 @@ class SqliteIdentityStore:
             return _row(r) if r else None
 
         return await self._db.write(job)
+
+    async def log_admin(self, principal_id: str, action: str) -> None:
+        await self._db.write(lambda conn: conn.execute(
+            "INSERT INTO admin_log(principal, action, at) VALUES (?,?,strftime('%s','now'))", (principal_id, action)))
+
+    async def admin_log_after(self, seq: int) -> list[tuple[int, str, str]]:
+        return await self._db.read(lambda conn: conn.execute(
+            "SELECT seq, principal, action FROM admin_log WHERE seq>? ORDER BY seq LIMIT 1000", (seq,)).fetchall())
+
+    async def admin_log_head(self) -> int:
+        row = await self._db.read(lambda conn: conn.execute("SELECT max(seq) FROM admin_log").fetchone())
+        return row[0] or 0
 
     async def search_users(self, query: str, limit: int) -> list[Principal]:
         def job(conn: sqlite3.Connection) -> list[Principal]:

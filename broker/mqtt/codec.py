@@ -1,0 +1,253 @@
+"""MQTT 3.1.1 wire format: decode what clients send, pre-encode what the broker sends.
+
+Decoding works on a `memoryview`/bytes body of one complete packet (the
+connection's incremental framer finds packet boundaries). Every malformed
+packet raises `ProtocolViolation`; the connection then closes (MQTT-4.8.0-1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# Packet types (high nibble of the first byte).
+CONNECT = 1
+CONNACK = 2
+PUBLISH = 3
+PUBACK = 4
+PUBREC = 5
+PUBREL = 6
+PUBCOMP = 7
+SUBSCRIBE = 8
+SUBACK = 9
+UNSUBSCRIBE = 10
+UNSUBACK = 11
+PINGREQ = 12
+PINGRESP = 13
+DISCONNECT = 14
+
+PINGRESP_BYTES = b"\xd0\x00"
+MAX_REMAINING_LENGTH = 268_435_455
+
+
+class ProtocolViolation(Exception):
+    """The client broke MQTT 3.1.1; the connection must be closed."""
+
+
+class UnacceptableProtocol(Exception):
+    """CONNECT with a protocol name/level we do not speak (CONNACK 1)."""
+
+
+@dataclass(slots=True)
+class ConnectPacket:
+    client_id: str
+    clean_session: bool
+    keep_alive: int
+    username: str | None = None
+    password: str | None = None
+    will_topic: str | None = None
+    will_payload: bytes = b""
+    will_qos: int = 0
+    will_retain: bool = False
+    password_bytes: bytes | None = field(default=None, repr=False)
+
+
+def encode_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _str(body: bytes | memoryview, pos: int) -> tuple[str, int]:
+    if pos + 2 > len(body):
+        raise ProtocolViolation("truncated string")
+    n = (body[pos] << 8) | body[pos + 1]
+    end = pos + 2 + n
+    if end > len(body):
+        raise ProtocolViolation("truncated string")
+    try:
+        s = bytes(body[pos + 2:end]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolViolation("string is not valid UTF-8") from None
+    if "\x00" in s:
+        raise ProtocolViolation("string contains U+0000")
+    return s, end
+
+
+def _bin(body: bytes | memoryview, pos: int) -> tuple[bytes, int]:
+    if pos + 2 > len(body):
+        raise ProtocolViolation("truncated binary field")
+    n = (body[pos] << 8) | body[pos + 1]
+    end = pos + 2 + n
+    if end > len(body):
+        raise ProtocolViolation("truncated binary field")
+    return bytes(body[pos + 2:end]), end
+
+
+def decode_connect(flags: int, body: bytes) -> ConnectPacket:
+    if flags != 0:
+        raise ProtocolViolation("CONNECT flags must be 0")
+    name, pos = _str(body, 0)
+    if pos >= len(body):
+        raise ProtocolViolation("truncated CONNECT")
+    level = body[pos]
+    if name not in ("MQTT", "MQIsdp"):
+        raise ProtocolViolation(f"unknown protocol name {name!r}")
+    if name != "MQTT" or level != 4:
+        raise UnacceptableProtocol(f"protocol {name} level {level}")
+    if pos + 4 > len(body):
+        raise ProtocolViolation("truncated CONNECT")
+    cflags = body[pos + 1]
+    keep_alive = (body[pos + 2] << 8) | body[pos + 3]
+    pos += 4
+    if cflags & 0x01:
+        raise ProtocolViolation("CONNECT reserved flag set")
+    clean = bool(cflags & 0x02)
+    will = bool(cflags & 0x04)
+    will_qos = (cflags >> 3) & 0x03
+    will_retain = bool(cflags & 0x20)
+    has_password = bool(cflags & 0x40)
+    has_username = bool(cflags & 0x80)
+    if not will and (will_qos or will_retain):
+        raise ProtocolViolation("will QoS/retain without will flag")
+    if will_qos == 3:
+        raise ProtocolViolation("will QoS 3")
+    if has_password and not has_username:
+        raise ProtocolViolation("password without user name")
+    client_id, pos = _str(body, pos)
+    pkt = ConnectPacket(client_id=client_id, clean_session=clean, keep_alive=keep_alive)
+    if will:
+        pkt.will_topic, pos = _str(body, pos)
+        pkt.will_payload, pos = _bin(body, pos)
+        pkt.will_qos = will_qos
+        pkt.will_retain = will_retain
+    if has_username:
+        pkt.username, pos = _str(body, pos)
+    if has_password:
+        pw, pos = _bin(body, pos)
+        pkt.password_bytes = pw
+        pkt.password = pw.decode("utf-8", errors="replace")
+    if pos != len(body):
+        raise ProtocolViolation("trailing bytes in CONNECT")
+    return pkt
+
+
+def decode_publish(flags: int, body: bytes) -> tuple[str, int, int | None, bool, bool, bytes]:
+    """-> (topic, qos, packet_id, retain, dup, payload)"""
+    qos = (flags >> 1) & 0x03
+    if qos == 3:
+        raise ProtocolViolation("PUBLISH QoS 3")
+    if len(body) < 2:
+        raise ProtocolViolation("truncated PUBLISH")
+    n = (body[0] << 8) | body[1]
+    end = 2 + n
+    if end > len(body):
+        raise ProtocolViolation("truncated PUBLISH topic")
+    try:
+        topic = body[2:end].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolViolation("topic is not valid UTF-8") from None
+    pid = None
+    if qos:
+        if end + 2 > len(body):
+            raise ProtocolViolation("truncated PUBLISH packet id")
+        pid = (body[end] << 8) | body[end + 1]
+        if pid == 0:
+            raise ProtocolViolation("packet id 0")
+        end += 2
+    return topic, qos, pid, bool(flags & 0x01), bool(flags & 0x08), body[end:]
+
+
+def decode_packet_id(body: bytes) -> int:
+    if len(body) != 2:
+        raise ProtocolViolation("bad packet id field")
+    return (body[0] << 8) | body[1]
+
+
+def decode_subscribe(flags: int, body: bytes) -> tuple[int, list[tuple[str, int]]]:
+    if flags != 0x02:
+        raise ProtocolViolation("SUBSCRIBE flags must be 0010")
+    if len(body) < 2:
+        raise ProtocolViolation("truncated SUBSCRIBE")
+    pid = (body[0] << 8) | body[1]
+    if pid == 0:
+        raise ProtocolViolation("packet id 0")
+    pos = 2
+    out: list[tuple[str, int]] = []
+    while pos < len(body):
+        f, pos = _str(body, pos)
+        if pos >= len(body):
+            raise ProtocolViolation("truncated SUBSCRIBE")
+        q = body[pos]
+        pos += 1
+        if q > 2:
+            raise ProtocolViolation("SUBSCRIBE QoS > 2 or reserved bits set")
+        out.append((f, q))
+    if not out:
+        raise ProtocolViolation("SUBSCRIBE without filters")
+    return pid, out
+
+
+def decode_unsubscribe(flags: int, body: bytes) -> tuple[int, list[str]]:
+    if flags != 0x02:
+        raise ProtocolViolation("UNSUBSCRIBE flags must be 0010")
+    if len(body) < 2:
+        raise ProtocolViolation("truncated UNSUBSCRIBE")
+    pid = (body[0] << 8) | body[1]
+    if pid == 0:
+        raise ProtocolViolation("packet id 0")
+    pos = 2
+    out: list[str] = []
+    while pos < len(body):
+        f, pos = _str(body, pos)
+        out.append(f)
+    if not out:
+        raise ProtocolViolation("UNSUBSCRIBE without filters")
+    return pid, out
+
+
+# ---- encoders -----------------------------------------------------------------
+
+def connack(session_present: bool, code: int) -> bytes:
+    return bytes((0x20, 0x02, 1 if session_present else 0, code))
+
+
+def ack(ptype: int, pid: int) -> bytes:
+    """PUBACK / PUBREC / PUBREL / PUBCOMP / UNSUBACK."""
+    first = (ptype << 4) | (0x02 if ptype == PUBREL else 0)
+    return bytes((first, 0x02, pid >> 8, pid & 0xFF))
+
+
+def suback(pid: int, codes: list[int]) -> bytes:
+    return bytes((0x90,)) + encode_varint(2 + len(codes)) + bytes((pid >> 8, pid & 0xFF)) + bytes(codes)
+
+
+def encode_publish(topic: str, payload: bytes, qos: int, retain: bool, pid: int = 0, dup: bool = False) -> bytes:
+    t = topic.encode("utf-8")
+    rl = 2 + len(t) + (2 if qos else 0) + len(payload)
+    first = 0x30 | (qos << 1) | (1 if retain else 0) | (0x08 if dup else 0)
+    parts = [bytes((first,)), encode_varint(rl), len(t).to_bytes(2, "big"), t]
+    if qos:
+        parts.append(pid.to_bytes(2, "big"))
+    parts.append(payload)
+    return b"".join(parts)
+
+
+def encode_connect(client_id: str, *, clean: bool = True, keep_alive: int = 60, username: str | None = None,
+                   password: str | None = None, level: int = 4) -> bytes:
+    """Used by tests that need to send raw or odd CONNECTs."""
+    def s(x: str) -> bytes:
+        b = x.encode()
+        return len(b).to_bytes(2, "big") + b
+    flags = (0x02 if clean else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
+    body = s("MQTT") + bytes((level, flags)) + keep_alive.to_bytes(2, "big") + s(client_id)
+    if username is not None:
+        body += s(username)
+    if password is not None:
+        body += s(password)
+    return bytes((0x10,)) + encode_varint(len(body)) + body

@@ -1,0 +1,131 @@
+"""Who may publish, subscribe to and receive which topic.
+
+Two regimes:
+* `roost/...` follows the wire contract (PROTOCOL.md, Topics) and nothing the
+  operator configures can open it further: requests only from their own client,
+  responses and inboxes only to their owner, presence to whoever may observe the
+  principal, telemetry from the device to its owners/sharees, `roost/ha/...` to
+  the Home Assistant integration account. Everything else under `roost/` is refused.
+* Plain topics follow the operator's ordered rules (`acl:` in the config), first
+  match wins, `%u`/`%c` expanded; with no matching rule, authenticated principals
+  may use plain topics and anonymous clients may not.
+
+RECEIVE is decided as "could this client subscribe to exactly this topic", so a
+wildcard subscriber only ever receives what it could have subscribed to by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from broker.config import AclRule
+from broker.services.relations import Relations
+from contract import topics
+
+PUBLISH = "publish"
+SUBSCRIBE = "subscribe"
+RECEIVE = "receive"
+
+
+@dataclass(frozen=True, slots=True)
+class Who:
+    principal: str | None      # None: anonymous
+    kind: str | None
+    client_id: str
+
+
+def topic_matches(pattern: str, topic: str) -> bool:
+    """MQTT filter match of `pattern` against a concrete `topic` (or a filter taken literally)."""
+    p_levels = pattern.split("/")
+    t_levels = topic.split("/")
+    if topic.startswith("$") and p_levels[0] in ("#", "+"):
+        return False
+    for i, p in enumerate(p_levels):
+        if p == "#":
+            return True
+        if i >= len(t_levels):
+            return False
+        if p != "+" and p != t_levels[i]:
+            return False
+    return len(p_levels) == len(t_levels)
+
+
+def _has_wildcard(topic_filter: str) -> bool:
+    return "+" in topic_filter or "#" in topic_filter
+
+
+class AccessPolicy:
+    def __init__(self, rules: list[AclRule], relations: Relations,
+                 kind_of: Callable[[str], str | None], integration_account: str | None) -> None:
+        self._rules = list(rules)
+        self._relations = relations
+        self._kind_of = kind_of
+        self._integration = integration_account
+
+    def check(self, who: Who, topic: str, action: str) -> bool:
+        if topic.startswith(topics.ROOT):
+            if who.principal is None:
+                return False
+            if action == SUBSCRIBE and _has_wildcard(topic):
+                return self._roost_wildcard_subscribe(topic)
+            return self._roost_exact(who, topic, action)
+        # A wildcard filter that reaches into roost/ (e.g. `#`, `+/inbox/+`) is
+        # allowed here: each delivery is then checked topic by topic (RECEIVE).
+        return self._plain(who, topic, SUBSCRIBE if action == RECEIVE else action)
+
+    # ---- roost/ --------------------------------------------------------------
+    def _roost_wildcard_subscribe(self, topic_filter: str) -> bool:
+        levels = topic_filter.split("/")
+        # `roost/req/...` is never for clients; anything else is filtered per delivery.
+        return len(levels) < 2 or levels[1] != "req"
+
+    def _roost_exact(self, who: Who, topic: str, action: str) -> bool:
+        principal = who.principal
+        assert principal is not None
+        if (cid := topics.tail(topic, topics.REQ)) is not None:
+            return action == PUBLISH and cid == who.client_id
+        if (cid := topics.tail(topic, topics.RESP)) is not None:
+            return action != PUBLISH and cid == who.client_id
+        if (p := topics.tail(topic, topics.INBOX)) is not None:
+            return action != PUBLISH and p == principal
+        if (p := topics.tail(topic, topics.PRESENCE)) is not None:
+            return action != PUBLISH and self._relations.can_observe(principal, p)
+        if (d := topics.tail(topic, topics.TELEMETRY)) is not None:
+            if action == PUBLISH:
+                return d == principal and who.kind == "device"
+            return d == principal or self._relations.may_use_device(principal, d) or (
+                principal == self._integration and self._kind_of(d) == "device")
+        if topic.startswith(topics.HA):
+            return self._ha(principal, topic, action)
+        return False
+
+    def _ha(self, principal: str, topic: str, action: str) -> bool:
+        if self._integration is None or principal != self._integration:
+            return False
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[3] not in ("availability", "state", "set"):
+            return False
+        return action != PUBLISH or parts[3] == "set"
+
+    # ---- plain topics --------------------------------------------------------
+    def _plain(self, who: Who, topic: str, access: str) -> bool:
+        for rule in self._rules:
+            if rule.access != "all" and rule.access != access:
+                continue
+            if not self._rule_applies(rule.who, who):
+                continue
+            pattern = rule.topic.replace("%u", who.principal or "").replace("%c", who.client_id)
+            if topic_matches(pattern, topic):
+                return rule.action == "allow"
+        return who.principal is not None
+
+    @staticmethod
+    def _rule_applies(rule_who: str, who: Who) -> bool:
+        if rule_who == "*":
+            return True
+        if rule_who == "anonymous":
+            return who.principal is None
+        if rule_who.startswith("kind:"):
+            return who.kind == rule_who[5:]
+        return who.principal == rule_who

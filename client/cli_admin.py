@@ -1,0 +1,322 @@
+"""`roost serve` and the admin commands (user, device, service).
+
+Admin commands work directly on the store named by the config, whether the
+broker runs or not; a running broker picks the changes up within a second
+(removed principals are disconnected).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from broker.config import ConfigError, RoostConfig, load_config
+
+T = TypeVar("T")
+
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="ROOST_CONFIG",
+    help="YAML config file (default: $ROOST_CONFIG or config/roost.yaml).")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
+
+
+def _load(config_path: str | None) -> RoostConfig:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _with_identity(config_path: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
+    from broker.services.identity import IdentityError, IdentityService
+    from broker.store.sqlite import SqliteStore
+
+    cfg = _load(config_path)
+
+    async def run() -> T:
+        store = SqliteStore(cfg.resolve(cfg.storage.path))
+        await store.open()
+        try:
+            return await fn(IdentityService(store.identity))
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(run())
+    except IdentityError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _emit(as_json: bool, doc: dict[str, Any], text: str) -> None:
+    click.echo(json.dumps(doc) if as_json else text)
+
+
+def _read_password(password: str | None, password_stdin: bool, *, prompt: bool) -> str | None:
+    if password is not None and password_stdin:
+        raise click.UsageError("use either --password or --password-stdin")
+    if password_stdin:
+        line = sys.stdin.readline().rstrip("\r\n")
+        if not line:
+            raise click.UsageError("--password-stdin: no password on standard input")
+        return line
+    if password is None and prompt:
+        return click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return password
+
+
+# ---- serve ---------------------------------------------------------------------
+
+@click.command()
+@config_option
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+              help="Override log.level from the config.")
+def serve(config_path: str | None, log_level: str | None) -> None:
+    """Run the broker until Ctrl-C / SIGTERM.
+
+    \b
+    Example:
+      roost serve
+      roost serve --config /etc/roost/roost.yaml
+    """
+    cfg = _load(config_path)
+    logging.basicConfig(level=(log_level or cfg.log.level).upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from broker.app import serve as run_broker
+
+    try:
+        asyncio.run(run_broker(cfg))
+    except OSError as exc:  # e.g. address already in use
+        raise click.ClickException(f"cannot start: {exc}") from None
+    except KeyboardInterrupt:
+        pass
+
+
+# ---- user ----------------------------------------------------------------------
+
+@click.group()
+def user() -> None:
+    """Manage people (principals of kind user)."""
+
+
+@user.command("add")
+@click.argument("principal_id", metavar="ID")
+@click.option("--name", help="Display name (default: the id).")
+@click.option("--password", help="The password (visible in your shell history: prefer --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input.")
+@config_option
+@json_option
+def user_add(principal_id: str, name: str | None, password: str | None, password_stdin: bool,
+             config_path: str | None, as_json: bool) -> None:
+    """Register a person. Without a password option, one is generated and printed once.
+
+    \b
+    Example:
+      echo 's3cret' | roost user add alice --name "Alice" --password-stdin
+    """
+    secret = _read_password(password, password_stdin, prompt=False)
+    reg = _with_identity(config_path, lambda ids: ids.add(principal_id, "user", secret=secret, name=name))
+    doc: dict[str, Any] = {"id": reg.id}
+    if reg.secret:
+        doc["secret"] = reg.secret
+    text = f"user {reg.id} added" + (f"\npassword: {reg.secret}" if reg.secret else "")
+    _emit(as_json, doc, text)
+
+
+@user.command("list")
+@config_option
+@json_option
+def user_list(config_path: str | None, as_json: bool) -> None:
+    """List people.
+
+    \b
+    Example:
+      roost user list --json
+    """
+    _list("user", config_path, as_json)
+
+
+@user.command("remove")
+@click.argument("principal_id", metavar="ID")
+@config_option
+@json_option
+def user_remove(principal_id: str, config_path: str | None, as_json: bool) -> None:
+    """Remove a person; their live connections are closed.
+
+    \b
+    Example:
+      roost user remove alice
+    """
+    _remove("user", principal_id, config_path, as_json)
+
+
+@user.command("passwd")
+@click.argument("principal_id", metavar="ID")
+@click.option("--password", help="The new password (prefer --password-stdin).")
+@click.option("--password-stdin", is_flag=True, help="Read the new password from standard input.")
+@config_option
+@json_option
+def user_passwd(principal_id: str, password: str | None, password_stdin: bool, config_path: str | None,
+                as_json: bool) -> None:
+    """Set a person's password (prompts when no option is given).
+
+    \b
+    Example:
+      roost user passwd alice
+    """
+    secret = _read_password(password, password_stdin, prompt=True)
+    assert secret is not None
+
+    async def change(ids: Any) -> bool:
+        p = await ids.get(principal_id)
+        if p is None or p.kind != "user":
+            return False
+        return await ids.set_secret(principal_id, secret)
+
+    if not _with_identity(config_path, change):
+        raise click.ClickException(f"no user {principal_id!r}")
+    _emit(as_json, {"id": principal_id}, f"password of {principal_id} changed")
+
+
+# ---- device --------------------------------------------------------------------
+
+@click.group()
+def device() -> None:
+    """Manage devices."""
+
+
+@device.command("add")
+@click.argument("principal_id", metavar="ID")
+@click.option("--kind", "device_kind", required=True, help="Device kind, e.g. thermostat, light, door_sensor.")
+@click.option("--name", help="Display name (default: the id).")
+@click.option("--room", help="Where it is, e.g. kitchen (becomes a telemetry tag).")
+@config_option
+@json_option
+def device_add(principal_id: str, device_kind: str, name: str | None, room: str | None, config_path: str | None,
+               as_json: bool) -> None:
+    """Register a device; prints its secret and pairing code once.
+
+    \b
+    Example:
+      roost device add thermo1 --kind thermostat --room kitchen
+    """
+    reg = _with_identity(config_path, lambda ids: ids.add(principal_id, "device", name=name,
+                                                          device_kind=device_kind, room=room))
+    _emit(as_json, {"id": reg.id, "secret": reg.secret, "pairing_code": reg.pairing_code},
+          f"device {reg.id} added\nsecret: {reg.secret}\npairing code: {reg.pairing_code}")
+
+
+@device.command("list")
+@config_option
+@json_option
+def device_list(config_path: str | None, as_json: bool) -> None:
+    """List devices.
+
+    \b
+    Example:
+      roost device list
+    """
+    _list("device", config_path, as_json)
+
+
+@device.command("remove")
+@click.argument("principal_id", metavar="ID")
+@config_option
+@json_option
+def device_remove(principal_id: str, config_path: str | None, as_json: bool) -> None:
+    """Remove a device; its live connection is closed.
+
+    \b
+    Example:
+      roost device remove thermo1
+    """
+    _remove("device", principal_id, config_path, as_json)
+
+
+# ---- service -------------------------------------------------------------------
+
+@click.group()
+def service() -> None:
+    """Manage integration accounts (e.g. a Home Assistant bridge)."""
+
+
+@service.command("add")
+@click.argument("principal_id", metavar="ID")
+@click.option("--name", help="Display name (default: the id).")
+@config_option
+@json_option
+def service_add(principal_id: str, name: str | None, config_path: str | None, as_json: bool) -> None:
+    """Register an integration account; prints its secret once.
+
+    \b
+    Example:
+      roost service add homeassistant
+    """
+    reg = _with_identity(config_path, lambda ids: ids.add(principal_id, "service", name=name))
+    _emit(as_json, {"id": reg.id, "secret": reg.secret}, f"service {reg.id} added\nsecret: {reg.secret}")
+
+
+@service.command("list")
+@config_option
+@json_option
+def service_list(config_path: str | None, as_json: bool) -> None:
+    """List integration accounts.
+
+    \b
+    Example:
+      roost service list
+    """
+    _list("service", config_path, as_json)
+
+
+@service.command("remove")
+@click.argument("principal_id", metavar="ID")
+@config_option
+@json_option
+def service_remove(principal_id: str, config_path: str | None, as_json: bool) -> None:
+    """Remove an integration account; its live connections are closed.
+
+    \b
+    Example:
+      roost service remove homeassistant
+    """
+    _remove("service", principal_id, config_path, as_json)
+
+
+# ---- shared --------------------------------------------------------------------
+
+def _list(kind: str, config_path: str | None, as_json: bool) -> None:
+    rows = _with_identity(config_path, lambda ids: ids.list(kind))
+    docs = [{"id": p.id, "kind": p.kind, "name": p.name,
+             **({"device_kind": p.device_kind, "room": p.room} if kind == "device" else {})} for p in rows]
+    if as_json:
+        click.echo(json.dumps({f"{kind}s": docs}))
+        return
+    if not docs:
+        click.echo(f"no {kind}s")
+        return
+    for d in docs:
+        extra = f"  {d['device_kind']}" + (f"  {d['room']}" if d.get("room") else "") if kind == "device" else ""
+        click.echo(f"{d['id']:<32} {d['name']}{extra}")
+
+
+def _remove(kind: str, principal_id: str, config_path: str | None, as_json: bool) -> None:
+    async def remove(ids: Any) -> bool:
+        p = await ids.get(principal_id)
+        if p is None or p.kind != kind:
+            return False
+        return await ids.remove(principal_id)
+
+    if not _with_identity(config_path, remove):
+        raise click.ClickException(f"no {kind} {principal_id!r}")
+    _emit(as_json, {"id": principal_id, "removed": True}, f"{kind} {principal_id} removed")
+
+
+def register(group: click.Group) -> None:
+    for cmd in (serve, user, device, service):
+        group.add_command(cmd)
