@@ -116,3 +116,49 @@ class PresenceStore(Protocol):
 
 class NotFoundError(Exception):
     """A referenced row does not exist."""
+
+
+# ---- devices and presence (issue 5 ownership, issue 4 presence) -------------
+
+DEVICE_ROLES = ("owner", "sharee")
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceUser:
+    """One person (or integration) allowed to use a device."""
+
+    device: str
+    principal: str
+    role: str                # owner | sharee
+    granted_by: str | None   # who shared it; None for a claim
+    created_at: float
+
+
+class DeviceStore(Protocol):
+    async def list_device_users(self) -> list[DeviceUser]: ...
+
+    async def put_device_user(self, du: DeviceUser) -> None:
+        """Insert, or change the role of an existing (device, principal) row.
+        Raises `NotFoundError` when the device or the principal does not exist."""
+
+    async def remove_device_user(self, device: str, principal: str) -> bool: ...
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceRecord:
+    principal: str
+    state: str               # online | offline
+    since: float
+    last_seen: float
+
+
+class PresenceStore(Protocol):
+    async def load_presence(self) -> list[PresenceRecord]: ...
+
+    async def save_presence(self, records: list[PresenceRecord]) -> int:
+        """Upsert in one transaction; rows of principals that no longer exist
+        are skipped. Returns how many were written."""
+
+
+class NotFoundError(Exception):
+    """A referenced row does not exist."""
