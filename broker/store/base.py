@@ -118,47 +118,24 @@ class NotFoundError(Exception):
     """A referenced row does not exist."""
 
 
-# ---- devices and presence (issue 5 ownership, issue 4 presence) -------------
-
-DEVICE_ROLES = ("owner", "sharee")
-
+# ---- telemetry (issue 5 item 4) ------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
-class DeviceUser:
-    """One person (or integration) allowed to use a device."""
+class LatestReading:
+    """The newest value of each field a device reported, and when (unix seconds)."""
 
     device: str
-    principal: str
-    role: str                # owner | sharee
-    granted_by: str | None   # who shared it; None for a claim
-    created_at: float
+    ts: float
+    fields: dict[str, float | int | bool | str]
 
 
-class DeviceStore(Protocol):
-    async def list_device_users(self) -> list[DeviceUser]: ...
+class TelemetryStore(Protocol):
+    async def load_latest(self) -> list[LatestReading]: ...
 
-    async def put_device_user(self, du: DeviceUser) -> None:
-        """Insert, or change the role of an existing (device, principal) row.
-        Raises `NotFoundError` when the device or the principal does not exist."""
+    async def get_latest(self, device: str) -> LatestReading | None: ...
 
-    async def remove_device_user(self, device: str, principal: str) -> bool: ...
+    async def put_latest(self, readings: list[LatestReading]) -> int:
+        """Upsert in one transaction; readings of devices that no longer exist are
+        skipped. Returns how many were written."""
 
-
-@dataclass(frozen=True, slots=True)
-class PresenceRecord:
-    principal: str
-    state: str               # online | offline
-    since: float
-    last_seen: float
-
-
-class PresenceStore(Protocol):
-    async def load_presence(self) -> list[PresenceRecord]: ...
-
-    async def save_presence(self, records: list[PresenceRecord]) -> int:
-        """Upsert in one transaction; rows of principals that no longer exist
-        are skipped. Returns how many were written."""
-
-
-class NotFoundError(Exception):
-    """A referenced row does not exist."""
+    async def delete_latest(self, device: str) -> None: ...
