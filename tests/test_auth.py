@@ -1,0 +1,99 @@
+"""Authentication and identity binding over real MQTT (issue 2, item 5)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.clients import ConnectFailed, MqttClient
+
+BAD_CREDENTIALS = 4
+NOT_AUTHORIZED = 5
+IDENTIFIER_REJECTED = 2
+
+
+def connect(broker, client_id, username=None, password=None, **kw):
+    return MqttClient(client_id, **kw).connect(broker.host, broker.port, username=username, password=password)
+
+
+def refused(broker, client_id, username=None, password=None) -> int:
+    with pytest.raises(ConnectFailed) as err:
+        connect(broker, client_id, username, password)
+    return err.value.rc
+
+
+def test_principal_connects_with_own_client_ids(roost):
+    pw = roost.add_user("alice")
+    for cid in ("alice", "alice.phone", "alice.laptop-2"):
+        connect(roost, cid, "alice", pw).disconnect()
+
+
+def test_refusals_carry_the_right_connack_code(roost):
+    pw = roost.add_user("alice")
+    roost.add_user("bob")
+    assert refused(roost, "alice", "alice", "wrong") == BAD_CREDENTIALS
+    assert refused(roost, "nobody", "nobody", "x") == BAD_CREDENTIALS
+    assert refused(roost, "bob.phone", "alice", pw) == IDENTIFIER_REJECTED
+    assert refused(roost, "alice.bad.label", "alice", pw) == IDENTIFIER_REJECTED
+    assert refused(roost, "anon-1") == NOT_AUTHORIZED       # anonymous is off by default
+
+
+def test_failed_login_never_disturbs_the_existing_session(roost):
+    pw = roost.add_user("alice")
+    victim = connect(roost, "alice.phone", "alice", pw)
+    victim.subscribe("home/alice/#", 1)
+    for clean in (True, False):
+        c = MqttClient("alice.phone", clean_session=clean)
+        with pytest.raises(ConnectFailed):
+            c.connect(roost.host, roost.port, username="alice", password="wrong")
+    sender = connect(roost, "alice.laptop", "alice", pw)
+    sender.publish("home/alice/lamp", b"on", qos=1)
+    assert victim.wait_message("home/alice/lamp").payload == b"on"
+
+
+def test_anonymous_when_allowed_gets_plain_topics_only(roost_factory):
+    broker = roost_factory({"auth": {"allow_anonymous": True}})
+    broker.add_user("alice")
+    anon = connect(broker, "sensor-17")
+    assert anon.subscribe("garden/#", 1) == [1]
+    assert anon.subscribe("roost/presence/alice", 1) == [0x80]
+    anon.publish("garden/temp", b"12", qos=1)
+    assert anon.wait_message("garden/temp").payload == b"12"
+    # an anonymous client may not pose as a principal's client
+    assert refused(broker, "alice.phone") == IDENTIFIER_REJECTED
+
+
+def test_repeated_failures_are_slowed_down(roost_factory):
+    broker = roost_factory({"auth": {"failure_delay": 0.3, "failure_delay_max": 1.0}})
+    pw = broker.add_user("alice")
+    times = []
+    for _ in range(5):
+        t = time.monotonic()
+        refused(broker, "alice", "alice", "wrong")
+        times.append(time.monotonic() - t)
+    assert times[-1] >= 0.9 > times[0]
+    assert max(times) < 3.0  # capped
+    connect(broker, "alice", "alice", pw).disconnect()  # the right password still works
+
+
+def test_removing_a_principal_disconnects_it(roost):
+    pw = roost.add_user("alice")
+    c = connect(roost, "alice.phone", "alice", pw)
+    roost.cli("user", "remove", "alice")
+    assert c.wait_disconnected(5.0)
+    assert refused(roost, "alice.phone", "alice", pw) == BAD_CREDENTIALS
+
+
+def test_password_change_takes_effect_while_running(roost):
+    pw = roost.add_user("alice")
+    connect(roost, "alice", "alice", pw).disconnect()
+    roost.cli("user", "passwd", "alice", "--password-stdin", input="new-secret\n")
+    time.sleep(1.0)
+    assert refused(roost, "alice", "alice", pw) == BAD_CREDENTIALS
+    connect(roost, "alice", "alice", "new-secret").disconnect()
+
+
+def test_users_added_while_running_can_connect_at_once(roost):
+    pw = roost.add_user("late")
+    connect(roost, "late.cli", "late", pw).disconnect()
