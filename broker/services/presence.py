@@ -1,0 +1,271 @@
+"""Presence: who is online, retained on `roost/presence/<principal>`.
+
+Driven by the engine's lifecycle hooks through plugins/presence.py. A principal is
+online while it has at least one connection. Connections are *counted* (not keyed
+by client id): on a take-over the engine reports the new connection before the
+old one's `taken_over` disconnect, so the count goes 1 -> 2 -> 1 and never
+touches zero, hence no offline flicker.
+
+Ordering: the count changes synchronously inside the hook, and the resulting
+payload joins one FIFO that a single task publishes from, so states go out in
+the order they happened (across all principals). The FIFO is bounded; when it
+overflows the transition is counted and logged, and the principal is marked so
+its *current* state is published once the backlog drains: the final retained
+state is always right.
+
+Persistence: the last known state is written behind (batched, at most every
+`flush_interval`) through the store's writer, and online principals get their
+`last_seen` refreshed every `heartbeat` seconds. After a restart (clean or
+SIGKILL) everyone the store still lists as online is published `offline` with
+the last `last_seen` it knew, before any new state of theirs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from broker.services.base import Handler, Publisher
+from broker.store.base import PresenceRecord
+from contract import topics
+from contract.presence import OFFLINE, ONLINE
+
+log = logging.getLogger("roost.presence")
+
+# A listener gets (principal, wire dict) for every published state, in order
+# (the Home Assistant bridge mirrors device availability this way).
+Listener = Callable[[str, dict[str, Any]], Any]
+
+
+@dataclass(slots=True)
+class _State:
+    clients: int = 0
+    state: str = OFFLINE
+    since: float = 0.0
+    last_seen: float = 0.0
+
+    def wire(self) -> dict[str, Any]:
+        return {"state": self.state, "clients": self.clients, "since": self.since, "last_seen": self.last_seen}
+
+
+class PresenceService:
+    def __init__(self, services: Any, *, queue_max: int = 10000, flush_interval: float = 1.0,
+                 heartbeat: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+        self._services = services
+        self._store = services.store.presence
+        self._clock = clock
+        self._states: dict[str, _State] = {}
+        self._queue: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self._queue_max = queue_max
+        self._wakeup = asyncio.Event()
+        self._drain_lock = asyncio.Lock()        # one drainer at a time keeps the order
+        self._overflowed: set[str] = set()       # principals whose latest state must be republished
+        self._dirty: set[str] = set()            # principals whose record must be persisted
+        self._flush_interval = flush_interval
+        self._heartbeat = heartbeat
+        self._publisher: Publisher | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listeners: list[Listener] = []
+        self._stopped = False
+        # counters (exposed for metrics/tests)
+        self.published = 0
+        self.overflows = 0
+        self.publish_errors = 0
+        self.persist_errors = 0
+
+    # ---- lifecycle -------------------------------------------------------
+    async def load(self) -> None:
+        for rec in await self._store.load_presence():
+            st = _State(clients=0, state=OFFLINE, since=rec.since, last_seen=rec.last_seen)
+            if rec.state == ONLINE:
+                # The broker went away while this principal was connected: it went
+                # offline when we last knew it was there.
+                st.since = rec.last_seen
+                self._dirty.add(rec.principal)
+                self._enqueue(rec.principal, st.wire())
+            self._states[rec.principal] = st
+        if self._queue:
+            log.info("presence: %d principal(s) were online when the broker stopped; now offline", len(self._queue))
+
+    async def start(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+        self._stopped = False
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._publish_loop(), name="presence-publish"),
+                       loop.create_task(self._persist_loop(), name="presence-persist")]
+
+    async def stop(self) -> None:
+        """Everyone still connected is about to be disconnected by the shutdown:
+        record (and announce) them offline now, while the broker still runs."""
+        if self._stopped:
+            return
+        now = self._clock()
+        for principal, st in self._states.items():
+            if st.state == ONLINE:
+                st.clients = 0
+                st.state = OFFLINE
+                st.since = now
+                st.last_seen = now
+                self._dirty.add(principal)
+                self._enqueue(principal, st.wire())
+        self._stopped = True
+        if self._publisher is None:
+            await self._persist_once()
+            return
+        try:
+            await asyncio.wait_for(self._drain(), timeout=5.0)
+        except asyncio.TimeoutError:
+            log.warning("presence: %d state(s) not published before shutdown", len(self._queue))
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._tasks = []
+        await self._persist_once()
+
+    def ops(self) -> dict[str, Handler]:
+        return {}
+
+    # ---- engine events (called by plugins/presence.py) --------------------
+    def client_connected(self, principal: str) -> None:
+        if self._stopped:
+            return
+        now = self._clock()
+        st = self._states.setdefault(principal, _State())
+        st.clients += 1
+        st.last_seen = now
+        if st.state != ONLINE:
+            st.state = ONLINE
+            st.since = now
+        self._dirty.add(principal)
+        self._enqueue(principal, st.wire())
+
+    def client_disconnected(self, principal: str, reason: str = "") -> None:
+        if self._stopped:
+            return  # stop() already recorded everyone offline
+        st = self._states.get(principal)
+        if st is None or st.clients <= 0:
+            log.warning("presence: disconnect of %s (%s) without a matching connect", principal, reason)
+            return
+        now = self._clock()
+        st.clients -= 1
+        st.last_seen = now
+        if st.clients == 0:
+            st.state = OFFLINE
+            st.since = now
+        self._dirty.add(principal)
+        self._enqueue(principal, st.wire())
+
+    def forget(self, principal: str) -> None:
+        """The principal was removed: clear its retained presence."""
+        self._states.pop(principal, None)
+        self._dirty.discard(principal)
+        self._enqueue(principal, None)
+
+    # ---- reading -----------------------------------------------------------
+    def current(self, principal_id: str) -> dict[str, Any] | None:
+        st = self._states.get(principal_id)
+        if st is None:
+            return None
+        wire = st.wire()
+        if st.state == ONLINE:
+            wire["last_seen"] = self._clock()
+        return wire
+
+    def is_online(self, principal_id: str) -> bool:
+        st = self._states.get(principal_id)
+        return st is not None and st.state == ONLINE
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    # ---- publishing, in order ----------------------------------------------
+    def _enqueue(self, principal: str, wire: dict[str, Any] | None) -> None:
+        if len(self._queue) >= self._queue_max:
+            self.overflows += 1
+            if self.overflows == 1 or self.overflows % 1000 == 0:
+                log.warning("presence: publish queue full (%d); %d transition(s) coalesced so far",
+                            self._queue_max, self.overflows)
+            self._overflowed.add(principal)
+        else:
+            self._queue.append((principal, wire))
+        self._wakeup.set()
+
+    async def _publish_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        async with self._drain_lock:
+            await self._drain_locked()
+
+    async def _drain_locked(self) -> None:
+        while self._queue or self._overflowed:
+            if self._queue:
+                principal, wire = self._queue.popleft()
+            else:
+                # Only after the backlog: the newest state of coalesced principals.
+                principal = self._overflowed.pop()
+                st = self._states.get(principal)
+                wire = st.wire() if st is not None else None
+            await self._publish(principal, wire)
+
+    async def _publish(self, principal: str, wire: dict[str, Any] | None) -> None:
+        assert self._publisher is not None
+        payload = b"" if wire is None else json.dumps(wire, separators=(",", ":")).encode()
+        try:
+            await self._publisher.publish(topics.presence(principal), payload, qos=1, retain=True)
+            self.published += 1
+        except Exception:  # noqa: BLE001 - one failed publish must not stop presence
+            self.publish_errors += 1
+            log.exception("presence: publishing %s failed", principal)
+        if wire is not None:
+            for listener in self._listeners:
+                try:
+                    res = listener(principal, wire)
+                    if asyncio.iscoroutine(res):
+                        await res
+                except Exception:  # noqa: BLE001
+                    log.exception("presence listener failed for %s", principal)
+
+    # ---- persistence ---------------------------------------------------------
+    async def _persist_loop(self) -> None:
+        last_beat = self._clock()
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            now = self._clock()
+            if now - last_beat >= self._heartbeat:
+                last_beat = now
+                for principal, st in self._states.items():
+                    if st.state == ONLINE:
+                        st.last_seen = now
+                        self._dirty.add(principal)
+            await self._persist_once()
+
+    async def _persist_once(self) -> None:
+        if not self._dirty:
+            return
+        batch = self._dirty
+        self._dirty = set()
+        records = []
+        for principal in batch:
+            st = self._states.get(principal)
+            if st is not None:
+                records.append(PresenceRecord(principal, st.state, st.since, st.last_seen))
+        try:
+            await self._store.save_presence(records)
+        except Exception:  # noqa: BLE001 - store busy or closed: retry with the next flush
+            self.persist_errors += 1
+            log.warning("presence: saving %d record(s) failed; will retry", len(records), exc_info=True)
+            self._dirty |= batch
