@@ -106,6 +106,7 @@ class InfluxConfig:
     flush_interval: float = 1.0
     buffer_size: int = 100000
     max_retry_delay: float = 30.0
+    timeout: float = 10.0           # seconds one write request may take before it counts as failed
 
 
 @dataclass

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from broker.store import sqlite_identity
 from broker.store import sqlite_devices
+from broker.store import sqlite_telemetry
 from broker.store.sqlite_db import Database, Migration
 from broker.store.sqlite_identity import SqliteIdentityStore, SqliteRetainedStore
 
@@ -13,6 +14,7 @@ from broker.store.sqlite_identity import SqliteIdentityStore, SqliteRetainedStor
 MIGRATIONS: list[Migration] = [
     *sqlite_identity.MIGRATIONS,
     *sqlite_devices.MIGRATIONS,
+    *sqlite_telemetry.MIGRATIONS,
 ]
 
 
@@ -25,6 +27,7 @@ class SqliteStore:
         self.retained = SqliteRetainedStore(self.db)
         self.devices = sqlite_devices.SqliteDeviceStore(self.db)
         self.presence = sqlite_devices.SqlitePresenceStore(self.db)
+        self.telemetry = sqlite_telemetry.SqliteTelemetryStore(self.db)
 
     def open_sync(self) -> None:
         self.db.open_sync(MIGRATIONS)

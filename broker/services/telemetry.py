@@ -1,0 +1,268 @@
+"""Device telemetry: validation, points for InfluxDB, latest readings per device.
+
+A device publishes a flat JSON object on `roost/telemetry/<device>` (PROTOCOL.md,
+"Telemetry"). `TelemetryService.accept` runs on the event loop for every such
+publish and must stay cheap: it validates, formats one InfluxDB line and hands it
+to the writer thread's bounded buffer (telemetry_influx.py), and merges the
+fields into the device's latest readings in memory. Latest readings reach the
+store write-behind: at most one row write per device per `LATEST_FLUSH` seconds,
+all devices in one transaction, so a chatty sensor costs one upsert a second.
+
+What makes an object malformed (counted, logged at a limited rate, never
+written, and not routed to subscribers):
+- not JSON, not an object, or no field besides `ts`;
+- `ts` present but not a positive number of unix seconds, or more than a day ahead;
+- a field name empty, longer than 64 characters, containing control characters,
+  or one of the tag names (device, room, owner);
+- a value that is not a finite number, a bool or a string (of at most 1024
+  characters, no control characters): null, arrays and objects are refused;
+- more than `telemetry.max_fields` fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from broker.services.telemetry_influx import FieldValue, InfluxWriter, RateLimitedLog, line_protocol, seconds_to_ns
+from broker.store.base import LatestReading
+
+log = logging.getLogger("roost.telemetry")
+
+MAX_FIELD_NAME = 64
+MAX_STRING_VALUE = 1024
+MAX_FUTURE = 86400.0           # seconds a `ts` may be ahead of the broker's clock
+TAG_NAMES = ("device", "room", "owner")
+LATEST_FLUSH = 1.0             # seconds between write-behind flushes of latest readings
+
+Listener = Callable[[str, dict[str, Any]], None]
+
+
+class MalformedTelemetry(ValueError):
+    """Why a telemetry object was refused (the text goes to the log)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    ts: float | None
+    fields: dict[str, FieldValue]
+
+
+def _has_control(s: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in s)
+
+
+def parse_telemetry(payload: bytes, max_fields: int, now: float | None = None) -> Reading:
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, ValueError):
+        raise MalformedTelemetry("payload is not JSON") from None
+    if not isinstance(doc, dict):
+        raise MalformedTelemetry("payload is not a JSON object")
+    ts = doc.pop("ts", None)
+    if ts is not None:
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts <= 0:
+            raise MalformedTelemetry("'ts' must be a positive number of unix seconds")
+        if ts > (now if now is not None else time.time()) + MAX_FUTURE:
+            raise MalformedTelemetry("'ts' is more than a day ahead (unix seconds expected, not milliseconds)")
+        ts = float(ts)
+    if not doc:
+        raise MalformedTelemetry("no fields")
+    if len(doc) > max_fields:
+        raise MalformedTelemetry(f"{len(doc)} fields, more than the {max_fields} allowed")
+    for name, value in doc.items():
+        if not name or len(name) > MAX_FIELD_NAME or _has_control(name):
+            raise MalformedTelemetry(f"bad field name {name[:MAX_FIELD_NAME]!r}")
+        if name in TAG_NAMES:
+            raise MalformedTelemetry(f"field name {name!r} is reserved for a tag")
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            if not math.isfinite(value):
+                raise MalformedTelemetry(f"field {name!r} is not a finite number")
+            continue
+        if isinstance(value, str):
+            if len(value) > MAX_STRING_VALUE or _has_control(value):
+                raise MalformedTelemetry(f"field {name!r}: strings are at most {MAX_STRING_VALUE} "
+                                         "characters without control characters")
+            continue
+        raise MalformedTelemetry(f"field {name!r} must be a number, a bool or a string")
+    return Reading(ts=ts, fields=doc)
+
+
+@dataclass
+class TelemetryStats:
+    accepted: int = 0          # objects that became a point (and a latest reading)
+    malformed: int = 0         # objects refused
+    written: int = 0           # points InfluxDB acknowledged
+    dropped: int = 0           # points discarded (buffer full / unsent at shutdown)
+    retries: int = 0           # failed InfluxDB writes that were retried
+    rejected: int = 0          # points InfluxDB refused for good (4xx)
+    buffered: int = 0          # points waiting for InfluxDB right now
+    latest_saved: int = 0      # latest-reading rows written to the store
+    latest_errors: int = 0     # failed write-behind flushes (retried on the next one)
+
+
+class TelemetryService:
+    def __init__(self, services: Any) -> None:
+        self._services = services
+        cfg = services.config.telemetry
+        self._max_fields = max(1, cfg.max_fields)
+        self._store = services.store.telemetry
+        self._influx = InfluxWriter(cfg.influxdb) if cfg.influxdb is not None else None
+        self._latest: dict[str, LatestReading] = {}
+        self._dirty: set[str] = set()
+        self._dirty_event = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+        self._listeners: list[Listener] = []
+        self._stats = TelemetryStats()
+        self._malformed_log = RateLimitedLog(log)
+
+    # ---- service lifecycle -------------------------------------------------
+    async def load(self) -> None:
+        self._latest = {r.device: r for r in await self._store.load_latest()}
+
+    async def start(self, publisher: Any) -> None:
+        if self._influx is not None:
+            self._influx.start()
+            cfg = self._services.config.telemetry.influxdb
+            log.info("telemetry goes to InfluxDB at %s (bucket %s)", cfg.url, cfg.bucket)
+        self._flusher = asyncio.create_task(self._flush_loop(), name="roost-telemetry-latest")
+
+    async def stop(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+            try:
+                await self._flusher
+            except asyncio.CancelledError:
+                pass
+            self._flusher = None
+        await self._flush_latest()
+        if self._influx is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._influx.stop)
+
+    def ops(self) -> dict[str, Any]:
+        return {}
+
+    # ---- intake (event loop, cheap) ----------------------------------------
+    def accept(self, device: str, payload: bytes, *, arrival_ns: int | None = None) -> bool:
+        """Validate and take one telemetry object from `device`. False: malformed
+        (counted and logged; nothing written)."""
+        arrival_ns = arrival_ns if arrival_ns is not None else time.time_ns()
+        try:
+            reading = parse_telemetry(payload, self._max_fields, now=arrival_ns / 1e9)
+        except MalformedTelemetry as exc:
+            self.refuse(device, str(exc))
+            return False
+        self._stats.accepted += 1
+        time_ns = seconds_to_ns(reading.ts) if reading.ts is not None else arrival_ns
+        if self._influx is not None:
+            measurement, tags = self._series_of(device)
+            self._influx.offer(line_protocol(measurement, tags, reading.fields, time_ns))
+        self._remember(device, time_ns / 1e9, reading.fields)
+        return True
+
+    def refuse(self, device: str, reason: str) -> None:
+        """Count and log a telemetry publish that will not be used."""
+        self._stats.malformed += 1
+        self._malformed_log.warning("malformed telemetry from %s refused: %s (%d malformed so far)",
+                                    device, reason, self._stats.malformed)
+
+    def _series_of(self, device: str) -> tuple[str, dict[str, str]]:
+        p = self._services.identity.get_cached(device)
+        measurement = (p.device_kind if p is not None and p.device_kind else "device")
+        tags = {"device": device}
+        if p is not None and p.room:
+            tags["room"] = p.room
+        owner = self._owner_of(device)
+        if owner:
+            tags["owner"] = owner
+        return measurement, tags
+
+    def _owner_of(self, device: str) -> str | None:
+        """The device's owners (sorted, comma-separated); sharees are not owners."""
+        devices = self._services.devices
+        owners_of = getattr(devices, "owners_of", None) if devices is not None else None
+        owners = owners_of(device) if owners_of is not None else None
+        if owners is None:
+            owners = self._services.relations.device_users(device)
+        return ",".join(sorted(owners)) if owners else None
+
+    # ---- latest readings ------------------------------------------------------
+    def _remember(self, device: str, ts: float, fields: dict[str, FieldValue]) -> None:
+        prev = self._latest.get(device)
+        if prev is None:
+            merged = dict(fields)
+        else:
+            merged = dict(prev.fields)
+            for k in fields:
+                merged.pop(k, None)   # re-insert at the end: the dict stays ordered by recency
+            merged.update(fields)
+            while len(merged) > self._max_fields:
+                del merged[next(iter(merged))]
+        reading = LatestReading(device=device, ts=max(ts, prev.ts) if prev else ts, fields=merged)
+        self._latest[device] = reading
+        self._dirty.add(device)
+        self._dirty_event.set()
+        snapshot = self._as_dict(reading)
+        for listener in self._listeners:
+            try:
+                listener(device, snapshot)
+            except Exception:  # noqa: BLE001 - a listener bug must not lose telemetry
+                log.exception("telemetry listener failed")
+
+    @staticmethod
+    def _as_dict(r: LatestReading) -> dict[str, Any]:
+        return {"ts": r.ts, **r.fields}
+
+    def latest(self, device: str) -> dict[str, Any] | None:
+        """`{"ts": <newest>, field: value, ...}`: the newest value of every field the
+        device reported (at most `telemetry.max_fields`), or None."""
+        r = self._latest.get(device)
+        return self._as_dict(r) if r is not None else None
+
+    def add_listener(self, listener: Listener) -> None:
+        """`listener(device, latest)` runs on the event loop after every accepted
+        object; it must not block."""
+        self._listeners.append(listener)
+
+    async def forget(self, device: str) -> None:
+        """The device was removed: drop its readings."""
+        self._latest.pop(device, None)
+        self._dirty.discard(device)
+        await self._store.delete_latest(device)
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._dirty_event.wait()
+            await asyncio.sleep(LATEST_FLUSH)
+            await self._flush_latest()
+
+    async def _flush_latest(self) -> None:
+        self._dirty_event.clear()
+        if not self._dirty:
+            return
+        devices, self._dirty = self._dirty, set()
+        batch = [self._latest[d] for d in devices if d in self._latest]
+        try:
+            self._stats.latest_saved += await self._store.put_latest(batch)
+        except Exception as exc:  # noqa: BLE001 - retried with the next flush
+            self._stats.latest_errors += 1
+            log.warning("saving latest telemetry of %d devices failed (%s); will retry", len(batch), exc)
+            self._dirty |= {r.device for r in batch if r.device in self._latest}
+            self._dirty_event.set()
+
+    # ---- counters ----------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        s = self._stats
+        if self._influx is not None:
+            w = self._influx.stats
+            s.written, s.dropped, s.retries, s.rejected = w.written, w.dropped, w.retries, w.rejected
+            s.buffered = self._influx.buffered
+        return asdict(s)
