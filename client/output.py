@@ -142,8 +142,8 @@ class Output:
 
     def __init__(self, json_mode: bool = False, out: TextIO | None = None, err: TextIO | None = None) -> None:
         self.json_mode = json_mode
-        self.out = out or click.get_text_stream("stdout")
-        self.err = err or click.get_text_stream("stderr")
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
         self.color = use_color(self.out)
         self._lock = threading.Lock()   # stream lines come from more than one thread (chat)
 
@@ -170,7 +170,8 @@ class Output:
             return
         cells = [[c.fmt(r.get(c.key)) for c in columns] for r in rows]
         widths = [max(len(c.title), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-        head = "  ".join(c.title.upper().ljust(widths[i]) for i, c in enumerate(columns)).rstrip()
+        head = "  ".join((c.title.upper().rjust if c.align_right else c.title.upper().ljust)(widths[i])
+                         for i, c in enumerate(columns)).rstrip()
         self.line(head, bold=True)
         for row in cells:
             parts = []
