@@ -1,0 +1,252 @@
+"""One client connection: an asyncio.Protocol with an incremental MQTT framer.
+
+Packets are handled synchronously inside `data_received` whenever possible
+(PUBLISH with a synchronous ACL and no interception, acks, PINGREQ). A packet
+that needs to await something (CONNECT/auth, SUBSCRIBE, intercepted PUBLISH,
+async ACL) starts one task that handles it and then every packet queued behind
+it, so packets of one connection are always processed in order.
+
+Outgoing bytes are collected per connection and written with one
+`transport.write` per loop iteration (the engine flushes all dirty connections).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from broker.mqtt import codec
+from broker.mqtt.codec import ProtocolViolation
+from broker.mqtt.hooks import DisconnectReason
+
+if TYPE_CHECKING:
+    from broker.mqtt.engine import Engine
+    from broker.mqtt.session import ClientInfo, SessionState
+
+log = logging.getLogger("roost.mqtt")
+
+NEW, CONNECTED, CLOSED = 0, 1, 2
+# Packets waiting behind an awaited one; beyond this we stop reading the socket.
+PENDING_HIGH = 256
+PENDING_LOW = 32
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, engine: Engine, listener_name: str) -> None:
+        self.engine = engine
+        self.listener_name = listener_name
+        self.transport: Any = None
+        self.state = NEW
+        self.buf = bytearray()
+        self.info: ClientInfo | None = None
+        self.session: SessionState | None = None
+        self.keep_alive = 0
+        self.last_recv = 0.0
+        self.created = 0.0
+        self.reason: DisconnectReason | None = None
+        self.taken_over = False
+        self.counted = False            # included in the engine's connection counts
+        self.announced = False          # on_client_connected was called
+        self.writable = False           # connected and transport not paused
+        self._write_paused = False
+        self._read_paused_by: set[str] = set()
+        self._out: list[bytes] = []
+        self._dirty = False
+        self._pending: deque[tuple[int, int, bytes]] = deque()
+        self.task: asyncio.Task[None] | None = None
+        self.pub_acl: dict[str, bool] = {}
+        self.remote = ("", 0)
+        self.max_packet = engine.max_packet
+
+    # ---- asyncio.Protocol --------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.remote = (str(peer[0]), int(peer[1]))
+        self.created = self.last_recv = self.engine.loop.time()
+        self.engine.connection_made(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.state == CLOSED and self.transport is None:
+            return
+        self.state = CLOSED
+        self.writable = False
+        self._out.clear()
+        self.transport = None
+        self.engine.connection_lost(self)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self.writable = False
+        # A client that does not read its acks must not keep flooding us.
+        self.pause_reading("write")
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.state == CONNECTED:
+            self.writable = True
+            if self.session is not None and self.session.conn is self:
+                self.session.pump()
+        self.resume_reading("write")
+
+    def pause_reading(self, why: str) -> None:
+        if not self._read_paused_by and self.transport is not None:
+            try:
+                self.transport.pause_reading()
+            except (RuntimeError, AttributeError):
+                pass
+        self._read_paused_by.add(why)
+
+    def resume_reading(self, why: str) -> None:
+        if why in self._read_paused_by:
+            self._read_paused_by.discard(why)
+            if not self._read_paused_by and self.transport is not None and self.state != CLOSED:
+                try:
+                    self.transport.resume_reading()
+                except (RuntimeError, AttributeError):
+                    pass
+
+    def data_received(self, data: bytes) -> None:
+        if self.state == CLOSED:
+            return
+        self.last_recv = self.engine.loop.time()
+        buf = self.buf
+        buf += data
+        pos = 0
+        end_buf = len(buf)
+        try:
+            while end_buf - pos >= 2:
+                # remaining length: 1..4 bytes, 7 bits each
+                i = pos + 1
+                b = buf[i]
+                rl = b & 0x7F
+                if b & 0x80:
+                    shift = 7
+                    while True:
+                        i += 1
+                        if i >= end_buf:
+                            break
+                        b = buf[i]
+                        rl |= (b & 0x7F) << shift
+                        if not b & 0x80:
+                            break
+                        shift += 7
+                        if shift > 21:
+                            raise ProtocolViolation("remaining length longer than 4 bytes")
+                    if i >= end_buf:
+                        break
+                if rl > self.max_packet:
+                    raise ProtocolViolation(f"packet of {rl} bytes exceeds the limit")
+                start = i + 1
+                end = start + rl
+                if end > end_buf:
+                    break
+                first = buf[pos]
+                body = bytes(buf[start:end])
+                pos = end
+                self._packet(first >> 4, first & 0x0F, body)
+                if self.state == CLOSED:
+                    return
+        except ProtocolViolation as exc:
+            self.violation(str(exc))
+            return
+        if pos:
+            del buf[:pos]
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    # ---- dispatch ----------------------------------------------------------------
+
+    def _packet(self, ptype: int, flags: int, body: bytes) -> None:
+        if self.task is not None or self._pending:
+            self._pending.append((ptype, flags, body))
+            if len(self._pending) >= PENDING_HIGH:
+                self.pause_reading("pending")
+            return
+        coro = self.engine.handle(self, ptype, flags, body)
+        if coro is not None:
+            self.task = self.engine.loop.create_task(self._run(coro))
+
+    async def _run(self, coro: Any) -> None:
+        try:
+            await coro
+            pending = self._pending
+            while pending and self.state != CLOSED:
+                ptype, flags, body = pending.popleft()
+                if len(pending) <= PENDING_LOW:
+                    self.resume_reading("pending")
+                c = self.engine.handle(self, ptype, flags, body)
+                if c is not None:
+                    await c
+        except ProtocolViolation as exc:
+            self.violation(str(exc))
+        except Exception:  # noqa: BLE001 - one broken connection must not hurt others
+            log.exception("error handling packets of %s", self.client_id)
+            self.close(DisconnectReason.KICKED)
+        finally:
+            self.task = None
+            if self.state == CLOSED:
+                self._pending.clear()
+            self.resume_reading("pending")
+
+    # ---- output --------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        self._out.append(data)
+        if not self._dirty:
+            self._dirty = True
+            self.engine.mark_dirty(self)
+
+    def flush(self) -> None:
+        self._dirty = False
+        out = self._out
+        if not out or self.transport is None:
+            out.clear()
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        self.transport.write(data)
+
+    def set_connected(self) -> None:
+        self.state = CONNECTED
+        self.writable = not self._write_paused
+
+    # ---- closing -----------------------------------------------------------------
+
+    @property
+    def client_id(self) -> str:
+        return self.info.client_id if self.info is not None else f"{self.remote[0]}:{self.remote[1]}"
+
+    def violation(self, why: str) -> None:
+        log.info("closing %s: protocol violation: %s", self.client_id, why)
+        self.close(DisconnectReason.KICKED)
+
+    def close(self, reason: DisconnectReason) -> None:
+        """Flush what is written so far and close; connection_lost does the rest."""
+        if self.state == CLOSED:
+            return
+        if self.reason is None:
+            self.reason = reason
+        self.writable = False
+        t = self.transport
+        if t is None:
+            return
+        if self._out:
+            self.flush()
+        self.state = CLOSED
+        t.close()
+        # connection_lost runs later from the loop and calls engine.connection_lost
+
+    def abort(self, reason: DisconnectReason) -> None:
+        if self.reason is None:
+            self.reason = reason
+        t = self.transport
+        self.state = CLOSED
+        self.writable = False
+        if t is not None:
+            t.abort()

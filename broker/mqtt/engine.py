@@ -1,0 +1,798 @@
+"""The MQTT 3.1.1 engine: sessions, routing, retained messages, plugin hooks.
+
+One `Engine` per broker. Connections (broker/mqtt/connection.py) hand it every
+complete packet through `handle()`, which either finishes synchronously (the
+fast path: QoS 0/1 PUBLISH with a synchronous ACL, acks, PINGREQ) or returns a
+coroutine the connection awaits in order.
+
+Behaviour worth knowing (see also broker/server.py):
+* Authentication runs before any session is looked at; a refused CONNECT
+  creates and changes nothing (amqtt defects 2, 9).
+* Take-over: the old connection is closed without its will; the new
+  connection's clean_session decides whether the old session is resumed
+  (subscriptions, queue, inflight) or discarded (defect 3).
+* Keepalive: a connection silent for 1.5 x keepalive is closed and its will
+  published (defect 4). Wills are published on every close except DISCONNECT,
+  take-over and broker shutdown.
+* Un-acked QoS 1/2 messages stay in the session and are re-sent with DUP=1, in
+  order, when a persistent session reconnects; there is no time-out (defect 5).
+* Delivered QoS = min(publish QoS, granted QoS); overlapping subscriptions of one
+  session get one copy at the highest granted QoS (defect 6).
+* Each session queue holds at most limits.max_queued messages; when it is full
+  the NEWEST message is dropped (counted per session and logged), so what was
+  queued keeps its order. Queued messages keep the retain flag they were sent
+  with: 0 for routed messages, 1 only for retained replay on SUBSCRIBE (defect 7).
+  QoS 0 messages are not queued for offline clients.
+* Persistent (clean_session=0) sessions live in memory only and are discarded
+  after SESSION_EXPIRY seconds (7 days) disconnected, or when the broker stops.
+  Retained messages are persisted through the RetainedStore.
+* Subscription lookup: exact filters in a dict, wildcard filters in a trie
+  (defect 10); no task is created per message or per subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from amqtt.contexts import Action
+from amqtt.events import BrokerEvents
+from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
+
+from broker.mqtt import codec
+from broker.mqtt.codec import ProtocolViolation, UnacceptableProtocol
+from broker.mqtt.connection import CLOSED, CONNECTED, NEW, Connection
+from broker.mqtt.hooks import ConnectRefused, DisconnectReason
+from broker.mqtt.session import ACL_CACHE_SIZE, ClientInfo, Message, SessionState
+from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
+
+log = logging.getLogger("roost.mqtt")
+
+SESSION_EXPIRY = 7 * 86400.0     # seconds a disconnected persistent session is kept
+CONNECT_TIMEOUT = 10.0           # seconds from TCP accept to CONNECT
+AUTH_TIMEOUT = 60.0              # seconds a CONNECT may spend in authentication
+DELIVER_WAIT = 10.0              # seconds deliver() waits for room in a full queue
+TICK = 0.5                       # keepalive/timeout check period
+PUB_ACL_CACHE = 256              # per-connection PUBLISH decisions
+
+_NO_WILL = (DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN)
+
+
+class Engine:
+    def __init__(self, *, limits: Any, plugins: list[Any], plugins_manager: Any = None,
+                 retained_store: Any = None, listener_limits: dict[str, int] | None = None) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.limits = limits
+        self.max_packet = limits.max_payload + 65535 + 2 + 2 + 16
+        self.sessions: dict[str, SessionState] = {}
+        self.index: SubscriptionIndex[SessionState] = SubscriptionIndex()
+        self.retained: dict[str, tuple[bytes, int]] = {}
+        self.conns: set[Connection] = set()
+        self.n_connected = 0
+        self.per_listener: dict[str, int] = {}
+        self.listener_limits = listener_limits or {}
+        self.by_principal: dict[str, dict[str, Connection]] = {}
+        self.stats = {"dropped": 0, "publish_denied": 0, "retained_write_errors": 0}
+        self._dirty: list[Connection] = []
+        self._flush_scheduled = False
+        self._locks: dict[str, list[Any]] = {}
+        self._finishers: set[asyncio.Task[None]] = set()
+        self._pm = plugins_manager
+        self._store = retained_store
+        self._retained_dirty: dict[str, tuple[bytes, int] | None] = {}
+        self._retained_wake = asyncio.Event()
+        self._tasks_bg: list[asyncio.Task[None]] = []
+        self._stopping = False
+        self._load_plugins(plugins)
+
+    # ---- plugins -----------------------------------------------------------------
+
+    def _load_plugins(self, plugins: list[Any]) -> None:
+        self.auth_plugins = [p for p in plugins if isinstance(p, BaseAuthPlugin)]
+        self.topic_plugins = [p for p in plugins if isinstance(p, BaseTopicPlugin)]
+        self._checks: list[Callable[..., bool]] = []
+        self.acl_async = False
+        for p in self.topic_plugins:
+            check = getattr(p, "check", None)
+            if check is not None and callable(check) and not inspect.iscoroutinefunction(check):
+                self._checks.append(check)
+            else:
+                self.acl_async = True
+        self.acl_enabled = bool(self.topic_plugins)
+        self.interceptors: list[tuple[tuple[str, ...], Any]] = []
+        for p in plugins:
+            prefixes = getattr(p, "publish_prefixes", None)
+            fn = getattr(p, "on_client_publish", None)
+            if prefixes and fn is not None:
+                self.interceptors.append((tuple(prefixes), fn))
+        self.prefixes: tuple[str, ...] = tuple(x for pre, _ in self.interceptors for x in pre)
+
+        def hooks(name: str) -> list[Callable[..., Any]]:
+            return [getattr(p, name) for p in plugins if callable(getattr(p, name, None))]
+
+        self.h_connected = hooks("on_client_connected")
+        self.h_disconnected = hooks("on_client_disconnected")
+        self.h_subscribed = hooks("on_client_subscribed")
+        self.h_unsubscribed = hooks("on_client_unsubscribed")
+        self.h_start = hooks("on_roost_start")
+        self.h_stop = hooks("on_roost_stop")
+
+    async def _call(self, fns: list[Callable[..., Any]], *args: Any) -> None:
+        for fn in fns:
+            try:
+                await fn(*args)
+            except Exception:  # noqa: BLE001 - a plugin bug must not break the connection
+                log.exception("plugin hook %s failed", getattr(fn, "__qualname__", fn))
+
+    async def _fire(self, event: BrokerEvents, **kwargs: Any) -> None:
+        """amqtt-style event for plain amqtt plugins (only when one listens)."""
+        pm = self._pm
+        if pm is not None and event in pm._event_plugin_callbacks:
+            try:
+                await pm.fire_event(event, **kwargs)
+            except Exception:  # noqa: BLE001
+                log.exception("amqtt event %s failed", event)
+
+    # ---- access control ----------------------------------------------------------
+
+    def check_sync(self, info: ClientInfo, topic: str, action: Action) -> bool:
+        for check in self._checks:
+            try:
+                if not check(info, topic, action):
+                    return False
+            except Exception:  # noqa: BLE001 - deny on plugin error
+                log.exception("ACL check failed; denying")
+                return False
+        return True
+
+    async def allowed(self, info: ClientInfo, topic: str, action: Action) -> bool:
+        if not self.acl_enabled:
+            return True
+        if not self.acl_async:
+            return self.check_sync(info, topic, action)
+        for p in self.topic_plugins:
+            try:
+                check = getattr(p, "check", None)
+                if check is not None and not inspect.iscoroutinefunction(check):
+                    ok = check(info, topic, action)
+                else:
+                    ok = await p.topic_filtering(session=info, topic=topic, action=action)
+            except Exception:  # noqa: BLE001
+                log.exception("ACL plugin %s failed; denying", type(p).__name__)
+                return False
+            if not ok:
+                return False
+        return True
+
+    def can_receive(self, st: SessionState, topic: str) -> bool:
+        """Sync RECEIVE decision (only valid when not acl_async), cached per session."""
+        cache = st.acl_cache
+        ok = cache.get(topic)
+        if ok is None:
+            ok = self.check_sync(st.info, topic, Action.RECEIVE)
+            if len(cache) >= ACL_CACHE_SIZE:
+                cache.clear()
+            cache[topic] = ok
+        return ok
+
+    async def can_receive_async(self, st: SessionState, topic: str) -> bool:
+        if not self.acl_enabled:
+            return True
+        cache = st.acl_cache
+        ok = cache.get(topic)
+        if ok is None:
+            ok = await self.allowed(st.info, topic, Action.RECEIVE)
+            if len(cache) >= ACL_CACHE_SIZE:
+                cache.clear()
+            cache[topic] = ok
+        return ok
+
+    def refresh_acl(self) -> None:
+        for st in self.sessions.values():
+            st.acl_cache.clear()
+        for conn in self.conns:
+            conn.pub_acl.clear()
+
+    # ---- output batching ---------------------------------------------------------
+
+    def mark_dirty(self, conn: Connection) -> None:
+        self._dirty.append(conn)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        dirty, self._dirty = self._dirty, []
+        for conn in dirty:
+            conn.flush()
+
+    # ---- connection lifecycle ----------------------------------------------------
+
+    def connection_made(self, conn: Connection) -> None:
+        cap = self.limits.max_connections
+        if self._stopping or (cap and len(self.conns) >= cap + 256):
+            # far over the limit (most are not even CONNECTed yet): do not read a byte
+            conn.abort(DisconnectReason.KICKED)
+            return
+        self.conns.add(conn)
+
+    def _count_in(self, conn: Connection) -> None:
+        conn.counted = True
+        self.n_connected += 1
+        self.per_listener[conn.listener_name] = self.per_listener.get(conn.listener_name, 0) + 1
+        info = conn.info
+        if info is not None and info.principal:
+            self.by_principal.setdefault(info.principal, {})[info.client_id] = conn
+
+    def _count_out(self, conn: Connection) -> None:
+        if not getattr(conn, "counted", False):
+            return
+        conn.counted = False
+        self.n_connected -= 1
+        self.per_listener[conn.listener_name] -= 1
+        info = conn.info
+        if info is not None and info.principal:
+            d = self.by_principal.get(info.principal)
+            if d is not None and d.get(info.client_id) is conn:
+                del d[info.client_id]
+                if not d:
+                    del self.by_principal[info.principal]
+
+    def connection_lost(self, conn: Connection) -> None:
+        self.conns.discard(conn)
+        self._count_out(conn)
+        st = conn.session
+        if st is not None and st.conn is conn:
+            st.conn = None
+            st.disconnected_at = time.time()
+            if st.clean:
+                self.discard(st)
+            else:
+                st.wake()
+        if conn.info is not None and not conn.taken_over and (conn.announced or conn.session is not None):
+            task = self.loop.create_task(self._finish(conn))
+            self._finishers.add(task)
+            task.add_done_callback(self._finishers.discard)
+
+    async def _finish(self, conn: Connection) -> None:
+        """After a connection closed: its will, then on_client_disconnected."""
+        task = conn.task
+        if task is not None and not task.done():
+            await asyncio.wait([task])
+        if conn.taken_over:
+            return  # the take-over path reports it
+        info = conn.info
+        assert info is not None
+        reason = conn.reason or DisconnectReason.LOST
+        if reason not in _NO_WILL and info.will_flag and conn.session is not None:
+            await self._publish_will(info)
+        if conn.announced:
+            async with self._lock(info.client_id):
+                await self._call(self.h_disconnected, info, reason)
+            await self._fire(BrokerEvents.CLIENT_DISCONNECTED, client_id=info.client_id, client_session=info)
+
+    def discard(self, st: SessionState) -> None:
+        """Forget a session: subscriptions, queue, inflight."""
+        st.discarded = True
+        for f in st.subs:
+            self.index.remove(f, st)
+        st.subs.clear()
+        st.queue.clear()
+        st.inflight.clear()
+        st.incoming_qos2.clear()
+        st.wake()
+        if self.sessions.get(st.client_id) is st:
+            del self.sessions[st.client_id]
+
+    @contextlib.asynccontextmanager
+    async def _lock(self, cid: str) -> AsyncIterator[None]:
+        """Serialises connect/take-over/disconnect hooks of one client id."""
+        entry = self._locks.get(cid)
+        if entry is None:
+            entry = self._locks[cid] = [asyncio.Lock(), 0]
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self._locks[cid]
+
+    # ---- packet dispatch ---------------------------------------------------------
+
+    def handle(self, conn: Connection, ptype: int, flags: int, body: bytes) -> Any:
+        if conn.state != CONNECTED:
+            if conn.state == NEW and ptype == codec.CONNECT and conn.info is None:
+                return self._connect(conn, flags, body)
+            if conn.state == CLOSED:
+                return None
+            raise ProtocolViolation("the first packet must be CONNECT")
+        if ptype == codec.PUBLISH:
+            return self._publish(conn, flags, body)
+        st = conn.session
+        if ptype == codec.PUBACK:
+            st.on_puback(codec.decode_packet_id(body))
+        elif ptype == codec.PINGREQ:
+            conn.write(codec.PINGRESP_BYTES)
+        elif ptype == codec.PUBREC:
+            st.on_pubrec(codec.decode_packet_id(body))
+        elif ptype == codec.PUBCOMP:
+            st.on_pubcomp(codec.decode_packet_id(body))
+        elif ptype == codec.PUBREL:
+            if flags != 0x02:
+                raise ProtocolViolation("PUBREL flags must be 0010")
+            pid = codec.decode_packet_id(body)
+            st.incoming_qos2.discard(pid)
+            conn.write(codec.ack(codec.PUBCOMP, pid))
+        elif ptype == codec.SUBSCRIBE:
+            return self._subscribe(conn, flags, body)
+        elif ptype == codec.UNSUBSCRIBE:
+            return self._unsubscribe(conn, flags, body)
+        elif ptype == codec.DISCONNECT:
+            conn.info.will_flag = False
+            conn.close(DisconnectReason.DISCONNECT)
+        elif ptype == codec.CONNECT:
+            raise ProtocolViolation("second CONNECT")
+        else:
+            raise ProtocolViolation(f"unexpected packet type {ptype}")
+        return None
+
+    # ---- CONNECT -----------------------------------------------------------------
+
+    async def _connect(self, conn: Connection, flags: int, body: bytes) -> None:
+        try:
+            pkt = codec.decode_connect(flags, body)
+        except UnacceptableProtocol as exc:
+            log.info("refusing %s:%s: %s", *conn.remote, exc)
+            conn.write(codec.connack(False, ConnectRefused.UNACCEPTABLE_PROTOCOL))
+            conn.close(DisconnectReason.KICKED)
+            return
+        cid = pkt.client_id
+        generated = False
+        if not cid:
+            if not pkt.clean_session:
+                conn.write(codec.connack(False, ConnectRefused.IDENTIFIER_REJECTED))
+                conn.close(DisconnectReason.KICKED)
+                return
+            cid = "auto-" + secrets.token_hex(8)
+            generated = True
+        info = ClientInfo(client_id=cid, username=pkt.username, password=pkt.password,
+                          remote_address=conn.remote[0], remote_port=conn.remote[1],
+                          clean_session=pkt.clean_session, keep_alive=pkt.keep_alive,
+                          listener_name=conn.listener_name, client_id_generated=generated)
+        if pkt.will_topic is not None:
+            if not valid_topic_name(pkt.will_topic):
+                raise ProtocolViolation("invalid will topic")
+            info.will_flag = True
+            info.will_topic = pkt.will_topic
+            info.will_message = pkt.will_payload
+            info.will_qos = pkt.will_qos
+            info.will_retain = pkt.will_retain
+        conn.info = info
+        conn.keep_alive = pkt.keep_alive
+        cap = self.limits.max_connections
+        lcap = self.listener_limits.get(conn.listener_name, 0)
+        if (cap and self.n_connected >= cap) or (lcap and self.per_listener.get(conn.listener_name, 0) >= lcap):
+            log.warning("refusing %s: connection limit reached", cid)
+            conn.write(codec.connack(False, ConnectRefused.SERVER_UNAVAILABLE))
+            conn.close(DisconnectReason.KICKED)
+            return
+        code = await self.authenticate(info)
+        if conn.state == CLOSED:
+            return
+        if code:
+            log.info("refused CONNECT of %s from %s:%s (code %d)", cid, *conn.remote, code)
+            conn.write(codec.connack(False, code))
+            conn.close(DisconnectReason.KICKED)
+            return
+        info.password = None
+        await self._establish(conn, info)
+
+    async def authenticate(self, info: ClientInfo) -> int:
+        """0 to accept, else a CONNACK return code. See hooks.py."""
+        accepted = False
+        for p in self.auth_plugins:
+            try:
+                r = await p.authenticate(session=info)
+            except ConnectRefused as exc:
+                return exc.code
+            except Exception:  # noqa: BLE001
+                log.exception("auth plugin %s failed", type(p).__name__)
+                return ConnectRefused.SERVER_UNAVAILABLE
+            if r is None:
+                continue
+            if not r:
+                return ConnectRefused.BAD_CREDENTIALS
+            accepted = True
+        return 0 if accepted else ConnectRefused.NOT_AUTHORIZED
+
+    async def _establish(self, conn: Connection, info: ClientInfo) -> None:
+        cid = info.client_id
+        async with self._lock(cid):
+            if conn.state == CLOSED:
+                return
+            old = self.sessions.get(cid)
+            taken: Connection | None = None
+            if old is not None and old.conn is not None:
+                taken = old.conn
+                taken.taken_over = True
+                taken.reason = DisconnectReason.TAKEN_OVER
+                old.conn = None
+                self._count_out(taken)
+                taken.close(DisconnectReason.TAKEN_OVER)
+                log.info("client %s taken over by a new connection", cid)
+            if info.clean_session or old is None or old.clean:
+                if old is not None:
+                    self.discard(old)
+                st = SessionState(cid, info.clean_session, info, self)
+                self.sessions[cid] = st
+                present = False
+            else:
+                st = old
+                st.info = info
+                st.acl_cache.clear()
+                present = True
+            conn.session = st
+            st.conn = conn
+            conn.set_connected()
+            self._count_in(conn)
+            conn.write(codec.connack(present, 0))
+            st.resume()
+            conn.announced = True
+            await self._call(self.h_connected, info)
+            await self._fire(BrokerEvents.CLIENT_CONNECTED, client_id=cid, client_session=info)
+            if taken is not None and taken.announced and taken.info is not None:
+                await self._call(self.h_disconnected, taken.info, DisconnectReason.TAKEN_OVER)
+                await self._fire(BrokerEvents.CLIENT_DISCONNECTED, client_id=cid, client_session=taken.info)
+
+    # ---- PUBLISH -----------------------------------------------------------------
+
+    def _publish(self, conn: Connection, flags: int, body: bytes) -> Any:
+        topic, qos, pid, retain, _dup, payload = codec.decode_publish(flags, body)
+        if not valid_topic_name(topic):
+            raise ProtocolViolation(f"invalid topic name {topic!r}")
+        if len(payload) > self.limits.max_payload:
+            raise ProtocolViolation(f"payload of {len(payload)} bytes exceeds limits.max_payload")
+        st = conn.session
+        if qos == 2 and pid in st.incoming_qos2:
+            conn.write(codec.ack(codec.PUBREC, pid))  # duplicate: already routed
+            return None
+        if topic[0] == "$":
+            log.debug("%s may not publish to %s", conn.info.client_id, topic)
+            self.stats["publish_denied"] += 1
+        else:
+            ok = conn.pub_acl.get(topic) if self.acl_enabled else True
+            if self.acl_async:
+                # async ACL plugins configured: RECEIVE checks must be awaited too
+                return self._publish_async(conn, topic, qos, pid, retain, payload, acl_done=bool(ok))
+            if ok is None:
+                ok = self.check_sync(conn.info, topic, Action.PUBLISH)
+                cache = conn.pub_acl
+                if len(cache) >= PUB_ACL_CACHE:
+                    cache.clear()
+                cache[topic] = ok
+            if not ok:
+                self.stats["publish_denied"] += 1
+                log.debug("publish of %s to %s denied", conn.info.client_id, topic)
+            elif self.prefixes and topic.startswith(self.prefixes):
+                return self._publish_async(conn, topic, qos, pid, retain, payload, acl_done=True)
+            else:
+                if retain:
+                    self.set_retained(topic, payload, qos)
+                self.route(Message(topic, payload, qos))
+        if qos == 1:
+            conn.write(codec.ack(codec.PUBACK, pid))
+        elif qos == 2:
+            st.incoming_qos2.add(pid)
+            conn.write(codec.ack(codec.PUBREC, pid))
+        return None
+
+    async def _publish_async(self, conn: Connection, topic: str, qos: int, pid: int | None, retain: bool,
+                             payload: bytes, acl_done: bool = False) -> None:
+        info = conn.info
+        st = conn.session
+        ok = acl_done
+        if not ok:
+            ok = await self.allowed(info, topic, Action.PUBLISH)
+            cache = conn.pub_acl
+            if len(cache) >= PUB_ACL_CACHE:
+                cache.clear()
+            cache[topic] = ok
+        if ok:
+            await self._publish_checked(info, topic, payload, qos, retain)
+        else:
+            self.stats["publish_denied"] += 1
+        if qos == 2:
+            st.incoming_qos2.add(pid)
+        if conn.state == CLOSED:
+            return
+        if qos == 1:
+            conn.write(codec.ack(codec.PUBACK, pid))
+        elif qos == 2:
+            conn.write(codec.ack(codec.PUBREC, pid))
+
+    async def _publish_checked(self, info: ClientInfo, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        """A publish that passed the PUBLISH ACL: interception, then retain + routing."""
+        if self.prefixes and topic.startswith(self.prefixes):
+            for prefixes, fn in self.interceptors:
+                if topic.startswith(prefixes):
+                    try:
+                        if await fn(info, topic, payload, qos, retain):
+                            return
+                    except Exception:  # noqa: BLE001
+                        log.exception("on_client_publish of %s failed", getattr(fn, "__qualname__", fn))
+                        return
+        if retain:
+            self.set_retained(topic, payload, qos)
+        await self.route_any(Message(topic, payload, qos))
+
+    async def _publish_will(self, info: ClientInfo) -> None:
+        topic = info.will_topic
+        if not topic or topic[0] == "$":
+            return
+        if not await self.allowed(info, topic, Action.PUBLISH):
+            log.info("will of %s on %s denied by ACL", info.client_id, topic)
+            return
+        await self._publish_checked(info, topic, info.will_message or b"", info.will_qos, info.will_retain)
+
+    # ---- routing -----------------------------------------------------------------
+
+    def route(self, msg: Message) -> int:
+        """Queue `msg` for every matching session (sync ACL path)."""
+        assert not self.acl_async, "use route_any with async ACL plugins"
+        targets = self.index.match(msg.topic)
+        if not targets:
+            return 0
+        n = 0
+        topic = msg.topic
+        mq = msg.qos
+        check = self.acl_enabled
+        for st, q in targets.items():
+            if check:
+                ok = st.acl_cache.get(topic)
+                if ok is None:
+                    ok = self.can_receive(st, topic)
+                if not ok:
+                    continue
+            if st.enqueue(msg, q if q < mq else mq):
+                n += 1
+        return n
+
+    async def route_any(self, msg: Message) -> int:
+        if not self.acl_async:
+            return self.route(msg)
+        targets = list(self.index.match(msg.topic).items())
+        n = 0
+        for st, q in targets:
+            if st.discarded or not await self.can_receive_async(st, msg.topic):
+                continue
+            if st.enqueue(msg, min(q, msg.qos)):
+                n += 1
+        return n
+
+    def count_drop(self, st: SessionState) -> None:
+        self.stats["dropped"] += 1
+        if st.dropped == 1 or st.dropped % 1000 == 0:
+            log.warning("queue of %s is full (%d messages): dropped the newest message (%d dropped so far)",
+                        st.client_id, len(st.queue), st.dropped)
+
+    # ---- SUBSCRIBE / UNSUBSCRIBE -------------------------------------------------
+
+    async def _subscribe(self, conn: Connection, flags: int, body: bytes) -> None:
+        pid, filters = codec.decode_subscribe(flags, body)
+        for f, _q in filters:
+            if not valid_topic_filter(f):
+                raise ProtocolViolation(f"invalid topic filter {f!r}")
+        info = conn.info
+        st = conn.session
+        codes: list[int] = []
+        granted: list[tuple[str, int]] = []
+        for f, q in filters:
+            if f not in st.subs and len(st.subs) >= self.limits.max_subscriptions:
+                log.info("%s: subscription limit reached, refusing %s", info.client_id, f)
+                codes.append(0x80)
+                continue
+            if not await self.allowed(info, f, Action.SUBSCRIBE):
+                codes.append(0x80)
+                continue
+            if conn.state == CLOSED or st.discarded:
+                return
+            st.subs[f] = q
+            self.index.add(f, st, q)
+            codes.append(q)
+            granted.append((f, q))
+        conn.write(codec.suback(pid, codes))
+        for f, q in granted:
+            await self._call(self.h_subscribed, info, f, q)
+            await self._fire(BrokerEvents.CLIENT_SUBSCRIBED, client_id=info.client_id, topic=f, qos=q)
+            if not st.discarded:
+                await self._replay_retained(st, f, q)
+
+    async def _replay_retained(self, st: SessionState, f: str, q: int) -> None:
+        """Retained messages for one filter just subscribed (never for others: defect 1)."""
+        if is_wildcard(f):
+            items = [(t, v) for t, v in self.retained.items() if matches(t, f)]
+        else:
+            v = self.retained.get(f)
+            items = [(f, v)] if v is not None else []
+        for topic, (payload, rq) in items:
+            if not await self.can_receive_async(st, topic):
+                continue
+            dq = rq if rq < q else q
+            st.enqueue(Message(topic, payload, rq, retain=True), dq)
+
+    async def _unsubscribe(self, conn: Connection, flags: int, body: bytes) -> None:
+        pid, filters = codec.decode_unsubscribe(flags, body)
+        st = conn.session
+        removed = []
+        for f in filters:
+            if st.subs.pop(f, None) is not None:
+                self.index.remove(f, st)
+                removed.append(f)
+        conn.write(codec.ack(codec.UNSUBACK, pid))
+        for f in removed:
+            await self._call(self.h_unsubscribed, conn.info, f)
+            await self._fire(BrokerEvents.CLIENT_UNSUBSCRIBED, client_id=conn.info.client_id, topic=f)
+
+    # ---- retained ----------------------------------------------------------------
+
+    def set_retained(self, topic: str, payload: bytes, qos: int) -> None:
+        if not payload:
+            if self.retained.pop(topic, None) is None:
+                return
+            self._retained_dirty[topic] = None
+        else:
+            v = (bytes(payload), qos)
+            self.retained[topic] = v
+            self._retained_dirty[topic] = v
+        if self._store is not None:
+            self._retained_wake.set()
+
+    async def load_retained(self) -> None:
+        if self._store is None:
+            return
+        for m in await self._store.load_all():
+            self.retained[m.topic] = (bytes(m.payload), m.qos)
+        log.info("loaded %d retained messages", len(self.retained))
+
+    async def _retained_writer(self) -> None:
+        """Writes retained changes to the store; repeated changes of one topic
+        coalesce, so the backlog is bounded by the number of retained topics."""
+        from broker.store.base import RetainedMessage
+
+        while True:
+            await self._retained_wake.wait()
+            self._retained_wake.clear()
+            await self.flush_retained(RetainedMessage)
+
+    async def flush_retained(self, cls: Any = None) -> None:
+        if self._store is None:
+            return
+        if cls is None:
+            from broker.store.base import RetainedMessage as cls  # noqa: N813
+        while self._retained_dirty:
+            batch, self._retained_dirty = self._retained_dirty, {}
+            for topic, v in batch.items():
+                try:
+                    if v is None:
+                        await self._store.delete(topic)
+                    else:
+                        await self._store.put(cls(topic, v[0], v[1]))
+                except Exception:  # noqa: BLE001 - keep serving; the in-memory copy is still right
+                    self.stats["retained_write_errors"] += 1
+                    log.exception("could not persist retained message on %s", topic)
+
+    # ---- API for plugins (BrokerApi) ---------------------------------------------
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int:
+        if not valid_topic_name(topic):
+            raise ValueError(f"invalid topic name {topic!r}")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"invalid QoS {qos!r}")
+        payload = bytes(payload)
+        if retain:
+            self.set_retained(topic, payload, qos)
+        return await self.route_any(Message(topic, payload, qos))
+
+    async def deliver(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
+        st = self.sessions.get(client_id)
+        if st is None or st.discarded or not valid_topic_name(topic):
+            return False
+        granted = -1
+        for f, q in st.subs.items():
+            if q > granted and matches(topic, f):
+                granted = q
+        if granted < 0 or not await self.can_receive_async(st, topic):
+            return False
+        deadline = self.loop.time() + DELIVER_WAIT
+        while st.conn is not None and len(st.queue) >= st.max_queued and not st.discarded:
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                break
+            fut = self.loop.create_future()
+            st.waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                break
+        if st.discarded:
+            return False
+        q = min(qos, granted)
+        return st.enqueue(Message(topic, bytes(payload), qos), q)
+
+    def client_ids_of(self, principal: str) -> list[str]:
+        return list(self.by_principal.get(principal, {}))
+
+    async def kick_principal(self, principal: str) -> int:
+        conns = list(self.by_principal.get(principal, {}).values())
+        for conn in conns:
+            st = conn.session
+            conn.close(DisconnectReason.KICKED)
+            if st is not None:
+                self.discard(st)
+        for st in [s for s in self.sessions.values() if s.info.principal == principal]:
+            self.discard(st)
+        return len(conns)
+
+    # ---- timers and shutdown -----------------------------------------------------
+
+    def start(self) -> None:
+        self._tasks_bg = [self.loop.create_task(self._ticker())]
+        if self._store is not None:
+            self._tasks_bg.append(self.loop.create_task(self._retained_writer()))
+
+    async def _ticker(self) -> None:
+        last_sweep = time.time()
+        while True:
+            await asyncio.sleep(TICK)
+            now = self.loop.time()
+            for conn in list(self.conns):
+                if conn.state == CONNECTED:
+                    ka = conn.keep_alive
+                    if ka and now - conn.last_recv > ka * 1.5:
+                        log.info("closing %s: nothing received for 1.5 x keepalive (%ds)", conn.client_id, ka)
+                        conn.close(DisconnectReason.KEEPALIVE)
+                elif conn.state == NEW:
+                    limit = CONNECT_TIMEOUT if conn.info is None else AUTH_TIMEOUT
+                    if now - conn.created > limit:
+                        conn.abort(DisconnectReason.KICKED)
+            wall = time.time()
+            if wall - last_sweep > 60:
+                last_sweep = wall
+                self.expire_sessions(wall)
+
+    def expire_sessions(self, now: float) -> int:
+        old = [st for st in self.sessions.values()
+               if st.conn is None and now - st.disconnected_at > SESSION_EXPIRY]
+        for st in old:
+            self.discard(st)
+        if old:
+            log.info("expired %d persistent sessions", len(old))
+        return len(old)
+
+    async def stop(self) -> None:
+        """Close every connection (reason shutdown, no wills), run their
+        disconnect hooks, and write pending retained changes."""
+        self._stopping = True
+        for t in self._tasks_bg:
+            t.cancel()
+        for conn in list(self.conns):
+            conn.close(DisconnectReason.SHUTDOWN)
+        await asyncio.sleep(0)
+        for _ in range(50):
+            if not self._finishers and not self.conns:
+                break
+            await asyncio.sleep(0.02)
+        if self._finishers:
+            await asyncio.wait(list(self._finishers), timeout=5)
+        for conn in list(self.conns):
+            conn.abort(DisconnectReason.SHUTDOWN)
+        await self.flush_retained()

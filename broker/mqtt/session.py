@@ -1,0 +1,217 @@
+"""Per-client state: what plugins see (`ClientInfo`), one routed message
+(`Message`, encoded once and shared by every subscriber), and the MQTT session
+(`SessionState`: subscriptions, outgoing queue, inflight window) that outlives a
+connection when clean_session=0.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from broker.mqtt import codec
+
+if TYPE_CHECKING:
+    from broker.mqtt.connection import Connection
+
+log = logging.getLogger("roost.mqtt")
+
+ACL_CACHE_SIZE = 1024
+
+
+class ClientInfo:
+    """One connection's identity, passed to plugins as `session` (see hooks.ClientSession).
+
+    Attribute names follow amqtt's `Session`, so amqtt's own auth/topic plugins
+    (which read username, password, client_id, is_anonymous) keep working.
+    """
+
+    def __init__(self, *, client_id: str, username: str | None, password: str | None,
+                 remote_address: str, remote_port: int, clean_session: bool, keep_alive: int,
+                 listener_name: str, client_id_generated: bool = False) -> None:
+        self.client_id = client_id
+        self.username = username
+        self.password = password
+        self.remote_address = remote_address
+        self.remote_port = remote_port
+        self.clean_session = clean_session
+        self.keep_alive = keep_alive
+        self.listener_name = listener_name
+        # True when the client sent an empty client id and the broker made one up
+        self.client_id_generated = client_id_generated
+        self.is_anonymous = False
+        self.principal: str | None = None
+        self.kind: str | None = None
+        self.connected_at = time.time()
+        self.will_flag = False
+        self.will_topic: str | None = None
+        self.will_message: bytes | None = None
+        self.will_qos = 0
+        self.will_retain = False
+        self.attributes: dict[str, Any] = {}   # plugin-owned, like amqtt's Session.attributes
+
+    def __repr__(self) -> str:
+        return f"<ClientInfo {self.client_id} principal={self.principal} {self.remote_address}:{self.remote_port}>"
+
+
+class Message:
+    """An application message as routed; its PUBLISH encodings are built once and
+    shared by every subscriber."""
+
+    __slots__ = ("topic", "payload", "qos", "retain", "_tb", "_p0", "_rlq")
+
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
+        self.topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        t = topic.encode("utf-8")
+        self._tb = len(t).to_bytes(2, "big") + t
+        self._p0: bytes | None = None
+        self._rlq: bytes | None = None
+
+    def packet0(self) -> bytes:
+        """The QoS 0 PUBLISH (same bytes for every subscriber)."""
+        p = self._p0
+        if p is None:
+            rl = len(self._tb) + len(self.payload)
+            p = self._p0 = b"".join((bytes((0x30 | (1 if self.retain else 0),)), codec.encode_varint(rl),
+                                     self._tb, self.payload))
+        return p
+
+    def packet(self, qos: int, pid: int, dup: bool = False) -> bytes:
+        rlq = self._rlq
+        if rlq is None:
+            rlq = self._rlq = codec.encode_varint(len(self._tb) + 2 + len(self.payload))
+        first = 0x30 | (qos << 1) | (1 if self.retain else 0) | (0x08 if dup else 0)
+        return b"".join((bytes((first,)), rlq, self._tb, pid.to_bytes(2, "big"), self.payload))
+
+
+class SessionState:
+    """The MQTT session of one client id.
+
+    `queue` holds messages not yet sent (client offline, inflight window full, or
+    transport paused); `inflight` the QoS 1/2 messages sent and not yet acknowledged,
+    in send order: pid -> [message, qos, stage] (stage 0: PUBLISH sent, 1: PUBREL sent).
+    """
+
+    __slots__ = ("client_id", "clean", "subs", "conn", "info", "queue", "inflight", "_pid",
+                 "incoming_qos2", "disconnected_at", "dropped", "acl_cache", "waiters", "engine",
+                 "discarded", "max_inflight", "max_queued", "__weakref__")
+
+    def __init__(self, client_id: str, clean: bool, info: ClientInfo, engine: Any) -> None:
+        self.client_id = client_id
+        self.clean = clean
+        self.info = info
+        self.engine = engine
+        self.subs: dict[str, int] = {}
+        self.conn: Connection | None = None
+        self.queue: deque[tuple[Message, int]] = deque()
+        self.inflight: dict[int, list[Any]] = {}
+        self._pid = 0
+        self.incoming_qos2: set[int] = set()
+        self.disconnected_at = 0.0
+        self.dropped = 0
+        self.acl_cache: dict[str, bool] = {}
+        self.waiters: list[Any] = []
+        self.discarded = False
+        self.max_inflight = engine.limits.max_inflight
+        self.max_queued = engine.limits.max_queued
+
+    def __repr__(self) -> str:
+        return f"<SessionState {self.client_id} subs={len(self.subs)} queued={len(self.queue)} inflight={len(self.inflight)}>"
+
+    def _next_pid(self) -> int:
+        pid = self._pid
+        inflight = self.inflight
+        while True:
+            pid = pid + 1 if pid < 65535 else 1
+            if pid not in inflight:
+                self._pid = pid
+                return pid
+
+    def enqueue(self, msg: Message, qos: int) -> bool:
+        """Send now if the window allows, else queue (bounded). False if dropped."""
+        conn = self.conn
+        if conn is not None and not self.queue and conn.writable:
+            if qos == 0:
+                conn.write(msg.packet0())
+                return True
+            if len(self.inflight) < self.max_inflight:
+                pid = self._next_pid()
+                self.inflight[pid] = [msg, qos, 0]
+                conn.write(msg.packet(qos, pid))
+                return True
+        elif conn is None and (qos == 0 or self.clean or self.discarded):
+            # QoS 0 is not queued for offline clients (MQTT-3.1.2-5 makes it optional)
+            return False
+        if len(self.queue) >= self.max_queued:
+            self.dropped += 1
+            self.engine.count_drop(self)
+            return False
+        self.queue.append((msg, qos))
+        return True
+
+    def pump(self) -> None:
+        """Move queued messages to the wire while the window and transport allow."""
+        conn = self.conn
+        queue = self.queue
+        if conn is None:
+            return
+        while queue and conn.writable:
+            msg, qos = queue[0]
+            if qos:
+                if len(self.inflight) >= self.max_inflight:
+                    break
+                queue.popleft()
+                pid = self._next_pid()
+                self.inflight[pid] = [msg, qos, 0]
+                conn.write(msg.packet(qos, pid))
+            else:
+                queue.popleft()
+                conn.write(msg.packet0())
+        if self.waiters and len(queue) < self.max_queued:
+            self.wake()
+
+    def wake(self) -> None:
+        waiters, self.waiters = self.waiters, []
+        for fut in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    def resume(self) -> None:
+        """After a reconnect: re-send every unacknowledged message in order with
+        DUP=1 (PUBREL for QoS 2 already past PUBREC), then the queue."""
+        conn = self.conn
+        if conn is None:
+            return
+        for pid, (msg, qos, stage) in self.inflight.items():
+            if stage == 0:
+                conn.write(msg.packet(qos, pid, dup=True))
+            else:
+                conn.write(codec.ack(codec.PUBREL, pid))
+        self.pump()
+
+    def on_puback(self, pid: int) -> None:
+        entry = self.inflight.get(pid)
+        if entry is not None and entry[1] == 1:
+            del self.inflight[pid]
+            if self.queue:
+                self.pump()
+
+    def on_pubrec(self, pid: int) -> None:
+        entry = self.inflight.get(pid)
+        if entry is not None and entry[1] == 2:
+            entry[2] = 1
+            entry[0] = None  # the payload is no longer needed
+        if self.conn is not None:
+            self.conn.write(codec.ack(codec.PUBREL, pid))
+
+    def on_pubcomp(self, pid: int) -> None:
+        entry = self.inflight.get(pid)
+        if entry is not None and entry[1] == 2:
+            del self.inflight[pid]
+            if self.queue:
+                self.pump()

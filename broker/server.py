@@ -1,0 +1,380 @@
+"""RoostBroker: amqtt's Broker shell around Roost's own MQTT 3.1.1 engine.
+
+Pinned to amqtt 0.12.1 (checked at import; a different version logs a warning
+because the private methods below may have changed).
+
+Kept from amqtt: `Broker.__init__` (config parsing, the PluginManager loading
+plugins from `plugins:` with their `Config` dataclasses, BrokerContext), the
+state machine, `Broker._create_ssl_context`, `Broker._split_bindaddr_port`,
+`Server` (listener bookkeeping, close_instance), websocket serving through
+`websockets.serve` with subprotocol `mqtt`, `PluginManager.fire_event` for
+amqtt's broker events (start/shutdown, client connected/disconnected/
+subscribed/unsubscribed; not per message), `PluginManager.close`.
+
+Replaced (each because the upstream version is wrong or slow; see
+/work/shared/AMQTT_NOTES.md for the defect numbers):
+* `Broker.start` - loads retained messages from the store, starts our engine
+  (keepalive ticker, retained writer) instead of `_broadcast_loop` (one task
+  per message and subscriber, defect 10) and `_session_monitor`; calls
+  `on_roost_start` hooks.
+* `Broker._start_listeners` - listeners come from RoostConfig (resolved paths,
+  independent listeners; amqtt copies fields of the "default" listener into
+  the others).
+* `Broker._create_server_instance` - TCP listeners use `loop.create_server`
+  with our asyncio.Protocol (`broker.mqtt.connection.Connection`) instead of
+  StreamReader/StreamWriter; WS listeners are created as upstream.
+* `Broker.ws_connected`, `Broker.stream_connected`, `Broker.external_connected`,
+  `Broker._client_connected`, `Broker._initialize_client_session`,
+  `Broker._handle_client_session`, `Broker._client_message_loop`,
+  `Broker._handle_disconnect`, `Broker._authenticate`,
+  `Broker._handle_subscription`, `Broker._handle_unsubscription`,
+  `Broker._handle_message_delivery`, `Broker._topic_filtering`,
+  `Broker._delete_session`, `Broker._cleanup_session`, `Broker.add_subscription`,
+  `Broker._publish_session_retained_messages`,
+  `Broker._publish_retained_messages_for_subscription` and
+  `BrokerProtocolHandler` as a whole - all connection handling is in
+  broker/mqtt/engine.py: auth before any session lookup (defects 2, 9),
+  take-over (3), keepalive and wills (4), redelivery (5), QoS downgrade (6),
+  bounded queues (7), retained replay only for the filters just subscribed with
+  a RECEIVE check (1).
+* `Broker._broadcast_message` / `internal_message_broadcast` (what
+  `BrokerContext.broadcast_message` calls) - route through our engine.
+* `Broker.retain_message` - our retained dict, persisted via the RetainedStore.
+* `Broker.sessions`, `Broker.subscriptions`, `Broker.retained_messages` -
+  read-only views built from the engine (for BrokerContext users).
+* `Broker.shutdown` - `on_roost_stop` hooks, closes every connection with
+  reason "shutdown" (no wills), flushes retained writes, then amqtt's
+  shutdown events and plugin `close()`.
+Not supported: `BrokerContext.add_subscription` / `Broker.create_offline_session`
+(raise NotImplementedError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections import deque
+from functools import partial
+from typing import Any
+
+import amqtt
+import websockets
+from amqtt.broker import Broker, Server
+from amqtt.contexts import ListenerConfig as AmqttListenerConfig
+from amqtt.errors import BrokerError
+from amqtt.events import BrokerEvents
+
+from broker.config import ListenerConfig, RoostConfig
+from broker.mqtt.connection import CLOSED, Connection
+from broker.mqtt.engine import Engine
+from broker.mqtt.hooks import DisconnectReason
+
+log = logging.getLogger("roost.broker")
+
+AMQTT_VERSION = "0.12.1"
+if amqtt.__version__ != AMQTT_VERSION:  # pragma: no cover - depends on the installed version
+    log.warning("RoostBroker was written against amqtt %s but %s is installed: the replaced private "
+                "methods listed in broker/server.py must be re-checked", AMQTT_VERSION, amqtt.__version__)
+
+WS_WRITE_HIGH = 256 * 1024
+WS_WRITE_LOW = 64 * 1024
+
+
+class _Retained:
+    """What amqtt's `retained_messages` values look like to plugins."""
+
+    __slots__ = ("topic", "data", "qos", "retain")
+
+    def __init__(self, topic: str, data: bytes, qos: int) -> None:
+        self.topic, self.data, self.qos, self.retain = topic, data, qos, True
+
+
+class RoostBroker(Broker):
+    def __init__(self, config: RoostConfig, *, plugins: dict[str, dict[str, Any]], services: Any,
+                 retained_store: Any | None) -> None:
+        self.roost_config = config
+        self.services = services
+        self.retained_store = retained_store
+        super().__init__(self._amqtt_config(config, plugins))
+        # plugins.base.broker_of(plugin) reads context._broker (plugin contexts are copies)
+        self.plugins_manager.context._broker = self  # type: ignore[attr-defined]
+        for p in self.plugins_manager.plugins:
+            p.context._broker = self  # type: ignore[attr-defined]
+        self.engine = Engine(limits=config.limits, plugins=list(self.plugins_manager.plugins),
+                             plugins_manager=self.plugins_manager, retained_store=retained_store,
+                             listener_limits={n: lst.max_connections for n, lst in config.listeners.items()})
+
+    @staticmethod
+    def _amqtt_config(config: RoostConfig, plugins: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        listeners: dict[str, Any] = {}
+        for name, lst in config.listeners.items():
+            d: dict[str, Any] = {"type": lst.type, "bind": lst.bind, "ssl": lst.ssl,
+                                 "max_connections": lst.max_connections}
+            for key in ("certfile", "keyfile", "cafile"):
+                value = getattr(lst, key)
+                if value:
+                    d[key] = str(config.resolve(value))
+            listeners[name] = d
+        if "default" not in listeners:
+            listeners["default"] = dict(next(iter(listeners.values())))
+        return {"listeners": listeners, "plugins": dict(plugins)}
+
+    # ---- start / stop ------------------------------------------------------------
+
+    async def start(self) -> None:
+        try:
+            self.transitions.start()
+        except Exception as exc:
+            raise BrokerError(f"Broker instance can't be started: {exc}") from exc
+        await self.plugins_manager.fire_event(BrokerEvents.PRE_START, wait=True)
+        try:
+            await self.engine.load_retained()
+            self.engine.start()
+            await self._start_listeners()
+            self.transitions.starting_success()
+        except Exception as exc:
+            log.exception("broker start failed")
+            self.transitions.starting_fail()
+            await self._close_servers()
+            await self.engine.stop()
+            raise BrokerError(f"Broker instance can't be started: {exc}") from exc
+        await self.plugins_manager.fire_event(BrokerEvents.POST_START, wait=True)
+        for hook in self.engine.h_start:
+            await hook(self)
+
+    async def _start_listeners(self) -> None:
+        for name, lst in self.roost_config.listeners.items():
+            ssl_context = self._roost_ssl_context(lst) if lst.ssl else None
+            address, port = self._split_bindaddr_port(lst.bind, 1883)
+            instance = await self._create_server_instance(name, lst.type, address, port, ssl_context)
+            self._servers[name] = Server(name, instance, lst.max_connections)
+            log.info("listener %s (%s%s) bound to %s:%d", name, lst.type, "+tls" if lst.ssl else "",
+                     address or "*", self.bound_ports()[name])
+
+    def _roost_ssl_context(self, lst: ListenerConfig) -> ssl.SSLContext:
+        r = self.roost_config.resolve
+        return self._create_ssl_context(AmqttListenerConfig(
+            ssl=True, certfile=str(r(lst.certfile or "")), keyfile=str(r(lst.keyfile or "")),
+            cafile=str(r(lst.cafile)) if lst.cafile else None))
+
+    async def _create_server_instance(self, listener_name: str, listener_type: Any, address: str | None,
+                                      port: int, ssl_context: ssl.SSLContext | None) -> Any:
+        if str(listener_type) == "tcp":
+            engine = self.engine
+            return await asyncio.get_running_loop().create_server(
+                lambda: Connection(engine, listener_name), address, port,
+                ssl=ssl_context, reuse_address=True, backlog=1024)
+        if str(listener_type) == "ws":
+            return await websockets.serve(
+                partial(self.ws_connected, listener_name=listener_name), address, port,
+                ssl=ssl_context, subprotocols=[websockets.Subprotocol("mqtt")],
+                max_size=self.engine.max_packet + 8)
+        raise BrokerError(f"Unsupported listener type: {listener_type}")
+
+    def bound_ports(self) -> dict[str, int]:
+        ports = {}
+        for name, server in self._servers.items():
+            socks = getattr(server.instance, "sockets", None) or []
+            if socks:
+                ports[name] = socks[0].getsockname()[1]
+        return ports
+
+    async def _close_servers(self) -> None:
+        for server in self._servers.values():
+            if server.instance is not None:
+                server.instance.close()
+
+    async def shutdown(self) -> None:
+        for hook in self.engine.h_stop:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - keep shutting down
+                log.exception("on_roost_stop failed")
+        await self.plugins_manager.fire_event(BrokerEvents.PRE_SHUTDOWN, wait=True)
+        self.engine._stopping = True
+        await self._close_servers()
+        await self.engine.stop()
+        for server in self._servers.values():
+            try:
+                await asyncio.wait_for(server.close_instance(), 5)
+            except (TimeoutError, Exception):  # noqa: BLE001
+                log.warning("listener %s did not close cleanly", server.listener_name)
+        try:
+            self.transitions.shutdown()
+        except Exception:  # noqa: BLE001 - shutdown of a broker that failed to start
+            pass
+        await self.plugins_manager.fire_event(BrokerEvents.POST_SHUTDOWN, wait=True)
+        await self.plugins_manager.close()
+        try:
+            self.transitions.stopping_success()
+        except Exception:  # noqa: BLE001
+            pass
+        log.info("broker stopped")
+
+    # ---- connections -------------------------------------------------------------
+
+    async def ws_connected(self, websocket: Any, listener_name: str) -> None:
+        conn = Connection(self.engine, listener_name)
+        transport = _WsTransport(websocket, conn)
+        conn.connection_made(transport)
+        try:
+            async for message in websocket:
+                if not transport.reading.is_set():
+                    await transport.reading.wait()
+                if isinstance(message, str):
+                    log.info("closing websocket client: text frame (MQTT needs binary frames)")
+                    break
+                conn.data_received(message)
+                if conn.state == CLOSED:
+                    break
+        except websockets.ConnectionClosed:
+            pass
+        finally:
+            await transport.finish()
+            conn.connection_lost(None)
+
+    async def stream_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
+        raise NotImplementedError("RoostBroker serves TCP through broker.mqtt.connection.Connection")
+
+    async def external_connected(self, reader: Any, writer: Any, listener_name: str) -> None:
+        raise NotImplementedError("external listeners are not supported by RoostBroker")
+
+    async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
+        raise NotImplementedError("replaced by broker.mqtt.engine")
+
+    def create_offline_session(self, client_id: str) -> Any:
+        raise NotImplementedError("RoostBroker does not create sessions without a connection")
+
+    async def add_subscription(self, subscription: tuple[str, int], session: Any) -> int:
+        raise NotImplementedError("RoostBroker subscriptions are made by clients")
+
+    # ---- amqtt BrokerContext compatibility ---------------------------------------
+
+    async def _broadcast_message(self, session: Any, topic: str | None, data: bytes | bytearray | None,
+                                 force_qos: int | None = None) -> None:
+        if topic is None:
+            return
+        await self.engine.publish(topic, bytes(data or b""), force_qos or 0)
+
+    async def retain_message(self, source_session: Any, topic_name: str | None, data: bytes | bytearray | None,
+                             qos: int | None = None) -> None:
+        if topic_name is not None:
+            self.engine.set_retained(topic_name, bytes(data or b""), qos or 0)
+
+    @property
+    def sessions(self) -> dict[str, tuple[Any, None]]:  # type: ignore[override]
+        return {cid: (st.info, None) for cid, st in self.engine.sessions.items()}
+
+    @property
+    def subscriptions(self) -> dict[str, list[tuple[Any, int]]]:  # type: ignore[override]
+        out: dict[str, list[tuple[Any, int]]] = {}
+        for f, st, q in self.engine.index.items():
+            out.setdefault(f, []).append((st.info, q))
+        return out
+
+    @property
+    def retained_messages(self) -> dict[str, Any]:  # type: ignore[override]
+        return {t: _Retained(t, p, q) for t, (p, q) in self.engine.retained.items()}
+
+    # ---- BrokerApi (broker/mqtt/hooks.py) ----------------------------------------
+
+    async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int:
+        return await self.engine.publish(topic, payload, qos, retain)
+
+    async def deliver(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
+        return await self.engine.deliver(client_id, topic, payload, qos)
+
+    def retained(self, topic: str) -> bytes | None:
+        v = self.engine.retained.get(topic)
+        return v[0] if v is not None else None
+
+    def client_ids_of(self, principal: str) -> list[str]:
+        return self.engine.client_ids_of(principal)
+
+    async def kick_principal(self, principal: str) -> int:
+        return await self.engine.kick_principal(principal)
+
+    def refresh_acl(self) -> None:
+        self.engine.refresh_acl()
+
+
+class _WsTransport:
+    """The asyncio.Transport subset Connection uses, on top of a websockets
+    connection: writes go through one writer task; pause_reading holds the
+    reader loop in RoostBroker.ws_connected."""
+
+    def __init__(self, ws: Any, protocol: Connection) -> None:
+        self.ws = ws
+        self.protocol = protocol
+        self.reading = asyncio.Event()
+        self.reading.set()
+        self._out: deque[bytes] = deque()
+        self._size = 0
+        self._paused = False
+        self._closing = False
+        self._wake = asyncio.Event()
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self.ws.remote_address
+        return default
+
+    def write(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._out.append(data)
+        self._size += len(data)
+        self._wake.set()
+        if not self._paused and self._size > WS_WRITE_HIGH:
+            self._paused = True
+            self.protocol.pause_writing()
+
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._out:
+                    data = self._out.popleft()
+                    self._size -= len(data)
+                    await self.ws.send(data)
+                    if self._paused and self._size < WS_WRITE_LOW:
+                        self._paused = False
+                        self.protocol.resume_writing()
+                if self._closing:
+                    await self.ws.close()
+                    return
+        except websockets.ConnectionClosed:
+            pass
+
+    def close(self) -> None:
+        self._closing = True
+        self._wake.set()
+
+    def abort(self) -> None:
+        self._closing = True
+        self._out.clear()
+        self._writer.cancel()
+        asyncio.get_running_loop().create_task(self.ws.close())
+
+    def is_closing(self) -> bool:
+        return self._closing
+
+    def pause_reading(self) -> None:
+        self.reading.clear()
+
+    def resume_reading(self) -> None:
+        self.reading.set()
+
+    def get_write_buffer_size(self) -> int:
+        return self._size
+
+    async def finish(self) -> None:
+        self._closing = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._writer), 2)
+        except (TimeoutError, asyncio.CancelledError, Exception):  # noqa: BLE001
+            self._writer.cancel()
