@@ -1,0 +1,1 @@
+"""Roost benchmark: `python -m bench` (see bench/README.md)."""

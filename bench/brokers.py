@@ -1,0 +1,283 @@
+"""The brokers under test, each run as a subprocess on a free loopback port.
+
+* `amqtt`     stock amqtt 0.12.1 (`python -m bench.stock_amqtt PORT`), anonymous clients.
+* `roost`     `roost serve --config <generated config>` with principals registered in its
+              store before it starts (first one through `roost user add --json`).
+* `mosquitto` the system's mosquitto binary with a generated config, when installed.
+
+Every process gets the hard RLIMIT_NOFILE as its soft limit (`ulimit -n`) and its
+own session, and `stop()` always reaps it (SIGTERM, then SIGKILL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.mqtt import MqttError, connect
+
+ROOT = Path(__file__).resolve().parent.parent
+HOST = "127.0.0.1"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _raise_nofile() -> None:  # runs in the child before exec
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+@dataclass
+class Credentials:
+    client_id: str
+    username: str | None
+    password: str | None
+
+
+class BrokerProcess:
+    name = "?"
+    authenticated = False
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = HOST
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / f"{self.name}.log"
+        self.started_at = 0.0
+
+    # -- to override --------------------------------------------------------------
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def plain_client(self, label: str) -> Credentials:
+        """Credentials of a plain-MQTT client named `label` (unique within a scenario)."""
+        return Credentials(label, None, None)
+
+    async def prepare(self, needs: dict[str, Any]) -> None:
+        """Create whatever the scenarios need before the first start (principals...)."""
+
+    # -- lifecycle ----------------------------------------------------------------
+    def spawn(self) -> None:
+        self.port = self.port or free_port()
+        log = open(self.log_path, "ab")
+        self.started_at = time.monotonic()
+        self.proc = subprocess.Popen(self.command(), cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile,
+                                     env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        log.close()
+
+    async def start(self, timeout: float = 30.0) -> float:
+        """Start and wait until an MQTT CONNECT succeeds; returns seconds it took."""
+        self.spawn()
+        await self.wait_serving(timeout)
+        return time.monotonic() - self.started_at
+
+    async def wait_serving(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        creds = self.plain_client("bench-probe")
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited ({self.proc.returncode if self.proc else None}):\n"
+                                   f"{self.log_tail()}")
+            try:
+                conn = await connect(self.host, self.port, creds.client_id, creds.username, creds.password,
+                                     timeout=2.0)
+                conn.close()
+                return
+            except (OSError, MqttError, asyncio.TimeoutError) as exc:
+                last = exc
+                await asyncio.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"{self.name} not serving after {timeout}s ({last}):\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 15.0) -> None:
+        p = self.proc
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    # -- observation ----------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def rss_mb(self) -> float | None:
+        if self.pid is None:
+            return None
+        try:
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            return None
+        return None
+
+    def cpu_s(self) -> float:
+        """User + system CPU seconds the broker process used so far."""
+        if self.pid is None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+class StockAmqtt(BrokerProcess):
+    name = "amqtt"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.stock_amqtt", str(self.port)]
+
+
+class Mosquitto(BrokerProcess):
+    name = "mosquitto"
+
+    @staticmethod
+    def binary() -> str | None:
+        return shutil.which("mosquitto") or next(
+            (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)), None)
+
+    def command(self) -> list[str]:
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"listener {self.port} {HOST}\n"
+            "allow_anonymous true\n"
+            "persistence false\n"
+            "max_connections -1\n"
+            # Default 1000: beyond it QoS 1 messages to a slow subscriber are dropped,
+            # and a dropped message is no throughput. Lifted like amqtt's (unbounded).
+            "max_queued_messages 0\n"
+            "log_dest stderr\n"
+            "log_type error\n"
+            "log_type warning\n")
+        binary = self.binary()
+        assert binary is not None
+        return [binary, "-c", str(conf)]
+
+
+class Roost(BrokerProcess):
+    name = "roost"
+    authenticated = True
+    PLAIN_PRINCIPAL = "bench"
+
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir)
+        self.config_path = workdir / "roost.yaml"
+        self.db_path = workdir / "roost.db"
+        self.passwords: dict[str, str] = {}
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "listeners": {"default": {"type": "tcp", "bind": f"{HOST}:{self.port}"}},
+            "storage": {"path": str(self.db_path)},
+            "auth": {"allow_anonymous": False},
+            # The benchmark drives few clients hard: lift the per-client request
+            # rate limit (a home has many clients, each far below it).
+            "limits": {"max_connections": 20000, "request_rate": 1_000_000.0, "request_burst": 1_000_000,
+                       "max_pending_requests": 1000},
+            "messaging": {"allow_dm_without_contact": True},
+            "log": {"level": "warning"},
+        }
+
+    def write_config(self) -> None:
+        self.port = self.port or free_port()
+        self.config_path.write_text(yaml.safe_dump(self.config()))
+
+    def command(self) -> list[str]:
+        self.write_config()
+        exe = Path(sys.executable).with_name("roost")
+        head = [str(exe)] if exe.exists() else [sys.executable, "-m", "client.cli"]
+        return [*head, "serve", "--config", str(self.config_path)]
+
+    def plain_client(self, label: str) -> Credentials:
+        p = self.PLAIN_PRINCIPAL
+        return Credentials(f"{p}.{label}", p, self.passwords.get(p))
+
+    def im_client(self, principal: str, label: str = "b") -> Credentials:
+        return Credentials(f"{principal}.{label}", principal, self.passwords[principal])
+
+    async def prepare(self, needs: dict[str, Any]) -> None:
+        """Register principals: `bench` through the CLI (the documented admin path),
+        the IM principals in one batch through the store (each CLI call costs a
+        Python start-up and an argon2 hash)."""
+        self.write_config()
+        if self.PLAIN_PRINCIPAL not in self.passwords:
+            self.passwords[self.PLAIN_PRINCIPAL] = self.cli_add_user(self.PLAIN_PRINCIPAL, "bench-secret")
+        missing = [p for p in needs.get("principals", []) if p not in self.passwords]
+        if missing:
+            await self.store_add_users({p: f"pw-{p}" for p in missing})
+
+    def cli_add_user(self, principal: str, password: str) -> str:
+        exe = Path(sys.executable).with_name("roost")
+        head = [str(exe)] if exe.exists() else [sys.executable, "-m", "client.cli"]
+        res = subprocess.run([*head, "user", "add", principal, "--password-stdin", "--json",
+                              "--config", str(self.config_path)],
+                             input=password + "\n", cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+        if res.returncode != 0:
+            raise RuntimeError(f"roost user add {principal} failed: {res.stderr.strip()}")
+        json.loads(res.stdout)  # it must print one JSON document
+        return password
+
+    async def store_add_users(self, users: dict[str, str]) -> None:
+        from broker.services.identity import IdentityService
+        from broker.store.sqlite import SqliteStore
+
+        store = SqliteStore(self.db_path)
+        await store.open()
+        try:
+            ids = IdentityService(store.identity)
+            await ids.load()
+            for principal, password in users.items():
+                if await ids.get(principal) is None:
+                    await ids.add(principal, "user", secret=password)
+                self.passwords[principal] = password
+        finally:
+            await store.close()
+
+
+def make(name: str, workdir: Path) -> BrokerProcess:
+    classes = {"amqtt": StockAmqtt, "roost": Roost, "mosquitto": Mosquitto}
+    if name not in classes:
+        raise ValueError(f"unknown broker {name!r} (known: {', '.join(classes)})")
+    return classes[name](workdir / name)

@@ -1,0 +1,214 @@
+"""A minimal raw MQTT 3.1.1 client for load generation (asyncio.Protocol, no paho).
+
+Only what the benchmark needs: CONNECT, SUBSCRIBE, PUBLISH QoS 0/1, PUBACK,
+DISCONNECT. Packets are encoded once where possible; incoming bytes are parsed
+in one pass per `data_received` call and the PUBACKs that call owes are written
+back in a single `transport.write`, so the generator stays cheap per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+
+now_ns = time.monotonic_ns  # CLOCK_MONOTONIC: comparable across processes on one host
+
+DISCONNECT = b"\xe0\x00"
+PINGREQ = b"\xc0\x00"
+
+
+class MqttError(Exception):
+    pass
+
+
+def varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n % 128
+        n //= 128
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return len(b).to_bytes(2, "big") + b
+
+
+def connect_packet(client_id: str, username: str | None = None, password: str | None = None,
+                   keepalive: int = 600, clean: bool = True) -> bytes:
+    flags = 0x02 if clean else 0
+    payload = _str(client_id)
+    if username is not None:
+        flags |= 0x80
+        payload += _str(username)
+        if password is not None:
+            flags |= 0x40
+            payload += _str(password)
+    var = _str("MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big")
+    body = var + payload
+    return b"\x10" + varint(len(body)) + body
+
+
+def subscribe_packet(pid: int, filters: list[tuple[str, int]]) -> bytes:
+    body = pid.to_bytes(2, "big") + b"".join(_str(f) + bytes([q]) for f, q in filters)
+    return b"\x82" + varint(len(body)) + body
+
+
+def publish_prefix(topic: str, qos: int, payload_len: int) -> bytes:
+    """Fixed header + topic of a PUBLISH whose payload is `payload_len` bytes.
+
+    For QoS 1 the 2-byte packet id goes right after this prefix, then the payload.
+    """
+    t = _str(topic)
+    rl = len(t) + (2 if qos else 0) + payload_len
+    return bytes([0x30 | (qos << 1)]) + varint(rl) + t
+
+
+def publish_packet(topic: str, payload: bytes, qos: int = 0, pid: int = 0) -> bytes:
+    pre = publish_prefix(topic, qos, len(payload))
+    return pre + (pid.to_bytes(2, "big") if qos else b"") + payload
+
+
+OnMessage = Callable[[bytes, bytes, int], None]   # (topic, payload, receive time ns)
+OnPuback = Callable[[int], None]
+
+
+class Conn(asyncio.Protocol):
+    """One MQTT connection. Callbacks run inside data_received: keep them short."""
+
+    def __init__(self, on_message: OnMessage | None = None, on_puback: OnPuback | None = None) -> None:
+        self.on_message = on_message
+        self.on_puback = on_puback
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        loop = asyncio.get_running_loop()
+        self.connack: asyncio.Future[int] = loop.create_future()
+        self.subacks: dict[int, asyncio.Future[bytes]] = {}
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self.writable = asyncio.Event()
+        self.writable.set()
+        self.received = 0
+
+    # -- asyncio.Protocol -------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.writable.set()
+        if not self.connack.done():
+            self.connack.set_exception(MqttError(f"connection lost before CONNACK: {exc}"))
+        for fut in self.subacks.values():
+            if not fut.done():
+                fut.set_exception(MqttError("connection lost before SUBACK"))
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        self.writable.set()
+
+    def data_received(self, data: bytes) -> None:
+        t = now_ns()
+        buf = self.buf
+        buf += data
+        n = len(buf)
+        pos = 0
+        acks: list[bytes] = []
+        on_message = self.on_message
+        while n - pos >= 2:
+            h = buf[pos]
+            i = pos + 1
+            rl = 0
+            mult = 1
+            while True:
+                if i >= n:
+                    rl = -1
+                    break
+                b = buf[i]
+                i += 1
+                rl += (b & 127) * mult
+                if b < 128:
+                    break
+                mult *= 128
+            if rl < 0 or i + rl > n:
+                break
+            end = i + rl
+            kind = h >> 4
+            if kind == 3:
+                te = i + 2 + ((buf[i] << 8) | buf[i + 1])
+                if h & 0x06:
+                    acks.append(b"\x40\x02" + bytes(buf[te:te + 2]))
+                    ps = te + 2
+                else:
+                    ps = te
+                self.received += 1
+                if on_message is not None:
+                    on_message(bytes(buf[i + 2:te]), bytes(buf[ps:end]), t)
+            elif kind == 4:
+                if self.on_puback is not None:
+                    self.on_puback((buf[i] << 8) | buf[i + 1])
+            elif kind == 2:
+                if not self.connack.done():
+                    self.connack.set_result(buf[i + 1])
+            elif kind == 9:
+                fut = self.subacks.pop((buf[i] << 8) | buf[i + 1], None)
+                if fut is not None and not fut.done():
+                    fut.set_result(bytes(buf[i + 2:end]))
+            pos = end
+        if pos:
+            del buf[:pos]
+        if acks and self.transport is not None:
+            self.transport.write(b"".join(acks))
+
+    # -- helpers ----------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    async def subscribe(self, filters: list[tuple[str, int]], pid: int = 1, timeout: float = 10.0) -> bytes:
+        fut = asyncio.get_running_loop().create_future()
+        self.subacks[pid] = fut
+        self.write(subscribe_packet(pid, filters))
+        codes = await asyncio.wait_for(fut, timeout)
+        if any(c == 0x80 for c in codes):
+            raise MqttError(f"subscription refused: {filters} -> {codes!r}")
+        return codes
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            try:
+                self.transport.write(DISCONNECT)
+            finally:
+                self.transport.close()
+
+
+async def connect(host: str, port: int, client_id: str, username: str | None = None,
+                  password: str | None = None, *, on_message: OnMessage | None = None,
+                  on_puback: OnPuback | None = None, keepalive: int = 600, clean: bool = True,
+                  timeout: float = 10.0) -> Conn:
+    """Open a TCP connection, send CONNECT, wait for CONNACK 0 (else MqttError)."""
+    loop = asyncio.get_running_loop()
+    _, conn = await asyncio.wait_for(
+        loop.create_connection(lambda: Conn(on_message, on_puback), host, port), timeout)
+    conn.write(connect_packet(client_id, username, password, keepalive, clean))
+    try:
+        code = await asyncio.wait_for(conn.connack, timeout)
+    except BaseException:
+        conn.transport.close()  # type: ignore[union-attr]
+        raise
+    if code != 0:
+        conn.transport.close()  # type: ignore[union-attr]
+        raise MqttError(f"CONNACK {code} for {client_id}")
+    return conn

@@ -1,0 +1,559 @@
+"""Benchmark orchestrator: `python -m bench [--quick] [--only S,...] [--brokers roost,amqtt,mosquitto]`.
+
+For every broker, every scenario gets a freshly started broker subprocess on a
+free loopback port; the load comes from `bench.loadgen` worker processes. The
+table shows each broker's figures and the ratio against stock amqtt, plus the
+CPU the broker and the generator used, so a generator-bound figure is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from bench.brokers import BrokerProcess, Mosquitto, Roost, make
+from bench.loadgen import raise_nofile
+from bench.mqtt import now_ns
+
+NPROC = os.cpu_count() or 1
+SCENARIOS = ("fanin_qos0", "fanin_qos1", "p2p", "fanout", "im", "hold", "restart")
+ROOST_ONLY = {"im", "restart"}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    fanin_per_pub: int
+    p2p_pairs: int
+    p2p_per_pair: int
+    fanout_subs: int
+    fanout_msgs: int
+    im_pairs: int
+    im_per_pair: int
+    im_half_s: float
+    hold: int
+    restart_events: int
+    timeout: float       # hard limit of one scenario's load phase, seconds
+    idle: float          # a worker stops after this long without progress
+
+
+FULL = Sizes(fanin_per_pub=8000, p2p_pairs=50, p2p_per_pair=400, fanout_subs=100, fanout_msgs=500,
+             im_pairs=8, im_per_pair=1000, im_half_s=5.0, hold=5000, restart_events=1_000_000,
+             timeout=120.0, idle=5.0)
+QUICK = Sizes(fanin_per_pub=300, p2p_pairs=50, p2p_per_pair=10, fanout_subs=100, fanout_msgs=20,
+              im_pairs=4, im_per_pair=50, im_half_s=1.0, hold=200, restart_events=5_000,
+              timeout=15.0, idle=3.0)
+
+
+@dataclass
+class Outcome:
+    """One scenario on one broker: named metrics plus notes on who was the bottleneck."""
+    metrics: dict[str, float | None] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+def pct(values: list[int], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    return float(s[min(len(s) - 1, max(0, math.ceil(q * len(s)) - 1))])
+
+
+class Runner:
+    def __init__(self, sizes: Sizes, workdir: Path, verbose: bool = False) -> None:
+        self.sizes = sizes
+        self.workdir = workdir
+        self.verbose = verbose
+        self.run_id = f"{int(time.time())}"
+
+    def log(self, msg: str) -> None:
+        print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    # ---- workers ------------------------------------------------------------------------
+    async def run_workers(self, broker: BrokerProcess, specs: list[dict[str, Any]], name: str,
+                          hold_hook: Callable[[list[dict[str, Any]]], Awaitable[None]] | None = None
+                          ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+        """Start one worker per spec, wait until all are ready, say go, collect results.
+
+        Returns (results, usage) where usage has the broker's CPU seconds and the
+        wall time of the measured phase.
+        """
+        procs: list[asyncio.subprocess.Process] = []
+        timeout = self.sizes.timeout
+        try:
+            for i, spec in enumerate(specs):
+                spec = dict(spec, host=broker.host, port=broker.port, timeout=timeout, idle=self.sizes.idle)
+                path = self.workdir / f"{broker.name}-{name}-{i}.json"
+                path.write_text(json.dumps(spec))
+                err = open(self.workdir / f"{broker.name}-{name}-{i}.err", "wb")
+                procs.append(await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "bench.loadgen", str(path), cwd=str(Path(__file__).parent.parent),
+                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
+                    limit=1 << 26))
+                err.close()
+            ready = await asyncio.wait_for(asyncio.gather(*(self._event(p, "ready") for p in procs)), 120)
+            for r in ready:
+                if r.get("error_count"):
+                    raise RuntimeError(f"{r['error_count']} clients failed to connect: {r}")
+            cpu0 = broker.cpu_s()
+            t0 = now_ns() + 100_000_000
+            for p in procs:
+                assert p.stdin is not None
+                p.stdin.write(f"go {t0}\n".encode())
+                await p.stdin.drain()
+            if hold_hook is not None:
+                connected = await asyncio.wait_for(
+                    asyncio.gather(*(self._event(p, "connected") for p in procs)), timeout + 30)
+                await hold_hook(connected)
+                for p in procs:
+                    assert p.stdin is not None
+                    p.stdin.write(b"stop\n")
+                    await p.stdin.drain()
+            results = await asyncio.wait_for(
+                asyncio.gather(*(self._event(p, "result") for p in procs)), timeout + 30)
+            wall = max((max(r.get("last_recv", 0), r.get("last_ack", 0)) - t0) / 1e9 for r in results)
+            return results, {"broker_cpu_s": broker.cpu_s() - cpu0, "wall_s": max(wall, 1e-9)}
+        finally:
+            for p in procs:
+                if p.returncode is None:
+                    try:
+                        p.kill()
+                    except ProcessLookupError:
+                        pass
+                    await p.wait()
+
+    async def _event(self, proc: asyncio.subprocess.Process, kind: str) -> dict[str, Any]:
+        assert proc.stdout is not None
+        while True:
+            line = await proc.stdout.readline()
+            if not line:
+                await proc.wait()
+                raise RuntimeError(f"load generator exited ({proc.returncode}) before '{kind}'")
+            doc = json.loads(line)
+            if doc.get("event") == kind:
+                return doc
+
+    @staticmethod
+    def usage_notes(results: list[dict[str, Any]], usage: dict[str, float], out: Outcome) -> None:
+        wall = usage["wall_s"]
+        broker_util = usage["broker_cpu_s"] / wall
+        # A worker that finished early (a QoS 0 publisher filling socket buffers) was
+        # not the limit, so every worker's CPU is set against the whole phase.
+        gen = [r.get("cpu_s", 0.0) / wall for r in results]
+        gen_total = sum(r.get("cpu_s", 0.0) for r in results) / wall
+        out.metrics["broker_cpu"] = broker_util
+        out.metrics["gen_cpu"] = gen_total
+        out.notes.append(f"broker cpu {broker_util:.0%}, generator cpu {gen_total:.0%} "
+                         f"(max worker {max(gen, default=0):.0%})")
+        if max(gen, default=0) > 0.9 or gen_total > 0.9 * max(1, NPROC - 1):
+            out.notes.append("GENERATOR SATURATED: figure is a lower bound")
+
+    @staticmethod
+    def delivery(results: list[dict[str, Any]], out: Outcome, rate_key: str, t_key: str = "last_recv") -> None:
+        received = sum(r["received"] for r in results)
+        expected = sum(r["expected"] for r in results)
+        t0 = results[0]["t0"]
+        last = max(r[t_key] for r in results)
+        secs = (last - t0) / 1e9 if last else 0
+        lat = [x for r in results for x in r["lat_us"]]
+        out.metrics[rate_key] = received / secs if secs > 0 else 0.0
+        out.metrics["p50_ms"] = (pct(lat, 0.50) or 0) / 1000 if lat else None
+        out.metrics["p99_ms"] = (pct(lat, 0.99) or 0) / 1000 if lat else None
+        out.metrics["lost"] = float(max(0, expected - received))
+        out.metrics["dup"] = float(sum(r["dups"] for r in results))
+        errors: dict[str, int] = {}
+        for r in results:
+            for k, v in r.get("errors", {}).items():
+                errors[k] = errors.get(k, 0) + v
+        if errors:
+            out.notes.append(f"errors: {errors}")
+        if any(r.get("timed_out") for r in results):
+            out.notes.append("TIMED OUT")
+
+    # ---- plain MQTT scenarios -------------------------------------------------------------
+    async def fanin(self, broker: BrokerProcess, qos: int) -> Outcome:
+        s = self.sizes
+        n, pubs = s.fanin_per_pub, 8
+        topic = "bench/fanin"
+        sub = broker.plain_client("fanin-sub")
+        sub_spec = {"mode": "mqtt", "clients": [
+            {"cid": sub.client_id, "user": sub.username, "pw": sub.password, "subs": [[topic, qos]],
+             "expect": n * pubs, "seq_space": n}]}
+        pub_clients = []
+        for i in range(pubs):
+            c = broker.plain_client(f"fanin-pub{i}")
+            pub_clients.append({"cid": c.client_id, "user": c.username, "pw": c.password,
+                                "pub": {"topic": topic, "qos": qos, "count": n, "window": 64, "index": i}})
+        results, usage = await self.run_workers(broker, [sub_spec, {"mode": "mqtt", "clients": pub_clients}],
+                                                f"fanin{qos}")
+        out = Outcome()
+        self.delivery(results, out, "msg_s")
+        self.usage_notes(results, usage, out)
+        return out
+
+    async def p2p(self, broker: BrokerProcess) -> Outcome:
+        s = self.sizes
+        subs, pubs = [], []
+        for i in range(s.p2p_pairs):
+            topic = f"bench/p2p/u{i}"
+            a = broker.plain_client(f"p2p-sub{i}")
+            b = broker.plain_client(f"p2p-pub{i}")
+            subs.append({"cid": a.client_id, "user": a.username, "pw": a.password, "subs": [[topic, 1]],
+                         "expect": s.p2p_per_pair, "seq_space": s.p2p_per_pair})
+            pubs.append({"cid": b.client_id, "user": b.username, "pw": b.password,
+                         "pub": {"topic": topic, "qos": 1, "count": s.p2p_per_pair, "window": 10, "index": i}})
+        results, usage = await self.run_workers(
+            broker, [{"mode": "mqtt", "clients": subs}, {"mode": "mqtt", "clients": pubs}], "p2p")
+        out = Outcome()
+        self.delivery(results, out, "msg_s")
+        self.usage_notes(results, usage, out)
+        return out
+
+    async def fanout(self, broker: BrokerProcess) -> Outcome:
+        s = self.sizes
+        topic = "bench/fanout"
+        halves: list[list[dict[str, Any]]] = [[], []]
+        for i in range(s.fanout_subs):
+            c = broker.plain_client(f"fanout-sub{i}")
+            halves[i % 2].append({"cid": c.client_id, "user": c.username, "pw": c.password,
+                                  "subs": [[topic, 1]], "expect": s.fanout_msgs, "seq_space": s.fanout_msgs})
+        p = broker.plain_client("fanout-pub")
+        halves[0].append({"cid": p.client_id, "user": p.username, "pw": p.password,
+                          "pub": {"topic": topic, "qos": 1, "count": s.fanout_msgs, "window": 16, "index": 0}})
+        results, usage = await self.run_workers(broker, [{"mode": "mqtt", "clients": h} for h in halves], "fanout")
+        out = Outcome()
+        self.delivery(results, out, "deliveries_s")
+        self.usage_notes(results, usage, out)
+        return out
+
+    # ---- Roost IM -------------------------------------------------------------------------
+    def im_principals(self) -> list[str]:
+        k = self.sizes.im_pairs
+        return [f"ims{i}" for i in range(k)] + [f"imr{i}" for i in range(k)]
+
+    async def im_phase(self, broker: Roost, per_sender: int, rate: float, phase: str) -> tuple[
+            list[dict[str, Any]], dict[str, float]]:
+        k = self.sizes.im_pairs
+        senders, recipients = [], []
+        for i in range(k):
+            a = broker.im_client(f"ims{i}")
+            b = broker.im_client(f"imr{i}")
+            senders.append({"cid": a.client_id, "user": a.username, "pw": a.password, "role": "sender",
+                            "to": f"imr{i}", "count": per_sender, "window": 16 if rate == 0 else 10_000,
+                            "rate": rate, "tag": f"{self.run_id}{phase}"})
+            recipients.append({"cid": b.client_id, "user": b.username, "pw": b.password, "role": "recipient",
+                               "expect": per_sender})
+        return await self.run_workers(
+            broker, [{"mode": "im", "clients": recipients}, {"mode": "im", "clients": senders}], f"im-{phase}")
+
+    async def im(self, broker: BrokerProcess) -> Outcome:
+        assert isinstance(broker, Roost)
+        s = self.sizes
+        out = Outcome()
+        results, usage = await self.im_phase(broker, s.im_per_pair, 0.0, "full")
+        self.delivery(results, out, "msg_s")
+        ok = sum(r["acked"] for r in results)
+        out.metrics["lost"] = float(max(0, ok - sum(r["received"] for r in results))
+                                    + sum(r["sent"] - r["acked"] for r in results))
+        self.usage_notes(results, usage, out)
+        rate = out.metrics["msg_s"] or 0.0
+        if rate <= 0:
+            out.notes.append("no throughput: half-load phase skipped")
+            return out
+        half_total = rate / 2
+        per_sender_rate = half_total / s.im_pairs
+        per_sender = max(1, int(per_sender_rate * s.im_half_s))
+        results2, _ = await self.im_phase(broker, per_sender, per_sender_rate, "half")
+        half = Outcome()
+        self.delivery(results2, half, "msg_s")
+        out.metrics["half_rate"] = half_total
+        out.metrics["half_p50_ms"] = half.metrics["p50_ms"]
+        out.metrics["half_p99_ms"] = half.metrics["p99_ms"]
+        ok2 = sum(r["acked"] for r in results2)
+        out.metrics["lost"] = (out.metrics["lost"] or 0) + max(0, ok2 - sum(r["received"] for r in results2)) \
+            + sum(r["sent"] - r["acked"] for r in results2)
+        out.metrics["dup"] = (out.metrics["dup"] or 0) + (half.metrics["dup"] or 0)
+        out.notes.extend(f"half load: {n}" for n in half.notes)
+        return out
+
+    # ---- connection hold ------------------------------------------------------------------
+    async def hold(self, broker: BrokerProcess) -> Outcome:
+        s = self.sizes
+        halves: list[list[dict[str, Any]]] = [[], []]
+        for i in range(s.hold):
+            c = broker.plain_client(f"c{i}")
+            halves[i % 2].append({"cid": c.client_id, "user": c.username, "pw": c.password})
+        out = Outcome()
+        out.metrics["rss_idle_mb"] = broker.rss_mb()
+
+        async def measure(connected: list[dict[str, Any]]) -> None:
+            total = sum(c["connected"] for c in connected)
+            secs = max(c["connect_s"] for c in connected)
+            out.metrics["connected"] = float(total)
+            out.metrics["connect_s"] = total / secs if secs > 0 else None
+            errs = sum(c["error_count"] for c in connected)
+            if errs:
+                out.notes.append(f"{errs} connects failed, e.g. {connected[0]['errors'][:2]}")
+            await asyncio.sleep(2.0)  # idle: let the broker settle
+            out.metrics["rss_mb"] = broker.rss_mb()
+            gen = sum(c["cpu_s"] for c in connected) / max(secs, 1e-9)
+            out.notes.append(f"generator cpu while connecting {gen:.0%}")
+
+        results, _ = await self.run_workers(
+            broker, [{"mode": "hold", "clients": h, "concurrency": 32} for h in halves], "hold", measure)
+        alive = sum(r.get("alive", 0) for r in results)
+        if alive < (out.metrics.get("connected") or 0):
+            out.notes.append(f"only {alive} still connected after the hold")
+        return out
+
+    # ---- restart recovery -----------------------------------------------------------------
+    async def restart(self, broker: BrokerProcess) -> Outcome:
+        from bench import fill
+
+        assert isinstance(broker, Roost)
+        out = Outcome()
+        broker.stop()
+        t = time.monotonic()
+        stored = await fill.fill_mailbox(broker, self.sizes.restart_events)
+        out.notes.append(f"filled {stored:,} mailbox events in {time.monotonic() - t:.1f}s")
+        out.metrics["events"] = float(stored)
+        secs = await fill.time_to_serve(broker, timeout=max(30.0, self.sizes.timeout))
+        out.metrics["serve_s"] = secs
+        return out
+
+    # ---- driver ---------------------------------------------------------------------------
+    async def scenario(self, broker: BrokerProcess, name: str) -> Outcome:
+        await broker.start()
+        try:
+            if name == "fanin_qos0":
+                return await self.fanin(broker, 0)
+            if name == "fanin_qos1":
+                return await self.fanin(broker, 1)
+            if name == "p2p":
+                return await self.p2p(broker)
+            if name == "fanout":
+                return await self.fanout(broker)
+            if name == "im":
+                return await self.im(broker)
+            if name == "hold":
+                return await self.hold(broker)
+            if name == "restart":
+                return await self.restart(broker)
+            raise ValueError(name)
+        finally:
+            broker.stop()
+
+
+# ---- table ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Row:
+    scenario: str
+    label: str
+    metric: str
+    higher_is_better: bool = True
+    fmt: str = "{:,.0f}"
+
+
+ROWS = [
+    Row("fanin_qos0", "fan-in QoS 0 (8 -> 1)", "msg_s"),
+    Row("fanin_qos0", "  lost", "lost", False),
+    Row("fanin_qos1", "fan-in QoS 1 (8 -> 1)", "msg_s"),
+    Row("fanin_qos1", "  lost", "lost", False),
+    Row("p2p", "p2p QoS 1 (pairs)", "msg_s"),
+    Row("p2p", "  p50 ms", "p50_ms", False, "{:,.1f}"),
+    Row("p2p", "  p99 ms", "p99_ms", False, "{:,.1f}"),
+    Row("p2p", "  lost", "lost", False),
+    Row("fanout", "fan-out QoS 1 deliveries/s", "deliveries_s"),
+    Row("fanout", "  lost", "lost", False),
+    Row("im", "IM send->msg->ack msg/s", "msg_s"),
+    Row("im", "  p50 ms", "p50_ms", False, "{:,.1f}"),
+    Row("im", "  p99 ms", "p99_ms", False, "{:,.1f}"),
+    Row("im", "  at half load: msg/s", "half_rate"),
+    Row("im", "  at half load: p99 ms", "half_p99_ms", False, "{:,.1f}"),
+    Row("im", "  lost", "lost", False),
+    Row("im", "  duplicated", "dup", False),
+    Row("hold", "hold: connects/s", "connect_s"),
+    Row("hold", "  clients held", "connected"),
+    Row("hold", "  broker RSS MB", "rss_mb", False, "{:,.1f}"),
+    Row("restart", "restart: mailbox events", "events"),
+    Row("restart", "  time to serve s", "serve_s", False, "{:,.2f}"),
+]
+
+
+def render_table(sizes: Sizes, brokers: list[str], results: dict[str, dict[str, Outcome]], markdown: bool) -> str:
+    cols = ["scenario / metric", *brokers]
+    ratio_cols = [b for b in brokers if b != "amqtt"] if "amqtt" in brokers else []
+    cols += [f"{b}/amqtt" for b in ratio_cols]
+    lines: list[list[str]] = []
+    for row in ROWS:
+        if not any(row.scenario in results.get(b, {}) for b in brokers):
+            continue
+        vals: dict[str, float | None] = {}
+        cells = [row.label if not row.label.startswith("  ") else row.label]
+        for b in brokers:
+            o = results.get(b, {}).get(row.scenario)
+            if o is None:
+                cells.append("-")
+                continue
+            if o.error:
+                cells.append("error")
+                continue
+            v = o.metrics.get(row.metric)
+            vals[b] = v
+            cells.append("-" if v is None else row.fmt.format(v))
+        for b in ratio_cols:
+            base, v = vals.get("amqtt"), vals.get(b)
+            if row.metric in ("lost", "dup", "connected", "events") or base in (None, 0) or v is None:
+                cells.append("")
+            else:
+                r = v / base if row.higher_is_better else base / v if v else float("inf")
+                cells.append(f"{r:.2f}x")
+        lines.append(cells)
+    widths = [max(len(c[i]) for c in [cols, *lines]) for i in range(len(cols))]
+    out = []
+    if markdown:
+        out.append("| " + " | ".join(cols) + " |")
+        out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(cols))) + "|")
+        out += ["| " + " | ".join(c) + " |" for c in lines]
+    else:
+        out.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(cols)))
+        out.append("  ".join("-" * w for w in widths))
+        out += ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line))
+                for line in lines]
+    out.append("")
+    out.append("Ratios: broker / stock amqtt, oriented so that > 1 is better (for latency, RSS and time: "
+               "amqtt's value / broker's).")
+    return "\n".join(out)
+
+
+def render_notes(brokers: list[str], results: dict[str, dict[str, Outcome]]) -> str:
+    out = []
+    for b in brokers:
+        for name, o in results.get(b, {}).items():
+            msgs = ([f"ERROR {o.error}"] if o.error else []) + o.notes
+            if msgs:
+                out.append(f"- {b} {name}: " + "; ".join(msgs))
+    return "\n".join(out)
+
+
+def machine_info() -> dict[str, str]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(pkg: str) -> str:
+        try:
+            return version(pkg)
+        except PackageNotFoundError:
+            return "not installed"
+
+    mosq = Mosquitto.binary()
+    mosq_v = "not installed"
+    if mosq:
+        import subprocess
+        r = subprocess.run([mosq, "-h"], capture_output=True, text=True)
+        mosq_v = (r.stdout or r.stderr).splitlines()[0] if (r.stdout or r.stderr) else "?"
+    return {"nproc": str(NPROC), "cpu": model, "python": platform.python_version(),
+            "amqtt": v("amqtt"), "paho-mqtt": v("paho-mqtt"), "mosquitto": mosq_v,
+            "kernel": platform.release()}
+
+
+async def amain(args: argparse.Namespace) -> int:
+    raise_nofile()
+    sizes = QUICK if args.quick else FULL
+    scenarios = [s.strip() for s in args.only.split(",")] if args.only else list(SCENARIOS)
+    for s in scenarios:
+        if s not in SCENARIOS:
+            raise SystemExit(f"unknown scenario {s!r} (known: {', '.join(SCENARIOS)})")
+    brokers = [b.strip() for b in args.brokers.split(",")]
+    if "mosquitto" in brokers and Mosquitto.binary() is None:
+        print("mosquitto is not installed: skipped (apt-get install -y mosquitto)", file=sys.stderr)
+        brokers.remove("mosquitto")
+    workdir = Path(tempfile.mkdtemp(prefix="roost-bench-"))
+    runner = Runner(sizes, workdir)
+    results: dict[str, dict[str, Outcome]] = {}
+    started = time.monotonic()
+    try:
+        for bname in brokers:
+            broker = make(bname, workdir)
+            results[bname] = {}
+            try:
+                await broker.prepare({"principals": runner.im_principals()})
+            except Exception as exc:  # noqa: BLE001 - report it in the table, go on with others
+                runner.log(f"{bname}: set-up failed: {exc}")
+                for name in scenarios:
+                    results[bname][name] = Outcome(error=f"set-up failed: {exc}")
+                continue
+            for name in scenarios:
+                if name in ROOST_ONLY and bname != "roost":
+                    continue
+                runner.log(f"{bname}: {name} ...")
+                t = time.monotonic()
+                try:
+                    o = await runner.scenario(broker, name)
+                except Exception as exc:  # noqa: BLE001
+                    o = Outcome(error=f"{type(exc).__name__}: {exc}")
+                    runner.log(f"{bname}: {name} failed: {exc}\n{broker.log_tail(15)}")
+                    broker.kill()
+                results[bname][name] = o
+                runner.log(f"{bname}: {name} done in {time.monotonic() - t:.1f}s: "
+                           + ", ".join(f"{k}={v:.4g}" for k, v in o.metrics.items() if v is not None))
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    table = render_table(sizes, brokers, results, markdown=False)
+    notes = render_notes(brokers, results)
+    info = machine_info()
+    print()
+    print(f"Roost benchmark ({'quick' if args.quick else 'full'}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+          f"{info['nproc']} cpu {info['cpu']}, python {info['python']}, amqtt {info['amqtt']}, "
+          f"{info['mosquitto']}; took {elapsed:.0f}s")
+    print(table)
+    if notes:
+        print("Notes:")
+        print(notes)
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "info": info, "sizes": sizes.__dict__, "quick": args.quick, "elapsed_s": elapsed,
+            "results": {b: {s: o.__dict__ for s, o in r.items()} for b, r in results.items()}}, indent=1))
+    if args.markdown:
+        Path(args.markdown).write_text(
+            render_table(sizes, brokers, results, markdown=True) + "\n\nNotes:\n" + notes + "\n")
+    failed = any(o.error for r in results.values() for o in r.values())
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (< 60 s)")
+    ap.add_argument("--only", default="", help=f"comma-separated scenarios ({', '.join(SCENARIOS)})")
+    ap.add_argument("--brokers", default="roost,amqtt,mosquitto", help="comma-separated: roost,amqtt,mosquitto")
+    ap.add_argument("--json", default="", help="also write the raw results as JSON to this file")
+    ap.add_argument("--markdown", default="", help="also write the table as Markdown to this file")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs, specs)")
+    args = ap.parse_args(argv)
+    return asyncio.run(amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
