@@ -46,11 +46,13 @@ async def build_services(config: RoostConfig) -> Services:
     # Each service module builds itself from the container; imported here so a
     # lower layer never imports a higher one.
     from broker.services.messaging import MessagingService
+    from broker.services.social import SocialService
     from broker.services.presence import PresenceService
     from broker.services.devices import DeviceService
     from broker.services.telemetry import TelemetryService
 
     services.messaging = MessagingService(services)
+    services.social = SocialService(services)
     services.presence = PresenceService(services)
     services.devices = DeviceService(services)
     services.telemetry = TelemetryService(services)

@@ -139,3 +139,150 @@ class TelemetryStore(Protocol):
         skipped. Returns how many were written."""
 
     async def delete_latest(self, device: str) -> None: ...
+
+
+# ---- messaging (conversations, messages, mailboxes) --------------------------
+
+class NotMember(Exception):
+    """The principal is not a member of the conversation (or it does not exist)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    conv: str
+    seq: int
+    sender: str
+    cmid: str
+    ts: float
+    body: str                        # JSON text of the `body` object
+
+    def to_wire(self) -> dict:
+        import json
+
+        return {"conv": self.conv, "seq": self.seq, "from": self.sender, "cmid": self.cmid,
+                "ts": self.ts, "body": json.loads(self.body)}
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxEvent:
+    principal: str
+    n: int
+    doc: dict                        # the wire event: {"n", "kind", "ts", ...}
+
+
+@dataclass(frozen=True, slots=True)
+class SendOutcome:
+    message: StoredMessage
+    dup: bool
+    events: list[MailboxEvent]       # new mailbox events (empty for a duplicate)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadOutcome:
+    conv: str
+    seq: int
+    unread: int
+    total_unread: int
+    events: list[MailboxEvent]
+
+
+@dataclass(frozen=True, slots=True)
+class ConvSummary:
+    conv: str
+    kind: str                        # dm | group
+    name: str
+    peer: str | None
+    last_seq: int
+    last: StoredMessage | None
+    read_seq: int
+    unread: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupInfo:
+    conv: str
+    name: str
+    created_by: str
+    members: list[str]
+
+
+class MessagingStore(Protocol):
+    """Conversations, messages, per-principal mailboxes and per-client cursors.
+    Counters (seq, n) are allocated inside the committing transaction."""
+
+    async def send(self, *, sender: str, conv: str, dm_members: tuple[str, str] | None, cmid: str,
+                   body: str, now: float) -> SendOutcome: ...
+
+    async def find_sent(self, sender: str, cmid: str) -> StoredMessage | None: ...
+
+    async def sync(self, principal: str, after: int, limit: int) -> tuple[list[MailboxEvent], int]: ...
+
+    async def head(self, principal: str) -> int: ...
+
+    async def client_cursor(self, client_id: str, principal: str) -> tuple[int, bool, int]: ...
+
+    async def set_inbox_sub(self, client_id: str, principal: str, on: bool) -> None: ...
+
+    async def ack(self, client_id: str, principal: str, n: int, now: float) -> tuple[int, list[MailboxEvent]]: ...
+
+    async def read(self, principal: str, conv: str, seq: int, now: float) -> ReadOutcome: ...
+
+    async def convs(self, principal: str) -> tuple[list[ConvSummary], int]: ...
+
+    async def history(self, conv: str, before: int | None, limit: int) -> tuple[list[StoredMessage], bool]: ...
+
+    async def is_member(self, conv: str, principal: str) -> bool: ...
+
+    async def create_group(self, conv: str, name: str, creator: str, members: list[str],
+                           now: float) -> list[MailboxEvent]: ...
+
+    async def group_info(self, conv: str) -> GroupInfo | None: ...
+
+    async def change_group(self, conv: str, by: str, *, add: list[str] = ..., remove: list[str] = ...,
+                           event: str, now: float) -> tuple[list[MailboxEvent], list[str]]: ...
+
+    async def load_groups(self) -> dict[str, list[str]]: ...
+
+    async def needs_prune(self, *, now: float, max_events: int, ttl: float) -> bool: ...
+
+    async def prune(self, *, now: float, max_events: int, ttl: float, max_mailboxes: int,
+                    max_rows: int) -> tuple[list[MailboxEvent], int]: ...
+
+
+# ---- social (contacts, requests, blocks) ------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ContactRequest:
+    sender: str
+    to: str
+    note: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True)
+class SocialState:
+    contacts: list[tuple[str, str]]          # accepted pairs (a < b)
+    requests: list[ContactRequest]           # pending
+    blocks: list[tuple[str, str]]            # (blocker, blocked)
+
+
+class SocialStore(Protocol):
+    async def load(self) -> SocialState: ...
+
+    async def pending(self, me: str) -> tuple[list[ContactRequest], list[ContactRequest]]: ...
+
+    async def request(self, sender: str, to: str, note: str, now: float) -> tuple[str, list[MailboxEvent]]:
+        """Returns (outcome, events): outcome is 'requested', 'pending' (already asked)
+        or 'accepted' (the other side had asked too)."""
+
+    async def respond(self, me: str, sender: str, accept: bool, now: float) -> list[MailboxEvent]:
+        """Accept or reject sender's pending request to me; KeyError when there is none."""
+
+    async def remove(self, me: str, other: str, now: float) -> list[MailboxEvent]:
+        """Remove a contact or a pending request either way; KeyError when there is none."""
+
+    async def block(self, me: str, other: str, now: float) -> tuple[bool, list[MailboxEvent]]:
+        """Block (also ends a contact and pending requests). Returns (was a contact, events)."""
+
+    async def unblock(self, me: str, other: str, now: float) -> list[MailboxEvent]:
+        """KeyError when `other` was not blocked."""

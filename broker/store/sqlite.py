@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from broker.store import sqlite_identity
+from broker.store import sqlite_messaging, sqlite_social
 from broker.store import sqlite_devices
 from broker.store import sqlite_telemetry
 from broker.store.sqlite_db import Database, Migration
@@ -13,6 +14,8 @@ from broker.store.sqlite_identity import SqliteIdentityStore, SqliteRetainedStor
 # Domain modules contribute their migrations in this fixed order.
 MIGRATIONS: list[Migration] = [
     *sqlite_identity.MIGRATIONS,
+    *sqlite_messaging.MIGRATIONS,
+    *sqlite_social.MIGRATIONS,
     *sqlite_devices.MIGRATIONS,
     *sqlite_telemetry.MIGRATIONS,
 ]
@@ -25,6 +28,8 @@ class SqliteStore:
         self.db = Database(path)
         self.identity = SqliteIdentityStore(self.db)
         self.retained = SqliteRetainedStore(self.db)
+        self.messaging = sqlite_messaging.SqliteMessagingStore(self.db)
+        self.social = sqlite_social.SqliteSocialStore(self.db)
         self.devices = sqlite_devices.SqliteDeviceStore(self.db)
         self.presence = sqlite_devices.SqlitePresenceStore(self.db)
         self.telemetry = sqlite_telemetry.SqliteTelemetryStore(self.db)

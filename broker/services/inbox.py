@@ -1,0 +1,227 @@
+"""Pushing mailbox events to `roost/inbox/<principal>`, per client, in order.
+
+Each client subscribed to its inbox gets one `InboxPusher`: a task that owns the
+client's push position `next_n` and delivers events strictly in n order. Fresh
+events arrive in memory (`offer`, right after their transaction committed); when
+the pusher is behind, or an event was not offered to it, it reads them from the
+store. So the replay of what a persistent client missed and the live stream that
+follows are one sequence: no gap and nothing twice in between.
+
+Where a pusher starts:
+* clean session: at the first event committed after it subscribed (the client
+  calls `sync` for anything older);
+* clean_session = false: right after the client's acked cursor (guarantee 4).
+  Such a client's inbox subscription is recorded in the store, so a reconnect that
+  relies on its persistent session (no new SUBSCRIBE) is pushed too, even after a
+  broker restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import deque
+from collections.abc import Iterable
+from typing import Any
+
+from broker.services.base import Publisher
+from broker.store.base import MailboxEvent, MessagingStore
+from contract import topics
+
+log = logging.getLogger("roost.inbox")
+
+READ_BATCH = 200          # events read from the store at a time when catching up
+BUFFER_MAX = 256          # events a pusher holds in memory before falling back to the store
+
+
+def filter_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT topic filter matching (`+`, `#`); `$`-topics are not special here."""
+    f = topic_filter.split("/")
+    t = topic.split("/")
+    for i, part in enumerate(f):
+        if part == "#":
+            return True
+        if i >= len(t):
+            return False
+        if part != "+" and part != t[i]:
+            return False
+    return len(f) == len(t)
+
+
+def encode_event(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class InboxPusher:
+    def __init__(self, *, client_id: str, principal: str, persistent: bool, store: MessagingStore,
+                 publisher: Publisher, on_exit: Any) -> None:
+        self.client_id = client_id
+        self.principal = principal
+        self.persistent = persistent
+        self._store = store
+        self._publisher = publisher
+        self._on_exit = on_exit
+        self._topic = topics.inbox(principal)
+        self._buf: deque[MailboxEvent] = deque()
+        self._first_offered: int | None = None
+        self._known_head = 0
+        self._next_n: int | None = None
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.pushed = 0
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"inbox-push-{self.client_id}")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    def offer(self, event: MailboxEvent) -> None:
+        """A committed event of this principal (called in commit order)."""
+        if self._first_offered is None:
+            self._first_offered = event.n
+        self._known_head = max(self._known_head, event.n)
+        if len(self._buf) < BUFFER_MAX and (not self._buf or self._buf[-1].n + 1 == event.n):
+            self._buf.append(event)
+        # Otherwise it is skipped here and read back from the store (known_head says it exists).
+        self._wake.set()
+
+    async def _run(self) -> None:
+        try:
+            cursor, _sub, head = await self._store.client_cursor(self.client_id, self.principal)
+            if self.persistent:
+                self._next_n = cursor + 1
+            else:
+                # Live from subscription: anything committed after we registered was offered.
+                start = head + 1
+                if self._first_offered is not None:
+                    start = min(start, self._first_offered)
+                self._next_n = start
+            self._known_head = max(self._known_head, head)
+            while True:
+                self._wake.clear()
+                if self._next_n > self._known_head:
+                    await self._wake.wait()
+                    continue
+                batch = await self._next_batch()
+                for event in batch:
+                    if event.n < self._next_n:
+                        continue
+                    ok = await self._publisher.deliver(self.client_id, self._topic, encode_event(event.doc), 1)
+                    if not ok:
+                        log.debug("inbox push to %s stopped: not subscribed or gone", self.client_id)
+                        return
+                    self._next_n = event.n + 1
+                    self.pushed += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - a pusher failing must not take anything else down
+            log.exception("inbox pusher for %s failed", self.client_id)
+        finally:
+            self._on_exit(self)
+
+    async def _next_batch(self) -> list[MailboxEvent]:
+        assert self._next_n is not None
+        while self._buf and self._buf[0].n < self._next_n:
+            self._buf.popleft()
+        if self._buf and self._buf[0].n == self._next_n:
+            batch = list(self._buf)
+            self._buf.clear()
+            return batch
+        events, head = await self._store.sync(self.principal, self._next_n - 1, READ_BATCH)
+        self._known_head = max(self._known_head, head)
+        if not events:
+            # Nothing at or after next_n (cannot normally happen): do not spin.
+            self._next_n = self._known_head + 1
+        return events
+
+
+class Inboxes:
+    """The live pushers, by principal and client id, and the hooks that drive them."""
+
+    def __init__(self, store: MessagingStore) -> None:
+        self._store = store
+        self._publisher: Publisher | None = None
+        self._by_principal: dict[str, dict[str, InboxPusher]] = {}
+
+    def start(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+
+    async def stop(self) -> None:
+        pushers = [p for group in self._by_principal.values() for p in group.values()]
+        self._by_principal.clear()
+        for p in pushers:
+            await p.stop()
+
+    def pusher(self, client_id: str, principal: str) -> InboxPusher | None:
+        return self._by_principal.get(principal, {}).get(client_id)
+
+    def notify(self, events: Iterable[MailboxEvent]) -> None:
+        """Hand freshly committed events to the pushers of their principals."""
+        for event in events:
+            for p in list(self._by_principal.get(event.principal, {}).values()):
+                p.offer(event)
+
+    # ---- client lifecycle (called by plugins/im.py) ------------------------
+    async def client_connected(self, client_id: str, principal: str, clean_session: bool) -> None:
+        await self._drop(client_id, principal)  # an older connection of this client id
+        _cursor, subscribed, _head = await self._store.client_cursor(client_id, principal)
+        if clean_session:
+            if subscribed:
+                await self._store.set_inbox_sub(client_id, principal, False)
+            return
+        if subscribed:
+            self._start(client_id, principal, persistent=True)
+
+    async def client_subscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
+        if not filter_matches(topic_filter, topics.inbox(principal)):
+            return
+        if not clean_session:
+            _cursor, subscribed, _head = await self._store.client_cursor(client_id, principal)
+            if not subscribed:
+                await self._store.set_inbox_sub(client_id, principal, True)
+        if self.pusher(client_id, principal) is None:
+            self._start(client_id, principal, persistent=not clean_session)
+
+    async def client_unsubscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
+        if not filter_matches(topic_filter, topics.inbox(principal)):
+            return
+        await self._drop(client_id, principal)
+        if not clean_session:
+            await self._store.set_inbox_sub(client_id, principal, False)
+
+    async def client_disconnected(self, client_id: str, principal: str, reason: str) -> None:
+        if reason == "taken_over":
+            return  # the new connection already replaced this client's pusher
+        await self._drop(client_id, principal)
+
+    # ---- internals -----------------------------------------------------------
+    def _start(self, client_id: str, principal: str, *, persistent: bool) -> None:
+        if self._publisher is None:
+            return
+        p = InboxPusher(client_id=client_id, principal=principal, persistent=persistent, store=self._store,
+                        publisher=self._publisher, on_exit=self._exited)
+        self._by_principal.setdefault(principal, {})[client_id] = p
+        p.start()
+
+    async def _drop(self, client_id: str, principal: str) -> None:
+        group = self._by_principal.get(principal)
+        p = group.pop(client_id, None) if group else None
+        if group is not None and not group:
+            self._by_principal.pop(principal, None)
+        if p is not None:
+            await p.stop()
+
+    def _exited(self, p: InboxPusher) -> None:
+        group = self._by_principal.get(p.principal)
+        if group is not None and group.get(p.client_id) is p:
+            del group[p.client_id]
+            if not group:
+                del self._by_principal[p.principal]

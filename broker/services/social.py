@@ -1,0 +1,271 @@
+"""Social layer: contacts, blocking, profiles and search (PROTOCOL.md, issue 4).
+
+Contacts are between people (kind `user`); devices are linked by ownership and
+shares (DeviceService). A block is private: the blocked principal's requests and
+messages are refused with `forbidden` exactly as a stranger's, and what it sees
+of the block is at most an ordinary `removed`.
+
+After every committed change the in-memory `Relations` index is updated and the
+ACL cache refreshed, so presence visibility follows contacts at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from broker.services.base import Caller, Handler, Publisher, bad, param_str
+from broker.store.base import MailboxEvent, Principal
+from contract.errors import ErrorCode, ProtocolError
+from contract.ids import is_valid_principal_id
+
+log = logging.getLogger("roost.social")
+
+MAX_NOTE = 500
+MAX_NAME = 64
+MAX_STATUS = 256
+MAX_QUERY = 64
+SEARCH_LIMIT = 50
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
+def forbidden(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.FORBIDDEN, message)
+
+
+def not_found(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.NOT_FOUND, message)
+
+
+def _principal_param(params: dict[str, Any], name: str) -> str:
+    value = param_str(params, name, max_len=64)
+    if not is_valid_principal_id(value):
+        raise bad(f"'{name}' must be a principal id")
+    return value  # type: ignore[return-value]
+
+
+class SocialService:
+    def __init__(self, services: Any) -> None:
+        self._services = services
+        self._store = services.store.social
+        self._publisher: Publisher | None = None
+        self._blocked: dict[str, set[str]] = {}     # blocker -> blocked
+
+    # ---- lifecycle -------------------------------------------------------------
+    async def load(self) -> None:
+        state = await self._store.load()
+        rel = self._services.relations
+        for a, b in state.contacts:
+            rel.set_contact(a, b, True)
+        self._blocked = {}
+        for blocker, blocked in state.blocks:
+            self._blocked.setdefault(blocker, set()).add(blocked)
+
+    async def start(self, publisher: Publisher) -> None:
+        self._publisher = publisher
+
+    async def stop(self) -> None:
+        pass
+
+    def ops(self) -> dict[str, Handler]:
+        return {
+            "contact.request": self.op_request,
+            "contact.accept": self.op_accept,
+            "contact.reject": self.op_reject,
+            "contact.remove": self.op_remove,
+            "contact.block": self.op_block,
+            "contact.unblock": self.op_unblock,
+            "contacts": self.op_contacts,
+            "user.search": self.op_search,
+            "profile.get": self.op_profile_get,
+            "profile.set": self.op_profile_set,
+        }
+
+    # ---- queries other services use ------------------------------------------
+    def is_blocked(self, blocker: str, blocked: str) -> bool:
+        return blocked in self._blocked.get(blocker, ())
+
+    # ---- helpers -----------------------------------------------------------------
+    def _published(self, events: list[MailboxEvent]) -> None:
+        messaging = self._services.messaging
+        if messaging is not None:
+            messaging.publish_events(events)
+
+    def _contact_changed(self, a: str, b: str, accepted: bool) -> None:
+        self._services.relations.set_contact(a, b, accepted)
+        if self._publisher is not None:
+            self._publisher.refresh_acl()
+
+    @staticmethod
+    def _require_person(caller: Caller) -> None:
+        if caller.kind != "user":
+            raise forbidden("contacts are between people; devices are linked by ownership")
+
+    async def _person(self, principal_id: str) -> Principal:
+        """A user by id; devices and services are reported as unknown (nothing leaks)."""
+        p = await self._services.identity.get(principal_id)
+        if p is None or p.kind != "user":
+            raise not_found(f"no user {principal_id!r}")
+        return p
+
+    # ---- contacts ----------------------------------------------------------------
+    async def op_request(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        self._require_person(caller)
+        to = _principal_param(params, "to")
+        note = param_str(params, "note", required=False, max_len=MAX_NOTE) or ""
+        if to == caller.principal:
+            raise bad("you cannot add yourself")
+        await self._person(to)
+        if self.is_blocked(to, caller.principal):
+            # Word for word what a stranger gets for something it may not do.
+            raise forbidden(f"you may not send a contact request to {to!r}")
+        if self.is_blocked(caller.principal, to):
+            raise ProtocolError(ErrorCode.CONFLICT, f"you blocked {to!r}: unblock first")
+        outcome, events = await self._store.request(caller.principal, to, note, _now())
+        if outcome == "contact":
+            raise ProtocolError(ErrorCode.CONFLICT, f"{to!r} is already a contact")
+        self._published(events)
+        if outcome == "accepted":
+            self._contact_changed(caller.principal, to, True)
+        return {"state": outcome}
+
+    async def _respond(self, caller: Caller, params: dict[str, Any], accept: bool) -> dict[str, Any]:
+        self._require_person(caller)
+        sender = _principal_param(params, "from")
+        try:
+            events = await self._store.respond(caller.principal, sender, accept, _now())
+        except KeyError:
+            raise not_found(f"no pending request from {sender!r}") from None
+        self._published(events)
+        if accept:
+            self._contact_changed(caller.principal, sender, True)
+        return {}
+
+    async def op_accept(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        return await self._respond(caller, params, True)
+
+    async def op_reject(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        return await self._respond(caller, params, False)
+
+    async def op_remove(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        self._require_person(caller)
+        other = _principal_param(params, "user")
+        try:
+            events = await self._store.remove(caller.principal, other, _now())
+        except KeyError:
+            raise not_found(f"{other!r} is not a contact and no request is pending") from None
+        self._published(events)
+        self._contact_changed(caller.principal, other, False)
+        return {}
+
+    async def op_block(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        self._require_person(caller)
+        other = _principal_param(params, "user")
+        if other == caller.principal:
+            raise bad("you cannot block yourself")
+        if await self._services.identity.get(other) is None:
+            raise not_found(f"no principal {other!r}")
+        if self.is_blocked(caller.principal, other):
+            return {}
+        was_contact, events = await self._store.block(caller.principal, other, _now())
+        self._blocked.setdefault(caller.principal, set()).add(other)
+        self._published(events)
+        if was_contact:
+            self._contact_changed(caller.principal, other, False)
+        return {}
+
+    async def op_unblock(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        self._require_person(caller)
+        other = _principal_param(params, "user")
+        try:
+            events = await self._store.unblock(caller.principal, other, _now())
+        except KeyError:
+            raise not_found(f"{other!r} is not blocked") from None
+        blocked = self._blocked.get(caller.principal)
+        if blocked is not None:
+            blocked.discard(other)
+            if not blocked:
+                del self._blocked[caller.principal]
+        self._published(events)
+        return {}
+
+    async def op_contacts(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        contacts = []
+        for pid in sorted(self._services.relations.contacts_of(caller.principal)):
+            p = await self._services.identity.get(pid)
+            if p is None:
+                continue
+            contacts.append({"id": p.id, "kind": p.kind, "name": p.name, "presence": self._presence(pid)})
+        incoming, outgoing = await self._store.pending(caller.principal)
+        return {
+            "contacts": contacts,
+            "incoming": [{"from": r.sender, "note": r.note, "ts": r.ts} for r in incoming],
+            "outgoing": [{"to": r.to, "note": r.note, "ts": r.ts} for r in outgoing],
+            "blocked": sorted(self._blocked.get(caller.principal, ())),
+        }
+
+    def _presence(self, principal_id: str) -> dict[str, Any] | None:
+        presence = self._services.presence
+        current = getattr(presence, "current", None)
+        if current is None:
+            return None
+        try:
+            return current(principal_id)
+        except Exception:  # noqa: BLE001 - a presence problem must not fail the contact list
+            log.warning("presence of %s unavailable", principal_id, exc_info=True)
+            return None
+
+    # ---- search and profiles -------------------------------------------------------
+    async def op_search(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        q = param_str(params, "q", max_len=MAX_QUERY)
+        if not q or not q.strip():
+            raise bad("'q' must not be empty")
+        found: dict[str, Principal] = {p.id: p for p in await self._services.identity.search_users(q, SEARCH_LIMIT)}
+        # Devices (and the like) appear only for those who may use them.
+        ql = q.lower()
+        for pid in self._services.relations.devices_of(caller.principal):
+            p = await self._services.identity.get(pid)
+            if p is not None and (p.id == q or (len(q) >= 2 and p.name.lower().startswith(ql))):
+                found[p.id] = p
+        users = [{"id": p.id, "kind": p.kind, "name": p.name} for p in sorted(found.values(), key=lambda p: p.id)]
+        return {"users": users[:SEARCH_LIMIT]}
+
+    def _may_see_profile(self, viewer: str, target: Principal) -> bool:
+        rel = self._services.relations
+        if viewer == target.id or rel.are_contacts(viewer, target.id) or rel.share_group(viewer, target.id):
+            return True
+        if rel.may_use_device(viewer, target.id) or rel.may_use_device(target.id, viewer):
+            return True
+        return (rel.integration_account is not None and viewer == rel.integration_account
+                and target.kind == "device" and bool(rel.device_users(target.id)))
+
+    @staticmethod
+    def _profile(p: Principal) -> dict[str, Any]:
+        return {"user": p.id, "kind": p.kind, "name": p.name, "status": p.status}
+
+    async def op_profile_get(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        target_id = params.get("user", caller.principal)
+        if not is_valid_principal_id(target_id):
+            raise bad("'user' must be a principal id")
+        p = await self._services.identity.get(target_id)
+        if p is not None and self._may_see_profile(caller.principal, p):
+            return self._profile(p)
+        if p is not None and p.kind == "user":
+            raise forbidden(f"you may see the profile of contacts, group co-members and your devices only")
+        raise not_found(f"no principal {target_id!r}")
+
+    async def op_profile_set(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        name = param_str(params, "name", required=False, max_len=MAX_NAME)
+        status = param_str(params, "status", required=False, max_len=MAX_STATUS)
+        if name is None and status is None:
+            raise bad("give 'name' and/or 'status'")
+        if name is not None and not name.strip():
+            raise bad("'name' must not be empty")
+        p = await self._services.identity.set_profile(caller.principal, name=name, status=status)
+        if p is None:
+            raise not_found("your principal no longer exists")
+        return self._profile(p)

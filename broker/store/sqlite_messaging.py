@@ -1,0 +1,490 @@
+"""SQLite implementation of MessagingStore: conversations, messages, mailboxes, cursors.
+
+Every counter (a conversation's `seq`, a mailbox's `n`) is allocated inside the
+writer job that uses it, in SQL, so concurrent senders cannot race: the writer
+runs one job at a time, and a job that fails rolls back its own savepoint, so a
+number is either committed with its row or never handed out (no gaps).
+
+A `msg` mailbox event stores only (conv, seq); its content is joined from
+`messages` when read, so a group message is stored once, not once per member.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from broker.store.base import (
+    ConvSummary,
+    GroupInfo,
+    MailboxEvent,
+    NotMember,
+    ReadOutcome,
+    SendOutcome,
+    StoredMessage,
+)
+from broker.store.sqlite_db import Database, Migration
+
+MIGRATIONS: list[Migration] = [
+    ("0100_messaging", """
+        CREATE TABLE conversations (
+            conv TEXT PRIMARY KEY,
+            kind TEXT NOT NULL CHECK (kind IN ('dm','group')),
+            name TEXT NOT NULL DEFAULT '',
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_seq INTEGER NOT NULL DEFAULT 0,
+            last_ts REAL NOT NULL DEFAULT 0,
+            activity INTEGER NOT NULL DEFAULT 0   -- global order of last change, for `convs`
+        );
+        CREATE INDEX conversations_activity ON conversations(activity);
+        CREATE TABLE conv_members (
+            conv TEXT NOT NULL REFERENCES conversations(conv) ON DELETE CASCADE,
+            principal TEXT NOT NULL,
+            read_seq INTEGER NOT NULL DEFAULT 0,
+            joined_at REAL NOT NULL,
+            PRIMARY KEY (conv, principal)
+        ) WITHOUT ROWID;
+        CREATE INDEX conv_members_principal ON conv_members(principal, conv);
+        CREATE TABLE messages (
+            conv TEXT NOT NULL,
+            seq INTEGER NOT NULL,
+            sender TEXT NOT NULL,
+            cmid TEXT NOT NULL,
+            ts REAL NOT NULL,
+            body TEXT NOT NULL,
+            PRIMARY KEY (conv, seq)
+        ) WITHOUT ROWID;
+        CREATE UNIQUE INDEX messages_sender_cmid ON messages(sender, cmid);
+        CREATE TABLE mailbox_state (
+            principal TEXT PRIMARY KEY,
+            last_n INTEGER NOT NULL DEFAULT 0,
+            first_n INTEGER NOT NULL DEFAULT 1,
+            delivered_n INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID;
+        CREATE TABLE mailbox (
+            principal TEXT NOT NULL,
+            n INTEGER NOT NULL,
+            ts REAL NOT NULL,
+            kind TEXT NOT NULL,
+            conv TEXT,
+            seq INTEGER,
+            data TEXT,
+            PRIMARY KEY (principal, n)
+        ) WITHOUT ROWID;
+        CREATE TABLE cursors (
+            client_id TEXT PRIMARY KEY,
+            principal TEXT NOT NULL,
+            n INTEGER NOT NULL DEFAULT 0,
+            inbox_sub INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID;
+    """),
+]
+
+
+# ---- mailbox primitives (also used by sqlite_social inside its own jobs) -------
+
+def _state(conn: sqlite3.Connection, principal: str) -> tuple[int, int, int]:
+    row = conn.execute(
+        "SELECT last_n, first_n, delivered_n FROM mailbox_state WHERE principal=?", (principal,)
+    ).fetchone()
+    if row is None:
+        conn.execute("INSERT INTO mailbox_state(principal) VALUES (?)", (principal,))
+        return 0, 1, 0
+    return row
+
+
+def append_event(conn: sqlite3.Connection, principal: str, kind: str, ts: float,
+                 data: dict[str, Any] | None = None, *, msg: StoredMessage | None = None) -> MailboxEvent:
+    """Append one event to a principal's mailbox, numbering it in SQL (writer thread only)."""
+    last_n, _first, _delivered = _state(conn, principal)
+    n = last_n + 1
+    conn.execute("UPDATE mailbox_state SET last_n=? WHERE principal=?", (n, principal))
+    if msg is not None:
+        conn.execute(
+            "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,?,?,NULL)",
+            (principal, n, ts, kind, msg.conv, msg.seq),
+        )
+        doc = {"n": n, "kind": kind, "ts": ts, **msg.to_wire()}
+    else:
+        data = data or {}
+        conn.execute(
+            "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,NULL,NULL,?)",
+            (principal, n, ts, kind, json.dumps(data, separators=(",", ":"), ensure_ascii=False)),
+        )
+        doc = {"n": n, "kind": kind, "ts": ts, **data}
+    return MailboxEvent(principal=principal, n=n, doc=doc)
+
+
+def mailbox_size(conn: sqlite3.Connection, principal: str) -> int:
+    last_n, first_n, _ = _state(conn, principal)
+    return max(0, last_n - first_n + 1)
+
+
+_EVENT_SELECT = (
+    "SELECT mb.n, mb.ts, mb.kind, mb.data, m.conv, m.seq, m.sender, m.cmid, m.ts, m.body "
+    "FROM mailbox mb LEFT JOIN messages m ON m.conv = mb.conv AND m.seq = mb.seq "
+)
+
+
+def _render(principal: str, row: tuple) -> MailboxEvent:
+    n, ts, kind, data, conv, seq, sender, cmid, mts, body = row
+    if kind == "msg":
+        doc: dict[str, Any] = {"n": n, "kind": kind, "ts": ts}
+        doc.update(StoredMessage(conv, seq, sender, cmid, mts, body).to_wire())
+    else:
+        doc = {"n": n, "kind": kind, "ts": ts, **(json.loads(data) if data else {})}
+    return MailboxEvent(principal=principal, n=n, doc=doc)
+
+
+def _unread(conn: sqlite3.Connection, conv: str, principal: str, read_seq: int) -> int:
+    return conn.execute(
+        "SELECT COUNT(*) FROM messages WHERE conv=? AND seq>? AND sender!=?", (conv, read_seq, principal)
+    ).fetchone()[0]
+
+
+def _total_unread(conn: sqlite3.Connection, principal: str) -> int:
+    rows = conn.execute("SELECT conv, read_seq FROM conv_members WHERE principal=?", (principal,)).fetchall()
+    return sum(_unread(conn, conv, principal, read_seq) for conv, read_seq in rows)
+
+
+def _members(conn: sqlite3.Connection, conv: str) -> list[str]:
+    return [r[0] for r in conn.execute(
+        "SELECT principal FROM conv_members WHERE conv=? ORDER BY principal", (conv,))]
+
+
+def _next_activity(conn: sqlite3.Connection) -> int:
+    return conn.execute("SELECT COALESCE(MAX(activity), 0) + 1 FROM conversations").fetchone()[0]
+
+
+def _message_row(row: tuple) -> StoredMessage:
+    return StoredMessage(*row)
+
+
+_MSG_COLUMNS = "conv, seq, sender, cmid, ts, body"
+
+
+class SqliteMessagingStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    # ---- send --------------------------------------------------------------
+    async def send(self, *, sender: str, conv: str, dm_members: tuple[str, str] | None, cmid: str,
+                   body: str, now: float) -> SendOutcome:
+        """Store one message and its `msg` events in every member's mailbox, atomically.
+
+        `dm_members` is given for a direct conversation (created on first use);
+        for a group the sender must be a member (else NotMember).
+        """
+
+        def job(conn: sqlite3.Connection) -> SendOutcome:
+            row = conn.execute(f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=?",
+                               (sender, cmid)).fetchone()
+            if row is not None:
+                return SendOutcome(message=_message_row(row), dup=True, events=[])
+            conv_row = conn.execute("SELECT last_seq FROM conversations WHERE conv=?", (conv,)).fetchone()
+            if conv_row is None:
+                if dm_members is None:
+                    raise NotMember(conv)
+                conn.execute(
+                    "INSERT INTO conversations(conv, kind, name, created_by, created_at) VALUES (?, 'dm', '', ?, ?)",
+                    (conv, sender, now))
+                for p in dm_members:
+                    conn.execute("INSERT INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)",
+                                 (conv, p, now))
+                last_seq = 0
+            else:
+                last_seq = conv_row[0]
+            members = _members(conn, conv)
+            if sender not in members:
+                raise NotMember(conv)
+            seq = last_seq + 1
+            conn.execute("UPDATE conversations SET last_seq=?, last_ts=?, activity=? WHERE conv=?",
+                         (seq, now, _next_activity(conn), conv))
+            conn.execute(f"INSERT INTO messages({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?)",
+                         (conv, seq, sender, cmid, now, body))
+            msg = StoredMessage(conv, seq, sender, cmid, now, body)
+            events = [append_event(conn, p, "msg", now, msg=msg) for p in members]
+            return SendOutcome(message=msg, dup=False, events=events)
+
+        return await self._db.write(job)
+
+    async def find_sent(self, sender: str, cmid: str) -> StoredMessage | None:
+        """The message `sender` already sent with this cmid, if any."""
+        row = await self._db.read(lambda conn: conn.execute(
+            f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=?", (sender, cmid)).fetchone())
+        return _message_row(row) if row else None
+
+    # ---- mailbox reads -----------------------------------------------------
+    async def sync(self, principal: str, after: int, limit: int) -> tuple[list[MailboxEvent], int]:
+        """Events with n > after (oldest first, at most `limit`) and the mailbox's last n."""
+
+        def job(conn: sqlite3.Connection) -> tuple[list[MailboxEvent], int]:
+            head = conn.execute("SELECT last_n FROM mailbox_state WHERE principal=?", (principal,)).fetchone()
+            rows = conn.execute(_EVENT_SELECT + "WHERE mb.principal=? AND mb.n>? ORDER BY mb.n LIMIT ?",
+                                (principal, after, limit)).fetchall()
+            return [_render(principal, r) for r in rows], (head[0] if head else 0)
+
+        return await self._db.read(job)
+
+    async def head(self, principal: str) -> int:
+        row = await self._db.read(lambda conn: conn.execute(
+            "SELECT last_n FROM mailbox_state WHERE principal=?", (principal,)).fetchone())
+        return row[0] if row else 0
+
+    async def client_cursor(self, client_id: str, principal: str) -> tuple[int, bool, int]:
+        """(acked n, persistent inbox subscription recorded, mailbox last n)."""
+
+        def job(conn: sqlite3.Connection) -> tuple[int, bool, int]:
+            cur = conn.execute("SELECT n, inbox_sub FROM cursors WHERE client_id=? AND principal=?",
+                               (client_id, principal)).fetchone()
+            head = conn.execute("SELECT last_n FROM mailbox_state WHERE principal=?", (principal,)).fetchone()
+            return (cur[0] if cur else 0), bool(cur and cur[1]), (head[0] if head else 0)
+
+        return await self._db.read(job)
+
+    async def set_inbox_sub(self, client_id: str, principal: str, on: bool) -> None:
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO cursors(client_id, principal, n, inbox_sub) VALUES (?,?,0,?) "
+                "ON CONFLICT(client_id) DO UPDATE SET inbox_sub=excluded.inbox_sub, "
+                "n=CASE WHEN cursors.principal=excluded.principal THEN cursors.n ELSE 0 END, "
+                "principal=excluded.principal",
+                (client_id, principal, int(on)))
+
+        await self._db.write(job)
+
+    # ---- ack and delivered receipts ----------------------------------------
+    async def ack(self, client_id: str, principal: str, n: int, now: float) -> tuple[int, list[MailboxEvent]]:
+        """Advance the client's cursor to n (never back); the first ack of a `msg`
+        event by any client of the principal sends its sender a `delivered` event.
+        Raises ValueError when n is beyond the mailbox's last event."""
+
+        def job(conn: sqlite3.Connection) -> tuple[int, list[MailboxEvent]]:
+            last_n, _first, delivered_n = _state(conn, principal)
+            if n > last_n:
+                raise ValueError(f"n {n} is beyond the last event ({last_n})")
+            cur = conn.execute("SELECT principal, n FROM cursors WHERE client_id=?", (client_id,)).fetchone()
+            cursor = cur[1] if cur and cur[0] == principal else 0
+            new_cursor = max(cursor, n)
+            conn.execute(
+                "INSERT INTO cursors(client_id, principal, n) VALUES (?,?,?) ON CONFLICT(client_id) DO UPDATE "
+                "SET n=excluded.n, inbox_sub=CASE WHEN cursors.principal=excluded.principal "
+                "THEN cursors.inbox_sub ELSE 0 END, principal=excluded.principal",
+                (client_id, principal, new_cursor))
+            events: list[MailboxEvent] = []
+            if n > delivered_n:
+                rows = conn.execute(
+                    "SELECT m.conv, m.seq, m.sender FROM mailbox mb JOIN messages m "
+                    "ON m.conv = mb.conv AND m.seq = mb.seq "
+                    "WHERE mb.principal=? AND mb.n>? AND mb.n<=? AND mb.kind='msg' AND m.sender!=? ORDER BY mb.n",
+                    (principal, delivered_n, n, principal)).fetchall()
+                conn.execute("UPDATE mailbox_state SET delivered_n=? WHERE principal=?", (n, principal))
+                for conv, seq, sender in rows:
+                    events.append(append_event(conn, sender, "delivered", now,
+                                               {"conv": conv, "seq": seq, "to": principal}))
+            return new_cursor, events
+
+        return await self._db.write(job)
+
+    # ---- read receipts and unread counts -----------------------------------
+    async def read(self, principal: str, conv: str, seq: int, now: float) -> ReadOutcome:
+        def job(conn: sqlite3.Connection) -> ReadOutcome:
+            row = conn.execute(
+                "SELECT cm.read_seq, c.last_seq FROM conv_members cm JOIN conversations c ON c.conv = cm.conv "
+                "WHERE cm.conv=? AND cm.principal=?", (conv, principal)).fetchone()
+            if row is None:
+                raise NotMember(conv)
+            read_seq, last_seq = row
+            if seq > last_seq:
+                raise ValueError(f"seq {seq} is beyond the last message ({last_seq})")
+            events: list[MailboxEvent] = []
+            if seq > read_seq:
+                read_seq = seq
+                conn.execute("UPDATE conv_members SET read_seq=? WHERE conv=? AND principal=?",
+                             (seq, conv, principal))
+                for p in _members(conn, conv):
+                    if p != principal:
+                        events.append(append_event(conn, p, "read", now, {"conv": conv, "seq": seq, "by": principal}))
+            unread = _unread(conn, conv, principal, read_seq)
+            total = _total_unread(conn, principal)
+            if events:
+                events.append(append_event(conn, principal, "unread", now,
+                                           {"conv": conv, "count": unread, "total": total}))
+            return ReadOutcome(conv=conv, seq=read_seq, unread=unread, total_unread=total, events=events)
+
+        return await self._db.write(job)
+
+    async def convs(self, principal: str) -> tuple[list[ConvSummary], int]:
+        def job(conn: sqlite3.Connection) -> tuple[list[ConvSummary], int]:
+            rows = conn.execute(
+                "SELECT c.conv, c.kind, c.name, c.last_seq, c.last_ts, c.created_at, cm.read_seq "
+                "FROM conv_members cm JOIN conversations c ON c.conv = cm.conv WHERE cm.principal=? "
+                "ORDER BY c.activity DESC", (principal,)).fetchall()
+            out = []
+            total = 0
+            for conv, kind, name, last_seq, _last_ts, _created, read_seq in rows:
+                last = None
+                if last_seq:
+                    r = conn.execute(f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq=?",
+                                     (conv, last_seq)).fetchone()
+                    last = _message_row(r) if r else None
+                peer = None
+                if kind == "dm":
+                    a, b = conv.split(":")[1:]
+                    peer = b if a == principal else a
+                unread = _unread(conn, conv, principal, read_seq)
+                total += unread
+                out.append(ConvSummary(conv=conv, kind=kind, name=name, peer=peer, last_seq=last_seq,
+                                       last=last, read_seq=read_seq, unread=unread))
+            return out, total
+
+        return await self._db.read(job)
+
+    async def history(self, conv: str, before: int | None, limit: int) -> tuple[list[StoredMessage], bool]:
+        """Up to `limit` messages with seq < before (all when None), oldest first, and
+        whether older ones exist."""
+
+        def job(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
+            upper = before if before is not None else (1 << 62)
+            rows = conn.execute(f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq<? "
+                                "ORDER BY seq DESC LIMIT ?", (conv, upper, limit + 1)).fetchall()
+            more = len(rows) > limit
+            return [_message_row(r) for r in reversed(rows[:limit])], more
+
+        return await self._db.read(job)
+
+    async def is_member(self, conv: str, principal: str) -> bool:
+        row = await self._db.read(lambda conn: conn.execute(
+            "SELECT 1 FROM conv_members WHERE conv=? AND principal=?", (conv, principal)).fetchone())
+        return row is not None
+
+    # ---- groups ------------------------------------------------------------
+    async def create_group(self, conv: str, name: str, creator: str, members: Sequence[str],
+                           now: float) -> list[MailboxEvent]:
+        def job(conn: sqlite3.Connection) -> list[MailboxEvent]:
+            conn.execute("INSERT INTO conversations(conv, kind, name, created_by, created_at, activity) "
+                         "VALUES (?, 'group', ?, ?, ?, ?)", (conv, name, creator, now, _next_activity(conn)))
+            everyone = sorted({creator, *members})
+            for p in everyone:
+                conn.execute("INSERT INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)", (conv, p, now))
+            data = {"event": "created", "conv": conv, "by": creator, "name": name, "members": everyone}
+            return [append_event(conn, p, "group", now, data) for p in everyone]
+
+        return await self._db.write(job)
+
+    async def group_info(self, conv: str) -> GroupInfo | None:
+        def job(conn: sqlite3.Connection) -> GroupInfo | None:
+            row = conn.execute("SELECT name, created_by FROM conversations WHERE conv=? AND kind='group'",
+                               (conv,)).fetchone()
+            if row is None:
+                return None
+            return GroupInfo(conv=conv, name=row[0], created_by=row[1], members=_members(conn, conv))
+
+        return await self._db.read(job)
+
+    async def change_group(self, conv: str, by: str, *, add: Iterable[str] = (), remove: Iterable[str] = (),
+                           event: str, now: float) -> tuple[list[MailboxEvent], list[str]]:
+        """Add and/or remove members (the caller must be a member); `event` is
+        added|removed|left. Returns the events and the members afterwards. Adding
+        a member already there or removing one not there changes nothing."""
+
+        def job(conn: sqlite3.Connection) -> tuple[list[MailboxEvent], list[str]]:
+            before = _members(conn, conv)
+            if by not in before:
+                raise NotMember(conv)
+            added = sorted(set(add) - set(before))
+            removed = sorted(set(remove) & set(before))
+            for p in added:
+                conn.execute("INSERT INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)", (conv, p, now))
+            for p in removed:
+                conn.execute("DELETE FROM conv_members WHERE conv=? AND principal=?", (conv, p))
+            after = _members(conn, conv)
+            changed = added or removed
+            if not changed:
+                return [], after
+            data = {"event": event, "conv": conv, "by": by, "members": added or removed}
+            # Everyone concerned hears of it: current members and those who just left.
+            return [append_event(conn, p, "group", now, data) for p in sorted(set(after) | set(removed))], after
+
+        return await self._db.write(job)
+
+    async def load_groups(self) -> dict[str, list[str]]:
+        def job(conn: sqlite3.Connection) -> dict[str, list[str]]:
+            out: dict[str, list[str]] = {}
+            for (conv,) in conn.execute("SELECT conv FROM conversations WHERE kind='group'"):
+                out[conv] = []
+            for conv, p in conn.execute("SELECT cm.conv, cm.principal FROM conv_members cm JOIN conversations c "
+                                        "ON c.conv = cm.conv WHERE c.kind='group' ORDER BY cm.conv, cm.principal"):
+                out[conv].append(p)
+            return out
+
+        return await self._db.read(job)
+
+    # ---- bounds --------------------------------------------------------------
+    async def needs_prune(self, *, now: float, max_events: int, ttl: float) -> bool:
+        """Cheap read: is any mailbox over its bound or holding an expired event?"""
+
+        def job(conn: sqlite3.Connection) -> bool:
+            if conn.execute("SELECT 1 FROM mailbox_state WHERE last_n - first_n + 1 > ? LIMIT 1",
+                            (max_events,)).fetchone():
+                return True
+            return conn.execute(
+                "SELECT 1 FROM mailbox_state s JOIN mailbox mb ON mb.principal = s.principal "
+                "AND mb.n = s.first_n WHERE mb.ts < ? LIMIT 1", (now - ttl,)).fetchone() is not None
+
+        return await self._db.read(job)
+
+    async def prune(self, *, now: float, max_events: int, ttl: float, max_mailboxes: int,
+                    max_rows: int) -> tuple[list[MailboxEvent], int]:
+        """One bounded round of enforcing mailbox.max_events and mailbox.ttl.
+
+        Discards the oldest events of at most `max_mailboxes` mailboxes (at most
+        `max_rows` each) and announces each discard with a `dropped` event. An
+        expired `dropped` event is not itself announced (that would never end).
+        Returns the new events and how many events were discarded.
+        """
+
+        def job(conn: sqlite3.Connection) -> tuple[list[MailboxEvent], int]:
+            events: list[MailboxEvent] = []
+            discarded = 0
+            # Full mailboxes: keep the newest max_events including the announcement.
+            full = conn.execute(
+                "SELECT principal, last_n, first_n FROM mailbox_state WHERE last_n - first_n + 1 > ? LIMIT ?",
+                (max_events, max_mailboxes)).fetchall()
+            for principal, last_n, first_n in full:
+                excess = min(last_n - first_n + 1 - max_events + 1, max_rows)
+                new_first = first_n + excess
+                count = _discard(conn, principal, new_first)
+                discarded += count
+                events.append(append_event(conn, principal, "dropped", now,
+                                           {"count": count, "reason": "queue_full"}))
+            cutoff = now - ttl
+            old = conn.execute(
+                "SELECT s.principal, s.first_n, s.last_n FROM mailbox_state s JOIN mailbox mb "
+                "ON mb.principal = s.principal AND mb.n = s.first_n WHERE mb.ts < ? LIMIT ?",
+                (cutoff, max_mailboxes)).fetchall()
+            for principal, first_n, last_n in old:
+                rows = conn.execute(
+                    "SELECT n, kind FROM mailbox WHERE principal=? AND n>=? AND ts<? ORDER BY n LIMIT ?",
+                    (principal, first_n, cutoff, max_rows)).fetchall()
+                if not rows:
+                    continue
+                new_first = rows[-1][0] + 1
+                announced = sum(1 for _n, kind in rows if kind != "dropped")
+                discarded += _discard(conn, principal, new_first)
+                if announced:
+                    events.append(append_event(conn, principal, "dropped", now,
+                                               {"count": announced, "reason": "expired"}))
+            return events, discarded
+
+        return await self._db.write(job)
+
+
+def _discard(conn: sqlite3.Connection, principal: str, new_first: int) -> int:
+    count = conn.execute("DELETE FROM mailbox WHERE principal=? AND n<?", (principal, new_first)).rowcount
+    conn.execute("UPDATE mailbox_state SET first_n=?, delivered_n=MAX(delivered_n, ?) WHERE principal=?",
+                 (new_first, new_first - 1, principal))
+    return count

@@ -1,0 +1,151 @@
+"""SQLite implementation of SocialStore: contacts, pending requests, blocks.
+
+Each change and the `contact` events announcing it to both sides are written in
+one job, so nobody is ever told about a change that did not commit.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+from broker.store.base import ContactRequest, MailboxEvent, SocialState
+from broker.store.sqlite_db import Database, Migration
+from broker.store.sqlite_messaging import append_event
+
+MIGRATIONS: list[Migration] = [
+    ("0110_social", """
+        CREATE TABLE contacts (
+            a TEXT NOT NULL,
+            b TEXT NOT NULL,
+            since REAL NOT NULL,
+            PRIMARY KEY (a, b),
+            CHECK (a < b)
+        ) WITHOUT ROWID;
+        CREATE INDEX contacts_b ON contacts(b);
+        CREATE TABLE contact_requests (
+            sender TEXT NOT NULL,
+            recipient TEXT NOT NULL,
+            note TEXT NOT NULL DEFAULT '',
+            ts REAL NOT NULL,
+            PRIMARY KEY (sender, recipient)
+        ) WITHOUT ROWID;
+        CREATE INDEX contact_requests_recipient ON contact_requests(recipient);
+        CREATE TABLE blocks (
+            blocker TEXT NOT NULL,
+            blocked TEXT NOT NULL,
+            ts REAL NOT NULL,
+            PRIMARY KEY (blocker, blocked)
+        ) WITHOUT ROWID;
+    """),
+]
+
+
+def _pair(x: str, y: str) -> tuple[str, str]:
+    return (x, y) if x < y else (y, x)
+
+
+def _contact_event(conn: sqlite3.Connection, to: str, event: str, other: str, by: str, now: float,
+                   note: str | None = None) -> MailboxEvent:
+    return append_event(conn, to, "contact", now, {"event": event, "with": other, "note": note, "by": by})
+
+
+def _both(conn: sqlite3.Connection, x: str, y: str, event: str, by: str, now: float,
+          note: str | None = None) -> list[MailboxEvent]:
+    return [_contact_event(conn, x, event, y, by, now, note), _contact_event(conn, y, event, x, by, now, note)]
+
+
+def _is_contact(conn: sqlite3.Connection, x: str, y: str) -> bool:
+    return conn.execute("SELECT 1 FROM contacts WHERE a=? AND b=?", _pair(x, y)).fetchone() is not None
+
+
+def _take_request(conn: sqlite3.Connection, sender: str, recipient: str) -> bool:
+    return conn.execute("DELETE FROM contact_requests WHERE sender=? AND recipient=?",
+                        (sender, recipient)).rowcount > 0
+
+
+class SqliteSocialStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def load(self) -> SocialState:
+        def job(conn: sqlite3.Connection) -> SocialState:
+            return SocialState(
+                contacts=[(a, b) for a, b in conn.execute("SELECT a, b FROM contacts")],
+                requests=[ContactRequest(*r) for r in conn.execute(
+                    "SELECT sender, recipient, note, ts FROM contact_requests ORDER BY ts")],
+                blocks=[(a, b) for a, b in conn.execute("SELECT blocker, blocked FROM blocks")],
+            )
+
+        return await self._db.read(job)
+
+    async def pending(self, me: str) -> tuple[list[ContactRequest], list[ContactRequest]]:
+        """(requests to me, requests from me), oldest first."""
+
+        def job(conn: sqlite3.Connection) -> tuple[list[ContactRequest], list[ContactRequest]]:
+            cols = "SELECT sender, recipient, note, ts FROM contact_requests "
+            return ([ContactRequest(*r) for r in conn.execute(cols + "WHERE recipient=? ORDER BY ts", (me,))],
+                    [ContactRequest(*r) for r in conn.execute(cols + "WHERE sender=? ORDER BY ts", (me,))])
+
+        return await self._db.read(job)
+
+    async def request(self, sender: str, to: str, note: str, now: float) -> tuple[str, list[MailboxEvent]]:
+        def job(conn: sqlite3.Connection) -> tuple[str, list[MailboxEvent]]:
+            if _is_contact(conn, sender, to):
+                return "contact", []
+            if _take_request(conn, to, sender):
+                # They had asked us: asking back is agreeing.
+                conn.execute("INSERT INTO contacts(a, b, since) VALUES (?,?,?)", (*_pair(sender, to), now))
+                return "accepted", _both(conn, sender, to, "accepted", sender, now)
+            exists = conn.execute("SELECT 1 FROM contact_requests WHERE sender=? AND recipient=?",
+                                  (sender, to)).fetchone()
+            if exists:
+                return "pending", []
+            conn.execute("INSERT INTO contact_requests(sender, recipient, note, ts) VALUES (?,?,?,?)",
+                         (sender, to, note, now))
+            return "requested", _both(conn, sender, to, "request", sender, now, note)
+
+        return await self._db.write(job)
+
+    async def respond(self, me: str, sender: str, accept: bool, now: float) -> list[MailboxEvent]:
+        def job(conn: sqlite3.Connection) -> list[MailboxEvent]:
+            if not _take_request(conn, sender, me):
+                raise KeyError(sender)
+            if not accept:
+                return _both(conn, me, sender, "rejected", me, now)
+            conn.execute("INSERT OR IGNORE INTO contacts(a, b, since) VALUES (?,?,?)", (*_pair(me, sender), now))
+            return _both(conn, me, sender, "accepted", me, now)
+
+        return await self._db.write(job)
+
+    async def remove(self, me: str, other: str, now: float) -> list[MailboxEvent]:
+        def job(conn: sqlite3.Connection) -> list[MailboxEvent]:
+            gone = conn.execute("DELETE FROM contacts WHERE a=? AND b=?", _pair(me, other)).rowcount > 0
+            gone = _take_request(conn, me, other) or gone
+            gone = _take_request(conn, other, me) or gone
+            if not gone:
+                raise KeyError(other)
+            return _both(conn, me, other, "removed", me, now)
+
+        return await self._db.write(job)
+
+    async def block(self, me: str, other: str, now: float) -> tuple[bool, list[MailboxEvent]]:
+        def job(conn: sqlite3.Connection) -> tuple[bool, list[MailboxEvent]]:
+            was_contact = conn.execute("DELETE FROM contacts WHERE a=? AND b=?", _pair(me, other)).rowcount > 0
+            mine_withdrawn = _take_request(conn, me, other)
+            _take_request(conn, other, me)  # their pending request just never gets an answer
+            conn.execute("INSERT OR IGNORE INTO blocks(blocker, blocked, ts) VALUES (?,?,?)", (me, other, now))
+            events = [_contact_event(conn, me, "blocked", other, me, now)]
+            if was_contact or mine_withdrawn:
+                # What the blocked side sees is an ordinary removal, nothing more.
+                events.append(_contact_event(conn, other, "removed", me, me, now))
+            return was_contact, events
+
+        return await self._db.write(job)
+
+    async def unblock(self, me: str, other: str, now: float) -> list[MailboxEvent]:
+        def job(conn: sqlite3.Connection) -> list[MailboxEvent]:
+            if conn.execute("DELETE FROM blocks WHERE blocker=? AND blocked=?", (me, other)).rowcount == 0:
+                raise KeyError(other)
+            return [_contact_event(conn, me, "unblocked", other, me, now)]
+
+        return await self._db.write(job)

@@ -1,0 +1,230 @@
+"""IM plugin: requests on `roost/req/<client_id>` in, exactly one response on
+`roost/resp/<client_id>` out; inbox pushers driven by the client lifecycle.
+
+`on_client_publish` never blocks the connection: it checks the cheap things
+(identity, size, JSON envelope, rate, pending bound), then hands the request to
+a task. Whatever the handler does, the task answers exactly once: a
+ProtocolError becomes its code, a full store `unavailable`, anything else
+`internal` (logged with its traceback). Nothing a client sends can crash the
+broker or disturb another client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from amqtt.plugins.base import BasePlugin
+
+from broker.services.base import Caller, Handler
+from broker.store.sqlite_db import StoreBusy, StoreClosed
+from contract import topics
+from contract.envelopes import error_response, ok_response, parse_request
+from contract.errors import ErrorCode, ProtocolError
+from plugins.base import broker_of, services_of
+
+log = logging.getLogger("roost.im")
+
+# Room for the envelope and JSON escaping around a body of limits.max_body bytes
+# (ensure_ascii clients write up to 6 bytes per character).
+ENVELOPE_SLACK = 64 * 1024
+STOP_GRACE = 5.0
+
+
+@dataclass
+class TokenBucket:
+    rate: float
+    burst: float
+    tokens: float
+    stamp: float = field(default_factory=time.monotonic)
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
+    publish_prefixes = (topics.REQ,)
+
+    @dataclass
+    class Config:
+        pass
+
+    def __init__(self, context: Any) -> None:
+        super().__init__(context)
+        self._ops: dict[str, Handler] | None = None
+        self._buckets: dict[str, TokenBucket] = {}
+        self._pending: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.rejected_rate = 0
+        self.failed_internal = 0
+
+    # ---- wiring ------------------------------------------------------------------
+    def _services(self) -> Any:
+        return services_of(self)
+
+    def _op_table(self) -> dict[str, Handler]:
+        if self._ops is None:
+            from broker.app import service_objects
+
+            table: dict[str, Handler] = {}
+            for svc in service_objects(self._services()):
+                for name, handler in svc.ops().items():
+                    if name in table:
+                        log.warning("operation %s is served twice; %s wins", name, type(svc).__name__)
+                    table[name] = handler
+            self._ops = table
+        return self._ops
+
+    def _messaging(self) -> Any:
+        return self._services().messaging
+
+    # ---- requests ----------------------------------------------------------------
+    async def on_client_publish(self, session: Any, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        client_id = getattr(session, "client_id", None) or ""
+        try:
+            self._accept(session, client_id, topic, bytes(payload))
+        except Exception:  # noqa: BLE001 - never let a request escape into the engine
+            log.exception("request from %s could not be handled", client_id)
+        return True
+
+    def _accept(self, session: Any, client_id: str, topic: str, payload: bytes) -> None:
+        limits = self._services().config.limits
+        if topic != topics.req(client_id):
+            # The ACL makes this impossible; answer on the sender's own topic all the same.
+            self._answer_later(client_id, error_response(None, ErrorCode.FORBIDDEN,
+                                                         "requests go to roost/req/<your client id>"))
+            return
+        principal = getattr(session, "principal", None)
+        try:
+            request = parse_request(payload)
+        except ProtocolError as err:
+            self._answer_later(client_id, error_response(getattr(err, "request_id", None), err.code, err.message))
+            return
+        if len(payload) > limits.max_body * 6 + ENVELOPE_SLACK:
+            self._answer_later(client_id, error_response(request.id, ErrorCode.TOO_LARGE, "request is too large"))
+            return
+        if not principal:
+            self._answer_later(client_id, error_response(request.id, ErrorCode.UNAUTHORIZED, "not authenticated"))
+            return
+        bucket = self._buckets.get(client_id)
+        if bucket is None:
+            burst = float(max(1, limits.request_burst))
+            bucket = self._buckets[client_id] = TokenBucket(rate=limits.request_rate, burst=burst, tokens=burst)
+        if not bucket.take():
+            self.rejected_rate += 1
+            self._answer_later(client_id, error_response(request.id, ErrorCode.RATE_LIMITED,
+                                                         f"more than {limits.request_rate:g} requests per second"))
+            return
+        if self._pending.get(client_id, 0) >= max(1, limits.max_pending_requests):
+            self.rejected_rate += 1
+            self._answer_later(client_id, error_response(
+                request.id, ErrorCode.RATE_LIMITED,
+                f"more than {limits.max_pending_requests} requests in progress; wait for answers"))
+            return
+        handler = self._op_table().get(request.op)
+        if handler is None:
+            self._answer_later(client_id, error_response(request.id, ErrorCode.BAD_REQUEST,
+                                                         f"unknown op {request.op!r}"))
+            return
+        caller = Caller(principal=principal, kind=getattr(session, "kind", None) or "user", client_id=client_id)
+        self._pending[client_id] = self._pending.get(client_id, 0) + 1
+        self._spawn(self._process(caller, request.id, request.op, handler, request.params))
+
+    async def _process(self, caller: Caller, rid: str, op: str, handler: Handler, params: dict[str, Any]) -> None:
+        try:
+            try:
+                result = await handler(caller, params)
+                response = ok_response(rid, result)
+            except ProtocolError as err:
+                response = error_response(rid, err.code, err.message)
+            except (StoreBusy, StoreClosed) as exc:
+                response = error_response(rid, ErrorCode.UNAVAILABLE, f"storage is busy, retry later ({exc})")
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # noqa: BLE001 - the client gets `internal`, the log the traceback
+                self.failed_internal += 1
+                log.exception("op %s from %s failed", op, caller.client_id)
+                response = error_response(rid, ErrorCode.INTERNAL, "internal error (logged)")
+        finally:
+            left = self._pending.get(caller.client_id, 1) - 1
+            if left > 0:
+                self._pending[caller.client_id] = left
+            else:
+                self._pending.pop(caller.client_id, None)
+        await self._answer(caller.client_id, response)
+
+    async def _answer(self, client_id: str, payload: bytes) -> None:
+        try:
+            await broker_of(self).publish(topics.resp(client_id), payload, 1, False)
+        except Exception:  # noqa: BLE001 - a client that went away cannot be answered
+            log.warning("response to %s could not be published", client_id, exc_info=True)
+
+    def _answer_later(self, client_id: str, payload: bytes) -> None:
+        self._spawn(self._answer(client_id, payload))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- client lifecycle: inbox pushers ----------------------------------------
+    async def on_client_connected(self, session: Any) -> None:
+        principal = getattr(session, "principal", None)
+        messaging = self._messaging()
+        if not principal or messaging is None:
+            return
+        try:
+            await messaging.inboxes.client_connected(session.client_id, principal, bool(session.clean_session))
+        except Exception:  # noqa: BLE001
+            log.exception("inbox set-up for %s failed", session.client_id)
+
+    async def on_client_subscribed(self, session: Any, topic_filter: str, qos: int) -> None:
+        principal = getattr(session, "principal", None)
+        messaging = self._messaging()
+        if not principal or messaging is None:
+            return
+        try:
+            await messaging.inboxes.client_subscribed(session.client_id, principal, bool(session.clean_session),
+                                                      topic_filter)
+        except Exception:  # noqa: BLE001
+            log.exception("inbox subscription of %s failed", session.client_id)
+
+    async def on_client_unsubscribed(self, session: Any, topic_filter: str) -> None:
+        principal = getattr(session, "principal", None)
+        messaging = self._messaging()
+        if not principal or messaging is None:
+            return
+        try:
+            await messaging.inboxes.client_unsubscribed(session.client_id, principal, bool(session.clean_session),
+                                                        topic_filter)
+        except Exception:  # noqa: BLE001
+            log.exception("inbox unsubscription of %s failed", session.client_id)
+
+    async def on_client_disconnected(self, session: Any, reason: str) -> None:
+        client_id = getattr(session, "client_id", None) or ""
+        if str(reason) != "taken_over":
+            self._buckets.pop(client_id, None)
+        principal = getattr(session, "principal", None)
+        messaging = self._messaging()
+        if not principal or messaging is None:
+            return
+        try:
+            await messaging.inboxes.client_disconnected(client_id, principal, str(reason))
+        except Exception:  # noqa: BLE001
+            log.exception("inbox tear-down for %s failed", client_id)
+
+    async def on_roost_stop(self) -> None:
+        """Let requests in progress finish (their writes are committing), then give up."""
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=STOP_GRACE)
+            for task in pending:
+                task.cancel()
