@@ -421,9 +421,9 @@ def listen(net: Net, label: str, since: int | None) -> None:
                     stream.cursor = head
         contacts = _contact_ids(client)
         _subscribe_presence(client, contacts)
-        if not net.json_mode:
-            out.warn(f"listening as {me} on {client.server} from event #{saved if saved is not None else stream.cursor}"
-                     f"{f' ({len(missed)} missed)' if missed else ''}; Ctrl-C to stop")
+        # stderr: a person reads it, scripts wait for it, the JSON on stdout stays clean
+        out.warn(f"listening as {me} on {client.server} from event #{saved if saved is not None else stream.cursor}"
+                 f"{f' ({len(missed)} missed)' if missed else ''}; Ctrl-C to stop")
         for ev in missed:
             _print_event(ev, me, net)
         watch = ConnectionWatch(client, out)
@@ -504,8 +504,8 @@ def chat(net: Net, target: str, history_n: int) -> None:
         _print_chat_msg(m, conv, me, net)
         if isinstance(m.get("seq"), int) and m.get("from") != me:
             latest_other = max(latest_other, m["seq"])
-    if not net.json_mode:
-        out.warn(f"chatting in {conv} as {me}; type a message and press Enter, /quit to leave")
+    # stderr, also with --json: the sign that the chat is live
+    out.warn(f"chatting in {conv} as {me}; type a message and press Enter, /quit to leave")
 
     interactive = sys.stdin.isatty()
 
@@ -1135,8 +1135,8 @@ def telemetry(net: Net, device: str, follow: bool) -> None:
     granted = client.subscribe([topics.telemetry(device)])
     if not all(granted.values()):
         raise CliError(f"forbidden: you may not watch {device}'s telemetry", EXIT_SERVER_ERROR)
-    if not net.json_mode:
-        out.warn(f"following {device}'s telemetry; Ctrl-C to stop")
+    # stderr, also with --json: the sign that the stream is live
+    out.warn(f"following {device}'s telemetry; Ctrl-C to stop")
     watch = ConnectionWatch(client, out)
     while True:
         try:

@@ -401,7 +401,20 @@ class RoostClient:
         return self.call("send", params, timeout=timeout)
 
     def mailbox_head(self, after: int = 0) -> int:
-        """The newest event number in our mailbox (pages through `sync` without keeping events)."""
+        """The newest event number in our mailbox.
+
+        Fast path: asked for events after a number beyond any mailbox, this broker
+        answers no events and `last` = its newest n. A server that echoes the
+        cursor instead (or refuses) gets the slow path: page through `sync`.
+        """
+        probe = 2 ** 53
+        try:
+            res = self.call("sync", {"after": probe, "limit": 1})
+            last = res.get("last")
+            if not res.get("events") and isinstance(last, int) and 0 <= last < probe:
+                return max(after, last)
+        except ServerError:
+            pass
         n = after
         while True:
             res = self.call("sync", {"after": n, "limit": SYNC_PAGE})
