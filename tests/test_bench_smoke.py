@@ -1,0 +1,60 @@
+"""Smoke test of the benchmark: `python -m bench --quick` against Roost and stock amqtt.
+
+It runs the real command (brokers as subprocesses, load-generator workers over
+loopback) with small counts, and checks what a user of the benchmark sees: the
+table with every scenario's row and a ratio column, nothing lost or duplicated,
+and no process left behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_quick_bench_prints_table_and_loses_nothing(tmp_path: Path) -> None:
+    raw = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--brokers", "roost,amqtt", "--json", str(raw)],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=80, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+    out = res.stdout
+    for label in ("fan-in QoS 0", "fan-in QoS 1", "p2p QoS 1", "fan-out QoS 1", "IM send->msg->ack",
+                  "hold: connects/s", "broker RSS MB", "time to serve s"):
+        assert label in out, f"row {label!r} missing from:\n{out}"
+    assert "roost/amqtt" in out
+
+    doc = json.loads(raw.read_text())
+    for broker, scenarios in doc["results"].items():
+        for name, outcome in scenarios.items():
+            assert outcome["error"] is None, f"{broker} {name}: {outcome['error']}"
+            m = outcome["metrics"]
+            assert m.get("lost", 0) == 0, f"{broker} {name} lost {m.get('lost')}: {outcome['notes']}"
+            assert m.get("dup", 0) == 0, f"{broker} {name} duplicated {m.get('dup')}"
+    roost = doc["results"]["roost"]
+    assert roost["im"]["metrics"]["msg_s"] > 0
+    assert roost["hold"]["metrics"]["connected"] == 200
+    assert roost["restart"]["metrics"]["serve_s"] > 0
+    # The benchmark reaps every process it started.
+    assert _children_of(os.getpid()) == []
