@@ -309,6 +309,8 @@ class Runner:
             out.metrics["rss_mb"] = broker.rss_mb()
             gen = sum(c["cpu_s"] for c in connected) / max(secs, 1e-9)
             out.notes.append(f"generator cpu while connecting {gen:.0%}")
+            if gen > 0.9 * max(1, NPROC - 1):
+                out.notes.append("GENERATOR SATURATED: connect rate is a lower bound")
 
         results, _ = await self.run_workers(
             broker, [{"mode": "hold", "clients": h, "concurrency": 32} for h in halves], "hold", measure)
