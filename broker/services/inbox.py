@@ -33,6 +33,8 @@ log = logging.getLogger("roost.inbox")
 
 READ_BATCH = 200          # events read from the store at a time when catching up
 BUFFER_MAX = 256          # events a pusher holds in memory before falling back to the store
+RETRY_MIN = 0.05          # seconds before re-offering an event a connected client could not take
+RETRY_MAX = 2.0
 
 
 def filter_matches(topic_filter: str, topic: str) -> bool:
@@ -70,6 +72,7 @@ class InboxPusher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.pushed = 0
+        self.retries = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"inbox-push-{self.client_id}")
@@ -114,9 +117,8 @@ class InboxPusher:
                 for event in batch:
                     if event.n < self._next_n:
                         continue
-                    ok = await self._publisher.deliver(self.client_id, self._topic, encode_event(event.doc), 1)
-                    if not ok:
-                        log.debug("inbox push to %s stopped: not subscribed or gone", self.client_id)
+                    if not await self._deliver(event):
+                        log.debug("inbox push to %s stopped: the client is gone", self.client_id)
                         return
                     self._next_n = event.n + 1
                     self.pushed += 1
@@ -126,6 +128,23 @@ class InboxPusher:
             log.exception("inbox pusher for %s failed", self.client_id)
         finally:
             self._on_exit(self)
+
+    async def _deliver(self, event: MailboxEvent) -> bool:
+        """Deliver one event, retrying while the client stays connected.
+
+        A refusal while connected means a full queue (the engine already waited)
+        or a subscription not yet (re)made: skipping the event would leave a gap,
+        so it is retried with backoff. False once the client is gone."""
+        payload = encode_event(event.doc)
+        delay = RETRY_MIN
+        while True:
+            if await self._publisher.deliver(self.client_id, self._topic, payload, 1):
+                return True
+            if self.client_id not in self._publisher.client_ids_of(self.principal):
+                return False
+            self.retries += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
 
     async def _next_batch(self) -> list[MailboxEvent]:
         assert self._next_n is not None
