@@ -11,8 +11,12 @@ if TYPE_CHECKING:
 
 
 def broker_of(plugin: Any) -> "BrokerApi":
-    return plugin.context._broker  # amqtt's BrokerContext keeps the broker here
+    ctx = plugin.context
+    # RoostBroker sets `_broker` once amqtt's Broker.__init__ returned; while plugins
+    # are being built inside it, amqtt's own `_broker_instance` is the same object.
+    broker = getattr(ctx, "_broker", None)
+    return broker if broker is not None else ctx._broker_instance
 
 
 def services_of(plugin: Any) -> "Services":
-    return plugin.context._broker.services
+    return broker_of(plugin).services  # type: ignore[attr-defined]
