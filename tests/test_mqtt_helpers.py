@@ -182,7 +182,9 @@ class InProcRoost:
 
 @dataclass
 class InProcStock:
-    """Stock amqtt 0.12.1 Broker, anonymous, in this process."""
+    """Stock amqtt 0.12.1 Broker in this process (anonymous unless `plugins` says otherwise)."""
+
+    plugins: dict[str, dict] | None = None
 
     def start(self) -> "InProcStock":
         from amqtt.broker import Broker
@@ -192,12 +194,18 @@ class InProcStock:
 
         async def boot() -> Any:
             b = Broker({"listeners": {"default": {"type": "tcp", "bind": f"127.0.0.1:{self.port}"}},
-                        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}}})
+                        "plugins": self.plugins or {"amqtt.plugins.authentication.AnonymousAuthPlugin":
+                                                    {"allow_anonymous": True}}})
             await b.start()
             return b
 
         self.broker = self.lt.run(boot())
         return self
+
+    def sync(self, fn: Any, *args: Any) -> Any:
+        async def run() -> Any:
+            return fn(*args)
+        return self.lt.run(run())
 
     def stop(self) -> None:
         try:
@@ -350,3 +358,83 @@ def closed_after(sock: socket.socket, timeout: float = 3.0) -> bool:
         return False
     except ConnectionResetError:
         return True
+
+
+class RawClient:
+    """A byte-level MQTT client for what paho will not do (withhold PUBREC, odd packets)."""
+
+    def __init__(self, port: int, timeout: float = TIMEOUT) -> None:
+        self.s = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.s.sendall(data)
+
+    def connect(self, client_id: str, expect: bytes | None = b"\x20\x02", **kw: Any) -> bytes:
+        from broker.mqtt import codec
+
+        kw.setdefault("username", "u")
+        kw.setdefault("password", "p")
+        self.send(codec.encode_connect(client_id, **kw))
+        ptype, flags, body = self.read()
+        assert ptype == 2, ptype
+        return body
+
+    def subscribe(self, topic: str, qos: int, pid: int = 1) -> list[int]:
+        t = topic.encode()
+        body = pid.to_bytes(2, "big") + len(t).to_bytes(2, "big") + t + bytes((qos,))
+        self.send(bytes((0x82, len(body))) + body)
+        ptype, _flags, body = self.read()
+        assert ptype == 9, ptype
+        return list(body[2:])
+
+    def read(self) -> tuple[int, int, bytes]:
+        """One packet -> (type, flags, body); raises EOFError when the broker closed."""
+        while True:
+            if len(self.buf) >= 2:
+                rl, mult, i = 0, 1, 1
+                while i < len(self.buf):
+                    b = self.buf[i]
+                    rl += (b & 0x7F) * mult
+                    mult *= 128
+                    i += 1
+                    if not b & 0x80:
+                        end = i + rl
+                        if len(self.buf) >= end:
+                            first = self.buf[0]
+                            body = self.buf[i:end]
+                            self.buf = self.buf[end:]
+                            return first >> 4, first & 0x0F, body
+                        break
+            chunk = self.s.recv(65536)
+            if not chunk:
+                raise EOFError("closed by broker")
+            self.buf += chunk
+
+    def read_publish(self) -> tuple[str, bytes, int, int, bool, bool]:
+        """-> (topic, payload, qos, pid, dup, retain)"""
+        ptype, flags, body = self.read()
+        assert ptype == 3, f"expected PUBLISH, got type {ptype}"
+        n = int.from_bytes(body[:2], "big")
+        topic = body[2:2 + n].decode()
+        qos = (flags >> 1) & 3
+        pos = 2 + n
+        pid = 0
+        if qos:
+            pid = int.from_bytes(body[pos:pos + 2], "big")
+            pos += 2
+        return topic, body[pos:], qos, pid, bool(flags & 8), bool(flags & 1)
+
+    def closed(self, timeout: float = 3.0) -> bool:
+        self.s.settimeout(timeout)
+        try:
+            while True:
+                if not self.s.recv(4096):
+                    return True
+        except (TimeoutError, socket.timeout):
+            return False
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.s.close()

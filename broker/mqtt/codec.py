@@ -239,13 +239,18 @@ def encode_publish(topic: str, payload: bytes, qos: int, retain: bool, pid: int 
 
 
 def encode_connect(client_id: str, *, clean: bool = True, keep_alive: int = 60, username: str | None = None,
-                   password: str | None = None, level: int = 4) -> bytes:
+                   password: str | None = None, level: int = 4, will: tuple[str, bytes, int, bool] | None = None,
+                   name: str = "MQTT") -> bytes:
     """Used by tests that need to send raw or odd CONNECTs."""
     def s(x: str) -> bytes:
         b = x.encode()
         return len(b).to_bytes(2, "big") + b
     flags = (0x02 if clean else 0) | (0x80 if username is not None else 0) | (0x40 if password is not None else 0)
-    body = s("MQTT") + bytes((level, flags)) + keep_alive.to_bytes(2, "big") + s(client_id)
+    if will is not None:
+        flags |= 0x04 | (will[2] << 3) | (0x20 if will[3] else 0)
+    body = s(name) + bytes((level, flags)) + keep_alive.to_bytes(2, "big") + s(client_id)
+    if will is not None:
+        body += s(will[0]) + len(will[1]).to_bytes(2, "big") + will[1]
     if username is not None:
         body += s(username)
     if password is not None:
