@@ -94,6 +94,8 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
             self._accept(session, client_id, topic, bytes(payload))
         except Exception:  # noqa: BLE001 - never let a request escape into the engine
             log.exception("request from %s could not be handled", client_id)
+            self.failed_internal += 1
+            self._answer_later(client_id, error_response(None, ErrorCode.INTERNAL, "internal error (logged)"))
         return True
 
     def _accept(self, session: Any, client_id: str, topic: str, payload: bytes) -> None:
@@ -108,6 +110,9 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
             request = parse_request(payload)
         except ProtocolError as err:
             self._answer_later(client_id, error_response(getattr(err, "request_id", None), err.code, err.message))
+            return
+        except RecursionError:  # JSON nested deeper than the parser goes
+            self._answer_later(client_id, error_response(None, ErrorCode.BAD_REQUEST, "payload is nested too deeply"))
             return
         if len(payload) > limits.max_body * 6 + ENVELOPE_SLACK:
             self._answer_later(client_id, error_response(request.id, ErrorCode.TOO_LARGE, "request is too large"))

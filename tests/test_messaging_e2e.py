@@ -50,16 +50,23 @@ def test_hostile_requests_get_one_clear_answer_each(roost):
         (json.dumps({"id": "h10", "op": "send", "to": "bob", "cmid": "c", "body": {"type": "text", "text": None}}),
          "h10", "bad_request"),
         ("{" * 5000, None, "bad_request"),
+        ("[" * 100000 + "]" * 100000, None, "bad_request"),
+        (json.dumps({"id": "h11", "op": "send", "to": "bob", "cmid": "c", "body": {"type": "text", "text": "x",
+                                                                             "deep": [[[[[[[[[[[]]]]]]]]]]]}}),
+         "h11", "ok"),
     ]
     for payload, rid, code in cases:
         alice.send_raw(payload)
         doc = alice.wait_message(f"roost/resp/{alice.client_id}").json()
+        if code == "ok":
+            assert doc["ok"] is True and doc["id"] == rid, doc
+            continue
         assert doc["ok"] is False and doc["id"] == rid and doc["error"]["code"] == code, (payload[:80], doc)
         assert isinstance(doc["error"]["message"], str) and doc["error"]["message"]
     assert alice.no_message("roost/resp/#", 0.3)  # exactly one answer each
     # Nothing was stored, and everyone carries on.
-    assert all(e["kind"] == "contact" for e in bob.call("sync", after=0)["events"])
-    assert bob.call("send", to="alice", cmid="ok", body=text("still here"))["seq"] == 1
+    assert [e["kind"] for e in bob.call("sync", after=0)["events"]] == ["contact", "contact", "msg"]
+    assert bob.call("send", to="alice", cmid="ok", body=text("still here"))["seq"] == 2
     assert alice.wait_event("msg", cmid="ok")["body"]["text"] == "still here"
 
 
@@ -137,6 +144,30 @@ def test_persistent_client_is_pushed_what_it_missed(roost):
     alice.call("send", to="bob", cmid="m6", body=text("6"))
     assert fw2.wait_event("msg")["n"] == first["n"] + 6
     assert fw2.no_message("roost/inbox/#", 0.3)
+
+
+def test_persistent_client_resumes_from_its_cursor_after_a_broker_restart(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    fw = ImClient("bob", "fw", clean_session=False).open(roost, bpw)
+    befriend(alice, fw)
+    for i in range(3):
+        alice.call("send", to="bob", cmid=f"m{i}", body=text(str(i)))
+    got = [fw.wait_event("msg")["n"] for _ in range(3)]
+    fw.call("ack", n=got[1])        # the third one is received but not acknowledged
+    fw.drop()
+    alice.drop()
+    roost.restart()
+    alice = ImClient("alice", "phone").open(roost, apw)
+    for i in range(3, 6):
+        alice.call("send", to="bob", cmid=f"m{i}", body=text(str(i)))
+    # Firmware reconnects and subscribes again (its session may not have survived).
+    fw2 = ImClient("bob", "fw", clean_session=False).open(roost, bpw)
+    cmids = [fw2.wait_event("msg")["cmid"] for _ in range(4)]
+    assert cmids == ["m2", "m3", "m4", "m5"]
+    ns = [e["n"] for e in fw2.events]
+    assert ns == list(range(got[1] + 1, got[1] + 5))
+    assert fw2.no_message("roost/inbox/#", 0.5)
 
 
 def test_offline_client_syncs_everything_across_a_restart(roost):

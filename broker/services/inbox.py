@@ -70,6 +70,7 @@ class InboxPusher:
         self._known_head = 0
         self._next_n: int | None = None
         self._wake = asyncio.Event()
+        self._nudge = asyncio.Event()   # the client (re)subscribed: retry a refused push now
         self._task: asyncio.Task[None] | None = None
         self.pushed = 0
         self.retries = 0
@@ -85,6 +86,9 @@ class InboxPusher:
                 await task
             except asyncio.CancelledError:
                 pass
+
+    def nudge(self) -> None:
+        self._nudge.set()
 
     def offer(self, event: MailboxEvent) -> None:
         """A committed event of this principal (called in commit order)."""
@@ -143,8 +147,12 @@ class InboxPusher:
             if self.client_id not in self._publisher.client_ids_of(self.principal):
                 return False
             self.retries += 1
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RETRY_MAX)
+            self._nudge.clear()
+            try:
+                await asyncio.wait_for(self._nudge.wait(), delay)
+                delay = RETRY_MIN
+            except TimeoutError:
+                delay = min(delay * 2, RETRY_MAX)
 
     async def _next_batch(self) -> list[MailboxEvent]:
         assert self._next_n is not None
@@ -206,8 +214,11 @@ class Inboxes:
             _cursor, subscribed, _head = await self._store.client_cursor(client_id, principal)
             if not subscribed:
                 await self._store.set_inbox_sub(client_id, principal, True)
-        if self.pusher(client_id, principal) is None:
+        existing = self.pusher(client_id, principal)
+        if existing is None:
             self._start(client_id, principal, persistent=not clean_session)
+        else:
+            existing.nudge()
 
     async def client_unsubscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
         if not filter_matches(topic_filter, topics.inbox(principal)):

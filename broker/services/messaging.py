@@ -14,6 +14,7 @@ import json
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, param_int, param_str
@@ -110,6 +111,7 @@ class MessagingService:
         self._publisher: Publisher | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self.discarded = 0
+        self._event_listeners: list[Callable[[list[MailboxEvent]], None]] = []
 
     # ---- lifecycle -------------------------------------------------------------
     async def load(self) -> None:
@@ -150,6 +152,16 @@ class MessagingService:
         """Committed events go to the live pushers (call right after the commit)."""
         if events:
             self.inboxes.notify(events)
+            for listener in self._event_listeners:
+                try:
+                    listener(events)
+                except Exception:  # noqa: BLE001 - a listener bug must not fail a committed send
+                    log.exception("mailbox event listener failed")
+
+    def add_listener(self, listener: Callable[[list[MailboxEvent]], None]) -> None:
+        """`listener(events)` runs on the event loop right after each commit and must
+        not block (the Home Assistant bridge reads its devices' results this way)."""
+        self._event_listeners.append(listener)
 
     # ---- who may talk to whom --------------------------------------------------
     def _blocked(self, blocker: str, blocked: str) -> bool:
@@ -186,6 +198,10 @@ class MessagingService:
         return conv, (a, b)
 
     async def _group_member_check(self, conv: str, principal: str) -> None:
+        # The in-memory index answers the common case; the store decides the rest
+        # (and the writer job checks membership again when it commits a send).
+        if principal in self._services.relations.group_members(conv[len("grp:"):]):
+            return
         if await self._store.is_member(conv, principal):
             return
         if await self._store.group_info(conv) is None:
