@@ -187,8 +187,11 @@ def test_env_overrides_the_stored_login(people, roost):
     # alice's terminal acting as bob through the environment
     alice.env.update(ROOST_USER="bob", ROOST_PASSWORD=bob.password)
     assert alice.json("profile")["user"] == "bob"
-    res = alice.run("profile", "--user", "alice")   # stored secret is alice's: allowed again
-    assert res.exit_code == 0
+    # ROOST_PASSWORD beats the stored secret, whoever the user is: bob's password for alice is refused
+    res = alice.run("profile", "--user", "alice")
+    assert res.exit_code == 3 and "refused alice" in res.stderr
+    del alice.env["ROOST_PASSWORD"]
+    assert alice.json("profile", "--user", "alice")["user"] == "alice"
 
 
 # ---- social + chat ------------------------------------------------------------------------
@@ -254,6 +257,8 @@ def test_groups(friends, roost, tmp_path):
     alice, bob = friends
     carol = Person(roost, tmp_path, "carol")
     carol.login()
+    alice.ok("contact", "request", "carol")
+    carol.ok("contact", "accept", "alice")
     conv = alice.json("group", "create", "Family", "bob")["conv"]
     assert conv.startswith("grp:")
     alice.ok("group", "add", conv, "carol")
@@ -281,9 +286,12 @@ def test_listen_shows_events_acks_resumes_and_survives_a_restart(friends, roost,
     bob.ok("send", "alice", "one")
     ev = ls.wait_json(kind="msg")
     assert ev["body"]["text"] == "one" and ev["from"] == "bob"
-    ls.wait_json(kind="unread", count=1)
     # alice's listen acked the message: bob is told it was delivered
     watcher.wait_json(kind="delivered", seq=ev["seq"], to="alice")
+    # alice reads it in another terminal: her listen shows the new count, bob gets the receipt
+    alice.ok("chat", "bob", input="")
+    ls.wait_json(kind="unread", conv="dm:alice:bob", count=0)
+    watcher.wait_json(kind="read", seq=ev["seq"], by="alice")
     assert ls.interrupt() == 0
 
     # away: a message arrives; the next listen starts where the last one stopped
