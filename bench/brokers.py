@@ -224,11 +224,13 @@ class Roost(BrokerProcess):
         self.port = self.port or free_port()
         self.config_path.write_text(yaml.safe_dump(self.config()))
 
+    # `roost` run as `python -m client.cli` from this checkout, so the code measured
+    # is the code beside the benchmark, never a stale installed copy.
+    ROOST = [sys.executable, "-m", "client.cli"]
+
     def command(self) -> list[str]:
         self.write_config()
-        exe = Path(sys.executable).with_name("roost")
-        head = [str(exe)] if exe.exists() else [sys.executable, "-m", "client.cli"]
-        return [*head, "serve", "--config", str(self.config_path)]
+        return [*self.ROOST, "serve", "--config", str(self.config_path)]
 
     def plain_client(self, label: str) -> Credentials:
         p = self.PLAIN_PRINCIPAL
@@ -249,9 +251,7 @@ class Roost(BrokerProcess):
             await self.store_add_users({p: f"pw-{p}" for p in missing})
 
     def cli_add_user(self, principal: str, password: str) -> str:
-        exe = Path(sys.executable).with_name("roost")
-        head = [str(exe)] if exe.exists() else [sys.executable, "-m", "client.cli"]
-        res = subprocess.run([*head, "user", "add", principal, "--password-stdin", "--json",
+        res = subprocess.run([*self.ROOST, "user", "add", principal, "--password-stdin", "--json",
                               "--config", str(self.config_path)],
                              input=password + "\n", cwd=str(ROOT), capture_output=True, text=True, timeout=60)
         if res.returncode != 0:

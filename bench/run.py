@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from bench import profile
 from bench.brokers import BrokerProcess, Mosquitto, Roost, make
 from bench.loadgen import raise_nofile
 from bench.mqtt import now_ns
@@ -33,6 +34,7 @@ ROOST_ONLY = {"im", "restart"}
 
 @dataclass(frozen=True)
 class Sizes:
+    fanin0_per_pub: int
     fanin_per_pub: int
     p2p_pairs: int
     p2p_per_pair: int
@@ -47,10 +49,10 @@ class Sizes:
     idle: float          # a worker stops after this long without progress
 
 
-FULL = Sizes(fanin_per_pub=8000, p2p_pairs=50, p2p_per_pair=400, fanout_subs=100, fanout_msgs=500,
-             im_pairs=8, im_per_pair=1000, im_half_s=5.0, hold=5000, restart_events=1_000_000,
+FULL = Sizes(fanin0_per_pub=20_000, fanin_per_pub=8000, p2p_pairs=50, p2p_per_pair=1000, fanout_subs=100,
+             fanout_msgs=2000, im_pairs=8, im_per_pair=2000, im_half_s=5.0, hold=5000, restart_events=1_000_000,
              timeout=120.0, idle=5.0)
-QUICK = Sizes(fanin_per_pub=300, p2p_pairs=50, p2p_per_pair=10, fanout_subs=100, fanout_msgs=20,
+QUICK = Sizes(fanin0_per_pub=300, fanin_per_pub=300, p2p_pairs=50, p2p_per_pair=10, fanout_subs=100, fanout_msgs=20,
               im_pairs=4, im_per_pair=50, im_half_s=1.0, hold=200, restart_events=5_000,
               timeout=15.0, idle=3.0)
 
@@ -71,10 +73,10 @@ def pct(values: list[int], q: float) -> float | None:
 
 
 class Runner:
-    def __init__(self, sizes: Sizes, workdir: Path, verbose: bool = False) -> None:
+    def __init__(self, sizes: Sizes, workdir: Path, profile_dir: Path | None = None) -> None:
         self.sizes = sizes
         self.workdir = workdir
-        self.verbose = verbose
+        self.profile_dir = profile_dir
         self.run_id = f"{int(time.time())}"
 
     def log(self, msg: str) -> None:
@@ -90,6 +92,7 @@ class Runner:
         wall time of the measured phase.
         """
         procs: list[asyncio.subprocess.Process] = []
+        spy: profile.Spy | None = None
         timeout = self.sizes.timeout
         try:
             for i, spec in enumerate(specs):
@@ -106,6 +109,9 @@ class Runner:
             for r in ready:
                 if r.get("error_count"):
                     raise RuntimeError(f"{r['error_count']} clients failed to connect: {r}")
+            if self.profile_dir is not None and broker.name in ("roost", "amqtt"):
+                # Only the measured phase: connects (argon2) would crowd the profile.
+                spy = profile.start(broker, self.profile_dir / f"{broker.name}-{name}")
             cpu0 = broker.cpu_s()
             t0 = now_ns() + 100_000_000
             for p in procs:
@@ -125,6 +131,10 @@ class Runner:
             wall = max((max(r.get("last_recv", 0), r.get("last_ack", 0)) - t0) / 1e9 for r in results)
             return results, {"broker_cpu_s": broker.cpu_s() - cpu0, "wall_s": max(wall, 1e-9)}
         finally:
+            if spy is not None:
+                summary = profile.finish(spy)
+                if summary:
+                    self.log(f"profile of {broker.name} {name}: {summary}")
             for p in procs:
                 if p.returncode is None:
                     try:
@@ -184,7 +194,7 @@ class Runner:
     # ---- plain MQTT scenarios -------------------------------------------------------------
     async def fanin(self, broker: BrokerProcess, qos: int) -> Outcome:
         s = self.sizes
-        n, pubs = s.fanin_per_pub, 8
+        n, pubs = (s.fanin_per_pub if qos else s.fanin0_per_pub), 8
         topic = "bench/fanin"
         sub = broker.plain_client("fanin-sub")
         sub_spec = {"mode": "mqtt", "clients": [
@@ -490,7 +500,10 @@ async def amain(args: argparse.Namespace) -> int:
         print("mosquitto is not installed: skipped (apt-get install -y mosquitto)", file=sys.stderr)
         brokers.remove("mosquitto")
     workdir = Path(tempfile.mkdtemp(prefix="roost-bench-"))
-    runner = Runner(sizes, workdir)
+    profile_dir = Path(args.profile).resolve() if args.profile else None
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(sizes, workdir, profile_dir)
     results: dict[str, dict[str, Outcome]] = {}
     started = time.monotonic()
     try:
@@ -552,6 +565,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--brokers", default="roost,amqtt,mosquitto", help="comma-separated: roost,amqtt,mosquitto")
     ap.add_argument("--json", default="", help="also write the raw results as JSON to this file")
     ap.add_argument("--markdown", default="", help="also write the table as Markdown to this file")
+    ap.add_argument("--profile", default="", metavar="DIR",
+                    help="py-spy record the Python brokers during each scenario into DIR "
+                         "(flame graph + top functions; py-spy takes CPU too, so figures drop)")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs, specs)")
     args = ap.parse_args(argv)
     return asyncio.run(amain(args))
