@@ -1,0 +1,142 @@
+"""Presence over real MQTT (issue 4, item 3): who is online, seen only by whom it
+should be, keepalive expiry, take-over without flicker, restart -> offline."""
+
+from __future__ import annotations
+
+import time
+
+from tests.clients import ImClient, MqttClient
+
+
+def befriend(a: ImClient, b: ImClient) -> None:
+    a.call("contact.request", to=b.principal)
+    b.call("contact.accept", **{"from": a.principal})
+
+
+def watch(broker, principal: str, password: str, target: str) -> MqttClient:  # noqa: ANN001
+    c = MqttClient(f"{principal}.watch").connect(broker.host, broker.port, username=principal, password=password)
+    assert c.subscribe(f"roost/presence/{target}") == [1]
+    return c
+
+
+def next_presence(c: MqttClient, target: str, timeout: float = 5.0) -> dict:
+    return c.wait_message(f"roost/presence/{target}", timeout).json()
+
+
+def wait_state(c: MqttClient, target: str, state: str, clients: int | None = None, timeout: float = 5.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        p = next_presence(c, target, max(0.05, deadline - time.monotonic()))
+        if p["state"] == state and (clients is None or p["clients"] == clients):
+            return p
+
+
+def test_online_counts_clients_and_goes_offline_with_last_seen(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob_phone = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob_phone)
+    w = watch(roost, "alice", apw, "bob")
+    first = next_presence(w, "bob")          # retained: bob is online with one client
+    assert first["state"] == "online" and first["clients"] == 1
+    since = first["since"]
+    bob_laptop = ImClient("bob", "laptop").open(roost, bpw)
+    p = wait_state(w, "bob", "online", 2)
+    assert p["since"] == since               # still the same online period
+    bob_laptop.disconnect()
+    wait_state(w, "bob", "online", 1)
+    t0 = time.time()
+    bob_phone.disconnect()
+    p = wait_state(w, "bob", "offline")
+    assert p["clients"] == 0 and t0 - 1 <= p["last_seen"] <= time.time() + 1
+    # a late subscriber gets the retained offline state
+    w2 = watch(roost, "alice", apw, "bob")
+    m = w2.wait_message("roost/presence/bob")
+    assert m.retain and m.json()["state"] == "offline"
+
+
+def test_presence_is_visible_only_to_contacts_and_device_users(roost):
+    apw, bpw, cpw = roost.add_user("alice"), roost.add_user("bob"), roost.add_user("carol")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob)
+    carol = MqttClient("carol.spy").connect(roost.host, roost.port, username="carol", password=cpw)
+    # a stranger is refused the exact topic and a wildcard shows nothing of bob's
+    assert carol.subscribe("roost/presence/bob") == [0x80]
+    carol.subscribe("roost/presence/+")
+    w = watch(roost, "alice", apw, "bob")
+    assert next_presence(w, "bob")["state"] == "online"
+    bob.disconnect()
+    assert wait_state(w, "bob", "offline")["clients"] == 0
+    assert "roost/presence/bob" not in drain_topics(carol, "roost/presence/+")
+
+
+def drain_topics(c: MqttClient, topic_filter: str, quiet: float = 1.0) -> set[str]:
+    seen = set()
+    while True:
+        try:
+            seen.add(c.wait_message(topic_filter, quiet).topic)
+        except TimeoutError:
+            return seen
+
+
+def test_keepalive_expiry_goes_offline(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob)
+    bob.disconnect()
+    vanishing = MqttClient("bob.sensor").connect(roost.host, roost.port, username="bob", password=bpw, keepalive=1)
+    w = watch(roost, "alice", apw, "bob")
+    wait_state(w, "bob", "online", 1)
+    t0 = time.time()
+    vanishing.paho.loop_stop()     # stops sending PINGREQ; the socket stays open
+    p = wait_state(w, "bob", "offline", timeout=6)
+    assert time.time() - t0 < 5 and p["clients"] == 0
+
+
+def test_take_over_produces_no_offline_flicker(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob)
+    w = watch(roost, "alice", apw, "bob")
+    assert next_presence(w, "bob")["state"] == "online"
+    again = ImClient("bob", "phone").open(roost, bpw)    # same client id: takes the session over
+    assert bob.wait_disconnected(5)
+    again.call("convs")
+    states = []
+    while True:
+        try:
+            states.append(next_presence(w, "bob", timeout=1.0))
+        except TimeoutError:
+            break
+    assert states and all(p["state"] == "online" for p in states)
+    assert states[-1]["clients"] == 1
+
+
+def test_restart_shows_offline_with_last_seen(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob)
+    w = watch(roost, "alice", apw, "bob")
+    online = next_presence(w, "bob")
+    assert online["state"] == "online"
+    time.sleep(1.5)                  # the last_seen write-behind has flushed
+    t_kill = time.time()
+    roost.kill()                     # SIGKILL: bob never disconnected
+    roost.start()
+    w2 = watch(roost, "alice", apw, "bob")
+    p = next_presence(w2, "bob")
+    assert p["state"] == "offline" and p["clients"] == 0
+    assert online["since"] <= p["last_seen"] <= t_kill
+    # a clean stop records the stop time
+    bob2 = ImClient("bob", "laptop").open(roost, bpw)
+    wait_state(w2, "bob", "online", 1)
+    t_stop = time.time()
+    roost.restart()
+    w3 = watch(roost, "alice", apw, "bob")
+    p = next_presence(w3, "bob")
+    assert p["state"] == "offline" and t_stop - 1 <= p["last_seen"] <= time.time()
+    del bob2
