@@ -120,6 +120,9 @@ class HomeAssistantConfig:
     enabled: bool = False
     service_account: str = "homeassistant"
     discovery_prefix: str = "homeassistant"
+    # Seconds between checks for devices added or removed by `roost device add/remove`
+    # (another process): their discovery is published or removed within this time.
+    resync_interval: float = 30.0
 
 
 @dataclass

@@ -188,10 +188,7 @@ class TelemetryService:
     def _owner_of(self, device: str) -> str | None:
         """The device's owners (sorted, comma-separated); sharees are not owners."""
         devices = self._services.devices
-        owners_of = getattr(devices, "owners_of", None) if devices is not None else None
-        owners = owners_of(device) if owners_of is not None else None
-        if owners is None:
-            owners = self._services.relations.device_users(device)
+        owners = devices.owners(device) if devices is not None else self._services.relations.device_users(device)
         return ",".join(sorted(owners)) if owners else None
 
     # ---- latest readings ------------------------------------------------------

@@ -1,0 +1,231 @@
+"""Home Assistant MQTT discovery payloads and command translation (pure functions).
+
+Discovery is device-based (`<prefix>/device/<id>/config`, HOME_AUTOMATION.md): one
+retained JSON document per Roost device with `device`, `origin` and `components`
+(`cmps`), built from the device-kind catalogue (contract/catalog.py):
+
+- the kind's own entity, when it has one (`ha_component`): a `light` (on/off and
+  brightness 0-100) or a `climate` (set point, current temperature/humidity,
+  heating action);
+- one `sensor` / `binary_sensor` per telemetry field the kind's entity does not
+  already show.
+
+All entities read the device's state document on `roost/ha/<id>/state` (the
+newest value of every field, JSON) through templates, take commands on
+`roost/ha/<id>/set`, and share the availability on `roost/ha/<id>/availability`
+(`online` / `offline`).
+
+`command_from_set` turns what Home Assistant publishes on the set topic into a
+Roost `command` (name, args), checked against the catalogue:
+
+- `ON` / `OFF` (the light's default payloads) -> `turn_on` / `turn_off`;
+- `{"brightness": n}` (our brightness_command_template) -> `set_brightness`;
+- `{"state": "ON"|"OFF", "brightness": n}` (the light's JSON schema) -> `turn_on`/`turn_off`;
+- `{"setpoint": x}` or `{"temperature": x}` (climate) -> `set_setpoint`;
+- `{"name": <command>, "args": {...}}` -> that command, for any kind (scripts).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from contract import topics
+from contract.catalog import BOOL, DeviceKind, Field, InvalidArgs, check_args
+
+ORIGIN = {"name": "roost", "sw": "0.1.0", "url": "https://github.com/roost"}
+MANUFACTURER = "Roost"
+
+# Telemetry fields that the kind's own entity already shows (no extra sensor).
+_COVERED = {"light": {"on", "brightness"}, "climate": {"setpoint", "heating"}}
+
+
+class BadSetPayload(ValueError):
+    """A payload on roost/ha/<id>/set that is no command for this device."""
+
+
+def discovery_topic(prefix: str, device: str) -> str:
+    return f"{prefix}/device/{device}/config"
+
+
+def status_topic(prefix: str) -> str:
+    return f"{prefix}/status"
+
+
+def _title(name: str) -> str:
+    return name.replace("_", " ").capitalize()
+
+
+def _field_component(device: str, f: Field, state: str) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "platform": f.platform,
+        "unique_id": f"roost_{device}_{f.name}",
+        "name": _title(f.name),
+        "state_topic": state,
+    }
+    if f.platform == "binary_sensor" or f.type == BOOL:
+        c["platform"] = "binary_sensor"
+        c["value_template"] = f"{{{{ 'ON' if value_json.{f.name} else 'OFF' }}}}"
+        c["payload_on"] = "ON"
+        c["payload_off"] = "OFF"
+    else:
+        c["value_template"] = f"{{{{ value_json.{f.name} }}}}"
+        if f.unit:
+            c["unit_of_measurement"] = f.unit
+        if f.state_class:
+            c["state_class"] = f.state_class
+    if f.device_class:
+        c["device_class"] = f.device_class
+    return c
+
+
+def _light_component(device: str, state: str, command: str) -> dict[str, Any]:
+    return {
+        "platform": "light",
+        "unique_id": f"roost_{device}_light",
+        "name": None,   # the device's own name
+        "state_topic": state,
+        "state_value_template": "{{ 'ON' if value_json.on else 'OFF' }}",
+        "command_topic": command,
+        "payload_on": "ON",
+        "payload_off": "OFF",
+        "brightness_state_topic": state,
+        "brightness_value_template": "{{ value_json.brightness }}",
+        "brightness_command_topic": command,
+        "brightness_command_template": '{"brightness": {{ value }}}',
+        "brightness_scale": 100,
+        # Turning on at a brightness sends only the brightness (set_brightness
+        # switches the light on); a plain "turn on" sends ON.
+        "on_command_type": "brightness",
+    }
+
+
+def _climate_component(device: str, kind: DeviceKind, state: str, command: str) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "platform": "climate",
+        "unique_id": f"roost_{device}_climate",
+        "name": None,
+        "modes": ["heat"],
+        "mode_state_topic": state,
+        "mode_state_template": "heat",
+        "temperature_command_topic": command,
+        "temperature_command_template": '{"setpoint": {{ value }}}',
+        "temperature_state_topic": state,
+        "temperature_state_template": "{{ value_json.setpoint }}",
+        "current_temperature_topic": state,
+        "current_temperature_template": "{{ value_json.temperature }}",
+        "action_topic": state,
+        "action_template": "{{ 'heating' if value_json.heating else 'idle' }}",
+        "temperature_unit": "C",
+        "temp_step": 0.5,
+    }
+    if kind.field("humidity") is not None:
+        c["current_humidity_topic"] = state
+        c["current_humidity_template"] = "{{ value_json.humidity }}"
+    cmd = kind.command("set_setpoint")
+    arg = cmd.args[0] if cmd is not None and cmd.args else None
+    if arg is not None and arg.minimum is not None:
+        c["min_temp"] = arg.minimum
+    if arg is not None and arg.maximum is not None:
+        c["max_temp"] = arg.maximum
+    return c
+
+
+def discovery_payload(*, device: str, name: str, room: str | None, kind: DeviceKind) -> dict[str, Any]:
+    """The device-based discovery document for one device."""
+    state = topics.ha_state(device)
+    command = topics.ha_set(device)
+    availability = topics.ha_availability(device)
+    cmps: dict[str, dict[str, Any]] = {}
+    if kind.ha_component == "light":
+        cmps["light"] = _light_component(device, state, command)
+    elif kind.ha_component == "climate":
+        cmps["climate"] = _climate_component(device, kind, state, command)
+    covered = _COVERED.get(kind.ha_component or "", set())
+    for f in kind.telemetry:
+        if f.name not in covered:
+            cmps[f.name] = _field_component(device, f, state)
+    for c in cmps.values():
+        c["availability_topic"] = availability
+    dev: dict[str, Any] = {
+        "identifiers": [f"roost_{device}"],
+        "name": name or device,
+        "manufacturer": MANUFACTURER,
+        "model": kind.name,
+    }
+    if room:
+        dev["suggested_area"] = room
+    return {
+        "device": dev,
+        "origin": ORIGIN,
+        "availability_topic": availability,
+        "payload_available": "online",
+        "payload_not_available": "offline",
+        "qos": 1,
+        "components": cmps,
+    }
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def is_ours(payload: bytes) -> bool:
+    """Was this retained discovery document published by Roost? (Others' are left alone.)"""
+    try:
+        doc = json.loads(payload)
+    except (UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, dict) and isinstance(doc.get("origin"), dict) and doc["origin"].get("name") == ORIGIN["name"]
+
+
+@dataclass(frozen=True, slots=True)
+class HaCommand:
+    name: str
+    args: dict[str, Any]
+
+
+def _checked(kind: DeviceKind, name: str, args: Any) -> HaCommand:
+    cmd = kind.command(name)
+    if cmd is None:
+        raise BadSetPayload(f"a {kind.name} has no command {name!r}")
+    try:
+        return HaCommand(name, check_args(cmd, args))
+    except InvalidArgs as exc:
+        raise BadSetPayload(f"{name}: {exc}") from None
+
+
+def command_from_set(kind: DeviceKind, payload: bytes) -> HaCommand:
+    text = payload.decode("utf-8", "replace").strip()
+    if text.upper() in ("ON", "OFF") and kind.ha_component == "light":
+        return _checked(kind, "turn_on" if text.upper() == "ON" else "turn_off", {})
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise BadSetPayload(f"not a command payload: {text[:40]!r}") from None
+    if not isinstance(doc, dict):
+        # A bare number on a light is a brightness (brightness_command_template omitted).
+        if kind.ha_component == "light" and isinstance(doc, int) and not isinstance(doc, bool):
+            return _checked(kind, "set_brightness", {"brightness": doc})
+        raise BadSetPayload("expected ON/OFF or a JSON object")
+    if "name" in doc:
+        if not isinstance(doc["name"], str):
+            raise BadSetPayload("'name' must be a string")
+        return _checked(kind, doc["name"], doc.get("args", {}))
+    if kind.ha_component == "light":
+        if "state" in doc:
+            state = str(doc["state"]).upper()
+            if state == "OFF":
+                return _checked(kind, "turn_off", {})
+            if state != "ON":
+                raise BadSetPayload("'state' must be ON or OFF")
+            args = {"brightness": doc["brightness"]} if "brightness" in doc else {}
+            return _checked(kind, "turn_on", args)
+        if set(doc) == {"brightness"}:
+            return _checked(kind, "set_brightness", doc)
+    if kind.ha_component == "climate":
+        for key in ("setpoint", "temperature"):
+            if set(doc) == {key}:
+                return _checked(kind, "set_setpoint", {"setpoint": doc[key]})
+    raise BadSetPayload(f"no {kind.name} command matches {text[:60]!r}")

@@ -1,0 +1,204 @@
+"""Home Assistant integration end to end (issue 5 item 5): a paho client plays Home
+Assistant with the integration's service account against a real broker; devices
+are simulated on the SDK or played by raw MQTT clients."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from devices.simulators import make
+from tests.clients import ImClient, MqttClient
+
+HA = {"homeassistant": {"enabled": True, "service_account": "hass", "resync_interval": 0.5}}
+
+
+class HomeAssistant(MqttClient):
+    """What Home Assistant does on MQTT: birth message, discovery, availability, state, commands."""
+
+    def __init__(self) -> None:
+        super().__init__("hass.ha")
+
+    def open(self, roost, password: str) -> "HomeAssistant":  # noqa: ANN001
+        self.connect(roost.host, roost.port, username="hass", password=password,
+                     will=("homeassistant/status", b"offline", 1, False))
+        assert self.subscribe("homeassistant/device/+/config") == [1]
+        assert self.subscribe("roost/ha/+/availability") == [1]
+        assert self.subscribe("roost/ha/+/state") == [1]
+        return self
+
+    def discovered(self, expect: set[str], timeout: float = 5.0) -> dict[str, dict]:
+        """Discovery documents by device id, until every id in `expect` has one."""
+        found: dict[str, dict] = {}
+        deadline = time.monotonic() + timeout
+        while not expect <= set(found):
+            m = self.wait_message("homeassistant/device/+/config", max(0.05, deadline - time.monotonic()))
+            device = m.topic.split("/")[2]
+            if m.payload:
+                found[device] = m.json()
+            else:
+                found.pop(device, None)
+        return found
+
+    def wait_value(self, topic: str, fits, timeout: float = 8.0):  # noqa: ANN001, ANN201
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.wait_message(topic, max(0.05, deadline - time.monotonic()))
+            value = m.payload.decode() if topic.endswith("availability") else (m.json() if m.payload else None)
+            if fits(value):
+                return value
+
+
+@pytest.fixture
+def setup(roost_factory):  # noqa: ANN201
+    roost = roost_factory(HA, start=False)
+    hass_pw = roost.add_service("hass")
+    secrets = {
+        "lamp": roost.add_device("lamp", "light", name="Desk lamp", room="office")[0],
+        "therm": roost.add_device("therm", "thermostat", name="Hall thermostat")[0],
+        "door": roost.add_device("door", "door_sensor")[0],
+        "toaster": roost.add_device("toaster", "toaster")[0],   # a kind the catalogue does not know
+    }
+    roost.start()
+    return roost, hass_pw, secrets
+
+
+def test_discovery_for_every_known_device(setup):
+    roost, hass_pw, _ = setup
+    ha = HomeAssistant().open(roost, hass_pw)
+    docs = ha.discovered({"lamp", "therm", "door"})
+    assert "toaster" not in docs and ha.no_message("homeassistant/device/toaster/config", 0.3)
+
+    lamp = docs["lamp"]
+    assert lamp["device"]["identifiers"] == ["roost_lamp"]
+    assert lamp["device"]["name"] == "Desk lamp" and lamp["device"]["suggested_area"] == "office"
+    assert lamp["origin"]["name"] == "roost"
+    assert lamp["availability_topic"] == "roost/ha/lamp/availability"
+    light = lamp["components"]["light"]
+    assert light["platform"] == "light"
+    assert light["command_topic"] == "roost/ha/lamp/set" and light["state_topic"] == "roost/ha/lamp/state"
+    assert light["unique_id"] == "roost_lamp_light"
+
+    therm = docs["therm"]["components"]
+    assert therm["climate"]["platform"] == "climate"
+    assert therm["climate"]["temperature_command_topic"] == "roost/ha/therm/set"
+    temp = therm["temperature"]
+    assert temp["platform"] == "sensor" and temp["device_class"] == "temperature"
+    assert temp["unit_of_measurement"] == "°C" and temp["value_template"] == "{{ value_json.temperature }}"
+    assert temp["state_topic"] == "roost/ha/therm/state"
+
+    door = docs["door"]["components"]
+    assert door["open"]["platform"] == "binary_sensor" and door["open"]["device_class"] == "door"
+    assert "command_topic" not in door["open"]
+    uids = [c["unique_id"] for d in docs.values() for c in d["components"].values()]
+    assert len(uids) == len(set(uids))
+
+    # Home Assistant restarts: its birth message brings the discovery again.
+    ha.publish("homeassistant/status", "online", qos=1)
+    again = ha.discovered({"lamp", "therm", "door"})
+    assert again == docs
+
+
+def test_availability_state_and_switching_a_light(setup):
+    roost, hass_pw, secrets = setup
+    ha = HomeAssistant().open(roost, hass_pw)
+    ha.discovered({"lamp"})
+    assert ha.wait_value("roost/ha/lamp/availability", lambda v: True) == "offline"
+
+    sim = make("light", "lamp", secrets["lamp"], roost.host, roost.port)
+    sim.device.start(wait=10)
+    try:
+        ha.wait_value("roost/ha/lamp/availability", lambda v: v == "online")
+
+        ha.publish("roost/ha/lamp/set", "ON", qos=1)
+        state = ha.wait_value("roost/ha/lamp/state", lambda s: s and s.get("on") is True)
+        assert sim.on is True
+        ha.publish("roost/ha/lamp/set", '{"brightness": 40}', qos=1)
+        state = ha.wait_value("roost/ha/lamp/state", lambda s: s and s.get("brightness") == 40)
+        assert state["on"] is True and sim.brightness == 40
+        ha.publish("roost/ha/lamp/set", "OFF", qos=1)
+        ha.wait_value("roost/ha/lamp/state", lambda s: s and s.get("on") is False)
+        assert sim.on is False
+        # A payload that is no command for a light changes nothing.
+        ha.publish("roost/ha/lamp/set", '{"brightness": 400}', qos=1)
+        ha.publish("roost/ha/lamp/set", "DANCE", qos=1)
+        time.sleep(0.5)
+        assert sim.on is False and sim.brightness == 40
+        while not ha.messages.empty():   # late copies of the OFF state (telemetry, then the result)
+            m = ha.messages.get()
+            assert m.topic != "roost/ha/lamp/state" or m.json()["on"] is False
+    finally:
+        sim.device.stop()
+    ha.wait_value("roost/ha/lamp/availability", lambda v: v == "offline")
+
+
+def test_command_result_updates_state(setup):
+    """A device that answers a command without publishing telemetry: its result's
+    data alone brings Home Assistant's state up to date."""
+    roost, hass_pw, secrets = setup
+    ha = HomeAssistant().open(roost, hass_pw)
+    ha.discovered({"lamp"})
+    lamp = ImClient("lamp", None).open(roost, secrets["lamp"])
+    ha.wait_value("roost/ha/lamp/availability", lambda v: v == "online")
+
+    ha.publish("roost/ha/lamp/set", '{"state": "ON", "brightness": 77}', qos=1)
+    ev = lamp.wait_event("msg", **{"from": "hass"})
+    assert ev["body"] == {"type": "command", "name": "turn_on", "args": {"brightness": 77}}
+    lamp.call("send", to="hass", cmid="r1",
+              body={"type": "result", "for": ev["seq"], "status": "ok", "data": {"on": True, "brightness": 77}})
+    state = ha.wait_value("roost/ha/lamp/state", lambda s: s is not None)
+    assert state["on"] is True and state["brightness"] == 77
+
+
+def test_only_the_integration_account_commands(setup):
+    roost, hass_pw, secrets = setup
+    alice_pw = roost.add_user("alice")
+    lamp = ImClient("lamp", None).open(roost, secrets["lamp"])
+    alice = MqttClient("alice.x").connect(roost.host, roost.port, username="alice", password=alice_pw)
+    alice.publish("roost/ha/lamp/set", "ON", qos=1)
+    # alice cannot see Home Assistant's topics either.
+    assert alice.subscribe("roost/ha/lamp/state") == [0x80]
+    ha = HomeAssistant().open(roost, hass_pw)
+    ha.publish("roost/ha/lamp/set", "ON", qos=1)
+    ev = lamp.wait_event("msg")
+    assert ev["from"] == "hass" and ev["body"]["name"] == "turn_on"
+    with pytest.raises(TimeoutError):
+        lamp.wait_event("msg", timeout=0.5)
+
+
+def test_removed_device_loses_its_discovery(setup):
+    roost, hass_pw, _ = setup
+    ha = HomeAssistant().open(roost, hass_pw)
+    ha.discovered({"lamp", "door"})
+    roost.cli("device", "remove", "door")        # another process, as an admin would
+    m = ha.wait_message("homeassistant/device/door/config", timeout=5)
+    assert m.payload == b""
+    # A newcomer (Home Assistant reconnecting) finds no ghost.
+    ha.disconnect()
+    ha2 = HomeAssistant().open(roost, hass_pw)
+    assert "door" not in ha2.discovered({"lamp", "therm"})
+    assert ha2.no_message("homeassistant/device/door/config", 0.5)
+
+    # Removed while the broker was down: cleared when it starts again.
+    roost.stop()
+    roost.cli("device", "remove", "therm")
+    roost.start()
+    ha3 = HomeAssistant().open(roost, hass_pw)
+    docs = ha3.discovered({"lamp"})
+    time.sleep(0.3)
+    while not ha3.messages.empty():
+        m = ha3.messages.get()
+        if m.topic.endswith("/config"):
+            docs[m.topic.split("/")[2]] = m.json() if m.payload else None
+    assert docs.get("therm") is None and "door" not in docs
+
+
+def test_new_device_gets_discovered_while_running(setup):
+    roost, hass_pw, _ = setup
+    ha = HomeAssistant().open(roost, hass_pw)
+    ha.discovered({"lamp"})
+    roost.cli("device", "add", "porch", "--kind", "light")
+    doc = ha.discovered({"porch"})["porch"]
+    assert json.dumps(doc["components"]["light"]["command_topic"]) == '"roost/ha/porch/set"'
