@@ -170,6 +170,10 @@ class InProcRoost:
         return self.lt.run(run())
 
     def stop(self) -> None:
+        if getattr(self, "stopped", False):
+            return
+        self.stopped = True
+
         async def down() -> None:
             await self.broker.shutdown()
             if self.store is not None:
@@ -224,6 +228,10 @@ def free_port() -> int:
 
 # ---- a small paho wrapper ------------------------------------------------------------
 
+# paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map them back
+_V3_CODE = {132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
 @dataclass
 class Msg:
     topic: str
@@ -259,7 +267,8 @@ class Client:
         self.subacks: queue.Queue[list[int]] = queue.Queue()
         self.c.on_message = lambda c, u, m: self.messages.put(
             Msg(m.topic, m.payload, m.qos, bool(m.retain), bool(m.dup), m.mid))
-        self.c.on_connect = lambda c, u, f, rc, p=None: self.connack.put(rc.value if hasattr(rc, "value") else rc)
+        self.c.on_connect = lambda c, u, f, rc, p=None: self.connack.put(
+            _V3_CODE.get(rc.value, rc.value) if hasattr(rc, "value") else rc)
         self.c.on_disconnect = lambda c, u, f, rc, p=None: self.disconnected.set()
         self.c.on_subscribe = lambda c, u, mid, rcs, p=None: self.subacks.put(
             [r.value if hasattr(r, "value") else r for r in rcs])
