@@ -29,6 +29,10 @@ How nothing gets lost:
 * Answers use a client message id derived from the command
   (`res-<conv>-<seq>`), so answering the same command twice never stores a
   second message. Requests are retried across reconnects with the same id.
+* A command handled but not yet acknowledged when the device program dies is
+  handed over again after the restart (at least once); its answer is still
+  stored once. Write handlers that set state ("brightness 30") rather than
+  change it ("10 % brighter").
 * paho reconnects by itself with exponential backoff (1 s doubling up to 30 s).
 
 Threads: paho's network thread only sorts incoming messages into queues; a

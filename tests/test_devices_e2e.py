@@ -1,0 +1,177 @@
+"""Devices end to end (issue 5, items 1-3): simulated devices on the SDK against
+a real broker; claiming, sharing, commands and results, events to every owner
+client, and who may see a device's presence and telemetry."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import pytest
+
+from devices.simulators import DoorSensor, Light, Thermostat, make
+from tests.clients import ImClient, MqttClient, RequestFailed
+
+_cmids = itertools.count(1)
+
+
+def befriend(a: ImClient, b: ImClient) -> None:
+    a.call("contact.request", to=b.principal)
+    b.call("contact.accept", **{"from": a.principal})
+
+
+def command(person: ImClient, device: str, name: str, **args) -> dict:  # noqa: ANN003
+    """Send a command; returns the send result {conv, seq, ...}."""
+    return person.call("send", to=device, cmid=f"c{next(_cmids)}",
+                       body={"type": "command", "name": name, "args": args})
+
+
+def wait_result(person: ImClient, device: str, seq: int, timeout: float = 8.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        ev = person.wait_event("msg", timeout=max(0.05, deadline - time.monotonic()), **{"from": device})
+        if ev["body"].get("type") == "result" and ev["body"].get("for") == seq:
+            return ev["body"]
+
+
+def expect_error(error_code: str, fn, *args, **kw) -> None:  # noqa: ANN001, ANN002, ANN003
+    with pytest.raises(RequestFailed) as info:
+        fn(*args, **kw)
+    assert info.value.code == error_code
+
+
+@pytest.fixture
+def sims():  # noqa: ANN201
+    started = []
+
+    def start(roost, kind: str, device_id: str, secret: str, **opts):  # noqa: ANN001, ANN003, ANN202
+        sim = make(kind, device_id, secret, roost.host, roost.port, **opts)
+        if isinstance(sim, DoorSensor):
+            sim.toggle_every = 0
+        sim.device.start(wait=10)
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        sim.device.stop()
+
+
+def test_claim_with_right_and_wrong_code(roost):
+    apw = roost.add_user("alice")
+    _, code = roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    wrong = "00000000" if code != "00000000" else "11111111"
+    expect_error("forbidden", alice.call, "device.claim", device="lamp", code=wrong)
+    expect_error("not_found", alice.call, "device.claim", device="nolamp", code=code)
+    expect_error("bad_request", alice.call, "device.claim", device="lamp")
+    assert alice.call("devices")["devices"] == []
+    alice.call("device.claim", device="lamp", code=code)
+    devs = alice.call("devices")["devices"]
+    assert [d["id"] for d in devs] == ["lamp"] and devs[0]["kind"] == "light"
+    assert devs[0]["presence"]["state"] == "offline"
+
+
+def test_guessing_codes_is_rate_limited(roost):
+    bpw = roost.add_user("bob")
+    _, code = roost.add_device("lamp", "light")
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    wrong = "00000000" if code != "00000000" else "11111111"
+    codes = [bob.request("device.claim", device="lamp", code=wrong)["error"]["code"] for _ in range(6)]
+    assert codes[:5] == ["forbidden"] * 5 and codes[5] == "rate_limited"
+    assert bob.request("device.claim", device="lamp", code=code)["error"]["code"] == "rate_limited"
+
+
+def test_commands_and_results_end_to_end(roost, sims):
+    apw, cpw = roost.add_user("alice"), roost.add_user("carol")
+    secret, code = roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    alice.call("device.claim", device="lamp", code=code)
+    light: Light = sims(roost, "light", "lamp", secret)
+    sent = command(alice, "lamp", "turn_on", brightness=30)
+    res = wait_result(alice, "lamp", sent["seq"])
+    assert res["status"] == "ok" and res["data"] == {"on": True, "brightness": 30}
+    assert light.on and light.brightness == 30
+    # bad arguments come back as an error result, nothing changes
+    sent = command(alice, "lamp", "set_brightness", brightness=300)
+    res = wait_result(alice, "lamp", sent["seq"])
+    assert res["status"] == "error" and "brightness" in res["data"]["error"]
+    assert light.brightness == 30
+    sent = command(alice, "lamp", "fly")
+    assert wait_result(alice, "lamp", sent["seq"])["status"] == "error"
+    # a stranger's command is refused by the broker and never reaches the device
+    carol = ImClient("carol", "phone").open(roost, cpw)
+    expect_error("forbidden", command, carol, "lamp", "turn_off")
+    time.sleep(0.3)
+    assert light.on
+    # presence and telemetry appear in `devices`
+    deadline = time.monotonic() + 5
+    while True:
+        d = alice.call("devices")["devices"][0]
+        if d["presence"]["state"] == "online" and d.get("last_telemetry"):
+            break
+        assert time.monotonic() < deadline, d
+        time.sleep(0.2)
+    assert d["last_telemetry"]["brightness"] == 30
+
+
+def test_share_only_with_contacts_and_sharee_can_command(roost, sims):
+    apw, bpw, cpw = roost.add_user("alice"), roost.add_user("bob"), roost.add_user("carol")
+    secret, code = roost.add_device("thermo", "thermostat")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    alice.call("device.claim", device="thermo", code=code)
+    expect_error("forbidden", alice.call, "device.share", device="thermo", **{"with": "bob"})
+    befriend(alice, bob)
+    expect_error("forbidden", bob.call, "device.share", device="thermo", **{"with": "alice"})
+    alice.call("device.share", device="thermo", **{"with": "bob"})
+    assert [d["id"] for d in bob.call("devices")["devices"]] == ["thermo"]
+    sims(roost, "thermostat", "thermo", secret)
+    sent = command(bob, "thermo", "set_setpoint", setpoint=22.5)
+    res = wait_result(bob, "thermo", sent["seq"])
+    assert res["status"] == "ok" and res["data"] == {"setpoint": 22.5}
+    # a non-contact cannot be given the device
+    carol = ImClient("carol", "phone").open(roost, cpw)
+    expect_error("forbidden", alice.call, "device.share", device="thermo", **{"with": "carol"})
+    expect_error("forbidden", command, carol, "thermo", "get_state")
+
+
+def test_events_reach_every_owner_client(roost, sims):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    secret, code = roost.add_device("door", "door_sensor")
+    alice_phone = ImClient("alice", "phone").open(roost, apw)
+    alice_laptop = ImClient("alice", "laptop").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    alice_phone.call("device.claim", device="door", code=code)
+    bob.call("device.claim", device="door", code=code)     # a second owner (the code is on the door)
+    door: DoorSensor = sims(roost, "door_sensor", "door", secret)
+    door.device.submit(door.toggle)
+    for client in (alice_phone, alice_laptop, bob):
+        ev = client.wait_event("msg", timeout=8, **{"from": "door"})
+        assert ev["body"] == {"type": "event", "name": "opened", "data": {"open": True}}
+
+
+def test_device_presence_and_telemetry_only_for_its_people(roost, sims):
+    apw, cpw = roost.add_user("alice"), roost.add_user("carol")
+    secret, code = roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    alice.call("device.claim", device="lamp", code=code)
+    owner = MqttClient("alice.watch").connect(roost.host, roost.port, username="alice", password=apw)
+    stranger = MqttClient("carol.watch").connect(roost.host, roost.port, username="carol", password=cpw)
+    assert owner.subscribe("roost/presence/lamp") == [1]
+    assert owner.subscribe("roost/telemetry/lamp") == [1]
+    assert stranger.subscribe("roost/presence/lamp") == [0x80]
+    assert stranger.subscribe("roost/telemetry/lamp") == [0x80]
+    stranger.subscribe("roost/telemetry/+")
+    stranger.subscribe("roost/presence/+")
+    light = sims(roost, "light", "lamp", secret)
+    assert owner.wait_message("roost/presence/lamp").json()["state"] == "online"
+    light.publish()
+    assert owner.wait_message("roost/telemetry/lamp").json()["on"] is False
+    got = set()
+    while True:
+        try:
+            got.add(stranger.wait_message("#", 1.0).topic)
+        except TimeoutError:
+            break
+    assert not {"roost/presence/lamp", "roost/telemetry/lamp"} & got
