@@ -34,7 +34,7 @@ def test_contact_changes_reach_every_client_of_both_sides(roost):
         assert c.wait_event("contact", event="accepted")["with"] == other
     listing = a_laptop.call("contacts")["contacts"]
     assert [(c["id"], c["kind"], c["name"]) for c in listing] == [("bob", "user", "Bob")]
-    assert listing[0]["presence"] is None or listing[0]["presence"]["state"] == "online"
+    assert listing[0]["presence"]["state"] == "online" and listing[0]["presence"]["clients"] == 1
     bob.call("profile.set", status="cooking")
     assert a_phone.call("profile.get", user="bob")["status"] == "cooking"
     bob.call("contact.remove", user="alice")

@@ -37,7 +37,7 @@ def test_request_accept_reject_remove_reach_both_sides(tmp_path):
         assert env.pub.acl_refreshes >= 1
         listing = await env.call("alice", "contacts")
         assert [(c["id"], c["kind"], c["name"]) for c in listing["contacts"]] == [("bob", "user", "Bob")]
-        assert "presence" in listing["contacts"][0]
+        assert listing["contacts"][0]["presence"]["state"] == "offline"  # no presence service here
         assert (await env.call("alice", "send", to="bob", cmid="1", body=text("x")))["seq"] == 1
         assert (await env.error("alice", "contact.request", to="bob")).code == ErrorCode.CONFLICT
         assert (await env.error("bob", "contact.accept", **{"from": "alice"})).code == ErrorCode.NOT_FOUND

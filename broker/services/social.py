@@ -27,6 +27,7 @@ MAX_NAME = 64
 MAX_STATUS = 256
 MAX_QUERY = 64
 SEARCH_LIMIT = 50
+NEVER_SEEN = {"state": "offline", "clients": 0, "since": None, "last_seen": None}
 
 
 def _now() -> float:
@@ -208,16 +209,16 @@ class SocialService:
             "blocked": sorted(self._blocked.get(caller.principal, ())),
         }
 
-    def _presence(self, principal_id: str) -> dict[str, Any] | None:
-        presence = self._services.presence
-        current = getattr(presence, "current", None)
-        if current is None:
-            return None
-        try:
-            return current(principal_id)
-        except Exception:  # noqa: BLE001 - a presence problem must not fail the contact list
-            log.warning("presence of %s unavailable", principal_id, exc_info=True)
-            return None
+    def _presence(self, principal_id: str) -> dict[str, Any]:
+        """The contact's presence as on roost/presence/<id>; never seen online: offline."""
+        current = getattr(self._services.presence, "current", None)
+        state = None
+        if current is not None:
+            try:
+                state = current(principal_id)
+            except Exception:  # noqa: BLE001 - a presence problem must not fail the contact list
+                log.warning("presence of %s unavailable", principal_id, exc_info=True)
+        return state if state is not None else dict(NEVER_SEEN)
 
     # ---- search and profiles -------------------------------------------------------
     async def op_search(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
