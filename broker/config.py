@@ -122,7 +122,7 @@ class HomeAssistantConfig:
     discovery_prefix: str = "homeassistant"
     # Seconds between checks for devices added or removed by `roost device add/remove`
     # (another process): their discovery is published or removed within this time.
-    resync_interval: float = 30.0
+    resync_interval: float = 10.0
 
 
 @dataclass

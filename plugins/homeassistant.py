@@ -33,7 +33,7 @@ class HomeAssistantPlugin(BasePlugin):  # type: ignore[type-arg]
         if ha is None:
             return topic.startswith(topics.HA)
         if topic == ha.status_topic:
-            ha.home_assistant_status(bytes(payload))
+            ha.home_assistant_status(getattr(session, "principal", None), bytes(payload))
             return False
         if not topic.startswith(topics.HA):
             return False

@@ -95,6 +95,10 @@ def test_discovery_for_every_known_device(setup):
     uids = [c["unique_id"] for d in docs.values() for c in d["components"].values()]
     assert len(uids) == len(set(uids))
 
+    # Someone else's "online" on the status topic triggers nothing.
+    other = MqttClient("alice.x").connect(roost.host, roost.port, username="alice", password=roost.add_user("alice"))
+    other.publish("homeassistant/status", "online", qos=1)
+    assert ha.no_message("homeassistant/device/+/config", 0.5)
     # Home Assistant restarts: its birth message brings the discovery again.
     ha.publish("homeassistant/status", "online", qos=1)
     again = ha.discovered({"lamp", "therm", "door"})

@@ -184,9 +184,10 @@ class HomeAssistantService:
                 continue
             await self._remove(device)
 
-    def home_assistant_status(self, payload: bytes) -> None:
-        """Home Assistant's birth/will on `<prefix>/status`: republish on `online`."""
-        if payload.strip().lower() != b"online" or self._stopped:
+    def home_assistant_status(self, principal: str | None, payload: bytes) -> None:
+        """Home Assistant's birth/will on `<prefix>/status`: republish on `online`
+        (from the integration account only: anyone else's is ignored)."""
+        if payload.strip().lower() != b"online" or self._stopped or principal != self.account:
             return
         if self._birth_pending:
             return   # one republish is already queued; it will see every device
