@@ -419,8 +419,8 @@ def listen(net: Net, label: str, since: int | None) -> None:
                 if head < saved:  # a new store on the server: old numbers mean nothing
                     out.warn(f"the server's mailbox is behind the saved position #{saved}; starting at #{head}")
                     stream.cursor = head
-        contacts = _contact_ids(client)
-        _subscribe_presence(client, contacts)
+        # Presence of contacts and of one's own devices (both visible to us by the contract).
+        _subscribe_presence(client, list(dict.fromkeys(_contact_ids(client) + _device_ids(client))))
         # stderr: a person reads it, scripts wait for it, the JSON on stdout stays clean
         out.warn(f"listening as {me} on {client.server} from event #{saved if saved is not None else stream.cursor}"
                  f"{f' ({len(missed)} missed)' if missed else ''}; Ctrl-C to stop")
@@ -463,6 +463,14 @@ def _print_event(ev: dict[str, Any], me: str, net: Net) -> None:
 def _contact_ids(client: RoostClient) -> list[str]:
     res = client.call("contacts")
     return [c["id"] for c in res.get("contacts") or [] if isinstance(c, dict) and is_valid_principal_id(c.get("id"))]
+
+
+def _device_ids(client: RoostClient) -> list[str]:
+    try:
+        res = client.call("devices")
+    except ServerError:   # a broker without the devices feature: contacts only
+        return []
+    return [d["id"] for d in res.get("devices") or [] if isinstance(d, dict) and is_valid_principal_id(d.get("id"))]
 
 
 def _subscribe_presence(client: RoostClient, ids: list[str]) -> dict[str, bool]:
@@ -662,10 +670,22 @@ def contacts(net: Net) -> None:
     if net.json_mode:
         net.out.doc(res)
         return
-    net.out.table(res.get("contacts") or [], [
+    out = net.out
+    out.table(res.get("contacts") or [], [
         Column("id", "id"), Column("kind", "kind"), Column("name", "name"),
         Column("presence", "presence", presence_text, colour=presence_colour),
     ], empty="no contacts yet (`roost contact request ID` asks someone)")
+    # Pending requests and blocks are extensions some brokers add to the result.
+    for r in res.get("incoming") or []:
+        if isinstance(r, dict):
+            note = f' "{r["note"]}"' if r.get("note") else ""
+            out.line(f"request from {r.get('from')}{note} (roost contact accept {r.get('from')})", fg="magenta")
+    for r in res.get("outgoing") or []:
+        if isinstance(r, dict):
+            out.line(f"waiting for {r.get('to')} to accept", fg="bright_black")
+    blocked = [str(b) for b in res.get("blocked") or []]
+    if blocked:
+        out.line(f"blocked: {', '.join(blocked)}", fg="bright_black")
 
 
 @click.group()
@@ -1091,13 +1111,14 @@ def cmd(net: Net, device: str, name: str, pairs: tuple[str, ...], timeout: float
            "data": rbody.get("data") or {}, "result_seq": result.get("seq")}
     if net.json_mode:
         net.out.doc(doc)
-    else:
-        colour = "green" if status == "ok" else "red"
-        net.out.line(f"{device}: {net.out.s(str(status), fg=colour, bold=True)}"
+    elif status == "ok":
+        net.out.line(f"{device}: {net.out.s('ok', fg='green', bold=True)}"
                      + (f"  {fmt_kv(doc['data'])}" if doc["data"] else ""))
     if status != "ok":
-        raise CliError(f"{device} answered {status}" + (f": {fmt_kv(doc['data'])}" if doc["data"] else ""),
-                       EXIT_DEVICE_ERROR)
+        data = dict(doc["data"])
+        reason = str(data.pop("error", "")) if isinstance(data.get("error"), str) else ""
+        detail = "; ".join(x for x in (reason, fmt_kv(data) if data else "") if x)
+        raise CliError(f"{device} answered {status}" + (f": {detail}" if detail else ""), EXIT_DEVICE_ERROR)
 
 
 def _is_result_for(body: Any, seq: Any) -> bool:

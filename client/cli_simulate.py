@@ -173,7 +173,7 @@ def simulate(count: int, kind: str, server: str | None, config_path: str | None,
 
     sims = []
     for d in devices:
-        sim = make(d["kind"], d["id"], d["secret"], addr.host, addr.port, people_ttl=30.0)
+        sim = make(d["kind"], d["id"], d["secret"], addr.host, addr.port, people_ttl=10.0)
         if isinstance(sim, DoorSensor):
             sim.toggle_every = door_every
         sims.append(sim)

@@ -35,6 +35,8 @@ from client.config import Server
 from contract import topics
 
 log = logging.getLogger("roost.client")
+# A library never prints on its own: the application decides where logs go.
+log.addHandler(logging.NullHandler())
 
 ITEM_QUEUE_MAX = 10000        # messages waiting for the consumer; past it: counted, then re-synced
 SYNC_PAGE = 1000              # PROTOCOL.md: sync limit <= 1000
