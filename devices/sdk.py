@@ -205,7 +205,8 @@ class Device:
             return self._people[1]
         mine = self.request("devices")["devices"]
         people = sorted(set(mine[0].get("owners", []) + mine[0].get("sharees", []))) if mine else []
-        self._people = (time.monotonic(), people)
+        # An empty answer is not cached: the first claim must be heard at once.
+        self._people = (time.monotonic(), people) if people else None
         return people
 
     def send_event(self, name: str, data: dict[str, Any] | None = None) -> dict[str, int]:
