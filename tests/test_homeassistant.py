@@ -206,3 +206,23 @@ def test_new_device_gets_discovered_while_running(setup):
     roost.cli("device", "add", "porch", "--kind", "light")
     doc = ha.discovered({"porch"})["porch"]
     assert json.dumps(doc["components"]["light"]["command_topic"]) == '"roost/ha/porch/set"'
+
+
+def test_operator_acl_keeps_discovery_to_the_integration(roost_factory):
+    """The ACL recommended in docs/HOMEASSISTANT.md: only the integration account
+    uses homeassistant/#; the broker's own discovery still reaches it."""
+    acl = [{"action": "allow", "access": "all", "topic": "homeassistant/#", "who": "hass"},
+           {"action": "deny", "access": "all", "topic": "homeassistant/#", "who": "*"}]
+    roost = roost_factory({**HA, "acl": acl}, start=False)
+    hass_pw = roost.add_service("hass")
+    roost.add_device("lamp", "light")
+    alice_pw = roost.add_user("alice")
+    roost.start()
+    ha = HomeAssistant().open(roost, hass_pw)
+    assert "lamp" in ha.discovered({"lamp"})
+    alice = MqttClient("alice.x").connect(roost.host, roost.port, username="alice", password=alice_pw)
+    assert alice.subscribe("homeassistant/#") == [0x80]
+    alice.publish("homeassistant/device/lamp/config", "", qos=1, retain=True)   # a forged removal: denied
+    assert ha.no_message("homeassistant/device/lamp/config", 0.5)
+    ha.publish("homeassistant/status", "online", qos=1)
+    assert "lamp" in ha.discovered({"lamp"})

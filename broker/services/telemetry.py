@@ -40,6 +40,7 @@ MAX_STRING_VALUE = 1024
 MAX_FUTURE = 86400.0           # seconds a `ts` may be ahead of the broker's clock
 TAG_NAMES = ("device", "room", "owner")
 LATEST_FLUSH = 1.0             # seconds between write-behind flushes of latest readings
+REPORT_INTERVAL = 300.0        # seconds between counter lines in the log (only when they changed)
 
 Listener = Callable[[str, dict[str, Any]], None]
 
@@ -120,6 +121,8 @@ class TelemetryService:
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        self._reported: dict[str, int] = {}
         self._listeners: list[Listener] = []
         self._stats = TelemetryStats()
         self._malformed_log = RateLimitedLog(log)
@@ -134,18 +137,21 @@ class TelemetryService:
             cfg = self._services.config.telemetry.influxdb
             log.info("telemetry goes to InfluxDB at %s (bucket %s)", cfg.url, cfg.bucket)
         self._flusher = asyncio.create_task(self._flush_loop(), name="roost-telemetry-latest")
+        self._reporter = asyncio.create_task(self._report_loop(), name="roost-telemetry-report")
 
     async def stop(self) -> None:
-        if self._flusher is not None:
-            self._flusher.cancel()
-            try:
-                await self._flusher
-            except asyncio.CancelledError:
-                pass
-            self._flusher = None
+        for task in (self._flusher, self._reporter):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+        self._flusher = self._reporter = None
         await self._flush_latest()
         if self._influx is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._influx.stop)
+        self._report()
 
     def ops(self) -> dict[str, Any]:
         return {}
@@ -256,6 +262,19 @@ class TelemetryService:
             self._dirty_event.set()
 
     # ---- counters ----------------------------------------------------------------
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_INTERVAL)
+            self._report()
+
+    def _report(self) -> None:
+        stats = self.stats()
+        changed = {k: v for k, v in stats.items() if k != "buffered"} != \
+            {k: v for k, v in self._reported.items() if k != "buffered"}
+        if changed:
+            self._reported = stats
+            log.info("telemetry: %s", ", ".join(f"{k} {v}" for k, v in stats.items()))
+
     def stats(self) -> dict[str, int]:
         s = self._stats
         if self._influx is not None:
