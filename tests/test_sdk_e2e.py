@@ -67,3 +67,29 @@ def test_device_reconnects_after_broker_restart_and_loses_nothing(roost, tmp_pat
         assert seen == [1, 2]
     finally:
         dev.stop()
+
+
+def test_more_commands_than_the_session_queue_while_away(roost_factory, tmp_path):
+    """More arrives while the device is away than its MQTT session may queue:
+    the device still handles every command, in order, once (the mailbox, the
+    SDK's catch-up `sync` from its saved cursor and its gap check cover it)."""
+    roost = roost_factory({"limits": {"max_queued": 5}})
+    apw = roost.add_user("alice")
+    secret, code = roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    alice.call("device.claim", device="lamp", code=code)
+    state = str(tmp_path / "lamp.json")
+    dev, _ = make_counter(roost, secret, state_file=state)
+    dev.start(wait=10)
+    first = command(alice, "lamp", "count", i=-1)["seq"]
+    assert wait_result(alice, "lamp", first)["status"] == "ok"
+    dev.stop()
+    seqs = [command(alice, "lamp", "count", i=i)["seq"] for i in range(20)]
+    dev2, seen = make_counter(roost, secret, state_file=state)
+    dev2.start(wait=10)
+    try:
+        for seq in seqs:
+            assert wait_result(alice, "lamp", seq)["status"] == "ok"
+        assert seen == list(range(20))
+    finally:
+        dev2.stop()
