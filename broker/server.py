@@ -79,6 +79,8 @@ if amqtt.__version__ != AMQTT_VERSION:  # pragma: no cover - depends on the inst
 
 WS_WRITE_HIGH = 256 * 1024
 WS_WRITE_LOW = 64 * 1024
+WS_CLOSE_TIMEOUT = 2.0
+_BACKGROUND: set[asyncio.Task[Any]] = set()   # websocket close handshakes in flight
 
 
 class _Retained:
@@ -169,7 +171,7 @@ class RoostBroker(Broker):
             return await websockets.serve(
                 partial(self.ws_connected, listener_name=listener_name), address, port,
                 ssl=ssl_context, subprotocols=[websockets.Subprotocol("mqtt")],
-                max_size=self.engine.max_packet + 8)
+                max_size=self.engine.max_packet + 8, close_timeout=WS_CLOSE_TIMEOUT)
         raise BrokerError(f"Unsupported listener type: {listener_type}")
 
     def bound_ports(self) -> dict[str, int]:
@@ -313,6 +315,7 @@ class _WsTransport:
         self._size = 0
         self._paused = False
         self._closing = False
+        self._lost = False
         self._wake = asyncio.Event()
         self._writer = asyncio.get_running_loop().create_task(self._write_loop())
 
@@ -344,10 +347,18 @@ class _WsTransport:
                         self._paused = False
                         self.protocol.resume_writing()
                 if self._closing:
+                    # the broker closed it: report it now, do not wait for the
+                    # closing handshake of a client that may be gone
+                    self._report_lost()
                     await self.ws.close()
                     return
         except websockets.ConnectionClosed:
             pass
+
+    def _report_lost(self) -> None:
+        if not self._lost:
+            self._lost = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
 
     def close(self) -> None:
         self._closing = True
@@ -357,7 +368,10 @@ class _WsTransport:
         self._closing = True
         self._out.clear()
         self._writer.cancel()
-        asyncio.get_running_loop().create_task(self.ws.close())
+        self._report_lost()
+        task = asyncio.get_running_loop().create_task(self.ws.close())
+        _BACKGROUND.add(task)
+        task.add_done_callback(_BACKGROUND.discard)
 
     def is_closing(self) -> bool:
         return self._closing
