@@ -261,9 +261,68 @@ class ConnectionWatch:
         self.was_up = True
 
 
+# ---- one-line usage errors -------------------------------------------------------------
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line (click's default is usage + hint + message)."""
+
+    def __init__(self, error: click.UsageError) -> None:
+        super().__init__(error.format_message(), error.ctx)
+        self.exit_code = EXIT_USAGE
+
+    def show(self, file: Any = None) -> None:
+        path = self.ctx.command_path if self.ctx is not None else "roost"
+        CliError(f"{self.format_message().rstrip('.')} (see `{path} --help`)", EXIT_USAGE).show(file)
+
+
+def _one_line(error: click.UsageError) -> click.UsageError:
+    no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    if isinstance(error, OneLineUsageError) or (no_args_help and isinstance(error, no_args_help)):
+        return error
+    return OneLineUsageError(error)
+
+
+class OneLineCommand(click.Command):
+    def make_context(self, *args: Any, **kw: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kw)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+
+class OneLineGroup(click.Group):
+    command_class = OneLineCommand
+
+    def make_context(self, *args: Any, **kw: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kw)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+
+def command(*args: Any, **kw: Any) -> Callable[[Callable[..., Any]], click.Command]:
+    return click.command(*args, cls=OneLineCommand, **kw)
+
+
+def group(*args: Any, **kw: Any) -> Callable[[Callable[..., Any]], click.Group]:
+    return click.group(*args, cls=OneLineGroup, **kw)
+
+
 # ---- login / logout --------------------------------------------------------------
 
-@click.command()
+@command()
 @click.argument("user_id", metavar="ID")
 @click.option("--server", "-s", metavar="HOST:PORT", help="Broker address (default 127.0.0.1:1883, or ROOST_SERVER).")
 @click.option("--tls/--no-tls", default=None, help="Connect with TLS (default port 8883).")
@@ -314,7 +373,7 @@ def login(user_id: str, server: str | None, tls: bool | None, password_stdin: bo
     guarded(body, net)
 
 
-@click.command()
+@command()
 @click.option("--json", "json_mode", is_flag=True, help="Print the result as JSON.")
 def logout(json_mode: bool) -> None:
     """Forget the stored server, id and password.
@@ -336,7 +395,7 @@ def logout(json_mode: bool) -> None:
 
 # ---- chat ---------------------------------------------------------------------------
 
-@click.command()
+@command()
 @click.argument("target", metavar="PEER|CONV")
 @click.argument("text", nargs=-1, required=True)
 @click.option("--cmid", metavar="ID", help="Client message id; re-running with the same one never sends twice.")
@@ -379,7 +438,7 @@ def send(net: Net, target: str, text: tuple[str, ...], cmid: str | None) -> None
         net.out.line(f"sent {result.get('conv')} #{result.get('seq')}{dup}")
 
 
-@click.command()
+@command()
 @click.option("--label", default="listen", show_default=True, metavar="LABEL",
               help="Client label; the last seen event is remembered per label.")
 @click.option("--since", type=click.IntRange(min=0), metavar="N",
@@ -480,7 +539,7 @@ def _subscribe_presence(client: RoostClient, ids: list[str]) -> dict[str, bool]:
     return {topics.tail(t, topics.PRESENCE) or t: ok for t, ok in grants.items()}
 
 
-@click.command()
+@command()
 @click.argument("target", metavar="PEER|CONV")
 @click.option("--history", "history_n", default=CHAT_HISTORY, show_default=True, type=click.IntRange(0, HISTORY_MAX),
               help="How many earlier messages to show on open.")
@@ -578,7 +637,7 @@ def _print_chat_msg(m: dict[str, Any], conv: str, me: str, net: Net) -> None:
     out.line(f"{out.s(fmt_time(m.get('ts')), fg='bright_black')} {out.s(sender, fg=colour, bold=True)}: {render_body(m.get('body'))}")
 
 
-@click.command()
+@command()
 @click.argument("target", metavar="CONV|PEER")
 @click.option("--limit", "-n", default=50, show_default=True, type=click.IntRange(1, HISTORY_MAX), help="How many messages.")
 @click.option("--before", type=click.IntRange(min=1), metavar="SEQ", help="Only messages before this sequence number.")
@@ -609,7 +668,7 @@ def history(net: Net, target: str, limit: int, before: int | None) -> None:
     ], empty=f"no messages in {conv}")
 
 
-@click.command()
+@command()
 @network()
 def convs(net: Net) -> None:
     """List your conversations with their last message and unread counts.
@@ -656,7 +715,7 @@ def _clip(s: str, n: int) -> str:
 
 # ---- social ------------------------------------------------------------------------
 
-@click.command()
+@command()
 @network()
 def contacts(net: Net) -> None:
     """List your contacts with their presence.
@@ -688,7 +747,7 @@ def contacts(net: Net) -> None:
         out.line(f"blocked: {', '.join(blocked)}", fg="bright_black")
 
 
-@click.group()
+@group()
 def contact() -> None:
     """Ask, accept, reject, remove, block and unblock contacts.
 
@@ -734,7 +793,7 @@ _contact_cmd("unblock", "contact.unblock", "user", "unblocked {id}",
              "Unblock ID.\n\n\b\nExample:\n  roost contact unblock mallory")
 
 
-@click.command()
+@command()
 @click.argument("query")
 @network()
 def search(net: Net, query: str) -> None:
@@ -754,7 +813,7 @@ def search(net: Net, query: str) -> None:
                   empty=f"nobody matches '{query}'")
 
 
-@click.command()
+@command()
 @click.argument("user_id", metavar="[ID]", required=False)
 @click.option("--name", metavar="NAME", help="Set your display name.")
 @click.option("--status", metavar="TEXT", help="Set your status text.")
@@ -785,7 +844,7 @@ def profile(net: Net, user_id: str | None, name: str | None, status: str | None)
                     ("status", res.get("status"))])
 
 
-@click.command()
+@command()
 @click.argument("ids", metavar="[ID]...", nargs=-1)
 @click.option("--follow", "-f", is_flag=True, help="Keep watching and print every change.")
 @click.option("--wait", default=2.0, show_default=True, type=click.FloatRange(0.1, 30),
@@ -868,7 +927,7 @@ def presence(net: Net, ids: tuple[str, ...], follow: bool, wait: float) -> None:
         watch.check()
 
 
-@click.group("group")
+@group("group")
 def group_cmd() -> None:
     """Create and manage group conversations.
 
@@ -973,7 +1032,7 @@ def group_info(net: Net, conv: str) -> None:
 
 # ---- devices -----------------------------------------------------------------------
 
-@click.command()
+@command()
 @network()
 def devices(net: Net) -> None:
     """List your devices (owned or shared) with presence and latest telemetry.
@@ -994,7 +1053,7 @@ def devices(net: Net) -> None:
     ], empty="no devices yet (`roost claim DEVICE CODE` adds one)")
 
 
-@click.command()
+@command()
 @click.argument("device")
 @click.argument("code")
 @network()
@@ -1014,7 +1073,7 @@ def claim(net: Net, device: str, code: str) -> None:
         net.out.line(f"you now own {device}")
 
 
-@click.command()
+@command()
 @click.argument("device")
 @click.argument("user_id", metavar="ID")
 @network()
@@ -1049,7 +1108,7 @@ def parse_args(pairs: tuple[str, ...]) -> dict[str, Any]:
     return args
 
 
-@click.command()
+@command()
 @click.argument("device")
 @click.argument("name")
 @click.argument("pairs", metavar="[KEY=VALUE]...", nargs=-1)
@@ -1125,7 +1184,7 @@ def _is_result_for(body: Any, seq: Any) -> bool:
     return isinstance(body, dict) and body.get("type") == "result" and body.get("for") == seq
 
 
-@click.command()
+@command()
 @click.argument("device")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing readings as the device publishes them.")
 @network(stream=True)

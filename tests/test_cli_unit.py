@@ -227,6 +227,7 @@ def test_wrong_input_is_a_usage_error(cli, env, args, fragment):
     res = run(cli, env, *args)
     assert res.exit_code == 2, (args, res.stdout, res.stderr)
     assert fragment in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert "Traceback" not in res.stderr
 
 
