@@ -186,3 +186,21 @@ def test_full_buffer_drops_and_counts(tmp_path, vm):
     written, dropped = asyncio.run(main())
     assert written == 200 - dropped
     assert len(vm.export(f'light_level{{device="{dev}"}}', expect=written)) == written
+
+
+def test_a_removed_and_re_registered_device_starts_without_readings(tmp_path):
+    async def main():
+        services = await make_services(tmp_path, {})
+        await services.identity.add("lamp", "device", device_kind="light")
+        tel = services.telemetry
+        tel.accept("lamp", b'{"on": true, "brightness": 80}')
+        assert tel.latest("lamp")["brightness"] == 80
+        await services.identity.remove("lamp")           # as `roost device remove` does (store + directory)
+        assert tel.latest("lamp") is None
+        await services.identity.add("lamp", "device", device_kind="light")
+        assert tel.latest("lamp") is None
+        tel.accept("lamp", b'{"on": false}')
+        assert tel.latest("lamp") == {"ts": tel.latest("lamp")["ts"], "on": False}
+        await close(services)
+
+    asyncio.run(main())

@@ -118,6 +118,9 @@ class TelemetryService:
         self._store = services.store.telemetry
         self._influx = InfluxWriter(cfg.influxdb) if cfg.influxdb is not None else None
         self._latest: dict[str, LatestReading] = {}
+        # created_at of the principal each reading belongs to: a device removed by an
+        # admin (another process) and registered again under the same id starts empty.
+        self._born: dict[str, float | None] = {}
         self._dirty: set[str] = set()
         self._dirty_event = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
@@ -130,6 +133,7 @@ class TelemetryService:
     # ---- service lifecycle -------------------------------------------------
     async def load(self) -> None:
         self._latest = {r.device: r for r in await self._store.load_latest()}
+        self._born = {d: self._created_at(d) for d in self._latest}
 
     async def start(self, publisher: Any) -> None:
         if self._influx is not None:
@@ -198,8 +202,16 @@ class TelemetryService:
         return ",".join(sorted(owners)) if owners else None
 
     # ---- latest readings ------------------------------------------------------
+    def _created_at(self, device: str) -> float | None:
+        p = self._services.identity.get_cached(device)
+        return p.created_at if p is not None else None
+
     def _remember(self, device: str, ts: float, fields: dict[str, FieldValue]) -> None:
+        born = self._created_at(device)
         prev = self._latest.get(device)
+        if prev is not None and self._born.get(device) != born:
+            prev = None
+        self._born[device] = born
         if prev is None:
             merged = dict(fields)
         else:
@@ -228,7 +240,9 @@ class TelemetryService:
         """`{"ts": <newest>, field: value, ...}`: the newest value of every field the
         device reported (at most `telemetry.max_fields`), or None."""
         r = self._latest.get(device)
-        return self._as_dict(r) if r is not None else None
+        if r is None or self._born.get(device) != self._created_at(device):
+            return None
+        return self._as_dict(r)
 
     def add_listener(self, listener: Listener) -> None:
         """`listener(device, latest)` runs on the event loop after every accepted
@@ -238,6 +252,7 @@ class TelemetryService:
     async def forget(self, device: str) -> None:
         """The device was removed: drop its readings."""
         self._latest.pop(device, None)
+        self._born.pop(device, None)
         self._dirty.discard(device)
         await self._store.delete_latest(device)
 
