@@ -84,15 +84,16 @@ def test_stream_fills_gaps_and_drops_duplicates(pair):
         b.send(_text(f"m{i}"), to="alice")
     # wait until all five were pushed, then lose two of them (as if the consumer lagged)
     deadline = time.monotonic() + 5
-    while a.items.qsize() < 5 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    pushed = []
-    while True:
+    pushed: list = []
+    msgs: list = []
+    while len(msgs) < 5 and time.monotonic() < deadline:
         try:
-            pushed.append(a.items.get_nowait())
+            p = a.items.get(timeout=0.2)
         except queue.Empty:
-            break
-    msgs = [p for p in pushed if isinstance(p, InboxItem) and p.event["kind"] == "msg"]
+            continue
+        pushed.append(p)
+        if isinstance(p, InboxItem) and p.event["kind"] == "msg":
+            msgs.append(p)
     assert len(msgs) == 5
     keep = [p for p in pushed if p not in msgs[1:3]]
     for p in keep + [msgs[0], msgs[3]]:        # and duplicate two
