@@ -262,6 +262,10 @@ def _check(cfg: RoostConfig) -> None:
 
     if cfg.homeassistant.enabled and not is_valid_principal_id(cfg.homeassistant.service_account):
         raise ConfigError("homeassistant.service_account", "not a valid principal id")
+    prefix = cfg.homeassistant.discovery_prefix
+    if not prefix or prefix.startswith(("/", "$")) or prefix.endswith("/") or any(c in prefix for c in "+#\0") \
+            or prefix == "roost" or prefix.startswith("roost/"):
+        raise ConfigError("homeassistant.discovery_prefix", f"not a usable topic prefix: {prefix!r}")
     for i, rule in enumerate(cfg.acl):
         if not rule.topic:
             raise ConfigError(f"acl[{i}].topic", "must not be empty")

@@ -226,3 +226,16 @@ def test_operator_acl_keeps_discovery_to_the_integration(roost_factory):
     assert ha.no_message("homeassistant/device/lamp/config", 0.5)
     ha.publish("homeassistant/status", "online", qos=1)
     assert "lamp" in ha.discovered({"lamp"})
+
+
+def test_custom_discovery_prefix(roost_factory):
+    roost = roost_factory({"homeassistant": {**HA["homeassistant"], "discovery_prefix": "hadisc"}}, start=False)
+    hass_pw = roost.add_service("hass")
+    roost.add_device("lamp", "light")
+    roost.start()
+    ha = MqttClient("hass.ha").connect(roost.host, roost.port, username="hass", password=hass_pw)
+    ha.subscribe("hadisc/device/+/config")
+    assert ha.wait_message("hadisc/device/lamp/config").json()["components"]["light"]["platform"] == "light"
+    ha.publish("hadisc/status", "online", qos=1)
+    assert ha.wait_message("hadisc/device/lamp/config").payload
+    assert ha.no_message("homeassistant/#", 0.2)

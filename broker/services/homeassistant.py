@@ -100,6 +100,10 @@ class HomeAssistantService:
             add_event_listener(self._on_events)
         else:
             log.warning("messaging has no event listener: command results will not update Home Assistant state")
+        account = await s.identity.get(self.account)
+        if account is None or account.kind != "service":
+            log.warning("Home Assistant integration account %r is not a registered service: "
+                        "create it with `roost service add %s`", self.account, self.account)
         await self._clear_stale_retained()
         await self.sync(force=True)
         loop = asyncio.get_running_loop()
