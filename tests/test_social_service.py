@@ -161,3 +161,27 @@ def test_profiles_visible_to_contacts_groups_and_owners_only(tmp_path):
         await close_env(env)
 
     run(main())
+
+
+def test_nothing_from_a_blocked_member_reaches_the_blocker_in_groups(tmp_path):
+    async def main() -> None:
+        env = await open_env(tmp_path, users=("alice", "bob", "mallory"))
+        await env.befriend("bob", "alice")
+        await env.befriend("bob", "mallory")
+        conv = (await env.call("bob", "group.create", name="street", members=["alice", "mallory"]))["conv"]
+        await env.call("alice", "contact.block", user="mallory")
+        r = await env.call("mallory", "send", conv=conv, cmid="m1", body=text("psst"))
+        assert r["seq"] == 1                                    # mallory cannot tell
+        await env.call("bob", "send", conv=conv, cmid="b1", body=text("hello street"))
+        alice_msgs = [e["cmid"] for e in await env.mailbox("alice") if e["kind"] == "msg"]
+        assert alice_msgs == ["b1"]
+        assert [e["cmid"] for e in await env.mailbox("bob") if e["kind"] == "msg"] == ["m1", "b1"]
+        convs = await env.call("alice", "convs")
+        assert convs["total_unread"] == 1 and convs["convs"][0]["unread"] == 1
+        assert (await env.call("bob", "convs"))["total_unread"] == 1  # mallory's; his own never count
+        await env.call("alice", "contact.unblock", user="mallory")
+        await env.call("mallory", "send", conv=conv, cmid="m2", body=text("again"))
+        assert [e["cmid"] for e in await env.mailbox("alice") if e["kind"] == "msg"] == ["b1", "m2"]
+        await close_env(env)
+
+    run(main())

@@ -241,8 +241,10 @@ class MessagingService:
                     return self._send_result(first, dup=True)
             raise
         try:
+            social = self._services.social
+            skip = frozenset(social.blockers_of(caller.principal)) if social is not None else frozenset()
             outcome = await self._store.send(sender=caller.principal, conv=conv, dm_members=dm_members,
-                                             cmid=cmid, body=body, now=now())
+                                             cmid=cmid, body=body, now=now(), skip=skip)
         except NotMember:
             raise forbidden(f"you are not a member of {conv!r}") from None
         self.publish_events(outcome.events)

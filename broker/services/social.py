@@ -55,6 +55,7 @@ class SocialService:
         self._store = services.store.social
         self._publisher: Publisher | None = None
         self._blocked: dict[str, set[str]] = {}     # blocker -> blocked
+        self._blocked_by: dict[str, set[str]] = {}  # blocked -> blockers
 
     # ---- lifecycle -------------------------------------------------------------
     async def load(self) -> None:
@@ -62,9 +63,9 @@ class SocialService:
         rel = self._services.relations
         for a, b in state.contacts:
             rel.set_contact(a, b, True)
-        self._blocked = {}
+        self._blocked, self._blocked_by = {}, {}
         for blocker, blocked in state.blocks:
-            self._blocked.setdefault(blocker, set()).add(blocked)
+            self._remember_block(blocker, blocked)
 
     async def start(self, publisher: Publisher) -> None:
         self._publisher = publisher
@@ -89,6 +90,22 @@ class SocialService:
     # ---- queries other services use ------------------------------------------
     def is_blocked(self, blocker: str, blocked: str) -> bool:
         return blocked in self._blocked.get(blocker, ())
+
+    def blockers_of(self, principal: str) -> set[str]:
+        """Who blocked `principal` (their mailboxes get nothing from it, groups included)."""
+        return set(self._blocked_by.get(principal, ()))
+
+    def _remember_block(self, blocker: str, blocked: str) -> None:
+        self._blocked.setdefault(blocker, set()).add(blocked)
+        self._blocked_by.setdefault(blocked, set()).add(blocker)
+
+    def _forget_block(self, blocker: str, blocked: str) -> None:
+        for index, key, value in ((self._blocked, blocker, blocked), (self._blocked_by, blocked, blocker)):
+            entries = index.get(key)
+            if entries is not None:
+                entries.discard(value)
+                if not entries:
+                    del index[key]
 
     # ---- helpers -----------------------------------------------------------------
     def _published(self, events: list[MailboxEvent]) -> None:
@@ -173,7 +190,7 @@ class SocialService:
         if self.is_blocked(caller.principal, other):
             return {}
         was_contact, events = await self._store.block(caller.principal, other, _now())
-        self._blocked.setdefault(caller.principal, set()).add(other)
+        self._remember_block(caller.principal, other)
         self._published(events)
         if was_contact:
             self._contact_changed(caller.principal, other, False)
@@ -186,11 +203,7 @@ class SocialService:
             events = await self._store.unblock(caller.principal, other, _now())
         except KeyError:
             raise not_found(f"{other!r} is not blocked") from None
-        blocked = self._blocked.get(caller.principal)
-        if blocked is not None:
-            blocked.discard(other)
-            if not blocked:
-                del self._blocked[caller.principal]
+        self._forget_block(caller.principal, other)
         self._published(events)
         return {}
 

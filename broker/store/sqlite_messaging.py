@@ -140,8 +140,11 @@ def _render(principal: str, row: tuple) -> MailboxEvent:
 
 
 def _unread(conn: sqlite3.Connection, conv: str, principal: str, read_seq: int) -> int:
+    # Others' messages after the read position; those of principals this reader
+    # blocked never reached it (see `send`), so they do not count either.
     return conn.execute(
-        "SELECT COUNT(*) FROM messages WHERE conv=? AND seq>? AND sender!=?", (conv, read_seq, principal)
+        "SELECT COUNT(*) FROM messages WHERE conv=? AND seq>? AND sender!=? "
+        "AND sender NOT IN (SELECT blocked FROM blocks WHERE blocker=?)", (conv, read_seq, principal, principal)
     ).fetchone()[0]
 
 
@@ -172,11 +175,12 @@ class SqliteMessagingStore:
 
     # ---- send --------------------------------------------------------------
     async def send(self, *, sender: str, conv: str, dm_members: tuple[str, str] | None, cmid: str,
-                   body: str, now: float) -> SendOutcome:
+                   body: str, now: float, skip: frozenset[str] = frozenset()) -> SendOutcome:
         """Store one message and its `msg` events in every member's mailbox, atomically.
 
         `dm_members` is given for a direct conversation (created on first use);
-        for a group the sender must be a member (else NotMember).
+        for a group the sender must be a member (else NotMember). Members in
+        `skip` (they blocked the sender) get no event.
         """
 
         def job(conn: sqlite3.Connection) -> SendOutcome:
@@ -206,7 +210,7 @@ class SqliteMessagingStore:
             conn.execute(f"INSERT INTO messages({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?)",
                          (conv, seq, sender, cmid, now, body))
             msg = StoredMessage(conv, seq, sender, cmid, now, body)
-            events = [append_event(conn, p, "msg", now, msg=msg) for p in members]
+            events = [append_event(conn, p, "msg", now, msg=msg) for p in members if p == sender or p not in skip]
             return SendOutcome(message=msg, dup=False, events=events)
 
         return await self._db.write(job)
