@@ -492,7 +492,10 @@ def listen(net: Net, label: str, since: int | None) -> None:
                     ev = item.event
                     _print_event(ev, me, net)
                     if ev.get("kind") == "contact" and ev.get("event") == "accepted" and is_valid_principal_id(ev.get("with")):
-                        _subscribe_presence(client, [ev["with"]])
+                        try:
+                            _subscribe_presence(client, [ev["with"]])
+                        except RoostError as e:  # presence is a nicety; the stream goes on
+                            out.warn(f"cannot watch {ev['with']}'s presence: {e}")
                 elif isinstance(item, TopicItem):
                     pid = topics.tail(item.topic, topics.PRESENCE)
                     if pid is not None and not item.retained:
@@ -586,14 +589,18 @@ def chat(net: Net, target: str, history_n: int) -> None:
 
     threading.Thread(target=read_lines, daemon=True, name="stdin").start()
     watch = ConnectionWatch(client, out)
+    unsent = 0
     try:
         while True:
-            if latest_other > last_read:
+            if latest_other > last_read and client.connected:
                 try:
                     client.call("read", {"conv": conv, "seq": latest_other})
                     last_read = latest_other
                 except ServerError as e:
                     out.warn(f"could not mark read: {e.message}")
+                    last_read = latest_other       # the server refuses it: asking again won't help
+                except (RequestTimeout, ConnectError):
+                    pass                           # retried on the next round
             for item in stream.poll(1.0):
                 if isinstance(item, InboxItem):
                     ev = item.event
@@ -612,10 +619,18 @@ def chat(net: Net, target: str, history_n: int) -> None:
                 elif isinstance(item, LocalItem):
                     what, line = item.value
                     if what == "eof" or line.strip() in ("/quit", "/exit"):
+                        if unsent:
+                            raise CliError(f"{unsent} line(s) could not be sent", EXIT_SERVER_ERROR)
                         return
                     if not line.strip():
                         continue
-                    res = client.send({"type": "text", "text": line}, **params)
+                    try:
+                        res = client.send({"type": "text", "text": line}, **params)
+                    except (RequestTimeout, ConnectError, ServerError) as e:
+                        # Keep chatting; a piped chat still ends non-zero (below).
+                        unsent += 1
+                        out.warn(f"not sent: {to_cli_error(e).format_message()}")
+                        continue
                     if net.json_mode:
                         out.jsonl({"kind": "sent", **res})
                     elif not interactive:

@@ -508,6 +508,7 @@ class EventStream:
         self._ack_interval = ack_interval
         self._acked = cursor
         self._last_ack = 0.0
+        self._behind = False              # a catch-up failed: retry before trusting pushes
         self.gaps_filled = 0
 
     def start_at_head(self) -> int:
@@ -516,29 +517,43 @@ class EventStream:
         return self.cursor
 
     def catch_up(self) -> list[dict[str, Any]]:
-        """Events after the cursor, fetched with sync (the cursor must be known)."""
+        """Events after the cursor, fetched with sync (the cursor must be known).
+
+        A failure part-way (connection lost again, rate limited) keeps what was
+        fetched, marks the stream as behind, and the next poll tries again.
+        """
         if self.cursor is None:
+            self._behind = False
             return []
         out: list[dict[str, Any]] = []
-        while True:
-            res = self.client.call("sync", {"after": self.cursor, "limit": SYNC_PAGE})
-            events = sorted((e for e in res.get("events") or [] if isinstance(e, dict) and isinstance(e.get("n"), int)),
-                            key=lambda e: e["n"])
-            for ev in events:
-                if ev["n"] > self.cursor:
-                    out.append(ev)
-                    self.cursor = ev["n"]
-            if not res.get("more") or not events:
-                return out
+        try:
+            while True:
+                res = self.client.call("sync", {"after": self.cursor, "limit": SYNC_PAGE})
+                events = sorted((e for e in res.get("events") or []
+                                 if isinstance(e, dict) and isinstance(e.get("n"), int)), key=lambda e: e["n"])
+                for ev in events:
+                    if ev["n"] > self.cursor:
+                        out.append(ev)
+                        self.cursor = ev["n"]
+                if not res.get("more") or not events:
+                    self._behind = False
+                    return out
+        except RoostError as e:
+            log.warning("catching up from #%s failed (%s); will retry", self.cursor, e)
+            self._behind = True
+            return out
 
     def poll(self, timeout: float) -> list[Item]:
         """Wait up to `timeout` for items; returns them in order (possibly none)."""
         self.flush_ack()
         out: list[Item] = []
+        if self._behind and self.client.connected:
+            out.extend(InboxItem(ev) for ev in self.catch_up())
         try:
-            first = self.client.items.get(timeout=timeout)
+            first = self.client.items.get(timeout=0.2 if (self._behind or out) else timeout)
         except queue.Empty:
-            self.flush_ack(force=True)
+            if not out:
+                self.flush_ack(force=True)
             return out
         batch = [first]
         while len(batch) < 500:
@@ -563,11 +578,12 @@ class EventStream:
             return [ev]
         if n <= self.cursor:
             return []                     # already handed out (sync and push overlap)
-        if n == self.cursor + 1:
+        if n == self.cursor + 1 and not self._behind:
             self.cursor = n
             return [ev]
+        # A gap: fill it from the server, which has ev too (it was committed before the push).
         self.gaps_filled += 1
-        return self.catch_up()            # includes ev itself (it is committed on the server)
+        return self.catch_up()
 
     def flush_ack(self, force: bool = False) -> None:
         """Ack and save the cursor if it moved (at most every ack_interval unless forced)."""
