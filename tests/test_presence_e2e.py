@@ -124,6 +124,7 @@ def test_restart_shows_offline_with_last_seen(roost):
     online = next_presence(w, "bob")
     assert online["state"] == "online"
     time.sleep(1.5)                  # the last_seen write-behind has flushed
+    bob.paho.loop_stop()             # bob's socket stays open, but paho will not reconnect
     t_kill = time.time()
     roost.kill()                     # SIGKILL: bob never disconnected
     roost.start()
@@ -134,9 +135,9 @@ def test_restart_shows_offline_with_last_seen(roost):
     # a clean stop records the stop time
     bob2 = ImClient("bob", "laptop").open(roost, bpw)
     wait_state(w2, "bob", "online", 1)
+    bob2.paho.loop_stop()
     t_stop = time.time()
     roost.restart()
     w3 = watch(roost, "alice", apw, "bob")
     p = next_presence(w3, "bob")
     assert p["state"] == "offline" and t_stop - 1 <= p["last_seen"] <= time.time()
-    del bob2
