@@ -204,3 +204,82 @@ def test_a_removed_and_re_registered_device_starts_without_readings(tmp_path):
         await close(services)
 
     asyncio.run(main())
+
+
+class HangingServer:
+    """Accepts connections and reads requests but never answers: a stuck InfluxDB."""
+
+    def __init__(self, port: int) -> None:
+        import socket
+        import threading
+
+        self._sock = socket.socket()
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port))
+        self._sock.listen(16)
+        self._conns: list = []
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            self._conns.append(conn)
+
+    def close(self) -> None:
+        self._sock.close()
+        for c in self._conns:
+            c.close()
+
+
+@needs_vm
+def test_stuck_server_then_recovery(tmp_path):
+    vm = victoria.VictoriaMetrics(tmp_path / "vm")
+    hanging = HangingServer(vm.port)
+    dev = "t" + uuid.uuid4().hex[:8]
+
+    async def main():
+        services = await make_services(tmp_path, influx_cfg(vm, timeout=0.3))
+        await services.identity.add(dev, "device", device_kind="thermostat")
+        tel = services.telemetry
+        t0 = time.perf_counter()
+        for i in range(200):
+            tel.accept(dev, json.dumps({"temperature": i}).encode())
+            await asyncio.sleep(0)
+        assert time.perf_counter() - t0 < 0.5
+        await wait_for(lambda: tel.stats()["retries"] >= 2)
+        assert tel.stats()["written"] == 0
+        hanging.close()
+        vm.start()
+        await wait_for(lambda: tel.stats()["written"] == 200, timeout=10)
+        await close(services)
+
+    try:
+        asyncio.run(main())
+        values = sorted(s.value for s in vm.export(f'thermostat_temperature{{device="{dev}"}}', expect=200))
+        assert values == [float(i) for i in range(200)]
+    finally:
+        hanging.close()
+        vm.stop()
+
+
+def test_stop_is_bounded_when_the_server_is_gone(tmp_path):
+    async def main():
+        port = victoria.free_port()
+        services = await make_services(tmp_path, {"influxdb": {"url": f"http://127.0.0.1:{port}", "bucket": "b",
+                                                               "max_retry_delay": 5, "flush_interval": 0.05}})
+        await services.identity.add("t1", "device", device_kind="thermostat")
+        tel = services.telemetry
+        for i in range(50):
+            tel.accept("t1", json.dumps({"temperature": i}).encode())
+        await wait_for(lambda: tel.stats()["retries"] >= 1)
+        t0 = time.perf_counter()
+        await close(services)
+        assert time.perf_counter() - t0 < 6
+        stats = tel.stats()
+        assert stats["dropped"] == 50 and stats["written"] == 0 and stats["accepted"] == 50
+
+    asyncio.run(main())

@@ -179,9 +179,13 @@ class InfluxWriter:
         with self._cond:
             self._cond.notify_all()
         if self._thread is not None:
-            self._thread.join(self._drain_timeout + self._cfg.timeout + 1)
+            # Bounded even when a request hangs: the thread is a daemon, and what it
+            # still holds is counted as dropped.
+            self._thread.join(self._drain_timeout + 0.5)
         with self._cond:
             left = len(self._buffer)
+            if self._thread is not None and self._thread.is_alive():
+                left += self._inflight
             self._buffer.clear()
         if left:
             self.stats.dropped += left
