@@ -239,3 +239,21 @@ def test_custom_discovery_prefix(roost_factory):
     ha.publish("hadisc/status", "online", qos=1)
     assert ha.wait_message("hadisc/device/lamp/config").payload
     assert ha.no_message("homeassistant/#", 0.2)
+
+
+def test_thermostat_set_point_and_state(setup):
+    roost, hass_pw, secrets = setup
+    ha = HomeAssistant().open(roost, hass_pw)
+    ha.discovered({"therm"})
+    sim = make("thermostat", "therm", secrets["therm"], roost.host, roost.port)
+    sim.device.start(wait=10)
+    try:
+        ha.wait_value("roost/ha/therm/availability", lambda v: v == "online")
+        sim.publish()
+        state = ha.wait_value("roost/ha/therm/state", lambda s: s and "temperature" in s)
+        assert state["setpoint"] == 20.0 and state["humidity"] == sim.humidity
+        ha.publish("roost/ha/therm/set", '{"setpoint": 23.5}', qos=1)   # climate's temperature_command_template
+        ha.wait_value("roost/ha/therm/state", lambda s: s and s.get("setpoint") == 23.5)
+        assert sim.setpoint == 23.5
+    finally:
+        sim.device.stop()
