@@ -188,6 +188,9 @@ class Mosquitto(BrokerProcess):
             # Default 1000: beyond it QoS 1 messages to a slow subscriber are dropped,
             # and a dropped message is no throughput. Lifted like amqtt's (unbounded).
             "max_queued_messages 0\n"
+            # Default false: Nagle delays its small packets, and every client here
+            # (and Roost, and amqtt via asyncio) sends with TCP_NODELAY.
+            "set_tcp_nodelay true\n"
             "log_dest stderr\n"
             "log_type error\n"
             "log_type warning\n")

@@ -97,8 +97,8 @@ class Subscriber:
 
     def on_message(self, topic: bytes, payload: bytes, t: int) -> None:
         st = self.stats
-        if len(payload) < HDR.size:
-            st.error("short payload")
+        if len(payload) != PAYLOAD or not payload.endswith(PAD):
+            st.error("payload changed in transit")
             return
         ts, idx, seq = HDR.unpack_from(payload)
         seen = self.seen.get(idx)

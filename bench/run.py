@@ -413,7 +413,8 @@ def render_table(sizes: Sizes, brokers: list[str], results: dict[str, dict[str, 
         if not any(row.scenario in results.get(b, {}) for b in brokers):
             continue
         vals: dict[str, float | None] = {}
-        cells = [row.label if not row.label.startswith("  ") else row.label]
+        # Markdown collapses leading spaces: mark sub-rows there with an arrow.
+        cells = ["↳ " + row.label.strip() if markdown and row.label.startswith("  ") else row.label]
         for b in brokers:
             o = results.get(b, {}).get(row.scenario)
             if o is None:
@@ -488,7 +489,35 @@ def machine_info() -> dict[str, str]:
             "kernel": platform.release()}
 
 
-async def amain(args: argparse.Namespace) -> int:
+def results_md(info: dict[str, str], cmd: str, quick: bool, elapsed: float, table: str, notes: str) -> str:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    git = "?"
+    try:
+        import subprocess
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=str(Path(__file__).parent.parent)).stdout.strip() or "?"
+    except OSError:
+        pass
+    return f"""# Benchmark results
+
+Written by `{cmd}` on {when} (commit {git}, {'quick' if quick else 'full'} run, {elapsed:.0f} s).
+How to run it and what each scenario does: [README.md](README.md).
+
+Machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, Python {info['python']};
+amqtt {info['amqtt']}, paho-mqtt {info['paho-mqtt']} (tests only: the generator is raw asyncio),
+{info['mosquitto']}. The machine is shared: other work running at the same time moves
+absolute figures from run to run; the ratios come from one run and move less.
+
+{table}
+
+Notes (broker and generator CPU during each measured phase; the generator is not the
+bottleneck unless a note says GENERATOR SATURATED):
+
+{notes}
+"""
+
+
+async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
     raise_nofile()
     sizes = QUICK if args.quick else FULL
     scenarios = [s.strip() for s in args.only.split(",")] if args.only else list(SCENARIOS)
@@ -553,6 +582,10 @@ async def amain(args: argparse.Namespace) -> int:
     if args.markdown:
         Path(args.markdown).write_text(
             render_table(sizes, brokers, results, markdown=True) + "\n\nNotes:\n" + notes + "\n")
+    if args.results:
+        cmd = "python -m bench " + " ".join(argv_used)
+        Path(args.results).write_text(results_md(info, cmd.strip(), args.quick, elapsed,
+                                                 render_table(sizes, brokers, results, markdown=True), notes))
     failed = any(o.error for r in results.values() for o in r.values())
     return 1 if failed else 0
 
@@ -568,9 +601,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="", metavar="DIR",
                     help="py-spy record the Python brokers during each scenario into DIR "
                          "(flame graph + top functions; py-spy takes CPU too, so figures drop)")
+    ap.add_argument("--results", default="", metavar="FILE",
+                    help="write a results page (machine, versions, command, table) to FILE, "
+                         "e.g. bench/RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs, specs)")
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
-    return asyncio.run(amain(args))
+    return asyncio.run(amain(args, argv))
 
 
 if __name__ == "__main__":
