@@ -104,4 +104,9 @@ class RoostAuthPlugin(BaseAuthPlugin):
                     broker = broker_of(self)
                     broker.refresh_acl()
                     closed = await broker.kick_principal(principal_id)
+                    # no ghost owners in `devices`, no stale retained presence
+                    if services.devices is not None:
+                        services.devices.principal_removed(principal_id)
+                    if services.presence is not None:
+                        services.presence.forget(principal_id)
                     log.info("principal %s removed: closed %d connection(s)", principal_id, closed)

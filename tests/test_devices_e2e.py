@@ -175,3 +175,28 @@ def test_device_presence_and_telemetry_only_for_its_people(roost, sims):
         except TimeoutError:
             break
     assert not {"roost/presence/lamp", "roost/telemetry/lamp"} & got
+
+
+def test_removed_device_leaves_no_ghosts(roost, sims):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    secret, code = roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    alice.call("device.claim", device="lamp", code=code)
+    light = sims(roost, "light", "lamp", secret)
+    w = MqttClient("alice.watch").connect(roost.host, roost.port, username="alice", password=apw)
+    w.subscribe("roost/presence/lamp")
+    assert w.wait_message("roost/presence/lamp").json()["state"] == "online"
+    light.device.stop()
+    roost.cli("device", "remove", "lamp")
+    deadline = time.monotonic() + 5
+    while alice.call("devices")["devices"]:
+        assert time.monotonic() < deadline, "the removed device is still listed"
+        time.sleep(0.2)
+    # a new device under the same id starts clean: no old owner, no old presence
+    _, code2 = roost.add_device("lamp", "light")
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    bob.call("device.claim", device="lamp", code=code2)
+    assert [d["owners"] for d in bob.call("devices")["devices"]] == [["bob"]]
+    wb = MqttClient("bob.watch").connect(roost.host, roost.port, username="bob", password=bpw)
+    assert wb.subscribe("roost/presence/lamp") == [1]
+    assert wb.no_message("roost/presence/lamp", wait=0.7)
