@@ -153,7 +153,7 @@ def test_command_result_updates_state(setup):
     lamp.call("send", to="hass", cmid="r1",
               body={"type": "result", "for": ev["seq"], "status": "ok", "data": {"on": True, "brightness": 77}})
     state = ha.wait_value("roost/ha/lamp/state", lambda s: s is not None)
-    assert state["on"] is True and state["brightness"] == 77
+    assert state["on"] is True and state["brightness"] == 77 and state["state"] == "ON"
 
 
 def test_only_the_integration_account_commands(setup):

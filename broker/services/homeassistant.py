@@ -272,6 +272,14 @@ class HomeAssistantService:
         self._state_dirty[device] = None
         self._state_wake.set()
 
+    def _state_doc(self, device: str, state: dict[str, Any]) -> dict[str, Any]:
+        """The state document; a light also gets `state: ON|OFF`, the form Home
+        Assistant's JSON-schema lights and Zigbee2MQTT-style tools read."""
+        kind = self._kinds.get(device)
+        if kind is not None and kind.ha_component == "light" and isinstance(state.get("on"), bool):
+            return {**state, "state": "ON" if state["on"] else "OFF"}
+        return state
+
     async def _state_loop(self) -> None:
         while True:
             await self._state_wake.wait()
@@ -282,7 +290,7 @@ class HomeAssistantService:
                 state = self._state.get(device)
                 if state is None:
                     continue
-                if await self._publish(topics.ha_state(device), encode(state)):
+                if await self._publish(topics.ha_state(device), encode(self._state_doc(device, state))):
                     self._stats.state_published += 1
 
     # ---- commands ------------------------------------------------------------------
