@@ -156,7 +156,9 @@ class DeviceService:
         if p is None or p.kind != "device":
             self._failed(caller.principal, device)
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no device {device!r}")
-        if not p.pairing_code or not hmac.compare_digest(code.strip().encode(), p.pairing_code.encode()):
+        # People copy codes as "4832 1907" or "4832-1907": only the digits count.
+        typed = "".join(ch for ch in code if ch not in " -")
+        if not p.pairing_code or not hmac.compare_digest(typed.encode(), p.pairing_code.encode()):
             self._failed(caller.principal, device)
             raise ProtocolError(ErrorCode.FORBIDDEN, "wrong pairing code")
         if self.role(device, caller.principal) != OWNER:
