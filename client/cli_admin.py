@@ -87,6 +87,8 @@ def serve(config_path: str | None, log_level: str | None) -> None:
     cfg = _load(config_path)
     logging.basicConfig(level=(log_level or cfg.log.level).upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # amqtt's state machine library logs every transition at INFO.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     from broker.app import serve as run_broker
 
     try:

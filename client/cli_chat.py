@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -137,8 +138,16 @@ def to_cli_error(e: BaseException) -> CliError:
     return CliError(f"internal error: {type(e).__name__}: {e} (set {ENV_DEBUG}=1 for details)", 70)
 
 
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def guarded(fn: Callable[..., Any], net: Net, *, stream: bool = False) -> Any:
     """Run a command body: expected failures become one stderr line and an exit code."""
+    previous = None
+    if stream and threading.current_thread() is threading.main_thread():
+        # SIGTERM ends a stream like Ctrl-C: last acks sent, cursor saved, exit 0.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return fn()
     except KeyboardInterrupt:
@@ -153,6 +162,8 @@ def guarded(fn: Callable[..., Any], net: Net, *, stream: bool = False) -> Any:
         raise to_cli_error(e) from None
     finally:
         net.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 _NET_OPTIONS = [
