@@ -47,6 +47,9 @@ def _filter_matches(pattern: str, topic: str) -> bool:
     return len(p) == len(t)
 
 
+_V5_TO_311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}
+
+
 class MqttClient:
     def __init__(self, client_id: str, *, clean_session: bool = True, protocol: int = mqtt.MQTTv311,
                  transport: str = "tcp") -> None:
@@ -68,7 +71,9 @@ class MqttClient:
 
     # ---- paho callbacks ----------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:  # noqa: ANN001
-        self._rc = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
+        # paho 2 reports MQTT 3.1.1 CONNACK codes as MQTT 5 reason codes; map back.
+        value = reason_code.value if hasattr(reason_code, "value") else int(reason_code)
+        self._rc = _V5_TO_311.get(value, value)
         self.session_present = bool(getattr(flags, "session_present", False))
         self._connected.set()
 
