@@ -123,7 +123,7 @@ def test_restart_shows_offline_with_last_seen(roost):
     w = watch(roost, "alice", apw, "bob")
     online = next_presence(w, "bob")
     assert online["state"] == "online"
-    time.sleep(1.5)                  # the last_seen write-behind has flushed
+    time.sleep(1.5)                  # the write-behind has flushed
     bob.paho.loop_stop()             # bob's socket stays open, but paho will not reconnect
     t_kill = time.time()
     roost.kill()                     # SIGKILL: bob never disconnected
@@ -131,7 +131,8 @@ def test_restart_shows_offline_with_last_seen(roost):
     w2 = watch(roost, "alice", apw, "bob")
     p = next_presence(w2, "bob")
     assert p["state"] == "offline" and p["clients"] == 0
-    assert online["since"] <= p["last_seen"] <= t_kill
+    # last seen when the dead broker was last known alive (it notes that every 5 s)
+    assert max(online["since"], t_kill - 6) <= p["last_seen"] <= t_kill
     # a clean stop records the stop time
     bob2 = ImClient("bob", "laptop").open(roost, bpw)
     wait_state(w2, "bob", "online", 1)

@@ -210,7 +210,9 @@ def test_clean_stop_records_everyone_offline(tmp_path) -> None:
     run(main())
 
 
-def test_heartbeat_refreshes_last_seen_of_online_principals(tmp_path) -> None:
+def test_crash_last_seen_is_when_the_broker_was_last_alive(tmp_path) -> None:
+    """bob connected at T and the broker kept running until T+60, then died:
+    after the restart bob is offline, last seen at T+60 (not T)."""
     async def main() -> None:
         services = await make_services(tmp_path / "r.db")
         clock = Clock()
@@ -221,10 +223,19 @@ def test_heartbeat_refreshes_last_seen_of_online_principals(tmp_path) -> None:
         await asyncio.sleep(0.05)
         clock.now += 60
         await asyncio.sleep(0.1)
-        recs = {r.principal: r for r in await services.store.presence.load_presence()}
-        assert recs["bob"].state == "online" and recs["bob"].last_seen == clock.now
-        await svc.stop()
+        for t in svc._tasks:          # SIGKILL
+            t.cancel()
         await services.store.close()
+
+        services2 = await make_services_reopen(tmp_path / "r.db")
+        svc2 = PresenceService(services2, clock=clock)
+        await svc2.load()
+        pub2 = RecordingPublisher()
+        await svc2.start(pub2)
+        await settle(svc2)
+        assert pub2.published[0][1] == {"state": "offline", "clients": 0, "since": clock.now, "last_seen": clock.now}
+        await svc2.stop()
+        await services2.store.close()
 
     run(main())
 

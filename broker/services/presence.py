@@ -14,10 +14,11 @@ its *current* state is published once the backlog drains: the final retained
 state is always right.
 
 Persistence: the last known state is written behind (batched, at most every
-`flush_interval`) through the store's writer, and online principals get their
-`last_seen` refreshed every `heartbeat` seconds. After a restart (clean or
-SIGKILL) everyone the store still lists as online is published `offline` with
-the last `last_seen` it knew, before any new state of theirs.
+`flush_interval`) through the store's writer, and every `heartbeat` seconds the
+store records that the broker is still alive (one row). After a restart (clean
+or SIGKILL) everyone the store still lists as online is published `offline`
+with `last_seen` = the last moment the old broker was known to be running
+(they were connected until then), before any new state of theirs.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ class _State:
 
 class PresenceService:
     def __init__(self, services: Any, *, queue_max: int = 10000, flush_interval: float = 1.0,
-                 heartbeat: float = 30.0, clock: Callable[[], float] = time.time) -> None:
+                 heartbeat: float = 5.0, clock: Callable[[], float] = time.time) -> None:
         self._services = services
         self._store = services.store.presence
         self._clock = clock
@@ -81,12 +82,14 @@ class PresenceService:
 
     # ---- lifecycle -------------------------------------------------------
     async def load(self) -> None:
+        alive = await self._store.last_alive() or 0.0
         for rec in await self._store.load_presence():
             st = _State(clients=0, state=OFFLINE, since=rec.since, last_seen=rec.last_seen)
             if rec.state == ONLINE:
-                # The broker went away while this principal was connected: it went
-                # offline when we last knew it was there.
-                st.since = rec.last_seen
+                # The broker went away while this principal was connected: it was
+                # there until the old broker was last known alive.
+                st.last_seen = max(rec.last_seen, alive)
+                st.since = st.last_seen
                 self._dirty.add(rec.principal)
                 self._enqueue(rec.principal, st.wire())
             self._states[rec.principal] = st
@@ -116,7 +119,7 @@ class PresenceService:
                 self._enqueue(principal, st.wire())
         self._stopped = True
         if self._publisher is None:
-            await self._persist_once()
+            await self._persist_once(alive_at=self._clock())
             return
         try:
             await asyncio.wait_for(self._drain(), timeout=5.0)
@@ -130,7 +133,7 @@ class PresenceService:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         self._tasks = []
-        await self._persist_once()
+        await self._persist_once(alive_at=self._clock())
 
     def ops(self) -> dict[str, Handler]:
         return {}
@@ -241,20 +244,19 @@ class PresenceService:
 
     # ---- persistence ---------------------------------------------------------
     async def _persist_loop(self) -> None:
+        await self._persist_once(alive_at=self._clock())
         last_beat = self._clock()
         while True:
             await asyncio.sleep(self._flush_interval)
             now = self._clock()
             if now - last_beat >= self._heartbeat:
                 last_beat = now
-                for principal, st in self._states.items():
-                    if st.state == ONLINE:
-                        st.last_seen = now
-                        self._dirty.add(principal)
-            await self._persist_once()
+                await self._persist_once(alive_at=now)
+            else:
+                await self._persist_once()
 
-    async def _persist_once(self) -> None:
-        if not self._dirty:
+    async def _persist_once(self, alive_at: float | None = None) -> None:
+        if not self._dirty and alive_at is None:
             return
         batch = self._dirty
         self._dirty = set()
@@ -264,7 +266,7 @@ class PresenceService:
             if st is not None:
                 records.append(PresenceRecord(principal, st.state, st.since, st.last_seen))
         try:
-            await self._store.save_presence(records)
+            await self._store.save_presence(records, alive_at)
         except Exception:  # noqa: BLE001 - store busy or closed: retry with the next flush
             self.persist_errors += 1
             log.warning("presence: saving %d record(s) failed; will retry", len(records), exc_info=True)

@@ -109,9 +109,13 @@ class PresenceRecord:
 class PresenceStore(Protocol):
     async def load_presence(self) -> list[PresenceRecord]: ...
 
-    async def save_presence(self, records: list[PresenceRecord]) -> int:
+    async def save_presence(self, records: list[PresenceRecord], alive_at: float | None = None) -> int:
         """Upsert in one transaction; rows of principals that no longer exist
-        are skipped. Returns how many were written."""
+        are skipped. `alive_at`: the broker was still running then (kept once).
+        Returns how many records were written."""
+
+    async def last_alive(self) -> float | None:
+        """The latest `alive_at` saved: when a broker that died was last known running."""
 
 
 class NotFoundError(Exception):
@@ -243,6 +247,8 @@ class MessagingStore(Protocol):
 
     async def load_groups(self) -> dict[str, list[str]]: ...
 
+    async def forget_principal(self, principal: str) -> list[str]: ...
+
     async def needs_prune(self, *, now: float, max_events: int, ttl: float) -> bool: ...
 
     async def prune(self, *, now: float, max_events: int, ttl: float, max_mailboxes: int,
@@ -286,3 +292,5 @@ class SocialStore(Protocol):
 
     async def unblock(self, me: str, other: str, now: float) -> list[MailboxEvent]:
         """KeyError when `other` was not blocked."""
+
+    async def forget_principal(self, principal: str) -> None: ...

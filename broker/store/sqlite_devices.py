@@ -30,6 +30,12 @@ MIGRATIONS: list[Migration] = [
             last_seen REAL NOT NULL
         );
     """),
+    ("presence_0002_alive", """
+        CREATE TABLE broker_alive (
+            id INTEGER PRIMARY KEY CHECK (id = 1),
+            at REAL NOT NULL
+        );
+    """),
 ]
 
 
@@ -70,8 +76,15 @@ class SqlitePresenceStore:
             "SELECT principal, state, since, last_seen FROM presence").fetchall())
         return [PresenceRecord(*r) for r in rows]
 
-    async def save_presence(self, records: list[PresenceRecord]) -> int:
+    async def last_alive(self) -> float | None:
+        row = await self._db.read(lambda conn: conn.execute("SELECT at FROM broker_alive WHERE id=1").fetchone())
+        return row[0] if row else None
+
+    async def save_presence(self, records: list[PresenceRecord], alive_at: float | None = None) -> int:
         def job(conn: sqlite3.Connection) -> int:
+            if alive_at is not None:
+                conn.execute("INSERT INTO broker_alive(id, at) VALUES (1, ?) "
+                             "ON CONFLICT(id) DO UPDATE SET at=excluded.at", (alive_at,))
             written = 0
             for r in records:
                 # INSERT ... SELECT skips principals removed meanwhile instead of
