@@ -154,6 +154,11 @@ class InfluxWriter:
                                    "%d dropped so far", self._buffer_size, self.stats.dropped)
         return not full
 
+    def _count(self, name: str, n: int) -> None:
+        # Counters change on the writer thread, the event loop and at stop: one lock.
+        with self._cond:
+            setattr(self.stats, name, getattr(self.stats, name) + n)
+
     @property
     def buffered(self) -> int:
         """Points waiting, the batch being written included."""
@@ -188,7 +193,7 @@ class InfluxWriter:
                 left += self._inflight
             self._buffer.clear()
         if left:
-            self.stats.dropped += left
+            self._count("dropped", left)
             log.warning("stopping: %d telemetry points could not be written to InfluxDB and were dropped", left)
         if self._client is not None:
             try:
@@ -237,12 +242,12 @@ class InfluxWriter:
             try:
                 self._write_api.write(bucket=self._cfg.bucket, org=self._cfg.org or None, record=batch,
                                       write_precision=WritePrecision.NS)
-                self.stats.written += len(batch)
+                self._count("written", len(batch))
                 return
             except ApiException as exc:
                 status = exc.status or 0
                 if status not in _RETRY_STATUSES:
-                    self.stats.rejected += len(batch)
+                    self._count("rejected", len(batch))
                     log.error("InfluxDB refused %d points with HTTP %s %s (not retried): %s", len(batch), status,
                               exc.reason, _body(exc))
                     return
@@ -251,10 +256,10 @@ class InfluxWriter:
             except Exception as exc:  # noqa: BLE001 - network errors of every kind are retried
                 reason = f"{type(exc).__name__}: {exc}"
             if self._stopping.is_set():
-                self.stats.dropped += len(batch)
+                self._count("dropped", len(batch))
                 log.warning("stopping: InfluxDB write failed (%s); %d points dropped", reason, len(batch))
                 return
-            self.stats.retries += 1
+            self._count("retries", 1)
             wait = min(self._max_delay, wait if wait is not None else delay)
             delay = min(self._max_delay, delay * 2)
             self._fail_log.warning("InfluxDB write of %d points failed (%s); retrying in %.1f s, %d points buffered",
@@ -264,9 +269,9 @@ class InfluxWriter:
                 try:
                     self._write_api.write(bucket=self._cfg.bucket, org=self._cfg.org or None, record=batch,
                                           write_precision=WritePrecision.NS)
-                    self.stats.written += len(batch)
+                    self._count("written", len(batch))
                 except Exception:  # noqa: BLE001
-                    self.stats.dropped += len(batch)
+                    self._count("dropped", len(batch))
                     log.warning("stopping: InfluxDB unreachable; %d points dropped", len(batch))
                 return
 
