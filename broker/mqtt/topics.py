@@ -148,7 +148,7 @@ class SubscriptionIndex(Generic[K]):
             return hit
         exact = self._exact.get(topic)
         out: dict[K, int] = dict(exact) if exact else {}
-        if self._root.children:
+        if self._root.children or self._root.hash_subs:  # a bare "#" lives on the root
             self._walk(topic.split("/"), out, topic.startswith("$"))
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
