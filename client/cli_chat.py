@@ -489,19 +489,20 @@ def listen(net: Net, label: str, since: int | None) -> None:
                 if head < saved:  # a new store on the server: old numbers mean nothing
                     out.warn(f"the server's mailbox is behind the saved position #{saved}; starting at #{head}")
                     stream.cursor = head
+        unread = UnreadTracker(me, client.call("convs"))
         # Presence of contacts and of one's own devices (both visible to us by the contract).
         _subscribe_presence(client, list(dict.fromkeys(_contact_ids(client) + _device_ids(client))))
         # stderr: a person reads it, scripts wait for it, the JSON on stdout stays clean
         out.warn(f"listening as {me} on {client.server} from event #{saved if saved is not None else stream.cursor}"
                  f"{f' ({len(missed)} missed)' if missed else ''}; Ctrl-C to stop")
         for ev in missed:
-            _print_event(ev, me, net)
+            _print_event(ev, me, net, unread)
         watch = ConnectionWatch(client, out)
         while True:
             for item in stream.poll(1.0):
                 if isinstance(item, InboxItem):
                     ev = item.event
-                    _print_event(ev, me, net)
+                    _print_event(ev, me, net, unread)
                     if ev.get("kind") == "contact" and ev.get("event") == "accepted" and is_valid_principal_id(ev.get("with")):
                         try:
                             _subscribe_presence(client, [ev["with"]])
@@ -526,11 +527,53 @@ def listen(net: Net, label: str, since: int | None) -> None:
         store.unlock()
 
 
-def _print_event(ev: dict[str, Any], me: str, net: Net) -> None:
+class UnreadTracker:
+    """Unread counts per conversation, kept live from the event stream.
+
+    The broker sends `unread` events when a read position changes; a new message
+    from someone else raises the count by one without an event (docs/PROTOCOL.md),
+    so `listen` counts those itself, starting from `convs`.
+    """
+
+    def __init__(self, me: str, convs_result: dict[str, Any]) -> None:
+        self.me = me
+        self.counts: dict[str, int] = {}
+        self.snapshot_seq: dict[str, int] = {}   # messages up to here are already in the counts
+        for c in convs_result.get("convs") or []:
+            if isinstance(c, dict) and isinstance(c.get("conv"), str) and isinstance(c.get("unread"), int):
+                self.counts[c["conv"]] = c["unread"]
+                last = c.get("last_seq")
+                if not isinstance(last, int) and isinstance(c.get("last"), dict):
+                    last = c["last"].get("seq")
+                if isinstance(last, int):
+                    self.snapshot_seq[c["conv"]] = last
+
+    def update(self, ev: dict[str, Any]) -> str | None:
+        """Apply an event; for a message from someone else, a short `N unread` note."""
+        conv = ev.get("conv")
+        if not isinstance(conv, str):
+            return None
+        if ev.get("kind") == "unread" and isinstance(ev.get("count"), int):
+            self.counts[conv] = ev["count"]
+        elif ev.get("kind") == "msg" and ev.get("from") != self.me:
+            seq = ev.get("seq")
+            if not (isinstance(seq, int) and seq <= self.snapshot_seq.get(conv, 0)):
+                self.counts[conv] = self.counts.get(conv, 0) + 1
+            return f"{self.counts[conv]} unread, {self.total} in all"
+        return None
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _print_event(ev: dict[str, Any], me: str, net: Net, unread: UnreadTracker | None = None) -> None:
+    note = unread.update(ev) if unread is not None else None
     if net.json_mode:
         net.out.jsonl(ev)
     else:
-        net.out.line(event_line(ev, me, net.out))
+        line = event_line(ev, me, net.out)
+        net.out.line(f"{line}  {net.out.s(f'({note})', fg='yellow')}" if note else line)
 
 
 def _contact_ids(client: RoostClient) -> list[str]:
