@@ -107,6 +107,13 @@ class RoostAuthPlugin(BaseAuthPlugin):
                     # no ghost owners in `devices`, no stale retained presence
                     if services.devices is not None:
                         services.devices.principal_removed(principal_id)
+                    # its mailbox, cursors, group memberships, contacts and blocks
+                    for svc in (services.messaging, services.social):
+                        if svc is not None:
+                            try:
+                                await svc.principal_removed(principal_id)
+                            except Exception:  # noqa: BLE001 - keep polling; logged
+                                log.exception("forgetting %s in %s failed", principal_id, type(svc).__name__)
                     if services.presence is not None:
                         services.presence.forget(principal_id)
                     log.info("principal %s removed: closed %d connection(s)", principal_id, closed)

@@ -4,6 +4,8 @@ profiles, and read receipts/unread counts converging across devices."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from tests.clients import ImClient, RequestFailed
@@ -109,3 +111,23 @@ def test_unread_counts_converge_across_devices_and_receipts_per_group_member(roo
         c.call("ack", n=c.call("sync", after=0, limit=1000)["last"])
     receipts = {bob.wait_event("delivered", seq=4)["to"] for _ in range(2)}
     assert receipts == {"alice", "carol"}
+
+
+def test_removing_a_person_clears_its_social_state_for_a_new_owner_of_the_id(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    alice.call("contact.request", to="bob")
+    bob.call("contact.accept", **{"from": "alice"})
+    bob.call("send", to="alice", cmid="1", body=text("old bob"))
+    roost.cli("user", "remove", "bob")
+    assert bob.wait_disconnected(5)
+    deadline = time.monotonic() + 5
+    while alice.call("contacts")["contacts"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alice.call("contacts")["contacts"] == []
+    new_pw = roost.add_user("bob", password="another-secret")
+    newbob = ImClient("bob", "laptop").open(roost, new_pw)
+    assert newbob.call("sync", after=0)["events"] == []
+    assert newbob.call("contacts")["contacts"] == []
+    assert code_of(newbob.call, "send", to="alice", cmid="1", body=text("hi")) == "forbidden"

@@ -185,3 +185,31 @@ def test_nothing_from_a_blocked_member_reaches_the_blocker_in_groups(tmp_path):
         await close_env(env)
 
     run(main())
+
+
+def test_a_removed_principal_leaves_nothing_behind_for_its_id(tmp_path):
+    async def main() -> None:
+        env = await open_env(tmp_path, users=("alice", "bob", "carol"))
+        await env.befriend("alice", "bob")
+        await env.befriend("alice", "carol")
+        conv = (await env.call("alice", "group.create", name="g", members=["bob", "carol"]))["conv"]
+        await env.call("bob", "send", to="alice", cmid="1", body=text("old bob"))
+        await env.call("bob", "contact.block", user="carol")
+        await env.services.identity.remove("bob")
+        await env.messaging.principal_removed("bob")
+        await env.social.principal_removed("bob")
+        assert not env.services.relations.are_contacts("alice", "bob")
+        assert (await env.call("alice", "group.info", conv=conv))["members"] == ["alice", "carol"]
+        assert not env.social.is_blocked("bob", "carol")
+        # The id registered again starts from nothing.
+        await env.services.identity.add("bob", "user", secret="pw2")
+        assert await env.mailbox("bob") == []
+        assert (await env.call("bob", "contacts"))["contacts"] == []
+        assert (await env.error("bob", "send", to="alice", cmid="2", body=text("x"))).code == ErrorCode.FORBIDDEN
+        assert (await env.error("bob", "group.info", conv=conv)).code == ErrorCode.FORBIDDEN
+        await env.befriend("alice", "bob")
+        r = await env.call("bob", "send", to="alice", cmid="1", body=text("new bob"))  # old bob's cmid
+        assert r["seq"] == 2 and r["dup"] is False
+        await close_env(env)
+
+    run(main())

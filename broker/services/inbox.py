@@ -190,6 +190,10 @@ class Inboxes:
     def pusher(self, client_id: str, principal: str) -> InboxPusher | None:
         return self._by_principal.get(principal, {}).get(client_id)
 
+    def clients(self) -> list[tuple[str, str]]:
+        """(client id, principal) of every live pusher."""
+        return [(c, p) for p, group in self._by_principal.items() for c in group]
+
     def notify(self, events: Iterable[MailboxEvent]) -> None:
         """Hand freshly committed events to the pushers of their principals."""
         for event in events:

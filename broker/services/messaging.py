@@ -115,8 +115,10 @@ class MessagingService:
 
     # ---- lifecycle -------------------------------------------------------------
     async def load(self) -> None:
+        known = self._services.identity.get_cached
         for conv, members in (await self._store.load_groups()).items():
-            self._services.relations.set_group(conv[len("grp:"):], set(members))
+            # Members removed while the broker was down are not let back into the ACL.
+            self._services.relations.set_group(conv[len("grp:"):], {m for m in members if known(m) is not None})
 
     async def start(self, publisher: Publisher) -> None:
         self._publisher = publisher
@@ -162,6 +164,16 @@ class MessagingService:
         """`listener(events)` runs on the event loop right after each commit and must
         not block (the Home Assistant bridge reads its devices' results this way)."""
         self._event_listeners.append(listener)
+
+    async def principal_removed(self, principal: str) -> None:
+        """An admin removed `principal`: drop its mailbox, cursors and memberships,
+        stop its pushers, and update the groups it was in."""
+        for client_id in [c for c, p in self.inboxes.clients() if p == principal]:
+            await self.inboxes.client_disconnected(client_id, principal, "kicked")
+        groups = await self._store.forget_principal(principal)
+        for conv in groups:
+            info = await self._store.group_info(conv)
+            self._groups_changed(conv, info.members if info is not None else [])
 
     # ---- who may talk to whom --------------------------------------------------
     def _blocked(self, blocker: str, blocked: str) -> bool:

@@ -61,8 +61,10 @@ class SocialService:
     async def load(self) -> None:
         state = await self._store.load()
         rel = self._services.relations
+        known = self._services.identity.get_cached
         for a, b in state.contacts:
-            rel.set_contact(a, b, True)
+            if known(a) is not None and known(b) is not None:  # not one removed while we were down
+                rel.set_contact(a, b, True)
         self._blocked, self._blocked_by = {}, {}
         for blocker, blocked in state.blocks:
             self._remember_block(blocker, blocked)
@@ -106,6 +108,16 @@ class SocialService:
                 entries.discard(value)
                 if not entries:
                     del index[key]
+
+    async def principal_removed(self, principal: str) -> None:
+        """An admin removed `principal`: forget its contacts, requests and blocks."""
+        await self._store.forget_principal(principal)
+        for blocked in list(self._blocked.get(principal, ())):
+            self._forget_block(principal, blocked)
+        for blocker in list(self._blocked_by.get(principal, ())):
+            self._forget_block(blocker, principal)
+        for other in self._services.relations.contacts_of(principal):
+            self._contact_changed(principal, other, False)
 
     # ---- helpers -----------------------------------------------------------------
     def _published(self, events: list[MailboxEvent]) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -201,6 +202,11 @@ class SqliteMessagingStore:
                 last_seq = 0
             else:
                 last_seq = conv_row[0]
+                if dm_members is not None:
+                    # A member dropped by forget_principal whose id was registered again.
+                    for p in dm_members:
+                        conn.execute("INSERT OR IGNORE INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)",
+                                     (conv, p, now))
             members = _members(conn, conv)
             if sender not in members:
                 raise NotMember(conv)
@@ -426,6 +432,27 @@ class SqliteMessagingStore:
             return out
 
         return await self._db.read(job)
+
+    async def forget_principal(self, principal: str) -> list[str]:
+        """A principal was removed: drop its mailbox, cursors and memberships (the
+        messages it sent stay in their conversations' history). Returns the groups
+        it was a member of."""
+
+        def job(conn: sqlite3.Connection) -> list[str]:
+            groups = [r[0] for r in conn.execute(
+                "SELECT cm.conv FROM conv_members cm JOIN conversations c ON c.conv = cm.conv "
+                "WHERE cm.principal=? AND c.kind='group'", (principal,))]
+            conn.execute("DELETE FROM conv_members WHERE principal=?", (principal,))
+            conn.execute("DELETE FROM mailbox WHERE principal=?", (principal,))
+            conn.execute("DELETE FROM mailbox_state WHERE principal=?", (principal,))
+            conn.execute("DELETE FROM cursors WHERE principal=?", (principal,))
+            # Free its cmids: a principal registered again under this id (a new device
+            # counting cmids from 1) must not have its sends taken for retries.
+            conn.execute("UPDATE messages SET cmid = cmid || '~removed-' || ? WHERE sender=?",
+                         (f"{time.time():.6f}", principal))
+            return groups
+
+        return await self._db.write(job)
 
     # ---- bounds --------------------------------------------------------------
     async def needs_prune(self, *, now: float, max_events: int, ttl: float) -> bool:

@@ -149,3 +149,13 @@ class SqliteSocialStore:
             return [_contact_event(conn, me, "unblocked", other, me, now)]
 
         return await self._db.write(job)
+
+    async def forget_principal(self, principal: str) -> None:
+        """A principal was removed: its contacts, requests and blocks go with it."""
+
+        def job(conn: sqlite3.Connection) -> None:
+            conn.execute("DELETE FROM contacts WHERE a=? OR b=?", (principal, principal))
+            conn.execute("DELETE FROM contact_requests WHERE sender=? OR recipient=?", (principal, principal))
+            conn.execute("DELETE FROM blocks WHERE blocker=? OR blocked=?", (principal, principal))
+
+        await self._db.write(job)
