@@ -337,9 +337,12 @@ def group(*args: Any, **kw: Any) -> Callable[[Callable[..., Any]], click.Group]:
 @click.argument("user_id", metavar="ID")
 @click.option("--server", "-s", metavar="HOST:PORT", help="Broker address (default 127.0.0.1:1883, or ROOST_SERVER).")
 @click.option("--tls/--no-tls", default=None, help="Connect with TLS (default port 8883).")
+@click.option("--ca", "ca_file", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="CA certificate(s) to trust for TLS (default: the system's; or ROOST_CA).")
 @click.option("--password-stdin", is_flag=True, help="Read the password from standard input instead of a prompt.")
 @click.option("--json", "json_mode", is_flag=True, help="Print the result as JSON.")
-def login(user_id: str, server: str | None, tls: bool | None, password_stdin: bool, json_mode: bool) -> None:
+def login(user_id: str, server: str | None, tls: bool | None, ca_file: str | None, password_stdin: bool,
+          json_mode: bool) -> None:
     """Log in as ID: check the password with the broker and store it.
 
     The server, id and password are saved in the client config file
@@ -349,6 +352,7 @@ def login(user_id: str, server: str | None, tls: bool | None, password_stdin: bo
     Example:
       roost login --server 127.0.0.1:1883 alice
       echo "$PW" | roost login --password-stdin alice
+      roost login --tls --ca /etc/roost/ca.pem --server hub.local:8883 alice
     """
     out = Output(json_mode)
     net = Net(json_mode=json_mode, out=out)
@@ -367,14 +371,17 @@ def login(user_id: str, server: str | None, tls: bool | None, password_stdin: bo
             password = os.environ.get(cfgmod.ENV_PASSWORD) or os.environ[cfgmod.ENV_SECRET]
         else:
             password = click.prompt(f"Password for {user_id}", hide_input=True, err=True)
-        client = RoostClient(srv, user_id, password, tls=use_tls, ca_file=os.environ.get(cfgmod.ENV_CA) or stored.ca_file,
+        ca = ca_file or os.environ.get(cfgmod.ENV_CA) or stored.ca_file
+        if ca:
+            ca = os.path.abspath(ca)   # later commands may run from another directory
+        client = RoostClient(srv, user_id, password, tls=use_tls, ca_file=ca,
                              label=f"login-{uuid.uuid4().hex[:6]}", subscribe_inbox=False,
                              request_timeout=request_timeout())
         with Progress(f"connecting to {srv}", out.err):
             client.connect()
         client.close()
         saved = cfgmod.save(ClientConfig(server=str(srv), user=user_id, secret=password, tls=use_tls,
-                                         ca_file=stored.ca_file), path)
+                                         ca_file=ca if use_tls else None), path)
         if json_mode:
             out.doc({"user": user_id, "server": str(srv), "tls": use_tls, "config": str(saved)})
         else:

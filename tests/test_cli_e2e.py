@@ -412,3 +412,25 @@ def test_every_command_against_a_stopped_server(people, roost):
         assert res.exit_code == 3, (args, res.stderr)
         assert len(res.stderr.strip().splitlines()) == 1 and "connection refused" in res.stderr
         assert "Traceback" not in res.stderr
+
+
+# ---- TLS -----------------------------------------------------------------------------------------
+
+def test_login_over_tls_with_a_private_ca(roost_factory, tmp_path):
+    from tests.harness import free_port
+    from tests.test_mqtt_listeners import make_cert
+
+    certfile, keyfile = make_cert(tmp_path)
+    tls_port = free_port()
+    broker = roost_factory({"listeners": {"tls": {"type": "tcp", "bind": f"127.0.0.1:{tls_port}", "ssl": True,
+                                                  "certfile": str(certfile), "keyfile": str(keyfile)}}})
+    erin = Person(broker, tmp_path, "erin")
+    # the system CAs do not know our self-signed certificate: one clear line, exit 3
+    res = erin.run("login", "--tls", "--server", f"127.0.0.1:{tls_port}", "--password-stdin", "erin",
+                   input=erin.password + "\n")
+    assert res.exit_code == 3 and "TLS failed" in res.stderr, res.stderr
+    erin.ok("login", "--tls", "--ca", str(certfile), "--server", f"127.0.0.1:{tls_port}", "--password-stdin",
+            "erin", input=erin.password + "\n")
+    stored = json.loads((tmp_path / "erin" / "config" / "roost" / "client.json").read_text())
+    assert stored["tls"] is True and stored["ca_file"] == str(certfile)
+    assert erin.json("convs")["total_unread"] == 0
