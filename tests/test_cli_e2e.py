@@ -324,7 +324,10 @@ def test_listen_human_output_and_presence_changes(friends, roost, tmp_path, stre
     streams.append(ls)
     ls.wait_err("listening as alice")
     bob.ok("send", "alice", "plain words")
-    ls._wait(ls.lines, lambda l: "bob: plain words" in l and "dm:alice:bob" in l, 10, "message line")
+    line = ls._wait(ls.lines, lambda l: "bob: plain words" in l and "dm:alice:bob" in l, 10, "message line")
+    assert "(1 unread, 1 in all)" in line
+    bob.ok("send", "alice", "more words")
+    ls._wait(ls.lines, lambda l: "more words" in l and "(2 unread, 2 in all)" in l, 10, "running count")
     # a long-lived client of bob's goes away: alice sees the presence change
     chat = bob.spawn("chat", "alice")
     streams.append(chat)
