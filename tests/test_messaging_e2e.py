@@ -170,6 +170,26 @@ def test_persistent_client_resumes_from_its_cursor_after_a_broker_restart(roost)
     assert fw2.no_message("roost/inbox/#", 0.5)
 
 
+def test_firmware_gets_commands_sent_before_its_first_connection(roost):
+    apw = roost.add_user("alice")
+    secret, code = roost.add_device("porch", "light", name="Porch light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    alice.call("device.claim", device="porch", code=code)
+    sent = [alice.call("send", to="porch", cmid=f"cmd{i}",
+                       body={"type": "command", "name": "set", "args": {"on": i % 2 == 0}}) for i in range(3)]
+    fw = ImClient("porch", None, clean_session=False).open(roost, secret)   # never acked: gets everything
+    cmds = [fw.wait_event("msg") for _ in range(3)]
+    assert [c["seq"] for c in cmds] == [s["seq"] for s in sent]
+    assert all(c["from"] == "alice" and c["body"]["type"] == "command" for c in cmds)
+    for c in cmds:
+        fw.call("send", to="alice", cmid=f"res{c['seq']}",
+                body={"type": "result", "for": c["seq"], "status": "ok", "data": {"on": c["body"]["args"]["on"]}})
+    fw.call("ack", n=cmds[-1]["n"])
+    results = [alice.wait_event("msg", cmid=f"res{s['seq']}") for s in sent]
+    assert [r["body"]["for"] for r in results] == [s["seq"] for s in sent]
+    assert {alice.wait_event("delivered", seq=s["seq"])["to"] for s in sent} == {"porch"}
+
+
 def test_offline_client_syncs_everything_across_a_restart(roost):
     apw, bpw = roost.add_user("alice"), roost.add_user("bob")
     alice = ImClient("alice", "phone").open(roost, apw)
