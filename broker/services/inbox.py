@@ -27,6 +27,7 @@ from typing import Any
 
 from broker.services.base import Publisher
 from broker.store.base import MailboxEvent, MessagingStore
+from broker.store.sqlite_db import StoreClosed
 from contract import topics
 
 log = logging.getLogger("roost.inbox")
@@ -74,6 +75,7 @@ class InboxPusher:
         self._task: asyncio.Task[None] | None = None
         self.pushed = 0
         self.retries = 0
+        self.read_errors = 0
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"inbox-push-{self.client_id}")
@@ -117,7 +119,16 @@ class InboxPusher:
                 if self._next_n > self._known_head:
                     await self._wake.wait()
                     continue
-                batch = await self._next_batch()
+                try:
+                    batch = await self._next_batch()
+                except StoreClosed:
+                    raise
+                except Exception:  # noqa: BLE001 - a failed read is retried, never skipped (no gap)
+                    self.read_errors += 1
+                    log.warning("inbox pusher for %s: reading the mailbox failed; retrying", self.client_id,
+                                exc_info=True)
+                    await asyncio.sleep(RETRY_MAX)
+                    continue
                 for event in batch:
                     if event.n < self._next_n:
                         continue
@@ -128,6 +139,8 @@ class InboxPusher:
                     self.pushed += 1
         except asyncio.CancelledError:
             raise
+        except StoreClosed:
+            pass  # shutting down
         except Exception:  # noqa: BLE001 - a pusher failing must not take anything else down
             log.exception("inbox pusher for %s failed", self.client_id)
         finally:
