@@ -1,0 +1,350 @@
+"""Plumbing shared by the person-side commands (cli_chat, cli_social, cli_devices).
+
+Each network command opens its own MQTT connection as `<user>.<label>` through
+client.sdk, takes `--server/--user/--password-stdin/--tls/--json` (and ROOST_*
+variables) via `@network()`, prints through client.output, and turns every
+expected failure into one line on stderr with a documented exit code
+(docs/CLI.md). Usage errors are one line too (`command()`/`group()`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import click
+
+from client import config as cfgmod
+from client.config import ClientConfigError, Settings
+from client.output import (
+    EXIT_CONNECT, EXIT_INTERRUPTED, EXIT_SERVER_ERROR, EXIT_TIMEOUT, EXIT_USAGE,
+    CliError, Output, Progress, fmt_kv, fmt_time, presence_colour, presence_text, render_body,
+)
+from client.sdk import (
+    AuthError, ConnectError, CursorLocked, RequestTimeout, RoostClient, RoostError, ServerError,
+)
+from contract import topics
+from contract.ids import dm_conv, is_valid_principal_id, parse_conv
+
+DEFAULT_REQUEST_TIMEOUT = 10.0
+ENV_TIMEOUT = "ROOST_TIMEOUT"
+ENV_DEBUG = "ROOST_DEBUG"
+
+
+# ---- shared plumbing ------------------------------------------------------------
+
+@dataclass
+class Net:
+    """The network options of one command invocation."""
+
+    server: str | None = None
+    user: str | None = None
+    password_stdin: bool = False
+    tls: bool | None = None
+    json_mode: bool = False
+    out: Output = field(default_factory=Output)
+    _settings: Settings | None = None
+    _clients: list[RoostClient] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        if self._settings is None:
+            password = read_password_stdin() if self.password_stdin else None
+            self._settings = cfgmod.resolve(server=self.server, user=self.user, password=password, tls=self.tls)
+        return self._settings
+
+    @property
+    def me(self) -> str:
+        s = self.settings
+        if not s.user:
+            raise CliError("not logged in: run `roost login ID` (or set ROOST_USER and ROOST_PASSWORD)", EXIT_CONNECT)
+        return s.user
+
+    def open(self, *, label: str | None = None, inbox: bool = True) -> RoostClient:
+        s = self.settings
+        me = self.me
+        if not s.secret:
+            raise CliError(
+                f"no password for '{me}': run `roost login {me}`, pass --password-stdin or set ROOST_PASSWORD",
+                EXIT_CONNECT)
+        client = RoostClient(
+            s.server, me, s.secret, label=label, tls=s.tls, ca_file=s.ca_file,
+            request_timeout=request_timeout(), subscribe_inbox=inbox,
+        )
+        with Progress(f"connecting to {s.server}", self.out.err):
+            client.connect()
+        self._clients.append(client)
+        return client
+
+    def close(self) -> None:
+        for c in self._clients:
+            try:
+                c.close()
+            except Exception:  # closing must never turn success into a traceback
+                pass
+        self._clients.clear()
+
+
+def request_timeout() -> float:
+    raw = os.environ.get(ENV_TIMEOUT)
+    if not raw:
+        return DEFAULT_REQUEST_TIMEOUT
+    try:
+        value = float(raw)
+        if value <= 0:
+            raise ValueError
+        return value
+    except ValueError:
+        raise CliError(f"{ENV_TIMEOUT}='{raw}' is not a positive number of seconds", EXIT_USAGE) from None
+
+
+def read_password_stdin() -> str:
+    line = sys.stdin.readline()
+    pw = line.rstrip("\r\n")
+    if not pw:
+        raise CliError("--password-stdin: no password on standard input", EXIT_USAGE)
+    return pw
+
+
+def to_cli_error(e: BaseException) -> CliError:
+    if isinstance(e, CliError):
+        return e
+    if isinstance(e, ServerError):
+        return CliError(f"{e.code}: {e.message}", EXIT_SERVER_ERROR)
+    if isinstance(e, AuthError):
+        return CliError(str(e), EXIT_CONNECT)
+    if isinstance(e, ConnectError):
+        return CliError(str(e), EXIT_CONNECT)
+    if isinstance(e, RequestTimeout):
+        return CliError(str(e), EXIT_TIMEOUT)
+    if isinstance(e, CursorLocked):
+        return CliError(str(e), EXIT_USAGE)
+    if isinstance(e, ClientConfigError):
+        return CliError(str(e), EXIT_USAGE)
+    if isinstance(e, RoostError):
+        return CliError(str(e), EXIT_SERVER_ERROR)
+    return CliError(f"internal error: {type(e).__name__}: {e} (set {ENV_DEBUG}=1 for details)", 70)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def guarded(fn: Callable[..., Any], net: Net, *, stream: bool = False) -> Any:
+    """Run a command body: expected failures become one stderr line and an exit code."""
+    previous = None
+    if stream and threading.current_thread() is threading.main_thread():
+        # SIGTERM ends a stream like Ctrl-C: last acks sent, cursor saved, exit 0.
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        if stream:
+            return None          # Ctrl-C is how a stream is meant to end
+        raise CliError("interrupted", EXIT_INTERRUPTED) from None
+    except (click.ClickException, click.exceptions.Exit, click.Abort):
+        raise
+    except Exception as e:
+        if os.environ.get(ENV_DEBUG) and not isinstance(e, (RoostError, ClientConfigError)):
+            raise
+        raise to_cli_error(e) from None
+    finally:
+        net.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+_NET_OPTIONS = [
+    click.option("--server", "-s", metavar="HOST:PORT", help="Broker address (default: from `roost login`, ROOST_SERVER)."),
+    click.option("--user", "-u", metavar="ID", help="Act as this person (default: from `roost login`, ROOST_USER)."),
+    click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input."),
+    click.option("--tls/--no-tls", default=None, help="Use TLS (default: from `roost login`, ROOST_TLS)."),
+    click.option("--json", "json_mode", is_flag=True, help="Print JSON (one document, or JSON lines for streams)."),
+]
+
+
+def network(stream: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the network options; the command body receives a `Net` first."""
+
+    def deco(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def run(server, user, password_stdin, tls, json_mode, **kw):
+            net = Net(server=server, user=user, password_stdin=password_stdin, tls=tls,
+                      json_mode=json_mode, out=Output(json_mode))
+            return guarded(lambda: f(net, **kw), net, stream=stream)
+
+        for opt in reversed(_NET_OPTIONS):
+            run = opt(run)
+        return run
+
+    return deco
+
+
+def principal_arg(value: str, what: str = "ID") -> str:
+    if not is_valid_principal_id(value):
+        raise click.BadParameter(f"'{value}' is not a valid id (lowercase letters, digits, '_' and '-', at most 32)",
+                                 param_hint=what)
+    return value
+
+
+def target_params(target: str) -> dict[str, str]:
+    """`bob` -> {"to": "bob"}; `dm:a:b` / `grp:x` -> {"conv": ...}."""
+    if target.startswith(("dm:", "grp:")):
+        if parse_conv(target) is None:
+            raise click.BadParameter(f"'{target}' is not a conversation id (dm:<a>:<b> or grp:<id>)", param_hint="PEER|CONV")
+        return {"conv": target}
+    return {"to": principal_arg(target, "PEER|CONV")}
+
+
+def conv_of(target: str, me: str) -> str:
+    p = target_params(target)
+    return p["conv"] if "conv" in p else dm_conv(me, p["to"])
+
+
+def who(name: Any, me: str) -> str:
+    return "you" if name == me else str(name)
+
+
+def event_line(ev: dict[str, Any], me: str, out: Output) -> str:
+    """One human line for a mailbox event."""
+    k = ev.get("kind")
+    t = out.s(fmt_time(ev.get("ts")), fg="bright_black")
+    conv = ev.get("conv", "")
+    if k == "msg":
+        sender = who(ev.get("from"), me)
+        return f"{t} {out.s(str(conv), fg='cyan')} #{ev.get('seq')} {out.s(sender, bold=True)}: {render_body(ev.get('body'))}"
+    if k == "delivered":
+        return f"{t} {conv} #{ev.get('seq')} delivered to {ev.get('to')}"
+    if k == "read":
+        return f"{t} {conv} #{ev.get('seq')} read by {ev.get('by')}"
+    if k == "unread":
+        return f"{t} unread {conv}: {ev.get('count')} (total {ev.get('total')})"
+    if k == "contact":
+        e, other, note = ev.get("event"), ev.get("with"), ev.get("note")
+        text = {"request": f"contact request from {other}", "accepted": f"contact accepted: {other}",
+                "rejected": f"contact request rejected: {other}", "removed": f"contact removed: {other}"}.get(
+            str(e), f"contact {e}: {other}")
+        return f"{t} {out.s(text, fg='magenta')}" + (f' "{note}"' if note else "")
+    if k == "group":
+        return f"{t} group {conv}: {ev.get('event')} by {who(ev.get('by'), me)}"
+    if k == "dropped":
+        dropped = f"{ev.get('count')} event(s) dropped ({ev.get('reason')})"
+        return f"{t} {out.s(dropped, fg='yellow')}"
+    return f"{t} {k}: {fmt_kv({x: y for x, y in ev.items() if x not in ('n', 'kind', 'ts')})}"
+
+
+def presence_line(principal: str, payload: Any, out: Output) -> str:
+    text = presence_text(payload) if payload is not None else "unknown"
+    colour = presence_colour(text)
+    since = payload.get("since") if isinstance(payload, dict) else None
+    when = out.s(fmt_time(since if text.startswith("online") else (payload or {}).get("last_seen") if isinstance(payload, dict) else None), fg="bright_black")
+    return f"{when} {principal} is {out.s(text, fg=colour) if colour else text}"
+
+
+class ConnectionWatch:
+    """Tells a stream's user, once per change, that the connection dropped or came back."""
+
+    def __init__(self, client: RoostClient, out: Output) -> None:
+        self.client = client
+        self.out = out
+        self.was_up = True
+
+    def check(self) -> None:
+        up = self.client.connected
+        if self.was_up and not up:
+            self.out.warn(f"connection to {self.client.server} lost; reconnecting...")
+        self.was_up = up
+
+    def reconnected(self) -> None:
+        self.out.warn(f"reconnected to {self.client.server}; caught up")
+        self.was_up = True
+
+
+# ---- one-line usage errors -------------------------------------------------------------
+
+class OneLineUsageError(click.UsageError):
+    """A usage error shown as one line (click's default is usage + hint + message)."""
+
+    def __init__(self, error: click.UsageError) -> None:
+        super().__init__(error.format_message(), error.ctx)
+        self.exit_code = EXIT_USAGE
+
+    def show(self, file: Any = None) -> None:
+        path = self.ctx.command_path if self.ctx is not None else "roost"
+        CliError(f"{self.format_message().rstrip('.')} (see `{path} --help`)", EXIT_USAGE).show(file)
+
+
+def _one_line(error: click.UsageError) -> click.UsageError:
+    no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    if isinstance(error, OneLineUsageError) or (no_args_help and isinstance(error, no_args_help)):
+        return error
+    return OneLineUsageError(error)
+
+
+class OneLineCommand(click.Command):
+    def make_context(self, *args: Any, **kw: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kw)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+
+class OneLineGroup(click.Group):
+    command_class = OneLineCommand
+
+    def make_context(self, *args: Any, **kw: Any) -> click.Context:
+        try:
+            return super().make_context(*args, **kw)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+
+
+def command(*args: Any, **kw: Any) -> Callable[[Callable[..., Any]], click.Command]:
+    return click.command(*args, cls=OneLineCommand, **kw)
+
+
+def group(*args: Any, **kw: Any) -> Callable[[Callable[..., Any]], click.Group]:
+    return click.group(*args, cls=OneLineGroup, **kw)
+
+
+
+def contact_ids(client: RoostClient) -> list[str]:
+    res = client.call("contacts")
+    return [c["id"] for c in res.get("contacts") or [] if isinstance(c, dict) and is_valid_principal_id(c.get("id"))]
+
+
+def device_ids(client: RoostClient) -> list[str]:
+    try:
+        res = client.call("devices")
+    except ServerError:   # a broker without the devices feature: contacts only
+        return []
+    return [d["id"] for d in res.get("devices") or [] if isinstance(d, dict) and is_valid_principal_id(d.get("id"))]
+
+
+def subscribe_presence(client: RoostClient, ids: list[str]) -> dict[str, bool]:
+    if not ids:
+        return {}
+    grants = client.subscribe([topics.presence(i) for i in ids])
+    return {topics.tail(t, topics.PRESENCE) or t: ok for t, ok in grants.items()}
+
+
+
+def clip(s: str, n: int) -> str:
+    return s if len(s) <= n else s[: n - 1] + "…"
