@@ -31,6 +31,7 @@ MAX_GROUP_NAME = 64
 MAX_GROUP_MEMBERS = 256
 DEFAULT_SYNC_LIMIT = 100
 DEFAULT_HISTORY_LIMIT = 50
+MAX_NUMBER = 2 ** 62       # n / seq parameters: SQLite integers overflow past 2**63
 
 
 def forbidden(message: str) -> ProtocolError:
@@ -286,7 +287,7 @@ class MessagingService:
 
     # ---- mailbox -----------------------------------------------------------------
     async def op_sync(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
-        after = param_int(params, "after", required=False, default=0)
+        after = param_int(params, "after", required=False, default=0, maximum=MAX_NUMBER)
         limit = param_int(params, "limit", required=False, default=DEFAULT_SYNC_LIMIT, minimum=1,
                           maximum=MAX_SYNC_LIMIT)
         events, head = await self._store.sync(caller.principal, after, limit)
@@ -295,7 +296,7 @@ class MessagingService:
         return {"events": [e.doc for e in events], "last": last, "more": more}
 
     async def op_ack(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
-        n = param_int(params, "n")
+        n = param_int(params, "n", maximum=MAX_NUMBER)
         try:
             cursor, events = await self._store.ack(caller.client_id, caller.principal, n, now())
         except ValueError as exc:
@@ -306,7 +307,7 @@ class MessagingService:
     # ---- read receipts and unread counts ------------------------------------------
     async def op_read(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         conv = await self._readable_conv(caller, params.get("conv"))
-        seq = param_int(params, "seq")
+        seq = param_int(params, "seq", maximum=MAX_NUMBER)
         try:
             outcome = await self._store.read(caller.principal, conv, seq, now())
         except NotMember:
@@ -322,7 +323,7 @@ class MessagingService:
 
     async def op_history(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         conv = await self._readable_conv(caller, params.get("conv"))
-        before = param_int(params, "before", required=False, minimum=1)
+        before = param_int(params, "before", required=False, minimum=1, maximum=MAX_NUMBER)
         limit = param_int(params, "limit", required=False, default=DEFAULT_HISTORY_LIMIT, minimum=1,
                           maximum=MAX_HISTORY_LIMIT)
         messages, more = await self._store.history(conv, before, limit)
