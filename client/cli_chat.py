@@ -418,12 +418,16 @@ def history(net: Net, target: str, limit: int, before: int | None) -> None:
         net.out.doc(res)
         return
     me = net.me
-    net.out.table(res.get("messages") or [], [
+    messages = res.get("messages") or []
+    net.out.table(messages, [
         Column("seq", "seq", align_right=True),
         Column("ts", "time", fmt_time),
         Column("from", "from", lambda v: who(v, me)),
         Column("body", "message", render_body),
     ], empty=f"no messages in {conv}")
+    first = messages[0].get("seq") if messages and isinstance(messages[0], dict) else None
+    if res.get("more") and isinstance(first, int):
+        net.out.line(f"older messages: roost history {target} --before {first}", fg="bright_black")
 
 
 @command()

@@ -83,7 +83,7 @@ class Stream:
     def wait_err(self, fragment: str, timeout: float = 15.0) -> str:
         return self._wait(self.err, lambda l: fragment in l, timeout, fragment)
 
-    def wait_json(self, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+    def wait_json(self, timeout: float = 10.0, start: int = 0, **match: Any) -> dict[str, Any]:
         def ok(line: str) -> bool:
             try:
                 doc = json.loads(line)
@@ -91,15 +91,15 @@ class Stream:
                 return False
             return all(_get(doc, k) == v for k, v in match.items())
 
-        return json.loads(self._wait(self.lines, ok, timeout, match))
+        return json.loads(self._wait(self.lines, ok, timeout, match, start))
 
     def docs(self) -> list[dict[str, Any]]:
         with self._cv:
             return [json.loads(l) for l in self.lines if l.startswith("{")]
 
-    def _wait(self, sink: list[str], pred, timeout: float, what: Any) -> str:
+    def _wait(self, sink: list[str], pred, timeout: float, what: Any, start: int = 0) -> str:
         deadline = time.monotonic() + timeout
-        seen = 0
+        seen = start
         with self._cv:
             while True:
                 for line in sink[seen:]:
@@ -437,3 +437,16 @@ def test_login_over_tls_with_a_private_ca(roost_factory, tmp_path):
     stored = json.loads((tmp_path / "erin" / "config" / "roost" / "client.json").read_text())
     assert stored["tls"] is True and stored["ca_file"] == str(certfile)
     assert erin.json("convs")["total_unread"] == 0
+
+
+def test_presence_follow_sees_a_contact_come_and_go(friends, streams):
+    alice, bob = friends
+    follow = alice.spawn("presence", "bob", "--follow", "--json")
+    streams.append(follow)
+    first = follow.wait_json(kind="presence", id="bob")
+    assert first["state"] in ("online", "offline")
+    mark = len(follow.lines)
+    bob.ok("convs")                       # a short connection of bob's
+    follow.wait_json(kind="presence", id="bob", state="online", start=mark)
+    follow.wait_json(kind="presence", id="bob", state="offline", start=mark + 1)
+    assert follow.interrupt() == 0
