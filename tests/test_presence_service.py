@@ -276,3 +276,29 @@ def test_forget_clears_retained(tmp_path) -> None:
         await services.store.close()
 
     run(main())
+
+
+def test_retained_online_without_a_record_is_corrected(tmp_path) -> None:
+    """SIGKILL before presence's write-behind flushed, after the broker's retained
+    writer did: the retained says online, our records say nothing."""
+    from broker.store.base import RetainedMessage
+
+    async def main() -> None:
+        services = await make_services(tmp_path / "r.db")
+        online = {"state": "online", "clients": 1, "since": 500.0, "last_seen": 600.0}
+        await services.store.retained.put(RetainedMessage("roost/presence/alice", json.dumps(online).encode(), 1))
+        await services.store.retained.put(RetainedMessage("roost/presence/ghost", json.dumps(online).encode(), 1))
+        await services.store.retained.put(RetainedMessage(
+            "roost/presence/bob", json.dumps({**online, "state": "offline"}).encode(), 1))
+        svc = PresenceService(services)
+        await svc.load()
+        pub = RecordingPublisher()
+        await svc.start(pub)
+        await settle(svc)
+        got = {t: d for t, d, _ in pub.published}
+        assert got == {"roost/presence/alice": {"state": "offline", "clients": 0, "since": 600.0, "last_seen": 600.0},
+                       "roost/presence/ghost": None}
+        await svc.stop()
+        await services.store.close()
+
+    run(main())

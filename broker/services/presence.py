@@ -93,8 +93,40 @@ class PresenceService:
                 self._dirty.add(rec.principal)
                 self._enqueue(rec.principal, st.wire())
             self._states[rec.principal] = st
+        await self._reconcile_retained(alive)
         if self._queue:
             log.info("presence: %d principal(s) were online when the broker stopped; now offline", len(self._queue))
+
+    async def _reconcile_retained(self, alive: float) -> None:
+        """Both our records and the broker's retained messages are written
+        behind, so a SIGKILL can leave a retained `online` that our records do
+        not explain (or for a principal removed meanwhile): correct it."""
+        retained = getattr(self._services.store, "retained", None)
+        if retained is None:
+            return
+        for msg in await retained.load_all():
+            principal = topics.tail(msg.topic, topics.PRESENCE)
+            if principal is None or not msg.payload:
+                continue
+            try:
+                doc = json.loads(msg.payload)
+            except ValueError:
+                doc = None
+            if not isinstance(doc, dict) or doc.get("state") != ONLINE:
+                continue
+            if self._services.identity.get_cached(principal) is None:
+                self._enqueue(principal, None)          # removed while the broker was down
+                continue
+            st = self._states.get(principal)
+            if st is not None and st.state == OFFLINE and any(p == principal for p, _ in self._queue):
+                continue                                 # already being corrected
+            if st is None:
+                seen = doc.get("last_seen")
+                seen = float(seen) if isinstance(seen, (int, float)) and not isinstance(seen, bool) else 0.0
+                st = self._states[principal] = _State(state=OFFLINE, since=max(seen, alive),
+                                                      last_seen=max(seen, alive))
+                self._dirty.add(principal)
+            self._enqueue(principal, st.wire())
 
     async def start(self, publisher: Publisher) -> None:
         self._publisher = publisher
