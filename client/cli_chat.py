@@ -20,7 +20,7 @@ from client.cli_common import (
     to_cli_error, who,
 )
 from client.config import ClientConfig
-from client.output import EXIT_SERVER_ERROR, CliError, Column, Output, Progress, fmt_time, fmt_value, render_body
+from client.output import EXIT_SERVER_ERROR, EXIT_USAGE, CliError, Column, Output, Progress, fmt_time, fmt_value, render_body
 from client.sdk import (
     ConnectError, CursorStore, EventStream, InboxItem, LocalItem, ReconnectedItem, RequestTimeout, RoostClient,
     RoostError, ServerError, TopicItem,
@@ -70,6 +70,9 @@ def login(user_id: str, server: str | None, tls: bool | None, ca_file: str | Non
             password = read_password_stdin()
         elif os.environ.get(cfgmod.ENV_PASSWORD) or os.environ.get(cfgmod.ENV_SECRET):
             password = os.environ.get(cfgmod.ENV_PASSWORD) or os.environ[cfgmod.ENV_SECRET]
+        elif not sys.stdin.isatty():
+            raise CliError("no terminal to ask the password on: use --password-stdin or set ROOST_PASSWORD",
+                           EXIT_USAGE)
         else:
             password = click.prompt(f"Password for {user_id}", hide_input=True, err=True)
         ca = ca_file or os.environ.get(cfgmod.ENV_CA) or stored.ca_file

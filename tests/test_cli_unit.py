@@ -243,6 +243,11 @@ def test_login_to_stopped_server_stores_nothing(cli, env, tmp_path):
     assert not (tmp_path / "cfg" / "roost" / "client.json").exists()
 
 
+def test_login_without_a_terminal_needs_password_stdin(cli, env):
+    res = run(cli, env, "login", "--server", f"127.0.0.1:{free_port()}", "alice", input="")
+    assert res.exit_code == 2 and "--password-stdin" in res.stderr
+
+
 def test_logout_when_not_logged_in(cli, env):
     res = run(cli, env, "logout", "--json")
     assert res.exit_code == 0
