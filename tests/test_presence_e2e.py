@@ -142,3 +142,23 @@ def test_restart_shows_offline_with_last_seen(roost):
     w3 = watch(roost, "alice", apw, "bob")
     p = next_presence(w3, "bob")
     assert p["state"] == "offline" and t_stop - 1 <= p["last_seen"] <= time.time()
+
+
+def test_sigkill_right_after_connect_never_leaves_a_stale_online(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob)
+    bob.disconnect()
+    for _ in range(3):
+        bob = ImClient("bob", "phone").open(roost, bpw)
+        bob.paho.loop_stop()
+        roost.kill()                 # within milliseconds of the connect
+        roost.start()
+        w = watch(roost, "alice", apw, "bob")
+        try:
+            p = next_presence(w, "bob", timeout=1.0)
+        except TimeoutError:
+            continue                 # nothing retained at all is fine too
+        assert p["state"] == "offline"
+        w.disconnect()
