@@ -551,12 +551,15 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
                     continue
                 runner.log(f"{bname}: {name} ...")
                 t = time.monotonic()
+                load_before = os.getloadavg()[0]
                 try:
                     o = await runner.scenario(broker, name)
                 except Exception as exc:  # noqa: BLE001
                     o = Outcome(error=f"{type(exc).__name__}: {exc}")
                     runner.log(f"{bname}: {name} failed: {exc}\n{broker.log_tail(15)}")
                     broker.kill()
+                # Other work on the machine takes CPU from the broker: say how busy it was.
+                o.notes.append(f"load avg {load_before:.1f}")
                 results[bname][name] = o
                 runner.log(f"{bname}: {name} done in {time.monotonic() - t:.1f}s: "
                            + ", ".join(f"{k}={v:.4g}" for k, v in o.metrics.items() if v is not None))
