@@ -50,6 +50,8 @@ def test_hostile_requests_get_one_clear_answer_each(roost):
         (json.dumps({"id": "h10", "op": "send", "to": "bob", "cmid": "c", "body": {"type": "text", "text": None}}),
          "h10", "bad_request"),
         (json.dumps({"id": "h12", "op": "sync", "after": 10 ** 30}), "h12", "bad_request"),
+        ('{"id": "h15", "op": "send", "to": "bob", "cmid": "deep", "body": {"type": "text", "text": "x", "d": '
+         + "[" * 900 + "]" * 900 + "}}", "h15", "bad_request"),
         (json.dumps({"id": "h13", "op": "history", "conv": "dm:alice:bob", "before": 10 ** 30}), "h13",
          "bad_request"),
         (json.dumps({"id": "h14", "op": "read", "conv": "dm:alice:bob", "seq": 1.5}), "h14", "bad_request"),

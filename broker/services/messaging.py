@@ -31,6 +31,7 @@ MAX_GROUP_NAME = 64
 MAX_GROUP_MEMBERS = 256
 DEFAULT_SYNC_LIMIT = 100
 DEFAULT_HISTORY_LIMIT = 50
+MAX_BODY_DEPTH = 32
 MAX_NUMBER = 2 ** 62       # n / seq parameters: SQLite integers overflow past 2**63
 
 
@@ -51,10 +52,31 @@ def _opt_dict(body: dict[str, Any], key: str) -> None:
         raise bad(f"body.{key} must be an object")
 
 
+def _depth_within(value: Any, limit: int) -> bool:
+    """True when containers nest at most `limit` deep (iterative: no recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return False
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
 def validate_body(body: Any, max_body: int) -> str:
     """Check a message body against PROTOCOL.md; returns its canonical JSON text."""
     if not isinstance(body, dict):
         raise bad("'body' must be an object")
+    # Bounded nesting keeps every later encode/decode of the body (pushes, sync,
+    # history) far from Python's recursion limit.
+    if not _depth_within(body, MAX_BODY_DEPTH):
+        raise bad(f"body nests deeper than {MAX_BODY_DEPTH} levels")
     text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
     if len(text.encode()) > max_body:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"body is larger than {max_body} bytes")
