@@ -162,3 +162,20 @@ def test_sigkill_right_after_connect_never_leaves_a_stale_online(roost):
             continue                 # nothing retained at all is fine too
         assert p["state"] == "offline"
         w.disconnect()
+
+
+def test_states_arrive_in_the_order_they_happened(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob)
+    bob.disconnect()
+    w = watch(roost, "alice", apw, "bob")
+    assert next_presence(w, "bob")["state"] == "offline"   # retained
+    clients = [MqttClient(f"bob.c{i}").connect(roost.host, roost.port, username="bob", password=bpw)
+               for i in range(5)]
+    for c in clients:
+        c.disconnect()
+    counts = [next_presence(w, "bob")["clients"] for _ in range(10)]
+    assert counts == [1, 2, 3, 4, 5, 4, 3, 2, 1, 0]
+    assert w.no_message("roost/presence/bob", wait=0.5)

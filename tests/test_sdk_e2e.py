@@ -93,3 +93,46 @@ def test_more_commands_than_the_session_queue_while_away(roost_factory, tmp_path
         assert seen == list(range(20))
     finally:
         dev2.stop()
+
+
+def test_events_survive_the_request_rate_limit(roost_factory):
+    """A chatty device hits the broker's request rate limit: the SDK backs off
+    and every event still reaches the owner, once, in order."""
+    roost = roost_factory({"limits": {"request_rate": 5.0, "request_burst": 3}})
+    apw = roost.add_user("alice")
+    secret, code = roost.add_device("door", "door_sensor")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    alice.call("device.claim", device="door", code=code)
+    dev = Device("door", secret, roost.host, roost.port, kind="door_sensor", request_timeout=20)
+    dev.start(wait=10)
+    try:
+        for i in range(8):
+            assert dev.send_event("opened", {"i": i}) != {}
+        got = [alice.wait_event("msg", timeout=5, **{"from": "door"})["body"]["data"]["i"] for _ in range(8)]
+        assert got == list(range(8))
+    finally:
+        dev.stop()
+
+
+def test_telemetry_published_while_the_broker_is_down_arrives_later(roost):
+    apw = roost.add_user("alice")
+    secret, code = roost.add_device("thermo", "thermostat")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    alice.call("device.claim", device="thermo", code=code)
+    dev = Device("thermo", secret, roost.host, roost.port, kind="thermostat", min_backoff=1, max_backoff=1)
+    dev.start(wait=10)
+    try:
+        roost.stop()
+        assert dev.telemetry(temperature=19.5, humidity=40.0)    # queued by paho
+        roost.start()
+        assert dev.wait_connected(10)
+        alice = ImClient("alice", "phone2").open(roost, apw)
+        deadline = time.monotonic() + 5
+        while True:
+            latest = alice.call("devices")["devices"][0]["last_telemetry"]
+            if latest and latest.get("temperature") == 19.5:
+                break
+            assert time.monotonic() < deadline, latest
+            time.sleep(0.2)
+    finally:
+        dev.stop()
