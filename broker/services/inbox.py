@@ -227,15 +227,20 @@ class Inboxes:
     async def client_subscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
         if not filter_matches(topic_filter, topics.inbox(principal)):
             return
-        if not clean_session:
-            _cursor, subscribed, _head = await self._store.client_cursor(client_id, principal)
-            if not subscribed:
-                await self._store.set_inbox_sub(client_id, principal, True)
         existing = self.pusher(client_id, principal)
         if existing is None:
             self._start(client_id, principal, persistent=not clean_session)
         else:
             existing.nudge()
+        if not clean_session:
+            # Remembered for reconnects that rely on the persistent session; pushing
+            # has already started, whether or not this bookkeeping succeeds.
+            try:
+                _cursor, subscribed, _head = await self._store.client_cursor(client_id, principal)
+                if not subscribed:
+                    await self._store.set_inbox_sub(client_id, principal, True)
+            except Exception:  # noqa: BLE001
+                log.warning("could not record the inbox subscription of %s", client_id, exc_info=True)
 
     async def client_unsubscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
         if not filter_matches(topic_filter, topics.inbox(principal)):
