@@ -110,7 +110,7 @@ def test_4_keepalive_enforced_and_will_published(make, kind):
     elapsed = time.monotonic() - t0
     s.close()
     assert closed, "silent client was not disconnected"
-    assert 1.4 <= elapsed <= 3.0, elapsed
+    assert 1.4 <= elapsed <= 3.5, elapsed
     assert watcher.get(3).payload == b"offline"
 
 
@@ -213,6 +213,6 @@ def _fan_time(b: Any, n: int) -> float:
 def test_10_exact_topic_publish_does_not_scan_every_subscription(make, kind):
     b = make(kind, {"limits": {"max_subscriptions": 20000}})
     few = _fan_time(b, 0)
-    lots = _fan_time(b, 8000)
-    # with 8000 unrelated filters the cost per publish must stay about the same
-    assert lots < few * 3 + 0.3, (few, lots)
+    lots = _fan_time(b, 15000)
+    # with 15000 unrelated filters the cost per publish must stay about the same
+    assert lots < few * 3 + 0.5, (few, lots)

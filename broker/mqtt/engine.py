@@ -674,21 +674,26 @@ class Engine:
             await self.flush_retained(RetainedMessage)
 
     async def flush_retained(self, cls: Any = None) -> None:
+        """Write pending retained changes. An entry leaves the dirty map only after
+        its write finished (and only if it did not change meanwhile), so a
+        cancelled flush loses nothing."""
         if self._store is None:
             return
         if cls is None:
             from broker.store.base import RetainedMessage as cls  # noqa: N813
-        while self._retained_dirty:
-            batch, self._retained_dirty = self._retained_dirty, {}
-            for topic, v in batch.items():
-                try:
-                    if v is None:
-                        await self._store.delete(topic)
-                    else:
-                        await self._store.put(cls(topic, v[0], v[1]))
-                except Exception:  # noqa: BLE001 - keep serving; the in-memory copy is still right
-                    self.stats["retained_write_errors"] += 1
-                    log.exception("could not persist retained message on %s", topic)
+        dirty = self._retained_dirty
+        while dirty:
+            topic, v = next(iter(dirty.items()))
+            try:
+                if v is None:
+                    await self._store.delete(topic)
+                else:
+                    await self._store.put(cls(topic, v[0], v[1]))
+            except Exception:  # noqa: BLE001 - keep serving; the in-memory copy is still right
+                self.stats["retained_write_errors"] += 1
+                log.exception("could not persist retained message on %s", topic)
+            if dirty.get(topic, 0) is v:
+                del dirty[topic]
 
     # ---- API for plugins (BrokerApi) ---------------------------------------------
 
