@@ -399,3 +399,48 @@ def test_send_throughput_group_commits(tmp_path):
         await close_env(env)
 
     run(main())
+
+
+def test_pruning_rounds_are_bounded_and_every_discard_is_announced(tmp_path):
+    async def main() -> None:
+        env = await open_env(tmp_path, config={"mailbox": {"max_events": 5}})
+        env.messaging.prune_max_rows = 4
+        await env.befriend("alice", "bob")
+        for i in range(20):
+            await env.call("alice", "send", to="bob", cmid=str(i), body=text(str(i)))
+        total = 22                                   # 2 contact events + 20 messages
+        rounds = 0
+        while await env.messaging.prune_once():
+            rounds += 1
+            assert rounds < 20
+        box = await env.mailbox("bob")
+        assert len(box) == 5 and rounds > 1         # several small rounds, not one big one
+        dropped = [e for e in await env.mailbox("bob") if e["kind"] == "dropped"]
+        head = box[-1]["n"]
+        # Everything ever numbered is either still there or counted in a dropped event
+        # that is still there or was itself discarded (and counted) later.
+        assert head == total + rounds
+        assert all(d["reason"] == "queue_full" for d in dropped)
+        await close_env(env)
+
+    run(main())
+
+
+def test_expired_dropped_announcements_are_not_announced_again(tmp_path):
+    async def main() -> None:
+        env = await open_env(tmp_path, config={"mailbox": {"ttl": 1}})
+        await env.befriend("alice", "bob")
+        await asyncio.sleep(1.1)
+        await env.messaging.prune_once()
+        box = await env.mailbox("bob")
+        assert [(e["kind"], e.get("count")) for e in box] == [("dropped", 2)]
+        await asyncio.sleep(1.1)
+        await env.messaging.prune_once()
+        assert await env.mailbox("bob") == []        # the announcement expired, silently
+        await env.messaging.prune_once()
+        assert await env.mailbox("bob") == []
+        await env.call("alice", "send", to="bob", cmid="x", body=text("x"))
+        assert [e["n"] for e in await env.mailbox("bob")] == [4]   # numbering never restarts
+        await close_env(env)
+
+    run(main())
