@@ -448,12 +448,14 @@ def convs(net: Net) -> None:
     if net.json_mode:
         net.out.doc(res)
         return
+    me = net.me
     rows = []
     for c in res.get("convs") or []:
         if not isinstance(c, dict):
             continue
         last = c.get("last")
-        rows.append({**c, "with": c.get("peer") or c.get("name"), "last_text": _last_text(last), "last_ts": last.get("ts") if isinstance(last, dict) else None})
+        rows.append({**c, "with": c.get("peer") or c.get("name"), "last_text": _last_text(last, me),
+                     "last_ts": last.get("ts") if isinstance(last, dict) else None})
     out = net.out
     out.table(rows, [
         Column("conv", "conv"),
@@ -466,9 +468,9 @@ def convs(net: Net) -> None:
     out.line(f"total unread: {res.get('total_unread', 0)}", bold=True)
 
 
-def _last_text(last: Any) -> str | None:
+def _last_text(last: Any, me: str) -> str | None:
     if isinstance(last, dict):
-        sender = last.get("from")
+        sender = who(last["from"], me) if last.get("from") else None
         text = render_body(last.get("body")) if "body" in last else fmt_value(last.get("seq"))
         return f"{sender}: {text}" if sender else text
     return None if last is None else f"#{last}"

@@ -22,7 +22,7 @@ import click
 from client import config as cfgmod
 from client.config import ClientConfigError, Settings
 from client.output import (
-    EXIT_CONNECT, EXIT_INTERRUPTED, EXIT_SERVER_ERROR, EXIT_TIMEOUT, EXIT_USAGE,
+    EXIT_CONNECT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_SERVER_ERROR, EXIT_TIMEOUT, EXIT_USAGE,
     CliError, Output, Progress, fmt_kv, fmt_time, presence_colour, presence_text, render_body,
 )
 from client.sdk import (
@@ -128,7 +128,7 @@ def to_cli_error(e: BaseException) -> CliError:
         return CliError(str(e), EXIT_USAGE)
     if isinstance(e, RoostError):
         return CliError(str(e), EXIT_SERVER_ERROR)
-    return CliError(f"internal error: {type(e).__name__}: {e} (set {ENV_DEBUG}=1 for details)", 70)
+    return CliError(f"internal error: {type(e).__name__}: {e} (set {ENV_DEBUG}=1 for details)", EXIT_INTERNAL)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

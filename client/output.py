@@ -27,6 +27,7 @@ EXIT_CONNECT = 3           # cannot connect, login refused, not logged in
 EXIT_TIMEOUT = 4           # no answer in time (request, device result)
 EXIT_DEVICE_ERROR = 5      # `roost cmd`: the device answered status "error"
 EXIT_INTERRUPTED = 130     # Ctrl-C during a one-shot command
+EXIT_INTERNAL = 70         # a bug (ROOST_DEBUG=1 shows the traceback)
 
 
 class CliError(click.ClickException):
