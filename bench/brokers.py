@@ -12,6 +12,7 @@ own session, and `stop()` always reaps it (SIGTERM, then SIGKILL).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import os
 import resource
@@ -40,9 +41,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _raise_nofile() -> None:  # runs in the child before exec
+_PR_SET_PDEATHSIG = 1
+try:
+    _libc: ctypes.CDLL | None = ctypes.CDLL(None, use_errno=True)
+except OSError:  # pragma: no cover - not Linux
+    _libc = None
+
+
+def child_setup() -> None:
+    """Runs in every child the benchmark starts, before exec: `ulimit -n` to the hard
+    limit, and SIGKILL when the benchmark dies, even by SIGKILL (nothing left behind)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if _libc is not None:
+        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -82,7 +94,7 @@ class BrokerProcess:
         log = open(self.log_path, "ab")
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(self.command(), cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, preexec_fn=_raise_nofile,
+                                     stdin=subprocess.DEVNULL, preexec_fn=child_setup,
                                      env=dict(os.environ, PYTHONUNBUFFERED="1"))
         log.close()
 

@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.brokers import BrokerProcess
+from bench.brokers import BrokerProcess, child_setup
 
 
 @dataclass
@@ -39,7 +39,7 @@ def start(broker: BrokerProcess, base: Path) -> Spy | None:
     raw = base.with_suffix(".txt")
     proc = subprocess.Popen([exe, "record", "--pid", str(broker.pid), "--rate", "200", "--format", "raw",
                              "--output", str(raw), "--nonblocking", "--threads"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=child_setup)
     return Spy(proc, raw, base)
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from bench import profile
-from bench.brokers import BrokerProcess, Mosquitto, Roost, make
+from bench.brokers import BrokerProcess, Mosquitto, Roost, child_setup, make
 from bench.loadgen import raise_nofile
 from bench.mqtt import now_ns
 
@@ -103,7 +104,7 @@ class Runner:
                 procs.append(await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "bench.loadgen", str(path), cwd=str(Path(__file__).parent.parent),
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=err,
-                    limit=1 << 26))
+                    limit=1 << 26, preexec_fn=child_setup))
                 err.close()
             ready = await asyncio.wait_for(asyncio.gather(*(self._event(p, "ready") for p in procs)), 120)
             for r in ready:
@@ -519,6 +520,10 @@ bottleneck unless a note says GENERATOR SATURATED):
 
 async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
     raise_nofile()
+    # SIGTERM ends the run like Ctrl-C: every `finally` stops what it started.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
     sizes = QUICK if args.quick else FULL
     scenarios = [s.strip() for s in args.only.split(",")] if args.only else list(SCENARIOS)
     for s in scenarios:
