@@ -173,7 +173,10 @@ class Device:
         """Acknowledge what was handled, DISCONNECT, and stop the threads."""
         self._stop.set()
         if self._worker is not None:
-            self._inbox.put(None)
+            try:
+                self._inbox.put(None, timeout=1.0)   # wake it; it also checks _stop twice a second
+            except queue.Full:
+                pass
             self._worker.join(timeout=self.request_timeout + 1)
         self._mqtt.disconnect()
         self._mqtt.loop_stop()
@@ -284,13 +287,15 @@ class Device:
         except ValueError:
             self.log.warning("ignoring non-JSON message on %s", msg.topic)
             return
+        if not isinstance(doc, dict):
+            return
         if msg.topic == topics.resp(self.client_id):
             with self._pending_lock:
                 slot = self._pending.get(doc.get("id"))
             if slot is not None and slot[1] is None:
                 slot[1] = doc
                 slot[0].set()
-        elif msg.topic == topics.inbox(self.id) and isinstance(doc, dict):
+        elif msg.topic == topics.inbox(self.id):
             self._put(doc)
 
     def _put(self, item: Any) -> None:
