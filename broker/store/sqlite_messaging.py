@@ -189,34 +189,34 @@ class SqliteMessagingStore:
                                (sender, cmid)).fetchone()
             if row is not None:
                 return SendOutcome(message=_message_row(row), dup=True, events=[])
-            conv_row = conn.execute("SELECT last_seq FROM conversations WHERE conv=?", (conv,)).fetchone()
+            conv_row = conn.execute("SELECT last_seq, last_ts FROM conversations WHERE conv=?", (conv,)).fetchone()
             if conv_row is None:
                 if dm_members is None:
                     raise NotMember(conv)
                 conn.execute(
                     "INSERT INTO conversations(conv, kind, name, created_by, created_at) VALUES (?, 'dm', '', ?, ?)",
                     (conv, sender, now))
-                for p in dm_members:
-                    conn.execute("INSERT INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)",
-                                 (conv, p, now))
-                last_seq = 0
+                last_seq, last_ts = 0, 0.0
             else:
-                last_seq = conv_row[0]
-                if dm_members is not None:
-                    # A member dropped by forget_principal whose id was registered again.
-                    for p in dm_members:
-                        conn.execute("INSERT OR IGNORE INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)",
-                                     (conv, p, now))
+                last_seq, last_ts = conv_row
             members = _members(conn, conv)
+            if dm_members is not None and not set(dm_members) <= set(members):
+                # New conversation, or a member dropped by forget_principal whose id
+                # was registered again.
+                for p in dm_members:
+                    conn.execute("INSERT OR IGNORE INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)",
+                                 (conv, p, now))
+                members = _members(conn, conv)
             if sender not in members:
                 raise NotMember(conv)
             seq = last_seq + 1
+            ts = max(now, last_ts)   # commit order and time order agree within a conversation
             conn.execute("UPDATE conversations SET last_seq=?, last_ts=?, activity=? WHERE conv=?",
-                         (seq, now, _next_activity(conn), conv))
+                         (seq, ts, _next_activity(conn), conv))
             conn.execute(f"INSERT INTO messages({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?)",
-                         (conv, seq, sender, cmid, now, body))
-            msg = StoredMessage(conv, seq, sender, cmid, now, body)
-            events = [append_event(conn, p, "msg", now, msg=msg) for p in members if p == sender or p not in skip]
+                         (conv, seq, sender, cmid, ts, body))
+            msg = StoredMessage(conv, seq, sender, cmid, ts, body)
+            events = [append_event(conn, p, "msg", ts, msg=msg) for p in members if p == sender or p not in skip]
             return SendOutcome(message=msg, dup=False, events=events)
 
         return await self._db.write(job)
