@@ -450,3 +450,31 @@ def test_presence_follow_sees_a_contact_come_and_go(friends, streams):
     follow.wait_json(kind="presence", id="bob", state="online", start=mark)
     follow.wait_json(kind="presence", id="bob", state="offline", start=mark + 1)
     assert follow.interrupt() == 0
+
+
+def test_cmd_gets_its_result_across_a_broker_restart(friends, roost, streams):
+    from devices.sdk import Device
+
+    alice, _ = friends
+    secret, code = roost.add_device("lamp1", "light")
+    alice.ok("claim", "lamp1", code)
+    dev = Device("lamp1", secret, host=roost.host, port=roost.port)
+
+    @dev.command("slow")
+    def _slow(cmd):
+        time.sleep(2.0)          # the broker restarts while the device works
+        return {"done": True}
+
+    dev.start()
+    try:
+        waiting = alice.spawn("cmd", "lamp1", "slow", "--timeout", "40", "--json")
+        streams.append(waiting)
+        time.sleep(1.0)
+        roost.restart()
+        assert waiting.proc.wait(45) == 0, waiting.err
+        time.sleep(0.2)          # let the reader thread take the last lines
+        out = json.loads("\n".join(waiting.lines))    # one (indented) JSON document
+        assert out["status"] == "ok"
+        assert out["data"] == {"done": True} and out["device"] == "lamp1"
+    finally:
+        dev.stop()
