@@ -452,6 +452,49 @@ def render_table(sizes: Sizes, brokers: list[str], results: dict[str, dict[str, 
     return "\n".join(out)
 
 
+def render_targets(results: dict[str, dict[str, Outcome]]) -> str:
+    """Issue 7's targets for Roost, checked against this run's figures."""
+    roost, stock = results.get("roost", {}), results.get("amqtt", {})
+
+    def m(res: dict[str, Outcome], scenario: str, metric: str) -> float | None:
+        o = res.get(scenario)
+        return None if o is None or o.error else o.metrics.get(metric)
+
+    lines = []
+
+    def check(what: str, ok: bool | None, detail: str) -> None:
+        verdict = "n/a " if ok is None else "PASS" if ok else "FAIL"
+        lines.append(f"  {verdict}  {what}: {detail}")
+
+    for scen, label in (("fanin_qos0", "plain QoS 0 fan-in >= 4x stock"),
+                        ("fanin_qos1", "plain QoS 1 fan-in >= 4x stock, nothing lost"),
+                        ("p2p", "point-to-point QoS 1 >= 4x stock, nothing lost")):
+        r, b, lost = m(roost, scen, "msg_s"), m(stock, scen, "msg_s"), m(roost, scen, "lost")
+        if r is None or not b:
+            check(label, None, "not measured")
+        else:
+            check(label, r / b >= 4 and not lost, f"{r / b:.1f}x, lost {lost or 0:,.0f}")
+    im, base = m(roost, "im", "msg_s"), m(stock, "fanin_qos1", "msg_s")
+    if im is None or not base:
+        check("IM durable rate >= stock plain QoS 1 fan-in", None, "not measured")
+    else:
+        check("IM durable rate >= stock plain QoS 1 fan-in", im >= base, f"{im:,.0f} vs {base:,.0f} msg/s")
+    p99 = m(roost, "im", "half_p99_ms")
+    lost, dup = m(roost, "im", "lost"), m(roost, "im", "dup")
+    check("IM p99 <= 50 ms at half load", None if p99 is None else p99 <= 50,
+          "not measured" if p99 is None else f"{p99:.1f} ms")
+    check("IM nothing lost or duplicated", None if lost is None else not lost and not dup,
+          "not measured" if lost is None else f"lost {lost:,.0f}, duplicated {dup or 0:,.0f}")
+    rss, held = m(roost, "hold", "rss_mb"), m(roost, "hold", "connected")
+    check("5,000 idle clients with RSS <= 150 MB", None if rss is None else rss <= 150 and (held or 0) >= 5000,
+          "not measured" if rss is None else f"{held or 0:,.0f} held, {rss:.0f} MB")
+    t, n = m(roost, "restart", "serve_s"), m(roost, "restart", "events")
+    check("serving within 3 s after restart with 1,000,000 mailbox events",
+          None if t is None else t <= 3 and (n or 0) >= 1_000_000,
+          "not measured" if t is None else f"{t:.2f} s with {n or 0:,.0f} events")
+    return "\n".join(lines)
+
+
 def render_notes(brokers: list[str], results: dict[str, dict[str, Outcome]]) -> str:
     out = []
     for b in brokers:
@@ -490,7 +533,8 @@ def machine_info() -> dict[str, str]:
             "kernel": platform.release()}
 
 
-def results_md(info: dict[str, str], cmd: str, quick: bool, elapsed: float, table: str, notes: str) -> str:
+def results_md(info: dict[str, str], cmd: str, quick: bool, elapsed: float, table: str, targets: str,
+               notes: str) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     git = "?"
     try:
@@ -510,6 +554,12 @@ amqtt {info['amqtt']}, paho-mqtt {info['paho-mqtt']} (tests only: the generator 
 absolute figures from run to run; the ratios come from one run and move less.
 
 {table}
+
+Issue 7 targets (Roost, this run):
+
+```
+{targets}
+```
 
 Notes (broker and generator CPU during each measured phase; the generator is not the
 bottleneck unless a note says GENERATOR SATURATED):
@@ -580,6 +630,10 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
           f"{info['nproc']} cpu {info['cpu']}, python {info['python']}, amqtt {info['amqtt']}, "
           f"{info['mosquitto']}; took {elapsed:.0f}s")
     print(table)
+    targets = render_targets(results) if "roost" in results and not args.quick else ""
+    if targets:
+        print("Issue 7 targets (Roost, this run):")
+        print(targets)
     if notes:
         print("Notes:")
         print(notes)
@@ -593,7 +647,8 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
     if args.results:
         cmd = "python -m bench " + " ".join(argv_used)
         Path(args.results).write_text(results_md(info, cmd.strip(), args.quick, elapsed,
-                                                 render_table(sizes, brokers, results, markdown=True), notes))
+                                                 render_table(sizes, brokers, results, markdown=True),
+                                                 targets, notes))
     failed = any(o.error for r in results.values() for o in r.values())
     return 1 if failed else 0
 
