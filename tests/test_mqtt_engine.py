@@ -500,3 +500,29 @@ def test_amqtt_context_broadcast_routes_through_engine(b):
     assert s.get().payload == b"via context"
     assert plugin.context._broker is b.broker
     assert "ctx-sub" in b.broker.sessions
+
+
+def test_subscriber_that_never_reads_does_not_stall_others(fresh):
+    x = fresh({"limits": {"max_queued": 300}})
+    stalled = RawClient(x.port)
+    stalled.connect("stalled")
+    stalled.s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.subscribe("fl/t", 0)   # and never reads again
+    ok = Client(x.port, "fl-ok")
+    ok.sub("fl/t", 0)
+    pub = Client(x.port, "fl-pub")
+    payload = b"y" * 10000
+    for _ in range(2000):   # 20 MB: more than the kernel buffers hold
+        pub.pub("fl/t", payload, qos=1)   # paced by PUBACKs, so the reading subscriber keeps up
+    pub.pub("fl/t", b"last", qos=1)
+    got = 0
+    while True:
+        m = ok.get(5)
+        if m.payload == b"last":
+            break
+        got += 1
+    assert got == 2000
+    st = x.broker.engine.sessions["stalled"]
+    assert len(st.queue) <= 300 and st.dropped > 0
+    assert x.broker.engine.sessions["fl-ok"].dropped == 0
+    stalled.close()

@@ -31,6 +31,7 @@ NEW, CONNECTED, CLOSED = 0, 1, 2
 # Packets waiting behind an awaited one; beyond this we stop reading the socket.
 PENDING_HIGH = 256
 PENDING_LOW = 32
+CLOSE_GRACE = 5.0   # seconds a closing transport may take to flush before it is aborted
 
 
 class Connection(asyncio.Protocol):
@@ -52,6 +53,7 @@ class Connection(asyncio.Protocol):
         self.writable = False           # connected and transport not paused
         self._write_paused = False
         self._read_paused_by: set[str] = set()
+        self.paused_since: float | None = None   # loop time we stopped reading the socket
         self._out: list[bytes] = []
         self._dirty = False
         self._pending: deque[tuple[int, int, bytes]] = deque()
@@ -94,21 +96,27 @@ class Connection(asyncio.Protocol):
         self.resume_reading("write")
 
     def pause_reading(self, why: str) -> None:
-        if not self._read_paused_by and self.transport is not None:
-            try:
-                self.transport.pause_reading()
-            except (RuntimeError, AttributeError):
-                pass
+        if not self._read_paused_by:
+            self.paused_since = self.engine.loop.time()
+            if self.transport is not None:
+                try:
+                    self.transport.pause_reading()
+                except (RuntimeError, AttributeError):
+                    pass
         self._read_paused_by.add(why)
 
     def resume_reading(self, why: str) -> None:
         if why in self._read_paused_by:
             self._read_paused_by.discard(why)
-            if not self._read_paused_by and self.transport is not None and self.state != CLOSED:
-                try:
-                    self.transport.resume_reading()
-                except (RuntimeError, AttributeError):
-                    pass
+            if not self._read_paused_by:
+                self.paused_since = None
+                # we did not read while paused: the client's PINGREQs were not heard
+                self.last_recv = self.engine.loop.time()
+                if self.transport is not None and self.state != CLOSED:
+                    try:
+                        self.transport.resume_reading()
+                    except (RuntimeError, AttributeError):
+                        pass
 
     def data_received(self, data: bytes) -> None:
         if self.state == CLOSED:
@@ -240,7 +248,13 @@ class Connection(asyncio.Protocol):
             self.flush()
         self.state = CLOSED
         t.close()
-        # connection_lost runs later from the loop and calls engine.connection_lost
+        # connection_lost runs later from the loop and calls engine.connection_lost;
+        # a peer that never reads would keep a closing transport (and us) forever
+        self.engine.loop.call_later(CLOSE_GRACE, self._force_abort, t)
+
+    def _force_abort(self, t: Any) -> None:
+        if self.transport is t:
+            t.abort()
 
     def abort(self, reason: DisconnectReason) -> None:
         if self.reason is None:

@@ -60,6 +60,7 @@ AUTH_TIMEOUT = 60.0              # seconds a CONNECT may spend in authentication
 DELIVER_WAIT = 10.0              # seconds deliver() waits for room in a full queue
 TICK = 0.5                       # keepalive/timeout check period
 PUB_ACL_CACHE = 256              # per-connection PUBLISH decisions
+PAUSED_GRACE = 60.0              # extra seconds for a connection we stopped reading
 
 _NO_WILL = (DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN)
 
@@ -762,7 +763,13 @@ class Engine:
             for conn in list(self.conns):
                 if conn.state == CONNECTED:
                     ka = conn.keep_alive
-                    if ka and now - conn.last_recv > ka * 1.5:
+                    if conn.paused_since is not None:
+                        # we are not reading it (it does not read what we send, or its
+                        # requests pile up): its pings cannot be heard; give it longer
+                        if now - conn.paused_since > ka * 1.5 + PAUSED_GRACE:
+                            log.warning("closing %s: stalled for %.0fs", conn.client_id, now - conn.paused_since)
+                            conn.close(DisconnectReason.KEEPALIVE)
+                    elif ka and now - conn.last_recv > ka * 1.5:
                         log.info("closing %s: nothing received for 1.5 x keepalive (%ds)", conn.client_id, ka)
                         conn.close(DisconnectReason.KEEPALIVE)
                 elif conn.state == NEW:
