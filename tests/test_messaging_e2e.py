@@ -128,6 +128,43 @@ def test_every_client_of_a_person_sees_the_same_thread_and_counts(roost):
     assert ns == list(range(1, len(ns) + 1))
 
 
+def test_concurrent_senders_in_a_group_get_one_gap_free_sequence(roost):
+    people = ["alice", "bob", "carol", "dave"]
+    pw = {p: roost.add_user(p) for p in people}
+    clients = {p: ImClient(p, "phone").open(roost, pw[p]) for p in people}
+    alice = clients["alice"]
+    for p in people[1:]:
+        alice.call("contact.request", to=p)
+        clients[p].call("contact.accept", **{"from": "alice"})
+    conv = alice.call("group.create", name="all", members=people[1:])["conv"]
+    per_sender = 40
+
+    def burst(p: str) -> None:
+        c = clients[p]
+        for i in range(per_sender):
+            c.publish(f"roost/req/{c.client_id}",
+                      {"id": f"{p}{i}", "op": "send", "conv": conv, "cmid": f"{p}-{i}", "body": text(str(i))},
+                      qos=1, wait=False)
+
+    threads = [threading.Thread(target=burst, args=(p,)) for p in people]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seqs = []
+    for p in people:
+        docs = [clients[p].wait_message(f"roost/resp/{clients[p].client_id}", 10).json() for _ in range(per_sender)]
+        assert all(d["ok"] for d in docs), [d for d in docs if not d["ok"]][:3]
+        seqs += [d["result"]["seq"] for d in docs]
+    total = per_sender * len(people)
+    assert sorted(seqs) == list(range(1, total + 1))
+    for p in people:                      # every member is pushed the whole thread in seq order
+        got = [clients[p].wait_event("msg", conv=conv, timeout=10)["seq"] for _ in range(total)]
+        assert got == list(range(1, total + 1))
+    history = alice.call("history", conv=conv, limit=200)["messages"]
+    assert [m["seq"] for m in history] == list(range(1, total + 1))
+
+
 def test_persistent_client_is_pushed_what_it_missed(roost):
     apw, bpw = roost.add_user("alice"), roost.add_user("bob")
     alice = ImClient("alice", "phone").open(roost, apw)
