@@ -268,8 +268,9 @@ class UnreadTracker:
             self.counts[conv] = ev["count"]
         elif ev.get("kind") == "msg" and ev.get("from") != self.me:
             seq = ev.get("seq")
-            if not (isinstance(seq, int) and seq <= self.snapshot_seq.get(conv, 0)):
-                self.counts[conv] = self.counts.get(conv, 0) + 1
+            if isinstance(seq, int) and seq <= self.snapshot_seq.get(conv, 0):
+                return None   # replayed: already counted at start, and the count now is not the count then
+            self.counts[conv] = self.counts.get(conv, 0) + 1
             return f"{self.counts[conv]} unread, {self.total} in all"
         return None
 

@@ -143,6 +143,14 @@ def guarded(fn: Callable[..., Any], net: Net, *, stream: bool = False) -> Any:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return fn()
+    except BrokenPipeError:
+        # The reader went away (`roost listen | head`): stop quietly, as other tools do.
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return None
     except KeyboardInterrupt:
         if stream:
             return None          # Ctrl-C is how a stream is meant to end

@@ -72,37 +72,49 @@ def ensure_devices(cfg: RoostConfig, plan: list[tuple[str, str]], secrets_path: 
 
     known = _read_secrets(secrets_path)
 
+    async def one(ids: Any, device_id: str, kind: str) -> dict[str, Any]:
+        p = await ids.get(device_id)
+        entry = known.get(device_id) if isinstance(known.get(device_id), dict) else None
+        if p is not None and p.kind != "device":
+            raise click.ClickException(f"{device_id!r} exists and is not a device; use another --prefix")
+        if p is None:
+            reg = await ids.add(device_id, "device", device_kind=kind, room=room, name=device_id)
+            entry = {"kind": kind, "secret": reg.secret, "pairing_code": reg.pairing_code}
+            new = True
+        else:
+            if p.device_kind != kind:
+                raise click.ClickException(f"{device_id!r} is a {p.device_kind}, not a {kind}; use another --prefix")
+            if entry is None or not entry.get("secret"):
+                entry = {"kind": kind, "secret": new_secret()}
+                await ids.set_secret(device_id, entry["secret"])
+            entry["pairing_code"] = p.pairing_code
+            new = False
+        known[device_id] = {k: entry[k] for k in ("kind", "secret", "pairing_code")}
+        return {"id": device_id, **entry, "new": new}
+
     async def run() -> list[dict[str, Any]]:
         store = SqliteStore(cfg.resolve(cfg.storage.path))
         await store.open()
         ids = IdentityService(store.identity)
-        out = []
+        # Hashing a new secret costs ~50 ms of CPU (argon2, off the loop): a few
+        # at a time use the cores without swamping a small machine.
+        gate = asyncio.Semaphore(4)
+
+        async def gated(device_id: str, kind: str) -> dict[str, Any]:
+            async with gate:
+                return await one(ids, device_id, kind)
+
         try:
-            for device_id, kind in plan:
-                p = await ids.get(device_id)
-                entry = known.get(device_id) if isinstance(known.get(device_id), dict) else None
-                if p is not None and p.kind != "device":
-                    raise click.ClickException(f"{device_id!r} exists and is not a device; use another --prefix")
-                if p is None:
-                    reg = await ids.add(device_id, "device", device_kind=kind, room=room, name=device_id)
-                    entry = {"kind": kind, "secret": reg.secret, "pairing_code": reg.pairing_code}
-                    out.append({"id": device_id, **entry, "new": True})
-                else:
-                    if p.device_kind != kind:
-                        raise click.ClickException(
-                            f"{device_id!r} is a {p.device_kind}, not a {kind}; use another --prefix")
-                    if entry is None or not entry.get("secret"):
-                        entry = {"kind": kind, "secret": new_secret()}
-                        await ids.set_secret(device_id, entry["secret"])
-                    entry["pairing_code"] = p.pairing_code
-                    out.append({"id": device_id, **entry, "new": False})
-                known[device_id] = {k: entry[k] for k in ("kind", "secret", "pairing_code")}
-        except IdentityError as exc:
-            raise click.ClickException(str(exc)) from None
+            results = await asyncio.gather(*(gated(d, k) for d, k in plan), return_exceptions=True)
+            for r in results:
+                if isinstance(r, IdentityError):
+                    raise click.ClickException(str(r))
+                if isinstance(r, BaseException):
+                    raise r
+            return list(results)  # type: ignore[arg-type]
         finally:
             _write_secrets(secrets_path, known)
             await store.close()
-        return out
 
     return asyncio.run(run())
 
