@@ -200,3 +200,24 @@ def test_removed_device_leaves_no_ghosts(roost, sims):
     wb = MqttClient("bob.watch").connect(roost.host, roost.port, username="bob", password=bpw)
     assert wb.subscribe("roost/presence/lamp") == [1]
     assert wb.no_message("roost/presence/lamp", wait=0.7)
+
+
+def test_sharee_sees_presence_until_the_share_is_taken_back(roost, sims):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    secret, code = roost.add_device("thermo", "thermostat")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob)
+    alice.call("device.claim", device="thermo", code=code)
+    watcher = MqttClient("bob.watch").connect(roost.host, roost.port, username="bob", password=bpw)
+    assert watcher.subscribe("roost/presence/thermo") == [0x80]
+    alice.call("device.share", device="thermo", **{"with": "bob"})
+    assert watcher.subscribe("roost/presence/thermo") == [1]
+    thermo = sims(roost, "thermostat", "thermo", secret)
+    assert watcher.wait_message("roost/presence/thermo").json()["state"] == "online"
+    alice.call("device.unshare", device="thermo", **{"with": "bob"})
+    assert bob.call("devices")["devices"] == []
+    expect_error("forbidden", command, bob, "thermo", "get_state")
+    thermo.device.stop()             # goes offline: bob is no longer told
+    assert watcher.no_message("roost/presence/thermo", wait=1.0)
+    assert watcher.subscribe("roost/presence/thermo") == [0x80]
