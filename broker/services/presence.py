@@ -189,7 +189,9 @@ class PresenceService:
             return  # stop() already recorded everyone offline
         st = self._states.get(principal)
         if st is None or st.clients <= 0:
-            log.warning("presence: disconnect of %s (%s) without a matching connect", principal, reason)
+            # Normal right after forget() (the removed principal's connections
+            # close after it); anything else would be an engine bug.
+            log.debug("presence: disconnect of %s (%s) without a matching connect", principal, reason)
             return
         now = self._clock()
         st.clients -= 1
