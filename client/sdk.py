@@ -234,7 +234,8 @@ class RoostClient:
                 client.disconnect()
             return
         self._connected.set()
-        subs = list(self._subs.items())
+        with self._lock:
+            subs = list(self._subs.items())
         if not subs:
             self._mark_ready()
             return
@@ -273,7 +274,8 @@ class RoostClient:
             ok = not rc.is_failure
             granted.append(ok)
             if not ok:
-                self._subs.pop(t, None)
+                with self._lock:
+                    self._subs.pop(t, None)
         wait[1][:] = granted  # the caller reads the grants back from the same list
         done.set()
 
@@ -334,8 +336,9 @@ class RoostClient:
         return dict(zip(filters, grants))
 
     def unsubscribe(self, filters: list[str]) -> None:
-        for f in filters:
-            self._subs.pop(f, None)
+        with self._lock:
+            for f in filters:
+                self._subs.pop(f, None)
         if filters and self.connected:
             self._mqtt.unsubscribe(filters)
 
