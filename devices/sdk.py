@@ -325,7 +325,8 @@ class Device:
                     self._catch_up()
                 else:
                     self._pushed(item)
-                if self._inbox.empty():
+                # Ack when idle, and at least every 100 events on a busy stream.
+                if self._inbox.empty() or (self._last_n or 0) - (self._acked_n or 0) >= 100:
                     self._ack()
             except (RequestError, TimeoutError) as exc:
                 # Offline or refused: what was not handled is not acked; the
