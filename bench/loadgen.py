@@ -64,6 +64,7 @@ class Stats:
         self.last_ack = 0
         self.last_send = 0
         self.lat_us = array("q")
+        self.answer_us = array("q")     # IM: send -> its `ok` response
         self.errors: dict[str, int] = {}
         self.extra: dict[str, int] = {}
 
@@ -256,8 +257,8 @@ class ImClient:
                 self.ok += 1
                 st.acked += 1
                 st.last_ack = t
-                if t_sent:
-                    st.bump("send_resp_us_total", (t - t_sent) // 1000)
+                if t_sent and len(st.answer_us) < MAX_LAT_SAMPLES:
+                    st.answer_us.append((t - t_sent) // 1000)
                 if doc["result"].get("dup"):
                     st.bump("send_dup_answers")
             else:
@@ -279,7 +280,9 @@ class ImClient:
             self.max_n = n
         if kind == "msg" and self.role == "recipient":
             cmid = ev.get("cmid", "")
-            if cmid in self.seen:
+            if not cmid.startswith(self.tag):
+                st.bump("msg_events_of_other_runs")   # e.g. pushed from the mailbox backlog
+            elif cmid in self.seen:
                 st.dups += 1
             else:
                 self.seen.add(cmid)
@@ -478,7 +481,7 @@ class Worker:
                 timed_out=timed_out, sent=st.sent, acked=st.acked, received=st.received, dups=st.dups,
                 expected=sum(s.expect for s in self.subs) + sum(i.expect for i in self.ims),
                 first_recv=st.first_recv, last_recv=st.last_recv, last_ack=st.last_ack, t0=t0,
-                lat_us=st.lat_us.tolist(), errors=st.errors, extra=st.extra,
+                lat_us=st.lat_us.tolist(), answer_us=st.answer_us.tolist(), errors=st.errors, extra=st.extra,
                 cpu_s=cpu_seconds() - cpu0,
                 wall_s=(max(st.last_recv, st.last_ack, st.last_send, t0) - t0) / 1e9,
                 active_wall_s=(t1 - t0) / 1e9)

@@ -264,7 +264,7 @@ class Runner:
                             "to": f"imr{i}", "count": per_sender, "window": 16 if rate == 0 else 10_000,
                             "rate": rate, "tag": f"{self.run_id}{phase}"})
             recipients.append({"cid": b.client_id, "user": b.username, "pw": b.password, "role": "recipient",
-                               "expect": per_sender})
+                               "expect": per_sender, "tag": f"{self.run_id}{phase}"})
         return await self.run_workers(
             broker, [{"mode": "im", "clients": recipients}, {"mode": "im", "clients": senders}], f"im-{phase}")
 
@@ -278,6 +278,14 @@ class Runner:
         out.metrics["lost"] = float(max(0, ok - sum(r["received"] for r in results))
                                     + sum(r["sent"] - r["acked"] for r in results))
         self.usage_notes(results, usage, out)
+        extra: dict[str, int] = {}
+        for r in results:
+            for k, v in r.get("extra", {}).items():
+                extra[k] = extra.get(k, 0) + v
+        out.notes.append(f"counters {extra}")
+        answers = [x for r in results for x in r.get("answer_us", [])]
+        out.metrics["answer_p50_ms"] = (pct(answers, 0.5) or 0) / 1000 if answers else None
+        out.metrics["answer_p99_ms"] = (pct(answers, 0.99) or 0) / 1000 if answers else None
         rate = out.metrics["msg_s"] or 0.0
         if rate <= 0:
             out.notes.append("no throughput: half-load phase skipped")
@@ -291,6 +299,8 @@ class Runner:
         out.metrics["half_rate"] = half_total
         out.metrics["half_p50_ms"] = half.metrics["p50_ms"]
         out.metrics["half_p99_ms"] = half.metrics["p99_ms"]
+        answers = [x for r in results2 for x in r.get("answer_us", [])]
+        out.metrics["half_answer_p99_ms"] = (pct(answers, 0.99) or 0) / 1000 if answers else None
         ok2 = sum(r["acked"] for r in results2)
         out.metrics["lost"] = (out.metrics["lost"] or 0) + max(0, ok2 - sum(r["received"] for r in results2)) \
             + sum(r["sent"] - r["acked"] for r in results2)
@@ -393,8 +403,11 @@ ROWS = [
     Row("im", "IM send->msg->ack msg/s", "msg_s"),
     Row("im", "  p50 ms", "p50_ms", False, "{:,.1f}"),
     Row("im", "  p99 ms", "p99_ms", False, "{:,.1f}"),
+    Row("im", "  send answered ok p50 ms", "answer_p50_ms", False, "{:,.1f}"),
+    Row("im", "  send answered ok p99 ms", "answer_p99_ms", False, "{:,.1f}"),
     Row("im", "  at half load: msg/s", "half_rate"),
     Row("im", "  at half load: p99 ms", "half_p99_ms", False, "{:,.1f}"),
+    Row("im", "  at half load: answered p99 ms", "half_answer_p99_ms", False, "{:,.1f}"),
     Row("im", "  lost", "lost", False),
     Row("im", "  duplicated", "dup", False),
     Row("hold", "hold: connects/s", "connect_s"),
