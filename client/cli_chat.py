@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -30,6 +31,7 @@ from contract.ids import CLIENT_LABEL_RE, is_valid_principal_id
 
 HISTORY_MAX = 200
 CHAT_HISTORY = 20
+READ_INTERVAL = 0.3     # seconds between `read` requests of one chat
 
 
 # ---- login / logout --------------------------------------------------------------
@@ -337,18 +339,30 @@ def chat(net: Net, target: str, history_n: int) -> None:
     threading.Thread(target=read_lines, daemon=True, name="stdin").start()
     watch = ConnectionWatch(client, out)
     unsent = 0
+    next_read = 0.0
+
+    def mark_read(force: bool = False) -> None:
+        # One `read` for everything shown so far, at most every READ_INTERVAL: a busy
+        # conversation must not run into the broker's request rate limit.
+        nonlocal last_read, next_read
+        if latest_other <= last_read or not client.connected:
+            return
+        if not force and time.monotonic() < next_read:
+            return
+        next_read = time.monotonic() + READ_INTERVAL
+        try:
+            client.call("read", {"conv": conv, "seq": latest_other})
+            last_read = latest_other
+        except ServerError as e:
+            out.warn(f"could not mark read: {e.message}")
+            last_read = latest_other       # the server refuses it: asking again won't help
+        except (RequestTimeout, ConnectError):
+            pass                           # retried on the next round
+
     try:
         while True:
-            if latest_other > last_read and client.connected:
-                try:
-                    client.call("read", {"conv": conv, "seq": latest_other})
-                    last_read = latest_other
-                except ServerError as e:
-                    out.warn(f"could not mark read: {e.message}")
-                    last_read = latest_other       # the server refuses it: asking again won't help
-                except (RequestTimeout, ConnectError):
-                    pass                           # retried on the next round
-            for item in stream.poll(1.0):
+            mark_read()
+            for item in stream.poll(READ_INTERVAL if latest_other > last_read else 1.0):
                 if isinstance(item, InboxItem):
                     ev = item.event
                     if ev.get("conv") != conv:
@@ -366,6 +380,7 @@ def chat(net: Net, target: str, history_n: int) -> None:
                 elif isinstance(item, LocalItem):
                     what, line = item.value
                     if what == "eof" or line.strip() in ("/quit", "/exit"):
+                        mark_read(force=True)
                         if unsent:
                             raise CliError(f"{unsent} line(s) could not be sent", EXIT_SERVER_ERROR)
                         return
@@ -386,6 +401,10 @@ def chat(net: Net, target: str, history_n: int) -> None:
                     watch.reconnected()
             watch.check()
     finally:
+        try:
+            mark_read(force=True)
+        except Exception:   # leaving must not fail; the next open marks it read anyway
+            pass
         stream.flush_ack(force=True)
 
 
