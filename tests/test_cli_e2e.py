@@ -478,3 +478,26 @@ def test_cmd_gets_its_result_across_a_broker_restart(friends, roost, streams):
         assert out["data"] == {"done": True} and out["device"] == "lamp1"
     finally:
         dev.stop()
+
+
+def test_listen_keeps_up_with_a_burst(friends, roost, streams):
+    from client.config import Server
+    from client.sdk import RoostClient
+
+    alice, bob = friends
+    ls = alice.spawn("listen", "--json")
+    streams.append(ls)
+    ls.wait_err("listening as alice")
+    sender = RoostClient(Server(roost.host, roost.port), "bob", bob.password)
+    sender.connect()
+    try:
+        for i in range(60):
+            sender.send({"type": "text", "text": f"b{i}"}, to="alice")
+    finally:
+        sender.close()
+    ls.wait_json(kind="msg", body__text="b59", timeout=20)
+    msgs = [d for d in ls.docs() if d.get("kind") == "msg"]
+    assert [m["body"]["text"] for m in msgs] == [f"b{i}" for i in range(60)]
+    ns = [d["n"] for d in ls.docs() if "n" in d]
+    assert ns == list(range(ns[0], ns[0] + len(ns)))      # every event once, in order, no gap
+    assert ls.interrupt() == 0
