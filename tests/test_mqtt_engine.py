@@ -13,6 +13,15 @@ from tests import test_mqtt_helpers as H
 from tests.test_mqtt_helpers import HELPERS, Client, InProcRoost, RawClient
 
 
+def wait_for(cond, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
 @pytest.fixture(scope="module")
 def b():
     broker = InProcRoost().start()
@@ -375,7 +384,7 @@ def test_persistent_session_resumes_subscriptions_and_queue(b):
     back.disconnect()
     # clean=1 discards it
     Client(b.port, "ps", clean=True).disconnect()
-    assert "ps" not in b.broker.engine.sessions
+    assert wait_for(lambda: "ps" not in b.broker.engine.sessions)
 
 
 def test_will_on_connection_loss_not_after_disconnect(b):
@@ -526,3 +535,30 @@ def test_subscriber_that_never_reads_does_not_stall_others(fresh):
     assert len(st.queue) <= 300 and st.dropped > 0
     assert x.broker.engine.sessions["fl-ok"].dropped == 0
     stalled.close()
+
+
+def test_backpressure_holds_publishers_instead_of_dropping(fresh):
+    """Publishers faster than a (live, acknowledging) subscriber are paused, not dropped."""
+    x = fresh({"limits": {"max_queued": 100, "max_inflight": 10}})
+    sub = RawClient(x.port)
+    sub.connect("bp-sub")
+    sub.subscribe("bp/#", 1)
+    pubs = []
+    n = 1500
+    for k in range(2):
+        p = RawClient(x.port)
+        p.connect(f"bp-pub{k}")
+        # everything at once, pipelined: far more than the subscriber's queue
+        p.send(b"".join(codec.encode_publish(f"bp/{k}", str(i).encode(), 1, False, i % 65535 + 1)
+                        for i in range(n)))
+        pubs.append(p)
+    seen: dict[str, list[int]] = {"bp/0": [], "bp/1": []}
+    for _ in range(2 * n):
+        topic, payload, qos, pid, dup, retain = sub.read_publish()
+        seen[topic].append(int(payload))
+        sub.send(bytes((0x40, 2)) + pid.to_bytes(2, "big"))
+    assert seen == {"bp/0": list(range(n)), "bp/1": list(range(n))}
+    assert x.broker.engine.sessions["bp-sub"].dropped == 0
+    for p in pubs:
+        p.close()
+    sub.close()

@@ -54,6 +54,7 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._read_paused_by: set[str] = set()
         self.paused_since: float | None = None   # loop time we stopped reading the socket
+        self.blockers = 0                         # congested sessions this client is held for
         self._out: list[bytes] = []
         self._dirty = False
         self._pending: deque[tuple[int, int, bytes]] = deque()
@@ -122,8 +123,14 @@ class Connection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         self.last_recv = self.engine.loop.time()
+        self.buf += data
+        if not self.blockers:
+            self._parse()
+
+    def _parse(self) -> None:
+        """Handle every complete packet in the buffer, stopping early while a
+        subscriber we publish to is congested (backpressure: `block()`)."""
         buf = self.buf
-        buf += data
         pos = 0
         end_buf = len(buf)
         try:
@@ -159,11 +166,35 @@ class Connection(asyncio.Protocol):
                 self._packet(first >> 4, first & 0x0F, body)
                 if self.state == CLOSED:
                     return
+                if self.blockers:
+                    break
         except ProtocolViolation as exc:
             self.violation(str(exc))
             return
         if pos:
             del buf[:pos]
+
+    # ---- backpressure ----------------------------------------------------------------
+
+    def block(self) -> None:
+        """A session this client publishes to is congested: stop reading its packets."""
+        self.blockers += 1
+        if self.blockers == 1:
+            self.pause_reading("backpressure")
+
+    def unblock(self) -> None:
+        if self.blockers <= 0:
+            return
+        self.blockers -= 1
+        if self.blockers == 0:
+            self.resume_reading("backpressure")
+            if self.buf and self.state != CLOSED:
+                # packets already received wait in the buffer; not re-entrantly
+                self.engine.loop.call_soon(self._resume_parse)
+
+    def _resume_parse(self) -> None:
+        if not self.blockers and self.state != CLOSED:
+            self._parse()
 
     def eof_received(self) -> bool | None:
         return None  # close the transport

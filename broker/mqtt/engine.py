@@ -61,6 +61,7 @@ DELIVER_WAIT = 10.0              # seconds deliver() waits for room in a full qu
 TICK = 0.5                       # keepalive/timeout check period
 PUB_ACL_CACHE = 256              # per-connection PUBLISH decisions
 PAUSED_GRACE = 60.0              # extra seconds for a connection we stopped reading
+STALL_TIMEOUT = 3.0              # a congested session without progress stops holding publishers
 
 _NO_WILL = (DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN)
 
@@ -84,6 +85,7 @@ class Engine:
         self._flush_scheduled = False
         self._locks: dict[str, list[Any]] = {}
         self._finishers: set[asyncio.Task[None]] = set()
+        self.congested: set[SessionState] = set()
         self._pm = plugins_manager
         self._store = retained_store
         self._retained_dirty: dict[str, tuple[bytes, int] | None] = {}
@@ -253,6 +255,8 @@ class Engine:
         if st is not None and st.conn is conn:
             st.conn = None
             st.disconnected_at = time.time()
+            if st.blocked is not None:
+                self.release(st)
             if st.clean:
                 self.discard(st)
             else:
@@ -282,6 +286,8 @@ class Engine:
     def discard(self, st: SessionState) -> None:
         """Forget a session: subscriptions, queue, inflight."""
         st.discarded = True
+        if st.blocked is not None:
+            self.release(st)
         for f in st.subs:
             self.index.remove(f, st)
         st.subs.clear()
@@ -488,7 +494,7 @@ class Engine:
             else:
                 if retain:
                     self.set_retained(topic, payload, qos)
-                self.route(Message(topic, payload, qos))
+                self.route(Message(topic, payload, qos), conn)
         if qos == 1:
             conn.write(codec.ack(codec.PUBACK, pid))
         elif qos == 2:
@@ -508,7 +514,7 @@ class Engine:
                 cache.clear()
             cache[topic] = ok
         if ok:
-            await self._publish_checked(info, topic, payload, qos, retain)
+            await self._publish_checked(info, topic, payload, qos, retain, conn)
         else:
             self.stats["publish_denied"] += 1
         if qos == 2:
@@ -520,7 +526,8 @@ class Engine:
         elif qos == 2:
             conn.write(codec.ack(codec.PUBREC, pid))
 
-    async def _publish_checked(self, info: ClientInfo, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+    async def _publish_checked(self, info: ClientInfo, topic: str, payload: bytes, qos: int, retain: bool,
+                               src: Connection | None = None) -> None:
         """A publish that passed the PUBLISH ACL: interception, then retain + routing."""
         if self.prefixes and topic.startswith(self.prefixes):
             for prefixes, fn in self.interceptors:
@@ -533,7 +540,7 @@ class Engine:
                         return
         if retain:
             self.set_retained(topic, payload, qos)
-        await self.route_any(Message(topic, payload, qos))
+        await self.route_any(Message(topic, payload, qos), src)
 
     async def _publish_will(self, info: ClientInfo) -> None:
         topic = info.will_topic
@@ -546,8 +553,9 @@ class Engine:
 
     # ---- routing -----------------------------------------------------------------
 
-    def route(self, msg: Message) -> int:
-        """Queue `msg` for every matching session (sync ACL path)."""
+    def route(self, msg: Message, src: Connection | None = None) -> int:
+        """Queue `msg` for every matching session (sync ACL path). `src`, the
+        publishing connection, is held while a target session is congested."""
         assert not self.acl_async, "use route_any with async ACL plugins"
         targets = self.index.match(msg.topic)
         if not targets:
@@ -565,11 +573,13 @@ class Engine:
                     continue
             if st.enqueue(msg, q if q < mq else mq):
                 n += 1
+            if src is not None and len(st.queue) >= st.high:
+                self._congested(st, src)
         return n
 
-    async def route_any(self, msg: Message) -> int:
+    async def route_any(self, msg: Message, src: Connection | None = None) -> int:
         if not self.acl_async:
-            return self.route(msg)
+            return self.route(msg, src)
         targets = list(self.index.match(msg.topic).items())
         n = 0
         for st, q in targets:
@@ -577,7 +587,35 @@ class Engine:
                 continue
             if st.enqueue(msg, min(q, msg.qos)):
                 n += 1
+            if src is not None and len(st.queue) >= st.high:
+                self._congested(st, src)
         return n
+
+    # ---- backpressure --------------------------------------------------------------
+
+    def _congested(self, st: SessionState, src: Connection) -> None:
+        """`st` is behind: hold the publisher `src` until st's queue is down to
+        st.low. Never for offline sessions (they just queue, bounded), never a
+        client for its own session, and not for a session that made no progress
+        for STALL_TIMEOUT (then its queue overflows and drops instead)."""
+        if st.conn is None or st.stalled or st.conn is src or src.state == CLOSED:
+            return
+        blocked = st.blocked
+        if blocked is None:
+            blocked = st.blocked = set()
+            st.progress_at = self.loop.time()
+            self.congested.add(st)
+        if src not in blocked:
+            blocked.add(src)
+            src.block()
+
+    def release(self, st: SessionState) -> None:
+        blocked = st.blocked
+        st.blocked = None
+        self.congested.discard(st)
+        if blocked:
+            for conn in blocked:
+                conn.unblock()
 
     def count_drop(self, st: SessionState) -> None:
         self.stats["dropped"] += 1
@@ -776,6 +814,11 @@ class Engine:
                     limit = CONNECT_TIMEOUT if conn.info is None else AUTH_TIMEOUT
                     if now - conn.created > limit:
                         conn.abort(DisconnectReason.KICKED)
+            for st in [s for s in self.congested if now - s.progress_at > STALL_TIMEOUT]:
+                log.warning("%s made no progress for %.0fs with %d queued: no longer holding its publishers",
+                            st.client_id, now - st.progress_at, len(st.queue))
+                st.stalled = True
+                self.release(st)
             wall = time.time()
             if wall - last_sweep > 60:
                 last_sweep = wall

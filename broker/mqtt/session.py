@@ -99,7 +99,8 @@ class SessionState:
 
     __slots__ = ("client_id", "clean", "subs", "conn", "info", "queue", "inflight", "_pid",
                  "incoming_qos2", "disconnected_at", "dropped", "acl_cache", "waiters", "engine",
-                 "discarded", "max_inflight", "max_queued", "__weakref__")
+                 "discarded", "max_inflight", "max_queued", "high", "low", "blocked", "progress_at",
+                 "stalled", "__weakref__")
 
     def __init__(self, client_id: str, clean: bool, info: ClientInfo, engine: Any) -> None:
         self.client_id = client_id
@@ -119,6 +120,13 @@ class SessionState:
         self.discarded = False
         self.max_inflight = engine.limits.max_inflight
         self.max_queued = engine.limits.max_queued
+        # Backpressure: at `high` queued messages the publishers feeding this
+        # session are paused (`blocked`) until the queue is down to `low`.
+        self.high = max(1, self.max_queued // 2)
+        self.low = self.max_queued // 4
+        self.blocked: set[Connection] | None = None
+        self.progress_at = 0.0
+        self.stalled = False     # congested without progress: publishers are no longer held for it
 
     def __repr__(self) -> str:
         return f"<SessionState {self.client_id} subs={len(self.subs)} queued={len(self.queue)} inflight={len(self.inflight)}>"
@@ -160,6 +168,7 @@ class SessionState:
         queue = self.queue
         if conn is None:
             return
+        before = len(queue)
         while queue and conn.writable:
             msg, qos = queue[0]
             if qos:
@@ -174,6 +183,12 @@ class SessionState:
                 conn.write(msg.packet0())
         if self.waiters and len(queue) < self.max_queued:
             self.wake()
+        if len(queue) <= self.low:
+            self.stalled = False
+            if self.blocked is not None:
+                self.engine.release(self)
+        elif self.blocked is not None and len(queue) < before:
+            self.progress_at = self.engine.loop.time()
 
     def wake(self) -> None:
         waiters, self.waiters = self.waiters, []
