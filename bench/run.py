@@ -64,6 +64,7 @@ class Outcome:
     metrics: dict[str, float | None] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     error: str | None = None
+    saturated: bool = False     # the generator (or the machine) may have been the limit
 
 
 def pct(values: list[int], q: float) -> float | None:
@@ -169,6 +170,10 @@ class Runner:
                          f"(max worker {max(gen, default=0):.0%})")
         if max(gen, default=0) > 0.9 or gen_total > 0.9 * max(1, NPROC - 1):
             out.notes.append("GENERATOR SATURATED: figure is a lower bound")
+            out.saturated = True
+        elif broker_util + gen_total > 0.9 * NPROC:
+            out.notes.append("ALL CORES BUSY (broker + generator): figure may be a lower bound")
+            out.saturated = True
 
     @staticmethod
     def delivery(results: list[dict[str, Any]], out: Outcome, rate_key: str, t_key: str = "last_recv") -> None:
@@ -322,7 +327,7 @@ class Runner:
             total = sum(c["connected"] for c in connected)
             secs = max(c["connect_s"] for c in connected)
             out.metrics["connected"] = float(total)
-            out.metrics["connect_s"] = total / secs if secs > 0 else None
+            out.metrics["connects_per_s"] = total / secs if secs > 0 else None
             errs = sum(c["error_count"] for c in connected)
             if errs:
                 out.notes.append(f"{errs} connects failed, e.g. {connected[0]['errors'][:2]}")
@@ -332,6 +337,7 @@ class Runner:
             out.notes.append(f"generator cpu while connecting {gen:.0%}")
             if gen > 0.9 * max(1, NPROC - 1):
                 out.notes.append("GENERATOR SATURATED: connect rate is a lower bound")
+                out.saturated = True
 
         results, _ = await self.run_workers(
             broker, [{"mode": "hold", "clients": h, "concurrency": 32} for h in halves], "hold", measure)
@@ -410,7 +416,7 @@ ROWS = [
     Row("im", "  at half load: answered p99 ms", "half_answer_p99_ms", False, "{:,.1f}"),
     Row("im", "  lost", "lost", False),
     Row("im", "  duplicated", "dup", False),
-    Row("hold", "hold: connects/s", "connect_s"),
+    Row("hold", "hold: connects/s", "connects_per_s"),
     Row("hold", "  clients held", "connected"),
     Row("hold", "  broker RSS MB", "rss_mb", False, "{:,.1f}"),
     Row("restart", "restart: mailbox events", "events"),
@@ -439,7 +445,8 @@ def render_table(sizes: Sizes, brokers: list[str], results: dict[str, dict[str, 
                 continue
             v = o.metrics.get(row.metric)
             vals[b] = v
-            cells.append("-" if v is None else row.fmt.format(v))
+            mark = "*" if o.saturated and not row.label.startswith("  ") and v is not None else ""
+            cells.append("-" if v is None else row.fmt.format(v) + mark)
         for b in ratio_cols:
             base, v = vals.get("amqtt"), vals.get(b)
             if row.metric in ("lost", "dup", "connected", "events") or base in (None, 0) or v is None:
@@ -462,6 +469,8 @@ def render_table(sizes: Sizes, brokers: list[str], results: dict[str, dict[str, 
     out.append("")
     out.append("Ratios: broker / stock amqtt, oriented so that > 1 is better (for latency, RSS and time: "
                "amqtt's value / broker's).")
+    if any(o.saturated for r in results.values() for o in r.values()):
+        out.append("* the load generator (or all cores) was busy: a lower bound for that broker (see notes).")
     return "\n".join(out)
 
 
