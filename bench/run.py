@@ -613,17 +613,21 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
     results: dict[str, dict[str, Outcome]] = {}
     started = time.monotonic()
     try:
+        # Scenario by scenario, every broker in turn: whatever else the machine is doing
+        # then weighs on all brokers of a row alike, so the ratios hold up.
+        ready: dict[str, BrokerProcess] = {}
         for bname in brokers:
             broker = make(bname, workdir)
             results[bname] = {}
             try:
                 await broker.prepare({"principals": runner.im_principals()})
+                ready[bname] = broker
             except Exception as exc:  # noqa: BLE001 - report it in the table, go on with others
                 runner.log(f"{bname}: set-up failed: {exc}")
                 for name in scenarios:
                     results[bname][name] = Outcome(error=f"set-up failed: {exc}")
-                continue
-            for name in scenarios:
+        for name in scenarios:
+            for bname, broker in ready.items():
                 if name in ROOST_ONLY and bname != "roost":
                     continue
                 runner.log(f"{bname}: {name} ...")
