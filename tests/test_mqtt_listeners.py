@@ -95,4 +95,8 @@ def test_roost_serve_with_real_plugins(roost):
     assert bad.connect(expect=None) == 4
     intruder = Client(roost.port, "alice.y", username=None, password=None, connect=False)
     assert intruder.connect(expect=None) != 0
+    # a zero-length client id (clean session) gets "<user>.auto-<hex>", which the binding accepts
+    anon_id = Client(roost.port, "", username="alice", password=pw)
+    assert anon_id.sub("roost/inbox/alice", 1) == [1]
+    anon_id.disconnect()
     a.disconnect()

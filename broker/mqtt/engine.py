@@ -50,6 +50,7 @@ from broker.mqtt.codec import ProtocolViolation, UnacceptableProtocol
 from broker.mqtt.connection import CLOSED, CONNECTED, NEW, Connection
 from broker.mqtt.hooks import ConnectRefused, DisconnectReason
 from broker.mqtt.session import ACL_CACHE_SIZE, ClientInfo, Message, SessionState
+from contract.ids import is_valid_principal_id
 from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
 
 log = logging.getLogger("roost.mqtt")
@@ -369,7 +370,10 @@ class Engine:
                 conn.write(codec.connack(False, ConnectRefused.IDENTIFIER_REJECTED))
                 conn.close(DisconnectReason.KICKED)
                 return
-            cid = "auto-" + secrets.token_hex(8)
+            # "<user>.auto-<hex>" passes Roost's client-id binding for an
+            # authenticated user; anonymous clients get "auto-<hex>"
+            suffix = "auto-" + secrets.token_hex(8)
+            cid = f"{pkt.username}.{suffix}" if is_valid_principal_id(pkt.username) else suffix
             generated = True
         info = ClientInfo(client_id=cid, username=pkt.username, password=pkt.password,
                           remote_address=conn.remote[0], remote_port=conn.remote[1],
