@@ -295,6 +295,7 @@ class Runner:
         if rate <= 0:
             out.notes.append("no throughput: half-load phase skipped")
             return out
+        await asyncio.sleep(1.0)  # let the broker finish the full phase's acks and receipts
         half_total = rate / 2
         per_sender_rate = half_total / s.im_pairs
         per_sender = max(1, int(per_sender_rate * s.im_half_s))
