@@ -149,6 +149,8 @@ class RoostBroker(Broker):
         for name, lst in self.roost_config.listeners.items():
             ssl_context = self._roost_ssl_context(lst) if lst.ssl else None
             address, port = self._split_bindaddr_port(lst.bind, 1883)
+            if address is not None:
+                address = address.strip("[]")  # "[::]:1883" -> "::"
             instance = await self._create_server_instance(name, lst.type, address, port, ssl_context)
             self._servers[name] = Server(name, instance, lst.max_connections)
             log.info("listener %s (%s%s) bound to %s:%d", name, lst.type, "+tls" if lst.ssl else "",
