@@ -562,3 +562,19 @@ def test_backpressure_holds_publishers_instead_of_dropping(fresh):
     for p in pubs:
         p.close()
     sub.close()
+
+
+def test_plain_amqtt_plugins_still_work(fresh):
+    """amqtt's own anonymous auth, taboo-topic ACL (awaited topic_filtering) and event logger."""
+    x = fresh(plugins={"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+                       "amqtt.plugins.topic_checking.TopicTabooPlugin": {},
+                       "amqtt.plugins.logging_amqtt.EventLoggerPlugin": {}})
+    c = Client(x.port, "plain", username=None, password=None)
+    assert c.sub("prohibited", 0) == [0x80]
+    assert c.sub("fine/#", 1) == [1]
+    c.pub("fine/t", b"ok", qos=1)
+    assert c.get().payload == b"ok"
+    admin = Client(x.port, "plain-admin", username="admin", password="x")
+    assert admin.sub("prohibited", 0) == [0]
+    c.disconnect()
+    admin.disconnect()
