@@ -85,6 +85,11 @@ class BrokerProcess:
         """Credentials of a plain-MQTT client named `label` (unique within a scenario)."""
         return Credentials(label, None, None)
 
+    def user_client(self, principal: str, label: str) -> Credentials:
+        """Credentials of a client of user `principal` (anonymous where the broker
+        has no users: the client id alone tells the clients apart)."""
+        return Credentials(f"{principal}.{label}", None, None)
+
     async def prepare(self, needs: dict[str, Any]) -> None:
         """Create whatever the scenarios need before the first start (principals...)."""
 
@@ -253,6 +258,9 @@ class Roost(BrokerProcess):
 
     def im_client(self, principal: str, label: str = "b") -> Credentials:
         return Credentials(f"{principal}.{label}", principal, self.passwords[principal])
+
+    def user_client(self, principal: str, label: str) -> Credentials:
+        return self.im_client(principal, label)
 
     async def prepare(self, needs: dict[str, Any]) -> None:
         """Register principals: `bench` through the CLI (the documented admin path),

@@ -222,9 +222,10 @@ class Runner:
         s = self.sizes
         subs, pubs = [], []
         for i in range(s.p2p_pairs):
-            topic = f"bench/p2p/u{i}"
-            a = broker.plain_client(f"p2p-sub{i}")
-            b = broker.plain_client(f"p2p-pub{i}")
+            # Two people per pair: the sender publishes on the recipient's own topic.
+            topic = f"bench/p2p/p2pr{i}"
+            a = broker.user_client(f"p2pr{i}", "sub")
+            b = broker.user_client(f"p2ps{i}", "pub")
             subs.append({"cid": a.client_id, "user": a.username, "pw": a.password, "subs": [[topic, 1]],
                          "expect": s.p2p_per_pair, "seq_space": s.p2p_per_pair})
             pubs.append({"cid": b.client_id, "user": b.username, "pw": b.password,
@@ -254,9 +255,11 @@ class Runner:
         return out
 
     # ---- Roost IM -------------------------------------------------------------------------
-    def im_principals(self) -> list[str]:
-        k = self.sizes.im_pairs
-        return [f"ims{i}" for i in range(k)] + [f"imr{i}" for i in range(k)]
+    def principals(self) -> list[str]:
+        """Users Roost needs registered: IM pairs and point-to-point pairs."""
+        k, p = self.sizes.im_pairs, self.sizes.p2p_pairs
+        return ([f"ims{i}" for i in range(k)] + [f"imr{i}" for i in range(k)]
+                + [f"p2ps{i}" for i in range(p)] + [f"p2pr{i}" for i in range(p)])
 
     async def im_phase(self, broker: Roost, per_sender: int, rate: float, phase: str) -> tuple[
             list[dict[str, Any]], dict[str, float]]:
@@ -621,7 +624,7 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
             broker = make(bname, workdir)
             results[bname] = {}
             try:
-                await broker.prepare({"principals": runner.im_principals()})
+                await broker.prepare({"principals": runner.principals()})
                 ready[bname] = broker
             except Exception as exc:  # noqa: BLE001 - report it in the table, go on with others
                 runner.log(f"{bname}: set-up failed: {exc}")
