@@ -71,6 +71,8 @@ from broker.mqtt.engine import Engine
 from broker.mqtt.hooks import DisconnectReason
 
 log = logging.getLogger("roost.broker")
+# amqtt's state machine library logs every transition callback at INFO: noise in roost's log
+logging.getLogger("transitions").setLevel(logging.WARNING)
 
 AMQTT_VERSION = "0.12.1"
 if amqtt.__version__ != AMQTT_VERSION:  # pragma: no cover - depends on the installed version
