@@ -97,8 +97,7 @@ class Conn(asyncio.Protocol):
 
     # -- asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is no asyncio.Transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -200,8 +199,10 @@ async def connect(host: str, port: int, client_id: str, username: str | None = N
                   timeout: float = 10.0) -> Conn:
     """Open a TCP connection, send CONNECT, wait for CONNACK 0 (else MqttError)."""
     loop = asyncio.get_running_loop()
-    _, conn = await asyncio.wait_for(
+    transport, conn = await asyncio.wait_for(
         loop.create_connection(lambda: Conn(on_message, on_puback), host, port), timeout)
+    if conn.transport is None:  # uvloop may return before calling connection_made
+        conn.connection_made(transport)
     conn.write(connect_packet(client_id, username, password, keepalive, clean))
     try:
         code = await asyncio.wait_for(conn.connack, timeout)

@@ -151,7 +151,10 @@ class Runner:
             line = await proc.stdout.readline()
             if not line:
                 await proc.wait()
-                raise RuntimeError(f"load generator exited ({proc.returncode}) before '{kind}'")
+                errs = sorted(self.workdir.glob("*.err"), key=lambda p: p.stat().st_mtime)
+                tail = errs[-1].read_text(errors="replace").strip().splitlines()[-3:] if errs else []
+                raise RuntimeError(f"load generator exited ({proc.returncode}) before '{kind}': "
+                                   + " | ".join(tail))
             doc = json.loads(line)
             if doc.get("event") == kind:
                 return doc
@@ -554,7 +557,9 @@ def machine_info() -> dict[str, str]:
         import subprocess
         r = subprocess.run([mosq, "-h"], capture_output=True, text=True)
         mosq_v = (r.stdout or r.stderr).splitlines()[0] if (r.stdout or r.stderr) else "?"
+    uv = v("uvloop")
     return {"nproc": str(NPROC), "cpu": model, "python": platform.python_version(),
+            "generator_loop": f"uvloop {uv}" if uv != "not installed" else "asyncio (pip install uvloop: cheaper)",
             "amqtt": v("amqtt"), "paho-mqtt": v("paho-mqtt"), "mosquitto": mosq_v,
             "kernel": platform.release()}
 
@@ -575,8 +580,8 @@ Written by `{cmd}` on {when} (commit {git}, {'quick' if quick else 'full'} run, 
 How to run it and what each scenario does: [README.md](README.md).
 
 Machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, Python {info['python']};
-amqtt {info['amqtt']}, paho-mqtt {info['paho-mqtt']} (tests only: the generator is raw asyncio),
-{info['mosquitto']}. The machine is shared: other work running at the same time moves
+amqtt {info['amqtt']}, paho-mqtt {info['paho-mqtt']} (tests only: the generator is raw asyncio,
+event loop: {info['generator_loop']}), {info['mosquitto']}. The machine is shared: other work running at the same time moves
 absolute figures from run to run; the ratios come from one run and move less.
 
 {table}
@@ -658,7 +663,7 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
     print()
     print(f"Roost benchmark ({'quick' if args.quick else 'full'}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
           f"{info['nproc']} cpu {info['cpu']}, python {info['python']}, amqtt {info['amqtt']}, "
-          f"{info['mosquitto']}; took {elapsed:.0f}s")
+          f"{info['mosquitto']}; generator loop {info['generator_loop']}; took {elapsed:.0f}s")
     print(table)
     targets = render_targets(results) if "roost" in results and not args.quick else ""
     if targets:
