@@ -23,6 +23,13 @@ Behaviour worth knowing (see also broker/server.py):
   queued keeps its order. Queued messages keep the retain flag they were sent
   with: 0 for routed messages, 1 only for retained replay on SUBSCRIBE (defect 7).
   QoS 0 messages are not queued for offline clients.
+* Backpressure: when a live session's queue reaches half of max_queued, the
+  connections publishing to it stop being read (parsing stops mid-buffer) until
+  the queue is down to a quarter, so fast publishers are slowed to the pace of
+  their subscribers instead of losing QoS 1/2 messages. A client is never held
+  for its own session, offline sessions never hold anyone, and a session that
+  makes no progress for STALL_TIMEOUT stops holding publishers (it drops).
+  broker.publish()/deliver() are never held: deliver() waits for room instead.
 * Persistent (clean_session=0) sessions live in memory only and are discarded
   after SESSION_EXPIRY seconds (7 days) disconnected, or when the broker stops.
   Retained messages are persisted through the RetainedStore.
