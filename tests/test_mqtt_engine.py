@@ -578,3 +578,24 @@ def test_plain_amqtt_plugins_still_work(fresh):
     assert admin.sub("prohibited", 0) == [0]
     c.disconnect()
     admin.disconnect()
+
+
+def test_unacked_message_is_not_forgotten_after_5_seconds(b):
+    sub = RawClient(b.port)
+    sub.connect("slowack", clean=False)
+    sub.subscribe("slowack/t", 1)
+    Client(b.port, "slowack-pub").pub("slowack/t", b"keep me", qos=1)
+    topic, payload, qos, pid, dup, retain = sub.read_publish()
+    assert (payload, dup) == (b"keep me", False)
+    time.sleep(5.5)
+    assert len(b.broker.engine.sessions["slowack"].inflight) == 1
+    sub.close()
+    again = RawClient(b.port)
+    assert again.connect("slowack", clean=False) == b"\x01\x00"   # session present
+    topic, payload, qos, pid2, dup, retain = again.read_publish()
+    assert (payload, dup, pid2) == (b"keep me", True, pid)
+    again.send(bytes((0x40, 2)) + pid2.to_bytes(2, "big"))
+    time.sleep(0.2)
+    assert not b.broker.engine.sessions["slowack"].inflight
+    again.send(b"\xe0\x00")   # DISCONNECT
+    again.close()
