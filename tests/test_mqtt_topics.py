@@ -64,3 +64,13 @@ def test_index_agrees_with_brute_force_and_prunes():
     for f, key in list(subs):
         assert idx.remove(f, key)
     assert len(idx) == 0 and not idx._root.children and not idx._exact
+
+
+def test_bare_hash_alone_on_the_root():
+    idx: SubscriptionIndex[str] = SubscriptionIndex()
+    idx.add("#", "all", 0)
+    assert idx.match("a/b") == {"all": 0}
+    assert idx.match("$SYS/x") == {}
+    idx.add("+", "plus", 1)
+    idx.remove("+", "plus")
+    assert idx.match("a") == {"all": 0}
