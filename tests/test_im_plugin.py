@@ -54,7 +54,10 @@ def test_take_over_keeps_one_ordered_inbox_stream(roost):
         alice.call("send", to="bob", cmid=f"after{i}", body=text(str(i)))
     got = [new.wait_event("msg")["cmid"] for _ in range(5)]
     assert got == [f"after{i}" for i in range(5)]
+    new.wait_event("unread", count=6)                       # the count that came with the last one
     assert new.no_message("roost/inbox/#", 0.5)             # nothing twice
+    ns = [e["n"] for e in new.events]
+    assert ns == list(range(ns[0], ns[0] + len(ns)))        # one gap-free stream
 
 
 def test_unsubscribe_stops_pushes_and_resubscribe_resumes_live(roost):
@@ -84,3 +87,21 @@ def test_responses_go_only_to_the_requesting_client(roost):
     phone.publish("roost/req/alice.phone", json.dumps({"id": "only-me", "op": "convs"}), qos=1)
     assert phone.wait_message("roost/resp/alice.phone").json()["id"] == "only-me"
     assert laptop.no_message("roost/resp/#", 0.5)
+
+
+def test_unsubscribing_one_of_two_inbox_filters_keeps_the_pushes(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)            # subscribed to roost/inbox/bob
+    befriend(alice, bob)
+    assert bob.subscribe("roost/inbox/+") == [1]                # a second filter matching its inbox
+    bob.unsubscribe("roost/inbox/bob")
+    time.sleep(0.3)  # UNSUBACK
+    alice.call("send", to="bob", cmid="still", body=text("still pushed"))
+    assert bob.wait_event("msg", cmid="still")["body"]["text"] == "still pushed"
+    assert bob.wait_event("unread", conv="dm:alice:bob")["count"] == 1
+    bob.unsubscribe("roost/inbox/+")                            # the last one: pushes stop
+    time.sleep(0.3)
+    alice.call("send", to="bob", cmid="quiet", body=text("not pushed"))
+    assert bob.no_message("roost/inbox/#", 0.5)
+    assert [e["cmid"] for e in bob.call("sync", after=0)["events"] if e["kind"] == "msg"] == ["still", "quiet"]

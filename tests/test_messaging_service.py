@@ -123,15 +123,16 @@ def test_sync_pages_and_ack_cursor(tmp_path):
             after = page["last"]
             if not page["more"]:
                 break
-        assert [e["n"] for e in seen] == list(range(1, 28))  # 2 contact events + 25 messages
+        assert [e["n"] for e in seen] == list(range(1, 53))  # 2 contact events + 25 x (message, unread)
         assert [e["body"]["text"] for e in seen if e["kind"] == "msg"] == [str(i) for i in range(25)]
-        empty = await env.call("bob", "sync", after=27)
-        assert empty == {"events": [], "last": 27, "more": False}
+        assert [(e["count"], e["total"]) for e in seen if e["kind"] == "unread"] == [(i, i) for i in range(1, 26)]
+        empty = await env.call("bob", "sync", after=52)
+        assert empty == {"events": [], "last": 52, "more": False}
         for bad_limit in (0, 1001, "5"):
             assert (await env.error("bob", "sync", after=0, limit=bad_limit)).code == ErrorCode.BAD_REQUEST
         assert (await env.call("bob", "ack", n=10)) == {"n": 10}
         assert (await env.call("bob", "ack", n=5)) == {"n": 10}  # cumulative, never backwards
-        assert (await env.error("bob", "ack", n=28)).code == ErrorCode.BAD_REQUEST
+        assert (await env.error("bob", "ack", n=53)).code == ErrorCode.BAD_REQUEST
         assert (await env.call("bob", "ack", label="laptop", n=3)) == {"n": 3}  # per client
         await close_env(env)
 
@@ -186,9 +187,14 @@ def test_unread_counts_and_read_events(tmp_path):
         reads = [e for e in await env.mailbox("bob") if e["kind"] == "read"]
         assert [(e["conv"], e["seq"], e["by"]) for e in reads] == [("dm:alice:bob", 2, "alice"),
                                                                   ("dm:alice:bob", 4, "alice")]
+        # Counts move on every arrival (not on alice's own message) and on every read.
         unread = [e for e in await env.mailbox("alice") if e["kind"] == "unread"]
-        assert [(e["conv"], e["count"], e["total"]) for e in unread] == [("dm:alice:bob", 1, 2),
-                                                                        ("dm:alice:bob", 0, 1)]
+        assert [(e["conv"], e["count"], e["total"]) for e in unread] == [
+            ("dm:alice:bob", 1, 1), ("dm:alice:bob", 2, 2), ("dm:alice:bob", 3, 3), ("dm:alice:carol", 1, 4),
+            ("dm:alice:bob", 1, 2), ("dm:alice:bob", 0, 1)]
+        # bob's own three messages never count for him: only alice's one does
+        bob_unread = [(e["conv"], e["count"], e["total"]) for e in await env.mailbox("bob") if e["kind"] == "unread"]
+        assert bob_unread == [("dm:alice:bob", 1, 1)]
         await close_env(env)
 
     run(main())
@@ -276,13 +282,13 @@ def test_mailbox_bound_announces_dropped(tmp_path):
             await env.call("alice", "send", to="bob", cmid=str(i), body=text(str(i)))
         await env.messaging.prune_once()
         box = await env.mailbox("bob")
-        assert len(box) == 10
+        assert len(box) == 10                          # of 2 contact events + 25 x (message, unread)
         dropped = box[-1]
-        assert dropped["kind"] == "dropped" and dropped["reason"] == "queue_full" and dropped["count"] == 18
-        assert dropped["n"] == 28  # numbering continues: nothing reused
-        assert [e["n"] for e in box] == list(range(19, 29))
+        assert dropped["kind"] == "dropped" and dropped["reason"] == "queue_full" and dropped["count"] == 43
+        assert dropped["n"] == 53  # numbering continues: nothing reused
+        assert [e["n"] for e in box] == list(range(44, 54))
         page = await env.call("bob", "sync", after=0)
-        assert page["events"][0]["n"] == 19
+        assert page["events"][0]["n"] == 44
         assert await env.messaging.prune_once() == 0  # within bounds now
         await close_env(env)
 
@@ -298,9 +304,10 @@ def test_mailbox_ttl_expires_with_announcement(tmp_path):
         await env.call("alice", "send", to="bob", cmid="2", body=text("new"))
         await env.messaging.prune_once()
         box = await env.mailbox("bob")
-        assert [e["kind"] for e in box] == ["msg", "dropped"]
+        assert [e["kind"] for e in box] == ["msg", "unread", "dropped"]
         assert box[0]["body"]["text"] == "new"
-        assert box[1]["reason"] == "expired" and box[1]["count"] == 3  # two contact events and the old message
+        # two contact events and the old message with its unread count
+        assert box[2]["reason"] == "expired" and box[2]["count"] == 4
         # History keeps the message: the mailbox bound is about delivery only.
         assert len((await env.call("bob", "history", conv="dm:alice:bob"))["messages"]) == 2
         await close_env(env)
@@ -322,7 +329,7 @@ def test_restart_continues_seq_and_n(tmp_path):
         assert r["seq"] == 6
         assert (await env.call("alice", "send", to="bob", cmid="0", body=text("0")))["dup"] is True
         box = await env.mailbox("bob")
-        assert [e["n"] for e in box] == list(range(1, 9))
+        assert [e["n"] for e in box] == list(range(1, 15))     # 2 contact + 6 x (message, unread)
         assert (await env.call("bob", "ack", n=2)) == {"n": 3}
         await close_env(env)
 
@@ -345,7 +352,7 @@ def test_persistent_client_is_pushed_from_its_cursor_then_live(tmp_path):
         await asyncio.gather(*sends)
         await env.settle()
         got = [e["n"] for e in env.pub.events("bob.fw")]
-        assert got == list(range(4, 38))
+        assert got == list(range(4, 73))                    # 2 contact events + 35 x (message, unread)
         # Disconnect, more traffic, reconnect relying on the persistent session (no SUBSCRIBE).
         await inboxes.client_disconnected("bob.fw", "bob", "lost")
         await env.call("bob", "ack", label="fw", n=20)
@@ -354,7 +361,7 @@ def test_persistent_client_is_pushed_from_its_cursor_then_live(tmp_path):
         env.pub.delivered.clear()
         await inboxes.client_connected("bob.fw", "bob", False)
         await env.settle()
-        assert [e["n"] for e in env.pub.events("bob.fw")] == list(range(21, 41))
+        assert [e["n"] for e in env.pub.events("bob.fw")] == list(range(21, 79))
         await close_env(env)
 
     run(main())
@@ -408,7 +415,7 @@ def test_pruning_rounds_are_bounded_and_every_discard_is_announced(tmp_path):
         await env.befriend("alice", "bob")
         for i in range(20):
             await env.call("alice", "send", to="bob", cmid=str(i), body=text(str(i)))
-        total = 22                                   # 2 contact events + 20 messages
+        total = 42                                   # 2 contact events + 20 x (message, unread)
         rounds = 0
         while await env.messaging.prune_once():
             rounds += 1
@@ -440,7 +447,37 @@ def test_expired_dropped_announcements_are_not_announced_again(tmp_path):
         await env.messaging.prune_once()
         assert await env.mailbox("bob") == []
         await env.call("alice", "send", to="bob", cmid="x", body=text("x"))
-        assert [e["n"] for e in await env.mailbox("bob")] == [4]   # numbering never restarts
+        assert [e["n"] for e in await env.mailbox("bob")] == [4, 5]   # numbering never restarts
+        await close_env(env)
+
+    run(main())
+
+
+def test_a_persistent_client_with_two_inbox_filters_keeps_its_pushes_when_one_goes(tmp_path):
+    async def main() -> None:
+        env = await open_env(tmp_path)
+        await env.befriend("alice", "bob")
+        inboxes = env.messaging.inboxes
+        env.pub.subscribed.add("bob.fw")
+        await inboxes.client_connected("bob.fw", "bob", False)
+        await inboxes.client_subscribed("bob.fw", "bob", False, "roost/inbox/bob")
+        await inboxes.client_subscribed("bob.fw", "bob", False, "roost/inbox/+")
+        await inboxes.client_subscribed("bob.fw", "bob", False, "roost/req/bob.fw")   # not its inbox
+        await inboxes.client_unsubscribed("bob.fw", "bob", False, "roost/inbox/bob")
+        await inboxes.client_unsubscribed("bob.fw", "bob", False, "roost/req/bob.fw")
+        await env.call("alice", "send", to="bob", cmid="m1", body=text("1"))
+        await env.settle()
+        assert [e["cmid"] for e in env.pub.events("bob.fw", "msg")] == ["m1"]
+        # still recorded: a reconnect relying on the session (no SUBSCRIBE) is pushed too
+        await inboxes.client_disconnected("bob.fw", "bob", "lost")
+        await env.call("alice", "send", to="bob", cmid="m2", body=text("2"))
+        await inboxes.client_connected("bob.fw", "bob", False)
+        await env.settle()
+        assert [e["cmid"] for e in env.pub.events("bob.fw", "msg")] == ["m1", "m1", "m2"]  # never acked: replayed
+        # the session kept its filters across the reconnect: dropping the last one stops pushes
+        await inboxes.client_unsubscribed("bob.fw", "bob", False, "roost/inbox/+")
+        assert inboxes.pusher("bob.fw", "bob") is None
+        assert (await env.services.store.messaging.client_cursor("bob.fw", "bob"))[1] is False
         await close_env(env)
 
     run(main())

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any
 
@@ -32,6 +32,7 @@ from contract import topics
 
 log = logging.getLogger("roost.inbox")
 
+MAX_TRACKED_CLIENTS = 20000   # clients whose inbox filters are remembered (persistent ones outlive connections)
 READ_BATCH = 200          # events read from the store at a time when catching up
 BUFFER_MAX = 256          # events a pusher holds in memory before falling back to the store
 RETRY_MIN = 0.05          # seconds before re-offering an event a connected client could not take
@@ -190,6 +191,12 @@ class Inboxes:
         self._store = store
         self._publisher: Publisher | None = None
         self._by_principal: dict[str, dict[str, InboxPusher]] = {}
+        # Per client id: the filters of its MQTT session that match its inbox, so that
+        # unsubscribing one of two (`roost/inbox/alice` and `roost/inbox/+`) does not
+        # stop its pushes. Kept across reconnects of a persistent session (the engine
+        # keeps its subscriptions); bounded, oldest forgotten first.
+        self._filters: OrderedDict[str, set[str]] = OrderedDict()
+        self.filters_evicted = 0
 
     def start(self, publisher: Publisher) -> None:
         self._publisher = publisher
@@ -216,6 +223,8 @@ class Inboxes:
     # ---- client lifecycle (called by plugins/im.py) ------------------------
     async def client_connected(self, client_id: str, principal: str, clean_session: bool) -> None:
         await self._drop(client_id, principal)  # an older connection of this client id
+        if clean_session:
+            self._filters.pop(client_id, None)   # a new clean session has no subscriptions
         _cursor, subscribed, _head = await self._store.client_cursor(client_id, principal)
         if clean_session:
             if subscribed:
@@ -227,6 +236,7 @@ class Inboxes:
     async def client_subscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
         if not filter_matches(topic_filter, topics.inbox(principal)):
             return
+        self._remember_filter(client_id, topic_filter)
         existing = self.pusher(client_id, principal)
         if existing is None:
             self._start(client_id, principal, persistent=not clean_session)
@@ -245,6 +255,12 @@ class Inboxes:
     async def client_unsubscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
         if not filter_matches(topic_filter, topics.inbox(principal)):
             return
+        remaining = self._filters.get(client_id)
+        if remaining is not None:
+            remaining.discard(topic_filter)
+            if remaining:
+                return   # another of its filters still matches the inbox: keep pushing
+            del self._filters[client_id]
         await self._drop(client_id, principal)
         if not clean_session:
             await self._store.set_inbox_sub(client_id, principal, False)
@@ -252,9 +268,32 @@ class Inboxes:
     async def client_disconnected(self, client_id: str, principal: str, reason: str) -> None:
         if reason == "taken_over":
             return  # the new connection already replaced this client's pusher
+        p = self.pusher(client_id, principal)
+        if p is not None and not p.persistent:
+            self._filters.pop(client_id, None)   # its session ends with the connection
         await self._drop(client_id, principal)
 
+    def forget_principal(self, principal: str) -> None:
+        """The principal was removed: its clients' sessions and filters are gone."""
+        prefix = principal + "."
+        for client_id in [c for c in self._filters if c == principal or c.startswith(prefix)]:
+            del self._filters[client_id]
+
     # ---- internals -----------------------------------------------------------
+    def _remember_filter(self, client_id: str, topic_filter: str) -> None:
+        filters = self._filters.get(client_id)
+        if filters is None:
+            filters = self._filters[client_id] = set()
+            while len(self._filters) > MAX_TRACKED_CLIENTS:
+                old, _ = self._filters.popitem(last=False)
+                self.filters_evicted += 1
+                if self.filters_evicted % 1000 == 1:
+                        log.warning("inbox filters of %s forgotten (more than %d clients tracked, %d so far)",
+                                old, MAX_TRACKED_CLIENTS, self.filters_evicted)
+        else:
+            self._filters.move_to_end(client_id)
+        filters.add(topic_filter)
+
     def _start(self, client_id: str, principal: str, *, persistent: bool) -> None:
         if self._publisher is None:
             return

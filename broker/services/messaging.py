@@ -137,7 +137,14 @@ class MessagingService:
         self._event_listeners: list[Callable[[list[MailboxEvent]], None]] = []
 
     # ---- lifecycle -------------------------------------------------------------
+    # Principals whose leftovers one load() round forgets (one write job each round).
+    purge_batch = 50
+
     async def load(self) -> None:
+        # Principals removed while no broker ran still have mailboxes, cursors and
+        # memberships here: forget them now, a bounded batch per transaction.
+        while purged := await self._store.purge_orphans(self.purge_batch):
+            log.info("forgot the messaging state of %d removed principal(s)", len(purged))
         known = self._services.identity.get_cached
         for conv, members in (await self._store.load_groups()).items():
             # Members removed while the broker was down are not let back into the ACL.
@@ -193,6 +200,7 @@ class MessagingService:
         stop its pushers, and update the groups it was in."""
         for client_id in [c for c, p in self.inboxes.clients() if p == principal]:
             await self.inboxes.client_disconnected(client_id, principal, "kicked")
+        self.inboxes.forget_principal(principal)
         groups = await self._store.forget_principal(principal)
         for conv in groups:
             info = await self._store.group_info(conv)
@@ -348,7 +356,9 @@ class MessagingService:
         before = param_int(params, "before", required=False, minimum=1, maximum=MAX_NUMBER)
         limit = param_int(params, "limit", required=False, default=DEFAULT_HISTORY_LIMIT, minimum=1,
                           maximum=MAX_HISTORY_LIMIT)
-        messages, more = await self._store.history(conv, before, limit)
+        # Only what the caller may see as a member: nothing of a direct conversation
+        # its id's previous owner had (a new owner's view starts when it joined).
+        messages, more = await self._store.history(conv, before, limit, viewer=caller.principal)
         return {"messages": [m.to_wire() for m in messages], "more": more}
 
     async def op_convs(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:

@@ -58,7 +58,12 @@ class SocialService:
         self._blocked_by: dict[str, set[str]] = {}  # blocked -> blockers
 
     # ---- lifecycle -------------------------------------------------------------
+    purge_batch = 50   # principals whose leftovers one load() round forgets
+
     async def load(self) -> None:
+        # Contacts, requests and blocks of principals removed while no broker ran.
+        while purged := await self._store.purge_orphans(self.purge_batch):
+            log.info("forgot the contacts and blocks of %d removed principal(s)", len(purged))
         state = await self._store.load()
         rel = self._services.relations
         known = self._services.identity.get_cached

@@ -26,7 +26,8 @@ class SqliteStore:
 
     def __init__(self, path: str | Path) -> None:
         self.db = Database(path)
-        self.identity = SqliteIdentityStore(self.db)
+        self.identity = SqliteIdentityStore(
+            self.db, purges=(sqlite_messaging.purge_principal, sqlite_social.purge_principal))
         self.retained = SqliteRetainedStore(self.db)
         self.messaging = sqlite_messaging.SqliteMessagingStore(self.db)
         self.social = sqlite_social.SqliteSocialStore(self.db)

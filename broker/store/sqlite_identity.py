@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Sequence
 
 from broker.store.base import AlreadyExists, Principal, RetainedMessage
 from broker.store.sqlite_db import Database, Migration
@@ -49,8 +50,11 @@ def _row(r: tuple) -> Principal:
 
 
 class SqliteIdentityStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, purges: Sequence[Callable[[sqlite3.Connection, str], object]] = ()) -> None:
         self._db = db
+        # Run with every registration, in its transaction: other domains forget what
+        # an earlier principal with this id left behind (removed while no broker ran).
+        self._purges = tuple(purges)
 
     async def add_principal(self, p: Principal) -> None:
         def job(conn: sqlite3.Connection) -> None:
@@ -61,6 +65,8 @@ class SqliteIdentityStore:
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(p.id) from None
+            for purge in self._purges:
+                purge(conn, p.id)
 
         await self._db.write(job)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -82,6 +81,22 @@ MIGRATIONS: list[Migration] = [
             inbox_sub INTEGER NOT NULL DEFAULT 0
         ) WITHOUT ROWID;
     """),
+    # A member's view of a conversation starts at since_seq: a direct conversation
+    # whose other side was removed and whose id was registered again must show the
+    # new owner nothing of the old one's messages.
+    ("0101_member_since", """
+        ALTER TABLE conv_members ADD COLUMN since_seq INTEGER NOT NULL DEFAULT 0;
+    """),
+    # A removed principal's messages stay in history under their cmids, but retired:
+    # they no longer count for duplicate detection, so a new owner of the id may
+    # use the same cmids (the old way renamed the cmids, which every reader saw).
+    ("0102_retired_messages", """
+        ALTER TABLE messages ADD COLUMN retired INTEGER NOT NULL DEFAULT 0;
+        DROP INDEX messages_sender_cmid;
+        CREATE UNIQUE INDEX messages_sender_cmid ON messages(sender, cmid) WHERE retired = 0;
+    """),
+    # (conv_members.unread, the per-member unread counter, is added by sqlite_social's
+    # 0111 migration: its backfill needs the `blocks` table.)
 ]
 
 
@@ -150,8 +165,56 @@ def _unread(conn: sqlite3.Connection, conv: str, principal: str, read_seq: int) 
 
 
 def _total_unread(conn: sqlite3.Connection, principal: str) -> int:
-    rows = conn.execute("SELECT conv, read_seq FROM conv_members WHERE principal=?", (principal,)).fetchall()
-    return sum(_unread(conn, conv, principal, read_seq) for conv, read_seq in rows)
+    # The per-member counters (kept by send/read/join): O(conversations), not O(messages).
+    return conn.execute("SELECT COALESCE(SUM(unread), 0) FROM conv_members WHERE principal=?",
+                        (principal,)).fetchone()[0]
+
+
+def _unread_event(conn: sqlite3.Connection, principal: str, conv: str, count: int, now: float) -> MailboxEvent:
+    return append_event(conn, principal, "unread", now,
+                        {"conv": conv, "count": count, "total": _total_unread(conn, principal)})
+
+
+def _join(conn: sqlite3.Connection, conv: str, principal: str, now: float, *, since_seq: int = 0) -> int:
+    """Add a member (reading from since_seq on); returns its unread count."""
+    unread = _unread(conn, conv, principal, since_seq)
+    conn.execute("INSERT INTO conv_members(conv, principal, joined_at, read_seq, since_seq, unread) "
+                 "VALUES (?,?,?,?,?,?)", (conv, principal, now, since_seq, since_seq, unread))
+    return unread
+
+
+def purge_principal(conn: sqlite3.Connection, principal: str) -> list[str]:
+    """Forget what belongs to `principal` (writer thread): its mailbox, cursors and
+    memberships. The messages it sent stay in their conversations' history, under
+    freed cmids. Returns the groups it was a member of.
+
+    Run when a principal is removed and again, in the same transaction, when an id
+    is registered, so a new owner of an id never inherits anything of an old one's
+    (whether or not a broker was running when the old one was removed)."""
+    groups = [r[0] for r in conn.execute(
+        "SELECT cm.conv FROM conv_members cm JOIN conversations c ON c.conv = cm.conv "
+        "WHERE cm.principal=? AND c.kind='group'", (principal,))]
+    conn.execute("DELETE FROM conv_members WHERE principal=?", (principal,))
+    conn.execute("DELETE FROM mailbox WHERE principal=?", (principal,))
+    conn.execute("DELETE FROM mailbox_state WHERE principal=?", (principal,))
+    conn.execute("DELETE FROM cursors WHERE principal=?", (principal,))
+    # Its groups' creator rights are not handed to whoever gets the id next.
+    conn.execute("UPDATE conversations SET created_by='' WHERE created_by=? AND kind='group'", (principal,))
+    # Free its cmids: a principal registered again under this id (a new device
+    # counting cmids from 1) must not have its sends taken for retries.
+    conn.execute("UPDATE messages SET retired=1 WHERE sender=? AND retired=0", (principal,))
+    return groups
+
+
+# Every table here that names a principal, for finding those of principals that no longer exist.
+_PRINCIPAL_COLUMNS = (("conv_members", "principal"), ("mailbox_state", "principal"), ("cursors", "principal"))
+
+
+def orphans(conn: sqlite3.Connection, limit: int) -> list[str]:
+    """Up to `limit` ids that have rows here but are not registered principals."""
+    union = " UNION ".join(f"SELECT {col} AS p FROM {table}" for table, col in _PRINCIPAL_COLUMNS)
+    return [r[0] for r in conn.execute(
+        f"SELECT p FROM ({union}) WHERE p NOT IN (SELECT id FROM principals) LIMIT ?", (limit,))]
 
 
 def _members(conn: sqlite3.Connection, conv: str) -> list[str]:
@@ -185,7 +248,7 @@ class SqliteMessagingStore:
         """
 
         def job(conn: sqlite3.Connection) -> SendOutcome:
-            row = conn.execute(f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=?",
+            row = conn.execute(f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=? AND retired=0",
                                (sender, cmid)).fetchone()
             if row is not None:
                 return SendOutcome(message=_message_row(row), dup=True, events=[])
@@ -201,11 +264,11 @@ class SqliteMessagingStore:
                 last_seq, last_ts = conv_row
             members = _members(conn, conv)
             if dm_members is not None and not set(dm_members) <= set(members):
-                # New conversation, or a member dropped by forget_principal whose id
-                # was registered again.
+                # New conversation, or a member dropped by purge_principal whose id was
+                # registered again: the new owner's view starts after what is there.
                 for p in dm_members:
-                    conn.execute("INSERT OR IGNORE INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)",
-                                 (conv, p, now))
+                    if p not in members:
+                        _join(conn, conv, p, now, since_seq=last_seq)
                 members = _members(conn, conv)
             if sender not in members:
                 raise NotMember(conv)
@@ -216,7 +279,18 @@ class SqliteMessagingStore:
             conn.execute(f"INSERT INTO messages({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?)",
                          (conv, seq, sender, cmid, ts, body))
             msg = StoredMessage(conv, seq, sender, cmid, ts, body)
-            events = [append_event(conn, p, "msg", ts, msg=msg) for p in members if p == sender or p not in skip]
+            events = []
+            for p in members:
+                if p == sender:
+                    events.append(append_event(conn, p, "msg", ts, msg=msg))
+                elif p not in skip:
+                    # Each recipient's count moves with the message, in the same
+                    # transaction, announced right after it to all its clients.
+                    events.append(append_event(conn, p, "msg", ts, msg=msg))
+                    count = conn.execute(
+                        "UPDATE conv_members SET unread=unread+1 WHERE conv=? AND principal=? RETURNING unread",
+                        (conv, p)).fetchall()[0][0]
+                    events.append(_unread_event(conn, p, conv, count, ts))
             return SendOutcome(message=msg, dup=False, events=events)
 
         return await self._db.write(job)
@@ -224,7 +298,7 @@ class SqliteMessagingStore:
     async def find_sent(self, sender: str, cmid: str) -> StoredMessage | None:
         """The message `sender` already sent with this cmid, if any."""
         row = await self._db.read(lambda conn: conn.execute(
-            f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=?", (sender, cmid)).fetchone())
+            f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=? AND retired=0", (sender, cmid)).fetchone())
         return _message_row(row) if row else None
 
     # ---- mailbox reads -----------------------------------------------------
@@ -313,16 +387,17 @@ class SqliteMessagingStore:
             events: list[MailboxEvent] = []
             if seq > read_seq:
                 read_seq = seq
-                conn.execute("UPDATE conv_members SET read_seq=? WHERE conv=? AND principal=?",
-                             (seq, conv, principal))
+                unread = _unread(conn, conv, principal, read_seq)
+                conn.execute("UPDATE conv_members SET read_seq=?, unread=? WHERE conv=? AND principal=?",
+                             (seq, unread, conv, principal))
                 for p in _members(conn, conv):
                     if p != principal:
                         events.append(append_event(conn, p, "read", now, {"conv": conv, "seq": seq, "by": principal}))
-            unread = _unread(conn, conv, principal, read_seq)
+                events.append(_unread_event(conn, principal, conv, unread, now))
+            else:
+                unread = conn.execute("SELECT unread FROM conv_members WHERE conv=? AND principal=?",
+                                      (conv, principal)).fetchone()[0]
             total = _total_unread(conn, principal)
-            if events:
-                events.append(append_event(conn, principal, "unread", now,
-                                           {"conv": conv, "count": unread, "total": total}))
             return ReadOutcome(conv=conv, seq=read_seq, unread=unread, total_unread=total, events=events)
 
         return await self._db.write(job)
@@ -330,14 +405,14 @@ class SqliteMessagingStore:
     async def convs(self, principal: str) -> tuple[list[ConvSummary], int]:
         def job(conn: sqlite3.Connection) -> tuple[list[ConvSummary], int]:
             rows = conn.execute(
-                "SELECT c.conv, c.kind, c.name, c.last_seq, c.last_ts, c.created_at, cm.read_seq "
+                "SELECT c.conv, c.kind, c.name, c.last_seq, cm.since_seq, cm.read_seq, cm.unread "
                 "FROM conv_members cm JOIN conversations c ON c.conv = cm.conv WHERE cm.principal=? "
                 "ORDER BY c.activity DESC", (principal,)).fetchall()
             out = []
             total = 0
-            for conv, kind, name, last_seq, _last_ts, _created, read_seq in rows:
+            for conv, kind, name, last_seq, since_seq, read_seq, unread in rows:
                 last = None
-                if last_seq:
+                if last_seq > since_seq:
                     r = conn.execute(f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq=?",
                                      (conv, last_seq)).fetchone()
                     last = _message_row(r) if r else None
@@ -345,7 +420,6 @@ class SqliteMessagingStore:
                 if kind == "dm":
                     a, b = conv.split(":")[1:]
                     peer = b if a == principal else a
-                unread = _unread(conn, conv, principal, read_seq)
                 total += unread
                 out.append(ConvSummary(conv=conv, kind=kind, name=name, peer=peer, last_seq=last_seq,
                                        last=last, read_seq=read_seq, unread=unread))
@@ -353,14 +427,23 @@ class SqliteMessagingStore:
 
         return await self._db.read(job)
 
-    async def history(self, conv: str, before: int | None, limit: int) -> tuple[list[StoredMessage], bool]:
+    async def history(self, conv: str, before: int | None, limit: int,
+                      viewer: str | None = None) -> tuple[list[StoredMessage], bool]:
         """Up to `limit` messages with seq < before (all when None), oldest first, and
-        whether older ones exist."""
+        whether older ones exist. With `viewer`: only what that member may see (from
+        its since_seq on; nothing when it is not a member)."""
 
         def job(conn: sqlite3.Connection) -> tuple[list[StoredMessage], bool]:
+            since = 0
+            if viewer is not None:
+                row = conn.execute("SELECT since_seq FROM conv_members WHERE conv=? AND principal=?",
+                                   (conv, viewer)).fetchone()
+                if row is None:
+                    return [], False
+                since = row[0]
             upper = before if before is not None else (1 << 62)
-            rows = conn.execute(f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq<? "
-                                "ORDER BY seq DESC LIMIT ?", (conv, upper, limit + 1)).fetchall()
+            rows = conn.execute(f"SELECT {_MSG_COLUMNS} FROM messages WHERE conv=? AND seq<? AND seq>? "
+                                "ORDER BY seq DESC LIMIT ?", (conv, upper, since, limit + 1)).fetchall()
             more = len(rows) > limit
             return [_message_row(r) for r in reversed(rows[:limit])], more
 
@@ -379,7 +462,7 @@ class SqliteMessagingStore:
                          "VALUES (?, 'group', ?, ?, ?, ?)", (conv, name, creator, now, _next_activity(conn)))
             everyone = sorted({creator, *members})
             for p in everyone:
-                conn.execute("INSERT INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)", (conv, p, now))
+                _join(conn, conv, p, now)
             data = {"event": "created", "conv": conv, "by": creator, "name": name, "members": everyone}
             return [append_event(conn, p, "group", now, data) for p in everyone]
 
@@ -407,17 +490,27 @@ class SqliteMessagingStore:
                 raise NotMember(conv)
             added = sorted(set(add) - set(before))
             removed = sorted(set(remove) & set(before))
+            unread: dict[str, int] = {}
             for p in added:
-                conn.execute("INSERT INTO conv_members(conv, principal, joined_at) VALUES (?,?,?)", (conv, p, now))
+                unread[p] = _join(conn, conv, p, now)
             for p in removed:
-                conn.execute("DELETE FROM conv_members WHERE conv=? AND principal=?", (conv, p))
+                unread[p] = conn.execute("DELETE FROM conv_members WHERE conv=? AND principal=? RETURNING unread",
+                                         (conv, p)).fetchall()[0][0]
             after = _members(conn, conv)
             changed = added or removed
             if not changed:
                 return [], after
             data = {"event": event, "conv": conv, "by": by, "members": added or removed}
-            # Everyone concerned hears of it: current members and those who just left.
-            return [append_event(conn, p, "group", now, data) for p in sorted(set(after) | set(removed))], after
+            # Everyone concerned hears of it: current members and those who just left;
+            # a member whose total moved (history to read, or unread ones gone) also
+            # gets its new counts, right after.
+            events = []
+            for p in sorted(set(after) | set(removed)):
+                events.append(append_event(conn, p, "group", now, data))
+                if unread.get(p):
+                    count = unread[p] if p in added else 0
+                    events.append(_unread_event(conn, p, conv, count, now))
+            return events, after
 
         return await self._db.write(job)
 
@@ -437,20 +530,15 @@ class SqliteMessagingStore:
         """A principal was removed: drop its mailbox, cursors and memberships (the
         messages it sent stay in their conversations' history). Returns the groups
         it was a member of."""
+        return await self._db.write(lambda conn: purge_principal(conn, principal))
 
-        def job(conn: sqlite3.Connection) -> list[str]:
-            groups = [r[0] for r in conn.execute(
-                "SELECT cm.conv FROM conv_members cm JOIN conversations c ON c.conv = cm.conv "
-                "WHERE cm.principal=? AND c.kind='group'", (principal,))]
-            conn.execute("DELETE FROM conv_members WHERE principal=?", (principal,))
-            conn.execute("DELETE FROM mailbox WHERE principal=?", (principal,))
-            conn.execute("DELETE FROM mailbox_state WHERE principal=?", (principal,))
-            conn.execute("DELETE FROM cursors WHERE principal=?", (principal,))
-            # Free its cmids: a principal registered again under this id (a new device
-            # counting cmids from 1) must not have its sends taken for retries.
-            conn.execute("UPDATE messages SET cmid = cmid || '~removed-' || ? WHERE sender=?",
-                         (f"{time.time():.6f}", principal))
-            return groups
+    async def purge_orphans(self, limit: int) -> dict[str, list[str]]:
+        """One bounded round: forget up to `limit` principals that have rows here but
+        are no longer registered (removed while no broker was running). Returns
+        {principal: groups it was in}; empty when there is nothing left to do."""
+
+        def job(conn: sqlite3.Connection) -> dict[str, list[str]]:
+            return {p: purge_principal(conn, p) for p in orphans(conn, limit)}
 
         return await self._db.write(job)
 

@@ -37,6 +37,17 @@ MIGRATIONS: list[Migration] = [
             PRIMARY KEY (blocker, blocked)
         ) WITHOUT ROWID;
     """),
+    # Per-member unread counter (sqlite_messaging keeps it on send, read and joins),
+    # so a send costs O(1) per recipient however much its recipients never read (devices).
+    # Here rather than with messaging's migrations: the backfill needs `blocks`.
+    ("0111_unread_counter", """
+        ALTER TABLE conv_members ADD COLUMN unread INTEGER NOT NULL DEFAULT 0;
+        UPDATE conv_members SET unread = (
+            SELECT COUNT(*) FROM messages m
+            WHERE m.conv = conv_members.conv AND m.seq > conv_members.read_seq
+              AND m.sender != conv_members.principal
+              AND m.sender NOT IN (SELECT blocked FROM blocks WHERE blocker = conv_members.principal));
+    """),
 ]
 
 
@@ -152,10 +163,35 @@ class SqliteSocialStore:
 
     async def forget_principal(self, principal: str) -> None:
         """A principal was removed: its contacts, requests and blocks go with it."""
+        await self._db.write(lambda conn: purge_principal(conn, principal))
 
-        def job(conn: sqlite3.Connection) -> None:
-            conn.execute("DELETE FROM contacts WHERE a=? OR b=?", (principal, principal))
-            conn.execute("DELETE FROM contact_requests WHERE sender=? OR recipient=?", (principal, principal))
-            conn.execute("DELETE FROM blocks WHERE blocker=? OR blocked=?", (principal, principal))
+    async def purge_orphans(self, limit: int) -> list[str]:
+        """One bounded round: forget up to `limit` ids that have rows here but are no
+        longer registered principals (removed while no broker was running)."""
 
-        await self._db.write(job)
+        def job(conn: sqlite3.Connection) -> list[str]:
+            found = orphans(conn, limit)
+            for p in found:
+                purge_principal(conn, p)
+            return found
+
+        return await self._db.write(job)
+
+
+def purge_principal(conn: sqlite3.Connection, principal: str) -> None:
+    """Forget `principal`'s contacts, requests and blocks (writer thread). Also run
+    when an id is registered, so a new owner never inherits an old one's."""
+    conn.execute("DELETE FROM contacts WHERE a=? OR b=?", (principal, principal))
+    conn.execute("DELETE FROM contact_requests WHERE sender=? OR recipient=?", (principal, principal))
+    conn.execute("DELETE FROM blocks WHERE blocker=? OR blocked=?", (principal, principal))
+
+
+_PRINCIPAL_COLUMNS = (("contacts", "a"), ("contacts", "b"), ("contact_requests", "sender"),
+                      ("contact_requests", "recipient"), ("blocks", "blocker"), ("blocks", "blocked"))
+
+
+def orphans(conn: sqlite3.Connection, limit: int) -> list[str]:
+    """Up to `limit` ids that have rows here but are not registered principals."""
+    union = " UNION ".join(f"SELECT {col} AS p FROM {table}" for table, col in _PRINCIPAL_COLUMNS)
+    return [r[0] for r in conn.execute(
+        f"SELECT p FROM ({union}) WHERE p NOT IN (SELECT id FROM principals) LIMIT ?", (limit,))]
