@@ -117,7 +117,7 @@ class RoostBroker(Broker):
                                  "max_connections": lst.max_connections}
             for key in ("certfile", "keyfile", "cafile"):
                 value = getattr(lst, key)
-                if value:
+                if value and lst.ssl:  # amqtt insists that every named file exists
                     d[key] = str(config.resolve(value))
             listeners[name] = d
         if "default" not in listeners:
