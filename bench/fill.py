@@ -38,6 +38,7 @@ async def fill_mailbox(broker: Roost, total_events: int) -> int:
 
     await broker.store_add_users({PROBE: f"pw-{PROBE}"})
     pairs, per_pair = plan(total_events)
+    await broker.store_add_mailbox_owners([f"rs{i}" for i in range(2 * pairs)])
     now = time.time() - 3600.0
     store = SqliteStore(broker.db_path)
     await store.open()
@@ -74,6 +75,18 @@ def _fill_pair(conn: Any, a: str, b: str, n: int, now: float, activity: int) -> 
             ((p, s, now + s * 1e-3, conv, s) for s in range(1, n + 1)))
         conn.execute("INSERT INTO mailbox_state(principal, last_n, first_n, delivered_n) VALUES (?,?,1,?)",
                      (p, n, n))
+
+
+async def count_events(broker: Roost) -> int:
+    """Mailbox events in the (stopped) broker's store."""
+    from broker.store.sqlite import SqliteStore
+
+    store = SqliteStore(broker.db_path)
+    await store.open()
+    try:
+        return await store.db.read(lambda conn: conn.execute("SELECT COUNT(*) FROM mailbox").fetchone()[0])
+    finally:
+        await store.close()
 
 
 async def time_to_serve(broker: Roost, timeout: float = 30.0) -> float:

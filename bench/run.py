@@ -366,6 +366,14 @@ class Runner:
         out.metrics["events"] = float(stored)
         secs = await fill.time_to_serve(broker, timeout=max(30.0, self.sizes.timeout))
         out.metrics["serve_s"] = secs
+        # And after a crash: SIGKILL (no clean close of the store), then start again.
+        broker.kill()
+        out.metrics["serve_after_kill_s"] = await fill.time_to_serve(broker, timeout=max(30.0, self.sizes.timeout))
+        broker.stop()
+        kept = await fill.count_events(broker)
+        out.notes.append(f"{kept:,} mailbox events still stored after both restarts")
+        if kept < stored:
+            out.metrics["events"] = float(kept)   # the target is about what was kept
         return out
 
     # ---- driver ---------------------------------------------------------------------------
@@ -428,6 +436,7 @@ ROWS = [
     Row("hold", "  broker RSS MB", "rss_mb", False, "{:,.1f}"),
     Row("restart", "restart: mailbox events", "events"),
     Row("restart", "  time to serve s", "serve_s", False, "{:,.2f}"),
+    Row("restart", "  after SIGKILL: time to serve s", "serve_after_kill_s", False, "{:,.2f}"),
 ]
 
 
@@ -518,6 +527,9 @@ def render_targets(results: dict[str, dict[str, Outcome]]) -> str:
     check("5,000 idle clients with RSS <= 150 MB", None if rss is None else rss <= 150 and (held or 0) >= 5000,
           "not measured" if rss is None else f"{held or 0:,.0f} held, {rss:.0f} MB")
     t, n = m(roost, "restart", "serve_s"), m(roost, "restart", "events")
+    tk = m(roost, "restart", "serve_after_kill_s")
+    if t is not None and tk is not None:
+        t = max(t, tk)
     check("serving within 3 s after restart with 1,000,000 mailbox events",
           None if t is None else t <= 3 and (n or 0) >= 1_000_000,
           "not measured" if t is None else f"{t:.2f} s with {n or 0:,.0f} events")
