@@ -183,10 +183,13 @@ def test_persistent_client_is_pushed_what_it_missed(roost):
     assert fw2.session_present
     got = [fw2.wait_event("msg")["cmid"] for _ in range(5)]
     assert got == [f"m{i}" for i in range(1, 6)]
-    assert [e["n"] for e in fw2.events] == list(range(first["n"] + 1, first["n"] + 6))
+    fw2.wait_event("unread", count=6)         # m1..m5 raised the count to 6
+    # everything after the cursor: m0's count (not acked), then each message with its count
+    assert [e["n"] for e in fw2.events] == list(range(first["n"] + 1, first["n"] + 12))
     # Live events continue the same sequence.
     alice.call("send", to="bob", cmid="m6", body=text("6"))
-    assert fw2.wait_event("msg")["n"] == first["n"] + 6
+    assert fw2.wait_event("msg")["n"] == first["n"] + 12
+    assert fw2.wait_event("unread", count=7)["n"] == first["n"] + 13
     assert fw2.no_message("roost/inbox/#", 0.3)
 
 
@@ -198,7 +201,7 @@ def test_persistent_client_resumes_from_its_cursor_after_a_broker_restart(roost)
     for i in range(3):
         alice.call("send", to="bob", cmid=f"m{i}", body=text(str(i)))
     got = [fw.wait_event("msg")["n"] for _ in range(3)]
-    fw.call("ack", n=got[1])        # the third one is received but not acknowledged
+    fw.call("ack", n=got[1] + 1)    # the second one and its count; the third one is received but not acknowledged
     fw.drop()
     alice.drop()
     roost.restart()
@@ -209,8 +212,9 @@ def test_persistent_client_resumes_from_its_cursor_after_a_broker_restart(roost)
     fw2 = ImClient("bob", "fw", clean_session=False).open(roost, bpw)
     cmids = [fw2.wait_event("msg")["cmid"] for _ in range(4)]
     assert cmids == ["m2", "m3", "m4", "m5"]
+    fw2.wait_event("unread", count=6)
     ns = [e["n"] for e in fw2.events]
-    assert ns == list(range(got[1] + 1, got[1] + 5))
+    assert ns == list(range(got[1] + 2, got[1] + 10))           # each message followed by its count
     assert fw2.no_message("roost/inbox/#", 0.5)
 
 
@@ -247,8 +251,11 @@ def test_offline_client_syncs_everything_across_a_restart(roost):
     roost.restart()
     bob = ImClient("bob", "laptop").open(roost, bpw)
     page = bob.call("sync", after=seen)
-    assert [e["cmid"] for e in page["events"]] == [f"x{i}" for i in range(10)]
-    assert [e["seq"] for e in page["events"]] == list(range(1, 11))
+    msgs = [e for e in page["events"] if e["kind"] == "msg"]
+    assert [e["cmid"] for e in msgs] == [f"x{i}" for i in range(10)]
+    assert [e["seq"] for e in msgs] == list(range(1, 11))
+    assert [e["count"] for e in page["events"] if e["kind"] == "unread"] == list(range(1, 11))
+    assert [e["n"] for e in page["events"]] == list(range(seen + 1, seen + 21))
     alice = ImClient("alice", "phone").open(roost, apw)
     assert alice.call("send", to="bob", cmid="after", body=text("after"))["seq"] == 11
 
@@ -350,7 +357,12 @@ def test_mailbox_overflow_is_announced(roost_factory):
     assert dropped and dropped[-1]["reason"] == "queue_full"
     kept = [e for e in events if e["kind"] == "msg"]
     assert kept[-1]["cmid"] == "39"                                    # the newest are kept
-    assert sum(d["count"] for d in dropped) + len(events) - len(dropped) == 42
+    # 2 contact events and 40 x (message, unread), plus each announcement: numbered
+    # without a gap up to the newest, the oldest discarded (a round may run while
+    # the sends go on, and a later round may discard an earlier announcement)
+    ns = [e["n"] for e in events]
+    assert ns == list(range(ns[0], ns[0] + len(ns))) and ns[-1] >= 82 + len(dropped)
+    assert dropped[-1]["count"] >= 1 and ns[0] - 1 >= dropped[-1]["count"]
     try:
         bob.call("ack", n=10 ** 6)
     except RequestFailed as err:
