@@ -599,3 +599,25 @@ def test_unacked_message_is_not_forgotten_after_5_seconds(b):
     assert not b.broker.engine.sessions["slowack"].inflight
     again.send(b"\xe0\x00")   # DISCONNECT
     again.close()
+
+
+def test_deep_wildcard_filter_refused_exact_accepted(b):
+    c = Client(b.port, "deep")
+    assert c.sub("/".join(["a"] * 80) + "/#", 0) == [0x80]
+    assert c.sub("/".join(["a"] * 80), 0) == [0]
+    assert c.sub("/".join(["a"] * 10) + "/+", 0) == [0]
+    c.disconnect()
+
+
+def test_retained_topic_count_is_bounded(fresh, monkeypatch):
+    from broker.mqtt import engine
+
+    monkeypatch.setattr(engine, "MAX_RETAINED", 3)
+    x = fresh()
+    p = Client(x.port, "rb-pub")
+    for i in range(5):
+        p.pub(f"rb/{i}", b"v", qos=1, retain=True)
+    p.pub("rb/0", b"updated", qos=1, retain=True)   # an existing topic may still change
+    assert sorted(x.broker.engine.retained) == ["rb/0", "rb/1", "rb/2"]
+    assert x.broker.retained("rb/0") == b"updated"
+    assert x.broker.engine.stats["retained_refused"] == 2

@@ -70,6 +70,8 @@ TICK = 0.5                       # keepalive/timeout check period
 PUB_ACL_CACHE = 256              # per-connection PUBLISH decisions
 PAUSED_GRACE = 60.0              # extra seconds for a connection we stopped reading
 STALL_TIMEOUT = 3.0              # a congested session without progress stops holding publishers
+MAX_FILTER_LEVELS = 64           # wildcard filters deeper than this are refused (SUBACK 0x80): trie memory
+MAX_RETAINED = 100_000           # retained topics kept; beyond, new topics are routed but not retained
 
 _NO_WILL = (DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN)
 
@@ -88,7 +90,7 @@ class Engine:
         self.per_listener: dict[str, int] = {}
         self.listener_limits = listener_limits or {}
         self.by_principal: dict[str, dict[str, Connection]] = {}
-        self.stats = {"dropped": 0, "publish_denied": 0, "retained_write_errors": 0}
+        self.stats = {"dropped": 0, "publish_denied": 0, "retained_write_errors": 0, "retained_refused": 0}
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
         self._locks: dict[str, list[Any]] = {}
@@ -650,6 +652,10 @@ class Engine:
                 log.info("%s: subscription limit reached, refusing %s", info.client_id, f)
                 codes.append(0x80)
                 continue
+            if is_wildcard(f) and f.count("/") >= MAX_FILTER_LEVELS:
+                log.info("%s: refusing a wildcard filter of more than %d levels", info.client_id, MAX_FILTER_LEVELS)
+                codes.append(0x80)
+                continue
             if not await self.allowed(info, f, Action.SUBSCRIBE):
                 codes.append(0x80)
                 continue
@@ -700,6 +706,12 @@ class Engine:
                 return
             self._retained_dirty[topic] = None
         else:
+            if topic not in self.retained and len(self.retained) >= MAX_RETAINED:
+                self.stats["retained_refused"] += 1
+                if self.stats["retained_refused"] % 1000 == 1:
+                    log.warning("%d retained topics stored: not retaining %s (%d refused so far)",
+                                MAX_RETAINED, topic, self.stats["retained_refused"])
+                return
             v = (bytes(payload), qos)
             self.retained[topic] = v
             self._retained_dirty[topic] = v
