@@ -94,6 +94,10 @@ class ClientSession(Protocol):
     principal: str | None         # set by the auth plugin
     kind: str | None              # principal kind: user/device/service
     connected_at: float
+    # Also present (broker/mqtt/session.py ClientInfo): client_id_generated (the
+    # client sent an empty id; the broker made "<username>.auto-<hex>" or
+    # "auto-<hex>"), will_flag/will_topic/will_message/will_qos/will_retain, and
+    # attributes: dict for plugin-owned data (amqtt's Session.attributes).
 
 
 class BrokerApi(Protocol):
@@ -107,7 +111,10 @@ class BrokerApi(Protocol):
     async def deliver(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
         """Queue a message for one session only, if that session exists and has a
         subscription matching `topic` (ACL RECEIVE applies). Waits while that
-        session's outgoing queue is full (backpressure). False if not delivered."""
+        session's outgoing queue is full (backpressure). False if not delivered.
+        (Engine: waits at most 10 s; an offline persistent session queues QoS >= 1
+        up to limits.max_queued and True is returned; delivered QoS is
+        min(qos, granted QoS).)"""
 
     def retained(self, topic: str) -> bytes | None:
         """The retained payload on an exact topic, if any."""
