@@ -177,6 +177,11 @@ class Runner:
         elif broker_util + gen_total > 0.9 * NPROC:
             out.notes.append("ALL CORES BUSY (broker + generator): figure may be a lower bound")
             out.saturated = True
+        elif broker_util < 0.8:
+            # A single-threaded broker below 80% of a core was waiting for its clients.
+            out.notes.append("BROKER NOT CPU-BOUND (< 80%): limited by the generator's side or round "
+                             "trips, figure is a lower bound")
+            out.saturated = True
 
     @staticmethod
     def delivery(results: list[dict[str, Any]], out: Outcome, rate_key: str, t_key: str = "last_recv") -> None:
@@ -486,7 +491,8 @@ def render_table(sizes: Sizes, brokers: list[str], results: dict[str, dict[str, 
     out.append("Ratios: broker / stock amqtt, oriented so that > 1 is better (for latency, RSS and time: "
                "amqtt's value / broker's).")
     if any(o.saturated for r in results.values() for o in r.values()):
-        out.append("* the load generator (or all cores) was busy: a lower bound for that broker (see notes).")
+        out.append("* a lower bound for that broker: the generator or all cores were busy, or the broker was "
+                   "not CPU-bound (see notes).")
     return "\n".join(out)
 
 
