@@ -27,7 +27,6 @@ import json
 import resource
 import struct
 import sys
-import time
 from array import array
 from typing import Any
 

@@ -599,8 +599,9 @@ How to run it and what each scenario does: [README.md](README.md).
 
 Machine: {info['nproc']} CPUs ({info['cpu']}), Linux {info['kernel']}, Python {info['python']};
 amqtt {info['amqtt']}, paho-mqtt {info['paho-mqtt']} (tests only: the generator is raw asyncio,
-event loop: {info['generator_loop']}), {info['mosquitto']}. The machine is shared: other work running at the same time moves
-absolute figures from run to run; the ratios come from one run and move less.
+event loop: {info['generator_loop']}), {info['mosquitto']}. The machine is shared: other work
+running at the same time moves absolute figures from run to run; the ratios come from one
+run and move less.
 
 {table}
 
@@ -679,7 +680,8 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
     notes = render_notes(brokers, results)
     info = machine_info()
     print()
-    print(f"Roost benchmark ({'quick' if args.quick else 'full'}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+    when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    print(f"Roost benchmark ({'quick' if args.quick else 'full'}), {when}, "
           f"{info['nproc']} cpu {info['cpu']}, python {info['python']}, amqtt {info['amqtt']}, "
           f"{info['mosquitto']}; generator loop {info['generator_loop']}; took {elapsed:.0f}s")
     print(table)
