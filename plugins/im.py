@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,6 +33,15 @@ log = logging.getLogger("roost.im")
 # (ensure_ascii clients write up to 6 bytes per character).
 ENVELOPE_SLACK = 64 * 1024
 STOP_GRACE = 5.0
+
+
+_LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
+
+
+def _leading_id(payload: bytes) -> str | None:
+    """The request id of a payload too large to parse, when `id` is its first member."""
+    m = _LEADING_ID.match(payload[:200])
+    return m.group(1).decode() if m else None
 
 
 @dataclass
@@ -106,6 +116,12 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
                                                          "requests go to roost/req/<your client id>"))
             return
         principal = getattr(session, "principal", None)
+        if len(payload) > limits.max_body * 6 + ENVELOPE_SLACK:
+            # Refused before parsing: decoding up to max_payload of JSON only to refuse
+            # it would hold the event loop. The id is read when it comes first.
+            self._answer_later(client_id, error_response(_leading_id(payload), ErrorCode.TOO_LARGE,
+                                                         "request is too large"))
+            return
         try:
             request = parse_request(payload)
         except ProtocolError as err:
@@ -113,9 +129,6 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
             return
         except RecursionError:  # JSON nested deeper than the parser goes
             self._answer_later(client_id, error_response(None, ErrorCode.BAD_REQUEST, "payload is nested too deeply"))
-            return
-        if len(payload) > limits.max_body * 6 + ENVELOPE_SLACK:
-            self._answer_later(client_id, error_response(request.id, ErrorCode.TOO_LARGE, "request is too large"))
             return
         if not principal:
             self._answer_later(client_id, error_response(request.id, ErrorCode.UNAUTHORIZED, "not authenticated"))

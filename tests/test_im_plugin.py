@@ -105,3 +105,17 @@ def test_unsubscribing_one_of_two_inbox_filters_keeps_the_pushes(roost):
     alice.call("send", to="bob", cmid="quiet", body=text("not pushed"))
     assert bob.no_message("roost/inbox/#", 0.5)
     assert [e["cmid"] for e in bob.call("sync", after=0)["events"] if e["kind"] == "msg"] == ["still", "quiet"]
+
+
+def test_an_oversized_request_is_refused_before_parsing_with_its_leading_id(roost):
+    apw = roost.add_user("alice")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    big = "x" * 500_000                       # above what any request may need, below max_payload
+    alice.send_raw(json.dumps({"id": "big-1", "op": "send", "to": "bob", "cmid": "c", "body": text(big)}))
+    alice.send_raw(json.dumps({"op": "send", "id": "big-2", "cmid": "c", "body": text(big)}))
+    alice.send_raw("{" + " " * 500_000)        # not even JSON: still one clear answer
+    docs = [alice.wait_message("roost/resp/alice.phone", 10).json() for _ in range(3)]
+    assert [(d["id"], d["error"]["code"]) for d in docs] == [("big-1", "too_large"), (None, "too_large"),
+                                                             (None, "too_large")]
+    assert alice.no_message("roost/resp/#", 0.3)
+    assert alice.call("convs") == {"convs": [], "total_unread": 0}

@@ -481,3 +481,46 @@ def test_a_persistent_client_with_two_inbox_filters_keeps_its_pushes_when_one_go
         await close_env(env)
 
     run(main())
+
+
+def test_a_pusher_survives_a_failing_deliver_and_a_failing_first_read(tmp_path):
+    async def main() -> None:
+        env = await open_env(tmp_path)
+        await env.befriend("alice", "bob")
+        inboxes = env.messaging.inboxes
+        store = env.services.store.messaging
+        real_cursor, real_deliver = store.client_cursor, env.pub.deliver
+        failures = {"cursor": 1, "deliver": 2}
+
+        async def flaky_cursor(*args):  # noqa: ANN002 - the store is briefly unreadable
+            if failures["cursor"]:
+                failures["cursor"] -= 1
+                raise RuntimeError("disk I/O error")
+            return await real_cursor(*args)
+
+        async def flaky_deliver(*args):  # noqa: ANN002 - the engine fails a push
+            if failures["deliver"]:
+                failures["deliver"] -= 1
+                raise RuntimeError("engine error")
+            return await real_deliver(*args)
+
+        env.pub.deliver = flaky_deliver
+        env.pub.subscribed.add("bob.phone")
+        await inboxes.client_connected("bob.phone", "bob", True)
+        store.client_cursor = flaky_cursor                  # the pusher's own first read fails
+        await inboxes.client_subscribed("bob.phone", "bob", True, "roost/inbox/bob")
+        for i in range(3):
+            await env.call("alice", "send", to="bob", cmid=f"m{i}", body=text(str(i)))
+        for _ in range(60):
+            if len(env.pub.events("bob.phone", "msg")) == 3:
+                break
+            await asyncio.sleep(0.1)
+        pushed = env.pub.events("bob.phone")
+        assert [e["cmid"] for e in pushed if e["kind"] == "msg"] == ["m0", "m1", "m2"]
+        assert [e["n"] for e in pushed] == list(range(pushed[0]["n"], pushed[0]["n"] + 6))
+        assert failures == {"cursor": 0, "deliver": 0}
+        p = inboxes.pusher("bob.phone", "bob")
+        assert p is not None and p.read_errors == 1 and p.retries >= 2
+        await close_env(env)
+
+    run(main())

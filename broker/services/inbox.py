@@ -103,9 +103,24 @@ class InboxPusher:
         # Otherwise it is skipped here and read back from the store (known_head says it exists).
         self._wake.set()
 
+    async def _start_position(self) -> tuple[int, int]:
+        """(acked cursor, mailbox head), retried until read: a pusher that gave up
+        here would leave a connected client without pushes until it resubscribed."""
+        while True:
+            try:
+                cursor, _sub, head = await self._store.client_cursor(self.client_id, self.principal)
+                return cursor, head
+            except StoreClosed:
+                raise
+            except Exception:  # noqa: BLE001 - retried; offers made meanwhile are kept
+                self.read_errors += 1
+                log.warning("inbox pusher for %s: reading its cursor failed; retrying", self.client_id,
+                            exc_info=True)
+                await asyncio.sleep(RETRY_MAX)
+
     async def _run(self) -> None:
         try:
-            cursor, _sub, head = await self._store.client_cursor(self.client_id, self.principal)
+            cursor, head = await self._start_position()
             if self.persistent:
                 self._next_n = cursor + 1
             else:
@@ -156,8 +171,11 @@ class InboxPusher:
         payload = encode_event(event.doc)
         delay = RETRY_MIN
         while True:
-            if await self._publisher.deliver(self.client_id, self._topic, payload, 1):
-                return True
+            try:
+                if await self._publisher.deliver(self.client_id, self._topic, payload, 1):
+                    return True
+            except Exception:  # noqa: BLE001 - an engine error is a refusal: retried, never a gap or a silent stop
+                log.warning("inbox push to %s failed; retrying", self.client_id, exc_info=True)
             if self.client_id not in self._publisher.client_ids_of(self.principal):
                 return False
             self.retries += 1
@@ -230,7 +248,7 @@ class Inboxes:
             if subscribed:
                 await self._store.set_inbox_sub(client_id, principal, False)
             return
-        if subscribed:
+        if subscribed and self.pusher(client_id, principal) is None:   # a SUBSCRIBE may have started one
             self._start(client_id, principal, persistent=True)
 
     async def client_subscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
