@@ -171,6 +171,10 @@ class Runner:
         out.metrics["gen_cpu"] = gen_total
         out.notes.append(f"broker cpu {broker_util:.0%}, generator cpu {gen_total:.0%} "
                          f"(max worker {max(gen, default=0):.0%})")
+        if wall < 1.0:
+            # /proc CPU times tick at 100 Hz: too coarse to judge a short phase.
+            out.notes.append("phase under 1 s: CPU shares are rough")
+            return
         if max(gen, default=0) > 0.9 or gen_total > 0.9 * max(1, NPROC - 1):
             out.notes.append("GENERATOR SATURATED: figure is a lower bound")
             out.saturated = True
