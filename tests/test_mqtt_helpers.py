@@ -5,6 +5,7 @@ plugins. Real TCP, real paho clients; no mocks."""
 from __future__ import annotations
 
 import asyncio
+import os
 import queue
 import socket
 import threading
@@ -114,7 +115,12 @@ DEFAULT_PLUGINS = {f"{HELPERS}.AllowAuth": {}, f"{HELPERS}.DenyAcl": {}, f"{HELP
 
 class LoopThread:
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        if os.environ.get("ROOST_TEST_UVLOOP"):   # run the engine tests on uvloop too
+            import uvloop
+
+            self.loop = uvloop.new_event_loop()
+        else:
+            self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
