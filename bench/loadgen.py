@@ -275,7 +275,13 @@ class ImClient:
         st = self.stats
         kind = ev.get("kind")
         n = ev.get("n", 0)
-        if isinstance(n, int) and n > self.max_n:
+        if not isinstance(n, int):
+            st.error("event without n")
+            n = 0
+        # The mailbox is pushed in order with no gaps (PROTOCOL.md, "Delivery").
+        if self.max_n and n != self.max_n + 1:
+            st.error("inbox gap or reorder" if n > self.max_n + 1 else "inbox event repeated or reordered")
+        if n > self.max_n:
             self.max_n = n
         if kind == "msg" and self.role == "recipient":
             cmid = ev.get("cmid", "")

@@ -52,6 +52,8 @@ def test_quick_bench_prints_table_and_loses_nothing(tmp_path: Path) -> None:
             assert outcome["error"] is None, f"{broker} {name}: {outcome['error']}"
             m = outcome["metrics"]
             assert m.get("dup", 0) == 0, f"{broker} {name} duplicated {m.get('dup')}"
+            # Clients saw no protocol error (refused request, inbox gap, changed payload...).
+            assert not [n for n in outcome["notes"] if "errors:" in n], f"{broker} {name}: {outcome['notes']}"
             lost = m.get("lost", 0)
             if lost and (broker, name) in KNOWN_LOSS:
                 known.append(f"{broker} {name} lost {lost:.0f}: {KNOWN_LOSS[(broker, name)]}")
