@@ -146,3 +146,30 @@ def test_counts_survive_a_restart_and_an_upgraded_store_is_backfilled(tmp_path):
         await close_env(env)
 
     run(main())
+
+
+def test_blocking_and_unblocking_recount_and_announce(tmp_path):
+    async def main() -> None:
+        env = await open_env(tmp_path, users=("alice", "bob", "mallory"))
+        await env.befriend("alice", "bob")
+        await env.befriend("alice", "mallory")
+        conv = (await env.call("alice", "group.create", name="g", members=["bob", "mallory"]))["conv"]
+        await env.call("mallory", "send", conv=conv, cmid="m1", body=text("1"))
+        await env.call("bob", "send", conv=conv, cmid="b1", body=text("2"))
+        await env.call("mallory", "send", to="alice", cmid="m2", body=text("3"))
+        assert (await env.call("alice", "convs"))["total_unread"] == 3
+        await env.call("alice", "contact.block", user="mallory")
+        box = await env.mailbox("alice")
+        assert (box[-3]["kind"], box[-3]["event"]) == ("contact", "blocked")
+        assert [e["kind"] for e in box[-2:]] == ["unread", "unread"]
+        assert {(e["conv"], e["count"]) for e in box[-2:]} == {(conv, 1), ("dm:alice:mallory", 0)}
+        assert box[-1]["total"] == 1
+        convs = await env.call("alice", "convs")
+        assert convs["total_unread"] == 1
+        assert {c["conv"]: c["unread"] for c in convs["convs"]} == {conv: 1, "dm:alice:mallory": 0}
+        await env.call("alice", "contact.unblock", user="mallory")
+        assert (await env.call("alice", "convs"))["total_unread"] == 3
+        assert (await env.mailbox("alice"))[-1]["total"] == 3
+        await close_env(env)
+
+    run(main())

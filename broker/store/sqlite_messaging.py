@@ -175,6 +175,23 @@ def _unread_event(conn: sqlite3.Connection, principal: str, conv: str, count: in
                         {"conv": conv, "count": count, "total": _total_unread(conn, principal)})
 
 
+def recount_from(conn: sqlite3.Connection, principal: str, sender: str, now: float) -> list[MailboxEvent]:
+    """`principal` blocked or unblocked `sender` (writer thread, after the change):
+    recount its conversations where `sender` has messages after the read position,
+    and announce each count that moved."""
+    rows = conn.execute(
+        "SELECT cm.conv, cm.read_seq, cm.unread FROM conv_members cm WHERE cm.principal=? AND EXISTS "
+        "(SELECT 1 FROM messages m WHERE m.conv = cm.conv AND m.seq > cm.read_seq AND m.sender = ?)",
+        (principal, sender)).fetchall()
+    events = []
+    for conv, read_seq, old in rows:
+        count = _unread(conn, conv, principal, read_seq)
+        if count != old:
+            conn.execute("UPDATE conv_members SET unread=? WHERE conv=? AND principal=?", (count, conv, principal))
+            events.append(_unread_event(conn, principal, conv, count, now))
+    return events
+
+
 def _join(conn: sqlite3.Connection, conv: str, principal: str, now: float, *, since_seq: int = 0) -> int:
     """Add a member (reading from since_seq on); returns its unread count."""
     unread = _unread(conn, conv, principal, since_seq)

@@ -10,7 +10,7 @@ import sqlite3
 
 from broker.store.base import ContactRequest, MailboxEvent, SocialState
 from broker.store.sqlite_db import Database, Migration
-from broker.store.sqlite_messaging import append_event
+from broker.store.sqlite_messaging import append_event, recount_from
 
 MIGRATIONS: list[Migration] = [
     ("0110_social", """
@@ -149,6 +149,8 @@ class SqliteSocialStore:
             if was_contact or mine_withdrawn:
                 # What the blocked side sees is an ordinary removal, nothing more.
                 events.append(_contact_event(conn, other, "removed", me, me, now))
+            # Unread counts leave out the messages of those you block.
+            events += recount_from(conn, me, other, now)
             return was_contact, events
 
         return await self._db.write(job)
@@ -157,7 +159,7 @@ class SqliteSocialStore:
         def job(conn: sqlite3.Connection) -> list[MailboxEvent]:
             if conn.execute("DELETE FROM blocks WHERE blocker=? AND blocked=?", (me, other)).rowcount == 0:
                 raise KeyError(other)
-            return [_contact_event(conn, me, "unblocked", other, me, now)]
+            return [_contact_event(conn, me, "unblocked", other, me, now), *recount_from(conn, me, other, now)]
 
         return await self._db.write(job)
 
