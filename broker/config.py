@@ -242,11 +242,12 @@ def _check(cfg: RoostConfig) -> None:
             raise ConfigError(f"listeners.{name}.bind", f"expected HOST:PORT, got {lst.bind!r}")
         if lst.ssl:
             for key in ("certfile", "keyfile"):
-                value = getattr(lst, key)
-                if not value:
+                if not getattr(lst, key):
                     raise ConfigError(f"listeners.{name}.{key}", "required when ssl is true")
-                if not cfg.resolve(value).is_file():
-                    raise ConfigError(f"listeners.{name}.{key}", f"file not found: {value}")
+        for key in ("certfile", "keyfile", "cafile"):
+            value = getattr(lst, key)
+            if value and not cfg.resolve(value).is_file():
+                raise ConfigError(f"listeners.{name}.{key}", f"file not found: {value}")
     if cfg.limits.max_inflight < 1:
         raise ConfigError("limits.max_inflight", "must be at least 1")
     if cfg.mailbox.max_events < 1:
