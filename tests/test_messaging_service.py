@@ -524,3 +524,29 @@ def test_a_pusher_survives_a_failing_deliver_and_a_failing_first_read(tmp_path):
         await close_env(env)
 
     run(main())
+
+
+def test_inbox_filters_are_forgotten_with_their_clean_session_and_stay_bounded(tmp_path, monkeypatch):
+    from broker.services import inbox as inbox_module
+
+    async def main() -> None:
+        env = await open_env(tmp_path)
+        inboxes = env.messaging.inboxes
+        monkeypatch.setattr(inbox_module, "MAX_TRACKED_CLIENTS", 3)
+        for label in ("a", "b"):
+            await inboxes.client_connected(f"bob.{label}", "bob", True)
+            await inboxes.client_subscribed(f"bob.{label}", "bob", True, "roost/inbox/+")
+        await inboxes.client_connected("bob.fw", "bob", False)
+        await inboxes.client_subscribed("bob.fw", "bob", False, "roost/inbox/bob")
+        # pushers that already ended (the client vanished) do not keep a clean session's filters
+        await inboxes.client_disconnected("bob.a", "bob", "lost")
+        await inboxes.client_disconnected("bob.fw", "bob", "lost")
+        assert set(inboxes._filters) == {"bob.b", "bob.fw"}      # the persistent session keeps its own
+        for label in ("c", "d", "e"):
+            await inboxes.client_subscribed(f"bob.{label}", "bob", True, "roost/inbox/bob")
+        assert len(inboxes._filters) == 3 and inboxes.filters_evicted == 2
+        inboxes.forget_principal("bob")
+        assert not inboxes._filters and not inboxes._clean
+        await close_env(env)
+
+    run(main())

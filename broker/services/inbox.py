@@ -214,6 +214,7 @@ class Inboxes:
         # stop its pushes. Kept across reconnects of a persistent session (the engine
         # keeps its subscriptions); bounded, oldest forgotten first.
         self._filters: OrderedDict[str, set[str]] = OrderedDict()
+        self._clean: set[str] = set()   # client ids in _filters whose session ends with the connection
         self.filters_evicted = 0
 
     def start(self, publisher: Publisher) -> None:
@@ -242,7 +243,7 @@ class Inboxes:
     async def client_connected(self, client_id: str, principal: str, clean_session: bool) -> None:
         await self._drop(client_id, principal)  # an older connection of this client id
         if clean_session:
-            self._filters.pop(client_id, None)   # a new clean session has no subscriptions
+            self._forget_filters(client_id)      # a new clean session has no subscriptions
         _cursor, subscribed, _head = await self._store.client_cursor(client_id, principal)
         if clean_session:
             if subscribed:
@@ -254,7 +255,7 @@ class Inboxes:
     async def client_subscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
         if not filter_matches(topic_filter, topics.inbox(principal)):
             return
-        self._remember_filter(client_id, topic_filter)
+        self._remember_filter(client_id, topic_filter, clean_session)
         existing = self.pusher(client_id, principal)
         if existing is None:
             self._start(client_id, principal, persistent=not clean_session)
@@ -278,7 +279,7 @@ class Inboxes:
             remaining.discard(topic_filter)
             if remaining:
                 return   # another of its filters still matches the inbox: keep pushing
-            del self._filters[client_id]
+            self._forget_filters(client_id)
         await self._drop(client_id, principal)
         if not clean_session:
             await self._store.set_inbox_sub(client_id, principal, False)
@@ -286,27 +287,35 @@ class Inboxes:
     async def client_disconnected(self, client_id: str, principal: str, reason: str) -> None:
         if reason == "taken_over":
             return  # the new connection already replaced this client's pusher
-        p = self.pusher(client_id, principal)
-        if p is not None and not p.persistent:
-            self._filters.pop(client_id, None)   # its session ends with the connection
+        if client_id in self._clean:
+            self._forget_filters(client_id)      # its session ends with the connection
         await self._drop(client_id, principal)
 
     def forget_principal(self, principal: str) -> None:
         """The principal was removed: its clients' sessions and filters are gone."""
         prefix = principal + "."
         for client_id in [c for c in self._filters if c == principal or c.startswith(prefix)]:
-            del self._filters[client_id]
+            self._forget_filters(client_id)
 
     # ---- internals -----------------------------------------------------------
-    def _remember_filter(self, client_id: str, topic_filter: str) -> None:
+    def _forget_filters(self, client_id: str) -> None:
+        self._filters.pop(client_id, None)
+        self._clean.discard(client_id)
+
+    def _remember_filter(self, client_id: str, topic_filter: str, clean_session: bool) -> None:
+        if clean_session:
+            self._clean.add(client_id)
+        else:
+            self._clean.discard(client_id)
         filters = self._filters.get(client_id)
         if filters is None:
             filters = self._filters[client_id] = set()
             while len(self._filters) > MAX_TRACKED_CLIENTS:
                 old, _ = self._filters.popitem(last=False)
+                self._clean.discard(old)
                 self.filters_evicted += 1
                 if self.filters_evicted % 1000 == 1:
-                        log.warning("inbox filters of %s forgotten (more than %d clients tracked, %d so far)",
+                    log.warning("inbox filters of %s forgotten (more than %d clients tracked, %d so far)",
                                 old, MAX_TRACKED_CLIENTS, self.filters_evicted)
         else:
             self._filters.move_to_end(client_id)
