@@ -508,6 +508,13 @@ class Engine:
                 if retain:
                     self.set_retained(topic, payload, qos)
                 self.route(Message(topic, payload, qos), conn)
+                if retain and qos and self._store is not None:
+                    # Acknowledge a retained change only once it is stored: a SIGKILL
+                    # right after PUBACK must not lose it. Returning an awaitable keeps
+                    # this client's later packets (and their acks) in order behind it.
+                    if qos == 2:
+                        st.incoming_qos2.add(pid)
+                    return self._ack_when_retained_stored(conn, qos, pid)
         if qos == 1:
             conn.write(codec.ack(codec.PUBACK, pid))
         elif qos == 2:
@@ -528,6 +535,8 @@ class Engine:
             cache[topic] = ok
         if ok:
             await self._publish_checked(info, topic, payload, qos, retain, conn)
+            if retain and qos:
+                await self.flush_retained()  # acknowledged only once stored (see _publish)
         else:
             self.stats["publish_denied"] += 1
         if qos == 2:
@@ -538,6 +547,12 @@ class Engine:
             conn.write(codec.ack(codec.PUBACK, pid))
         elif qos == 2:
             conn.write(codec.ack(codec.PUBREC, pid))
+
+    async def _ack_when_retained_stored(self, conn: Connection, qos: int, pid: int | None) -> None:
+        await self.flush_retained()
+        if conn.state == CLOSED:
+            return
+        conn.write(codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pid))
 
     async def _publish_checked(self, info: ClientInfo, topic: str, payload: bytes, qos: int, retain: bool,
                                src: Connection | None = None) -> None:
