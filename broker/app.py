@@ -63,28 +63,24 @@ async def build_services(config: RoostConfig) -> Services:
     return services
 
 
-def service_objects(services: Services) -> list[Any]:
-    return [s for s in (services.messaging, services.social, services.presence, services.devices,
-                        services.telemetry, services.homeassistant) if s is not None]
-
 
 async def start(config: RoostConfig) -> tuple[Any, Services]:
     """Build and start everything; returns (broker, services)."""
     from broker.server import RoostBroker
 
     services = await build_services(config)
-    for svc in service_objects(services):
+    for svc in services.all():
         await svc.load()
     broker = RoostBroker(config, plugins=plugin_list(config), services=services,
                          retained_store=services.store.retained)
     await broker.start()
-    for svc in service_objects(services):
+    for svc in services.all():
         await svc.start(broker)
     return broker, services
 
 
 async def stop(broker: Any, services: Services) -> None:
-    for svc in reversed(service_objects(services)):
+    for svc in reversed(services.all()):
         try:
             await svc.stop()
         except Exception:  # noqa: BLE001 - keep shutting the rest down

@@ -99,21 +99,32 @@ class RoostAuthPlugin(BaseAuthPlugin):
                 continue
             for seq, principal_id, action in changes:
                 position = seq
-                if action == "removed" and services.identity.get_cached(principal_id) is None:
-                    services.relations.forget_principal(principal_id)
-                    broker = broker_of(self)
-                    broker.refresh_acl()
-                    closed = await broker.kick_principal(principal_id)
-                    # no ghost owners in `devices`, no stale retained presence
-                    if services.devices is not None:
-                        services.devices.principal_removed(principal_id)
-                    # its mailbox, cursors, group memberships, contacts and blocks
-                    for svc in (services.messaging, services.social):
-                        if svc is not None:
-                            try:
-                                await svc.principal_removed(principal_id)
-                            except Exception:  # noqa: BLE001 - keep polling; logged
-                                log.exception("forgetting %s in %s failed", principal_id, type(svc).__name__)
-                    if services.presence is not None:
-                        services.presence.forget(principal_id)
-                    log.info("principal %s removed: closed %d connection(s)", principal_id, closed)
+                try:
+                    if action == "removed":
+                        # Even if the id was registered again since (same poll), the
+                        # old principal's connections and in-memory state must go.
+                        await self._forget(principal_id)
+                    elif action == "added":
+                        await self._each_service("principal_added", principal_id)
+                except Exception:  # noqa: BLE001 - keep polling; logged
+                    log.exception("applying admin change %s of %s failed", action, principal_id)
+
+    async def _forget(self, principal_id: str) -> None:
+        services = services_of(self)
+        broker = broker_of(self)
+        services.relations.forget_principal(principal_id)
+        broker.refresh_acl()
+        closed = await broker.kick_principal(principal_id)
+        # its mailbox, memberships, contacts, ownerships, presence and readings
+        await self._each_service("principal_removed", principal_id)
+        log.info("principal %s removed: closed %d connection(s)", principal_id, closed)
+
+    async def _each_service(self, hook: str, principal_id: str) -> None:
+        for svc in services_of(self).all():
+            fn = getattr(svc, hook, None)
+            if fn is None:
+                continue
+            try:
+                await fn(principal_id)
+            except Exception:  # noqa: BLE001 - one service failing must not stop the others
+                log.exception("%s(%s) in %s failed", hook, principal_id, type(svc).__name__)

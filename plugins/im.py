@@ -83,10 +83,9 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
 
     def _op_table(self) -> dict[str, Handler]:
         if self._ops is None:
-            from broker.app import service_objects
 
             table: dict[str, Handler] = {}
-            for svc in service_objects(self._services()):
+            for svc in self._services().all():
                 for name, handler in svc.ops().items():
                     if name in table:
                         log.warning("operation %s is served twice; %s wins", name, type(svc).__name__)

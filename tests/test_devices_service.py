@@ -192,7 +192,7 @@ def test_principal_removed_drops_its_rows(tmp_path) -> None:
         services, svc, pub, codes = await setup(tmp_path / "r.db")
         await svc.claim(user("alice"), {"device": "lamp", "code": codes["lamp"]})
         await services.identity.remove("alice")
-        svc.principal_removed("alice")
+        await svc.principal_removed("alice")
         assert not services.relations.may_use_device("alice", "lamp")
         assert await services.store.devices.list_device_users() == []
         await teardown(services)

@@ -130,7 +130,7 @@ class DeviceService:
         du = self._users.get(device, {}).get(principal)
         return du.role if du else None
 
-    def principal_removed(self, principal: str) -> None:
+    async def principal_removed(self, principal: str) -> None:
         """A principal was removed by an admin: the store dropped its rows (foreign
         keys cascade); drop them here too."""
         changed = self._users.pop(principal, None) is not None

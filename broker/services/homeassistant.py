@@ -207,6 +207,12 @@ class HomeAssistantService:
         self._tasks.append(task)
         task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
+    async def principal_added(self, principal: str) -> None:
+        await self.device_changed(principal)
+
+    async def principal_removed(self, principal: str) -> None:
+        await self.device_changed(principal)
+
     async def device_changed(self, device: str) -> None:
         """An admin added, changed or removed `device` (called by whoever notices first)."""
         await self.sync()

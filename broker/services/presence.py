@@ -202,6 +202,9 @@ class PresenceService:
         self._dirty.add(principal)
         self._enqueue(principal, st.wire())
 
+    async def principal_removed(self, principal: str) -> None:
+        self.forget(principal)
+
     def forget(self, principal: str) -> None:
         """The principal was removed: clear its retained presence."""
         self._states.pop(principal, None)

@@ -24,3 +24,10 @@ class Services:
     devices: Any = None              # broker.services.devices.DeviceService
     telemetry: Any = None            # broker.services.telemetry.TelemetryService
     homeassistant: Any = None        # broker.services.homeassistant.HomeAssistantService
+
+    def all(self) -> list[Any]:
+        """The service objects, in start order. Each has load/start/stop/ops and may
+        have `async principal_added(id)` / `async principal_removed(id)`, called
+        when an admin command adds or removes a principal (docs/ARCHITECTURE.md)."""
+        return [s for s in (self.messaging, self.social, self.presence, self.devices,
+                            self.telemetry, self.homeassistant) if s is not None]

@@ -249,6 +249,9 @@ class TelemetryService:
         object; it must not block."""
         self._listeners.append(listener)
 
+    async def principal_removed(self, principal: str) -> None:
+        await self.forget(principal)
+
     async def forget(self, device: str) -> None:
         """The device was removed: drop its readings."""
         self._latest.pop(device, None)
