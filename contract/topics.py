@@ -49,6 +49,27 @@ def ha_discovery(device: str) -> str:
     return f"{HA_DISCOVERY_PREFIX}/device/{device}/config"
 
 
+def matches(topic: str, topic_filter: str) -> bool:
+    """Does topic name `topic` match MQTT filter `topic_filter` (`+`, `#`)?
+
+    A filter starting with a wildcard never matches a `$...` topic (MQTT-4.7.2-1).
+    """
+    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
+        return False
+    if "+" not in topic_filter and "#" not in topic_filter:
+        return topic == topic_filter
+    t = topic.split("/")
+    parts = topic_filter.split("/")
+    for i, level in enumerate(parts):
+        if level == "#":
+            return True
+        if i >= len(t):
+            return False
+        if level != "+" and level != t[i]:
+            return False
+    return len(parts) == len(t)
+
+
 def is_roost(topic: str) -> bool:
     return topic.startswith(ROOT)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from amqtt.plugins.base import BaseAuthPlugin
 
 from broker.mqtt.hooks import ConnectRefused
+from broker.services.base import cancel_and_wait
 from broker.services.identity import FailureThrottle
 from contract.ids import is_valid_principal_id, principal_of_client_id
 from plugins.base import broker_of, services_of
@@ -83,9 +84,7 @@ class RoostAuthPlugin(BaseAuthPlugin):
         self._poller = asyncio.create_task(self._poll_admin_log(), name="roost-admin-log")
 
     async def on_roost_stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            await asyncio.gather(self._poller, return_exceptions=True)
+        await cancel_and_wait(self._poller)
 
     async def _poll_admin_log(self) -> None:
         services = services_of(self)

@@ -14,6 +14,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 
+from contract import topics
+
 from tests.harness import RoostProcess
 
 DEFAULT_TIMEOUT = 5.0
@@ -38,13 +40,7 @@ class Message:
 
 
 def _filter_matches(pattern: str, topic: str) -> bool:
-    p, t = pattern.split("/"), topic.split("/")
-    for i, level in enumerate(p):
-        if level == "#":
-            return True
-        if i >= len(t) or (level != "+" and level != t[i]):
-            return False
-    return len(p) == len(t)
+    return topics.matches(topic, pattern)
 
 
 _V5_TO_311 = {0: 0, 132: 1, 133: 2, 136: 3, 134: 4, 135: 5}

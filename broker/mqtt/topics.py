@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Generic, TypeVar
 
+from contract import topics
+
 K = TypeVar("K")  # subscriber key (the engine uses its SessionState objects)
 
 MAX_TOPIC_BYTES = 65535
@@ -40,22 +42,7 @@ def is_wildcard(f: str) -> bool:
     return "+" in f or "#" in f
 
 
-def matches(topic: str, f: str) -> bool:
-    """Does topic name `topic` match filter `f` (both already valid)?"""
-    if topic.startswith("$") and f[:1] in ("+", "#"):
-        return False
-    if not is_wildcard(f):
-        return topic == f
-    t = topic.split("/")
-    parts = f.split("/")
-    for i, level in enumerate(parts):
-        if level == "#":
-            return True
-        if i >= len(t):
-            return False
-        if level != "+" and level != t[i]:
-            return False
-    return len(parts) == len(t)
+matches = topics.matches  # (topic name, filter) -> bool, shared with the rest of Roost
 
 
 class _Node:

@@ -36,19 +36,8 @@ class Who:
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
-    """MQTT filter match of `pattern` against a concrete `topic` (or a filter taken literally)."""
-    p_levels = pattern.split("/")
-    t_levels = topic.split("/")
-    if topic.startswith("$") and p_levels[0] in ("#", "+"):
-        return False
-    for i, p in enumerate(p_levels):
-        if p == "#":
-            return True
-        if i >= len(t_levels):
-            return False
-        if p != "+" and p != t_levels[i]:
-            return False
-    return len(p_levels) == len(t_levels)
+    """Rule `pattern` against a concrete topic (or a subscription filter taken literally)."""
+    return topics.matches(topic, pattern)
 
 
 def _has_wildcard(topic_filter: str) -> bool:

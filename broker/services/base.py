@@ -6,6 +6,7 @@ plugin layer implements on top of the broker.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,6 +38,15 @@ class Publisher(Protocol):
     async def kick_principal(self, principal: str) -> int: ...
 
     def refresh_acl(self) -> None: ...
+
+
+async def cancel_and_wait(*tasks: "asyncio.Task[Any] | None") -> None:
+    """Cancel background tasks and wait until they are gone (their errors were
+    already logged by the tasks themselves)."""
+    live = [t for t in tasks if t is not None]
+    for t in live:
+        t.cancel()
+    await asyncio.gather(*live, return_exceptions=True)
 
 
 # ---- parameter helpers shared by every service's handlers --------------------

@@ -34,7 +34,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from broker.services.base import Caller, Publisher
+from broker.services.base import Caller, Publisher, cancel_and_wait
 from broker.services.homeassistant_discovery import (
     BadSetPayload, HaCommand, command_from_set, discovery_payload, discovery_topic, encode, is_ours, status_topic,
 )
@@ -116,13 +116,7 @@ class HomeAssistantService:
     async def stop(self) -> None:
         if self._stopped:
             return
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         # The broker is going away and every device with it: say so while we still can.
         for device in list(self._discovered):

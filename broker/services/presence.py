@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from broker.services.base import Handler, Publisher
+from broker.services.base import Handler, Publisher, cancel_and_wait
 from broker.store.base import PresenceRecord
 from contract import topics
 from contract.presence import OFFLINE, ONLINE
@@ -157,13 +157,7 @@ class PresenceService:
             await asyncio.wait_for(self._drain(), timeout=5.0)
         except asyncio.TimeoutError:
             log.warning("presence: %d state(s) not published before shutdown", len(self._queue))
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            try:
-                await t
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_and_wait(*self._tasks)
         self._tasks = []
         await self._persist_once(alive_at=self._clock())
 

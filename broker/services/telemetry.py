@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from broker.services.base import cancel_and_wait
 from broker.services.telemetry_influx import FieldValue, InfluxWriter, RateLimitedLog, line_protocol, seconds_to_ns
 from broker.store.base import LatestReading
 
@@ -144,13 +145,7 @@ class TelemetryService:
         self._reporter = asyncio.create_task(self._report_loop(), name="roost-telemetry-report")
 
     async def stop(self) -> None:
-        for task in (self._flusher, self._reporter):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await cancel_and_wait(self._flusher, self._reporter)
         self._flusher = self._reporter = None
         await self._flush_latest()
         if self._influx is not None:
