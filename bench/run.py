@@ -69,6 +69,30 @@ class Outcome:
     saturated: bool = False     # the generator (or the machine) may have been the limit
 
 
+HEADLINE = {"fanin_qos0": "msg_s", "fanin_qos1": "msg_s", "p2p": "msg_s", "fanout": "deliveries_s",
+            "im": "msg_s", "hold": "connects_per_s", "restart": "serve_s"}
+
+
+def median_outcome(name: str, outcomes: list[Outcome]) -> Outcome:
+    """With --repeat: the run whose headline figure is the median (a failed run wins:
+    errors are never averaged away); lost and duplicated are the worst seen."""
+    if len(outcomes) == 1:
+        return outcomes[0]
+    failed = [o for o in outcomes if o.error]
+    if failed:
+        return failed[0]
+    key = HEADLINE[name]
+    ranked = sorted(outcomes, key=lambda o: o.metrics.get(key) or 0.0)
+    chosen = ranked[len(ranked) // 2]
+    for worst in ("lost", "dup"):
+        vals = [o.metrics[worst] for o in outcomes if o.metrics.get(worst) is not None]
+        if vals:
+            chosen.metrics[worst] = max(vals)
+    figures = ", ".join(f"{o.metrics.get(key) or 0:,.4g}" for o in outcomes)
+    chosen.notes.insert(0, f"median of {len(outcomes)} runs ({key}: {figures})")
+    return chosen
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
     try:
@@ -676,24 +700,28 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
                 runner.log(f"{bname}: set-up failed: {exc}")
                 for name in scenarios:
                     results[bname][name] = Outcome(error=f"set-up failed: {exc}")
+        runs: dict[tuple[str, str], list[Outcome]] = {}
         for name in scenarios:
-            for bname, broker in ready.items():
-                if name in ROOST_ONLY and bname != "roost":
-                    continue
-                runner.log(f"{bname}: {name} ...")
-                t = time.monotonic()
-                load_before = os.getloadavg()[0]
-                try:
-                    o = await runner.scenario(broker, name)
-                except Exception as exc:  # noqa: BLE001
-                    o = Outcome(error=f"{type(exc).__name__}: {exc}")
-                    runner.log(f"{bname}: {name} failed: {exc}\n{broker.log_tail(15)}")
-                    broker.kill()
-                # Other work on the machine takes CPU from the broker: say how busy it was.
-                o.notes.append(f"load avg {load_before:.1f}")
-                results[bname][name] = o
-                runner.log(f"{bname}: {name} done in {time.monotonic() - t:.1f}s: "
-                           + ", ".join(f"{k}={v:.4g}" for k, v in o.metrics.items() if v is not None))
+            for rep in range(args.repeat):
+                for bname, broker in ready.items():
+                    if name in ROOST_ONLY and bname != "roost":
+                        continue
+                    runner.log(f"{bname}: {name}{f' (run {rep + 1}/{args.repeat})' if args.repeat > 1 else ''} ...")
+                    t = time.monotonic()
+                    load_before = os.getloadavg()[0]
+                    try:
+                        o = await runner.scenario(broker, name)
+                    except Exception as exc:  # noqa: BLE001
+                        o = Outcome(error=f"{type(exc).__name__}: {exc}")
+                        runner.log(f"{bname}: {name} failed: {exc}\n{broker.log_tail(15)}")
+                        broker.kill()
+                    # Other work on the machine takes CPU from the broker: say how busy it was.
+                    o.notes.append(f"load avg {load_before:.1f}")
+                    runs.setdefault((bname, name), []).append(o)
+                    runner.log(f"{bname}: {name} done in {time.monotonic() - t:.1f}s: "
+                               + ", ".join(f"{k}={v:.4g}" for k, v in o.metrics.items() if v is not None))
+        for (bname, name), outcomes in runs.items():
+            results[bname][name] = median_outcome(name, outcomes)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -736,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (< 60 s)")
     ap.add_argument("--only", default="", help=f"comma-separated scenarios ({', '.join(SCENARIOS)})")
     ap.add_argument("--brokers", default="roost,amqtt,mosquitto", help="comma-separated: roost,amqtt,mosquitto")
+    ap.add_argument("--repeat", type=int, default=1, metavar="N",
+                    help="run every scenario N times per broker and show the median run (shared machines)")
     ap.add_argument("--json", default="", help="also write the raw results as JSON to this file")
     ap.add_argument("--markdown", default="", help="also write the table as Markdown to this file")
     ap.add_argument("--profile", default="", metavar="DIR",
