@@ -130,33 +130,6 @@ def user_add(principal_id: str, name: str | None, password: str | None, password
     _emit(as_json, doc, text)
 
 
-@user.command("list")
-@config_option
-@json_option
-def user_list(config_path: str | None, as_json: bool) -> None:
-    """List people.
-
-    \b
-    Example:
-      roost user list --json
-    """
-    _list("user", config_path, as_json)
-
-
-@user.command("remove")
-@click.argument("principal_id", metavar="ID")
-@config_option
-@json_option
-def user_remove(principal_id: str, config_path: str | None, as_json: bool) -> None:
-    """Remove a person; their live connections are closed.
-
-    \b
-    Example:
-      roost user remove alice
-    """
-    _remove("user", principal_id, config_path, as_json)
-
-
 @user.command("passwd")
 @click.argument("principal_id", metavar="ID")
 @click.option("--password", help="The new password (prefer --password-stdin).")
@@ -213,33 +186,6 @@ def device_add(principal_id: str, device_kind: str, name: str | None, room: str 
           f"device {reg.id} added\nsecret: {reg.secret}\npairing code: {reg.pairing_code}")
 
 
-@device.command("list")
-@config_option
-@json_option
-def device_list(config_path: str | None, as_json: bool) -> None:
-    """List devices.
-
-    \b
-    Example:
-      roost device list
-    """
-    _list("device", config_path, as_json)
-
-
-@device.command("remove")
-@click.argument("principal_id", metavar="ID")
-@config_option
-@json_option
-def device_remove(principal_id: str, config_path: str | None, as_json: bool) -> None:
-    """Remove a device; its live connection is closed.
-
-    \b
-    Example:
-      roost device remove thermo1
-    """
-    _remove("device", principal_id, config_path, as_json)
-
-
 # ---- service -------------------------------------------------------------------
 
 @click.group()
@@ -261,33 +207,6 @@ def service_add(principal_id: str, name: str | None, config_path: str | None, as
     """
     reg = _with_identity(config_path, lambda ids: ids.add(principal_id, "service", name=name))
     _emit(as_json, {"id": reg.id, "secret": reg.secret}, f"service {reg.id} added\nsecret: {reg.secret}")
-
-
-@service.command("list")
-@config_option
-@json_option
-def service_list(config_path: str | None, as_json: bool) -> None:
-    """List integration accounts.
-
-    \b
-    Example:
-      roost service list
-    """
-    _list("service", config_path, as_json)
-
-
-@service.command("remove")
-@click.argument("principal_id", metavar="ID")
-@config_option
-@json_option
-def service_remove(principal_id: str, config_path: str | None, as_json: bool) -> None:
-    """Remove an integration account; its live connections are closed.
-
-    \b
-    Example:
-      roost service remove homeassistant
-    """
-    _remove("service", principal_id, config_path, as_json)
 
 
 # ---- shared --------------------------------------------------------------------
@@ -317,6 +236,29 @@ def _remove(kind: str, principal_id: str, config_path: str | None, as_json: bool
     if not _with_identity(config_path, remove):
         raise click.ClickException(f"no {kind} {principal_id!r}")
     _emit(as_json, {"id": principal_id, "removed": True}, f"{kind} {principal_id} removed")
+
+
+def _add_list_and_remove(group: click.Group, kind: str, noun: str, example_id: str) -> None:
+    """`<kind> list` and `<kind> remove ID`: the same for every kind of principal."""
+
+    @group.command("list", help=f"List {noun}s.\n\n\b\nExample:\n  roost {kind} list --json")
+    @config_option
+    @json_option
+    def list_cmd(config_path: str | None, as_json: bool) -> None:
+        _list(kind, config_path, as_json)
+
+    @group.command("remove", help=f"Remove a {noun}; its live connections are closed.\n\n"
+                                  f"\b\nExample:\n  roost {kind} remove {example_id}")
+    @click.argument("principal_id", metavar="ID")
+    @config_option
+    @json_option
+    def remove_cmd(principal_id: str, config_path: str | None, as_json: bool) -> None:
+        _remove(kind, principal_id, config_path, as_json)
+
+
+_add_list_and_remove(user, "user", "person", "alice")
+_add_list_and_remove(device, "device", "device", "thermo1")
+_add_list_and_remove(service, "service", "integration account", "homeassistant")
 
 
 def register(group: click.Group) -> None:
