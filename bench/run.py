@@ -485,6 +485,7 @@ ROWS = [
     Row("hold", "hold: connects/s", "connects_per_s"),
     Row("hold", "  clients held", "connected"),
     Row("hold", "  broker RSS MB", "rss_mb", False, "{:,.1f}"),
+    Row("hold", "  broker RSS before, MB", "rss_idle_mb", False, "{:,.1f}"),
     Row("restart", "restart: mailbox events", "events"),
     Row("restart", "  time to serve s", "serve_s", False, "{:,.2f}"),
     Row("restart", "  after SIGKILL: time to serve s", "serve_after_kill_s", False, "{:,.2f}"),
