@@ -243,13 +243,16 @@ def listen(net: Net, label: str, since: int | None) -> None:
 class UnreadTracker:
     """Unread counts per conversation, kept live from the event stream.
 
-    The broker sends `unread` events when a read position changes; a new message
-    from someone else raises the count by one without an event (docs/PROTOCOL.md),
-    so `listen` counts those itself, starting from `convs`.
+    The broker follows every change with an `unread` event (a new message from
+    someone else, a read on any of your devices, ...). `listen` shows the count
+    next to each incoming message (counting it at once, from the `convs` numbers
+    read at start) and prints an `unread` event only when it tells something new,
+    so a message is not followed by a line repeating its count.
     """
 
     def __init__(self, me: str, convs_result: dict[str, Any]) -> None:
         self.me = me
+        self.redundant = False   # the last event applied told nothing new
         self.counts: dict[str, int] = {}
         self.snapshot_seq: dict[str, int] = {}   # messages up to here are already in the counts
         for c in convs_result.get("convs") or []:
@@ -264,9 +267,11 @@ class UnreadTracker:
     def update(self, ev: dict[str, Any]) -> str | None:
         """Apply an event; for a message from someone else, a short `N unread` note."""
         conv = ev.get("conv")
+        self.redundant = False
         if not isinstance(conv, str):
             return None
         if ev.get("kind") == "unread" and isinstance(ev.get("count"), int):
+            self.redundant = self.counts.get(conv) == ev["count"]
             self.counts[conv] = ev["count"]
         elif ev.get("kind") == "msg" and ev.get("from") != self.me:
             seq = ev.get("seq")
@@ -285,6 +290,8 @@ def _print_event(ev: dict[str, Any], me: str, net: Net, unread: UnreadTracker | 
     note = unread.update(ev) if unread is not None else None
     if net.json_mode:
         net.out.jsonl(ev)
+    elif unread is not None and unread.redundant:
+        return
     else:
         line = event_line(ev, me, net.out)
         net.out.line(f"{line}  {net.out.s(f'({note})', fg='yellow')}" if note else line)
