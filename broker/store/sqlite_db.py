@@ -149,8 +149,19 @@ class Database:
                 except sqlite3.Error:
                     pass
                 outcomes = [(False, exc)] * len(batch)
+            # One wake-up per event loop per batch, not one per job: each
+            # call_soon_threadsafe writes to the loop's self-pipe (a syscall).
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
             for (ok, value), (_fn, fut, loop) in zip(outcomes, batch):
-                loop.call_soon_threadsafe(_settle, fut, ok, value)
+                settled = by_loop.get(loop)
+                if settled is None:
+                    settled = by_loop[loop] = []
+                settled.append((fut, ok, value))
+            for loop, settled in by_loop.items():
+                try:
+                    loop.call_soon_threadsafe(_settle_all, settled)
+                except RuntimeError:  # that loop is closed: nobody is left to wait
+                    log.warning("event loop closed before %d write(s) could be answered", len(settled))
         # Fail whatever is left so no caller waits forever.
         while True:
             try:
@@ -182,6 +193,11 @@ class Database:
             return fn(conn)
         finally:
             conn.close()
+
+
+def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+    for fut, ok, value in settled:
+        _settle(fut, ok, value)
 
 
 def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
