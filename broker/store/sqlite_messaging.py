@@ -112,26 +112,47 @@ def _state(conn: sqlite3.Connection, principal: str) -> tuple[int, int, int]:
     return row
 
 
+# Compact JSON, built once: json.dumps(..., separators=...) builds an encoder per call.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+# Numbers `count` new events of a principal in one statement (creating its mailbox
+# on first use) and returns the last one: the block is last-count+1 .. last. The
+# statement text never changes, so sqlite3 keeps it prepared.
+_ALLOCATE = ("INSERT INTO mailbox_state(principal, last_n) VALUES (?, ?) ON CONFLICT(principal) "
+             "DO UPDATE SET last_n = last_n + excluded.last_n RETURNING last_n")
+_INSERT_MSG = "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,?,?,NULL)"
+_INSERT_DATA = "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,NULL,NULL,?)"
+
+
+def _allocate(conn: sqlite3.Connection, principal: str, count: int) -> int:
+    """The first of `count` consecutive new event numbers of `principal`'s mailbox."""
+    return conn.execute(_ALLOCATE, (principal, count)).fetchone()[0] - count + 1
+
+
 def append_event(conn: sqlite3.Connection, principal: str, kind: str, ts: float,
                  data: dict[str, Any] | None = None, *, msg: StoredMessage | None = None) -> MailboxEvent:
     """Append one event to a principal's mailbox, numbering it in SQL (writer thread only)."""
-    last_n, _first, _delivered = _state(conn, principal)
-    n = last_n + 1
-    conn.execute("UPDATE mailbox_state SET last_n=? WHERE principal=?", (n, principal))
+    n = _allocate(conn, principal, 1)
     if msg is not None:
-        conn.execute(
-            "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,?,?,NULL)",
-            (principal, n, ts, kind, msg.conv, msg.seq),
-        )
+        conn.execute(_INSERT_MSG, (principal, n, ts, kind, msg.conv, msg.seq))
         doc = {"n": n, "kind": kind, "ts": ts, **msg.to_wire()}
     else:
         data = data or {}
-        conn.execute(
-            "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,NULL,NULL,?)",
-            (principal, n, ts, kind, json.dumps(data, separators=(",", ":"), ensure_ascii=False)),
-        )
+        conn.execute(_INSERT_DATA, (principal, n, ts, kind, _dumps(data)))
         doc = {"n": n, "kind": kind, "ts": ts, **data}
     return MailboxEvent(principal=principal, n=n, doc=doc)
+
+
+def append_data_events(conn: sqlite3.Connection, principal: str, kind: str, ts: float,
+                       datas: Sequence[dict[str, Any]]) -> list[MailboxEvent]:
+    """Append several events of one kind to one mailbox: one numbering statement
+    and one executemany, in the order given (writer thread only)."""
+    if not datas:
+        return []
+    first = _allocate(conn, principal, len(datas))
+    conn.executemany(_INSERT_DATA, [(principal, first + i, ts, kind, _dumps(d)) for i, d in enumerate(datas)])
+    return [MailboxEvent(principal=principal, n=first + i, doc={"n": first + i, "kind": kind, "ts": ts, **d})
+            for i, d in enumerate(datas)]
 
 
 def mailbox_size(conn: sqlite3.Connection, principal: str) -> int:
@@ -248,6 +269,26 @@ def _message_row(row: tuple) -> StoredMessage:
 
 
 _MSG_COLUMNS = "conv, seq, sender, cmid, ts, body"
+_SELECT_SENT = f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=? AND retired=0"
+_INSERT_MESSAGE = f"INSERT INTO messages({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?)"
+_INSERT_EVENT = "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,?,?,?)"
+# Next seq of a conversation, its ts (never earlier than the last one's) and its
+# place in the global activity order, in one statement; no row: no such conversation.
+_BUMP_CONV = ("UPDATE conversations SET last_seq = last_seq + 1, last_ts = MAX(last_ts, ?), "
+              "activity = (SELECT COALESCE(MAX(activity), 0) + 1 FROM conversations) "
+              "WHERE conv=? RETURNING last_seq, last_ts")
+_ACK_STATE = "SELECT last_n, delivered_n FROM mailbox_state WHERE principal=?"
+# The client's cursor moves to n, never back; a cursor row left by an earlier owner
+# of the client id (another principal) starts over.
+_ADVANCE_CURSOR = ("INSERT INTO cursors(client_id, principal, n) VALUES (?,?,?) ON CONFLICT(client_id) DO UPDATE "
+                   "SET n = CASE WHEN cursors.principal=excluded.principal THEN MAX(cursors.n, excluded.n) "
+                   "ELSE excluded.n END, "
+                   "inbox_sub = CASE WHEN cursors.principal=excluded.principal THEN cursors.inbox_sub ELSE 0 END, "
+                   "principal = excluded.principal RETURNING n")
+# `msg` events of others among a mailbox's events delivered_n < n <= acked n.
+_UNDELIVERED = ("SELECT m.conv, m.seq, m.sender FROM mailbox mb JOIN messages m ON m.conv = mb.conv AND m.seq = mb.seq "
+                "WHERE mb.principal=? AND mb.n>? AND mb.n<=? AND mb.kind='msg' AND m.sender!=? ORDER BY mb.n")
+_BUMP_UNREAD = "UPDATE conv_members SET unread=unread+1 WHERE conv=? AND principal=? RETURNING unread"
 
 
 class SqliteMessagingStore:
@@ -265,49 +306,53 @@ class SqliteMessagingStore:
         """
 
         def job(conn: sqlite3.Connection) -> SendOutcome:
-            row = conn.execute(f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=? AND retired=0",
-                               (sender, cmid)).fetchone()
+            row = conn.execute(_SELECT_SENT, (sender, cmid)).fetchone()
             if row is not None:
                 return SendOutcome(message=_message_row(row), dup=True, events=[])
-            conv_row = conn.execute("SELECT last_seq, last_ts FROM conversations WHERE conv=?", (conv,)).fetchone()
-            if conv_row is None:
+            # Number the message first (one statement); whatever fails below rolls
+            # back this job's savepoint, the number with it (no gap).
+            bumped = conn.execute(_BUMP_CONV, (now, conv)).fetchone()
+            if bumped is None:
                 if dm_members is None:
                     raise NotMember(conv)
                 conn.execute(
-                    "INSERT INTO conversations(conv, kind, name, created_by, created_at) VALUES (?, 'dm', '', ?, ?)",
-                    (conv, sender, now))
-                last_seq, last_ts = 0, 0.0
+                    "INSERT INTO conversations(conv, kind, name, created_by, created_at, last_seq, last_ts, activity) "
+                    "VALUES (?, 'dm', '', ?, ?, 1, ?, ?)", (conv, sender, now, now, _next_activity(conn)))
+                seq, ts = 1, now
             else:
-                last_seq, last_ts = conv_row
+                seq, ts = bumped   # ts = max(now, last ts): commit order and time order agree
             members = _members(conn, conv)
-            if dm_members is not None and not set(dm_members) <= set(members):
+            if dm_members is not None and (dm_members[0] not in members or dm_members[1] not in members):
                 # New conversation, or a member dropped by purge_principal whose id was
                 # registered again: the new owner's view starts after what is there.
                 for p in dm_members:
                     if p not in members:
-                        _join(conn, conv, p, now, since_seq=last_seq)
+                        _join(conn, conv, p, now, since_seq=seq - 1)
                 members = _members(conn, conv)
             if sender not in members:
                 raise NotMember(conv)
-            seq = last_seq + 1
-            ts = max(now, last_ts)   # commit order and time order agree within a conversation
-            conn.execute("UPDATE conversations SET last_seq=?, last_ts=?, activity=? WHERE conv=?",
-                         (seq, ts, _next_activity(conn), conv))
-            conn.execute(f"INSERT INTO messages({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?)",
-                         (conv, seq, sender, cmid, ts, body))
+            conn.execute(_INSERT_MESSAGE, (conv, seq, sender, cmid, ts, body))
             msg = StoredMessage(conv, seq, sender, cmid, ts, body)
+            wire = msg.to_wire()   # the body is parsed once, for every member's event
             events = []
             for p in members:
                 if p == sender:
-                    events.append(append_event(conn, p, "msg", ts, msg=msg))
+                    n = _allocate(conn, p, 1)
+                    conn.execute(_INSERT_MSG, (p, n, ts, "msg", conv, seq))
+                    events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
                 elif p not in skip:
                     # Each recipient's count moves with the message, in the same
-                    # transaction, announced right after it to all its clients.
-                    events.append(append_event(conn, p, "msg", ts, msg=msg))
-                    count = conn.execute(
-                        "UPDATE conv_members SET unread=unread+1 WHERE conv=? AND principal=? RETURNING unread",
-                        (conv, p)).fetchall()[0][0]
-                    events.append(_unread_event(conn, p, conv, count, ts))
+                    # transaction, announced right after it to all its clients:
+                    # two events numbered in one statement.
+                    count = conn.execute(_BUMP_UNREAD, (conv, p)).fetchone()[0]
+                    total = _total_unread(conn, p)
+                    n = _allocate(conn, p, 2)
+                    unread = {"conv": conv, "count": count, "total": total}
+                    conn.executemany(_INSERT_EVENT, ((p, n, ts, "msg", conv, seq, None),
+                                                     (p, n + 1, ts, "unread", None, None, _dumps(unread))))
+                    events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
+                    events.append(MailboxEvent(principal=p, n=n + 1,
+                                               doc={"n": n + 1, "kind": "unread", "ts": ts, **unread}))
             return SendOutcome(message=msg, dup=False, events=events)
 
         return await self._db.write(job)
@@ -364,28 +409,21 @@ class SqliteMessagingStore:
         Raises ValueError when n is beyond the mailbox's last event."""
 
         def job(conn: sqlite3.Connection) -> tuple[int, list[MailboxEvent]]:
-            last_n, _first, delivered_n = _state(conn, principal)
+            state = conn.execute(_ACK_STATE, (principal,)).fetchone()
+            last_n, delivered_n = state if state is not None else (0, 0)
             if n > last_n:
                 raise ValueError(f"n {n} is beyond the last event ({last_n})")
-            cur = conn.execute("SELECT principal, n FROM cursors WHERE client_id=?", (client_id,)).fetchone()
-            cursor = cur[1] if cur and cur[0] == principal else 0
-            new_cursor = max(cursor, n)
-            conn.execute(
-                "INSERT INTO cursors(client_id, principal, n) VALUES (?,?,?) ON CONFLICT(client_id) DO UPDATE "
-                "SET n=excluded.n, inbox_sub=CASE WHEN cursors.principal=excluded.principal "
-                "THEN cursors.inbox_sub ELSE 0 END, principal=excluded.principal",
-                (client_id, principal, new_cursor))
+            new_cursor = conn.execute(_ADVANCE_CURSOR, (client_id, principal, n)).fetchone()[0]
             events: list[MailboxEvent] = []
             if n > delivered_n:
-                rows = conn.execute(
-                    "SELECT m.conv, m.seq, m.sender FROM mailbox mb JOIN messages m "
-                    "ON m.conv = mb.conv AND m.seq = mb.seq "
-                    "WHERE mb.principal=? AND mb.n>? AND mb.n<=? AND mb.kind='msg' AND m.sender!=? ORDER BY mb.n",
-                    (principal, delivered_n, n, principal)).fetchall()
+                rows = conn.execute(_UNDELIVERED, (principal, delivered_n, n, principal)).fetchall()
                 conn.execute("UPDATE mailbox_state SET delivered_n=? WHERE principal=?", (n, principal))
+                # One block of `delivered` events per sender, in mailbox order.
+                by_sender: dict[str, list[dict[str, Any]]] = {}
                 for conv, seq, sender in rows:
-                    events.append(append_event(conn, sender, "delivered", now,
-                                               {"conv": conv, "seq": seq, "to": principal}))
+                    by_sender.setdefault(sender, []).append({"conv": conv, "seq": seq, "to": principal})
+                for sender, datas in by_sender.items():
+                    events.extend(append_data_events(conn, sender, "delivered", now, datas))
             return new_cursor, events
 
         return await self._db.write(job)
