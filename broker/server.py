@@ -291,6 +291,9 @@ class RoostBroker(Broker):
     async def deliver(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
         return await self.engine.deliver(client_id, topic, payload, qos)
 
+    def deliver_nowait(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool | None:
+        return self.engine.deliver_nowait(client_id, topic, payload, qos)
+
     def retained(self, topic: str) -> bytes | None:
         v = self.engine.retained.get(topic)
         return v[0] if v is not None else None

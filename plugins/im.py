@@ -98,6 +98,11 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
 
     # ---- requests ----------------------------------------------------------------
     async def on_client_publish(self, session: Any, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        return self.on_client_publish_nowait(session, topic, payload, qos, retain)
+
+    def on_client_publish_nowait(self, session: Any, topic: str, payload: bytes, qos: int, retain: bool) -> bool:
+        """The engine calls this one directly (no task per request): accepting a
+        request never waits; its processing runs in a task of its own."""
         client_id = getattr(session, "client_id", None) or ""
         try:
             self._accept(session, client_id, topic, bytes(payload))

@@ -119,11 +119,17 @@ class Engine:
                 self.acl_async = True
         self.acl_enabled = bool(self.topic_plugins)
         self.interceptors: list[tuple[tuple[str, ...], Any]] = []
+        # The same interceptors with their optional synchronous variant
+        # (`on_client_publish_nowait`): a publish that only such plugins intercept is
+        # handled inside data_received, with no task per message (see _publish).
+        self.sync_interceptors: list[tuple[tuple[str, ...], Any]] = []
         for p in plugins:
             prefixes = getattr(p, "publish_prefixes", None)
             fn = getattr(p, "on_client_publish", None)
             if prefixes and fn is not None:
                 self.interceptors.append((tuple(prefixes), fn))
+                nowait = getattr(p, "on_client_publish_nowait", None)
+                self.sync_interceptors.append((tuple(prefixes), nowait if callable(nowait) else None))
         self.prefixes: tuple[str, ...] = tuple(x for pre, _ in self.interceptors for x in pre)
 
         def hooks(name: str) -> list[Callable[..., Any]]:
@@ -503,7 +509,11 @@ class Engine:
                 self.stats["publish_denied"] += 1
                 log.debug("publish of %s to %s denied", conn.info.client_id, topic)
             elif self.prefixes and topic.startswith(self.prefixes):
-                return self._publish_async(conn, topic, qos, pid, retain, payload, acl_done=True)
+                consumed = None if retain else self._intercept_nowait(conn.info, topic, payload, qos)
+                if consumed is None:
+                    return self._publish_async(conn, topic, qos, pid, retain, payload, acl_done=True)
+                if not consumed:
+                    self.route(Message(topic, payload, qos), conn)
             else:
                 if retain:
                     self.set_retained(topic, payload, qos)
@@ -521,6 +531,23 @@ class Engine:
             st.incoming_qos2.add(pid)
             conn.write(codec.ack(codec.PUBREC, pid))
         return None
+
+    def _intercept_nowait(self, info: ClientInfo, topic: str, payload: bytes, qos: int) -> bool | None:
+        """Interception without a task, as _publish_checked does it: True consumed,
+        False route it; None when a matching interceptor has no synchronous variant
+        (then the caller takes the async path, which asks every interceptor)."""
+        for prefixes, fn in self.sync_interceptors:
+            if topic.startswith(prefixes) and fn is None:
+                return None
+        for prefixes, fn in self.sync_interceptors:
+            if topic.startswith(prefixes):
+                try:
+                    if fn(info, topic, payload, qos, False):
+                        return True
+                except Exception:  # noqa: BLE001 - as in _publish_checked: logged, consumed
+                    log.exception("on_client_publish_nowait of %s failed", getattr(fn, "__qualname__", fn))
+                    return True
+        return False
 
     async def _publish_async(self, conn: Connection, topic: str, qos: int, pid: int | None, retain: bool,
                              payload: bytes, acl_done: bool = False) -> None:
@@ -809,6 +836,32 @@ class Engine:
             return False
         q = min(qos, granted)
         return st.enqueue(Message(topic, bytes(payload), qos), q)
+
+    def deliver_nowait(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool | None:
+        """deliver() when it need not wait: True or False exactly as deliver() would
+        answer; None when deliver() would have to wait (the connected session's queue
+        is full, or an async ACL decision is not cached yet): call deliver() then.
+        Saves a coroutine per message for callers that push a stream (inbox pushers)."""
+        st = self.sessions.get(client_id)
+        if st is None or st.discarded or not valid_topic_name(topic):
+            return False
+        granted = -1
+        for f, q in st.subs.items():
+            if q > granted and matches(topic, f):
+                granted = q
+        if granted < 0:
+            return False
+        if self.acl_enabled:
+            ok = st.acl_cache.get(topic)
+            if ok is None:
+                if self.acl_async:
+                    return None
+                ok = self.can_receive(st, topic)
+            if not ok:
+                return False
+        if st.conn is not None and len(st.queue) >= st.max_queued:
+            return None
+        return st.enqueue(Message(topic, bytes(payload), qos), qos if qos < granted else granted)
 
     def client_ids_of(self, principal: str) -> list[str]:
         return list(self.by_principal.get(principal, {}))

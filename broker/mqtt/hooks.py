@@ -28,6 +28,9 @@ Engine -> plugin calls (all optional; found with getattr at broker start):
   the prefixes. Returning True consumes the message (it is not routed to
   subscribers nor retained); False lets it continue. It must not block: queue
   work and return.
+  Optionally also a synchronous `on_client_publish_nowait(...)` with the same
+  arguments and meaning: when every interceptor matching a non-retained publish
+  has one, the engine calls it inside data_received instead (no task per message).
 
 * Lifecycle (awaited, in the order things happened for that client id):
     async on_client_connected(session)                         after CONNACK 0
@@ -115,6 +118,10 @@ class BrokerApi(Protocol):
         (Engine: waits at most 10 s; an offline persistent session queues QoS >= 1
         up to limits.max_queued and True is returned; delivered QoS is
         min(qos, granted QoS).)"""
+
+    def deliver_nowait(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool | None:
+        """(Optional) deliver() without waiting: True/False as deliver() would answer,
+        None when deliver() would have to wait (full queue, async ACL undecided)."""
 
     def retained(self, topic: str) -> bytes | None:
         """The retained payload on an exact topic, if any."""

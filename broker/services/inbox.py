@@ -53,8 +53,26 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
     return len(f) == len(t)
 
 
+def _compact_encoder() -> Any:
+    """str(doc) -> compact JSON text. CPython's C encoder built once (json.dumps
+    builds a JSONEncoder and a C encoder on every call); other Pythons: the same
+    output through a reused JSONEncoder."""
+    from json import encoder as _enc
+
+    c_make = getattr(_enc, "c_make_encoder", None)
+    if c_make is None:
+        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    # No circular-reference markers: events are built by the store, never cyclic.
+    c_enc = c_make(None, _enc.JSONEncoder().default, _enc.encode_basestring, None, ":", ",", False, False, True)
+    join = "".join
+    return lambda doc: join(c_enc(doc, 0))
+
+
+_encode = _compact_encoder()
+
+
 def encode_event(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    return _encode(doc).encode()
 
 
 class InboxPusher:
@@ -74,6 +92,10 @@ class InboxPusher:
         self._wake = asyncio.Event()
         self._nudge = asyncio.Event()   # the client (re)subscribed: retry a refused push now
         self._task: asyncio.Task[None] | None = None
+        # True only while the task waits, caught up, for new events: then `offer`
+        # may push the next event itself, in order (see offer).
+        self._idle = False
+        self._deliver_nowait = getattr(publisher, "deliver_nowait", None)
         self.pushed = 0
         self.retries = 0
         self.read_errors = 0
@@ -97,6 +119,20 @@ class InboxPusher:
         """A committed event of this principal (called in commit order)."""
         if self._first_offered is None:
             self._first_offered = event.n
+        if self._idle and event.n == self._next_n and self._deliver_nowait is not None:
+            # Caught up and this is the very next event: push it now, without waking
+            # the task (no task switch, and it leaves with the response written in
+            # this loop iteration). Anything but a plain success goes the task's way,
+            # which waits and retries; next_n moves only on success (no gap).
+            try:
+                done = self._deliver_nowait(self.client_id, self._topic, encode_event(event.doc), 1)
+            except Exception:  # noqa: BLE001 - the task's path retries and logs
+                done = None
+            if done:
+                self._next_n = event.n + 1
+                self._known_head = max(self._known_head, event.n)
+                self.pushed += 1
+                return
         self._known_head = max(self._known_head, event.n)
         if len(self._buf) < BUFFER_MAX and (not self._buf or self._buf[-1].n + 1 == event.n):
             self._buf.append(event)
@@ -133,7 +169,11 @@ class InboxPusher:
             while True:
                 self._wake.clear()
                 if self._next_n > self._known_head:
-                    await self._wake.wait()
+                    self._idle = True
+                    try:
+                        await self._wake.wait()
+                    finally:
+                        self._idle = False
                     continue
                 try:
                     batch = await self._next_batch()
