@@ -67,6 +67,7 @@ class Database:
         self._closed = False
         self.commits = 0
         self.jobs_committed = 0
+        self.submitted = 0   # jobs queued so far: tells a caller whether anything was queued after its job
 
     # ---- lifecycle -------------------------------------------------------
     def open_sync(self, migrations: Sequence[Migration]) -> None:
@@ -101,6 +102,11 @@ class Database:
     # ---- writes ----------------------------------------------------------
     async def write(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Run `fn` in the next group-committed transaction; returns after COMMIT."""
+        return await self.submit(fn)
+
+    def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `fn` now (from the event loop) and return the future that `write`
+        awaits: settled after COMMIT. Raises StoreBusy/StoreClosed at once."""
         if self._closed:
             raise StoreClosed("store is closed")
         loop = asyncio.get_running_loop()
@@ -109,7 +115,8 @@ class Database:
             self._jobs.put_nowait((fn, fut, loop))
         except queue.Full:
             raise StoreBusy("storage writer queue is full") from None
-        return await fut
+        self.submitted += 1
+        return fut
 
     @property
     def pending_writes(self) -> int:

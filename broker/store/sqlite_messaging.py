@@ -26,6 +26,7 @@ from broker.store.base import (
     StoredMessage,
 )
 from broker.store.sqlite_db import Database, Migration
+from broker.store.sqlite_msgbatch import AckOp, OpBatcher, SendOp, dumps as _dumps
 
 MIGRATIONS: list[Migration] = [
     ("0100_messaging", """
@@ -111,9 +112,6 @@ def _state(conn: sqlite3.Connection, principal: str) -> tuple[int, int, int]:
         return 0, 1, 0
     return row
 
-
-# Compact JSON, built once: json.dumps(..., separators=...) builds an encoder per call.
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 # Numbers `count` new events of a principal in one statement (creating its mailbox
 # on first use) and returns the last one: the block is last-count+1 .. last. The
@@ -270,30 +268,12 @@ def _message_row(row: tuple) -> StoredMessage:
 
 _MSG_COLUMNS = "conv, seq, sender, cmid, ts, body"
 _SELECT_SENT = f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=? AND retired=0"
-_INSERT_MESSAGE = f"INSERT INTO messages({_MSG_COLUMNS}) VALUES (?,?,?,?,?,?)"
-_INSERT_EVENT = "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,?,?,?)"
-# Next seq of a conversation, its ts (never earlier than the last one's) and its
-# place in the global activity order, in one statement; no row: no such conversation.
-_BUMP_CONV = ("UPDATE conversations SET last_seq = last_seq + 1, last_ts = MAX(last_ts, ?), "
-              "activity = (SELECT COALESCE(MAX(activity), 0) + 1 FROM conversations) "
-              "WHERE conv=? RETURNING last_seq, last_ts")
-_ACK_STATE = "SELECT last_n, delivered_n FROM mailbox_state WHERE principal=?"
-# The client's cursor moves to n, never back; a cursor row left by an earlier owner
-# of the client id (another principal) starts over.
-_ADVANCE_CURSOR = ("INSERT INTO cursors(client_id, principal, n) VALUES (?,?,?) ON CONFLICT(client_id) DO UPDATE "
-                   "SET n = CASE WHEN cursors.principal=excluded.principal THEN MAX(cursors.n, excluded.n) "
-                   "ELSE excluded.n END, "
-                   "inbox_sub = CASE WHEN cursors.principal=excluded.principal THEN cursors.inbox_sub ELSE 0 END, "
-                   "principal = excluded.principal RETURNING n")
-# `msg` events of others among a mailbox's events delivered_n < n <= acked n.
-_UNDELIVERED = ("SELECT m.conv, m.seq, m.sender FROM mailbox mb JOIN messages m ON m.conv = mb.conv AND m.seq = mb.seq "
-                "WHERE mb.principal=? AND mb.n>? AND mb.n<=? AND mb.kind='msg' AND m.sender!=? ORDER BY mb.n")
-_BUMP_UNREAD = "UPDATE conv_members SET unread=unread+1 WHERE conv=? AND principal=? RETURNING unread"
 
 
 class SqliteMessagingStore:
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._batcher = OpBatcher(db)
 
     # ---- send --------------------------------------------------------------
     async def send(self, *, sender: str, conv: str, dm_members: tuple[str, str] | None, cmid: str,
@@ -302,65 +282,15 @@ class SqliteMessagingStore:
 
         `dm_members` is given for a direct conversation (created on first use);
         for a group the sender must be a member (else NotMember). Members in
-        `skip` (they blocked the sender) get no event.
+        `skip` (they blocked the sender) get no event. Runs in a group with the
+        other sends and acks queued meanwhile (sqlite_msgbatch.py).
         """
-
-        def job(conn: sqlite3.Connection) -> SendOutcome:
-            row = conn.execute(_SELECT_SENT, (sender, cmid)).fetchone()
-            if row is not None:
-                return SendOutcome(message=_message_row(row), dup=True, events=[])
-            # Number the message first (one statement); whatever fails below rolls
-            # back this job's savepoint, the number with it (no gap).
-            bumped = conn.execute(_BUMP_CONV, (now, conv)).fetchone()
-            if bumped is None:
-                if dm_members is None:
-                    raise NotMember(conv)
-                conn.execute(
-                    "INSERT INTO conversations(conv, kind, name, created_by, created_at, last_seq, last_ts, activity) "
-                    "VALUES (?, 'dm', '', ?, ?, 1, ?, ?)", (conv, sender, now, now, _next_activity(conn)))
-                seq, ts = 1, now
-            else:
-                seq, ts = bumped   # ts = max(now, last ts): commit order and time order agree
-            members = _members(conn, conv)
-            if dm_members is not None and (dm_members[0] not in members or dm_members[1] not in members):
-                # New conversation, or a member dropped by purge_principal whose id was
-                # registered again: the new owner's view starts after what is there.
-                for p in dm_members:
-                    if p not in members:
-                        _join(conn, conv, p, now, since_seq=seq - 1)
-                members = _members(conn, conv)
-            if sender not in members:
-                raise NotMember(conv)
-            conn.execute(_INSERT_MESSAGE, (conv, seq, sender, cmid, ts, body))
-            msg = StoredMessage(conv, seq, sender, cmid, ts, body)
-            wire = msg.to_wire()   # the body is parsed once, for every member's event
-            events = []
-            for p in members:
-                if p == sender:
-                    n = _allocate(conn, p, 1)
-                    conn.execute(_INSERT_MSG, (p, n, ts, "msg", conv, seq))
-                    events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
-                elif p not in skip:
-                    # Each recipient's count moves with the message, in the same
-                    # transaction, announced right after it to all its clients:
-                    # two events numbered in one statement.
-                    count = conn.execute(_BUMP_UNREAD, (conv, p)).fetchone()[0]
-                    total = _total_unread(conn, p)
-                    n = _allocate(conn, p, 2)
-                    unread = {"conv": conv, "count": count, "total": total}
-                    conn.executemany(_INSERT_EVENT, ((p, n, ts, "msg", conv, seq, None),
-                                                     (p, n + 1, ts, "unread", None, None, _dumps(unread))))
-                    events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
-                    events.append(MailboxEvent(principal=p, n=n + 1,
-                                               doc={"n": n + 1, "kind": "unread", "ts": ts, **unread}))
-            return SendOutcome(message=msg, dup=False, events=events)
-
-        return await self._db.write(job)
+        return await self._batcher.submit(SendOp(sender, conv, dm_members, cmid, body, now, skip))
 
     async def find_sent(self, sender: str, cmid: str) -> StoredMessage | None:
         """The message `sender` already sent with this cmid, if any."""
         row = await self._db.read(lambda conn: conn.execute(
-            f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=? AND cmid=? AND retired=0", (sender, cmid)).fetchone())
+            _SELECT_SENT, (sender, cmid)).fetchone())
         return _message_row(row) if row else None
 
     # ---- mailbox reads -----------------------------------------------------
@@ -406,27 +336,8 @@ class SqliteMessagingStore:
     async def ack(self, client_id: str, principal: str, n: int, now: float) -> tuple[int, list[MailboxEvent]]:
         """Advance the client's cursor to n (never back); the first ack of a `msg`
         event by any client of the principal sends its sender a `delivered` event.
-        Raises ValueError when n is beyond the mailbox's last event."""
-
-        def job(conn: sqlite3.Connection) -> tuple[int, list[MailboxEvent]]:
-            state = conn.execute(_ACK_STATE, (principal,)).fetchone()
-            last_n, delivered_n = state if state is not None else (0, 0)
-            if n > last_n:
-                raise ValueError(f"n {n} is beyond the last event ({last_n})")
-            new_cursor = conn.execute(_ADVANCE_CURSOR, (client_id, principal, n)).fetchone()[0]
-            events: list[MailboxEvent] = []
-            if n > delivered_n:
-                rows = conn.execute(_UNDELIVERED, (principal, delivered_n, n, principal)).fetchall()
-                conn.execute("UPDATE mailbox_state SET delivered_n=? WHERE principal=?", (n, principal))
-                # One block of `delivered` events per sender, in mailbox order.
-                by_sender: dict[str, list[dict[str, Any]]] = {}
-                for conv, seq, sender in rows:
-                    by_sender.setdefault(sender, []).append({"conv": conv, "seq": seq, "to": principal})
-                for sender, datas in by_sender.items():
-                    events.extend(append_data_events(conn, sender, "delivered", now, datas))
-            return new_cursor, events
-
-        return await self._db.write(job)
+        Raises ValueError when n is beyond the mailbox's last event. Grouped like send."""
+        return await self._batcher.submit(AckOp(client_id, principal, n, now))
 
     # ---- read receipts and unread counts -----------------------------------
     async def read(self, principal: str, conv: str, seq: int, now: float) -> ReadOutcome:

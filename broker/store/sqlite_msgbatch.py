@@ -1,0 +1,481 @@
+"""One store job for many `send`s and `ack`s: the messaging hot path, grouped.
+
+Every send and ack that arrives while its group is still queued (the writer has
+not started it, and no other store job was queued after it) joins that group.
+The group is ONE job of the writer's transaction, processed on the writer thread
+in arrival order: it reads the state it needs once (a conversation's last seq
+and members with their unread counters, a mailbox's head, a client's cursor),
+numbers everything in memory, and writes it back with one executemany per table
+right before the job ends. So a send costs a handful of statements per group
+instead of a dozen per send.
+
+The guarantees are those of one job per request:
+* seq and n are allocated in arrival order from the committed state plus the
+  group's own earlier operations, and every row is written in the same job: the
+  group commits with its batch or not at all, so there is never a gap;
+* an operation refused (not a member, n beyond the mailbox) is checked before it
+  changes anything, so it changes nothing; a duplicate cmid (stored before, or
+  earlier in the group) answers the first message with dup;
+* an unexpected error fails the whole group (its savepoint is rolled back, nothing
+  of it is written) and every caller of the group gets that error;
+* callers are answered only after COMMIT, like every other write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from broker.store.base import MailboxEvent, NotMember, SendOutcome, StoredMessage
+from broker.store.sqlite_db import Database
+
+# Compact JSON, built once: json.dumps(..., separators=...) builds an encoder per call.
+dumps: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+MAX_GROUP = 1000   # operations in one group; more start the next one
+
+
+@dataclass(slots=True)
+class SendOp:
+    sender: str
+    conv: str
+    dm_members: tuple[str, str] | None
+    cmid: str
+    body: str
+    now: float
+    skip: frozenset[str]
+
+
+@dataclass(slots=True)
+class AckOp:
+    client_id: str
+    principal: str
+    n: int
+    now: float
+
+
+class _Group:
+    __slots__ = ("futures", "loop", "mark", "ops", "started")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.ops: list[SendOp | AckOp] = []
+        self.futures: list[asyncio.Future[Any]] = []
+        self.started = False
+        self.mark = -1
+
+
+class OpBatcher:
+    """Collects sends and acks into groups and runs each group as one store job."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._lock = threading.Lock()    # `started` and the op list are shared with the writer thread
+        self._open: _Group | None = None
+        self.groups = 0
+        self.ops = 0
+
+    def submit(self, op: SendOp | AckOp) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Any] = loop.create_future()
+        g = self._open
+        if g is not None and g.loop is loop and g.mark == self._db.submitted and len(g.ops) < MAX_GROUP:
+            with self._lock:
+                if not g.started:
+                    g.ops.append(op)
+                    g.futures.append(fut)
+                    self.ops += 1
+                    return fut
+        g = _Group(loop)
+        g.ops.append(op)
+        g.futures.append(fut)
+        dbfut = self._db.submit(lambda conn: self._run(conn, g))   # raises StoreBusy/StoreClosed
+        g.mark = self._db.submitted
+        self._open = g
+        self.groups += 1
+        self.ops += 1
+        dbfut.add_done_callback(lambda f: _settle(g, f))
+        return fut
+
+    def _run(self, conn: sqlite3.Connection, g: _Group) -> list[tuple[bool, Any]]:
+        with self._lock:
+            g.started = True
+            ops = list(g.ops)
+        return _GroupRun(conn).run(ops)
+
+
+def _settle(g: _Group, dbfut: asyncio.Future[Any]) -> None:
+    """On the loop, after COMMIT (or the group's failure): answer every caller."""
+    if dbfut.cancelled():
+        exc: BaseException | None = asyncio.CancelledError()
+    else:
+        exc = dbfut.exception()
+    if exc is not None:
+        for fut in g.futures:
+            if not fut.done():
+                fut.set_exception(exc)
+        return
+    for fut, (ok, value) in zip(g.futures, dbfut.result()):
+        if fut.done():
+            continue
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
+
+
+# ---- the group, on the writer thread --------------------------------------------
+#
+# Python's sqlite3 releases the GIL around every sqlite3_step(): once per
+# statement and once per row fetched or inserted (executemany too). On a busy
+# broker each release hands the GIL to the event loop thread and the writer then
+# waits to get it back, so a group's wall time grew with its number of steps
+# (measured: 8 ms wall for 3 ms of CPU per group). So the group reads and writes
+# in bulk, one step per statement: keys and rows go in as one JSON array
+# (json_each) and answers come back as one JSON array (json_group_array). Floats
+# only ever go in that way (SQLite reads JSON numbers exactly here - checked at
+# import, else plain executemany is used - but prints them with 15 digits), and
+# text with a NUL character (which json_each truncates) makes the group use plain
+# statements too.
+
+def _j(i: int) -> str:
+    return f"json_extract(j.value, '$[{i}]')"
+
+
+def _bulk_insert(table: str, columns: str, n: int, tail: str = "") -> str:
+    return f"INSERT INTO {table}({columns}) SELECT {', '.join(_j(i) for i in range(n))} FROM json_each(?) AS j{tail}"
+
+
+_SELECT_SENT = "SELECT conv, seq, sender, cmid, ts, body FROM messages WHERE sender=? AND cmid=? AND retired=0"
+_SELECT_CONV = "SELECT last_seq, last_ts FROM conversations WHERE conv=?"
+_SELECT_MEMBERS = "SELECT principal, unread FROM conv_members WHERE conv=? ORDER BY principal"
+_SELECT_TOTAL = "SELECT COALESCE(SUM(unread), 0) FROM conv_members WHERE principal=?"
+_SELECT_BOX = "SELECT last_n, delivered_n FROM mailbox_state WHERE principal=?"
+_SELECT_CURSOR = "SELECT principal, n FROM cursors WHERE client_id=?"
+_SELECT_ACTIVITY = "SELECT COALESCE(MAX(activity), 0) FROM conversations"
+_UNDELIVERED = ("SELECT json_group_array(json_array(mb.n, m.conv, m.seq, m.sender)) FROM mailbox mb JOIN messages m "
+                "ON m.conv = mb.conv AND m.seq = mb.seq "
+                "WHERE mb.principal=? AND mb.n>? AND mb.n<=? AND mb.kind='msg' AND m.sender!=?")
+
+_BULK_SENT = (f"SELECT json_group_array(json_array(m.sender, m.cmid)) FROM json_each(?) AS j JOIN messages m "
+              f"ON m.sender = {_j(0)} AND m.cmid = {_j(1)} AND m.retired = 0")
+_BULK_CONVS = "SELECT conv, last_seq, last_ts FROM conversations WHERE conv IN (SELECT value FROM json_each(?))"
+_BULK_MEMBERS = ("SELECT json_group_array(json_array(conv, principal, unread)) FROM conv_members "
+                 "WHERE conv IN (SELECT value FROM json_each(?))")
+_BULK_BOXES = ("SELECT json_group_array(json_array(principal, last_n, delivered_n)) FROM mailbox_state "
+               "WHERE principal IN (SELECT value FROM json_each(?))")
+_BULK_TOTALS = ("SELECT json_group_array(json_array(principal, total)) FROM (SELECT principal, SUM(unread) AS total "
+                "FROM conv_members WHERE principal IN (SELECT value FROM json_each(?)) GROUP BY principal)")
+_BULK_CURSORS = ("SELECT json_group_array(json_array(client_id, principal, n)) FROM cursors "
+                 "WHERE client_id IN (SELECT value FROM json_each(?))")
+
+# (statement for executemany, its bulk form: one step for all rows)
+_INSERT_CONV = ("INSERT INTO conversations(conv, kind, name, created_by, created_at, last_seq, last_ts, activity) "
+                "VALUES (?, 'dm', '', ?, ?, ?, ?, ?)",
+                "INSERT INTO conversations(conv, kind, name, created_by, created_at, last_seq, last_ts, activity) "
+                f"SELECT {_j(0)}, 'dm', '', {_j(1)}, {_j(2)}, {_j(3)}, {_j(4)}, {_j(5)} FROM json_each(?) AS j")
+_INSERT_MEMBER = ("INSERT INTO conv_members(conv, principal, joined_at, read_seq, since_seq, unread) VALUES (?,?,?,?,?,0)",
+                  "INSERT INTO conv_members(conv, principal, joined_at, read_seq, since_seq, unread) "
+                  f"SELECT {_j(0)}, {_j(1)}, {_j(2)}, {_j(3)}, {_j(4)}, 0 FROM json_each(?) AS j")
+_UPDATE_CONV = ("UPDATE conversations SET last_seq=?, last_ts=?, activity=? WHERE conv=?",
+                f"UPDATE conversations SET last_seq = {_j(0)}, last_ts = {_j(1)}, activity = {_j(2)} "
+                f"FROM json_each(?) AS j WHERE conversations.conv = {_j(3)}")
+_INSERT_MESSAGE = ("INSERT INTO messages(conv, seq, sender, cmid, ts, body) VALUES (?,?,?,?,?,?)",
+                   _bulk_insert("messages", "conv, seq, sender, cmid, ts, body", 6))
+_INSERT_EVENT = ("INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,?,?,?)",
+                 _bulk_insert("mailbox", "principal, n, ts, kind, conv, seq, data", 7))
+_BOX_CONFLICT = " ON CONFLICT(principal) DO UPDATE SET last_n=excluded.last_n, delivered_n=excluded.delivered_n"
+_UPSERT_BOX = ("INSERT INTO mailbox_state(principal, last_n, delivered_n) VALUES (?,?,?)" + _BOX_CONFLICT,
+               _bulk_insert("mailbox_state", "principal, last_n, delivered_n", 3, " WHERE true" + _BOX_CONFLICT))
+_UPDATE_UNREAD = ("UPDATE conv_members SET unread=? WHERE conv=? AND principal=?",
+                  f"UPDATE conv_members SET unread = {_j(0)} FROM json_each(?) AS j "
+                  f"WHERE conv_members.conv = {_j(1)} AND conv_members.principal = {_j(2)}")
+# As a single ack did it: a cursor row left by an earlier owner of the client id starts over.
+_CURSOR_CONFLICT = (" ON CONFLICT(client_id) DO UPDATE SET n=excluded.n, inbox_sub=CASE WHEN "
+                    "cursors.principal=excluded.principal THEN cursors.inbox_sub ELSE 0 END, principal=excluded.principal")
+_UPSERT_CURSOR = ("INSERT INTO cursors(client_id, principal, n) VALUES (?,?,?)" + _CURSOR_CONFLICT,
+                  _bulk_insert("cursors", "client_id, principal, n", 3, " WHERE true" + _CURSOR_CONFLICT))
+
+
+def _json_floats_exact() -> bool:
+    """Does this SQLite read JSON numbers into exactly the doubles Python wrote?"""
+    import random
+    import struct
+
+    rnd = random.Random(7)
+    values = [struct.unpack("<d", rnd.randbytes(8))[0] for _ in range(2000)]
+    values += [rnd.uniform(1e9, 2e9) for _ in range(2000)] + [round(rnd.uniform(1e9, 2e9), 3) for _ in range(2000)]
+    values = [v for v in values if v == v and v not in (float("inf"), float("-inf"))]
+    conn = sqlite3.connect(":memory:")
+    try:
+        rows = conn.execute("SELECT json_extract(j.value, '$[0]') FROM json_each(?) AS j",
+                            (dumps([[v] for v in values]),)).fetchall()
+    except sqlite3.Error:
+        return False
+    finally:
+        conn.close()
+    return len(rows) == len(values) and all(a == b for a, (b,) in zip(values, rows))
+
+
+BULK_JSON = _json_floats_exact()
+
+
+class _Conv:
+    __slots__ = ("activity", "created_at", "created_by", "dirty", "last_seq", "last_ts", "members", "new")
+
+    def __init__(self, last_seq: int, last_ts: float, members: list[str], *, new: bool = False,
+                 created_by: str = "", created_at: float = 0.0) -> None:
+        self.last_seq = last_seq
+        self.last_ts = last_ts
+        self.activity = 0
+        self.members = members          # sorted, as `ORDER BY principal`
+        self.new = new
+        self.created_by = created_by
+        self.created_at = created_at
+        self.dirty = False
+
+
+class _GroupRun:
+    """The state of one group while it runs: loaded once, changed in memory, written at the end."""
+
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self.conn = conn
+        self.bulk = BULK_JSON
+        self.convs: dict[str, _Conv | None] = {}
+        self.unread: dict[tuple[str, str], int] = {}
+        self.unread_dirty: set[tuple[str, str]] = set()
+        self.totals: dict[str, int] = {}
+        self.boxes: dict[str, list[Any]] = {}        # principal -> [last_n, delivered_n, dirty]
+        self.cursors: dict[str, list[Any]] = {}      # client id -> [principal, n, dirty]
+        self.sent: dict[tuple[str, str], StoredMessage] = {}
+        self.not_sent: set[tuple[str, str]] = set()  # (sender, cmid) known not to be stored
+        self.activity: int | None = None
+        self.joins: list[tuple[str, str, float, int, int]] = []
+        self.msg_rows: list[tuple[Any, ...]] = []
+        self.event_rows: list[tuple[Any, ...]] = []
+        self.unwritten_boxes: set[str] = set()      # principals with events not yet inserted
+
+    def run(self, ops: list[SendOp | AckOp]) -> list[tuple[bool, Any]]:
+        if self.bulk:
+            self.prefetch(ops)
+        out: list[tuple[bool, Any]] = []
+        for op in ops:
+            try:
+                out.append((True, self.send(op) if isinstance(op, SendOp) else self.ack(op)))
+            except (NotMember, ValueError) as exc:   # refused before anything changed
+                out.append((False, exc))
+        self.write_all()
+        return out
+
+    # ---- state, read in bulk up front and on first use otherwise -----------------
+    def _json_rows(self, sql: str, keys: Any) -> list[Any]:
+        return json.loads(self.conn.execute(sql, (dumps(keys),)).fetchone()[0])
+
+    def prefetch(self, ops: list[SendOp | AckOp]) -> None:
+        sends = [op for op in ops if isinstance(op, SendOp)]
+        acks = [op for op in ops if isinstance(op, AckOp)]
+        principals = {op.principal for op in acks}
+        if sends:
+            keys = list({(op.sender, op.cmid) for op in sends if "\0" not in op.cmid})
+            found = {tuple(k) for k in self._json_rows(_BULK_SENT, keys)} if keys else set()
+            self.not_sent.update(k for k in keys if k not in found)
+            convs = list({op.conv for op in sends})
+            rows = self.conn.execute(_BULK_CONVS, (dumps(convs),)).fetchall()
+            members: dict[str, list[str]] = {conv: [] for conv, _s, _t in rows}
+            for conv, p, unread in self._json_rows(_BULK_MEMBERS, convs):
+                members[conv].append(p)
+                self.unread[(conv, p)] = unread
+                principals.add(p)
+            for conv, last_seq, last_ts in rows:
+                self.convs[conv] = _Conv(last_seq, last_ts, sorted(members[conv]))
+            for conv in convs:
+                self.convs.setdefault(conv, None)
+            for op in sends:
+                principals.update(op.dm_members or ())
+        if principals:
+            keys = list(principals)
+            for p, last_n, delivered_n in self._json_rows(_BULK_BOXES, keys):
+                self.boxes[p] = [last_n, delivered_n, False]
+            for p in keys:
+                self.boxes.setdefault(p, [0, 0, False])
+            if sends:
+                self.totals = {p: 0 for p in keys}
+                self.totals.update((p, total) for p, total in self._json_rows(_BULK_TOTALS, keys))
+        clients = list({op.client_id for op in acks if "\0" not in op.client_id})
+        if clients:
+            for cid, p, n in self._json_rows(_BULK_CURSORS, clients):
+                self.cursors[cid] = [p, n, False]
+            for cid in clients:
+                self.cursors.setdefault(cid, [None, 0, False])
+
+    def conv(self, conv: str) -> _Conv | None:
+        if conv in self.convs:
+            return self.convs[conv]
+        row = self.conn.execute(_SELECT_CONV, (conv,)).fetchone()
+        c = None
+        if row is not None:
+            members = self.conn.execute(_SELECT_MEMBERS, (conv,)).fetchall()
+            c = _Conv(row[0], row[1], [p for p, _u in members])
+            for p, u in members:
+                self.unread[(conv, p)] = u
+        self.convs[conv] = c
+        return c
+
+    def box(self, principal: str) -> list[Any]:
+        b = self.boxes.get(principal)
+        if b is None:
+            row = self.conn.execute(_SELECT_BOX, (principal,)).fetchone()
+            b = self.boxes[principal] = [row[0], row[1], False] if row is not None else [0, 0, False]
+        return b
+
+    def allocate(self, principal: str, count: int) -> int:
+        b = self.box(principal)
+        first = b[0] + 1
+        b[0] += count
+        b[2] = True
+        self.unwritten_boxes.add(principal)
+        return first
+
+    def bump_unread(self, conv: str, principal: str) -> tuple[int, int]:
+        # A total is read before this group changes any counter of its principal
+        # (prefetch, or here on first use), so SUM() over the stored counters is exact.
+        total = self.totals.get(principal)
+        if total is None:
+            total = self.conn.execute(_SELECT_TOTAL, (principal,)).fetchone()[0]
+        total += 1
+        self.totals[principal] = total
+        key = (conv, principal)
+        count = self.unread[key] + 1
+        self.unread[key] = count
+        self.unread_dirty.add(key)
+        return count, total
+
+    def next_activity(self) -> int:
+        if self.activity is None:
+            self.activity = self.conn.execute(_SELECT_ACTIVITY).fetchone()[0]
+        self.activity += 1
+        return self.activity
+
+    # ---- operations --------------------------------------------------------------
+    def send(self, op: SendOp) -> SendOutcome:
+        key = (op.sender, op.cmid)
+        first = self.sent.get(key)
+        if first is None and key not in self.not_sent:
+            row = self.conn.execute(_SELECT_SENT, key).fetchone()
+            if row is not None:
+                first = StoredMessage(*row)
+        if first is not None:
+            return SendOutcome(message=first, dup=True, events=[])
+        c = self.conv(op.conv)
+        dm = op.dm_members
+        # Every check before any change (a refused op changes nothing).
+        if c is None and dm is None:
+            raise NotMember(op.conv)
+        if op.sender not in (c.members if c is not None else ()) and (dm is None or op.sender not in dm):
+            raise NotMember(op.conv)
+        op.cmid.encode()                  # a lone surrogate is refused here, not by the whole group's INSERT
+        wire_body = json.loads(op.body)   # parsed once, for every member's event
+        if "\0" in op.cmid:
+            self.bulk = False             # json_each would cut it there
+        if c is None:
+            c = self.convs[op.conv] = _Conv(0, 0.0, [], new=True, created_by=op.sender, created_at=op.now)
+        if dm is not None:
+            for p in dm:
+                if p not in c.members:
+                    # New conversation, or a member dropped by purge_principal whose id was
+                    # registered again: the new owner's view starts after what is there
+                    # (nothing of it is unread).
+                    c.members.append(p)
+                    c.members.sort()
+                    self.unread[(op.conv, p)] = 0
+                    self.joins.append((op.conv, p, op.now, c.last_seq, c.last_seq))
+        seq = c.last_seq + 1
+        ts = max(op.now, c.last_ts)   # commit order and time order agree within a conversation
+        c.last_seq, c.last_ts, c.activity, c.dirty = seq, ts, self.next_activity(), True
+        msg = StoredMessage(op.conv, seq, op.sender, op.cmid, ts, op.body)
+        self.sent[key] = msg
+        self.msg_rows.append((op.conv, seq, op.sender, op.cmid, ts, op.body))
+        wire = {"conv": op.conv, "seq": seq, "from": op.sender, "cmid": op.cmid, "ts": ts, "body": wire_body}
+        events: list[MailboxEvent] = []
+        rows = self.event_rows
+        for p in c.members:
+            if p == op.sender:
+                n = self.allocate(p, 1)
+                rows.append((p, n, ts, "msg", op.conv, seq, None))
+                events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
+            elif p not in op.skip:
+                # Each recipient's count moves with the message, announced right after it.
+                count, total = self.bump_unread(op.conv, p)
+                n = self.allocate(p, 2)
+                unread = {"conv": op.conv, "count": count, "total": total}
+                rows.append((p, n, ts, "msg", op.conv, seq, None))
+                rows.append((p, n + 1, ts, "unread", None, None, dumps(unread)))
+                events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
+                events.append(MailboxEvent(principal=p, n=n + 1, doc={"n": n + 1, "kind": "unread", "ts": ts, **unread}))
+        return SendOutcome(message=msg, dup=False, events=events)
+
+    def ack(self, op: AckOp) -> tuple[int, list[MailboxEvent]]:
+        b = self.box(op.principal)
+        if op.n > b[0]:
+            raise ValueError(f"n {op.n} is beyond the last event ({b[0]})")
+        cur = self.cursors.get(op.client_id)
+        if cur is None:
+            row = self.conn.execute(_SELECT_CURSOR, (op.client_id,)).fetchone()
+            cur = self.cursors[op.client_id] = [row[0], row[1], False] if row is not None else [None, 0, False]
+        if "\0" in op.client_id:
+            self.bulk = False
+        new_cursor = max(cur[1], op.n) if cur[0] == op.principal else op.n
+        cur[0], cur[1], cur[2] = op.principal, new_cursor, True
+        events: list[MailboxEvent] = []
+        if op.n > b[1]:
+            if op.principal in self.unwritten_boxes:
+                self.write_rows()   # the query below must see this group's own events
+            found = json.loads(self.conn.execute(_UNDELIVERED, (op.principal, b[1], op.n, op.principal)).fetchone()[0])
+            found.sort()            # mailbox order
+            b[1] = op.n
+            b[2] = True
+            # The first ack of a `msg` event by any client of the principal: a
+            # `delivered` receipt to its sender, one numbered block per sender.
+            by_sender: dict[str, list[dict[str, Any]]] = {}
+            for _n, conv, seq, sender in found:
+                by_sender.setdefault(sender, []).append({"conv": conv, "seq": seq, "to": op.principal})
+            for sender, datas in by_sender.items():
+                first = self.allocate(sender, len(datas))
+                for i, data in enumerate(datas):
+                    n = first + i
+                    self.event_rows.append((sender, n, op.now, "delivered", None, None, dumps(data)))
+                    events.append(MailboxEvent(principal=sender, n=n,
+                                               doc={"n": n, "kind": "delivered", "ts": op.now, **data}))
+        return new_cursor, events
+
+    # ---- writing back --------------------------------------------------------------
+    def _write(self, statements: tuple[str, str], rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        if self.bulk and len(rows) > 1:
+            self.conn.execute(statements[1], (dumps(rows),))
+        else:
+            self.conn.executemany(statements[0], rows)
+
+    def write_rows(self) -> None:
+        self._write(_INSERT_MESSAGE, self.msg_rows)
+        self.msg_rows = []
+        self._write(_INSERT_EVENT, self.event_rows)
+        self.event_rows = []
+        self.unwritten_boxes.clear()
+
+    def write_all(self) -> None:
+        self._write(_INSERT_CONV, [(conv, c.created_by, c.created_at, c.last_seq, c.last_ts, c.activity)
+                                   for conv, c in self.convs.items() if c is not None and c.new])
+        self._write(_INSERT_MEMBER, self.joins)
+        self._write(_UPDATE_CONV, [(c.last_seq, c.last_ts, c.activity, conv)
+                                   for conv, c in self.convs.items() if c is not None and c.dirty and not c.new])
+        self.write_rows()
+        self._write(_UPSERT_BOX, [(p, b[0], b[1]) for p, b in self.boxes.items() if b[2]])
+        self._write(_UPDATE_UNREAD, [(self.unread[k], k[0], k[1]) for k in self.unread_dirty])
+        self._write(_UPSERT_CURSOR, [(cid, cur[0], cur[1]) for cid, cur in self.cursors.items() if cur[2]])
