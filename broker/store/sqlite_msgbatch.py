@@ -132,23 +132,17 @@ def _settle(g: _Group, dbfut: asyncio.Future[Any]) -> None:
 # ---- the group, on the writer thread --------------------------------------------
 #
 # Python's sqlite3 releases the GIL around every sqlite3_step(): once per
-# statement and once per row fetched or inserted (executemany too). On a busy
-# broker each release hands the GIL to the event loop thread and the writer then
-# waits to get it back, so a group's wall time grew with its number of steps
-# (measured: 8 ms wall for 3 ms of CPU per group). So the group reads and writes
-# in bulk, one step per statement: keys and rows go in as one JSON array
-# (json_each) and answers come back as one JSON array (json_group_array). Floats
-# only ever go in that way (SQLite reads JSON numbers exactly here - checked at
-# import, else plain executemany is used - but prints them with 15 digits), and
-# text with a NUL character (which json_each truncates) makes the group use plain
-# statements too.
+# statement and once per row fetched. On a busy broker each release hands the GIL
+# to the event loop thread and the writer then waits to get it back (measured: a
+# group took 8 ms wall for 3 ms of CPU). So the group reads its state up front in
+# bulk, one step per query: keys go in as one JSON array (json_each), answers come
+# back as one JSON array (json_group_array; integers and text only - SQLite prints
+# floats with 15 digits - and keys with a NUL, which json_each cuts, are read
+# one by one). Rows are written with executemany: cheaper in CPU than json_each
+# for inserts, measured, and one statement per table per group.
 
 def _j(i: int) -> str:
     return f"json_extract(j.value, '$[{i}]')"
-
-
-def _bulk_insert(table: str, columns: str, n: int, tail: str = "") -> str:
-    return f"INSERT INTO {table}({columns}) SELECT {', '.join(_j(i) for i in range(n))} FROM json_each(?) AS j{tail}"
 
 
 _SELECT_SENT = "SELECT conv, seq, sender, cmid, ts, body FROM messages WHERE sender=? AND cmid=? AND retired=0"
@@ -174,55 +168,20 @@ _BULK_TOTALS = ("SELECT json_group_array(json_array(principal, total)) FROM (SEL
 _BULK_CURSORS = ("SELECT json_group_array(json_array(client_id, principal, n)) FROM cursors "
                  "WHERE client_id IN (SELECT value FROM json_each(?))")
 
-# (statement for executemany, its bulk form: one step for all rows)
 _INSERT_CONV = ("INSERT INTO conversations(conv, kind, name, created_by, created_at, last_seq, last_ts, activity) "
-                "VALUES (?, 'dm', '', ?, ?, ?, ?, ?)",
-                "INSERT INTO conversations(conv, kind, name, created_by, created_at, last_seq, last_ts, activity) "
-                f"SELECT {_j(0)}, 'dm', '', {_j(1)}, {_j(2)}, {_j(3)}, {_j(4)}, {_j(5)} FROM json_each(?) AS j")
-_INSERT_MEMBER = ("INSERT INTO conv_members(conv, principal, joined_at, read_seq, since_seq, unread) VALUES (?,?,?,?,?,0)",
-                  "INSERT INTO conv_members(conv, principal, joined_at, read_seq, since_seq, unread) "
-                  f"SELECT {_j(0)}, {_j(1)}, {_j(2)}, {_j(3)}, {_j(4)}, 0 FROM json_each(?) AS j")
-_UPDATE_CONV = ("UPDATE conversations SET last_seq=?, last_ts=?, activity=? WHERE conv=?",
-                f"UPDATE conversations SET last_seq = {_j(0)}, last_ts = {_j(1)}, activity = {_j(2)} "
-                f"FROM json_each(?) AS j WHERE conversations.conv = {_j(3)}")
-_INSERT_MESSAGE = ("INSERT INTO messages(conv, seq, sender, cmid, ts, body) VALUES (?,?,?,?,?,?)",
-                   _bulk_insert("messages", "conv, seq, sender, cmid, ts, body", 6))
-_INSERT_EVENT = ("INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,?,?,?)",
-                 _bulk_insert("mailbox", "principal, n, ts, kind, conv, seq, data", 7))
-_BOX_CONFLICT = " ON CONFLICT(principal) DO UPDATE SET last_n=excluded.last_n, delivered_n=excluded.delivered_n"
-_UPSERT_BOX = ("INSERT INTO mailbox_state(principal, last_n, delivered_n) VALUES (?,?,?)" + _BOX_CONFLICT,
-               _bulk_insert("mailbox_state", "principal, last_n, delivered_n", 3, " WHERE true" + _BOX_CONFLICT))
-_UPDATE_UNREAD = ("UPDATE conv_members SET unread=? WHERE conv=? AND principal=?",
-                  f"UPDATE conv_members SET unread = {_j(0)} FROM json_each(?) AS j "
-                  f"WHERE conv_members.conv = {_j(1)} AND conv_members.principal = {_j(2)}")
+                "VALUES (?, 'dm', '', ?, ?, ?, ?, ?)")
+_INSERT_MEMBER = ("INSERT INTO conv_members(conv, principal, joined_at, read_seq, since_seq, unread) "
+                  "VALUES (?,?,?,?,?,0)")
+_UPDATE_CONV = "UPDATE conversations SET last_seq=?, last_ts=?, activity=? WHERE conv=?"
+_INSERT_MESSAGE = "INSERT INTO messages(conv, seq, sender, cmid, ts, body) VALUES (?,?,?,?,?,?)"
+_INSERT_EVENT = "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES (?,?,?,?,?,?,?)"
+_UPSERT_BOX = ("INSERT INTO mailbox_state(principal, last_n, delivered_n) VALUES (?,?,?) ON CONFLICT(principal) "
+               "DO UPDATE SET last_n=excluded.last_n, delivered_n=excluded.delivered_n")
+_UPDATE_UNREAD = "UPDATE conv_members SET unread=? WHERE conv=? AND principal=?"
 # As a single ack did it: a cursor row left by an earlier owner of the client id starts over.
-_CURSOR_CONFLICT = (" ON CONFLICT(client_id) DO UPDATE SET n=excluded.n, inbox_sub=CASE WHEN "
-                    "cursors.principal=excluded.principal THEN cursors.inbox_sub ELSE 0 END, principal=excluded.principal")
-_UPSERT_CURSOR = ("INSERT INTO cursors(client_id, principal, n) VALUES (?,?,?)" + _CURSOR_CONFLICT,
-                  _bulk_insert("cursors", "client_id, principal, n", 3, " WHERE true" + _CURSOR_CONFLICT))
-
-
-def _json_floats_exact() -> bool:
-    """Does this SQLite read JSON numbers into exactly the doubles Python wrote?"""
-    import random
-    import struct
-
-    rnd = random.Random(7)
-    values = [struct.unpack("<d", rnd.randbytes(8))[0] for _ in range(2000)]
-    values += [rnd.uniform(1e9, 2e9) for _ in range(2000)] + [round(rnd.uniform(1e9, 2e9), 3) for _ in range(2000)]
-    values = [v for v in values if v == v and v not in (float("inf"), float("-inf"))]
-    conn = sqlite3.connect(":memory:")
-    try:
-        rows = conn.execute("SELECT json_extract(j.value, '$[0]') FROM json_each(?) AS j",
-                            (dumps([[v] for v in values]),)).fetchall()
-    except sqlite3.Error:
-        return False
-    finally:
-        conn.close()
-    return len(rows) == len(values) and all(a == b for a, (b,) in zip(values, rows))
-
-
-BULK_JSON = _json_floats_exact()
+_UPSERT_CURSOR = ("INSERT INTO cursors(client_id, principal, n) VALUES (?,?,?) ON CONFLICT(client_id) DO UPDATE "
+                  "SET n=excluded.n, inbox_sub=CASE WHEN cursors.principal=excluded.principal "
+                  "THEN cursors.inbox_sub ELSE 0 END, principal=excluded.principal")
 
 
 class _Conv:
@@ -245,7 +204,6 @@ class _GroupRun:
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
-        self.bulk = BULK_JSON
         self.convs: dict[str, _Conv | None] = {}
         self.unread: dict[tuple[str, str], int] = {}
         self.unread_dirty: set[tuple[str, str]] = set()
@@ -261,8 +219,7 @@ class _GroupRun:
         self.unwritten_boxes: set[str] = set()      # principals with events not yet inserted
 
     def run(self, ops: list[SendOp | AckOp]) -> list[tuple[bool, Any]]:
-        if self.bulk:
-            self.prefetch(ops)
+        self.prefetch(ops)
         out: list[tuple[bool, Any]] = []
         for op in ops:
             try:
@@ -380,8 +337,6 @@ class _GroupRun:
             raise NotMember(op.conv)
         op.cmid.encode()                  # a lone surrogate is refused here, not by the whole group's INSERT
         wire_body = json.loads(op.body)   # parsed once, for every member's event
-        if "\0" in op.cmid:
-            self.bulk = False             # json_each would cut it there
         if c is None:
             c = self.convs[op.conv] = _Conv(0, 0.0, [], new=True, created_by=op.sender, created_at=op.now)
         if dm is not None:
@@ -427,8 +382,6 @@ class _GroupRun:
         if cur is None:
             row = self.conn.execute(_SELECT_CURSOR, (op.client_id,)).fetchone()
             cur = self.cursors[op.client_id] = [row[0], row[1], False] if row is not None else [None, 0, False]
-        if "\0" in op.client_id:
-            self.bulk = False
         new_cursor = max(cur[1], op.n) if cur[0] == op.principal else op.n
         cur[0], cur[1], cur[2] = op.principal, new_cursor, True
         events: list[MailboxEvent] = []
@@ -454,13 +407,9 @@ class _GroupRun:
         return new_cursor, events
 
     # ---- writing back --------------------------------------------------------------
-    def _write(self, statements: tuple[str, str], rows: list[tuple[Any, ...]]) -> None:
-        if not rows:
-            return
-        if self.bulk and len(rows) > 1:
-            self.conn.execute(statements[1], (dumps(rows),))
-        else:
-            self.conn.executemany(statements[0], rows)
+    def _write(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
+        if rows:
+            self.conn.executemany(statement, rows)
 
     def write_rows(self) -> None:
         self._write(_INSERT_MESSAGE, self.msg_rows)
