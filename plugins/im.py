@@ -21,9 +21,10 @@ from typing import Any
 from amqtt.plugins.base import BasePlugin
 
 from broker.services.base import Caller, Handler
+from broker.services.inbox import compact_json
 from broker.store.sqlite_db import StoreBusy, StoreClosed
 from contract import topics
-from contract.envelopes import error_response, ok_response, parse_request
+from contract.envelopes import error_response, parse_request
 from contract.errors import ErrorCode, ProtocolError
 from plugins.base import broker_of, services_of
 
@@ -165,7 +166,8 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         try:
             try:
                 result = await handler(caller, params)
-                response = ok_response(rid, result)
+                # ok_response's bytes, through the encoder built once (this is per request)
+                response = compact_json({"id": rid, "ok": True, "result": result}).encode()
             except ProtocolError as err:
                 response = error_response(rid, err.code, err.message)
             except (StoreBusy, StoreClosed) as exc:

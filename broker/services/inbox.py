@@ -68,11 +68,12 @@ def _compact_encoder() -> Any:
     return lambda doc: join(c_enc(doc, 0))
 
 
-_encode = _compact_encoder()
+# The same text as json.dumps(doc, separators=(",", ":"), ensure_ascii=False).
+compact_json = _compact_encoder()
 
 
 def encode_event(doc: dict[str, Any]) -> bytes:
-    return _encode(doc).encode()
+    return compact_json(doc).encode()
 
 
 class InboxPusher:

@@ -10,7 +10,6 @@ mailbox.max_events and mailbox.ttl, announcing every discard with `dropped`.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -18,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, param_int, param_str
-from broker.services.inbox import Inboxes
+from broker.services.inbox import Inboxes, compact_json
 from broker.store.base import MailboxEvent, NotMember, StoredMessage
 from contract.envelopes import MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT
 from contract.errors import ErrorCode, ProtocolError
@@ -77,7 +76,7 @@ def validate_body(body: Any, max_body: int) -> str:
     # history) far from Python's recursion limit.
     if not _depth_within(body, MAX_BODY_DEPTH):
         raise bad(f"body nests deeper than {MAX_BODY_DEPTH} levels")
-    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    text = compact_json(body)   # json.dumps' compact text, encoder built once
     if len(text.encode()) > max_body:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"body is larger than {max_body} bytes")
     kind = body.get("type")
