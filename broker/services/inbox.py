@@ -19,7 +19,6 @@ Where a pusher starts:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import OrderedDict, deque
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ from typing import Any
 from broker.services.base import Publisher
 from broker.store.base import MailboxEvent, MessagingStore
 from broker.store.sqlite_db import StoreClosed
+from broker.store.sqlite_msgbatch import compact_json
 from contract import topics
 
 log = logging.getLogger("roost.inbox")
@@ -51,25 +51,6 @@ def filter_matches(topic_filter: str, topic: str) -> bool:
         if part != "+" and part != t[i]:
             return False
     return len(f) == len(t)
-
-
-def _compact_encoder() -> Any:
-    """str(doc) -> compact JSON text. CPython's C encoder built once (json.dumps
-    builds a JSONEncoder and a C encoder on every call); other Pythons: the same
-    output through a reused JSONEncoder."""
-    from json import encoder as _enc
-
-    c_make = getattr(_enc, "c_make_encoder", None)
-    if c_make is None:
-        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-    # No circular-reference markers: events are built by the store, never cyclic.
-    c_enc = c_make(None, _enc.JSONEncoder().default, _enc.encode_basestring, None, ":", ",", False, False, True)
-    join = "".join
-    return lambda doc: join(c_enc(doc, 0))
-
-
-# The same text as json.dumps(doc, separators=(",", ":"), ensure_ascii=False).
-compact_json = _compact_encoder()
 
 
 def encode_event(doc: dict[str, Any]) -> bytes:
@@ -276,9 +257,12 @@ class Inboxes:
 
     def notify(self, events: Iterable[MailboxEvent]) -> None:
         """Hand freshly committed events to the pushers of their principals."""
+        by_principal = self._by_principal
         for event in events:
-            for p in list(self._by_principal.get(event.principal, {}).values()):
-                p.offer(event)
+            group = by_principal.get(event.principal)
+            if group:
+                for p in list(group.values()):
+                    p.offer(event)
 
     # ---- client lifecycle (called by plugins/im.py) ------------------------
     async def client_connected(self, client_id: str, principal: str, clean_session: bool) -> None:

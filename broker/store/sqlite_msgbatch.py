@@ -34,8 +34,24 @@ from typing import Any
 from broker.store.base import MailboxEvent, NotMember, SendOutcome, StoredMessage
 from broker.store.sqlite_db import Database
 
-# Compact JSON, built once: json.dumps(..., separators=...) builds an encoder per call.
-dumps: Callable[[Any], str] = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+def _compact_encoder() -> Callable[[Any], str]:
+    """obj -> the text of json.dumps(obj, separators=(",", ":"), ensure_ascii=False).
+
+    json.dumps builds a JSONEncoder and a C encoder on every call; CPython's C
+    encoder is built once here (no circular-reference markers: what is encoded is
+    built by Roost or parsed from JSON, never cyclic). Elsewhere: a reused JSONEncoder."""
+    from json import encoder as _enc
+
+    c_make = getattr(_enc, "c_make_encoder", None)
+    if c_make is None:
+        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    c_enc = c_make(None, _enc.JSONEncoder().default, _enc.encode_basestring, None, ":", ",", False, False, True)
+    join = "".join
+    return lambda obj: join(c_enc(obj, 0))
+
+
+dumps = compact_json = _compact_encoder()
 
 MAX_GROUP = 1000   # operations in one group; more start the next one
 
