@@ -105,6 +105,7 @@ class Runner:
         self.workdir = workdir
         self.profile_dir = profile_dir
         self.run_id = f"{int(time.time())}"
+        self.phases = 0     # IM phases so far: every phase's cmids are new (--repeat included)
 
     def log(self, msg: str) -> None:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -322,15 +323,17 @@ class Runner:
     async def im_phase(self, broker: Roost, per_sender: int, rate: float, phase: str) -> tuple[
             list[dict[str, Any]], dict[str, float]]:
         k = self.sizes.im_pairs
+        self.phases += 1
+        tag = f"{self.run_id}-{self.phases}{phase}"
         senders, recipients = [], []
         for i in range(k):
             a = broker.im_client(f"ims{i}")
             b = broker.im_client(f"imr{i}")
             senders.append({"cid": a.client_id, "user": a.username, "pw": a.password, "role": "sender",
                             "to": f"imr{i}", "count": per_sender, "window": 16 if rate == 0 else 10_000,
-                            "rate": rate, "tag": f"{self.run_id}{phase}"})
+                            "rate": rate, "tag": tag})
             recipients.append({"cid": b.client_id, "user": b.username, "pw": b.password, "role": "recipient",
-                               "expect": per_sender, "tag": f"{self.run_id}{phase}"})
+                               "expect": per_sender, "tag": tag})
         return await self.run_workers(
             broker, [{"mode": "im", "clients": recipients}, {"mode": "im", "clients": senders}], f"im-{phase}")
 
