@@ -142,11 +142,15 @@ class InboxPusher:
             if self.persistent:
                 self._next_n = cursor + 1
             else:
-                # Live from subscription: anything committed after we registered was offered.
-                start = head + 1
-                if self._first_offered is not None:
-                    start = min(start, self._first_offered)
-                self._next_n = start
+                # Live from subscription: every event committed after this pusher was
+                # registered is offered to it, in commit order, so it starts at the
+                # first offer. (Not at the store's head + 1: an event committed after
+                # registration can be in that head before its offer arrives, and would
+                # be skipped.)
+                while self._first_offered is None:
+                    self._wake.clear()
+                    await self._wake.wait()
+                self._next_n = self._first_offered
             self._known_head = max(self._known_head, head)
             while True:
                 self._wake.clear()
