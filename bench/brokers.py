@@ -95,6 +95,7 @@ class BrokerProcess:
 
     # -- lifecycle ----------------------------------------------------------------
     def spawn(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)   # a /tmp cleaner may have taken it
         self.port = self.port or free_port()
         log = open(self.log_path, "ab")
         self.started_at = time.monotonic()
@@ -241,6 +242,7 @@ class Roost(BrokerProcess):
         }
 
     def write_config(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         self.config_path.write_text(yaml.safe_dump(self.config()))
 
