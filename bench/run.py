@@ -119,6 +119,7 @@ class Runner:
         Returns (results, usage) where usage has the broker's CPU seconds and the
         wall time of the measured phase.
         """
+        self.workdir.mkdir(parents=True, exist_ok=True)
         procs: list[asyncio.subprocess.Process] = []
         spy: profile.Spy | None = None
         timeout = self.sizes.timeout
