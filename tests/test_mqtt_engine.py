@@ -376,6 +376,7 @@ def test_persistent_session_resumes_subscriptions_and_queue(b):
     pub.pub("ps/t", b"q1", qos=1)
     pub.pub("ps/t", b"q2", qos=2)
     pub.pub("ps/t", b"q0", qos=0)   # QoS 0 is not queued for offline clients
+    pub.pub("ps/sync", b"", qos=1)  # acked after q0 was routed (one connection, in order)
     back = Client(b.port, "ps", clean=False)
     got = back.drain(0.6)
     assert [(m.payload, m.qos, m.retain) for m in got] == [(b"q1", 1, False), (b"q2", 2, False)]
