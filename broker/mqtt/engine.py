@@ -815,10 +815,7 @@ class Engine:
         st = self.sessions.get(client_id)
         if st is None or st.discarded or not valid_topic_name(topic):
             return False
-        granted = -1
-        for f, q in st.subs.items():
-            if q > granted and matches(topic, f):
-                granted = q
+        granted = _granted_qos(st, topic)
         if granted < 0 or not await self.can_receive_async(st, topic):
             return False
         deadline = self.loop.time() + DELIVER_WAIT
@@ -845,10 +842,7 @@ class Engine:
         st = self.sessions.get(client_id)
         if st is None or st.discarded or not valid_topic_name(topic):
             return False
-        granted = -1
-        for f, q in st.subs.items():
-            if q > granted and matches(topic, f):
-                granted = q
+        granted = _granted_qos(st, topic)
         if granted < 0:
             return False
         if self.acl_enabled:
@@ -942,3 +936,12 @@ class Engine:
         for conn in list(self.conns):
             conn.abort(DisconnectReason.SHUTDOWN)
         await self.flush_retained()
+
+
+def _granted_qos(st: SessionState, topic: str) -> int:
+    """The highest QoS of the session's filters matching `topic`; -1 for none."""
+    granted = -1
+    for f, q in st.subs.items():
+        if q > granted and matches(topic, f):
+            granted = q
+    return granted

@@ -39,19 +39,6 @@ RETRY_MIN = 0.05          # seconds before re-offering an event a connected clie
 RETRY_MAX = 2.0
 
 
-def filter_matches(topic_filter: str, topic: str) -> bool:
-    """MQTT topic filter matching (`+`, `#`); `$`-topics are not special here."""
-    f = topic_filter.split("/")
-    t = topic.split("/")
-    for i, part in enumerate(f):
-        if part == "#":
-            return True
-        if i >= len(t):
-            return False
-        if part != "+" and part != t[i]:
-            return False
-    return len(f) == len(t)
-
 
 def encode_event(doc: dict[str, Any]) -> bytes:
     return compact_json(doc).encode()
@@ -282,7 +269,7 @@ class Inboxes:
             self._start(client_id, principal, persistent=True)
 
     async def client_subscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
-        if not filter_matches(topic_filter, topics.inbox(principal)):
+        if not topics.matches(topics.inbox(principal), topic_filter):
             return
         self._remember_filter(client_id, topic_filter, clean_session)
         existing = self.pusher(client_id, principal)
@@ -301,7 +288,7 @@ class Inboxes:
                 log.warning("could not record the inbox subscription of %s", client_id, exc_info=True)
 
     async def client_unsubscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
-        if not filter_matches(topic_filter, topics.inbox(principal)):
+        if not topics.matches(topics.inbox(principal), topic_filter):
             return
         remaining = self._filters.get(client_id)
         if remaining is not None:

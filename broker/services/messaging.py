@@ -252,13 +252,8 @@ class MessagingService:
 
     async def _readable_conv(self, caller: Caller, conv_param: Any) -> str:
         """A conversation the caller may read (history, read): its own DMs, its groups."""
-        parsed = parse_conv(conv_param)
-        if parsed is None:
-            raise bad("'conv' must be dm:<a>:<b> (a < b) or grp:<id>")
-        kind, parts = parsed
+        kind, parts = _own_conv(caller, conv_param)
         if kind == "dm":
-            if caller.principal not in parts:
-                raise forbidden("not your conversation")
             return conv_param
         await self._group_member_check(conv_param, caller.principal)
         return conv_param
@@ -302,13 +297,8 @@ class MessagingService:
             if not is_valid_principal_id(to):
                 raise bad("'to' must be a principal id")
             return await self._dm_target(caller, to)
-        parsed = parse_conv(conv_param)
-        if parsed is None:
-            raise bad("'conv' must be dm:<a>:<b> (a < b) or grp:<id>")
-        kind, parts = parsed
+        kind, parts = _own_conv(caller, conv_param)
         if kind == "dm":
-            if caller.principal not in parts:
-                raise forbidden("not your conversation")
             other = parts[1] if parts[0] == caller.principal else parts[0]
             return await self._dm_target(caller, other)
         await self._group_member_check(conv_param, caller.principal)
@@ -485,3 +475,15 @@ class MessagingService:
                 raise
             except Exception:  # noqa: BLE001 - retried next round; store busy or closing
                 log.warning("mailbox pruning round failed", exc_info=True)
+
+
+def _own_conv(caller: Caller, conv_param: Any) -> tuple[str, tuple[str, ...]]:
+    """Parse `conv`; a DM must be one of the caller's own (group membership is
+    checked by the caller, it needs the store)."""
+    parsed = parse_conv(conv_param)
+    if parsed is None:
+        raise bad("'conv' must be dm:<a>:<b> (a < b) or grp:<id>")
+    kind, parts = parsed
+    if kind == "dm" and caller.principal not in parts:
+        raise forbidden("not your conversation")
+    return kind, parts
