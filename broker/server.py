@@ -11,8 +11,15 @@ state machine, `Broker._create_ssl_context`, `Broker._split_bindaddr_port`,
 amqtt's broker events (start/shutdown, client connected/disconnected/
 subscribed/unsubscribed; not per message), `PluginManager.close`.
 
-Replaced (each because the upstream version is wrong or slow; see
-/work/shared/AMQTT_NOTES.md for the defect numbers):
+Replaced, each because the upstream version is wrong or slow. The defect
+numbers used below (and in tests/test_amqtt_defects.py, which proves each one
+on stock amqtt) are: 1 retained messages leak to clients that never subscribed
+(no ACL); 2 a failed CONNECT deletes the victim's session; 3 take-over leaves
+the new connection receiving nothing; 4 keepalive never enforced, no will;
+5 un-acked QoS 1/2 dropped on disconnect, never re-sent; 6 delivered QoS is the
+subscription's, not min(publish, subscription); 7 unbounded offline queue,
+replayed with retain=1; 9 refused CONNECTs leave sessions behind; 10 every
+publish scans every subscription and makes a task per subscriber.
 * `Broker.start` - loads retained messages from the store, starts our engine
   (keepalive ticker, retained writer) instead of `_broadcast_loop` (one task
   per message and subscriber, defect 10) and `_session_monitor`; calls

@@ -8,7 +8,7 @@ the test with a clear reason when the binary is not installed (see
 scripts/test.sh, which installs it).
 
 VictoriaMetrics stores measurement `m` with field `f` as metric `m_f`, tags as
-labels, and cuts time to milliseconds (see ../../shared/TELEMETRY_TESTING.md).
+labels, and cuts time to milliseconds (see docs/TELEMETRY.md, "What was verified against what").
 """
 
 from __future__ import annotations
