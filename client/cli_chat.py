@@ -17,7 +17,7 @@ import click
 from client import config as cfgmod
 from client.cli_common import (
     ConnectionWatch, Net, command, conv_of, clip, contact_ids, device_ids, event_line, guarded, network,
-    presence_line, principal_arg, read_password_stdin, request_timeout, subscribe_presence, target_params,
+    print_presence, principal_arg, read_password_stdin, request_timeout, subscribe_presence, target_params,
     to_cli_error, who,
 )
 from client.config import ClientConfig
@@ -224,10 +224,7 @@ def listen(net: Net, label: str, since: int | None) -> None:
                 elif isinstance(item, TopicItem):
                     pid = topics.tail(item.topic, topics.PRESENCE)
                     if pid is not None and not item.retained:
-                        if net.json_mode:
-                            out.jsonl({"kind": "presence", "id": pid, **(item.payload if isinstance(item.payload, dict) else {})})
-                        else:
-                            out.line(presence_line(pid, item.payload, out))
+                        print_presence(net, pid, item.payload)
                 elif isinstance(item, ReconnectedItem):
                     watch.reconnected()
             watch.check()

@@ -246,6 +246,14 @@ def event_line(ev: dict[str, Any], me: str, out: Output) -> str:
     return f"{t} {k}: {fmt_kv({x: y for x, y in ev.items() if x not in ('n', 'kind', 'ts')})}"
 
 
+def print_presence(net: "Net", principal: str, payload: Any) -> None:
+    """A presence update in a stream: a JSON line, or one readable line."""
+    if net.json_mode:
+        net.out.jsonl({"kind": "presence", "id": principal, **(payload if isinstance(payload, dict) else {})})
+    else:
+        net.out.line(presence_line(principal, payload, net.out))
+
+
 def presence_line(principal: str, payload: Any, out: Output) -> str:
     text = presence_text(payload) if payload is not None else "unknown"
     colour = presence_colour(text)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from client.cli_common import (
-    ConnectionWatch, Net, command, contact_ids, group, network, presence_line, principal_arg,
+    ConnectionWatch, Net, command, contact_ids, group, network, principal_arg, print_presence,
     subscribe_presence,
 )
 from client.output import Column, fmt_time, fmt_value, presence_colour, presence_text
@@ -221,10 +221,7 @@ def presence(net: Net, ids: tuple[str, ...], follow: bool, wait: float) -> None:
             if pid is None or (item.retained and states.get(pid) == item.payload):
                 continue
             states[pid] = item.payload
-            if net.json_mode:
-                out.jsonl({"kind": "presence", "id": pid, **(item.payload if isinstance(item.payload, dict) else {})})
-            else:
-                out.line(presence_line(pid, item.payload, out))
+            print_presence(net, pid, item.payload)
         elif isinstance(item, ReconnectedItem):
             watch.reconnected()
         watch.check()

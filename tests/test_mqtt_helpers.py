@@ -26,6 +26,26 @@ TIMEOUT = 5.0
 
 # ---- test-only plugins ----------------------------------------------------------
 
+
+def split_packet(buf: bytes) -> tuple[tuple[int, int, bytes] | None, bytes]:
+    """Take one whole MQTT packet off the front of `buf`:
+    ((type, flags, body) or None when incomplete, the rest of the buffer)."""
+    if len(buf) < 2:
+        return None, buf
+    length, mult, i = 0, 1, 1
+    while i < len(buf):
+        b = buf[i]
+        length += (b & 0x7F) * mult
+        mult *= 128
+        i += 1
+        if not b & 0x80:
+            end = i + length
+            if len(buf) < end:
+                return None, buf
+            first = buf[0]
+            return (first >> 4, first & 0x0F, bytes(buf[i:end])), buf[end:]
+    return None, buf
+
 class AllowAuth(BaseAuthPlugin):
     """Accepts everyone, except password 'wrong'; principal = username."""
 
@@ -406,21 +426,9 @@ class RawClient:
     def read(self) -> tuple[int, int, bytes]:
         """One packet -> (type, flags, body); raises EOFError when the broker closed."""
         while True:
-            if len(self.buf) >= 2:
-                rl, mult, i = 0, 1, 1
-                while i < len(self.buf):
-                    b = self.buf[i]
-                    rl += (b & 0x7F) * mult
-                    mult *= 128
-                    i += 1
-                    if not b & 0x80:
-                        end = i + rl
-                        if len(self.buf) >= end:
-                            first = self.buf[0]
-                            body = self.buf[i:end]
-                            self.buf = self.buf[end:]
-                            return first >> 4, first & 0x0F, body
-                        break
+            packet, self.buf = split_packet(self.buf)
+            if packet is not None:
+                return packet
             chunk = self.s.recv(65536)
             if not chunk:
                 raise EOFError("closed by broker")

@@ -16,6 +16,7 @@ import pytest
 
 from broker.mqtt import codec
 from tests.harness import RoostProcess
+from tests.test_mqtt_helpers import split_packet
 
 TOPICS = ("TopicA", "TopicA/B", "Topic/C", "TopicA/C", "/TopicA")
 WILD = ("TopicA/+", "+/C", "#", "/#", "/+", "+/+", "TopicA/#")
@@ -117,19 +118,9 @@ class Suite:
     def _read(self, timeout: float) -> tuple[int, int, bytes] | None:
         self.s.settimeout(max(timeout, 0.01))
         while True:
-            if len(self.buf) >= 2:
-                rl, mult, i = 0, 1, 1
-                while i < len(self.buf):
-                    b = self.buf[i]
-                    rl += (b & 0x7F) * mult
-                    mult *= 128
-                    i += 1
-                    if not b & 0x80:
-                        if len(self.buf) >= i + rl:
-                            first, body = self.buf[0], self.buf[i:i + rl]
-                            self.buf = self.buf[i + rl:]
-                            return first >> 4, first & 0x0F, body
-                        break
+            packet, self.buf = split_packet(self.buf)
+            if packet is not None:
+                return packet
             try:
                 chunk = self.s.recv(65536)
             except (TimeoutError, socket.timeout):
