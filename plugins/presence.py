@@ -1,6 +1,10 @@
-"""Presence plugin: turns the engine's connect/disconnect hooks into presence
+"""Presence plugin: turns the engine's online/offline hooks into presence
 changes. The service does the counting, ordering and publishing; this adapter
-only picks the principal off the session."""
+only picks the principal off the session.
+
+It uses the synchronous hooks (called the moment CONNACK is sent or the
+connection is closed), not on_client_connected/disconnected: those run after
+awaits (inbox set-up, will) and could report two clients' changes out of order."""
 
 from __future__ import annotations
 
@@ -20,13 +24,13 @@ class PresencePlugin(BasePlugin):  # type: ignore[type-arg]
     def _presence(self) -> Any:
         return services_of(self).presence
 
-    async def on_client_connected(self, session: Any) -> None:
+    def on_client_online(self, session: Any) -> None:
         principal = getattr(session, "principal", None)
         presence = self._presence()
         if principal and presence is not None:
             presence.client_connected(principal)
 
-    async def on_client_disconnected(self, session: Any, reason: str) -> None:
+    def on_client_offline(self, session: Any, reason: str) -> None:
         principal = getattr(session, "principal", None)
         presence = self._presence()
         if principal and presence is not None:

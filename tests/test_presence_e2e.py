@@ -179,3 +179,29 @@ def test_states_arrive_in_the_order_they_happened(roost):
     counts = [next_presence(w, "bob")["clients"] for _ in range(10)]
     assert counts == [1, 2, 3, 4, 5, 4, 3, 2, 1, 0]
     assert w.no_message("roost/presence/bob", wait=0.5)
+
+
+def test_a_disconnect_right_after_another_connack_is_counted_after_it(roost):
+    """The count changes when CONNACK is sent, not after the inbox set-up that
+    follows it: a client leaving the instant another's CONNACK arrived must be
+    seen as 2 -> 1, never 0 -> 1 (offline flicker) or 1 -> 2 -> 1 out of order."""
+    from tests.test_mqtt_helpers import RawClient
+
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob)
+    bob.disconnect()
+    w = watch(roost, "alice", apw, "bob")
+    assert next_presence(w, "bob")["state"] == "offline"
+    rounds = 25
+    previous = RawClient(roost.port)
+    previous.connect("bob.r0", username="bob", password=bpw)
+    for i in range(1, rounds + 1):
+        nxt = RawClient(roost.port)
+        nxt.connect(f"bob.r{i}", username="bob", password=bpw)
+        previous.send(b"\xe0\x00")          # DISCONNECT, at once
+        previous.s.close()
+        previous = nxt
+    counts = [next_presence(w, "bob")["clients"] for _ in range(1 + 2 * rounds)]
+    assert counts == [1] + [2, 1] * rounds

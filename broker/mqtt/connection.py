@@ -279,6 +279,7 @@ class Connection(asyncio.Protocol):
         if self.reason is None:
             self.reason = reason
         self.writable = False
+        self.engine.connection_closing(self)
         t = self.transport
         if t is None:
             return
@@ -297,6 +298,7 @@ class Connection(asyncio.Protocol):
     def abort(self, reason: DisconnectReason) -> None:
         if self.reason is None:
             self.reason = reason
+        self.engine.connection_closing(self)
         t = self.transport
         self.state = CLOSED
         self.writable = False

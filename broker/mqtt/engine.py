@@ -135,6 +135,8 @@ class Engine:
         def hooks(name: str) -> list[Callable[..., Any]]:
             return [getattr(p, name) for p in plugins if callable(getattr(p, name, None))]
 
+        self.h_online = hooks("on_client_online")
+        self.h_offline = hooks("on_client_offline")
         self.h_connected = hooks("on_client_connected")
         self.h_disconnected = hooks("on_client_disconnected")
         self.h_subscribed = hooks("on_client_subscribed")
@@ -146,6 +148,16 @@ class Engine:
         for fn in fns:
             try:
                 await fn(*args)
+            except Exception:  # noqa: BLE001 - a plugin bug must not break the connection
+                log.exception("plugin hook %s failed", getattr(fn, "__qualname__", fn))
+
+    @staticmethod
+    def _call_now(fns: list[Callable[..., Any]], *args: Any) -> None:
+        """The synchronous hooks: called at the very moment of the change, so their
+        order is the order things happened across all connections."""
+        for fn in fns:
+            try:
+                fn(*args)
             except Exception:  # noqa: BLE001 - a plugin bug must not break the connection
                 log.exception("plugin hook %s failed", getattr(fn, "__qualname__", fn))
 
@@ -249,6 +261,8 @@ class Engine:
         info = conn.info
         if info is not None and info.principal:
             self.by_principal.setdefault(info.principal, {})[info.client_id] = conn
+        if info is not None:
+            self._call_now(self.h_online, info)
 
     def _count_out(self, conn: Connection) -> None:
         if not getattr(conn, "counted", False):
@@ -263,6 +277,13 @@ class Engine:
                 del d[info.client_id]
                 if not d:
                     del self.by_principal[info.principal]
+        if info is not None:
+            self._call_now(self.h_offline, info, conn.reason or DisconnectReason.LOST)
+
+    def connection_closing(self, conn: Connection) -> None:
+        """The broker decided to close it (DISCONNECT, keepalive, take-over, kick):
+        it stops counting now, not when the transport reports the loss later."""
+        self._count_out(conn)
 
     def connection_lost(self, conn: Connection) -> None:
         self.conns.discard(conn)
@@ -452,8 +473,6 @@ class Engine:
                 taken.taken_over = True
                 taken.reason = DisconnectReason.TAKEN_OVER
                 old.conn = None
-                self._count_out(taken)
-                taken.close(DisconnectReason.TAKEN_OVER)
                 log.info("client %s taken over by a new connection", cid)
             if info.clean_session or old is None or old.clean:
                 if old is not None:
@@ -470,6 +489,9 @@ class Engine:
             st.conn = conn
             conn.set_connected()
             self._count_in(conn)
+            if taken is not None:
+                # closed only once the new one is counted: 1 -> 2 -> 1, never 0
+                taken.close(DisconnectReason.TAKEN_OVER)
             conn.write(codec.connack(present, 0))
             st.resume()
             conn.announced = True

@@ -41,6 +41,15 @@ Engine -> plugin calls (all optional; found with getattr at broker start):
   reason "taken_over" for the old connection *after* on_client_connected for the
   new one, so a presence count never drops to zero in between.
 
+* Counting (synchronous, not awaited; called at the very moment of the change, so
+  across all connections they come in the order things happened):
+    on_client_online(session)                 as CONNACK 0 is written
+    on_client_offline(session, reason: str)   as the broker closes the connection or
+                                              learns it was lost
+  On a take-over the new connection's on_client_online comes before the old one's
+  on_client_offline. The awaited hooks above may run later (after a plugin's
+  awaits, after the will), so count connections with these, not those.
+
 * Start/stop: async on_roost_start(broker) once listeners are up, and
   async on_roost_stop() before they close; amqtt's own `close()` is called too.
 
