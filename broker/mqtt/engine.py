@@ -135,8 +135,10 @@ class Engine:
         def hooks(name: str) -> list[Callable[..., Any]]:
             return [getattr(p, name) for p in plugins if callable(getattr(p, name, None))]
 
-        self.h_online = hooks("on_client_online")
-        self.h_offline = hooks("on_client_offline")
+        # amqtt's EventLoggerPlugin answers every on_* name with a coroutine
+        # function: the synchronous hooks take only plain functions.
+        self.h_online = [f for f in hooks("on_client_online") if not inspect.iscoroutinefunction(f)]
+        self.h_offline = [f for f in hooks("on_client_offline") if not inspect.iscoroutinefunction(f)]
         self.h_connected = hooks("on_client_connected")
         self.h_disconnected = hooks("on_client_disconnected")
         self.h_subscribed = hooks("on_client_subscribed")
