@@ -72,7 +72,7 @@ async def start(config: RoostConfig) -> tuple[Any, Services]:
     for svc in services.all():
         await svc.load()
     broker = RoostBroker(config, plugins=plugin_list(config), services=services,
-                         retained_store=services.store.retained)
+                         retained_store=services.store.retained, session_store=services.store.sessions)
     await broker.start()
     for svc in services.all():
         await svc.start(broker)

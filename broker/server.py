@@ -76,6 +76,8 @@ from broker.config import ListenerConfig, RoostConfig
 from broker.mqtt.connection import CLOSED, Connection
 from broker.mqtt.engine import Engine
 from broker.mqtt.hooks import DisconnectReason
+from broker.store.base import SavedSession
+from contract import topics
 
 log = logging.getLogger("roost.broker")
 # amqtt's state machine library logs every transition callback at INFO: noise in roost's log
@@ -103,7 +105,7 @@ class _Retained:
 
 class RoostBroker(Broker):
     def __init__(self, config: RoostConfig, *, plugins: dict[str, dict[str, Any]], services: Any,
-                 retained_store: Any | None) -> None:
+                 retained_store: Any | None, session_store: Any | None = None) -> None:
         self.roost_config = config
         self.services = services
         self.retained_store = retained_store
@@ -114,7 +116,8 @@ class RoostBroker(Broker):
             p.context._broker = self  # type: ignore[attr-defined]
         self.engine = Engine(limits=config.limits, plugins=list(self.plugins_manager.plugins),
                              plugins_manager=self.plugins_manager, retained_store=retained_store,
-                             listener_limits={n: lst.max_connections for n, lst in config.listeners.items()})
+                             listener_limits={n: lst.max_connections for n, lst in config.listeners.items()},
+                             session_store=session_store, unsaved_prefixes=(topics.INBOX,))
 
     @staticmethod
     def _amqtt_config(config: RoostConfig, plugins: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -141,6 +144,7 @@ class RoostBroker(Broker):
         await self.plugins_manager.fire_event(BrokerEvents.PRE_START, wait=True)
         try:
             await self.engine.load_retained()
+            await self.engine.load_sessions(keep=self._session_still_allowed)
             self.engine.start()
             await self._start_listeners()
             self.transitions.starting_success()
@@ -153,6 +157,14 @@ class RoostBroker(Broker):
         await self.plugins_manager.fire_event(BrokerEvents.POST_START, wait=True)
         for hook in self.engine.h_start:
             await hook(self)
+
+    def _session_still_allowed(self, saved: SavedSession) -> bool:
+        """A saved session comes back only if its client could still log in as the
+        same principal (not removed, anonymous access still on)."""
+        if saved.principal is None:
+            return self.roost_config.auth.allow_anonymous
+        identity = getattr(self.services, "identity", None)
+        return identity is None or identity.get_cached(saved.principal) is not None
 
     async def _start_listeners(self) -> None:
         for name, lst in self.roost_config.listeners.items():

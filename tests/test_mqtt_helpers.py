@@ -177,7 +177,8 @@ class InProcRoost:
                 store = SqliteStore(self.db_path)
                 await store.open()
             broker = RoostBroker(cfg, plugins=plugins, services=None,
-                                 retained_store=store.retained if store else None)
+                                 retained_store=store.retained if store else None,
+                                 session_store=store.sessions if store else None)
             await broker.start()
             return broker, store
 

@@ -59,6 +59,7 @@ from broker.mqtt.hooks import ConnectRefused, DisconnectReason
 from broker.mqtt.session import ACL_CACHE_SIZE, ClientInfo, Message, SessionState
 from contract.ids import is_valid_principal_id
 from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
+from broker.store.base import SavedMessage, SavedSession
 
 log = logging.getLogger("roost.mqtt")
 
@@ -78,7 +79,8 @@ _NO_WILL = (DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, Disconnect
 
 class Engine:
     def __init__(self, *, limits: Any, plugins: list[Any], plugins_manager: Any = None,
-                 retained_store: Any = None, listener_limits: dict[str, int] | None = None) -> None:
+                 retained_store: Any = None, listener_limits: dict[str, int] | None = None,
+                 session_store: Any = None, unsaved_prefixes: tuple[str, ...] = ()) -> None:
         self.loop = asyncio.get_running_loop()
         self.limits = limits
         self.max_packet = limits.max_payload + 65535 + 2 + 2 + 16
@@ -98,6 +100,11 @@ class Engine:
         self.congested: set[SessionState] = set()
         self._pm = plugins_manager
         self._store = retained_store
+        self._session_store = session_store
+        # Messages on these topics are not saved with a session: another durable
+        # path delivers them again after a restart (the mailbox, from its cursor).
+        self._unsaved_prefixes = unsaved_prefixes
+        self._sessions_loaded = False   # nothing is saved over sessions never taken back
         self._retained_dirty: dict[str, tuple[bytes, int] | None] = {}
         self._retained_wake = asyncio.Event()
         self._tasks_bg: list[asyncio.Task[None]] = []
@@ -942,9 +949,83 @@ class Engine:
             log.info("expired %d persistent sessions", len(old))
         return len(old)
 
+    # ---- persistent sessions across a restart --------------------------------------
+
+    def saved_sessions(self) -> list[SavedSession]:
+        """Every persistent session as it stands (their clients are gone: called at stop)."""
+        out = []
+        skip = self._unsaved_prefixes
+        for st in self.sessions.values():
+            if st.clean or st.discarded:
+                continue
+            messages = []
+            for pid, (msg, qos, stage) in st.inflight.items():
+                if msg is None:           # QoS 2 past PUBREC: only the PUBREL is owed
+                    messages.append(SavedMessage("", b"", qos, False, pid, stage))
+                elif not (skip and msg.topic.startswith(skip)):
+                    messages.append(SavedMessage(msg.topic, msg.payload, qos, msg.retain, pid, stage))
+            for msg, qos in st.queue:
+                if qos and not (skip and msg.topic.startswith(skip)):
+                    messages.append(SavedMessage(msg.topic, msg.payload, qos, msg.retain))
+            info = st.info
+            out.append(SavedSession(st.client_id, info.principal, info.kind, dict(st.subs), messages,
+                                    sorted(st.incoming_qos2), st._pid, st.disconnected_at or time.time()))
+        return out
+
+    def restore_session(self, saved: SavedSession) -> None:
+        """Make a saved session live again, as if its client had just gone away."""
+        info = ClientInfo(client_id=saved.client_id, username=saved.principal, password=None,
+                          remote_address="", remote_port=0, clean_session=False, keep_alive=0,
+                          listener_name="")
+        info.principal, info.kind, info.is_anonymous = saved.principal, saved.kind, saved.principal is None
+        st = SessionState(saved.client_id, False, info, self)
+        st.disconnected_at = saved.disconnected_at
+        st._pid = saved.last_pid
+        st.incoming_qos2.update(saved.incoming_qos2)
+        for f, q in saved.subscriptions.items():
+            st.subs[f] = q
+            self.index.add(f, st, q)
+        for m in saved.messages:
+            if m.pid is not None:
+                st.inflight[m.pid] = [None if m.stage else Message(m.topic, m.payload, m.qos, m.retain), m.qos, m.stage]
+            elif len(st.queue) < st.max_queued:
+                st.queue.append((Message(m.topic, m.payload, m.qos, m.retain), m.qos))
+            else:
+                st.dropped += 1
+                self.count_drop(st)
+        self.sessions[saved.client_id] = st
+
+    async def load_sessions(self, keep: Callable[[SavedSession], bool] = lambda s: True) -> None:
+        if self._session_store is None:
+            return
+        kept = 0
+        now = time.time()
+        taken = await self._session_store.take_sessions()
+        self._sessions_loaded = True
+        for saved in taken:
+            if now - saved.disconnected_at > SESSION_EXPIRY or not keep(saved):
+                continue
+            self.restore_session(saved)
+            kept += 1
+        if kept:
+            log.info("restored %d persistent sessions", kept)
+
+    async def save_sessions(self) -> None:
+        if self._session_store is None or not self._sessions_loaded:
+            return
+        saved = self.saved_sessions()
+        try:
+            await self._session_store.save_sessions(saved)
+        except Exception:  # noqa: BLE001 - keep shutting down; say what is lost
+            log.exception("could not save %d persistent sessions: their queued messages are lost", len(saved))
+            return
+        if saved:
+            log.info("saved %d persistent sessions (%d messages)", len(saved), sum(len(s.messages) for s in saved))
+
     async def stop(self) -> None:
         """Close every connection (reason shutdown, no wills), run their
-        disconnect hooks, and write pending retained changes."""
+        disconnect hooks, write pending retained changes and save the
+        persistent sessions."""
         self._stopping = True
         for t in self._tasks_bg:
             t.cancel()
@@ -960,6 +1041,7 @@ class Engine:
         for conn in list(self.conns):
             conn.abort(DisconnectReason.SHUTDOWN)
         await self.flush_retained()
+        await self.save_sessions()
 
 
 def _granted_qos(st: SessionState, topic: str) -> int:

@@ -68,6 +68,41 @@ class RetainedStore(Protocol):
     async def delete(self, topic: str) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class SavedMessage:
+    """A message of a saved MQTT session, in delivery order. `pid` is set for a
+    message that was in flight (sent, not acknowledged); `stage` 1 means PUBREC was
+    received for it (QoS 2), so only PUBREL is still owed and the payload is empty."""
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool = False
+    pid: int | None = None
+    stage: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SavedSession:
+    """A persistent (clean_session=0) MQTT session while its client is away."""
+    client_id: str
+    principal: str | None      # None: an anonymous client
+    kind: str | None
+    subscriptions: dict[str, int]
+    messages: list[SavedMessage]
+    incoming_qos2: list[int]   # QoS 2 publishes from the client awaiting its PUBREL
+    last_pid: int
+    disconnected_at: float
+
+
+class SessionStore(Protocol):
+    async def save_sessions(self, sessions: list[SavedSession]) -> None:
+        """Replace every saved session with these (one transaction)."""
+
+    async def take_sessions(self) -> list[SavedSession]:
+        """Every saved session; they are deleted in the same transaction (a
+        running broker holds them in memory and saves them again when it stops)."""
+
+
 class AlreadyExists(Exception):
     """A unique key is already taken."""
 

@@ -8,6 +8,7 @@ from broker.store import sqlite_identity
 from broker.store import sqlite_messaging, sqlite_social
 from broker.store import sqlite_devices
 from broker.store import sqlite_telemetry
+from broker.store import sqlite_sessions
 from broker.store.sqlite_db import Database, Migration
 from broker.store.sqlite_identity import SqliteIdentityStore, SqliteRetainedStore
 
@@ -18,6 +19,7 @@ MIGRATIONS: list[Migration] = [
     *sqlite_social.MIGRATIONS,
     *sqlite_devices.MIGRATIONS,
     *sqlite_telemetry.MIGRATIONS,
+    *sqlite_sessions.MIGRATIONS,
 ]
 
 
@@ -34,6 +36,7 @@ class SqliteStore:
         self.devices = sqlite_devices.SqliteDeviceStore(self.db)
         self.presence = sqlite_devices.SqlitePresenceStore(self.db)
         self.telemetry = sqlite_telemetry.SqliteTelemetryStore(self.db)
+        self.sessions = sqlite_sessions.SqliteSessionStore(self.db)
 
     def open_sync(self) -> None:
         self.db.open_sync(MIGRATIONS)

@@ -1,0 +1,101 @@
+"""Persistent MQTT sessions (clean_session=0) survive a clean broker restart:
+their subscriptions, the QoS 1/2 messages queued while the client was away and
+those sent but not yet acknowledged (issue 2: a clean stop commits what was
+acknowledged)."""
+
+from __future__ import annotations
+
+import pytest
+
+from broker.mqtt import codec
+from tests.clients import ImClient, MqttClient
+from tests.test_mqtt_helpers import RawClient
+
+
+def test_queued_messages_and_subscriptions_survive_a_clean_restart(roost):
+    pw = roost.add_user("alice")
+    sub = MqttClient("alice.sub", clean_session=False).connect(roost.host, roost.port, username="alice", password=pw)
+    assert sub.subscribe("home/+/temp", 1) == [1]
+    sub.disconnect()
+    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    for i in range(3):
+        pub.publish(f"home/r{i}/temp", f"t{i}".encode(), qos=1)    # PUBACKed: the broker owns them
+    pub.disconnect()
+    roost.restart()
+    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    pub.publish("home/r3/temp", b"t3", qos=1)         # the subscription is back before its client is
+    pub.disconnect()
+    sub = MqttClient("alice.sub", clean_session=False).connect(roost.host, roost.port, username="alice", password=pw)
+    assert sub.session_present is True
+    got = [sub.wait_message("home/+/temp").payload for _ in range(4)]
+    assert got == [b"t0", b"t1", b"t2", b"t3"]
+    assert sub.no_message("home/#", wait=0.5)
+    # and it keeps routing live messages without a new SUBSCRIBE
+    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    pub.publish("home/r9/temp", b"live", qos=1)
+    assert sub.wait_message("home/+/temp").payload == b"live"
+
+
+def test_unacknowledged_messages_are_resent_with_dup_after_a_restart(roost):
+    pw = roost.add_user("alice")
+    raw = RawClient(roost.port)
+    raw.connect("alice.raw", username="alice", password=pw, clean=False)
+    assert raw.subscribe("dev/#", 2) == [2]
+    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    pub.publish("dev/a", b"one", qos=1)
+    pub.publish("dev/b", b"two", qos=2)
+    pub.disconnect()
+    first = [raw.read_publish() for _ in range(2)]          # received, never acknowledged
+    assert [(t, p, q) for t, p, q, _pid, _dup, _r in first] == [("dev/a", b"one", 1), ("dev/b", b"two", 2)]
+    raw.s.close()
+    roost.restart()
+    raw = RawClient(roost.port)
+    body = raw.connect("alice.raw", username="alice", password=pw, clean=False)
+    assert body[0] == 1                                       # session present
+    again = [raw.read_publish() for _ in range(2)]
+    assert [(t, p, q, pid, dup) for t, p, q, pid, dup, _r in again] == \
+        [(t, p, q, pid, True) for t, p, q, pid, _dup, _r in first]
+    raw.send(codec.ack(codec.PUBACK, again[0][3]))
+    raw.send(codec.ack(codec.PUBREC, again[1][3]))
+    ptype, _flags, pid_bytes = raw.read()
+    assert (ptype, int.from_bytes(pid_bytes, "big")) == (6, again[1][3])   # PUBREL for the QoS 2 one
+
+
+def test_a_clean_session_and_a_removed_principal_leave_nothing_behind(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    a = MqttClient("alice.sub", clean_session=False).connect(roost.host, roost.port, username="alice", password=apw)
+    a.subscribe("shared/t", 1)
+    a.disconnect()
+    b = MqttClient("bob.sub", clean_session=False).connect(roost.host, roost.port, username="bob", password=bpw)
+    b.subscribe("shared/t", 1)
+    b.disconnect()
+    c = MqttClient("alice.clean").connect(roost.host, roost.port, username="alice", password=apw)
+    c.subscribe("shared/t", 1)
+    c.disconnect()
+    roost.stop()
+    roost.cli("user", "remove", "bob")
+    roost.start()
+    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=apw)
+    pub.publish("shared/t", b"x", qos=1)
+    roost.add_user("bob", password=bpw)
+    b = MqttClient("bob.sub", clean_session=False).connect(roost.host, roost.port, username="bob", password=bpw)
+    assert b.session_present is False and b.no_message("shared/t", wait=0.5)
+    c = MqttClient("alice.clean").connect(roost.host, roost.port, username="alice", password=apw)
+    assert c.session_present is False and c.no_message("shared/t", wait=0.3)
+    a = MqttClient("alice.sub", clean_session=False).connect(roost.host, roost.port, username="alice", password=apw)
+    assert a.session_present is True and a.wait_message("shared/t").payload == b"x"
+
+
+def test_inbox_events_are_not_delivered_twice_after_a_restart(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone", clean_session=False).open(roost, bpw)
+    alice.call("contact.request", to="bob")
+    bob.call("contact.accept", **{"from": "alice"})
+    bob.disconnect()
+    alice.call("send", to="bob", cmid="m1", body={"type": "text", "text": "hi"})
+    roost.restart()
+    bob = ImClient("bob", "phone", clean_session=False).open(roost, bpw)
+    assert bob.wait_event("msg", cmid="m1")["body"]["text"] == "hi"
+    with pytest.raises(TimeoutError):
+        bob.wait_event("msg", timeout=1.0)
