@@ -223,6 +223,9 @@ def _build(cls: Any, data: Any, path: str) -> Any:
         if key not in known or key == "base_dir":
             where = f"{path}.{key}" if path else str(key)
             raise ConfigError(where, f"unknown key (known: {', '.join(sorted(known - {'base_dir'}))})")
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data:
+            raise ConfigError(f"{path}.{f.name}" if path else f.name, "required")
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
@@ -259,7 +262,7 @@ def _check(cfg: RoostConfig) -> None:
         for key in ("url", "bucket"):
             if not getattr(influx, key):
                 raise ConfigError(f"telemetry.influxdb.{key}", "required when telemetry.influxdb is set")
-    from contract.ids import is_valid_principal_id
+    from contract.ids import PRINCIPAL_KINDS, is_valid_principal_id
 
     if cfg.homeassistant.enabled and not is_valid_principal_id(cfg.homeassistant.service_account):
         raise ConfigError("homeassistant.service_account", "not a valid principal id")
@@ -267,9 +270,18 @@ def _check(cfg: RoostConfig) -> None:
     if not prefix or prefix.startswith(("/", "$")) or prefix.endswith("/") or any(c in prefix for c in "+#\0") \
             or prefix == "roost" or prefix.startswith("roost/"):
         raise ConfigError("homeassistant.discovery_prefix", f"not a usable topic prefix: {prefix!r}")
+    from broker.mqtt.topics import valid_topic_filter
+
     for i, rule in enumerate(cfg.acl):
         if not rule.topic:
             raise ConfigError(f"acl[{i}].topic", "must not be empty")
+        if not valid_topic_filter(rule.topic.replace("%u", "u").replace("%c", "c")):
+            raise ConfigError(f"acl[{i}].topic", f"not a valid MQTT topic filter: {rule.topic!r}")
+        who = rule.who
+        if not (who in ("*", "anonymous") or is_valid_principal_id(who)
+                or (who.startswith("kind:") and who[5:] in PRINCIPAL_KINDS)):
+            raise ConfigError(f"acl[{i}].who", f"expected \"*\", anonymous, a principal id or "
+                                               f"kind:user|device|service, got {who!r}")
 
 
 def config_from_dict(data: Any, base_dir: str = ".") -> RoostConfig:

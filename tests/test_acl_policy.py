@@ -84,14 +84,19 @@ def test_home_assistant_topics_only_for_the_integration():
     assert not policy().check(ha, "roost/ha/therm/state", "subscribe")
 
 
-def test_anonymous_never_gets_roost_and_plain_only_by_rule():
+def test_anonymous_never_gets_roost_and_plain_topics_as_the_rules_say():
     p = policy()
     assert not p.check(ANON, "roost/presence/alice", "subscribe")
-    assert not p.check(ANON, "lights/kitchen", "publish")
+    assert not p.check(ANON, "roost/ha/therm/state", "subscribe")
+    assert p.check(ANON, "lights/kitchen", "publish")        # let in by allow_anonymous
     assert p.check(ALICE, "lights/kitchen", "publish")
-    p = policy([AclRule("allow", "all", "public/#", "anonymous")])
+    p = policy([AclRule("allow", "all", "public/#", "anonymous"), AclRule("deny", "all", "#", "anonymous")])
     assert p.check(ANON, "public/x", "publish")
     assert not p.check(ANON, "private/x", "publish")
+    assert p.check(ALICE, "private/x", "publish")
+    p = policy([AclRule("allow", "all", "%u/#", "*")])
+    assert p.check(ANON, "public/x", "publish")            # "%u" of an anonymous client is empty
+    assert not p.check(ANON, "roost/x", "publish")
 
 
 def test_operator_rules_first_match_wins_with_substitution():

@@ -53,9 +53,7 @@ def test_failed_login_never_disturbs_the_existing_session(roost):
 
 
 def test_anonymous_when_allowed_gets_plain_topics_only(roost_factory):
-    # With no matching rule anonymous clients get nothing: the operator opens plain topics to them.
-    broker = roost_factory({"auth": {"allow_anonymous": True},
-                            "acl": [{"action": "allow", "access": "all", "topic": "#", "who": "anonymous"}]})
+    broker = roost_factory({"auth": {"allow_anonymous": True}})
     broker.add_user("alice")
     anon = connect(broker, "sensor-17")
     assert anon.subscribe("garden/#", 1) == [1]
@@ -101,7 +99,13 @@ def test_users_added_while_running_can_connect_at_once(roost):
     connect(roost, "late.cli", "late", pw).disconnect()
 
 
-def test_anonymous_without_a_rule_gets_no_plain_topics(roost_factory):
-    broker = roost_factory({"auth": {"allow_anonymous": True}})
+def test_rules_can_keep_anonymous_clients_to_some_plain_topics(roost_factory):
+    broker = roost_factory({"auth": {"allow_anonymous": True},
+                            "acl": [{"action": "allow", "access": "all", "topic": "garden/#", "who": "anonymous"},
+                                    {"action": "deny", "access": "all", "topic": "#", "who": "anonymous"}]})
+    pw = broker.add_user("alice")
     anon = connect(broker, "sensor-18")
-    assert anon.subscribe("garden/#", 1) == [0x80]
+    assert anon.subscribe("garden/#", 1) == [1]
+    assert anon.subscribe("house/#", 1) == [0x80]
+    alice = connect(broker, "alice.x", "alice", pw)
+    assert alice.subscribe("house/#", 1) == [1]

@@ -36,6 +36,14 @@ def test_bundled_default_config_loads_with_embedded_defaults():
     ({"acl": [{"action": "allow", "access": "all", "topic": "x", "whom": "*"}]}, "acl[0].whom"),
     ({"telemetry": {"influxdb": {"url": "http://x"}}}, "telemetry.influxdb.bucket"),
     ({"storage": []}, "storage"),
+    ({"acl": [{"action": "allow", "access": "all", "who": "*"}]}, "acl[0].topic"),
+    ({"acl": [{"action": "allow", "topic": "x"}]}, "acl[0].access"),
+    ({"acl": [{"access": "all", "topic": "x"}]}, "acl[0].action"),
+    ({"acl": [{"action": "allow", "access": "all", "topic": "a/#/b"}]}, "acl[0].topic"),
+    ({"acl": [{"action": "allow", "access": "all", "topic": "a/b+"}]}, "acl[0].topic"),
+    ({"acl": [{"action": "allow", "access": "all", "topic": "x", "who": "kind:"}]}, "acl[0].who"),
+    ({"acl": [{"action": "allow", "access": "all", "topic": "x", "who": "kind:robot"}]}, "acl[0].who"),
+    ({"acl": [{"action": "allow", "access": "all", "topic": "x", "who": "Bad User!"}]}, "acl[0].who"),
 ])
 def test_bad_config_names_the_key(data, path):
     with pytest.raises(ConfigError) as err:
@@ -46,9 +54,11 @@ def test_bad_config_names_the_key(data, path):
 
 def test_durations_and_acl_rules_parse():
     cfg = config_from_dict({"mailbox": {"ttl": "12h"}, "acl": [
-        {"action": "deny", "access": "publish", "topic": "secret/#", "who": "kind:device"}]})
+        {"action": "deny", "access": "publish", "topic": "secret/#", "who": "kind:device"},
+        {"action": "allow", "access": "all", "topic": "home/%u/+/%c", "who": "anonymous"},
+        {"action": "allow", "access": "subscribe", "topic": "#", "who": "alice"}]})
     assert cfg.mailbox.ttl == 12 * 3600
-    assert cfg.acl[0].who == "kind:device"
+    assert [r.who for r in cfg.acl] == ["kind:device", "anonymous", "alice"]
 
 
 def _serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

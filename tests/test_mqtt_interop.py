@@ -2,7 +2,7 @@
 (basic, retained, offline queueing, will, overlapping subscriptions, keepalive,
 redelivery on reconnect, zero-length client id, subscribe failure, $ topics),
 replayed byte by byte against `roost serve` configured as a conformance run
-would be: anonymous access on, an allow rule for plain topics and one deny rule.
+would be: anonymous access on and one deny rule, nothing else.
 
 The client here behaves like the suite's own: no automatic pings, acks sent by
 hand, and a "paused" mode that ignores incoming PUBLISH packets."""
@@ -25,7 +25,6 @@ CONFIG = {
     "auth": {"allow_anonymous": True},
     "acl": [
         {"action": "deny", "access": "subscribe", "topic": "nosubscribe"},
-        {"action": "allow", "access": "all", "topic": "#", "who": "anonymous"},
     ],
 }
 

@@ -7,8 +7,11 @@ Two regimes:
   principal, telemetry from the device to its owners/sharees, `roost/ha/...` to
   the Home Assistant integration account. Everything else under `roost/` is refused.
 * Plain topics follow the operator's ordered rules (`acl:` in the config), first
-  match wins, `%u`/`%c` expanded; with no matching rule, authenticated principals
-  may use plain topics and anonymous clients may not.
+  match wins, `%u`/`%c` expanded. With no matching rule a plain topic is open to
+  every client that got in: authenticated principals, and anonymous clients when
+  `auth.allow_anonymous` is on (that switch is what lets them use plain topics;
+  off, they cannot connect at all). A trailing `{deny, all, "#", anonymous}`
+  rule keeps anonymous clients to what earlier rules open.
 
 RECEIVE is decided as "could this client subscribe to exactly this topic", so a
 wildcard subscriber only ever receives what it could have subscribed to by name.
@@ -107,7 +110,7 @@ class AccessPolicy:
             pattern = rule.topic.replace("%u", who.principal or "").replace("%c", who.client_id)
             if topic_matches(pattern, topic):
                 return rule.action == "allow"
-        return who.principal is not None
+        return True
 
     @staticmethod
     def _rule_applies(rule_who: str, who: Who) -> bool:
