@@ -221,3 +221,35 @@ def test_sharee_sees_presence_until_the_share_is_taken_back(roost, sims):
     thermo.device.stop()             # goes offline: bob is no longer told
     assert watcher.no_message("roost/presence/thermo", wait=1.0)
     assert watcher.subscribe("roost/presence/thermo") == [0x80]
+
+
+@pytest.mark.parametrize("how", ["contact.remove", "contact.block"])
+def test_a_share_ends_with_the_contact(roost, sims, how):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    secret, code = roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    befriend(alice, bob)
+    alice.call("device.claim", device="lamp", code=code)
+    alice.call("device.share", device="lamp", **{"with": "bob"})
+    sims(roost, "light", "lamp", secret)
+    watcher = MqttClient("bob.watch").connect(roost.host, roost.port, username="bob", password=bpw)
+    assert watcher.subscribe("roost/telemetry/lamp") == [1]
+    assert wait_result(bob, "lamp", command(bob, "lamp", "get_state")["seq"])["status"] == "ok"
+    alice.call(how, user="bob")
+    assert bob.call("devices")["devices"] == []
+    expect_error("forbidden", command, bob, "lamp", "get_state")
+    assert watcher.subscribe("roost/telemetry/lamp") == [0x80]
+    # alice still owns and commands it
+    assert [d["id"] for d in alice.call("devices")["devices"]] == ["lamp"]
+    assert wait_result(alice, "lamp", command(alice, "lamp", "get_state")["seq"])["status"] == "ok"
+
+
+def test_devices_cannot_be_blocked_and_their_existence_does_not_leak(roost):
+    apw = roost.add_user("alice")
+    roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    for target in ("lamp", "nosuchdevice"):
+        with pytest.raises(RequestFailed) as info:
+            alice.call("contact.block", user=target)
+        assert (info.value.code, info.value.message) == ("not_found", f"no user {target!r}")

@@ -185,14 +185,30 @@ class DeviceService:
         with_ = _device_param(params, "with")
         await self._require_owner(caller, device)
         if self.role(device, with_) == SHAREE:
-            await self._store.remove_device_user(device, with_)
-            users = self._users.get(device, {})
-            users.pop(with_, None)
-            self._relations.set_device_users(device, set(users))
-            self._refresh_acl()
+            await self._revoke(device, with_)
         elif self.role(device, with_) == OWNER:
             raise ProtocolError(ErrorCode.FORBIDDEN, f"{with_!r} is an owner of this device")
         return {}
+
+    async def _revoke(self, device: str, sharee: str) -> None:
+        await self._store.remove_device_user(device, sharee)
+        users = self._users.get(device, {})
+        users.pop(sharee, None)
+        self._relations.set_device_users(device, set(users))
+        self._refresh_acl()
+
+    async def contact_ended(self, a: str, b: str) -> int:
+        """Shares follow contacts: a share needs one (see `share`), so when two people
+        stop being contacts (removed or blocked) each loses what the other owns and
+        shared. Without this a blocked ex could still switch the blocker's lights."""
+        revoked = 0
+        for device, users in list(self._users.items()):
+            for owner, sharee in ((a, b), (b, a)):
+                if self.role(device, owner) == OWNER and self.role(device, sharee) == SHAREE:
+                    await self._revoke(device, sharee)
+                    log.info("share of %s with %s ended with the contact to %s", device, sharee, owner)
+                    revoked += 1
+        return revoked
 
     async def list_devices(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         if caller.kind == "device":

@@ -195,15 +195,20 @@ class SocialService:
             raise not_found(f"{other!r} is not a contact and no request is pending") from None
         self._published(events)
         self._contact_changed(caller.principal, other, False)
+        await self._end_shares(caller.principal, other)
         return {}
+
+    async def _end_shares(self, a: str, b: str) -> None:
+        devices = getattr(self._services, "devices", None)
+        if devices is not None:
+            await devices.contact_ended(a, b)
 
     async def op_block(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         self._require_person(caller)
         other = _principal_param(params, "user")
         if other == caller.principal:
             raise bad("you cannot block yourself")
-        if await self._services.identity.get(other) is None:
-            raise not_found(f"no principal {other!r}")
+        await self._person(other)     # people only, and a device or service's existence does not leak
         if self.is_blocked(caller.principal, other):
             return {}
         was_contact, events = await self._store.block(caller.principal, other, _now())
@@ -211,6 +216,7 @@ class SocialService:
         self._published(events)
         if was_contact:
             self._contact_changed(caller.principal, other, False)
+        await self._end_shares(caller.principal, other)
         return {}
 
     async def op_unblock(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
