@@ -17,3 +17,9 @@ class Presence:
 
     def to_wire(self) -> dict[str, object]:
         return asdict(self)
+
+
+def never_seen() -> dict[str, object]:
+    """The presence of a principal that never connected: offline, and times are
+    numbers like every time on the wire (0: never)."""
+    return Presence(OFFLINE, 0, 0.0, 0.0).to_wire()

@@ -28,6 +28,7 @@ from broker.services.base import Caller, Handler, Publisher, bad, param_str
 from broker.store.base import DeviceUser, NotFoundError
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_valid_principal_id
+from contract.presence import never_seen
 
 log = logging.getLogger("roost.devices")
 
@@ -229,7 +230,7 @@ class DeviceService:
     async def _describe(self, p: Any, viewer: str) -> dict[str, Any]:
         presence = self._services.presence.current(p.id) if self._services.presence is not None else None
         if presence is None:
-            presence = {"state": "offline", "clients": 0, "since": None, "last_seen": None}
+            presence = never_seen()
         telemetry = None
         if self._services.telemetry is not None and hasattr(self._services.telemetry, "latest"):
             try:

@@ -19,6 +19,7 @@ from broker.services.base import Caller, Handler, Publisher, bad, param_str
 from broker.store.base import MailboxEvent, Principal
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_valid_principal_id
+from contract.presence import never_seen
 
 log = logging.getLogger("roost.social")
 
@@ -27,7 +28,6 @@ MAX_NAME = 64
 MAX_STATUS = 256
 MAX_QUERY = 64
 SEARCH_LIMIT = 50
-NEVER_SEEN = {"state": "offline", "clients": 0, "since": None, "last_seen": None}
 
 
 def _now() -> float:
@@ -254,7 +254,7 @@ class SocialService:
                 state = current(principal_id)
             except Exception:  # noqa: BLE001 - a presence problem must not fail the contact list
                 log.warning("presence of %s unavailable", principal_id, exc_info=True)
-        return state if state is not None else dict(NEVER_SEEN)
+        return state if state is not None else never_seen()
 
     # ---- search and profiles -------------------------------------------------------
     async def op_search(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
