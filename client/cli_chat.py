@@ -139,7 +139,7 @@ def send(net: Net, target: str, text: tuple[str, ...], cmid: str | None) -> None
     """
     params = target_params(target)
     message = sys.stdin.read().rstrip("\n") if text == ("-",) else " ".join(text)
-    if not message:
+    if not message.strip():   # as in `chat`, where blank lines are not sent
         raise click.BadParameter("the message is empty", param_hint="TEXT")
     client = net.open(inbox=False)
     cmid = cmid or uuid.uuid4().hex

@@ -200,6 +200,14 @@ def principal_arg(value: str, what: str = "ID") -> str:
     return value
 
 
+def nonblank_arg(value: str, what: str) -> str:
+    """A required text argument that is empty or only spaces is a usage error (exit 2),
+    caught here instead of sending a request the broker can only refuse."""
+    if not value.strip():
+        raise click.BadParameter("must not be empty", param_hint=what)
+    return value
+
+
 def target_params(target: str) -> dict[str, str]:
     """`bob` -> {"to": "bob"}; `dm:a:b` / `grp:x` -> {"conv": ...}."""
     if target.startswith(("dm:", "grp:")):

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from client.cli_common import ConnectionWatch, Net, clip, command, network, principal_arg
+from client.cli_common import ConnectionWatch, Net, clip, command, network, nonblank_arg, principal_arg
 from client.output import (
     EXIT_DEVICE_ERROR, EXIT_SERVER_ERROR, EXIT_TIMEOUT, CliError, Column, Progress, fmt_kv, fmt_time,
     presence_colour, presence_text,
@@ -51,6 +51,7 @@ def claim(net: Net, device: str, code: str) -> None:
       roost claim thermo1 483-219
     """
     principal_arg(device, "DEVICE")
+    nonblank_arg(code, "CODE")
     client = net.open(inbox=False)
     res = client.call("device.claim", {"device": device, "code": code})
     if net.json_mode:
@@ -114,6 +115,7 @@ def cmd(net: Net, device: str, name: str, pairs: tuple[str, ...], timeout: float
       roost cmd light1 set on=true brightness=80 --json | jq .status
     """
     principal_arg(device, "DEVICE")
+    nonblank_arg(name, "NAME")
     args = parse_args(pairs)
     client = net.open()
     stream = EventStream(client, ack=False)

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from client.cli_common import (
-    ConnectionWatch, Net, command, contact_ids, group, network, principal_arg, print_presence,
+    ConnectionWatch, Net, command, contact_ids, group, network, nonblank_arg, principal_arg, print_presence,
     subscribe_presence,
 )
 from client.output import Column, fmt_time, fmt_value, presence_colour, presence_text
@@ -107,6 +107,7 @@ def search(net: Net, query: str) -> None:
       roost search bob
       roost search "Ali"
     """
+    nonblank_arg(query, "QUERY")
     client = net.open(inbox=False)
     res = client.call("user.search", {"q": query})
     if net.json_mode:
@@ -130,6 +131,8 @@ def profile(net: Net, user_id: str | None, name: str | None, status: str | None)
       roost profile bob
       roost profile --name "Alice M." --status "in the garden"
     """
+    if name is not None:
+        nonblank_arg(name, "--name")   # --status "" is fine: it clears the status
     if user_id is not None:
         principal_arg(user_id)
         if name is not None or status is not None:
@@ -249,6 +252,7 @@ def group_create(net: Net, name: str, members: tuple[str, ...]) -> None:
     Example:
       roost group create "Family" bob carol
     """
+    nonblank_arg(name, "NAME")
     for m in members:
         principal_arg(m, "MEMBER")
     client = net.open(inbox=False)

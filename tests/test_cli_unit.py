@@ -222,6 +222,15 @@ def test_password_missing_for_other_user_is_explained(cli, env, tmp_path):
     (("profile", "bob", "--name", "x"), "leave out ID"),
     (("listen", "--label", "no spaces"), "--label"),
     (("contact", "befriend", "bob"), "No such command"),
+    # empty required text: refused before anything is sent (the broker would answer bad_request)
+    (("group", "create", "", "bob"), "NAME: must not be empty"),
+    (("group", "create", "   ", "bob"), "NAME: must not be empty"),
+    (("send", "bob", ""), "the message is empty"),
+    (("send", "bob", "  "), "the message is empty"),
+    (("search", ""), "QUERY: must not be empty"),
+    (("profile", "--name", ""), "--name: must not be empty"),
+    (("claim", "thermo1", ""), "CODE: must not be empty"),
+    (("cmd", "thermo1", ""), "NAME: must not be empty"),
 ])
 def test_wrong_input_is_a_usage_error(cli, env, args, fragment):
     env = {**env, "ROOST_SERVER": f"127.0.0.1:{free_port()}", "ROOST_USER": "alice", "ROOST_PASSWORD": "pw"}
