@@ -23,7 +23,7 @@ from client import config as cfgmod
 from client.config import ClientConfigError, Settings
 from client.output import (
     EXIT_CONNECT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_SERVER_ERROR, EXIT_TIMEOUT, EXIT_USAGE,
-    CliError, Output, Progress, fmt_kv, fmt_time, presence_colour, presence_text, render_body,
+    UNKNOWN, CliError, Output, Progress, fmt_kv, fmt_seen, fmt_time, presence_colour, presence_text, render_body,
 )
 from client.sdk import (
     AuthError, ConnectError, CursorLocked, RequestTimeout, RoostClient, RoostError, ServerError,
@@ -263,11 +263,12 @@ def print_presence(net: "Net", principal: str, payload: Any) -> None:
 
 
 def presence_line(principal: str, payload: Any, out: Output) -> str:
-    text = presence_text(payload) if payload is not None else "unknown"
+    """`18:02:40 bob is offline (last seen 18:02:40)`; `- thermo1 is unknown` when it never connected."""
+    text = presence_text(payload) if payload is not None else UNKNOWN
     colour = presence_colour(text)
-    since = payload.get("since") if isinstance(payload, dict) else None
-    when = out.s(fmt_time(since if text.startswith("online") else (payload or {}).get("last_seen") if isinstance(payload, dict) else None), fg="bright_black")
-    return f"{when} {principal} is {out.s(text, fg=colour) if colour else text}"
+    p = payload if isinstance(payload, dict) else {}
+    when = fmt_seen(p.get("since") if text.startswith("online") else p.get("last_seen"))
+    return f"{out.s(when, fg='bright_black')} {principal} is {out.s(text, fg=colour) if colour else text}"
 
 
 class ConnectionWatch:

@@ -12,7 +12,7 @@ from client.cli_common import (
     ConnectionWatch, Net, command, contact_ids, group, network, nonblank_arg, principal_arg, print_presence,
     subscribe_presence,
 )
-from client.output import Column, fmt_time, fmt_value, presence_colour, presence_text
+from client.output import UNKNOWN, Column, fmt_seen, fmt_value, presence_colour, presence_state, presence_text
 from client.sdk import ReconnectedItem, TopicItem
 from contract import topics
 from contract.ids import parse_conv
@@ -186,15 +186,7 @@ def presence(net: Net, ids: tuple[str, ...], follow: bool, wait: float) -> None:
             if pid in pending:
                 states[pid] = item.payload
                 pending.discard(pid)
-    rows = []
-    for i in wanted:
-        p = states.get(i)
-        row = {"id": i, "visible": bool(grants.get(i))}
-        if isinstance(p, dict):
-            row.update(p)
-        else:
-            row["state"] = "unknown" if grants.get(i) else "not visible"
-        rows.append(row)
+    rows = [presence_row(i, bool(grants.get(i)), states.get(i)) for i in wanted]
     out = net.out
     if net.json_mode:
         if follow:
@@ -203,12 +195,12 @@ def presence(net: Net, ids: tuple[str, ...], follow: bool, wait: float) -> None:
         else:
             out.doc({"presence": rows})
     else:
-        out.table(rows, [
+        out.table([{**r, "state": presence_state(r)} for r in rows], [
             Column("id", "id"),
-            Column("state", "state", lambda v: fmt_value(v), colour=presence_colour),
+            Column("state", "state", fmt_value, colour=presence_colour),
             Column("clients", "clients", align_right=True),
-            Column("since", "since", fmt_time),
-            Column("last_seen", "last seen", fmt_time),
+            Column("since", "since", fmt_seen),
+            Column("last_seen", "last seen", fmt_seen),
         ])
     if not follow:
         return
@@ -224,10 +216,27 @@ def presence(net: Net, ids: tuple[str, ...], follow: bool, wait: float) -> None:
             if pid is None or (item.retained and states.get(pid) == item.payload):
                 continue
             states[pid] = item.payload
-            print_presence(net, pid, item.payload)
+            if net.json_mode:   # a change arrived, so the id is visible; same shape as the first lines
+                out.jsonl({"kind": "presence", **presence_row(pid, True, item.payload)})
+            else:
+                print_presence(net, pid, item.payload)
         elif isinstance(item, ReconnectedItem):
             watch.reconnected()
         watch.check()
+
+
+PRESENCE_FIELDS = ("state", "clients", "since", "last_seen")
+
+
+def presence_row(principal: str, visible: bool, payload: Any) -> dict[str, Any]:
+    """One id's line of `roost presence`, always with the same keys (docs/CLI.md):
+    id, visible and the presence fields (null when there is no retained state)."""
+    row: dict[str, Any] = {"id": principal, "visible": visible, **dict.fromkeys(PRESENCE_FIELDS)}
+    if isinstance(payload, dict):
+        row.update(payload)
+    else:
+        row["state"] = UNKNOWN if visible else "not visible"
+    return row
 
 
 @group("group")

@@ -107,11 +107,41 @@ def render_body(body: Any) -> str:
     return fmt_value(body)
 
 
+UNKNOWN = "unknown"   # docs/CLI.md: ids that never connected show as `unknown`
+
+
+def _positive_time(ts: Any) -> bool:
+    return isinstance(ts, (int, float)) and not isinstance(ts, bool) and ts > 0
+
+
+def never_connected(p: Any) -> bool:
+    """An offline presence with no `last_seen`: the principal never connected.
+
+    Brokers say "never" with `last_seen` 0 (the contract: times are numbers) or,
+    older ones, null; both mean the same here.
+    """
+    return isinstance(p, dict) and p.get("state") == "offline" and not _positive_time(p.get("last_seen"))
+
+
+def fmt_seen(ts: Any) -> str:
+    """A presence time (`since`, `last_seen`): 0 or null means "never", shown as `-`."""
+    return fmt_time(ts) if _positive_time(ts) else "-"
+
+
+def presence_state(p: Any) -> Any:
+    """The state word of a presence object for people: `unknown` when it never connected."""
+    if never_connected(p):
+        return UNKNOWN
+    return p.get("state") if isinstance(p, dict) else p
+
+
 def presence_text(p: Any) -> str:
     """A presence value (the retained object, or a plain state string) as a word."""
     if isinstance(p, dict):
         state = str(p.get("state", "?"))
-        if state == "offline" and isinstance(p.get("last_seen"), (int, float)) and p["last_seen"] > 0:
+        if never_connected(p):
+            return UNKNOWN
+        if state == "offline" and _positive_time(p.get("last_seen")):
             return f"offline (last seen {fmt_time(p['last_seen'])})"
         if state == "online" and isinstance(p.get("clients"), int) and p["clients"] > 1:
             return f"online ({p['clients']} clients)"

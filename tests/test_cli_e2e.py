@@ -450,6 +450,25 @@ def test_presence_follow_sees_a_contact_come_and_go(friends, streams):
     follow.wait_json(kind="presence", id="bob", state="online", start=mark)
     follow.wait_json(kind="presence", id="bob", state="offline", start=mark + 1)
     assert follow.interrupt() == 0
+    # the first line and the change lines have one shape (scripts can rely on every key)
+    lines = follow.docs()
+    assert len(lines) >= 3
+    assert {tuple(sorted(l)) for l in lines} == {
+        ("clients", "id", "kind", "last_seen", "since", "state", "visible")}, lines
+    assert all(l["visible"] is True for l in lines)
+
+
+def test_a_device_that_never_connected_shows_as_unknown(friends, roost):
+    alice, _ = friends
+    _, code = roost.add_device("plug1", "plug", name="Hall plug")
+    alice.ok("claim", "plug1", code)
+    listed = alice.json("devices")["devices"][0]["presence"]
+    assert listed["state"] == "offline" and not listed["last_seen"]      # 0 (or null from older brokers)
+    row = next(l for l in alice.ok("devices").stdout.splitlines() if l.startswith("plug1"))
+    assert "unknown" in row and "offline" not in row, row
+    table = alice.ok("presence", "plug1").stdout.splitlines()
+    assert table[1].split() == ["plug1", "unknown", "-", "-", "-"], table
+    assert "1970" not in "\n".join(table)
 
 
 def test_cmd_gets_its_result_across_a_broker_restart(friends, roost, streams):

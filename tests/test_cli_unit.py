@@ -3,6 +3,7 @@ and every network command against an address where nothing listens."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import stat
@@ -15,7 +16,9 @@ from client import config as cfgmod
 from client.cli_chat import register
 from client.cli_devices import parse_args
 from client.config import ClientConfig, ClientConfigError
-from client.output import Column, Output, render_body
+from client.cli_common import presence_line
+from client.cli_social import presence_row
+from client.output import Column, Output, fmt_seen, fmt_time, presence_state, presence_text, render_body
 from tests.harness import free_port
 
 
@@ -142,6 +145,42 @@ def test_table_aligns_columns_without_colour_off_a_terminal(capsys):
     lines = buf.getvalue().splitlines()
     assert lines == ["ID           N", "bob          3", "carol-long  12"]
     assert "\x1b[" not in buf.getvalue()
+
+
+# The broker says "never connected" with zeros (current contract) or nulls (older brokers).
+NEVER_ZERO = {"state": "offline", "clients": 0, "since": 0, "last_seen": 0}
+NEVER_NULL = {"state": "offline", "clients": 0, "since": None, "last_seen": None}
+
+
+@pytest.mark.parametrize("never", [NEVER_ZERO, NEVER_NULL], ids=["zeros", "nulls"])
+def test_never_connected_presence_shows_as_unknown(never):
+    assert presence_text(never) == "unknown"            # contacts / devices PRESENCE column
+    assert presence_state(never) == "unknown"           # `roost presence` STATE column
+    assert fmt_seen(never["last_seen"]) == fmt_seen(never["since"]) == "-"
+    line = presence_line("thermo1", never, Output(out=io.StringIO()))
+    assert line == "- thermo1 is unknown"
+
+
+def test_presence_times_and_words_of_principals_that_did_connect():
+    seen = 1764170000.0
+    offline = {"state": "offline", "clients": 0, "since": seen, "last_seen": seen}
+    assert presence_text(offline) == f"offline (last seen {fmt_time(seen)})"
+    assert presence_state(offline) == "offline"
+    assert fmt_seen(seen) == fmt_time(seen) and "1970" not in fmt_seen(seen)
+    online = {"state": "online", "clients": 2, "since": seen, "last_seen": seen}
+    assert presence_text(online) == "online (2 clients)"
+    assert presence_state(online) == "online"
+    assert presence_line("bob", online, Output(out=io.StringIO())) == f"{fmt_time(seen)} bob is online (2 clients)"
+
+
+def test_presence_rows_have_one_shape():
+    rows = [presence_row("bob", True, {"state": "online", "clients": 1, "since": 5.0, "last_seen": 5.0}),
+            presence_row("thermo1", True, NEVER_ZERO),
+            presence_row("carol", True, None),         # no retained state
+            presence_row("mallory", False, None)]      # not allowed to see
+    assert {tuple(r) for r in rows} == {("id", "visible", "state", "clients", "since", "last_seen")}
+    assert [(r["state"], r["visible"]) for r in rows] == [
+        ("online", True), ("offline", True), ("unknown", True), ("not visible", False)]
 
 
 def test_parse_args_reads_json_values():
