@@ -34,4 +34,4 @@ class PresencePlugin(BasePlugin):  # type: ignore[type-arg]
         principal = getattr(session, "principal", None)
         presence = self._presence()
         if principal and presence is not None:
-            presence.client_disconnected(principal, str(reason))
+            presence.client_disconnected(principal, str(reason), getattr(session, "last_activity", None))

@@ -86,13 +86,17 @@ def test_keepalive_expiry_goes_offline(roost):
     bob = ImClient("bob", "phone").open(roost, bpw)
     befriend(alice, bob)
     bob.disconnect()
-    vanishing = MqttClient("bob.sensor").connect(roost.host, roost.port, username="bob", password=bpw, keepalive=1)
+    vanishing = MqttClient("bob.sensor").connect(roost.host, roost.port, username="bob", password=bpw, keepalive=2)
     w = watch(roost, "alice", apw, "bob")
     wait_state(w, "bob", "online", 1)
-    t0 = time.time()
     vanishing.paho.loop_stop()     # stops sending PINGREQ; the socket stays open
-    p = wait_state(w, "bob", "offline", timeout=6)
-    assert time.time() - t0 < 5 and p["clients"] == 0
+    t0 = time.time()               # the last packet bob sent is before this
+    p = wait_state(w, "bob", "offline", timeout=8)
+    t_noticed = time.time()
+    assert t_noticed - t0 < 6 and p["clients"] == 0
+    # last seen is when bob was last heard from, not when the broker gave up (3 s later)
+    assert t0 - 2.5 <= p["last_seen"] <= t0 + 0.2 and p["since"] == p["last_seen"]
+    assert t_noticed - p["last_seen"] >= 2.5
 
 
 def test_take_over_produces_no_offline_flicker(roost):

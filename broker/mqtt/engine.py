@@ -287,6 +287,9 @@ class Engine:
                 if not d:
                     del self.by_principal[info.principal]
         if info is not None:
+            # wall-clock time the client was last heard from (a keepalive expiry is
+            # noticed 1.5 x keepalive after that)
+            info.last_activity = time.time() - (self.loop.time() - conn.last_recv)
             self._call_now(self.h_offline, info, conn.reason or DisconnectReason.LOST)
 
     def connection_closing(self, conn: Connection) -> None:

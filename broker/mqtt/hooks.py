@@ -45,7 +45,8 @@ Engine -> plugin calls (all optional; found with getattr at broker start):
   across all connections they come in the order things happened):
     on_client_online(session)                 as CONNACK 0 is written
     on_client_offline(session, reason: str)   as the broker closes the connection or
-                                              learns it was lost
+                                              learns it was lost; session.last_activity
+                                              is when its last packet arrived
   On a take-over the new connection's on_client_online comes before the old one's
   on_client_offline. The awaited hooks above may run later (after a plugin's
   awaits, after the will), so count connections with these, not those.

@@ -51,6 +51,7 @@ class ClientInfo:
         self.will_qos = 0
         self.will_retain = False
         self.attributes: dict[str, Any] = {}   # plugin-owned, like amqtt's Session.attributes
+        self.last_activity: float | None = None  # set when the connection ends: last packet received
 
     def __repr__(self) -> str:
         return f"<ClientInfo {self.client_id} principal={self.principal} {self.remote_address}:{self.remote_port}>"

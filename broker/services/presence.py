@@ -178,7 +178,9 @@ class PresenceService:
         self._dirty.add(principal)
         self._enqueue(principal, st.wire())
 
-    def client_disconnected(self, principal: str, reason: str = "") -> None:
+    def client_disconnected(self, principal: str, reason: str = "", last_activity: float | None = None) -> None:
+        """`last_activity`: when the client was last heard from, if the engine knows
+        (a keepalive expiry is noticed well after it): last_seen is then that moment."""
         if self._stopped:
             return  # stop() already recorded everyone offline
         st = self._states.get(principal)
@@ -189,10 +191,13 @@ class PresenceService:
             return
         now = self._clock()
         st.clients -= 1
-        st.last_seen = now
         if st.clients == 0:
+            # the latest moment any of its clients was heard from
+            st.last_seen = max(st.last_seen, min(last_activity, now)) if last_activity is not None else now
             st.state = OFFLINE
-            st.since = now
+            st.since = st.last_seen
+        else:
+            st.last_seen = now
         self._dirty.add(principal)
         self._enqueue(principal, st.wire())
 
