@@ -448,12 +448,17 @@ class SqliteMessagingStore:
                            event: str, now: float) -> tuple[list[MailboxEvent], list[str]]:
         """Add and/or remove members (the caller must be a member); `event` is
         added|removed|left. Returns the events and the members afterwards. Adding
-        a member already there or removing one not there changes nothing."""
+        a member already there changes nothing; removing one not there raises
+        KeyError(those not there, sorted) and changes nothing at all (checked in
+        the same transaction, so a concurrent change cannot slip in between)."""
 
         def job(conn: sqlite3.Connection) -> tuple[list[MailboxEvent], list[str]]:
             before = _members(conn, conv)
             if by not in before:
                 raise NotMember(conv)
+            missing = sorted(set(remove) - set(before))
+            if missing:
+                raise KeyError(missing)
             added = sorted(set(add) - set(before))
             removed = sorted(set(remove) & set(before))
             unread: dict[str, int] = {}
