@@ -1,9 +1,11 @@
-"""Persistent MQTT sessions (clean_session=0) survive a clean broker restart:
-their subscriptions, the QoS 1/2 messages queued while the client was away and
-those sent but not yet acknowledged (issue 2: a clean stop commits what was
-acknowledged)."""
+"""Persistent MQTT sessions (clean_session=0) survive a broker restart, clean
+or SIGKILL: their subscriptions, the QoS 1/2 messages queued while the client
+was away and those sent but not yet acknowledged. Nothing the broker
+acknowledged to a publisher is lost (issue 2)."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 
@@ -99,3 +101,41 @@ def test_inbox_events_are_not_delivered_twice_after_a_restart(roost):
     assert bob.wait_event("msg", cmid="m1")["body"]["text"] == "hi"
     with pytest.raises(TimeoutError):
         bob.wait_event("msg", timeout=1.0)
+
+
+def test_acknowledged_messages_for_an_offline_session_survive_sigkill(roost):
+    pw = roost.add_user("alice")
+    sub = MqttClient("alice.sub", clean_session=False).connect(roost.host, roost.port, username="alice", password=pw)
+    assert sub.subscribe("home/+/temp", 1) == [1]
+    sub.subscribe("home/+/humidity", 2)
+    roost.kill()                          # right after SUBACK: the subscriptions must be stored
+    roost.start()
+    sub.disconnect()
+    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    for i in range(20):
+        pub.publish(f"home/r{i % 3}/temp" if i % 2 else f"home/r{i % 3}/humidity", f"m{i}".encode(), qos=1 + i % 2)
+    roost.kill()                          # the last PUBACK/PUBCOMP was received: all 20 were acknowledged
+    roost.start()
+    sub = MqttClient("alice.sub", clean_session=False).connect(roost.host, roost.port, username="alice", password=pw)
+    assert sub.session_present is True
+    got = [sub.wait_message("home/#").payload for _ in range(20)]
+    assert got == [f"m{i}".encode() for i in range(20)]
+    assert sub.no_message("home/#", wait=0.5)
+
+
+def test_what_the_client_acknowledged_is_not_delivered_again_after_sigkill(roost):
+    pw = roost.add_user("alice")
+    sub = MqttClient("alice.sub", clean_session=False).connect(roost.host, roost.port, username="alice", password=pw)
+    sub.subscribe("news/#", 1)
+    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    for i in range(5):
+        pub.publish("news/x", f"n{i}".encode(), qos=1)
+    assert [sub.wait_message("news/#").payload for _ in range(5)] == [f"n{i}".encode() for i in range(5)]
+    time.sleep(0.5)                       # paho has sent its PUBACKs; the broker journals them
+    sub.disconnect()
+    pub.publish("news/x", b"while away", qos=1)
+    roost.kill()
+    roost.start()
+    sub = MqttClient("alice.sub", clean_session=False).connect(roost.host, roost.port, username="alice", password=pw)
+    assert sub.wait_message("news/#").payload == b"while away"
+    assert sub.no_message("news/#", wait=0.5)

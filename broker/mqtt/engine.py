@@ -59,7 +59,8 @@ from broker.mqtt.hooks import ConnectRefused, DisconnectReason
 from broker.mqtt.session import ACL_CACHE_SIZE, ClientInfo, Message, SessionState
 from contract.ids import is_valid_principal_id
 from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
-from broker.store.base import SavedMessage, SavedSession
+from broker.mqtt.journal import SessionJournal
+from broker.store.base import SavedMessage, SavedSession, SessionDrop, SessionUpsert
 
 log = logging.getLogger("roost.mqtt")
 
@@ -101,6 +102,7 @@ class Engine:
         self._pm = plugins_manager
         self._store = retained_store
         self._session_store = session_store
+        self.journal = SessionJournal(session_store) if session_store is not None else None
         # Messages on these topics are not saved with a session: another durable
         # path delivers them again after a restart (the mailbox, from its cursor).
         self._unsaved_prefixes = unsaved_prefixes
@@ -304,6 +306,8 @@ class Engine:
         if st is not None and st.conn is conn:
             st.conn = None
             st.disconnected_at = time.time()
+            if st.journal is not None:
+                self._journal_session(st)    # when it left: expiry counts from there, also after a crash
             if st.blocked is not None:
                 self.release(st)
             if st.clean:
@@ -335,6 +339,9 @@ class Engine:
     def discard(self, st: SessionState) -> None:
         """Forget a session: subscriptions, queue, inflight."""
         st.discarded = True
+        if st.journal is not None:
+            st.journal.append(SessionDrop(st.client_id))
+            st.journal = None
         if st.blocked is not None:
             self.release(st)
         for f in st.subs:
@@ -491,6 +498,8 @@ class Engine:
                     self.discard(old)
                 st = SessionState(cid, info.clean_session, info, self)
                 self.sessions[cid] = st
+                if not st.clean:
+                    self._journal_session(st)
                 present = False
             else:
                 st = old
@@ -551,14 +560,18 @@ class Engine:
             else:
                 if retain:
                     self.set_retained(topic, payload, qos)
+                journal = self.journal
+                mark = journal.appended if journal is not None else 0
                 self.route(Message(topic, payload, qos), conn)
-                if retain and qos and self._store is not None:
-                    # Acknowledge a retained change only once it is stored: a SIGKILL
-                    # right after PUBACK must not lose it. Returning an awaitable keeps
-                    # this client's later packets (and their acks) in order behind it.
+                kept = journal is not None and journal.appended != mark
+                if qos and (kept or (retain and self._store is not None)):
+                    # Acknowledge only once stored what must survive a SIGKILL right
+                    # after PUBACK: a retained change, a message kept for a persistent
+                    # session. Returning an awaitable keeps this client's later
+                    # packets (and their acks) in order behind it.
                     if qos == 2:
                         st.incoming_qos2.add(pid)
-                    return self._ack_when_retained_stored(conn, qos, pid)
+                    return self._ack_when_stored(conn, qos, pid, retained=retain, kept=kept)
         if qos == 1:
             conn.write(codec.ack(codec.PUBACK, pid))
         elif qos == 2:
@@ -595,9 +608,14 @@ class Engine:
                 cache.clear()
             cache[topic] = ok
         if ok:
+            journal = self.journal
+            mark = journal.appended if journal is not None else 0
             await self._publish_checked(info, topic, payload, qos, retain, conn)
-            if retain and qos:
-                await self.flush_retained()  # acknowledged only once stored (see _publish)
+            if qos:   # acknowledged only once stored (see _publish)
+                if retain:
+                    await self.flush_retained()
+                if journal is not None and journal.appended != mark:
+                    await journal.durable()
         else:
             self.stats["publish_denied"] += 1
         if qos == 2:
@@ -609,8 +627,12 @@ class Engine:
         elif qos == 2:
             conn.write(codec.ack(codec.PUBREC, pid))
 
-    async def _ack_when_retained_stored(self, conn: Connection, qos: int, pid: int | None) -> None:
-        await self.flush_retained()
+    async def _ack_when_stored(self, conn: Connection, qos: int, pid: int | None, *, retained: bool,
+                               kept: bool) -> None:
+        if retained:
+            await self.flush_retained()
+        if kept and self.journal is not None:
+            await self.journal.durable()
         if conn.state == CLOSED:
             return
         conn.write(codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pid))
@@ -741,6 +763,11 @@ class Engine:
             self.index.add(f, st, q)
             codes.append(q)
             granted.append((f, q))
+        if granted and st.journal is not None:
+            self._journal_session(st)
+            await st.journal.durable()      # SUBACK once the subscription would survive a crash
+            if conn.state == CLOSED:
+                return
         conn.write(codec.suback(pid, codes))
         for f, q in granted:
             await self._call(self.h_subscribed, info, f, q)
@@ -769,6 +796,8 @@ class Engine:
             if st.subs.pop(f, None) is not None:
                 self.index.remove(f, st)
                 removed.append(f)
+        if removed and st.journal is not None:
+            self._journal_session(st)
         conn.write(codec.ack(codec.UNSUBACK, pid))
         for f in removed:
             await self._call(self.h_unsubscribed, conn.info, f)
@@ -909,6 +938,8 @@ class Engine:
 
     def start(self) -> None:
         self._tasks_bg = [self.loop.create_task(self._ticker())]
+        if self.journal is not None:
+            self.journal.start()
         if self._store is not None:
             self._tasks_bg.append(self.loop.create_task(self._retained_writer()))
 
@@ -954,22 +985,34 @@ class Engine:
 
     # ---- persistent sessions across a restart --------------------------------------
 
+    def _journal_session(self, st: SessionState) -> None:
+        """Start journaling a persistent session, or record its new subscriptions
+        or departure time."""
+        journal = self.journal
+        if journal is None or st.clean or st.discarded:
+            return
+        st.journal = journal
+        st.unjournaled = self._unsaved_prefixes
+        info = st.info
+        journal.append(SessionUpsert(st.client_id, info.principal, info.kind, dict(st.subs),
+                                     st.disconnected_at or time.time()))
+
     def saved_sessions(self) -> list[SavedSession]:
-        """Every persistent session as it stands (their clients are gone: called at stop)."""
+        """Every persistent session as it stands, packet ids of in-flight messages
+        included (called at a clean stop, when their clients are gone)."""
         out = []
-        skip = self._unsaved_prefixes
         for st in self.sessions.values():
             if st.clean or st.discarded:
                 continue
             messages = []
-            for pid, (msg, qos, stage) in st.inflight.items():
+            for pid, (msg, qos, stage, seq) in st.inflight.items():
                 if msg is None:           # QoS 2 past PUBREC: only the PUBREL is owed
-                    messages.append(SavedMessage("", b"", qos, False, pid, stage))
-                elif not (skip and msg.topic.startswith(skip)):
-                    messages.append(SavedMessage(msg.topic, msg.payload, qos, msg.retain, pid, stage))
-            for msg, qos in st.queue:
-                if qos and not (skip and msg.topic.startswith(skip)):
-                    messages.append(SavedMessage(msg.topic, msg.payload, qos, msg.retain))
+                    messages.append(SavedMessage(seq, "", b"", qos, False, pid, stage))
+                elif seq:
+                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, msg.retain, pid, stage))
+            for msg, qos, seq in st.queue:
+                if seq:
+                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, msg.retain))
             info = st.info
             out.append(SavedSession(st.client_id, info.principal, info.kind, dict(st.subs), messages,
                                     sorted(st.incoming_qos2), st._pid, st.disconnected_at or time.time()))
@@ -985,42 +1028,48 @@ class Engine:
         st.disconnected_at = saved.disconnected_at
         st._pid = saved.last_pid
         st.incoming_qos2.update(saved.incoming_qos2)
+        st.journal = self.journal
+        st.unjournaled = self._unsaved_prefixes
         for f, q in saved.subscriptions.items():
             st.subs[f] = q
             self.index.add(f, st, q)
         for m in saved.messages:
-            if m.pid is not None:
-                st.inflight[m.pid] = [None if m.stage else Message(m.topic, m.payload, m.qos, m.retain), m.qos, m.stage]
-            elif len(st.queue) < st.max_queued:
-                st.queue.append((Message(m.topic, m.payload, m.qos, m.retain), m.qos))
-            else:
-                st.dropped += 1
-                self.count_drop(st)
+            st._seq = max(st._seq, m.seq)
+            if m.pid is not None and m.pid not in st.inflight:
+                msg = None if m.stage else Message(m.topic, m.payload, m.qos, m.retain)
+                st.inflight[m.pid] = [msg, m.qos, m.stage, m.seq]
+            else:    # after a crash: sent again as new messages (at least once)
+                st.queue.append((Message(m.topic, m.payload, m.qos, m.retain), m.qos, m.seq))
         self.sessions[saved.client_id] = st
 
     async def load_sessions(self, keep: Callable[[SavedSession], bool] = lambda s: True) -> None:
-        if self._session_store is None:
+        """Bring back the persistent sessions of the last run (clean stop or crash)."""
+        if self.journal is None:
             return
         kept = 0
         now = time.time()
-        taken = await self._session_store.take_sessions()
-        self._sessions_loaded = True
-        for saved in taken:
+        for saved in await self._session_store.load_sessions():
             if now - saved.disconnected_at > SESSION_EXPIRY or not keep(saved):
+                self.journal.append(SessionDrop(saved.client_id))
                 continue
             self.restore_session(saved)
             kept += 1
+        self._sessions_loaded = True
         if kept:
-            log.info("restored %d persistent sessions", kept)
+            log.info("restored %d persistent sessions (%d messages owed)", kept,
+                     sum(len(s.queue) + len(s.inflight) for s in self.sessions.values()))
 
     async def save_sessions(self) -> None:
-        if self._session_store is None or not self._sessions_loaded:
+        """At a clean stop: the journal's last changes, then the exact state."""
+        journal = self.journal
+        if journal is None or not self._sessions_loaded:
             return
+        await journal.stop()
         saved = self.saved_sessions()
         try:
             await self._session_store.save_sessions(saved)
-        except Exception:  # noqa: BLE001 - keep shutting down; say what is lost
-            log.exception("could not save %d persistent sessions: their queued messages are lost", len(saved))
+        except Exception:  # noqa: BLE001 - keep shutting down; the journal still has them
+            log.exception("could not save the exact state of %d persistent sessions", len(saved))
             return
         if saved:
             log.info("saved %d persistent sessions (%d messages)", len(saved), sum(len(s.messages) for s in saved))

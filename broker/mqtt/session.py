@@ -12,6 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from broker.mqtt import codec
+from broker.store.base import MessageDone, MessageKept, SavedMessage
 
 if TYPE_CHECKING:
     from broker.mqtt.connection import Connection
@@ -94,14 +95,16 @@ class SessionState:
     """The MQTT session of one client id.
 
     `queue` holds messages not yet sent (client offline, inflight window full, or
-    transport paused); `inflight` the QoS 1/2 messages sent and not yet acknowledged,
-    in send order: pid -> [message, qos, stage] (stage 0: PUBLISH sent, 1: PUBREL sent).
+    transport paused) as (message, qos, seq); `inflight` the QoS 1/2 messages sent
+    and not yet acknowledged, in send order: pid -> [message, qos, stage, seq]
+    (stage 0: PUBLISH sent, 1: PUBREL sent). `seq` > 0 marks a message written to
+    the session journal (persistent sessions, see journal.py); 0: memory only.
     """
 
     __slots__ = ("client_id", "clean", "subs", "conn", "info", "queue", "inflight", "_pid",
                  "incoming_qos2", "disconnected_at", "dropped", "acl_cache", "waiters", "engine",
                  "discarded", "max_inflight", "max_queued", "high", "low", "blocked", "progress_at",
-                 "stalled", "__weakref__")
+                 "stalled", "journal", "_seq", "unjournaled", "__weakref__")
 
     def __init__(self, client_id: str, clean: bool, info: ClientInfo, engine: Any) -> None:
         self.client_id = client_id
@@ -110,7 +113,7 @@ class SessionState:
         self.engine = engine
         self.subs: dict[str, int] = {}
         self.conn: Connection | None = None
-        self.queue: deque[tuple[Message, int]] = deque()
+        self.queue: deque[tuple[Message, int, int]] = deque()
         self.inflight: dict[int, list[Any]] = {}
         self._pid = 0
         self.incoming_qos2: set[int] = set()
@@ -128,6 +131,11 @@ class SessionState:
         self.blocked: set[Connection] | None = None
         self.progress_at = 0.0
         self.stalled = False     # congested without progress: publishers are no longer held for it
+        # The engine's SessionJournal for a persistent session (None: memory only),
+        # the last journal seq used, and topic prefixes never journaled.
+        self.journal: Any = None
+        self._seq = 0
+        self.unjournaled: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<SessionState {self.client_id} subs={len(self.subs)} queued={len(self.queue)} inflight={len(self.inflight)}>"
@@ -141,6 +149,20 @@ class SessionState:
                 self._pid = pid
                 return pid
 
+    def _keep(self, msg: Message, qos: int) -> int:
+        """Journal a QoS 1/2 message owed to a persistent session; its seq (0: not journaled)."""
+        journal = self.journal
+        if journal is None or not qos or (self.unjournaled and msg.topic.startswith(self.unjournaled)):
+            return 0
+        self._seq += 1
+        journal.append(MessageKept(self.client_id, SavedMessage(self._seq, msg.topic, msg.payload, qos,
+                                                                msg.retain)))
+        return self._seq
+
+    def _done(self, seq: int) -> None:
+        if seq and self.journal is not None:
+            self.journal.append(MessageDone(self.client_id, seq))
+
     def enqueue(self, msg: Message, qos: int) -> bool:
         """Send now if the window allows, else queue (bounded). False if dropped."""
         conn = self.conn
@@ -150,7 +172,7 @@ class SessionState:
                 return True
             if len(self.inflight) < self.max_inflight:
                 pid = self._next_pid()
-                self.inflight[pid] = [msg, qos, 0]
+                self.inflight[pid] = [msg, qos, 0, self._keep(msg, qos) if self.journal is not None else 0]
                 conn.write(msg.packet(qos, pid))
                 return True
         elif conn is None and (qos == 0 or self.clean or self.discarded):
@@ -160,7 +182,7 @@ class SessionState:
             self.dropped += 1
             self.engine.count_drop(self)
             return False
-        self.queue.append((msg, qos))
+        self.queue.append((msg, qos, self._keep(msg, qos) if self.journal is not None else 0))
         return True
 
     def pump(self) -> None:
@@ -171,13 +193,13 @@ class SessionState:
             return
         before = len(queue)
         while queue and conn.writable:
-            msg, qos = queue[0]
+            msg, qos, seq = queue[0]
             if qos:
                 if len(self.inflight) >= self.max_inflight:
                     break
                 queue.popleft()
                 pid = self._next_pid()
-                self.inflight[pid] = [msg, qos, 0]
+                self.inflight[pid] = [msg, qos, 0, seq]
                 conn.write(msg.packet(qos, pid))
             else:
                 queue.popleft()
@@ -203,7 +225,7 @@ class SessionState:
         conn = self.conn
         if conn is None:
             return
-        for pid, (msg, qos, stage) in self.inflight.items():
+        for pid, (msg, qos, stage, _seq) in self.inflight.items():
             if stage == 0:
                 conn.write(msg.packet(qos, pid, dup=True))
             else:
@@ -214,14 +236,18 @@ class SessionState:
         entry = self.inflight.get(pid)
         if entry is not None and entry[1] == 1:
             del self.inflight[pid]
+            if entry[3]:
+                self._done(entry[3])
             if self.queue:
                 self.pump()
 
     def on_pubrec(self, pid: int) -> None:
         entry = self.inflight.get(pid)
-        if entry is not None and entry[1] == 2:
+        if entry is not None and entry[1] == 2 and entry[2] == 0:
             entry[2] = 1
             entry[0] = None  # the payload is no longer needed
+            # the client has it: a crash now must not deliver it a second time
+            self._done(entry[3])
         if self.conn is not None:
             self.conn.write(codec.ack(codec.PUBREL, pid))
 
@@ -229,5 +255,6 @@ class SessionState:
         entry = self.inflight.get(pid)
         if entry is not None and entry[1] == 2:
             del self.inflight[pid]
+            self._done(entry[3])   # already gone unless saved past PUBREC at a clean stop
             if self.queue:
                 self.pump()

@@ -70,9 +70,11 @@ class RetainedStore(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class SavedMessage:
-    """A message of a saved MQTT session, in delivery order. `pid` is set for a
-    message that was in flight (sent, not acknowledged); `stage` 1 means PUBREC was
-    received for it (QoS 2), so only PUBREL is still owed and the payload is empty."""
+    """A message of a saved MQTT session; `seq` orders a session's messages. `pid`
+    is set for a message that was in flight (sent, not acknowledged) when the
+    broker stopped; `stage` 1 means PUBREC was received for it (QoS 2), so only
+    PUBREL is still owed and the payload is empty."""
+    seq: int
     topic: str
     payload: bytes
     qos: int
@@ -94,13 +96,48 @@ class SavedSession:
     disconnected_at: float
 
 
-class SessionStore(Protocol):
-    async def save_sessions(self, sessions: list[SavedSession]) -> None:
-        """Replace every saved session with these (one transaction)."""
+@dataclass(frozen=True, slots=True)
+class SessionUpsert:
+    """Journal: a persistent session exists (or changed its subscriptions)."""
+    client_id: str
+    principal: str | None
+    kind: str | None
+    subscriptions: dict[str, int]
+    disconnected_at: float
 
-    async def take_sessions(self) -> list[SavedSession]:
-        """Every saved session; they are deleted in the same transaction (a
-        running broker holds them in memory and saves them again when it stops)."""
+
+@dataclass(frozen=True, slots=True)
+class SessionDrop:
+    """Journal: a persistent session ended (clean connect, expiry, removal)."""
+    client_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class MessageKept:
+    """Journal: a QoS 1/2 message is now owed to a persistent session."""
+    client_id: str
+    message: SavedMessage
+
+
+@dataclass(frozen=True, slots=True)
+class MessageDone:
+    """Journal: the client acknowledged it (PUBACK, or PUBREC for QoS 2)."""
+    client_id: str
+    seq: int
+
+
+JournalOp = SessionUpsert | SessionDrop | MessageKept | MessageDone
+
+
+class SessionStore(Protocol):
+    async def apply(self, ops: list[JournalOp]) -> None:
+        """Apply journal operations in order, in one transaction."""
+
+    async def save_sessions(self, sessions: list[SavedSession]) -> None:
+        """Replace every saved session with these (one transaction): the exact
+        state at a clean stop, in-flight packet ids included."""
+
+    async def load_sessions(self) -> list[SavedSession]: ...
 
 
 class AlreadyExists(Exception):
