@@ -202,13 +202,19 @@ def test_removed_device_leaves_no_ghosts(roost, sims):
     assert wb.no_message("roost/presence/lamp", wait=0.7)
 
 
-def test_sharee_sees_presence_until_the_share_is_taken_back(roost, sims):
+def owner_and_contact(roost, device: str, kind: str) -> tuple[ImClient, ImClient, str, str]:  # noqa: ANN001
+    """alice owns `device`, bob is her contact: (alice, bob, bob's password, the device secret)."""
     apw, bpw = roost.add_user("alice"), roost.add_user("bob")
-    secret, code = roost.add_device("thermo", "thermostat")
+    secret, code = roost.add_device(device, kind)
     alice = ImClient("alice", "phone").open(roost, apw)
     bob = ImClient("bob", "phone").open(roost, bpw)
     befriend(alice, bob)
-    alice.call("device.claim", device="thermo", code=code)
+    alice.call("device.claim", device=device, code=code)
+    return alice, bob, bpw, secret
+
+
+def test_sharee_sees_presence_until_the_share_is_taken_back(roost, sims):
+    alice, bob, bpw, secret = owner_and_contact(roost, "thermo", "thermostat")
     watcher = MqttClient("bob.watch").connect(roost.host, roost.port, username="bob", password=bpw)
     assert watcher.subscribe("roost/presence/thermo") == [0x80]
     alice.call("device.share", device="thermo", **{"with": "bob"})
@@ -225,12 +231,7 @@ def test_sharee_sees_presence_until_the_share_is_taken_back(roost, sims):
 
 @pytest.mark.parametrize("how", ["contact.remove", "contact.block"])
 def test_a_share_ends_with_the_contact(roost, sims, how):
-    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
-    secret, code = roost.add_device("lamp", "light")
-    alice = ImClient("alice", "phone").open(roost, apw)
-    bob = ImClient("bob", "phone").open(roost, bpw)
-    befriend(alice, bob)
-    alice.call("device.claim", device="lamp", code=code)
+    alice, bob, bpw, secret = owner_and_contact(roost, "lamp", "light")
     alice.call("device.share", device="lamp", **{"with": "bob"})
     sims(roost, "light", "lamp", secret)
     watcher = MqttClient("bob.watch").connect(roost.host, roost.port, username="bob", password=bpw)

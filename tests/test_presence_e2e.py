@@ -168,7 +168,8 @@ def test_sigkill_right_after_connect_never_leaves_a_stale_online(roost):
         w.disconnect()
 
 
-def test_states_arrive_in_the_order_they_happened(roost):
+def bob_offline_watched_by_alice(roost) -> tuple[str, MqttClient]:  # noqa: ANN001
+    """bob (a contact of alice) is offline and alice watches him: (bob's password, the watcher)."""
     apw, bpw = roost.add_user("alice"), roost.add_user("bob")
     alice = ImClient("alice", "phone").open(roost, apw)
     bob = ImClient("bob", "phone").open(roost, bpw)
@@ -176,6 +177,11 @@ def test_states_arrive_in_the_order_they_happened(roost):
     bob.disconnect()
     w = watch(roost, "alice", apw, "bob")
     assert next_presence(w, "bob")["state"] == "offline"   # retained
+    return bpw, w
+
+
+def test_states_arrive_in_the_order_they_happened(roost):
+    bpw, w = bob_offline_watched_by_alice(roost)
     clients = [MqttClient(f"bob.c{i}").connect(roost.host, roost.port, username="bob", password=bpw)
                for i in range(5)]
     for c in clients:
@@ -191,13 +197,7 @@ def test_a_disconnect_right_after_another_connack_is_counted_after_it(roost):
     seen as 2 -> 1, never 0 -> 1 (offline flicker) or 1 -> 2 -> 1 out of order."""
     from tests.test_mqtt_helpers import RawClient
 
-    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
-    alice = ImClient("alice", "phone").open(roost, apw)
-    bob = ImClient("bob", "phone").open(roost, bpw)
-    befriend(alice, bob)
-    bob.disconnect()
-    w = watch(roost, "alice", apw, "bob")
-    assert next_presence(w, "bob")["state"] == "offline"
+    bpw, w = bob_offline_watched_by_alice(roost)
     rounds = 25
     previous = RawClient(roost.port)
     previous.connect("bob.r0", username="bob", password=bpw)
