@@ -24,7 +24,8 @@ class RoostAclPlugin(BaseTopicPlugin):
         cfg = services.config
         self._policy = AccessPolicy(
             cfg.acl, services.relations, services.identity.kind_of,
-            cfg.homeassistant.service_account if cfg.homeassistant.enabled else None)
+            cfg.homeassistant.service_account if cfg.homeassistant.enabled else None,
+            cfg.homeassistant.discovery_prefix)
 
     def check(self, session, topic: str, action: Action) -> bool:  # type: ignore[no-untyped-def]
         who = Who(getattr(session, "principal", None), getattr(session, "kind", None), session.client_id)

@@ -11,7 +11,7 @@ KINDS = {"alice": "user", "bob": "user", "carol": "user", "therm": "device", "ha
 
 
 def policy(rules=(), integration=None, relations=None):
-    return AccessPolicy(list(rules), relations or Relations(), KINDS.get, integration)
+    return AccessPolicy(list(rules), relations or Relations(), KINDS.get, integration, "homeassistant")
 
 
 ALICE = Who("alice", "user", "alice.phone")
@@ -71,7 +71,8 @@ def test_telemetry_from_the_device_to_its_users():
     assert p.check(ALICE, "roost/telemetry/therm", "receive")
     assert p.check(ALICE, "roost/presence/therm", "receive")
     assert not p.check(BOB, "roost/telemetry/therm", "receive")
-    assert p.check(Who("ha", "service", "ha"), "roost/telemetry/therm", "receive")
+    # the Home Assistant account gets state on roost/ha/..., never raw telemetry (contract)
+    assert not policy(integration="ha").check(Who("ha", "service", "ha"), "roost/telemetry/therm", "receive")
 
 
 def test_home_assistant_topics_only_for_the_integration():
@@ -119,3 +120,23 @@ def test_operator_rules_first_match_wins_with_substitution():
     # a broad wildcard may be subscribed, but denied topics are never delivered
     assert p.check(ALICE, "#", "subscribe")
     assert not p.check(ALICE, "home/bob/lamp", "receive")
+
+
+def test_home_assistant_discovery_prefix_is_for_integrations():
+    p = policy(integration="ha", rules=[AclRule("allow", "all", "homeassistant/light/#", "bob")])
+    ha, z2m = Who("ha", "service", "ha"), Who("z2m", "service", "z2m")
+    doc = "homeassistant/device/therm/config"
+    assert p.check(ha, doc, "subscribe") and p.check(ha, doc, "receive")
+    assert not p.check(ALICE, doc, "receive") and not p.check(THERM, doc, "receive")
+    assert not p.check(ANON, "homeassistant/status", "publish")
+    assert p.check(ALICE, "homeassistant/#", "subscribe")      # granted; each delivery is checked
+    # nobody publishes the broker's own documents, not even an operator rule or a service
+    for who in (ha, z2m, ALICE, THERM):
+        assert not p.check(who, doc, "publish")
+    # other integrations publish their own discovery; operator rules still apply first
+    assert p.check(z2m, "homeassistant/light/0x01/config", "publish")
+    assert p.check(BOB, "homeassistant/light/0x01/config", "publish")
+    assert p.check(ha, "homeassistant/status", "publish")
+    assert p.check(ALICE, "lights/kitchen", "publish")        # the rest is unchanged
+    off = policy()
+    assert off.check(ALICE, doc, "receive")                   # integration off: a plain topic

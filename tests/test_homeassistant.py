@@ -257,3 +257,23 @@ def test_thermostat_set_point_and_state(setup):
         assert sim.setpoint == 23.5
     finally:
         sim.device.stop()
+
+
+def test_discovery_and_raw_telemetry_are_not_for_everyone(setup):
+    roost, hass_pw, secrets = setup
+    ha = HomeAssistant().open(roost, hass_pw)
+    assert set(ha.discovered({"lamp"})) >= {"lamp"}
+    pw = roost.add_user("mallory")
+    mallory = MqttClient("mallory.x").connect(roost.host, roost.port, username="mallory", password=pw)
+    assert mallory.subscribe("homeassistant/device/lamp/config") == [0x80]
+    assert mallory.subscribe("homeassistant/#") == [1]            # granted, but filtered per delivery
+    assert mallory.no_message("homeassistant/#", wait=0.7)        # no retained discovery of anyone's devices
+    # a forged discovery document is dropped: Home Assistant never sees it, the broker's stays retained
+    mallory.publish("homeassistant/device/lamp/config", b'{"forged": true}', qos=1, retain=True)
+    mallory.publish("homeassistant/status", b"online", qos=1)
+    ha2 = MqttClient("hass.second").connect(roost.host, roost.port, username="hass", password=hass_pw)
+    ha2.subscribe("homeassistant/device/lamp/config")
+    doc = ha2.wait_message("homeassistant/device/lamp/config").json()
+    assert "forged" not in doc and doc["device"]["identifiers"]
+    # the integration gets state on roost/ha/..., not every device's raw telemetry
+    assert ha2.subscribe("roost/telemetry/lamp") == [0x80]

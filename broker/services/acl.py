@@ -6,6 +6,11 @@ Two regimes:
   responses and inboxes only to their owner, presence to whoever may observe the
   principal, telemetry from the device to its owners/sharees, `roost/ha/...` to
   the Home Assistant integration account. Everything else under `roost/` is refused.
+* With the Home Assistant integration on, its discovery prefix (`homeassistant/`)
+  is for integrations: no client may publish the discovery documents the broker
+  owns (`<prefix>/device/<roost device>/config`), and with no matching operator
+  rule only service accounts may use the prefix (so a user or device can neither
+  read every device's name and room nor plant a forged config).
 * Plain topics follow the operator's ordered rules (`acl:` in the config), first
   match wins, `%u`/`%c` expanded. With no matching rule a plain topic is open to
   every client that got in: authenticated principals, and anonymous clients when
@@ -49,11 +54,14 @@ def _has_wildcard(topic_filter: str) -> bool:
 
 class AccessPolicy:
     def __init__(self, rules: list[AclRule], relations: Relations,
-                 kind_of: Callable[[str], str | None], integration_account: str | None) -> None:
+                 kind_of: Callable[[str], str | None], integration_account: str | None,
+                 discovery_prefix: str | None = None) -> None:
         self._rules = list(rules)
         self._relations = relations
         self._kind_of = kind_of
         self._integration = integration_account
+        # set only while the integration is on
+        self._discovery = discovery_prefix + "/" if integration_account and discovery_prefix else None
 
     def check(self, who: Who, topic: str, action: str) -> bool:
         if topic.startswith(topics.ROOT):
@@ -64,7 +72,17 @@ class AccessPolicy:
             return self._roost_exact(who, topic, action)
         # A wildcard filter that reaches into roost/ (e.g. `#`, `+/inbox/+`) is
         # allowed here: each delivery is then checked topic by topic (RECEIVE).
+        if action == PUBLISH and self._is_broker_discovery(topic):
+            return False
         return self._plain(who, topic, SUBSCRIBE if action == RECEIVE else action)
+
+    def _is_broker_discovery(self, topic: str) -> bool:
+        """`<prefix>/device/<id>/config` of a registered Roost device: the broker's own."""
+        prefix = self._discovery
+        if prefix is None or not topic.startswith(prefix + "device/") or not topic.endswith("/config"):
+            return False
+        device = topic[len(prefix) + len("device/"):-len("/config")]
+        return "/" not in device and self._kind_of(device) == "device"
 
     # ---- roost/ --------------------------------------------------------------
     def _roost_wildcard_subscribe(self, topic_filter: str) -> bool:
@@ -86,8 +104,7 @@ class AccessPolicy:
         if (d := topics.tail(topic, topics.TELEMETRY)) is not None:
             if action == PUBLISH:
                 return d == principal and who.kind == "device"
-            return d == principal or self._relations.may_use_device(principal, d) or (
-                principal == self._integration and self._kind_of(d) == "device")
+            return d == principal or self._relations.may_use_device(principal, d)
         if topic.startswith(topics.HA):
             return self._ha(principal, topic, action)
         return False
@@ -110,6 +127,8 @@ class AccessPolicy:
             pattern = rule.topic.replace("%u", who.principal or "").replace("%c", who.client_id)
             if topic_matches(pattern, topic):
                 return rule.action == "allow"
+        if self._discovery is not None and topic.startswith(self._discovery) and not _has_wildcard(topic):
+            return who.kind == "service"
         return True
 
     @staticmethod
