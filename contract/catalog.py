@@ -80,6 +80,9 @@ class DeviceKind:
     # Home Assistant: the entity that represents the device as a whole (light,
     # climate, ...), or None when its telemetry sensors are all there is.
     ha_component: str | None = None
+    # A kind the catalogue does not describe: any command name may be sent
+    # (the device's own code knows), nothing is checked here.
+    open_commands: bool = False
 
     def field(self, name: str) -> Field | None:
         return next((f for f in self.telemetry if f.name == name), None)
@@ -151,6 +154,13 @@ KINDS: dict[str, DeviceKind] = {k.name: k for k in (THERMOSTAT, LIGHT, DOOR_SENS
 
 def get_kind(name: str | None) -> DeviceKind | None:
     return KINDS.get(name) if name else None
+
+
+def kind_or_generic(name: str | None) -> DeviceKind:
+    """The catalogue's kind, or a generic one for a kind it does not describe
+    (a device registered with `--kind toaster` is still a device)."""
+    return get_kind(name) or DeviceKind(name or "device", "a kind the catalogue does not describe", (),
+                                        COMMON_COMMANDS, open_commands=True)
 
 
 class InvalidArgs(ValueError):

@@ -65,11 +65,18 @@ def setup(roost_factory):  # noqa: ANN201
     return roost, hass_pw, secrets
 
 
-def test_discovery_for_every_known_device(setup):
+def test_discovery_for_every_registered_device(setup):
     roost, hass_pw, _ = setup
     ha = HomeAssistant().open(roost, hass_pw)
-    docs = ha.discovered({"lamp", "therm", "door"})
-    assert "toaster" not in docs and ha.no_message("homeassistant/device/toaster/config", 0.3)
+    docs = ha.discovered({"lamp", "therm", "door", "toaster"})
+    # a kind the catalogue does not know still appears: availability and its last report
+    toaster = docs["toaster"]
+    assert toaster["device"]["model"] == "toaster"
+    assert toaster["components"] == {"last_report": {
+        "platform": "sensor", "unique_id": "roost_toaster_last_report", "name": "Last report",
+        "state_topic": "roost/ha/toaster/state", "json_attributes_topic": "roost/ha/toaster/state",
+        "value_template": "{{ value_json.ts | timestamp_local if value_json.ts is defined else 'unknown' }}",
+        "availability_topic": "roost/ha/toaster/availability"}}
 
     lamp = docs["lamp"]
     assert lamp["device"]["identifiers"] == ["roost_lamp"]
@@ -101,7 +108,7 @@ def test_discovery_for_every_known_device(setup):
     assert ha.no_message("homeassistant/device/+/config", 0.5)
     # Home Assistant restarts: its birth message brings the discovery again.
     ha.publish("homeassistant/status", "online", qos=1)
-    again = ha.discovered({"lamp", "therm", "door"})
+    again = ha.discovered({"lamp", "therm", "door", "toaster"})
     assert again == docs
 
 
@@ -277,3 +284,30 @@ def test_discovery_and_raw_telemetry_are_not_for_everyone(setup):
     assert "forged" not in doc and doc["device"]["identifiers"]
     # the integration gets state on roost/ha/..., not every device's raw telemetry
     assert ha2.subscribe("roost/telemetry/lamp") == [0x80]
+
+
+def test_a_device_of_an_unknown_kind_is_available_reports_and_takes_commands(setup):
+    from devices.sdk import Device
+
+    roost, hass_pw, secrets = setup
+    ha = HomeAssistant().open(roost, hass_pw)
+    ha.discovered({"toaster"})
+    toaster = Device("toaster", secrets["toaster"], roost.host, roost.port, kind="toaster")
+    toasted = []
+
+    @toaster.command("toast")
+    def toast(cmd):  # noqa: ANN001, ANN202
+        toasted.append(cmd.args)
+        return {"toasting": True}
+
+    toaster.start(wait=10)
+    try:
+        ha.wait_value("roost/ha/toaster/availability", lambda v: v == "online")
+        toaster.telemetry(crumbs=3)
+        assert ha.wait_value("roost/ha/toaster/state", lambda s: s and s.get("crumbs") == 3)["crumbs"] == 3
+        ha.publish("roost/ha/toaster/set", {"name": "toast", "args": {"level": 4}}, qos=1)
+        ha.wait_value("roost/ha/toaster/state", lambda s: s and s.get("toasting") is True)
+        assert toasted == [{"level": 4}]
+    finally:
+        toaster.stop()
+    ha.wait_value("roost/ha/toaster/availability", lambda v: v == "offline")

@@ -1,7 +1,8 @@
 """Home Assistant integration: discovery, availability, state and commands.
 
-With `homeassistant.enabled`, every registered device of a kind in the catalogue
-(contract/catalog.py) appears in Home Assistant without hand configuration
+With `homeassistant.enabled`, every registered device appears in Home Assistant
+without hand configuration, with entities from its kind in the catalogue
+(contract/catalog.py; a kind it does not describe gets a generic one)
 (PROTOCOL.md, "Home Assistant"; payloads in homeassistant_discovery.py):
 
 - discovery: retained `<prefix>/device/<id>/config`, published after broker
@@ -40,7 +41,7 @@ from broker.services.homeassistant_discovery import (
 )
 from broker.services.telemetry_influx import RateLimitedLog
 from contract import topics
-from contract.catalog import DeviceKind, get_kind
+from contract.catalog import DeviceKind, kind_or_generic
 from contract.errors import ProtocolError
 from contract.presence import OFFLINE, ONLINE
 
@@ -135,12 +136,11 @@ class HomeAssistantService:
         republishes everything (Home Assistant came online, broker start)."""
         async with self._sync_lock:
             devices = await self._services.identity.list("device")
-            wanted = {p.id: p for p in devices if get_kind(p.device_kind) is not None}
+            wanted = {p.id: p for p in devices}
             for device in [d for d in self._discovered if d not in wanted]:
                 await self._remove(device)
             for device, p in wanted.items():
-                kind = get_kind(p.device_kind)
-                assert kind is not None
+                kind = kind_or_generic(p.device_kind)
                 payload = encode(discovery_payload(device=device, name=p.name, room=p.room, kind=kind))
                 if not force and self._discovered.get(device) == payload:
                     continue
@@ -172,8 +172,7 @@ class HomeAssistantService:
     async def _clear_stale_retained(self) -> None:
         """Discovery Roost retained for devices removed while the broker was down."""
         head = f"{self.prefix}/device/"
-        registered = {p.id for p in await self._services.identity.list("device")
-                      if get_kind(p.device_kind) is not None}
+        registered = {p.id for p in await self._services.identity.list("device")}
         for msg in await self._services.store.retained.load_all():
             if not (msg.topic.startswith(head) and msg.topic.endswith("/config")):
                 continue
@@ -262,7 +261,9 @@ class HomeAssistantService:
             data = body.get("data")
             if body.get("status") != "ok" or not isinstance(data, dict):
                 continue
-            update = {k: v for k, v in data.items() if kind.field(k) is not None}
+            # a generic kind has no field list: any flat value is state
+            update = {k: v for k, v in data.items() if kind.field(k) is not None
+                      or (kind.open_commands and isinstance(v, (bool, int, float, str)))}
             if update:
                 self._state.setdefault(device, {}).update(update)
                 self._stats.results_applied += 1

@@ -8,7 +8,9 @@ retained JSON document per Roost device with `device`, `origin` and `components`
   brightness 0-100) or a `climate` (set point, current temperature/humidity,
   heating action);
 - one `sensor` / `binary_sensor` per telemetry field the kind's entity does not
-  already show.
+  already show;
+- for a kind the catalogue does not describe: one `sensor`, the time of the last
+  report, carrying every reported field as attributes.
 
 All entities read the device's state document on `roost/ha/<id>/state` (the
 newest value of every field, JSON) through templates, take commands on
@@ -80,6 +82,17 @@ def _field_component(device: str, f: Field, state: str) -> dict[str, Any]:
     return c
 
 
+def _generic_component(device: str, state: str) -> dict[str, Any]:
+    return {
+        "platform": "sensor",
+        "unique_id": f"roost_{device}_last_report",
+        "name": "Last report",
+        "state_topic": state,
+        "value_template": "{{ value_json.ts | timestamp_local if value_json.ts is defined else 'unknown' }}",
+        "json_attributes_topic": state,
+    }
+
+
 def _light_component(device: str, state: str, command: str) -> dict[str, Any]:
     return {
         "platform": "light",
@@ -146,6 +159,8 @@ def discovery_payload(*, device: str, name: str, room: str | None, kind: DeviceK
     for f in kind.telemetry:
         if f.name not in covered:
             cmps[f.name] = _field_component(device, f, state)
+    if not cmps:
+        cmps["last_report"] = _generic_component(device, state)
     for c in cmps.values():
         c["availability_topic"] = availability
     dev: dict[str, Any] = {
@@ -188,6 +203,10 @@ class HaCommand:
 
 def _checked(kind: DeviceKind, name: str, args: Any) -> HaCommand:
     cmd = kind.command(name)
+    if cmd is None and kind.open_commands:
+        if not isinstance(args, dict):
+            raise BadSetPayload(f"{name}: 'args' must be an object")
+        return HaCommand(name, args)
     if cmd is None:
         raise BadSetPayload(f"a {kind.name} has no command {name!r}")
     try:
