@@ -106,7 +106,11 @@ class InfluxConfig:
     flush_interval: float = 1.0
     buffer_size: int = 100000
     max_retry_delay: float = 30.0
-    timeout: float = 10.0           # seconds one write request may take before it counts as failed
+    # Seconds one write request may take before it counts as failed. Long: a
+    # server that is only slow (or paused) may still store a timed-out batch, and
+    # a server without InfluxDB's overwrite semantics (VictoriaMetrics) would then
+    # keep the retry's copy too.
+    timeout: float = 30.0
 
 
 @dataclass
