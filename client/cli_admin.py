@@ -186,6 +186,25 @@ def device_add(principal_id: str, device_kind: str, name: str | None, room: str 
           f"device {reg.id} added\nsecret: {reg.secret}\npairing code: {reg.pairing_code}")
 
 
+@device.command("pairing")
+@click.argument("principal_id", metavar="ID")
+@config_option
+@json_option
+def device_pairing(principal_id: str, config_path: str | None, as_json: bool) -> None:
+    """Give a device a new pairing code (the old one stops working); prints it once.
+
+    For a lost code, or to stop more people from claiming it. Owners stay owners.
+
+    \b
+    Example:
+      roost device pairing thermo1
+    """
+    code = _with_identity(config_path, lambda ids: ids.new_pairing_code(principal_id))
+    if code is None:
+        raise click.ClickException(f"no device {principal_id!r}")
+    _emit(as_json, {"id": principal_id, "pairing_code": code}, f"pairing code of {principal_id}: {code}")
+
+
 # ---- service -------------------------------------------------------------------
 
 @click.group()

@@ -254,3 +254,25 @@ def test_devices_cannot_be_blocked_and_their_existence_does_not_leak(roost):
         with pytest.raises(RequestFailed) as info:
             alice.call("contact.block", user=target)
         assert (info.value.code, info.value.message) == ("not_found", f"no user {target!r}")
+
+
+def test_a_new_pairing_code_replaces_the_old_one_while_the_broker_runs(roost):
+    import json as _json
+
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    _, old = roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    alice.call("device.claim", device="lamp", code=old)
+    doc = _json.loads(roost.cli("device", "pairing", "lamp", "--json").stdout)   # another process
+    assert set(doc) == {"id", "pairing_code"} and doc["id"] == "lamp"
+    new = doc["pairing_code"]
+    assert new.isdigit() and len(new) == 8 and new != old
+    bob = ImClient("bob", "phone").open(roost, bpw)
+    deadline = time.monotonic() + 5
+    while bob.request("device.claim", device="lamp", code=old).get("ok"):   # picked up within a second
+        assert time.monotonic() < deadline, "the old code still works"
+        time.sleep(0.2)
+    bob.call("device.claim", device="lamp", code=new)
+    assert [d["id"] for d in alice.call("devices")["devices"]] == ["lamp"]   # owners stay owners
+    res = roost.cli("device", "pairing", "nolamp", check=False)
+    assert res.returncode == 1 and "no device 'nolamp'" in res.stderr

@@ -211,6 +211,16 @@ class IdentityService:
             await self._store.log_admin(principal_id, "passwd")
         return ok
 
+    async def new_pairing_code(self, device_id: str) -> str | None:
+        """A fresh pairing code for a device (the old one stops working); None if
+        there is no such device. Owners keep their ownership."""
+        code = new_pairing_code()
+        if not await self._store.set_pairing_code(device_id, code):
+            return None
+        await self.reload(device_id)
+        await self._store.log_admin(device_id, "pairing")   # a running broker re-reads it
+        return code
+
     async def set_profile(self, principal_id: str, *, name: str | None, status: str | None) -> Principal | None:
         p = await self._store.set_profile(principal_id, name=name, status=status)
         if p is not None:

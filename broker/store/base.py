@@ -46,6 +46,9 @@ class IdentityStore(Protocol):
 
     async def set_secret(self, principal_id: str, secret_hash: str) -> bool: ...
 
+    async def set_pairing_code(self, principal_id: str, code: str) -> bool:
+        """Devices only; False when there is no such device."""
+
     async def set_profile(self, principal_id: str, *, name: str | None, status: str | None) -> Principal | None: ...
 
     async def search_users(self, query: str, limit: int) -> list[Principal]:

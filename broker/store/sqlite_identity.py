@@ -99,6 +99,13 @@ class SqliteIdentityStore:
             ).rowcount > 0
         )
 
+    async def set_pairing_code(self, principal_id: str, code: str) -> bool:
+        return await self._db.write(
+            lambda conn: conn.execute(
+                "UPDATE principals SET pairing_code=? WHERE id=? AND kind='device'", (code, principal_id)
+            ).rowcount > 0
+        )
+
     async def set_profile(self, principal_id: str, *, name: str | None, status: str | None) -> Principal | None:
         def job(conn: sqlite3.Connection) -> Principal | None:
             if name is not None:
