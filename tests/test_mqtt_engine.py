@@ -622,3 +622,22 @@ def test_retained_topic_count_is_bounded(fresh, monkeypatch):
     assert sorted(x.broker.engine.retained) == ["rb/0", "rb/1", "rb/2"]
     assert x.broker.retained("rb/0") == b"updated"
     assert x.broker.engine.stats["retained_refused"] == 2
+
+
+@pytest.mark.parametrize("packet", [
+    b"\xe1\x00",        # DISCONNECT with reserved flags
+    b"\xe0\x01\x00",    # DISCONNECT with a body
+    b"\xc1\x00",        # PINGREQ with reserved flags
+    b"\xc0\x01\x00",    # PINGREQ with a body
+    b"\x41\x02\x00\x01",  # PUBACK with reserved flags
+    b"\x38\x05\x00\x01t\x00\x00",  # QoS 0 PUBLISH with DUP set
+])
+def test_malformed_packets_close_the_connection_and_publish_the_will(b, packet):
+    w = Client(b.port, "bad-watch")
+    w.sub("will/bad", 1)
+    raw = RawClient(b.port)
+    raw.connect("bad-flags", will=("will/bad", b"gone", 1, False))
+    raw.send(packet)
+    assert raw.closed(3.0)
+    m = w.get()
+    assert (m.topic, m.payload) == ("will/bad", b"gone")     # a protocol error, not a DISCONNECT

@@ -139,3 +139,41 @@ def test_what_the_client_acknowledged_is_not_delivered_again_after_sigkill(roost
     sub = MqttClient("alice.sub", clean_session=False).connect(roost.host, roost.port, username="alice", password=pw)
     assert sub.wait_message("news/#").payload == b"while away"
     assert sub.no_message("news/#", wait=0.5)
+
+
+def test_qos2_state_survives_sigkill_no_second_delivery_no_reused_id(roost):
+    """MQTT-4.4.0-1 across a crash: the PUBREL still owed is re-sent under its id,
+    a QoS 2 message sent but not acknowledged is re-sent with DUP under its id
+    (not delivered again as a new message), and neither id is reused meanwhile."""
+    pw = roost.add_user("alice")
+    raw = RawClient(roost.port)
+    raw.connect("alice.q2", username="alice", password=pw, clean=False)
+    assert raw.subscribe("q2/#", 2) == [2]
+    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    pub.publish("q2/a", b"A", qos=2)
+    t, p, q, pid_a, dup, _r = raw.read_publish()
+    assert (t, p, q) == ("q2/a", b"A", 2)
+    raw.send(codec.ack(codec.PUBREC, pid_a))
+    ptype, _flags, body = raw.read()
+    assert (ptype, int.from_bytes(body, "big")) == (6, pid_a)        # PUBREL; no PUBCOMP from us
+    pub.publish("q2/b", b"B", qos=2)
+    t, p, q, pid_b, dup, _r = raw.read_publish()                    # received, never acknowledged
+    assert (t, p) == ("q2/b", b"B")
+    time.sleep(0.5)
+    roost.kill()
+    roost.start()
+    raw = RawClient(roost.port)
+    assert raw.connect("alice.q2", username="alice", password=pw, clean=False)[0] == 1
+    ptype, _flags, body = raw.read()
+    assert (ptype, int.from_bytes(body, "big")) == (6, pid_a)        # the PUBREL, under A's id
+    t, p, q, pid, dup, _r = raw.read_publish()
+    assert (t, p, q, pid, dup) == ("q2/b", b"B", 2, pid_b, True)     # B again, same id, DUP
+    raw.send(codec.ack(codec.PUBCOMP, pid_a))
+    raw.send(codec.ack(codec.PUBREC, pid_b))
+    ptype, _flags, body = raw.read()
+    assert (ptype, int.from_bytes(body, "big")) == (6, pid_b)
+    raw.send(codec.ack(codec.PUBCOMP, pid_b))
+    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    pub.publish("q2/c", b"C", qos=2)
+    t, p, q, pid_c, dup, _r = raw.read_publish()
+    assert (t, p, dup) == ("q2/c", b"C", False)                      # nothing else came first

@@ -142,6 +142,8 @@ def decode_publish(flags: int, body: bytes) -> tuple[str, int, int | None, bool,
     qos = (flags >> 1) & 0x03
     if qos == 3:
         raise ProtocolViolation("PUBLISH QoS 3")
+    if qos == 0 and flags & 0x08:
+        raise ProtocolViolation("PUBLISH QoS 0 with DUP set")
     if len(body) < 2:
         raise ProtocolViolation("truncated PUBLISH")
     n = (body[0] << 8) | body[1]

@@ -381,9 +381,15 @@ class Engine:
         if ptype == codec.PUBLISH:
             return self._publish(conn, flags, body)
         st = conn.session
+        if flags and ptype != codec.PUBREL and ptype != codec.SUBSCRIBE and ptype != codec.UNSUBSCRIBE:
+            # reserved flags must be 0 (MQTT-2.2.2-2); a DISCONNECT like that is a
+            # protocol error, so the will is published
+            raise ProtocolViolation(f"packet type {ptype} with reserved flags {flags:#x}")
         if ptype == codec.PUBACK:
             st.on_puback(codec.decode_packet_id(body))
         elif ptype == codec.PINGREQ:
+            if body:
+                raise ProtocolViolation("PINGREQ with a body")
             conn.write(codec.PINGRESP_BYTES)
         elif ptype == codec.PUBREC:
             st.on_pubrec(codec.decode_packet_id(body))
@@ -400,6 +406,8 @@ class Engine:
         elif ptype == codec.UNSUBSCRIBE:
             return self._unsubscribe(conn, flags, body)
         elif ptype == codec.DISCONNECT:
+            if body:
+                raise ProtocolViolation("DISCONNECT with a body")
             conn.info.will_flag = False
             conn.close(DisconnectReason.DISCONNECT)
         elif ptype == codec.CONNECT:
@@ -745,13 +753,15 @@ class Engine:
         st = conn.session
         codes: list[int] = []
         granted: list[tuple[str, int]] = []
+        over_limit: list[str] = []     # logged once per SUBSCRIBE, not once per filter
+        too_deep: list[str] = []
         for f, q in filters:
             if f not in st.subs and len(st.subs) >= self.limits.max_subscriptions:
-                log.info("%s: subscription limit reached, refusing %s", info.client_id, f)
+                over_limit.append(f)
                 codes.append(0x80)
                 continue
             if is_wildcard(f) and f.count("/") >= MAX_FILTER_LEVELS:
-                log.info("%s: refusing a wildcard filter of more than %d levels", info.client_id, MAX_FILTER_LEVELS)
+                too_deep.append(f)
                 codes.append(0x80)
                 continue
             if not await self.allowed(info, f, Action.SUBSCRIBE):
@@ -763,6 +773,12 @@ class Engine:
             self.index.add(f, st, q)
             codes.append(q)
             granted.append((f, q))
+        if over_limit:
+            log.info("%s: limits.max_subscriptions (%d) reached: refused %d filter(s), e.g. %s", info.client_id,
+                     self.limits.max_subscriptions, len(over_limit), over_limit[0])
+        if too_deep:
+            log.info("%s: refused %d wildcard filter(s) of more than %d levels", info.client_id, len(too_deep),
+                     MAX_FILTER_LEVELS)
         if granted and st.journal is not None:
             self._journal_session(st)
             await st.journal.durable()      # SUBACK once the subscription would survive a crash

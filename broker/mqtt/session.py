@@ -149,15 +149,24 @@ class SessionState:
                 self._pid = pid
                 return pid
 
-    def _keep(self, msg: Message, qos: int) -> int:
-        """Journal a QoS 1/2 message owed to a persistent session; its seq (0: not journaled)."""
+    def _keep(self, msg: Message, qos: int, pid: int | None = None) -> int:
+        """Journal a QoS 1/2 message owed to a persistent session; its seq (0: not journaled).
+        A QoS 2 message is journaled with its packet id once it has one (see _sent)."""
         journal = self.journal
         if journal is None or not qos or (self.unjournaled and msg.topic.startswith(self.unjournaled)):
             return 0
         self._seq += 1
         journal.append(MessageKept(self.client_id, SavedMessage(self._seq, msg.topic, msg.payload, qos,
-                                                                msg.retain)))
+                                                                msg.retain, pid if qos == 2 else None)))
         return self._seq
+
+    def _sent(self, msg: Message, pid: int, seq: int) -> None:
+        """A journaled QoS 2 message went out under `pid`: journal the id, so after
+        a crash it is re-sent under it (with DUP), never delivered a second time
+        as a new message, and the id is not reused while the client holds it."""
+        if self.journal is not None:
+            self.journal.append(MessageKept(self.client_id, SavedMessage(seq, msg.topic, msg.payload, 2,
+                                                                         msg.retain, pid)))
 
     def _done(self, seq: int) -> None:
         if seq and self.journal is not None:
@@ -172,7 +181,7 @@ class SessionState:
                 return True
             if len(self.inflight) < self.max_inflight:
                 pid = self._next_pid()
-                self.inflight[pid] = [msg, qos, 0, self._keep(msg, qos) if self.journal is not None else 0]
+                self.inflight[pid] = [msg, qos, 0, self._keep(msg, qos, pid) if self.journal is not None else 0]
                 conn.write(msg.packet(qos, pid))
                 return True
         elif conn is None and (qos == 0 or self.clean or self.discarded):
@@ -200,6 +209,8 @@ class SessionState:
                 queue.popleft()
                 pid = self._next_pid()
                 self.inflight[pid] = [msg, qos, 0, seq]
+                if seq and qos == 2:
+                    self._sent(msg, pid, seq)
                 conn.write(msg.packet(qos, pid))
             else:
                 queue.popleft()
@@ -246,8 +257,10 @@ class SessionState:
         if entry is not None and entry[1] == 2 and entry[2] == 0:
             entry[2] = 1
             entry[0] = None  # the payload is no longer needed
-            # the client has it: a crash now must not deliver it a second time
-            self._done(entry[3])
+            seq = entry[3]
+            if seq and self.journal is not None:
+                # the client has it: after a crash only the PUBREL is owed, under this id
+                self.journal.append(MessageKept(self.client_id, SavedMessage(seq, "", b"", 2, False, pid, 1)))
         if self.conn is not None:
             self.conn.write(codec.ack(codec.PUBREL, pid))
 
@@ -255,6 +268,6 @@ class SessionState:
         entry = self.inflight.get(pid)
         if entry is not None and entry[1] == 2:
             del self.inflight[pid]
-            self._done(entry[3])   # already gone unless saved past PUBREC at a clean stop
+            self._done(entry[3])
             if self.queue:
                 self.pump()
