@@ -195,13 +195,14 @@ def listen(net: Net, label: str, since: int | None) -> None:
             stream.start_at_head()
             missed: list[dict[str, Any]] = []
         else:
-            stream.cursor = saved
+            if since is not None:
+                stream.cursor = since
+            else:
+                note = stream.resume(saved, store.load_ts())
+                if note:
+                    out.warn(note)
+            saved = stream.cursor
             missed = stream.catch_up()
-            if not missed:
-                head = client.mailbox_head()
-                if head < saved:  # a new store on the server: old numbers mean nothing
-                    out.warn(f"the server's mailbox is behind the saved position #{saved}; starting at #{head}")
-                    stream.cursor = head
         unread = UnreadTracker(me, client.call("convs"))
         # Presence of contacts and of one's own devices (both visible to us by the contract).
         subscribe_presence(client, list(dict.fromkeys(contact_ids(client) + device_ids(client))))

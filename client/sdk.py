@@ -474,19 +474,28 @@ class CursorStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def load(self) -> int | None:
+    def _doc(self) -> dict[str, Any]:
         try:
             doc = json.loads(self.path.read_text())
         except (FileNotFoundError, ValueError):
-            return None
-        n = doc.get("n") if isinstance(doc, dict) else None
-        return n if isinstance(n, int) and n >= 0 else None
+            return {}
+        return doc if isinstance(doc, dict) else {}
 
-    def save(self, n: int) -> None:
+    def load(self) -> int | None:
+        n = self._doc().get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+
+    def load_ts(self) -> float | None:
+        """The `ts` of event n when it was saved: tells this mailbox from another
+        one behind the same server address and user (a store that was replaced)."""
+        ts = self._doc().get("ts")
+        return float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None
+
+    def save(self, n: int, ts: float | None = None) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cursor-")
         with os.fdopen(fd, "w") as f:
-            json.dump({"n": n, "saved": time.time()}, f)
+            json.dump({"n": n, "ts": ts, "saved": time.time()}, f)
         os.replace(tmp, self.path)
 
 
@@ -506,6 +515,7 @@ class EventStream:
                  ack_interval: float = 0.5) -> None:
         self.client = client
         self.cursor = cursor              # last n handed out; None = not known yet
+        self.cursor_ts: float | None = None   # the ts of that event, when it passed through here
         self.store = store
         self._ack = ack
         self._ack_interval = ack_interval
@@ -518,6 +528,26 @@ class EventStream:
         self.cursor = self.client.mailbox_head()
         self._acked = self.cursor
         return self.cursor
+
+    def resume(self, n: int, ts: float | None) -> str | None:
+        """Continue after event `n` saved earlier, unless the server's mailbox is not
+        the one it was saved from (the store was replaced: numbers start again),
+        in which case the whole mailbox is replayed so nothing is skipped. Returns
+        what to tell the user then."""
+        head = self.client.mailbox_head()
+        if head < n:
+            self.cursor = 0
+            return f"the server's mailbox ends at #{head}, before the saved position #{n} (a new store?): " \
+                   "replaying it from the start"
+        if ts is not None and n > 0:
+            res = self.client.call("sync", {"after": n - 1, "limit": 1})
+            events = [e for e in res.get("events") or [] if isinstance(e, dict)]
+            if events and events[0].get("n") == n and events[0].get("ts") != ts:
+                self.cursor = 0
+                return f"event #{n} on the server is not the one seen before (a new store?): " \
+                       "replaying the mailbox from the start"
+        self.cursor = n
+        return None
 
     def catch_up(self) -> list[dict[str, Any]]:
         """Events after the cursor, fetched with sync (the cursor must be known).
@@ -538,6 +568,7 @@ class EventStream:
                     if ev["n"] > self.cursor:
                         out.append(ev)
                         self.cursor = ev["n"]
+                        self.cursor_ts = ev.get("ts")
                 if not res.get("more") or not events:
                     self._behind = False
                     return out
@@ -576,14 +607,12 @@ class EventStream:
 
     def _accept(self, ev: dict[str, Any]) -> list[dict[str, Any]]:
         n = ev["n"]
-        if self.cursor is None:
+        if self.cursor is None or (n == self.cursor + 1 and not self._behind):
             self.cursor = n
+            self.cursor_ts = ev.get("ts")
             return [ev]
         if n <= self.cursor:
             return []                     # already handed out (sync and push overlap)
-        if n == self.cursor + 1 and not self._behind:
-            self.cursor = n
-            return [ev]
         # A gap: fill it from the server, which has ev too (it was committed before the push).
         self.gaps_filled += 1
         return self.catch_up()
@@ -603,6 +632,6 @@ class EventStream:
                 log.warning("ack %d failed: %s", n, e)
                 return
         if self.store is not None:
-            self.store.save(n)
+            self.store.save(n, self.cursor_ts)
         self._acked = n
         self._last_ack = now

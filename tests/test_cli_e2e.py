@@ -520,3 +520,38 @@ def test_listen_keeps_up_with_a_burst(friends, roost, streams):
     ns = [d["n"] for d in ls.docs() if "n" in d]
     assert ns == list(range(ns[0], ns[0] + len(ns)))      # every event once, in order, no gap
     assert ls.interrupt() == 0
+
+
+def test_listen_after_the_store_was_replaced_skips_nothing(friends, roost, streams):
+    """The saved position belongs to a mailbox: behind the same address and user a
+    new store numbers its events from 1 again, and none of them may be skipped."""
+    import os as _os
+
+    alice, bob = friends
+    for i in range(3):
+        bob.ok("send", "alice", f"old{i}")
+    ls = alice.spawn("listen", "--json")
+    streams.append(ls)
+    ls.wait_err("listening as alice")                  # first run: from now
+    bob.ok("send", "alice", "old3")
+    ls.wait_json(kind="msg", body__text="old3")
+    time.sleep(1.0)
+    assert ls.interrupt() == 0
+    roost.stop()
+    for suffix in ("", "-wal", "-shm"):
+        path = roost.config["storage"]["path"] + suffix
+        if _os.path.exists(path):
+            _os.remove(path)
+    roost.start()
+    roost.add_user("alice", password=alice.password)
+    roost.add_user("bob", password=bob.password)
+    alice.ok("contact", "request", "bob")
+    bob.ok("contact", "accept", "alice")
+    for i in range(8):                                  # more events than the old mailbox had
+        bob.ok("send", "alice", f"new{i}")
+    ls2 = alice.spawn("listen", "--json")
+    streams.append(ls2)
+    ls2.wait_err("a new store?")
+    for i in range(8):
+        ls2.wait_json(kind="msg", body__text=f"new{i}")
+    assert ls2.interrupt() == 0
