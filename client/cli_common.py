@@ -280,6 +280,7 @@ class ConnectionWatch:
         self.was_up = True
 
     def check(self) -> None:
+        self.client.check_refused()
         up = self.client.connected
         if self.was_up and not up:
             self.out.warn(f"connection to {self.client.server} lost; reconnecting...")

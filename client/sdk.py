@@ -58,6 +58,11 @@ class ConnectError(RoostError):
     """The server could not be reached, or the connection was lost for good."""
 
 
+# CONNACK codes (as paho reports them) that retrying cannot fix: client id not
+# valid, bad user name or password, not authorized.
+_REFUSED_FOR_GOOD = frozenset({133, 134, 135})
+
+
 class AuthError(ConnectError):
     """The server refused the credentials or the client id."""
 
@@ -150,6 +155,7 @@ class RoostClient:
         self._connected = threading.Event()
         self._ready = threading.Event()         # connected and subscriptions restored
         self._connack: Any = None
+        self.refused: str | None = None     # the broker refused a reconnect (see check_refused)
         self._epoch = 0                         # +1 every time subscriptions are (re)established
         self._closing = False
         self._started = False
@@ -223,14 +229,24 @@ class RoostClient:
     def connected(self) -> bool:
         return self._connected.is_set()
 
+    def check_refused(self) -> None:
+        """Raise AuthError if the broker refused a reconnect (streams call this)."""
+        if self.refused is not None:
+            raise AuthError(f"{self.server} now refuses {self.user} ({self.refused}): the account was removed "
+                            "or its password changed; run `roost login` again")
+
     # -- paho callbacks (network thread: decode and queue, never block) --------
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connack = reason_code
         if reason_code.is_failure:
             log.warning("connect refused: %s", reason_code)
-            if not self._ready.is_set() and self._epoch == 0:
-                # First connect: stop paho from retrying a password that will not work.
+            if self._epoch == 0:
+                client.disconnect()     # first connect: connect() reports it
+            elif getattr(reason_code, "value", None) in _REFUSED_FOR_GOOD:
+                # Refused on a reconnect: the account was removed or its secret
+                # changed meanwhile. Retrying forever would hide that.
+                self.refused = str(reason_code).lower()
                 client.disconnect()
             return
         self._connected.set()

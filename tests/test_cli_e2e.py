@@ -555,3 +555,13 @@ def test_listen_after_the_store_was_replaced_skips_nothing(friends, roost, strea
     for i in range(8):
         ls2.wait_json(kind="msg", body__text=f"new{i}")
     assert ls2.interrupt() == 0
+
+
+def test_a_stream_ends_with_exit_3_when_its_account_is_removed(friends, roost, streams):
+    alice, _bob = friends
+    ls = alice.spawn("listen")
+    streams.append(ls)
+    ls.wait_err("listening as alice")
+    roost.cli("user", "remove", "alice")
+    ls.wait_err("now refuses alice", timeout=15)
+    assert ls.proc.wait(15) == 3
