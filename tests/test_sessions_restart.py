@@ -38,12 +38,17 @@ def test_queued_messages_and_subscriptions_survive_a_clean_restart(roost):
     assert sub.wait_message("home/+/temp").payload == b"live"
 
 
-def test_unacknowledged_messages_are_resent_with_dup_after_a_restart(roost):
+def persistent_raw_subscriber(roost, client_id: str, topic_filter: str) -> tuple[str, RawClient, MqttClient]:  # noqa: ANN001
+    """alice's raw clean_session=0 subscriber at QoS 2, and a publisher: (password, raw, publisher)."""
     pw = roost.add_user("alice")
     raw = RawClient(roost.port)
-    raw.connect("alice.raw", username="alice", password=pw, clean=False)
-    assert raw.subscribe("dev/#", 2) == [2]
-    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    raw.connect(client_id, username="alice", password=pw, clean=False)
+    assert raw.subscribe(topic_filter, 2) == [2]
+    return pw, raw, MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+
+
+def test_unacknowledged_messages_are_resent_with_dup_after_a_restart(roost):
+    pw, raw, pub = persistent_raw_subscriber(roost, "alice.raw", "dev/#")
     pub.publish("dev/a", b"one", qos=1)
     pub.publish("dev/b", b"two", qos=2)
     pub.disconnect()
@@ -145,11 +150,7 @@ def test_qos2_state_survives_sigkill_no_second_delivery_no_reused_id(roost):
     """MQTT-4.4.0-1 across a crash: the PUBREL still owed is re-sent under its id,
     a QoS 2 message sent but not acknowledged is re-sent with DUP under its id
     (not delivered again as a new message), and neither id is reused meanwhile."""
-    pw = roost.add_user("alice")
-    raw = RawClient(roost.port)
-    raw.connect("alice.q2", username="alice", password=pw, clean=False)
-    assert raw.subscribe("q2/#", 2) == [2]
-    pub = MqttClient("alice.pub").connect(roost.host, roost.port, username="alice", password=pw)
+    pw, raw, pub = persistent_raw_subscriber(roost, "alice.q2", "q2/#")
     pub.publish("q2/a", b"A", qos=2)
     t, p, q, pid_a, dup, _r = raw.read_publish()
     assert (t, p, q) == ("q2/a", b"A", 2)
