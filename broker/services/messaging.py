@@ -32,10 +32,6 @@ DEFAULT_SYNC_LIMIT = 100
 DEFAULT_HISTORY_LIMIT = 50
 MAX_BODY_DEPTH = 32
 MAX_NUMBER = 2 ** 62       # n / seq parameters: SQLite integers overflow past 2**63
-# Who may command a device, and the bodies that travel only in a direct conversation
-# (a command and its result are between one device and one commander).
-COMMAND_SENDER_KINDS = frozenset({"user", "service"})
-DIRECT_ONLY_BODIES = frozenset({"command", "result"})
 
 
 def forbidden(message: str) -> ProtocolError:
@@ -281,7 +277,6 @@ class MessagingService:
                 if first is not None:
                     return self._send_result(first, dup=True)
             raise
-        await self._check_body_roles(caller, params["body"]["type"], conv)
         try:
             social = self._services.social
             skip = frozenset(social.blockers_of(caller.principal)) if social is not None else frozenset()
@@ -291,29 +286,6 @@ class MessagingService:
             raise forbidden(f"you are not a member of {conv!r}") from None
         self.publish_events(outcome.events)
         return self._send_result(outcome.message, dup=outcome.dup)
-
-    async def _check_body_roles(self, caller: Caller, body_type: str, conv: str) -> None:
-        """Who may send which body (PROTOCOL.md, Message bodies): a command goes from
-        a person or an integration to a device, in their direct conversation; a
-        result or an event comes from a device, and a result answers in a direct
-        conversation. Anything else would reach a reader that cannot act on it."""
-        if body_type == "text":
-            return
-        if body_type == "command":
-            if caller.kind not in COMMAND_SENDER_KINDS:
-                raise bad("a command comes from a person or an integration account, not from a device")
-        elif caller.kind != "device":
-            raise bad(f"only a device sends {body_type} bodies")
-        kind, parts = parse_conv(conv)
-        if kind != "dm":
-            if body_type in DIRECT_ONLY_BODIES:
-                raise bad(f"a {body_type} goes in a direct conversation with a device, not in a group")
-            return
-        if body_type == "command":
-            peer = parts[1] if parts[0] == caller.principal else parts[0]
-            target = await self._services.identity.get(peer)
-            if target is None or target.kind != "device":
-                raise bad(f"a command goes to a device; {peer!r} is not a device")
 
     @staticmethod
     def _send_result(msg: StoredMessage, *, dup: bool) -> dict[str, Any]:
