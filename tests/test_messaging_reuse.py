@@ -34,16 +34,23 @@ async def chat_history(env) -> str:  # noqa: ANN001
     return conv
 
 
+async def remove_bob_while_down(tmp_path, *, add_again: bool) -> str:  # noqa: ANN001
+    """A chat history, then what `roost user remove bob` (and `roost user add bob`)
+    do with no broker running. Returns the group conversation."""
+    env = await open_env(tmp_path)
+    conv = await chat_history(env)
+    await close_env(env)
+    env = await open_env(tmp_path, users=())
+    await env.services.identity.remove("bob")
+    if add_again:
+        await env.services.identity.add("bob", "user", secret="new", name="New Bob")
+    await close_env(env)
+    return conv
+
+
 def test_an_id_registered_again_after_an_offline_removal_starts_empty(tmp_path):
     async def main() -> None:
-        env = await open_env(tmp_path)
-        conv = await chat_history(env)
-        await close_env(env)
-        # What `roost user remove bob` and `roost user add bob` do with no broker running.
-        env = await open_env(tmp_path, users=())
-        await env.services.identity.remove("bob")
-        await env.services.identity.add("bob", "user", secret="new", name="New Bob")
-        await close_env(env)
+        conv = await remove_bob_while_down(tmp_path, add_again=True)
         env = await open_env(tmp_path)
         assert (await env.call("bob", "sync", after=0)) == {"events": [], "last": 0, "more": False}
         assert (await env.call("bob", "convs")) == {"convs": [], "total_unread": 0}
@@ -76,12 +83,7 @@ def test_an_id_registered_again_after_an_offline_removal_starts_empty(tmp_path):
 
 def test_a_removal_while_down_is_forgotten_at_load(tmp_path):
     async def main() -> None:
-        env = await open_env(tmp_path)
-        conv = await chat_history(env)
-        await close_env(env)
-        env = await open_env(tmp_path, users=())
-        await env.services.identity.remove("bob")
-        await close_env(env)
+        conv = await remove_bob_while_down(tmp_path, add_again=False)
         env = await open_env(tmp_path, users=("alice", "carol"))
         assert (await env.call("alice", "group.info", conv=conv))["members"] == ["alice", "carol"]
         store = env.services.store.db
