@@ -36,10 +36,6 @@ class SessionJournal:
         self.appended += 1
         self._wake.set()
 
-    @property
-    def pending(self) -> int:
-        return self.appended - self.written
-
     async def durable(self) -> None:
         """Returns once every operation appended before the call is committed."""
         target = self.appended
