@@ -143,6 +143,13 @@ class SessionStore(Protocol):
     async def load_sessions(self) -> list[SavedSession]: ...
 
 
+class StoreUnavailable(Exception):
+    """The store cannot take writes right now (disk full, read-only, I/O error,
+    writer queue full). Nothing of the failed write was committed; the caller
+    answers `unavailable` (or holds its ack) and may retry: the store recovers by
+    itself when the cause goes away."""
+
+
 class AlreadyExists(Exception):
     """A unique key is already taken."""
 

@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
+
+from broker.store.base import StoreUnavailable
 
 log = logging.getLogger("roost.store")
 
@@ -38,8 +42,26 @@ CHECKPOINT_INTERVAL = 1.0
 CHECKPOINT_BEHIND = 2000
 
 
-class StoreBusy(Exception):
+class StoreBusy(StoreUnavailable):
     """The writer queue is full: the caller should answer `unavailable`."""
+
+
+# SQLite primary result codes that mean "the store cannot write now" rather than
+# "this job is wrong": the disk is full, the file became read-only, I/O failed.
+_UNAVAILABLE_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR,
+                      sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED,
+                      sqlite3.SQLITE_PROTOCOL}
+
+
+def as_unavailable(exc: BaseException) -> BaseException:
+    """`exc` as StoreUnavailable when it says the store cannot write now."""
+    if isinstance(exc, sqlite3.Error) and not isinstance(exc, StoreUnavailable):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and (code & 0xFF) in _UNAVAILABLE_CODES:
+            err = StoreUnavailable(f"store cannot write: {exc}")
+            err.__cause__ = exc
+            return err
+    return exc
 
 
 class StoreClosed(Exception):
@@ -76,6 +98,8 @@ class Database:
         self.jobs_committed = 0
         self.submitted = 0   # jobs queued so far: tells a caller whether anything was queued after its job
         self.checkpoints = 0
+        self.write_failures = 0                  # batches whose commit failed
+        self.unavailable_since: float | None = None   # set while commits fail for want of space/rights
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_wake = threading.Event()
         self._checkpoint_stop = False
@@ -86,7 +110,7 @@ class Database:
     def open_sync(self, migrations: Sequence[Migration]) -> None:
         """Open, apply pending migrations, start the writer. Blocking: call before
         the event loop serves clients, or through `open()`."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        prepare_private_file(self.path)
         self._wconn = _connect(self.path)
         apply_migrations(self._wconn, migrations)
         # Checkpoints (copying the WAL back into the database file, with fsyncs of
@@ -177,8 +201,9 @@ class Database:
                     except BaseException as exc:  # noqa: BLE001 - handed to the caller
                         conn.execute("ROLLBACK TO job")
                         conn.execute("RELEASE job")
-                        outcomes.append((False, exc))
+                        outcomes.append((False, as_unavailable(exc)))
                 conn.execute("COMMIT")
+                self._writable_again()
                 self.commits += 1
                 if self.commits - self._checkpointed_at >= CHECKPOINT_EVERY:
                     self._checkpointed_at = self.commits
@@ -189,12 +214,21 @@ class Database:
                         self._checkpoint(conn)
                 self.jobs_committed += len(batch)
             except BaseException as exc:  # the commit itself failed: nobody's write landed
-                log.exception("group commit failed")
+                failure = as_unavailable(exc)
+                self.write_failures += 1
+                if not isinstance(failure, StoreUnavailable):
+                    log.exception("group commit failed")
+                elif self.unavailable_since is None:
+                    # once per outage, not once per batch: callers hold their acks
+                    # (or answer `unavailable`) until a commit succeeds again
+                    self.unavailable_since = time.time()
+                    log.error("store %s cannot write (%s): holding acknowledgements and answering "
+                              "`unavailable` until it can", self.path, exc)
                 try:
                     conn.execute("ROLLBACK")
                 except sqlite3.Error:
                     pass
-                outcomes = [(False, exc)] * len(batch)
+                outcomes = [(False, failure)] * len(batch)
             # One wake-up per event loop per batch, not one per job: each
             # call_soon_threadsafe writes to the loop's self-pipe (a syscall).
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
@@ -216,6 +250,12 @@ class Database:
                 break
             if item is not None:
                 item[2].call_soon_threadsafe(_settle, item[1], False, StoreClosed("store is closed"))
+
+    def _writable_again(self) -> None:
+        if self.unavailable_since is not None:
+            log.warning("store %s writes again after %.1f s (%d failed batches)", self.path,
+                        time.time() - self.unavailable_since, self.write_failures)
+            self.unavailable_since = None
 
     # ---- checkpoints -------------------------------------------------------
     def _checkpoint_loop(self) -> None:
@@ -268,6 +308,27 @@ class Database:
             return fn(conn)
         finally:
             conn.close()
+
+
+def prepare_private_file(path: Path) -> None:
+    """The store holds password hashes and every message: its folder is created
+    0700 and its files (database, -wal, -shm; SQLite gives the last two the
+    database's mode) are 0600, whatever the umask. An existing folder that others
+    can read is left as it is (it may be shared) but named in the log."""
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(parent, 0o700)      # mkdir's mode is filtered by the umask
+    elif parent.stat().st_mode & 0o077:
+        log.warning("the store's folder %s can be read by other local users; consider chmod 700", parent)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        try:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            pass
 
 
 def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
