@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from broker.mqtt import codec
 from broker.mqtt.codec import ProtocolViolation
 from broker.mqtt.hooks import DisconnectReason
+from broker.mqtt.journal import JournalFailed
 
 if TYPE_CHECKING:
     from broker.mqtt.engine import Engine
@@ -59,6 +60,8 @@ class Connection(asyncio.Protocol):
         self._dirty = False
         self._pending: deque[tuple[int, int, bytes]] = deque()
         self.task: asyncio.Task[None] | None = None
+        self.dollar_publish_logged = False
+        self._lost = False      # the transport is gone but received packets are still being handled
         self.pub_acl: dict[str, bool] = {}
         self.remote = ("", 0)
         self.max_packet = engine.max_packet
@@ -76,10 +79,17 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self.state == CLOSED and self.transport is None:
             return
-        self.state = CLOSED
         self.writable = False
         self._out.clear()
         self.transport = None
+        if self.state != CLOSED and self.task is not None:
+            # The peer closed with packets still being handled (a client may send
+            # CONNECT, PUBLISH, DISCONNECT and close at once, as mosquitto_pub does):
+            # every packet received before the close is handled in order first;
+            # _run reports the loss when it is done.
+            self._lost = True
+            return
+        self.state = CLOSED
         self.engine.connection_lost(self)
 
     def pause_writing(self) -> None:
@@ -231,12 +241,21 @@ class Connection(asyncio.Protocol):
                     await c
         except ProtocolViolation as exc:
             self.violation(str(exc))
+        except JournalFailed:
+            # what this client sent is not durable: closing without the ack makes it resend
+            log.warning("closing %s unacknowledged: the store refused its session journal", self.client_id)
+            self.close(DisconnectReason.KICKED)
         except Exception:  # noqa: BLE001 - one broken connection must not hurt others
             log.exception("error handling packets of %s", self.client_id)
             self.close(DisconnectReason.KICKED)
         finally:
             self.task = None
-            if self.state == CLOSED:
+            if self._lost:
+                self._lost = False
+                self._pending.clear()
+                self.state = CLOSED
+                self.engine.connection_lost(self)
+            elif self.state == CLOSED:
                 self._pending.clear()
             self.resume_reading("pending")
 
@@ -282,6 +301,7 @@ class Connection(asyncio.Protocol):
         self.engine.connection_closing(self)
         t = self.transport
         if t is None:
+            self.state = CLOSED     # the peer is already gone (see connection_lost)
             return
         if self._out:
             self.flush()

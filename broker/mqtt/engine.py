@@ -59,8 +59,9 @@ from broker.mqtt.hooks import ConnectRefused, DisconnectReason
 from broker.mqtt.session import ACL_CACHE_SIZE, ClientInfo, Message, SessionState
 from contract.ids import is_valid_principal_id
 from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
-from broker.mqtt.journal import SessionJournal
-from broker.store.base import SavedMessage, SavedSession, SessionDrop, SessionUpsert
+from broker.mqtt.journal import RETRY_FIRST, RETRY_MAX, SessionJournal
+from broker.store.base import (RetainedMessage, SavedMessage, SavedSession, SessionDrop, SessionUpsert,
+                               StoreUnavailable)
 
 log = logging.getLogger("roost.mqtt")
 
@@ -73,6 +74,9 @@ PUB_ACL_CACHE = 256              # per-connection PUBLISH decisions
 PAUSED_GRACE = 60.0              # extra seconds for a connection we stopped reading
 STALL_TIMEOUT = 3.0              # a congested session without progress stops holding publishers
 MAX_FILTER_LEVELS = 64           # wildcard filters deeper than this are refused (SUBACK 0x80): trie memory
+# Filters that look valid but that nothing serves yet: refused (SUBACK 0x80), not
+# granted and left silent. Shared subscriptions and $SYS come with later issues.
+UNSERVED_PREFIXES = ("$share/", "$SYS/", "$SYS")
 MAX_RETAINED = 100_000           # retained topics kept; beyond, new topics are routed but not retained
 
 _NO_WILL = (DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN)
@@ -109,6 +113,8 @@ class Engine:
         self._sessions_loaded = False   # nothing is saved over sessions never taken back
         self._retained_dirty: dict[str, tuple[bytes, int] | None] = {}
         self._retained_wake = asyncio.Event()
+        self._retained_lock = asyncio.Lock()
+        self._retained_unavailable_since: float | None = None
         self._tasks_bg: list[asyncio.Task[None]] = []
         self._stopping = False
         self._load_plugins(plugins)
@@ -543,8 +549,13 @@ class Engine:
             conn.write(codec.ack(codec.PUBREC, pid))  # duplicate: already routed
             return None
         if topic[0] == "$":
-            log.debug("%s may not publish to %s", conn.info.client_id, topic)
+            # MQTT 3.1.1 has no negative PUBACK: the message is acknowledged and not
+            # routed ($ topics are the broker's, MQTT-4.7.2-1); said once per connection
             self.stats["publish_denied"] += 1
+            if not conn.dollar_publish_logged:
+                conn.dollar_publish_logged = True
+                log.info("%s published to %s: topics starting with $ are reserved for the broker; "
+                         "not routed (said once per connection)", conn.info.client_id, topic)
         else:
             ok = conn.pub_acl.get(topic) if self.acl_enabled else True
             if self.acl_async:
@@ -755,9 +766,14 @@ class Engine:
         granted: list[tuple[str, int]] = []
         over_limit: list[str] = []     # logged once per SUBSCRIBE, not once per filter
         too_deep: list[str] = []
+        unserved: list[str] = []
         for f, q in filters:
             if f not in st.subs and len(st.subs) >= self.limits.max_subscriptions:
                 over_limit.append(f)
+                codes.append(0x80)
+                continue
+            if f.startswith(UNSERVED_PREFIXES):
+                unserved.append(f)
                 codes.append(0x80)
                 continue
             if is_wildcard(f) and f.count("/") >= MAX_FILTER_LEVELS:
@@ -779,6 +795,9 @@ class Engine:
         if too_deep:
             log.info("%s: refused %d wildcard filter(s) of more than %d levels", info.client_id, len(too_deep),
                      MAX_FILTER_LEVELS)
+        if unserved:
+            log.info("%s: refused %d filter(s) this broker does not serve yet (shared subscriptions, "
+                     "$SYS), e.g. %s", info.client_id, len(unserved), unserved[0])
         if granted and st.journal is not None:
             self._journal_session(st)
             await st.journal.durable()      # SUBACK once the subscription would survive a crash
@@ -849,34 +868,56 @@ class Engine:
     async def _retained_writer(self) -> None:
         """Writes retained changes to the store; repeated changes of one topic
         coalesce, so the backlog is bounded by the number of retained topics."""
-        from broker.store.base import RetainedMessage
-
         while True:
             await self._retained_wake.wait()
             self._retained_wake.clear()
-            await self.flush_retained(RetainedMessage)
+            await self.flush_retained()
 
-    async def flush_retained(self, cls: Any = None) -> None:
-        """Write pending retained changes. An entry leaves the dirty map only after
-        its write finished (and only if it did not change meanwhile), so a
-        cancelled flush loses nothing."""
+    async def flush_retained(self, *, give_up_after: float | None = None) -> bool:
+        """Write pending retained changes; True once all are written. An entry
+        leaves the dirty map only after its write committed (and only if it did
+        not change meanwhile), so a cancelled flush loses nothing. While the store
+        is unavailable (disk full, read-only) the writes are retried, and callers
+        holding a PUBACK wait: nothing is acknowledged that is not stored. Only at
+        shutdown (`give_up_after`) does it stop trying."""
         if self._store is None:
-            return
-        if cls is None:
-            from broker.store.base import RetainedMessage as cls  # noqa: N813
-        dirty = self._retained_dirty
-        while dirty:
-            topic, v = next(iter(dirty.items()))
-            try:
-                if v is None:
-                    await self._store.delete(topic)
-                else:
-                    await self._store.put(cls(topic, v[0], v[1]))
-            except Exception:  # noqa: BLE001 - keep serving; the in-memory copy is still right
-                self.stats["retained_write_errors"] += 1
-                log.exception("could not persist retained message on %s", topic)
-            if dirty.get(topic, 0) is v:
-                del dirty[topic]
+            return True
+        async with self._retained_lock:
+            dirty = self._retained_dirty
+            delay = RETRY_FIRST
+            started = self.loop.time()
+            while dirty:
+                topic, v = next(iter(dirty.items()))
+                try:
+                    if v is None:
+                        await self._store.delete(topic)
+                    else:
+                        await self._store.put(RetainedMessage(topic, v[0], v[1]))
+                except StoreUnavailable as exc:
+                    self.stats["retained_write_errors"] += 1
+                    if self._retained_unavailable_since is None:
+                        self._retained_unavailable_since = self.loop.time()
+                        log.error("cannot store retained messages (%s): holding the acknowledgements of "
+                                  "%d pending retained change(s) until the store takes writes again",
+                                  exc, len(dirty))
+                    if give_up_after is not None and self.loop.time() - started > give_up_after:
+                        log.error("stopping with %d retained change(s) not stored", len(dirty))
+                        return False
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                except Exception:  # noqa: BLE001 - not retried: it would fail the same way
+                    self.stats["retained_write_errors"] += 1
+                    self.stats["retained_refused"] += 1
+                    log.exception("the store refused the retained message on %s; it is kept in memory only", topic)
+                delay = RETRY_FIRST
+                if self._retained_unavailable_since is not None:
+                    log.warning("retained messages stored again after %.1f s",
+                                self.loop.time() - self._retained_unavailable_since)
+                    self._retained_unavailable_since = None
+                if dirty.get(topic, 0) is v:
+                    del dirty[topic]
+            return True
 
     # ---- API for plugins (BrokerApi) ---------------------------------------------
 
@@ -1108,7 +1149,7 @@ class Engine:
             await asyncio.wait(list(self._finishers), timeout=5)
         for conn in list(self.conns):
             conn.abort(DisconnectReason.SHUTDOWN)
-        await self.flush_retained()
+        await self.flush_retained(give_up_after=5.0)
         await self.save_sessions()
 
 
