@@ -1,0 +1,516 @@
+"""Hostile input never hurts the broker (issue 10): a bounded, seeded MQTT 3.1.1
+packet fuzzer over raw sockets, and a seeded JSON request fuzzer against the IM
+request topic. Each asserts what a user would observe afterwards: the broker
+still runs and serves well-behaved clients, clients that behaved all along were
+never disturbed, every request got exactly one answer with a code of the
+protocol's catalogue (never `internal`), nothing failed was stored, the memory
+stayed within budget, and the log shows no traceback."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from broker.mqtt import codec
+from contract.envelopes import OPS
+from contract.errors import ErrorCode
+from tests.clients import ImClient, MqttClient
+from tests.harness import RoostProcess
+
+CATALOGUE = {str(c) for c in ErrorCode}
+RSS_BUDGET = 150 * 1024 * 1024      # growth allowed over the broker's size before the fuzz
+
+
+# ---- helpers shared with test_faults_crash ----------------------------------------
+
+
+def tracebacks(roost: RoostProcess) -> list[str]:
+    """Every traceback in the broker's log, each with the line that announced it."""
+    lines = roost.log_path.read_text(errors="replace").splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback"):
+            out.append("\n".join(lines[max(0, i - 1):i + 25]))
+    return out
+
+
+def rss_bytes(roost: RoostProcess) -> int:
+    assert roost.proc is not None
+    for line in Path(f"/proc/{roost.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def well_behaved_round_trip(roost: RoostProcess, principal: str, password: str, label: str) -> None:
+    """A fresh client connects, subscribes, publishes QoS 1 and receives its message."""
+    c = MqttClient(f"{principal}.{label}").connect(roost.host, roost.port, username=principal, password=password)
+    try:
+        assert c.subscribe(f"check/{label}/#", 1) == [1]
+        c.publish(f"check/{label}/x", b"still here", qos=1)
+        m = c.wait_message(f"check/{label}/#")
+        assert (m.payload, m.qos) == (b"still here", 1)
+    finally:
+        c.disconnect()
+
+
+# ---- (a) the MQTT packet fuzzer ---------------------------------------------------
+
+
+def _s(b: bytes) -> bytes:
+    return len(b).to_bytes(2, "big") + b
+
+
+def _packet(first: int, body: bytes) -> bytes:
+    return bytes((first,)) + codec.encode_varint(len(body)) + body
+
+
+TOPICS = [b"fz/a", b"fz/b/c", b"home/kitchen/temp", b"roost/req/alice.fz", b"roost/inbox/bob",
+          b"roost/presence/alice", b"$SYS/x", b"/", b"a//b", "f\u00fcr/\u6f22".encode()]
+FILTERS = [b"fz/#", b"+/+", b"#", b"+", b"roost/inbox/alice", b"roost/inbox/bob", b"roost/#", b"$SYS/#",
+           b"a/" * 70 + b"#", b"fz/+/c", b"/#"]
+BAD_UTF8 = [b"\xff\xfe", b"a/\xed\xa0\x80", b"a\x00b", b"\xc0\xaf", b"fz/\x80"]
+BAD_WILDCARDS = [b"a/#/b", b"a+", b"#a", b"a/b#", b"++", b"+a/b"]
+
+
+class PacketGen:
+    def __init__(self, rng: random.Random, password: str) -> None:
+        self.rng = rng
+        self.password = password
+        self.pid = 0
+
+    def next_pid(self) -> int:
+        self.pid = self.pid % 65535 + 1
+        return self.pid
+
+    def connect(self, n: int) -> bytes:
+        r = self.rng
+        cid = r.choice([f"alice.fz{n}", f"alice.fz{n % 7}", "alice", "bob.fz", ""])
+        will = (r.choice(["fz/will", "roost/inbox/bob"]), b"gone", r.randint(0, 2), r.random() < 0.5) \
+            if r.random() < 0.2 else None
+        password = self.password if r.random() < 0.9 else "wrong"
+        return codec.encode_connect(cid, clean=r.random() < 0.8, keep_alive=r.choice([0, 1, 60, 65535]),
+                                    username="alice", password=password, will=will)
+
+    def publish(self, topic: bytes | None = None) -> bytes:
+        r = self.rng
+        qos = r.randint(0, 2)
+        topic = topic if topic is not None else r.choice(TOPICS)
+        if topic.startswith(b"roost/req/"):
+            payload = r.choice([b'{"id":"x","op":"sync"}', b"{", b"[]", b'{"id":1}', b'{"id":"y","op":"nope"}'])
+        else:
+            payload = r.randbytes(r.choice([0, 1, 10, 200, 3000]))
+        first = 0x30 | (qos << 1) | (r.random() < 0.3) | (0x08 if qos and r.random() < 0.2 else 0)
+        body = _s(topic) + (self.next_pid().to_bytes(2, "big") if qos else b"") + payload
+        return _packet(first, body)
+
+    def subscribe(self, filters: list[bytes] | None = None) -> bytes:
+        r = self.rng
+        filters = filters if filters is not None else r.sample(FILTERS, r.randint(1, 3))
+        body = self.next_pid().to_bytes(2, "big") + b"".join(_s(f) + bytes((r.randint(0, 2),)) for f in filters)
+        return _packet(0x82, body)
+
+    def unsubscribe(self, filters: list[bytes] | None = None) -> bytes:
+        r = self.rng
+        filters = filters if filters is not None else r.sample(FILTERS, r.randint(1, 2))
+        return _packet(0xA2, self.next_pid().to_bytes(2, "big") + b"".join(_s(f) for f in filters))
+
+    def valid(self) -> bytes:
+        r = self.rng
+        kind = r.choices(["pub", "sub", "unsub", "ping", "ack", "pubrel"], [40, 15, 8, 10, 15, 12])[0]
+        if kind == "pub":
+            return self.publish()
+        if kind == "sub":
+            return self.subscribe()
+        if kind == "unsub":
+            return self.unsubscribe()
+        if kind == "ping":
+            return b"\xc0\x00"
+        if kind == "pubrel":
+            return codec.ack(codec.PUBREL, r.randint(1, 65535))
+        return codec.ack(r.choice([codec.PUBACK, codec.PUBREC, codec.PUBCOMP]), r.randint(1, 65535))
+
+    def mutated(self, n: int) -> bytes:
+        r = self.rng
+        how = r.choice(["flip", "truncate", "length", "huge", "type", "utf8", "wildcard", "garbage",
+                        "varint5", "zero_pid", "qos3", "second_connect", "empty_sub"])
+        p = self.valid() if how not in ("second_connect",) else self.connect(n)
+        if how == "flip":
+            b = bytearray(p)
+            for _ in range(r.randint(1, 3)):
+                b[r.randrange(len(b))] ^= 1 << r.randrange(8)
+            return bytes(b)
+        if how == "truncate":
+            return p[:r.randrange(1, len(p))] if len(p) > 1 else b""
+        if how == "length":       # a remaining length that does not fit the body
+            body = p[2:] if p[1] < 0x80 else p[3:]
+            return bytes((p[0],)) + codec.encode_varint(max(0, len(body) + r.choice([-3, -1, 1, 2, 500]))) + body
+        if how == "huge":
+            return bytes((p[0],)) + r.choice([b"\xff\xff\xff\x7f", b"\x80\x80\x80\x01", b"\xff\xff\x7f"]) + p[2:]
+        if how == "varint5":
+            return bytes((p[0],)) + b"\xff\xff\xff\xff\x01" + p[2:]
+        if how == "type":
+            return bytes((r.randrange(256),)) + p[1:]
+        if how == "utf8":
+            bad = r.choice(BAD_UTF8)
+            return r.choice([self.publish(bad), self.subscribe([bad]), self.unsubscribe([bad])])
+        if how == "wildcard":
+            bad = r.choice(BAD_WILDCARDS)
+            return r.choice([self.publish(bad), self.publish(b"fz/+"), self.publish(b"fz/#"),
+                             self.subscribe([bad]), self.unsubscribe([bad]), self.subscribe([b""])])
+        if how == "zero_pid":
+            return r.choice([_packet(0x32, _s(b"fz/a") + b"\x00\x00x"), _packet(0x82, b"\x00\x00" + _s(b"a") + b"\x01"),
+                             codec.ack(codec.PUBACK, 0)])
+        if how == "qos3":
+            return r.choice([_packet(0x36, _s(b"fz/a") + b"\x00\x01x"), _packet(0x82, b"\x00\x01" + _s(b"a") + b"\x03")])
+        if how == "second_connect":
+            return p
+        if how == "empty_sub":
+            return r.choice([_packet(0x82, b"\x00\x05"), _packet(0xA2, b"\x00\x05"), _packet(0x80, b"\x00\x05")])
+        return r.randbytes(r.randint(1, 64))
+
+    def connection_bytes(self, n: int) -> tuple[bytes, int]:
+        """What one connection sends: (bytes, packets in it)."""
+        r = self.rng
+        parts: list[bytes] = []
+        if r.random() < 0.85:
+            parts.append(self.connect(n) if r.random() < 0.9 else self.mutated(n))
+        else:
+            parts.append(r.choice([self.valid(), self.mutated(n), r.randbytes(r.randint(1, 40))]))
+        for _ in range(r.randint(1, 12)):
+            parts.append(self.valid() if r.random() < 0.5 else self.mutated(n))
+        return b"".join(parts), len(parts)
+
+
+def _fuzz_connection(port: int, data: bytes, chunks: list[int], reset: bool) -> None:
+    """Send `data` (split at `chunks`) and let the broker answer and close; never waits long."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
+            start = 0
+            for end in [*chunks, len(data)]:
+                if end > start:
+                    s.sendall(data[start:end])
+                    start = end
+            if reset:    # vanish with RST, nothing flushed
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                return
+            s.shutdown(socket.SHUT_WR)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and s.recv(65536):
+                pass
+    except OSError:
+        pass     # the broker closed on us: that is its right
+
+
+def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
+    roost = roost_factory({"auth": {"failure_delay": 0.01, "failure_delay_max": 0.05}})
+    pw = roost.add_user("alice")
+    bpw = roost.add_user("bob")
+    rng = random.Random(20261010)
+    gen = PacketGen(rng, pw)
+
+    # a bystander that behaves, connected all through the fuzz
+    bystander = MqttClient("bob.bystander").connect(roost.host, roost.port, username="bob", password=bpw)
+    assert bystander.subscribe("calm/#", 1) == [1]
+    well_behaved_round_trip(roost, "bob", bpw, "before")
+    rss_before = rss_bytes(roost)
+
+    jobs = []
+    packets = 0
+    for n in range(500):
+        data, count = gen.connection_bytes(n)
+        packets += count
+        chunks = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 3)))) if len(data) > 1 else []
+        jobs.append((data, chunks, rng.random() < 0.15))
+    assert packets > 3000
+
+    stop = threading.Event()
+    calm_sent: list[int] = []
+
+    def bystander_traffic() -> None:
+        for i in range(10_000):   # bounded; stops with the fuzz
+            if stop.is_set():
+                return
+            bystander.publish("calm/x", str(i).encode(), qos=1)
+            calm_sent.append(i)
+
+    traffic = threading.Thread(target=bystander_traffic)
+    traffic.start()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda job: _fuzz_connection(roost.port, *job), jobs))
+    stop.set()
+    traffic.join(30)
+
+    assert roost.running, roost.log_tail()
+    # the bystander was never disconnected and got every one of its messages, in order
+    got = [int(bystander.wait_message("calm/#", timeout=10).payload) for _ in calm_sent]
+    assert got == calm_sent and calm_sent
+    assert not bystander._disconnected.is_set()
+    well_behaved_round_trip(roost, "alice", pw, "after")
+    well_behaved_round_trip(roost, "bob", bpw, "after")
+    assert rss_bytes(roost) - rss_before < RSS_BUDGET
+    assert tracebacks(roost) == []
+
+
+# ---- (b) the JSON request fuzzer --------------------------------------------------
+
+
+def _dumps(v: Any, ascii_only: bool = True) -> str:
+    return json.dumps(v, ensure_ascii=ascii_only, allow_nan=True, separators=(",", ":"))
+
+
+def _deep(depth: int, rng: random.Random) -> str:
+    """A JSON text nested `depth` levels (built as text: no recursion here)."""
+    if rng.random() < 0.5:
+        return "[" * depth + "1" + "]" * depth
+    return '{"a":' * depth + "1" + "}" * depth
+
+
+WEIRD: list[Any] = [None, True, False, 0, -1, 1.5, 2 ** 62, 2 ** 62 + 1, 2 ** 63, 2 ** 64, -(2 ** 63), 10 ** 300,
+                    1e308, -1e308, 1e-320, float("nan"), float("inf"), float("-inf"), "", " ", "x" * 65,
+                    "x" * 70_000, "\ud800", "\udfff", "a\ud800b", "\x00", "\u202e", "\U0001f600", "bob",
+                    "dm:alice:bob", "grp:nope", [], [None], ["bob", "bob"], {}, {"type": "text"},
+                    {"type": "text", "text": "\ud800"}, {"type": "file", "name": "x"}, [[]], "NaN"]
+
+BASE: dict[str, dict[str, Any]] = {
+    "send": {"to": "bob", "cmid": "c", "body": {"type": "text", "text": "hi"}},
+    "sync": {"after": 0, "limit": 10},
+    "ack": {"n": 0},
+    "read": {"conv": "dm:alice:bob", "seq": 1},
+    "history": {"conv": "dm:alice:bob", "before": 5, "limit": 5},
+    "contact.request": {"to": "carol", "note": "hi"},
+    "contact.accept": {"from": "carol"},
+    "contact.reject": {"from": "carol"},
+    "contact.unblock": {"user": "carol"},
+    "user.search": {"q": "bo"},
+    "profile.get": {"user": "bob"},
+    "profile.set": {"name": "Alice", "status": "here"},
+    "group.create": {"name": "g", "members": ["bob"]},
+    "group.add": {"conv": "grp:x", "members": ["bob"]},
+    "group.remove": {"conv": "grp:x", "members": ["bob"]},
+    "group.leave": {"conv": "grp:x"},
+    "group.info": {"conv": "grp:x"},
+    "device.claim": {"device": "lamp", "code": "123"},
+    "device.share": {"device": "lamp", "with": "bob"},
+}
+SAFE_OPS = [op for op in OPS if op not in ("contact.remove", "contact.block")]  # keep alice and bob friends
+UNKNOWN_OPS = ["", "SEND", "send ", "nope", "send\u0000", "__class__", "\ud800", "sync.", "x" * 500]
+
+
+class RequestGen:
+    """Fuzzed request payloads, each with the ids its one answer may carry."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self.n = 0
+
+    def weird(self) -> Any:
+        r = self.rng
+        if r.random() < 0.08:
+            return _Raw(_deep(r.choice([20, 200, 100_000]), r))
+        return r.choice(WEIRD)
+
+    def one(self) -> tuple[bytes, set[str | None]]:
+        r = self.rng
+        self.n += 1
+        rid: Any = f"f{self.n}"
+        op = r.choice(SAFE_OPS) if r.random() < 0.9 else r.choice(UNKNOWN_OPS)
+        params: dict[str, Any] = dict(BASE.get(op, {}))
+        if op == "send":
+            params["cmid"] = f"c{self.n}"
+        mutation = r.choice(["none", "field", "field", "field", "missing", "extra", "id", "op", "dup"])
+        pairs: list[tuple[str, Any]]
+        if mutation == "field" and params:
+            params[r.choice(list(params))] = self.weird()
+        elif mutation == "missing" and params:
+            del params[r.choice(list(params))]
+        elif mutation == "extra":
+            params[r.choice(["x", "id2", "", "\ud800", "op2", "a" * 300])] = self.weird()
+        elif mutation == "id":
+            rid = r.choice([None, 1, 1.5, True, [], {}, "", "x" * 65, f"f{self.n}\ud800", f"\udfff{self.n}",
+                            f"f{self.n}\u00e9\U0001f600", f"f{self.n}\x00", f"f{self.n}" + "y" * 50, _MISSING])
+        elif mutation == "op":
+            op = r.choice([None, 1, [], {}, "", _MISSING, "\ud800", r.choice(UNKNOWN_OPS)])
+        pairs = ([] if rid is _MISSING else [("id", rid)]) + ([] if op is _MISSING else [("op", op)])
+        pairs += list(params.items())
+        if mutation == "dup":
+            pairs.insert(r.randrange(1, len(pairs) + 1), r.choice([("op", "nope"), ("op", op), ("id", rid),
+                                                                   ("cmid", "c0"), ("after", -1)]))
+        if r.random() < 0.1:
+            r.shuffle(pairs)
+        ascii_only = r.random() < 0.85
+        text = "{" + ",".join(f"{_dumps(k, ascii_only)}:{_enc(v, ascii_only)}" for k, v in pairs) + "}"
+        payload = text.encode("utf-8", "surrogatepass")
+        raw = r.random()
+        if raw < 0.04:
+            payload = payload[:r.randrange(len(payload))]
+        elif raw < 0.08:
+            cut = r.randrange(len(payload))
+            payload = payload[:cut] + r.choice([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\x80\x80"]) + payload[cut:]
+        elif raw < 0.1:
+            payload = r.choice([b"", b"null", b"[]", b'"x"', b"1", b"{", b"\xef\xbb\xbf{}", b"{}" * 3])
+        return payload, expected_ids(payload)
+
+
+class _Raw(str):
+    """JSON text inserted as is."""
+
+
+_MISSING = object()
+
+
+def _enc(v: Any, ascii_only: bool) -> str:
+    return str(v) if isinstance(v, _Raw) else _dumps(v, ascii_only)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+LARGE = 6 * 65536 + 64 * 1024     # larger requests are refused unparsed (docs/PROTOCOL.md, too_large)
+
+
+def _request_id(text: str, **kw: Any) -> str | None:
+    doc = json.loads(text, **kw)
+    rid = doc.get("id") if isinstance(doc, dict) else None
+    return rid if isinstance(rid, str) and 1 <= len(rid) <= 64 else None
+
+
+def expected_ids(payload: bytes) -> set[str | None]:
+    """The ids docs/PROTOCOL.md allows in the one answer to `payload` (None: null).
+    Two where the protocol leaves room: NaN/Infinity and CESU-8 surrogates are not
+    JSON/UTF-8, but a lenient parser (Python's) takes them; an id with a lone
+    surrogate cannot be written as UTF-8, so it may be refused as no valid id; a
+    request too large to parse has its id echoed only when it comes first."""
+    if len(payload) > LARGE:
+        first = re.match(rb'\s*\{\s*"id"\s*:\s*("(?:[^"\\]|\\.){1,64}")', payload)
+        return {None, json.loads(first.group(1))} if first else {None}
+    try:
+        ids: set[str | None] = {_request_id(payload.decode("utf-8"), parse_constant=_reject_constant)}
+    except RecursionError:
+        return {None}            # nested too deeply
+    except ValueError:           # not UTF-8, not JSON
+        ids = {None}
+    try:
+        ids.add(_request_id(payload.decode("utf-8", "surrogatepass")))
+    except (ValueError, RecursionError):
+        pass
+    if any(i is not None and _lone_surrogate(i) for i in ids):
+        ids.add(None)
+    return ids
+
+
+def _lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def strict_json(payload: bytes) -> Any:
+    return json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+
+
+def _befriend(roost: RoostProcess, a: str, apw: str, b: str, bpw: str) -> None:
+    ca, cb = ImClient(a, "setup").open(roost, apw), ImClient(b, "setup").open(roost, bpw)
+    ca.call("contact.request", to=b)
+    cb.call("contact.accept", **{"from": a})
+    ca.disconnect()
+    cb.disconnect()
+
+
+def sync_all(client: ImClient) -> list[dict[str, Any]]:
+    """Every event of the client's mailbox, through `sync` pages (bounded)."""
+    events: list[dict[str, Any]] = []
+    after = 0
+    for _ in range(1000):
+        page = client.call("sync", after=after, limit=1000)
+        events += page["events"]
+        after = page["last"]
+        if not page["more"]:
+            return events
+    raise AssertionError("sync never ended")
+
+
+def test_json_request_fuzzer_answers_each_request_once_with_a_catalogued_code(roost_factory):
+    roost = roost_factory({"limits": {"request_rate": 100_000, "request_burst": 100_000,
+                                      "max_pending_requests": 100_000}})
+    apw, bpw = roost.add_user("alice", name="Alice"), roost.add_user("bob", name="Bob")
+    cpw, dpw = roost.add_user("carol"), roost.add_user("dave")
+    _befriend(roost, "alice", apw, "bob", bpw)
+    _befriend(roost, "carol", cpw, "dave", dpw)
+    rss_before = rss_bytes(roost)
+    rng = random.Random(10_2026)
+    gen = RequestGen(rng)
+    requests = [gen.one() for _ in range(800)]
+    assert sum(1 for _p, ids in requests if None not in ids) > 400     # most have a usable id
+
+    alice = ImClient("alice", "fz").open(roost, apw, subscribe_inbox=False)
+    resp_topic = f"roost/resp/{alice.client_id}"
+    for payload, _ids in requests:
+        alice.publish(f"roost/req/{alice.client_id}", payload, qos=1, wait=False)
+
+    answers: dict[Any, list[dict[str, Any]]] = {}
+    problems: list[str] = []
+    for _ in requests:
+        try:
+            m = alice.wait_message(resp_topic, timeout=10)
+        except TimeoutError:
+            break      # some were not answered: counted below
+        try:
+            doc = strict_json(m.payload)
+        except ValueError as exc:
+            problems.append(f"response is not strict JSON ({exc}): {m.payload[:200]!r}")
+            continue
+        if not isinstance(doc, dict):
+            problems.append(f"response is not an object: {doc!r}")
+            continue
+        answers.setdefault(doc.get("id"), []).append(doc)
+        if not isinstance(doc.get("ok"), bool):
+            problems.append(f"no boolean ok: {doc}")
+        elif not doc["ok"]:
+            code = doc.get("error", {}).get("code")
+            if code not in CATALOGUE or code == "internal":
+                problems.append(f"error code {code!r}: {doc}")
+    assert alice.no_message(resp_topic, wait=1.0), "more responses than requests"
+
+    # exactly one answer each: first the requests whose answer's id is certain ...
+    left = {rid: len(docs) for rid, docs in answers.items()}
+    flexible = []
+    for payload, ids in requests:
+        if len(ids) == 1:
+            (rid,) = ids
+            left[rid] = left.get(rid, 0) - 1
+        else:
+            flexible.append((payload, ids))
+    for payload, ids in flexible:      # ... then those that may carry their id or null
+        rid = next((i for i in ids if i is not None and left.get(i, 0) > 0), None)
+        left[rid] = left.get(rid, 0) - 1
+    problems += [f"{-n} answers missing for id {rid!r}" if n < 0 else f"{n} extra answers with id {rid!r}"
+                 for rid, n in left.items() if n]
+    assert not problems, "\n".join(problems)
+
+    # nothing a failed request did was stored: alice's messages are exactly her ok sends
+    sent = {(d["result"]["conv"], d["result"]["seq"]) for docs in answers.values() for d in docs
+            if d.get("ok") and isinstance(d.get("result"), dict) and "seq" in d["result"] and "dup" in d["result"]}
+    mine = [(e["conv"], e["seq"]) for e in sync_all(alice) if e["kind"] == "msg" and e["from"] == "alice"]
+    assert sorted(mine) == sorted(sent) and len(mine) == len(set(mine))
+
+    # and the broker is healthy: another pair chats, alice sends normally
+    assert roost.running
+    carol = ImClient("carol", "after").open(roost, cpw)
+    dave = ImClient("dave", "after").open(roost, dpw)
+    r = carol.call("send", to="dave", cmid="after-1", body={"type": "text", "text": "fine?"})
+    assert dave.wait_event("msg", cmid="after-1")["seq"] == r["seq"] == 1
+    assert alice.call("send", to="bob", cmid="after-2", body={"type": "text", "text": "ok"})["dup"] is False
+    well_behaved_round_trip(roost, "dave", dpw, "after")
+    assert rss_bytes(roost) - rss_before < RSS_BUDGET
+    assert tracebacks(roost) == []
