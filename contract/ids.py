@@ -1,18 +1,23 @@
-"""Identifier rules: principal ids, client ids and conversation ids."""
+r"""Identifier rules: principal ids, client ids and conversation ids.
+
+The patterns end in `\Z`, not `$`: `$` also matches before a trailing newline,
+so `re.match(r"^a$", "a\n")` succeeds. Checks here use `fullmatch`, and a caller
+that still uses `.match` on these patterns gets the same answer.
+"""
 
 from __future__ import annotations
 
 import re
 
-PRINCIPAL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
-CLIENT_LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
-GROUP_ID_RE = re.compile(r"^[a-z0-9]{1,32}$")
+PRINCIPAL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}\Z")
+CLIENT_LABEL_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")
+GROUP_ID_RE = re.compile(r"^[a-z0-9]{1,32}\Z")
 
 PRINCIPAL_KINDS = ("user", "device", "service")
 
 
 def is_valid_principal_id(value: object) -> bool:
-    return isinstance(value, str) and PRINCIPAL_ID_RE.match(value) is not None
+    return isinstance(value, str) and PRINCIPAL_ID_RE.fullmatch(value) is not None
 
 
 def split_client_id(client_id: str) -> tuple[str, str | None] | None:
@@ -22,7 +27,7 @@ def split_client_id(client_id: str) -> tuple[str, str | None] | None:
         return None
     if not dot:
         return principal, None
-    if CLIENT_LABEL_RE.match(label) is None:
+    if CLIENT_LABEL_RE.fullmatch(label) is None:
         return None
     return principal, label
 
@@ -52,6 +57,6 @@ def parse_conv(conv: object) -> tuple[str, tuple[str, ...]] | None:
         return None
     if conv.startswith("grp:"):
         gid = conv[4:]
-        if GROUP_ID_RE.match(gid):
+        if GROUP_ID_RE.fullmatch(gid):
             return "grp", (gid,)
     return None
