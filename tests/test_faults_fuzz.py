@@ -92,7 +92,7 @@ class PacketGen:
 
     def connect(self, n: int) -> bytes:
         r = self.rng
-        cid = r.choice([f"alice.fz{n}", f"alice.fz{n % 7}", "alice", "bob.fz", ""])
+        cid = r.choices([f"alice.fz{n}", f"alice.fz{n % 7}", "alice", "bob.fz", ""], [50, 20, 10, 3, 3])[0]
         will = (r.choice(["fz/will", "roost/inbox/bob"]), b"gone", r.randint(0, 2), r.random() < 0.5) \
             if r.random() < 0.2 else None
         password = self.password if r.random() < 0.9 else "wrong"
@@ -184,8 +184,8 @@ class PacketGen:
             parts.append(self.connect(n) if r.random() < 0.9 else self.mutated(n))
         else:
             parts.append(r.choice([self.valid(), self.mutated(n), r.randbytes(r.randint(1, 40))]))
-        for _ in range(r.randint(1, 12)):
-            parts.append(self.valid() if r.random() < 0.5 else self.mutated(n))
+        for _ in range(r.randint(1, 16)):
+            parts.append(self.valid() if r.random() < 0.8 else self.mutated(n))
         return b"".join(parts), len(parts)
 
 
@@ -224,12 +224,12 @@ def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
 
     jobs = []
     packets = 0
-    for n in range(500):
+    for n in range(1200):
         data, count = gen.connection_bytes(n)
         packets += count
         chunks = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 3)))) if len(data) > 1 else []
         jobs.append((data, chunks, rng.random() < 0.15))
-    assert packets > 3000
+    assert packets > 8000
 
     stop = threading.Event()
     calm_sent: list[int] = []
@@ -241,12 +241,23 @@ def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
             bystander.publish("calm/x", str(i).encode(), qos=1)
             calm_sent.append(i)
 
+    # connections that stop in the middle of a packet and hold it for the whole fuzz
+    held = []
+    for n in range(20):
+        s = socket.create_connection((roost.host, roost.port), timeout=5)
+        data = gen.connect(10_000 + n) if n % 2 else codec.encode_connect(f"alice.held{n}", username="alice",
+                                                                          password=pw) + gen.publish()
+        s.sendall(data[:rng.randrange(1, len(data))])
+        held.append(s)
+
     traffic = threading.Thread(target=bystander_traffic)
     traffic.start()
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda job: _fuzz_connection(roost.port, *job), jobs))
-    stop.set()
-    traffic.join(30)
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda job: _fuzz_connection(roost.port, *job), jobs))
+    finally:
+        stop.set()
+        traffic.join(30)
 
     assert roost.running, roost.log_tail()
     # the bystander was never disconnected and got every one of its messages, in order
@@ -257,6 +268,8 @@ def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
     well_behaved_round_trip(roost, "bob", bpw, "after")
     assert rss_bytes(roost) - rss_before < RSS_BUDGET
     assert tracebacks(roost) == []
+    for s in held:
+        s.close()
 
 
 # ---- (b) the JSON request fuzzer --------------------------------------------------
