@@ -1,8 +1,10 @@
 """Composition root: config -> store -> services -> RoostBroker with plugins.
 
-`run(config)` serves until SIGINT/SIGTERM, then shuts down cleanly: listeners
-close, every acknowledged write is already committed (writes are acknowledged
-only after COMMIT), and the store is closed.
+`serve(config)` first makes sure it can serve, each failure a StartupError
+(one line, broker/startup.py): TLS files and listener sockets, then the store's
+lock, then the store. It serves until SIGINT/SIGTERM, then shuts down cleanly:
+listeners close, every acknowledged write is already committed (writes are
+acknowledged only after COMMIT), and the store is closed.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.config import RoostConfig
 from broker.services.identity import IdentityService
 from broker.services.runtime import Services
-from broker.store.sqlite import SqliteStore
+from broker.startup import StoreLock, open_store
+
+if TYPE_CHECKING:
+    from broker.server import Listening
 
 log = logging.getLogger("roost")
 
@@ -35,8 +40,7 @@ def plugin_list(config: RoostConfig) -> dict[str, dict[str, Any]]:
 
 
 async def build_services(config: RoostConfig) -> Services:
-    store = SqliteStore(config.resolve(config.storage.path))
-    await store.open()
+    store = await open_store(config.resolve(config.storage.path))
     jwt = config.auth.jwt.secret if config.auth.jwt else None
     identity = IdentityService(store.identity, jwt_secret=jwt)
     await identity.load()
@@ -63,17 +67,22 @@ async def build_services(config: RoostConfig) -> Services:
     return services
 
 
-
-async def start(config: RoostConfig) -> tuple[Any, Services]:
-    """Build and start everything; returns (broker, services)."""
+async def start(config: RoostConfig, listening: dict[str, Listening] | None = None) -> tuple[Any, Services]:
+    """Build and start everything on the sockets of `listening` (bound at
+    broker start when None); returns (broker, services)."""
     from broker.server import RoostBroker
 
     services = await build_services(config)
-    for svc in services.all():
-        await svc.load()
-    broker = RoostBroker(config, plugins=plugin_list(config), services=services,
-                         retained_store=services.store.retained, session_store=services.store.sessions)
-    await broker.start()
+    try:
+        for svc in services.all():
+            await svc.load()
+        broker = RoostBroker(config, plugins=plugin_list(config), services=services,
+                             retained_store=services.store.retained, session_store=services.store.sessions,
+                             listening=listening)
+        await broker.start()
+    except BaseException:
+        await services.store.close()   # nothing is served: close the store cleanly
+        raise
     for svc in services.all():
         await svc.start(broker)
     return broker, services
@@ -90,7 +99,22 @@ async def stop(broker: Any, services: Services) -> None:
 
 
 async def serve(config: RoostConfig, ready: asyncio.Event | None = None) -> None:
-    broker, services = await start(config)
+    from broker.server import bind_listeners
+
+    # Ports and TLS files before anything on disk: a busy port leaves no store
+    # behind. (Blocking name lookups here are fine: nothing is served yet.)
+    listening = bind_listeners(config)
+    try:
+        # One `roost serve` per store; admin commands open it without the lock.
+        with StoreLock(config.resolve(config.storage.path)):
+            await _serve(config, listening, ready)
+    finally:
+        for lst in listening.values():
+            lst.close()
+
+
+async def _serve(config: RoostConfig, listening: dict[str, Listening], ready: asyncio.Event | None) -> None:
+    broker, services = await start(config, listening)
     for name, port in broker.bound_ports().items():
         log.info("listener %s on %s (port %d)", name, config.listeners[name].bind, port)
     if not await services.identity.list():

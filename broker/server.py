@@ -5,11 +5,11 @@ because the private methods below may have changed).
 
 Kept from amqtt: `Broker.__init__` (config parsing, the PluginManager loading
 plugins from `plugins:` with their `Config` dataclasses, BrokerContext), the
-state machine, `Broker._create_ssl_context`, `Broker._split_bindaddr_port`,
-`Server` (listener bookkeeping, close_instance), websocket serving through
-`websockets.serve` with subprotocol `mqtt`, `PluginManager.fire_event` for
-amqtt's broker events (start/shutdown, client connected/disconnected/
-subscribed/unsubscribed; not per message), `PluginManager.close`.
+state machine, `Broker._split_bindaddr_port`, `Server` (listener bookkeeping,
+close_instance), websocket serving through `websockets.serve` with subprotocol
+`mqtt`, `PluginManager.fire_event` for amqtt's broker events (start/shutdown,
+client connected/disconnected/subscribed/unsubscribed; not per message),
+`PluginManager.close`.
 
 Replaced, each because the upstream version is wrong or slow. The defect
 numbers used below (and in tests/test_amqtt_defects.py, which proves each one
@@ -24,12 +24,16 @@ publish scans every subscription and makes a task per subscriber.
   (keepalive ticker, retained writer) instead of `_broadcast_loop` (one task
   per message and subscriber, defect 10) and `_session_monitor`; calls
   `on_roost_start` hooks.
-* `Broker._start_listeners` - listeners come from RoostConfig (resolved paths,
-  independent listeners; amqtt copies fields of the "default" listener into
-  the others).
-* `Broker._create_server_instance` - TCP listeners use `loop.create_server`
-  with our asyncio.Protocol (`broker.mqtt.connection.Connection`) instead of
-  StreamReader/StreamWriter; WS listeners are created as upstream.
+* `Broker._start_listeners`, `Broker._create_server_instance`,
+  `Broker._create_ssl_context` - listeners come from RoostConfig (resolved
+  paths, independent listeners; amqtt copies fields of the "default" listener
+  into the others). `bind_listeners` builds every TLS context (same settings as
+  amqtt's, but naming the file at fault and never prompting for a key
+  passphrase) and binds every socket before `roost serve` touches the store
+  (broker/startup.py: start-up failures are one line); the servers are then
+  made on those sockets (`sock=`). TCP listeners use `loop.create_server` with
+  our asyncio.Protocol (`broker.mqtt.connection.Connection`) instead of
+  StreamReader/StreamWriter; WS listeners use `websockets.serve` as upstream.
 * `Broker.ws_connected`, `Broker.stream_connected`, `Broker.external_connected`,
   `Broker._client_connected`, `Broker._initialize_client_session`,
   `Broker._handle_client_session`, `Broker._client_message_loop`,
@@ -59,16 +63,20 @@ Not supported: `BrokerContext.add_subscription` / `Broker.create_offline_session
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 import ssl
 from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import amqtt
 import websockets
 from amqtt.broker import Broker, Server
-from amqtt.contexts import ListenerConfig as AmqttListenerConfig
 from amqtt.errors import BrokerError
 from amqtt.events import BrokerEvents
 
@@ -76,6 +84,7 @@ from broker.config import ListenerConfig, RoostConfig
 from broker.mqtt.connection import CLOSED, Connection
 from broker.mqtt.engine import Engine
 from broker.mqtt.hooks import DisconnectReason
+from broker.startup import StartupError
 from broker.store.base import SavedSession
 from contract import topics
 
@@ -94,6 +103,11 @@ WS_CLOSE_TIMEOUT = 2.0
 _BACKGROUND: set[asyncio.Task[Any]] = set()   # websocket close handshakes in flight
 
 
+def _address(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+
 class _Retained:
     """What amqtt's `retained_messages` values look like to plugins."""
 
@@ -103,10 +117,157 @@ class _Retained:
         self.topic, self.data, self.qos, self.retain = topic, data, qos, True
 
 
+# ---- listeners: bound before the store is opened ---------------------------------
+
+LISTEN_BACKLOG = 1024
+
+
+@dataclass
+class Listening:
+    """One listener made ready before `roost serve` touches the store: its TLS
+    context built and its sockets bound (not yet listening: see bind_listeners)."""
+
+    sockets: list[socket.socket]
+    ssl_context: ssl.SSLContext | None
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()   # a no-op for a socket its server has closed already
+
+
+def bind_listeners(config: RoostConfig) -> dict[str, Listening]:
+    """Every listener's TLS context and sockets, or StartupError naming the
+    listener, the address or file, and what is wrong.
+
+    TLS files come first (reading them changes nothing). The sockets are bound
+    but only listen once their server is made (RoostBroker.start): a listening
+    socket accepts connections while the store is still opening, and whoever
+    waits for the port to open would take the broker for ready. SO_REUSEADDR
+    lets a restart bind past TIME_WAIT connections; two sockets that both set it
+    can share an address only while neither listens, so a second broker racing
+    this one for the port fails at listen() instead, reported the same way."""
+    contexts = {name: _tls_context(name, lst, config.resolve) if lst.ssl else None
+                for name, lst in config.listeners.items()}
+    listening: dict[str, Listening] = {}
+    try:
+        for name, lst in config.listeners.items():
+            listening[name] = Listening(_bind(name, lst.bind), contexts[name])
+    except BaseException:
+        for ready in listening.values():
+            ready.close()
+        raise
+    return listening
+
+
+def _bind(name: str, bind: str) -> list[socket.socket]:
+    """Sockets for `bind` as loop.create_server would make them: one per address
+    the host resolves to (all interfaces for an empty host), IPv6 ones v6-only."""
+    host, port = Broker._split_bindaddr_port(bind, 1883)
+    host = host.strip("[]") if host else None   # "[::]:1883" -> "::"
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        raise StartupError(f"cannot listen on {bind} (listener {name}): unknown host {host}") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):   # unique, in order
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:   # an address family this machine lacks (e.g. no IPv6)
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        raise StartupError(listen_problem(name, bind, port, exc)) from None
+    if not sockets:
+        raise StartupError(f"cannot listen on {bind} (listener {name}): no usable address")
+    return sockets
+
+
+def listen_problem(name: str, bind: str, port: int, exc: OSError) -> str:
+    """The one line for a socket that cannot bind or listen."""
+    reasons = {errno.EADDRINUSE: "address already in use",
+               errno.EADDRNOTAVAIL: "no such address on this machine",
+               errno.EACCES: "permission denied"}
+    reason = reasons.get(exc.errno or 0) or (exc.strerror or str(exc)).lower()
+    if exc.errno == errno.EACCES and 0 < port < 1024:
+        reason += " (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+    return f"cannot listen on {bind} (listener {name}): {reason}"
+
+
+class _EncryptedKey(Exception):
+    """Raised by the passphrase callback: a broker cannot stop to ask for one."""
+
+
+def _no_passphrase() -> str:
+    raise _EncryptedKey
+
+
+def _tls_context(name: str, lst: ListenerConfig, resolve: Callable[[str], Path]) -> ssl.SSLContext:
+    """amqtt's server context (CLIENT_AUTH defaults, optional client certificates),
+    built here so that a bad file is named in one line."""
+    certfile, keyfile = resolve(lst.certfile or ""), resolve(lst.keyfile or "")
+    cafile = resolve(lst.cafile) if lst.cafile else None
+    where = f"listener {name}"
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cafile)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"{where}: cafile {cafile} is not a usable PEM CA certificate ({_ssl_reason(exc)})") from None
+    try:
+        # the certificate alone first, so that a bad one is not blamed on the key
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=certfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"{where}: certfile {certfile} is not a PEM certificate ({_ssl_reason(exc)})") from None
+    try:
+        context.load_cert_chain(certfile, keyfile, password=_no_passphrase)
+    except _EncryptedKey:
+        raise StartupError(f"{where}: keyfile {keyfile} is encrypted; roost needs it without a passphrase") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"{where}: keyfile {keyfile} is not the PEM private key of certfile {certfile} "
+                           f"({_ssl_reason(exc)})") from None
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def _ssl_reason(exc: ssl.SSLError | OSError) -> str:
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason.lower().replace("_", " ") if exc.reason else str(exc)
+    return (exc.strerror or str(exc)).lower()
+
+
+class _ListenerServers:
+    """A listener served on several sockets (one per address its host resolves
+    to; loop.create_server takes one `sock`): what amqtt's Server and
+    bound_ports use of an asyncio.Server."""
+
+    def __init__(self) -> None:
+        self.servers: list[Any] = []
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        return [sock for server in self.servers for sock in server.sockets]
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.close()
+
+    async def wait_closed(self) -> None:
+        for server in self.servers:
+            await server.wait_closed()
+
+
 class RoostBroker(Broker):
     def __init__(self, config: RoostConfig, *, plugins: dict[str, dict[str, Any]], services: Any,
-                 retained_store: Any | None, session_store: Any | None = None) -> None:
+                 retained_store: Any | None, session_store: Any | None = None,
+                 listening: dict[str, Listening] | None = None) -> None:
         self.roost_config = config
+        # bound by `roost serve` before it opened the store; None: bound at start()
+        self._listening = listening
         self.services = services
         self.retained_store = retained_store
         super().__init__(self._amqtt_config(config, plugins))
@@ -149,10 +310,13 @@ class RoostBroker(Broker):
             await self._start_listeners()
             self.transitions.starting_success()
         except Exception as exc:
-            log.exception("broker start failed")
+            if not isinstance(exc, StartupError):   # that one says all a person needs in one line
+                log.exception("broker start failed")
             self.transitions.starting_fail()
             await self._close_servers()
             await self.engine.stop()
+            if isinstance(exc, StartupError):
+                raise
             raise BrokerError(f"Broker instance can't be started: {exc}") from exc
         await self.plugins_manager.fire_event(BrokerEvents.POST_START, wait=True)
         for hook in self.engine.h_start:
@@ -167,35 +331,44 @@ class RoostBroker(Broker):
         return identity is None or identity.get_cached(saved.principal) is not None
 
     async def _start_listeners(self) -> None:
-        for name, lst in self.roost_config.listeners.items():
-            ssl_context = self._roost_ssl_context(lst) if lst.ssl else None
-            address, port = self._split_bindaddr_port(lst.bind, 1883)
-            if address is not None:
-                address = address.strip("[]")  # "[::]:1883" -> "::"
-            instance = await self._create_server_instance(name, lst.type, address, port, ssl_context)
-            self._servers[name] = Server(name, instance, lst.max_connections)
-            log.info("listener %s (%s%s) bound to %s:%d", name, lst.type, "+tls" if lst.ssl else "",
-                     address or "*", self.bound_ports()[name])
+        listening = self._listening if self._listening is not None else bind_listeners(self.roost_config)
+        try:
+            for name, lst in self.roost_config.listeners.items():
+                await self._serve_listener(name, lst, listening[name])
+        finally:
+            for ready in listening.values():
+                ready.close()   # those not handed to a server (a failed start); the others are no-ops
 
-    def _roost_ssl_context(self, lst: ListenerConfig) -> ssl.SSLContext:
-        r = self.roost_config.resolve
-        return self._create_ssl_context(AmqttListenerConfig(
-            ssl=True, certfile=str(r(lst.certfile or "")), keyfile=str(r(lst.keyfile or "")),
-            cafile=str(r(lst.cafile)) if lst.cafile else None))
+    async def _serve_listener(self, name: str, lst: ListenerConfig, ready: Listening) -> None:
+        group = _ListenerServers()
+        # registered first, so that a failed start closes whatever part of it was served
+        self._servers[name] = Server(name, cast(Any, group), lst.max_connections)
+        for sock in ready.sockets:
+            try:
+                group.servers.append(await self._serve_socket(name, lst.type, sock, ready.ssl_context))
+            except OSError as exc:   # listen() lost a race for the port (see bind_listeners)
+                port = sock.getsockname()[1]
+                raise StartupError(listen_problem(name, lst.bind, port, exc)) from None
+        ready.sockets = []   # owned by their servers now
+        log.info("listener %s (%s%s) bound to %s", name, lst.type, "+tls" if lst.ssl else "",
+                 ", ".join(_address(sock) for sock in group.sockets))
+
+    async def _serve_socket(self, listener_name: str, listener_type: str, sock: socket.socket,
+                            ssl_context: ssl.SSLContext | None) -> Any:
+        if listener_type == "tcp":
+            engine = self.engine
+            return await asyncio.get_running_loop().create_server(
+                lambda: Connection(engine, listener_name), sock=sock, ssl=ssl_context, backlog=LISTEN_BACKLOG)
+        if listener_type == "ws":
+            return await websockets.serve(
+                partial(self.ws_connected, listener_name=listener_name), sock=sock,
+                ssl=ssl_context, subprotocols=[websockets.Subprotocol("mqtt")], backlog=LISTEN_BACKLOG,
+                max_size=self.engine.max_packet + 8, close_timeout=WS_CLOSE_TIMEOUT)
+        raise BrokerError(f"Unsupported listener type: {listener_type}")
 
     async def _create_server_instance(self, listener_name: str, listener_type: Any, address: str | None,
                                       port: int, ssl_context: ssl.SSLContext | None) -> Any:
-        if str(listener_type) == "tcp":
-            engine = self.engine
-            return await asyncio.get_running_loop().create_server(
-                lambda: Connection(engine, listener_name), address, port,
-                ssl=ssl_context, reuse_address=True, backlog=1024)
-        if str(listener_type) == "ws":
-            return await websockets.serve(
-                partial(self.ws_connected, listener_name=listener_name), address, port,
-                ssl=ssl_context, subprotocols=[websockets.Subprotocol("mqtt")],
-                max_size=self.engine.max_packet + 8, close_timeout=WS_CLOSE_TIMEOUT)
-        raise BrokerError(f"Unsupported listener type: {listener_type}")
+        raise NotImplementedError("RoostBroker serves listeners on sockets bound by bind_listeners")
 
     def bound_ports(self) -> dict[str, int]:
         ports = {}
@@ -300,7 +473,7 @@ class RoostBroker(Broker):
 
     @property
     def retained_messages(self) -> dict[str, Any]:  # type: ignore[override]
-        return {t: _Retained(t, p, q) for t, (p, q) in self.engine.retained.items()}
+        return {t: _Retained(t, r.payload, r.qos) for t, r in self.engine.retained.items()}
 
     # ---- BrokerApi (broker/mqtt/hooks.py) ----------------------------------------
 
@@ -315,7 +488,7 @@ class RoostBroker(Broker):
 
     def retained(self, topic: str) -> bytes | None:
         v = self.engine.retained.get(topic)
-        return v[0] if v is not None else None
+        return v.payload if v is not None else None
 
     def client_ids_of(self, principal: str) -> list[str]:
         return self.engine.client_ids_of(principal)

@@ -90,9 +90,12 @@ def serve(config_path: str | None, log_level: str | None) -> None:
     # amqtt's state machine library logs every transition at INFO.
     logging.getLogger("transitions").setLevel(logging.WARNING)
     from broker.app import serve as run_broker
+    from broker.startup import StartupError
 
     try:
         asyncio.run(run_broker(cfg))
+    except StartupError as exc:  # one line: which address, file or store, and what is wrong
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:  # e.g. address already in use
         raise click.ClickException(f"cannot start: {exc}") from None
     except KeyboardInterrupt:

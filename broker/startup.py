@@ -1,0 +1,111 @@
+"""What `roost serve` checks and takes before it serves, each failure one line.
+
+`roost serve` goes: TLS files and listener sockets (broker.server.bind_listeners:
+nothing on disk is touched yet), then the store's lock (`StoreLock`: one
+`roost serve` per store), then the store itself (`open_store`). Whatever fails
+raises StartupError, whose text is the whole message a person sees: what
+(address, file, store) and why, never a traceback.
+
+The admin commands (`roost user add` ...) open the store without the lock: they
+are meant to run next to the broker.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from broker.store.sqlite import SqliteStore
+
+
+class StartupError(Exception):
+    """`roost serve` cannot start; str() is the one line to print."""
+
+
+def os_reason(exc: OSError | sqlite3.Error) -> str:
+    """`exc` without errno noise: "permission denied", "file is not a database"."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc)
+
+
+class StoreLock:
+    """An exclusive flock on `<store>.lock`, held for as long as one `roost serve`
+    uses the store: two brokers on one store would each keep their own sessions
+    and retained messages and overwrite the other's. flock dies with the process
+    (even on SIGKILL), so a crash never leaves a stale lock; the file itself stays
+    (removing it would let a third process lock a file nobody else sees) and holds
+    the pid of its last holder for the message."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.path = Path(f"{store}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        _make_store_folder(self.store.parent)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise StartupError(f"cannot lock store {self.store}: {self.path}: {os_reason(exc)}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _pid_in(fd)
+            os.close(fd)
+            raise StartupError(f"store {self.store} is in use by another roost serve "
+                               f"(pid {holder or 'unknown'})") from None
+        except OSError as exc:   # e.g. a file system without locks
+            os.close(fd)
+            raise StartupError(f"cannot lock store {self.store}: {os_reason(exc)}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)   # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> Self:
+        self.acquire()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.release()
+
+
+def _pid_in(fd: int) -> int | None:
+    """The pid the holder wrote; None if it has not written it yet."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else None
+
+
+def _make_store_folder(folder: Path) -> None:
+    """The store's folder, created 0700 as broker.store.sqlite_db.prepare_private_file
+    does (the lock file is the first thing written in it)."""
+    if folder.is_dir():
+        return
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)      # mkdir's mode is filtered by the umask
+    except FileExistsError:
+        raise StartupError(f"cannot create store folder {folder}: a file of that name exists") from None
+    except OSError as exc:
+        raise StartupError(f"cannot create store folder {folder}: {os_reason(exc)}") from None
+
+
+async def open_store(path: Path) -> SqliteStore:
+    """The opened, migrated store, or StartupError("cannot open store <path>: ...")."""
+    store = SqliteStore(path)
+    try:
+        await store.open()
+    except (sqlite3.Error, OSError) as exc:
+        await store.close()
+        raise StartupError(f"cannot open store {path}: {os_reason(exc)}") from None
+    return store
