@@ -39,7 +39,9 @@ def parse_request(payload: bytes) -> Request:
     answer even a malformed request exactly once.
     """
     try:
-        doc = json.loads(payload)
+        # Strict UTF-8 first: json.loads(bytes) would decode with 'surrogatepass'
+        # (and guess UTF-16/32), letting encoded surrogates through.
+        doc = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise _bad(None, "payload is not JSON") from None
     if not isinstance(doc, dict):
@@ -47,11 +49,48 @@ def parse_request(payload: bytes) -> Request:
     rid = doc.get("id")
     if not isinstance(rid, str) or not (1 <= len(rid) <= MAX_REQUEST_ID_LEN):
         raise _bad(None, f"'id' must be a string of 1..{MAX_REQUEST_ID_LEN} characters")
+    if not _is_unicode(rid):
+        raise _bad(None, "'id' is not valid Unicode (lone UTF-16 surrogate escape)")
+    if _may_hold_surrogates(payload) and not _all_unicode(doc):
+        raise _bad(rid, "a string is not valid Unicode (lone UTF-16 surrogate escape)")
     op = doc.get("op")
     if not isinstance(op, str):
         raise _bad(rid, "'op' must be a string")
     params = {k: v for k, v in doc.items() if k not in ("id", "op")}
     return Request(id=rid, op=op, params=params)
+
+
+def _may_hold_surrogates(payload: bytes) -> bool:
+    """After strict UTF-8 decoding a surrogate can only come from a `\\uD800`..
+    `\\uDFFF` escape: payloads without `\\ud`/`\\uD` skip the walk."""
+    return b"\\ud" in payload or b"\\uD" in payload
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (json.loads lets `"\\ud800"`
+    through): it cannot be written as UTF-8, so not stored, echoed or answered."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _all_unicode(doc: Any) -> bool:
+    """Every key and string value in `doc` is valid Unicode (iterative: the nesting
+    was already bounded by the parser, but no recursion is needed)."""
+    stack = [doc]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if not _is_unicode(item):
+                return False
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return True
 
 
 def _bad(rid: str | None, message: str) -> ProtocolError:

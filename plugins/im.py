@@ -4,9 +4,13 @@
 `on_client_publish` never blocks the connection: it checks the cheap things
 (identity, size, JSON envelope, rate, pending bound), then hands the request to
 a task. Whatever the handler does, the task answers exactly once: a
-ProtocolError becomes its code, a full store `unavailable`, anything else
-`internal` (logged with its traceback). Nothing a client sends can crash the
-broker or disturb another client.
+ProtocolError becomes its code, a store that cannot write (full, read-only,
+failing disk, saturated writer, closing) `unavailable` with one log line at a
+limited rate, anything else `internal` (logged with its traceback). Nothing a
+client sends can crash the broker or disturb another client.
+
+Request rates are limited per principal, not per client id: one person with
+twenty clients gets the same budget as with one.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import logging
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +27,9 @@ from amqtt.plugins.base import BasePlugin
 
 from broker.services.base import Caller, Handler
 from broker.services.inbox import compact_json
-from broker.store.sqlite_db import StoreBusy, StoreClosed
+from broker.services.telemetry_influx import RateLimitedLog
+from broker.store.base import StoreUnavailable
+from broker.store.sqlite_db import StoreClosed, as_unavailable
 from contract import topics
 from contract.envelopes import error_response, parse_request
 from contract.errors import ErrorCode, ProtocolError
@@ -34,6 +41,9 @@ log = logging.getLogger("roost.im")
 # (ensure_ascii clients write up to 6 bytes per character).
 ENVELOPE_SLACK = 64 * 1024
 STOP_GRACE = 5.0
+# Principals whose token buckets are remembered; the least recently active go
+# first. A forgotten bucket had the longest to refill, so forgetting is nearly free.
+MAX_BUCKETS = 20000
 
 
 _LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
@@ -43,6 +53,19 @@ def _leading_id(payload: bytes) -> str | None:
     """The request id of a payload too large to parse, when `id` is its first member."""
     m = _LEADING_ID.match(payload[:200])
     return m.group(1).decode() if m else None
+
+
+def store_unavailable(exc: BaseException) -> StoreUnavailable | StoreClosed | None:
+    """`exc` as the store's "cannot write now" (or closed) error, else None. Raw
+    sqlite3 errors (e.g. an I/O error on the reader) are mapped as the writer does."""
+    mapped = as_unavailable(exc)
+    return mapped if isinstance(mapped, (StoreUnavailable, StoreClosed)) else None
+
+
+def one_line(exc: BaseException) -> str:
+    """The first line of an exception's text (error messages are one line)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @dataclass
@@ -72,11 +95,13 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
     def __init__(self, context: Any) -> None:
         super().__init__(context)
         self._ops: dict[str, Handler] | None = None
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets: OrderedDict[str, TokenBucket] = OrderedDict()   # by principal, LRU
         self._pending: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.rejected_rate = 0
         self.failed_internal = 0
+        self.answered_unavailable = 0
+        self._unavailable_log = RateLimitedLog(log)
 
     # ---- wiring ------------------------------------------------------------------
     def _services(self) -> Any:
@@ -138,14 +163,11 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         if not principal:
             self._answer_later(client_id, error_response(request.id, ErrorCode.UNAUTHORIZED, "not authenticated"))
             return
-        bucket = self._buckets.get(client_id)
-        if bucket is None:
-            burst = float(max(1, limits.request_burst))
-            bucket = self._buckets[client_id] = TokenBucket(rate=limits.request_rate, burst=burst, tokens=burst)
-        if not bucket.take():
+        if not self._bucket(principal).take():
             self.rejected_rate += 1
-            self._answer_later(client_id, error_response(request.id, ErrorCode.RATE_LIMITED,
-                                                         f"more than {limits.request_rate:g} requests per second"))
+            self._answer_later(client_id, error_response(
+                request.id, ErrorCode.RATE_LIMITED,
+                f"more than {limits.request_rate:g} requests per second from {principal!r} (all its clients)"))
             return
         if self._pending.get(client_id, 0) >= max(1, limits.max_pending_requests):
             self.rejected_rate += 1
@@ -162,6 +184,29 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         self._pending[client_id] = self._pending.get(client_id, 0) + 1
         self._spawn(self._process(caller, request.id, request.op, handler, request.params))
 
+    def _bucket(self, principal: str) -> TokenBucket:
+        """The principal's token bucket, shared by all its clients; it outlives their
+        connections, so reconnecting does not refill it."""
+        bucket = self._buckets.get(principal)
+        if bucket is not None:
+            self._buckets.move_to_end(principal)
+            return bucket
+        limits = self._services().config.limits
+        burst = float(max(1, limits.request_burst))
+        bucket = self._buckets[principal] = TokenBucket(rate=limits.request_rate, burst=burst, tokens=burst)
+        while len(self._buckets) > MAX_BUCKETS:
+            self._buckets.popitem(last=False)
+        return bucket
+
+    def _unavailable(self, rid: str, op: str, caller: Caller, exc: BaseException) -> bytes:
+        """`unavailable`, one line to the client and (rate-limited) to the log: a
+        full disk must not write a traceback per request into the log it fills."""
+        self.answered_unavailable += 1
+        reason = one_line(exc)
+        self._unavailable_log.warning("op %s from %s answered `unavailable`: %s (%d so far)",
+                                      op, caller.client_id, reason, self.answered_unavailable)
+        return error_response(rid, ErrorCode.UNAVAILABLE, f"storage cannot take writes now, retry later ({reason})")
+
     async def _process(self, caller: Caller, rid: str, op: str, handler: Handler, params: dict[str, Any]) -> None:
         try:
             try:
@@ -170,14 +215,16 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
                 response = compact_json({"id": rid, "ok": True, "result": result}).encode()
             except ProtocolError as err:
                 response = error_response(rid, err.code, err.message)
-            except (StoreBusy, StoreClosed) as exc:
-                response = error_response(rid, ErrorCode.UNAVAILABLE, f"storage is busy, retry later ({exc})")
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the client gets `internal`, the log the traceback
-                self.failed_internal += 1
-                log.exception("op %s from %s failed", op, caller.client_id)
-                response = error_response(rid, ErrorCode.INTERNAL, "internal error (logged)")
+            except Exception as exc:  # noqa: BLE001 - the client gets `internal`, the log the traceback
+                unavailable = store_unavailable(exc)
+                if unavailable is not None:
+                    response = self._unavailable(rid, op, caller, unavailable)
+                else:
+                    self.failed_internal += 1
+                    log.exception("op %s from %s failed", op, caller.client_id)
+                    response = error_response(rid, ErrorCode.INTERNAL, "internal error (logged)")
         finally:
             left = self._pending.get(caller.client_id, 1) - 1
             if left > 0:
@@ -208,8 +255,8 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
             return
         try:
             await messaging.inboxes.client_connected(session.client_id, principal, bool(session.clean_session))
-        except Exception:  # noqa: BLE001
-            log.exception("inbox set-up for %s failed", session.client_id)
+        except Exception as exc:  # noqa: BLE001
+            self._hook_failed("inbox set-up for %s failed", session.client_id, exc)
 
     async def on_client_subscribed(self, session: Any, topic_filter: str, qos: int) -> None:
         principal = getattr(session, "principal", None)
@@ -219,8 +266,8 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         try:
             await messaging.inboxes.client_subscribed(session.client_id, principal, bool(session.clean_session),
                                                       topic_filter)
-        except Exception:  # noqa: BLE001
-            log.exception("inbox subscription of %s failed", session.client_id)
+        except Exception as exc:  # noqa: BLE001
+            self._hook_failed("inbox subscription of %s failed", session.client_id, exc)
 
     async def on_client_unsubscribed(self, session: Any, topic_filter: str) -> None:
         principal = getattr(session, "principal", None)
@@ -230,21 +277,26 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         try:
             await messaging.inboxes.client_unsubscribed(session.client_id, principal, bool(session.clean_session),
                                                         topic_filter)
-        except Exception:  # noqa: BLE001
-            log.exception("inbox unsubscription of %s failed", session.client_id)
+        except Exception as exc:  # noqa: BLE001
+            self._hook_failed("inbox unsubscription of %s failed", session.client_id, exc)
 
     async def on_client_disconnected(self, session: Any, reason: str) -> None:
         client_id = getattr(session, "client_id", None) or ""
-        if str(reason) != "taken_over":
-            self._buckets.pop(client_id, None)
         principal = getattr(session, "principal", None)
         messaging = self._messaging()
         if not principal or messaging is None:
             return
         try:
             await messaging.inboxes.client_disconnected(client_id, principal, str(reason))
-        except Exception:  # noqa: BLE001
-            log.exception("inbox tear-down for %s failed", client_id)
+        except Exception as exc:  # noqa: BLE001
+            self._hook_failed("inbox tear-down for %s failed", client_id, exc)
+
+    def _hook_failed(self, what: str, client_id: str, exc: BaseException) -> None:
+        unavailable = store_unavailable(exc)
+        if unavailable is not None:
+            self._unavailable_log.warning(what + ": %s", client_id, one_line(unavailable))
+        else:
+            log.error(what, client_id, exc_info=exc)
 
     async def on_roost_stop(self) -> None:
         """Let requests in progress finish (their writes are committing), then give up."""

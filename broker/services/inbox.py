@@ -14,6 +14,11 @@ Where a pusher starts:
   Such a client's inbox subscription is recorded in the store, so a reconnect that
   relies on its persistent session (no new SUBSCRIBE) is pushed too, even after a
   broker restart.
+
+A store that cannot write (disk full, read-only) stops nothing here: pushers only
+read, and an inbox-subscription flag that could not be written is kept in memory
+and written again once the store takes writes (one log line per outage, not one
+traceback per client).
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from broker.services.base import Publisher
-from broker.store.base import MailboxEvent, MessagingStore
-from broker.store.sqlite_db import StoreClosed
+from broker.services.telemetry_influx import RateLimitedLog
+from broker.store.base import MailboxEvent, MessagingStore, StoreUnavailable
+from broker.store.sqlite_db import StoreClosed, as_unavailable
 from broker.store.sqlite_msgbatch import compact_json
 from contract import topics
 
@@ -37,11 +43,20 @@ READ_BATCH = 200          # events read from the store at a time when catching u
 BUFFER_MAX = 256          # events a pusher holds in memory before falling back to the store
 RETRY_MIN = 0.05          # seconds before re-offering an event a connected client could not take
 RETRY_MAX = 2.0
-
+SUB_RETRY = 1.0           # seconds between attempts to write inbox-subscription flags the store refused
 
 
 def encode_event(doc: dict[str, Any]) -> bytes:
     return compact_json(doc).encode()
+
+
+def describe_failure(exc: BaseException) -> tuple[str, bool]:
+    """(one line, whether a traceback helps): the store being unable to write or
+    read is an outage to report in a line, anything else a bug worth its traceback."""
+    mapped = as_unavailable(exc)
+    if isinstance(mapped, (StoreUnavailable, StoreClosed)):
+        return str(mapped).splitlines()[0] if str(mapped) else type(mapped).__name__, False
+    return f"{type(exc).__name__}: {exc}", True
 
 
 class InboxPusher:
@@ -68,6 +83,15 @@ class InboxPusher:
         self.pushed = 0
         self.retries = 0
         self.read_errors = 0
+        self._read_log = RateLimitedLog(log, interval=30.0)
+
+    def _read_failed(self, what: str, exc: Exception) -> None:
+        self.read_errors += 1
+        line, trace = describe_failure(exc)
+        if trace:
+            log.warning("inbox pusher for %s: %s failed; retrying", self.client_id, what, exc_info=exc)
+        else:
+            self._read_log.warning("inbox pusher for %s: %s failed (%s); retrying", self.client_id, what, line)
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"inbox-push-{self.client_id}")
@@ -117,10 +141,8 @@ class InboxPusher:
                 return cursor, head
             except StoreClosed:
                 raise
-            except Exception:  # noqa: BLE001 - retried; offers made meanwhile are kept
-                self.read_errors += 1
-                log.warning("inbox pusher for %s: reading its cursor failed; retrying", self.client_id,
-                            exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - retried; offers made meanwhile are kept
+                self._read_failed("reading its cursor", exc)
                 await asyncio.sleep(RETRY_MAX)
 
     async def _run(self) -> None:
@@ -152,10 +174,8 @@ class InboxPusher:
                     batch = await self._next_batch()
                 except StoreClosed:
                     raise
-                except Exception:  # noqa: BLE001 - a failed read is retried, never skipped (no gap)
-                    self.read_errors += 1
-                    log.warning("inbox pusher for %s: reading the mailbox failed; retrying", self.client_id,
-                                exc_info=True)
+                except Exception as exc:  # noqa: BLE001 - a failed read is retried, never skipped (no gap)
+                    self._read_failed("reading the mailbox", exc)
                     await asyncio.sleep(RETRY_MAX)
                     continue
                 for event in batch:
@@ -229,11 +249,23 @@ class Inboxes:
         self._filters: OrderedDict[str, set[str]] = OrderedDict()
         self._clean: set[str] = set()   # client ids in _filters whose session ends with the connection
         self.filters_evicted = 0
+        # Inbox-subscription flags the store refused (client id -> (principal, on)),
+        # newest wins; written again by `_sub_retry` once the store takes writes.
+        self._unsaved: OrderedDict[str, tuple[str, bool]] = OrderedDict()
+        self._sub_retry: asyncio.Task[None] | None = None
+        self._sub_log = RateLimitedLog(log, interval=30.0)
 
     def start(self, publisher: Publisher) -> None:
         self._publisher = publisher
 
     async def stop(self) -> None:
+        retry, self._sub_retry = self._sub_retry, None
+        if retry is not None:
+            retry.cancel()
+            try:
+                await retry
+            except asyncio.CancelledError:
+                pass
         pushers = [p for group in self._by_principal.values() for p in group.values()]
         self._by_principal.clear()
         for p in pushers:
@@ -262,8 +294,8 @@ class Inboxes:
             self._forget_filters(client_id)      # a new clean session has no subscriptions
         _cursor, subscribed, _head = await self._store.client_cursor(client_id, principal)
         if clean_session:
-            if subscribed:
-                await self._store.set_inbox_sub(client_id, principal, False)
+            if subscribed or client_id in self._unsaved:
+                await self._save_sub(client_id, principal, False)
             return
         if subscribed and self.pusher(client_id, principal) is None:   # a SUBSCRIBE may have started one
             self._start(client_id, principal, persistent=True)
@@ -282,10 +314,12 @@ class Inboxes:
             # has already started, whether or not this bookkeeping succeeds.
             try:
                 _cursor, subscribed, _head = await self._store.client_cursor(client_id, principal)
-                if not subscribed:
-                    await self._store.set_inbox_sub(client_id, principal, True)
-            except Exception:  # noqa: BLE001
-                log.warning("could not record the inbox subscription of %s", client_id, exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - recorded anyway below (an upsert)
+                log.warning("could not read the inbox subscription of %s (%s)", client_id,
+                            describe_failure(exc)[0])
+                subscribed = False
+            if not subscribed or client_id in self._unsaved:
+                await self._save_sub(client_id, principal, True)
 
     async def client_unsubscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
         if not topics.matches(topics.inbox(principal), topic_filter):
@@ -298,7 +332,7 @@ class Inboxes:
             self._forget_filters(client_id)
         await self._drop(client_id, principal)
         if not clean_session:
-            await self._store.set_inbox_sub(client_id, principal, False)
+            await self._save_sub(client_id, principal, False)
 
     async def client_disconnected(self, client_id: str, principal: str, reason: str) -> None:
         if reason == "taken_over":
@@ -312,6 +346,52 @@ class Inboxes:
         prefix = principal + "."
         for client_id in [c for c in self._filters if c == principal or c.startswith(prefix)]:
             self._forget_filters(client_id)
+
+    # ---- inbox-subscription flags, kept through store outages ----------------
+    async def _save_sub(self, client_id: str, principal: str, on: bool) -> None:
+        """Record the flag; when the store refuses, keep it and retry in the
+        background (the caller's hook goes on: pushing does not depend on it)."""
+        self._unsaved.pop(client_id, None)
+        try:
+            await self._store.set_inbox_sub(client_id, principal, on)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - kept and retried, never lost silently
+            self._keep_unsaved(client_id, principal, on, exc)
+
+    def _keep_unsaved(self, client_id: str, principal: str, on: bool, exc: BaseException) -> None:
+        line, trace = describe_failure(exc)
+        if trace:
+            log.warning("could not record the inbox subscription of %s; retrying", client_id, exc_info=exc)
+        else:
+            self._sub_log.warning("could not record the inbox subscription of %s (%s); retrying when the "
+                                  "store writes again", client_id, line)
+        self._unsaved[client_id] = (principal, on)
+        self._unsaved.move_to_end(client_id)
+        while len(self._unsaved) > MAX_TRACKED_CLIENTS:
+            self._unsaved.popitem(last=False)
+        if self._sub_retry is None or self._sub_retry.done():
+            self._sub_retry = asyncio.get_running_loop().create_task(self._retry_unsaved(),
+                                                                     name="inbox-sub-retry")
+
+    async def _retry_unsaved(self) -> None:
+        """Write the kept flags, oldest first, until none is left; a refusal waits
+        SUB_RETRY before the next attempt (the store recovers by itself)."""
+        while self._unsaved:
+            await asyncio.sleep(SUB_RETRY)
+            while self._unsaved:
+                client_id, (principal, on) = next(iter(self._unsaved.items()))
+                try:
+                    await self._store.set_inbox_sub(client_id, principal, on)
+                except StoreClosed:
+                    return
+                except Exception as exc:  # noqa: BLE001 - still refused: wait and retry
+                    self._sub_log.warning("inbox subscription flags of %d client(s) still unsaved (%s)",
+                                          len(self._unsaved), describe_failure(exc)[0])
+                    break
+                if self._unsaved.get(client_id) == (principal, on):   # not changed meanwhile
+                    del self._unsaved[client_id]
+        log.info("inbox subscription flags saved again")
 
     # ---- internals -----------------------------------------------------------
     def _forget_filters(self, client_id: str) -> None:

@@ -17,7 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, param_int, param_str
-from broker.services.inbox import Inboxes, compact_json
+from broker.services.inbox import Inboxes, compact_json, describe_failure
+from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import MailboxEvent, NotMember, StoredMessage
 from contract.envelopes import MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT
 from contract.errors import ErrorCode, ProtocolError
@@ -470,14 +471,22 @@ class MessagingService:
         return discarded
 
     async def _prune_loop(self) -> None:
+        # A store that cannot write fails every round: one line a minute, not a
+        # traceback a second.
+        outage_log = RateLimitedLog(log, interval=60.0)
         while True:
             await asyncio.sleep(self.prune_interval)
             try:
                 await self.prune_once()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - retried next round; store busy or closing
-                log.warning("mailbox pruning round failed", exc_info=True)
+            except Exception as exc:  # noqa: BLE001 - retried next round; store busy or closing
+                line, trace = describe_failure(exc)
+                if trace:
+                    log.warning("mailbox pruning round failed", exc_info=exc)
+                else:
+                    outage_log.warning("mailbox pruning round failed (%s); retried every %g s",
+                                       line, self.prune_interval)
 
 
 def _own_conv(caller: Caller, conv_param: Any) -> tuple[str, tuple[str, ...]]:

@@ -19,6 +19,9 @@ store records that the broker is still alive (one row). After a restart (clean
 or SIGKILL) everyone the store still lists as online is published `offline`
 with `last_seen` = the last moment the old broker was known to be running
 (they were connected until then), before any new state of theirs.
+While the store cannot write (disk full, read-only) presence goes on in memory
+and on the wire; the records stay dirty and are written once it can again, with
+one log line for the outage rather than a traceback per flush.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from broker.services.base import Handler, Publisher, cancel_and_wait
+from broker.services.inbox import describe_failure
+from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import PresenceRecord
 from contract import topics
 from contract.presence import OFFLINE, ONLINE
@@ -79,6 +84,8 @@ class PresenceService:
         self.overflows = 0
         self.publish_errors = 0
         self.persist_errors = 0
+        self._failing_since: int | None = None   # persist_errors when the current outage began
+        self._persist_log = RateLimitedLog(log, interval=60.0)
 
     # ---- lifecycle -------------------------------------------------------
     async def load(self) -> None:
@@ -303,7 +310,19 @@ class PresenceService:
                 records.append(PresenceRecord(principal, st.state, st.since, st.last_seen))
         try:
             await self._store.save_presence(records, alive_at)
-        except Exception:  # noqa: BLE001 - store busy or closed: retry with the next flush
+        except Exception as exc:  # noqa: BLE001 - store busy or closed: retry with the next flush
             self.persist_errors += 1
-            log.warning("presence: saving %d record(s) failed; will retry", len(records), exc_info=True)
             self._dirty |= batch
+            line, trace = describe_failure(exc)
+            if trace:
+                log.warning("presence: saving %d record(s) failed; will retry", len(records), exc_info=exc)
+            else:
+                if self._failing_since is None:
+                    self._failing_since = self.persist_errors - 1
+                self._persist_log.warning("presence: saving %d record(s) failed (%s); retrying every %g s",
+                                          len(records), line, self._flush_interval)
+            return
+        if self._failing_since is not None:
+            log.info("presence: records saved again after %d failed attempt(s)",
+                     self.persist_errors - self._failing_since)
+            self._failing_since = None

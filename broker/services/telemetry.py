@@ -130,6 +130,7 @@ class TelemetryService:
         self._listeners: list[Listener] = []
         self._stats = TelemetryStats()
         self._malformed_log = RateLimitedLog(log)
+        self._latest_log = RateLimitedLog(log, interval=60.0)   # a full store fails every flush
 
     # ---- service lifecycle -------------------------------------------------
     async def load(self) -> None:
@@ -270,7 +271,8 @@ class TelemetryService:
             self._stats.latest_saved += await self._store.put_latest(batch)
         except Exception as exc:  # noqa: BLE001 - retried with the next flush
             self._stats.latest_errors += 1
-            log.warning("saving latest telemetry of %d devices failed (%s); will retry", len(batch), exc)
+            self._latest_log.warning("saving latest telemetry of %d devices failed (%s); will retry",
+                                     len(batch), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
             self._dirty |= {r.device for r in batch if r.device in self._latest}
             self._dirty_event.set()
 

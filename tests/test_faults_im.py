@@ -1,0 +1,228 @@
+"""IM promises under faults and hostile load (issue 10), against real brokers:
+
+- a store that runs out of space answers write requests `unavailable` (one line,
+  never `internal`), keeps serving reads, logins and routing, recovers by itself
+  when space returns, and never answered `ok` for what it did not commit;
+- rate limits and contact-request budgets hold per principal, not per client id;
+- a lone UTF-16 surrogate anywhere in a request gets exactly one `bad_request`.
+
+The full disk is a small tmpfs (root only) holding nothing but the store, filled
+by a file of this test until the filesystem says ENOSPC.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.clients import ImClient, MqttClient
+from tests.harness import RoostProcess
+
+TMPFS_SIZE = "2m"
+
+
+# ---- a disk that fills up ---------------------------------------------------------
+
+
+class SmallDisk:
+    """A tmpfs of TMPFS_SIZE; `fill()` takes every free byte, `free()` gives it back."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._filler = path / "filler"
+
+    def fill(self) -> None:
+        with open(self._filler, "ab", buffering=0) as f:
+            for chunk in (64 * 1024, 4096, 1):      # tmpfs counts pages: end byte by byte
+                while True:
+                    try:
+                        f.write(b"\0" * chunk)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+
+    def free(self) -> None:
+        self._filler.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(mount_point)],
+                         capture_output=True, text=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
+    try:
+        yield SmallDisk(mount_point)
+    finally:
+        # Lazy: the broker (killed by roost_factory after this) may still hold files.
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def broker_on(roost_factory: Any, disk: SmallDisk, extra: dict[str, Any] | None = None) -> RoostProcess:
+    config = {"storage": {"path": str(disk.path / "roost.db")}, **(extra or {})}
+    return roost_factory(config, start=False)
+
+
+def befriend(a: ImClient, b: ImClient) -> None:
+    a.call("contact.request", to=b.principal)
+    b.call("contact.accept", **{"from": a.principal})
+
+
+def log_lines(roost: RoostProcess) -> list[str]:
+    return roost.log_path.read_text(errors="replace").splitlines()
+
+
+def tracebacks_after(roost: RoostProcess, logger: str) -> list[str]:
+    """Tracebacks announced by a line of `logger` (e.g. roost.im)."""
+    lines = log_lines(roost)
+    return ["\n".join(lines[i - 1:i + 8]) for i, line in enumerate(lines)
+            if line.startswith("Traceback") and i > 0 and f" {logger}" in lines[i - 1]]
+
+
+def text_body(i: int, size: int = 0) -> dict[str, Any]:
+    return {"type": "text", "text": f"m{i} " + "x" * size}
+
+
+def eventually_ok(client: ImClient, op: str, timeout: float = 10.0, **params: Any) -> dict[str, Any]:
+    """Repeat a request (safe to repeat) until it is answered ok."""
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = client.request(op, **params)
+        if doc["ok"]:
+            return doc["result"]
+        assert doc["error"]["code"] == "unavailable", doc
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{op} still answered {doc['error']} after {timeout}s")
+
+
+# ---- 1. a full store --------------------------------------------------------------
+
+
+def test_a_full_store_answers_unavailable_serves_reads_and_recovers_by_itself(roost_factory, small_disk):
+    roost = broker_on(roost_factory, small_disk)
+    apw, bpw, cpw = roost.add_user("alice"), roost.add_user("bob"), roost.add_user("carol")
+    roost.start()
+    alice = ImClient("alice").open(roost, apw)
+    bob = ImClient("bob").open(roost, bpw)
+    befriend(alice, bob)
+    conv = alice.call("send", to="bob", cmid="before", body=text_body(0))["conv"]
+
+    small_disk.fill()
+    answers: dict[str, dict[str, Any]] = {}
+    for i in range(1, 40):                       # big bodies: the store must grow to take them
+        doc = alice.request("send", to="bob", cmid=f"full-{i}", body=text_body(i, 30_000))
+        answers[f"full-{i}"] = doc
+        if not doc["ok"]:
+            break
+    refused = [d for d in answers.values() if not d["ok"]]
+    assert refused, "the store never filled up"
+    error = refused[0]["error"]
+    assert error["code"] == "unavailable" and "\n" not in error["message"], error
+
+    # Every write op: ok (it fitted, so it committed) or unavailable; never internal.
+    writes = [("profile.set", {"name": "Alice Full"}), ("contact.request", {"to": "carol"}),
+              ("read", {"conv": conv, "seq": 1}), ("group.create", {"name": "g", "members": ["bob"]}),
+              ("send", {"to": "bob", "cmid": "full-last", "body": text_body(99, 30_000)})]
+    for op, params in writes:
+        doc = alice.request(op, **params)
+        assert doc["ok"] or (doc["error"]["code"] == "unavailable" and "\n" not in doc["error"]["message"]), doc
+        if op == "send":
+            answers["full-last"] = doc
+
+    # Reads, logins and routing go on.
+    assert alice.call("sync", after=0)["events"]
+    assert alice.call("history", conv=conv)["messages"][0]["cmid"] == "before"
+    assert any(c["conv"] == conv for c in alice.call("convs")["convs"])
+    assert [c["id"] for c in bob.call("contacts")["contacts"]] == ["alice"]
+    carol = ImClient("carol", "late").open(roost, cpw)
+    assert carol.call("convs")["total_unread"] == 0
+    listener = MqttClient("carol.listen").connect(roost.host, roost.port, username="carol", password=cpw)
+    assert listener.subscribe("plain/room", 1) == [1]
+    carol.publish("plain/room", b"still routed", qos=1)
+    assert listener.wait_message("plain/room").payload == b"still routed"
+
+    # One line per outage in the log, no traceback per request.
+    assert tracebacks_after(roost, "roost.im") == []
+    im_lines = [line for line in log_lines(roost) if " roost.im:" in line]
+    assert 1 <= len(im_lines) <= 2, im_lines
+
+    # Space returns: the store writes again without a restart.
+    small_disk.free()
+    result = eventually_ok(alice, "send", to="bob", cmid="after", body=text_body(100))
+    assert result["dup"] is False
+    assert bob.wait_event("msg", cmid="after")["seq"] == result["seq"]   # bob's pusher lived through it
+
+    # Exactly what was answered ok was committed: no more, no less.
+    stored = {m["cmid"] for m in alice.call("history", conv=conv, limit=200)["messages"]}
+    answered_ok = {cmid for cmid, d in answers.items() if d["ok"]} | {"before", "after"}
+    assert stored == answered_ok
+    profile = alice.call("profile.get")
+    assert tracebacks_after(roost, "roost.im") == []
+    roost.stop()
+    roost.start()
+    again = ImClient("alice", "again").open(roost, apw)
+    assert again.call("profile.get")["name"] == profile["name"]
+    assert {m["cmid"] for m in again.call("history", conv=conv, limit=200)["messages"]} == answered_ok
+
+
+# ---- 8. lone surrogates ------------------------------------------------------------
+
+
+def responses(client: ImClient, wait: float = 1.0) -> list[dict[str, Any]]:
+    """Every response that arrives until none has come for `wait` seconds."""
+    out = []
+    while True:
+        try:
+            out.append(client.wait_message(f"roost/resp/{client.client_id}", timeout=wait).json())
+        except TimeoutError:
+            return out
+
+
+@pytest.mark.parametrize("payload, rid", [
+    (rb'{"id": "s1\ud800", "op": "sync"}', None),
+    (rb'{"id": "s2", "op": "send", "to": "bob", "cmid": "c1", "body": {"type": "text", "text": "a\udc00"}}', "s2"),
+    (rb'{"id": "s3", "op": "profile.set", "name": "\uDBFF"}', "s3"),
+    (rb'{"id": "s4", "op": "sync", "\ud800": 1}', "s4"),
+    (rb'{"id": "s5", "op": "user.search", "q": "\udfffbo"}', "s5"),
+    (b'{"id": "s6\xed\xa0\x80", "op": "sync"}', None),            # an encoded surrogate: not UTF-8
+])
+def test_a_lone_surrogate_anywhere_is_one_bad_request(roost, payload, rid):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice").open(roost, apw)
+    bob = ImClient("bob").open(roost, bpw)
+    befriend(alice, bob)
+    alice.send_raw(payload)
+    got = responses(alice)
+    assert len(got) == 1, got
+    assert got[0]["id"] == rid and got[0]["ok"] is False
+    assert got[0]["error"]["code"] == "bad_request", got[0]
+    # nothing was stored, and the broker is fine
+    assert alice.call("history", conv="dm:alice:bob")["messages"] == []
+    assert alice.call("profile.get")["name"] == "alice"
+    assert alice.call("send", to="bob", cmid="ok", body={"type": "text", "text": "\U0001f600"})["seq"] == 1
+    assert tracebacks_after(roost, "roost.im") == []
+
+
+def test_paired_surrogate_escapes_are_fine(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice").open(roost, apw)
+    bob = ImClient("bob").open(roost, bpw)
+    befriend(alice, bob)
+    alice.send_raw(rb'{"id": "p1", "op": "send", "to": "bob", "cmid": "c", "body": {"type": "text", "text": "\ud83d\ude00"}}')
+    doc = alice.wait_response("p1")
+    assert doc["ok"], doc
+    assert bob.wait_event("msg", cmid="c")["body"]["text"] == "\U0001f600"
+    assert json.loads(json.dumps("\U0001f600")) == "\U0001f600"
