@@ -60,6 +60,9 @@ class AuthConfig:
     failure_delay: float = 0.5
     failure_delay_max: float = 5.0
     failure_table_size: int = 10000
+    # CONNECTs of one address authenticated at once (the rest wait their turn), so
+    # parallel guesses do not multiply the guessing rate.
+    max_concurrent_per_address: int = 1
     jwt: JwtConfig | None = None
 
 
@@ -77,10 +80,21 @@ class LimitsConfig:
     max_connections: int = 10000            # across all listeners
     max_inflight: int = 100                 # un-acked QoS 1/2 messages to one client
     max_queued: int = 1000                  # messages queued per session (offline or behind inflight)
+    # Byte budgets (issue 10): what one client can make the broker hold
+    max_queued_bytes: int = 8 * 1024 * 1024              # payload bytes queued + in flight, per session
+    max_queued_bytes_per_principal: int = 32 * 1024 * 1024   # the same over all sessions of one principal
+    max_queued_bytes_total: int = 128 * 1024 * 1024      # the same over all sessions
+    max_retained_bytes: int = 64 * 1024 * 1024           # retained messages in total (payload + topic + overhead)
+    max_retained_bytes_per_principal: int = 16 * 1024 * 1024  # retained messages one principal published
+    max_persistent_sessions_per_principal: int = 16      # clean_session=0 sessions kept for one principal
+    max_subscription_bytes_total: int = 64 * 1024 * 1024  # estimated index memory of every subscription
+    max_pending_bytes: int = 4 * 1024 * 1024             # bytes of packets read but waiting behind an awaited one, per connection
     max_body: int = 64 * 1024               # bytes of a message `body` (too_large beyond)
     max_subscriptions: int = 1000           # topic filters per session
-    request_rate: float = 50.0              # requests per second per client (token bucket)
+    request_rate: float = 50.0              # requests per second per principal, all its clients (token bucket)
     request_burst: int = 200                # bucket size
+    contact_request_cooldown: float = 3600.0  # seconds before a new contact request to the same person
+    contact_requests_per_hour: int = 30     # new contact requests one person receives per hour (0: no bound)
     max_pending_requests: int = 100         # requests of one client being processed at once
 
 
@@ -156,7 +170,7 @@ class RoostConfig:
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION_FIELDS = {("MailboxConfig", "ttl")}
+_DURATION_FIELDS = {("MailboxConfig", "ttl"), ("LimitsConfig", "contact_request_cooldown")}
 
 
 def parse_duration(value: Any, path: str) -> float:
@@ -259,6 +273,8 @@ def _check(cfg: RoostConfig) -> None:
         raise ConfigError("limits.max_inflight", "must be at least 1")
     if cfg.mailbox.max_events < 1:
         raise ConfigError("mailbox.max_events", "must be at least 1")
+    if cfg.auth.max_concurrent_per_address < 1:
+        raise ConfigError("auth.max_concurrent_per_address", "must be at least 1")
     if cfg.auth.jwt is not None and not cfg.auth.jwt.secret:
         raise ConfigError("auth.jwt.secret", "required when auth.jwt is set")
     influx = cfg.telemetry.influxdb

@@ -59,6 +59,9 @@ from broker.mqtt.hooks import ConnectRefused, DisconnectReason
 from broker.mqtt.session import ACL_CACHE_SIZE, ClientInfo, Message, SessionState
 from contract.ids import is_valid_principal_id
 from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
+from broker.mqtt.retained import Refused as RetainedRefused
+from broker.services.telemetry_influx import RateLimitedLog
+from broker.mqtt.retained import RetainedIndex
 from broker.mqtt.journal import RETRY_FIRST, RETRY_MAX, SessionJournal
 from broker.store.base import (RetainedMessage, SavedMessage, SavedSession, SessionDrop, SessionUpsert,
                                StoreUnavailable)
@@ -77,6 +80,7 @@ MAX_FILTER_LEVELS = 64           # wildcard filters deeper than this are refused
 # Filters that look valid but that nothing serves yet: refused (SUBACK 0x80), not
 # granted and left silent. Shared subscriptions and $SYS come with later issues.
 UNSERVED_PREFIXES = ("$share/", "$SYS/", "$SYS")
+REPLAY_CHUNK = 128               # retained replay yields to the loop every this many trie steps
 MAX_RETAINED = 100_000           # retained topics kept; beyond, new topics are routed but not retained
 
 _NO_WILL = (DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN)
@@ -91,13 +95,21 @@ class Engine:
         self.max_packet = limits.max_payload + 65535 + 2 + 2 + 16
         self.sessions: dict[str, SessionState] = {}
         self.index: SubscriptionIndex[SessionState] = SubscriptionIndex()
-        self.retained: dict[str, tuple[bytes, int]] = {}
+        self.retained = RetainedIndex(max_bytes=limits.max_retained_bytes,
+                                      max_bytes_per_principal=limits.max_retained_bytes_per_principal,
+                                      max_topics=MAX_RETAINED)
+        # payload bytes held in session queues and in-flight windows, in total and per principal
+        self.queued_bytes = 0
+        self.queued_bytes_of: dict[str | None, int] = {}
+        self.subscription_bytes = 0
         self.conns: set[Connection] = set()
         self.n_connected = 0
         self.per_listener: dict[str, int] = {}
         self.listener_limits = listener_limits or {}
         self.by_principal: dict[str, dict[str, Connection]] = {}
-        self.stats = {"dropped": 0, "publish_denied": 0, "retained_write_errors": 0, "retained_refused": 0}
+        self.stats = {"dropped": 0, "publish_denied": 0, "retained_write_errors": 0, "retained_refused": 0,
+                      "subscriptions_refused": 0, "sessions_refused": 0}
+        self._retained_refused_log = RateLimitedLog(log)
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
         self._locks: dict[str, list[Any]] = {}
@@ -350,9 +362,12 @@ class Engine:
             st.journal = None
         if st.blocked is not None:
             self.release(st)
-        for f in st.subs:
+        for f, _q in st.subs.items():
             self.index.remove(f, st)
+            self.subscription_bytes -= subscription_cost(f)
         st.subs.clear()
+        if st.bytes:
+            self.uncharge(st, st.bytes)
         st.queue.clear()
         st.inflight.clear()
         st.incoming_qos2.clear()
@@ -500,6 +515,10 @@ class Engine:
             if conn.state == CLOSED:
                 return
             old = self.sessions.get(cid)
+            if not info.clean_session and (old is None or old.clean) and self._too_many_sessions(info):
+                conn.write(codec.connack(False, ConnectRefused.SERVER_UNAVAILABLE))
+                conn.close(DisconnectReason.KICKED)
+                return
             taken: Connection | None = None
             if old is not None and old.conn is not None:
                 taken = old.conn
@@ -535,6 +554,23 @@ class Engine:
             if taken is not None and taken.announced and taken.info is not None:
                 await self._call(self.h_disconnected, taken.info, DisconnectReason.TAKEN_OVER)
                 await self._fire(BrokerEvents.CLIENT_DISCONNECTED, client_id=cid, client_session=taken.info)
+
+    def _too_many_sessions(self, info: ClientInfo) -> bool:
+        """A new persistent session for a principal that already has
+        limits.max_persistent_sessions_per_principal: refused (each one holds a
+        copy of everything routed to it, in memory and on disk)."""
+        principal = info.principal
+        cap = self.limits.max_persistent_sessions_per_principal
+        if principal is None or not cap:
+            return False
+        n = sum(1 for st in self.sessions.values() if not st.clean and st.info.principal == principal)
+        if n < cap:
+            return False
+        self.stats["sessions_refused"] += 1
+        log.warning("refusing %s: %s already has %d persistent sessions "
+                    "(limits.max_persistent_sessions_per_principal); connect with clean_session=1 "
+                    "under an old client id to end one", info.client_id, principal, n)
+        return True
 
     # ---- PUBLISH -----------------------------------------------------------------
 
@@ -578,7 +614,7 @@ class Engine:
                     self.route(Message(topic, payload, qos), conn)
             else:
                 if retain:
-                    self.set_retained(topic, payload, qos)
+                    self.set_retained(topic, payload, qos, conn.info.principal)
                 journal = self.journal
                 mark = journal.appended if journal is not None else 0
                 self.route(Message(topic, payload, qos), conn)
@@ -669,7 +705,7 @@ class Engine:
                         log.exception("on_client_publish of %s failed", getattr(fn, "__qualname__", fn))
                         return
         if retain:
-            self.set_retained(topic, payload, qos)
+            self.set_retained(topic, payload, qos, info.principal)
         await self.route_any(Message(topic, payload, qos), src)
 
     async def _publish_will(self, info: ClientInfo) -> None:
@@ -703,7 +739,7 @@ class Engine:
                     continue
             if st.enqueue(msg, q if q < mq else mq):
                 n += 1
-            if src is not None and len(st.queue) >= st.high:
+            if src is not None and st.congested():
                 self._congested(st, src)
         return n
 
@@ -717,7 +753,7 @@ class Engine:
                 continue
             if st.enqueue(msg, min(q, msg.qos)):
                 n += 1
-            if src is not None and len(st.queue) >= st.high:
+            if src is not None and st.congested():
                 self._congested(st, src)
         return n
 
@@ -747,11 +783,49 @@ class Engine:
             for conn in blocked:
                 conn.unblock()
 
-    def count_drop(self, st: SessionState) -> None:
+    def count_drop(self, st: SessionState, why: str) -> None:
+        st.dropped += 1
         self.stats["dropped"] += 1
         if st.dropped == 1 or st.dropped % 1000 == 0:
-            log.warning("queue of %s is full (%d messages): dropped the newest message (%d dropped so far)",
-                        st.client_id, len(st.queue), st.dropped)
+            log.warning("session %s is full (%s): dropped the newest message (%d dropped so far)",
+                        st.client_id, why, st.dropped)
+
+    def charge(self, st: SessionState, n: int) -> bool:
+        """Account `n` payload bytes held for `st`; False (nothing charged, the drop
+        counted and logged) when that would exceed a byte budget. A session holding
+        nothing may always take one message, so a payload larger than the
+        per-session budget still reaches a client that reads."""
+        limits = self.limits
+        principal = st.info.principal
+        why = None
+        if st.bytes and st.bytes + n > limits.max_queued_bytes:
+            why = f"{st.bytes} bytes held (limits.max_queued_bytes)"
+        elif principal is not None and st.bytes and \
+                self.queued_bytes_of.get(principal, 0) + n > limits.max_queued_bytes_per_principal:
+            why = f"{principal} holds {self.queued_bytes_of.get(principal, 0)} bytes (limits.max_queued_bytes_per_principal)"
+        elif self.queued_bytes + n > limits.max_queued_bytes_total:
+            why = f"all sessions hold {self.queued_bytes} bytes (limits.max_queued_bytes_total)"
+        if why is not None:
+            self.count_drop(st, why)
+            return False
+        self._account(st, n)
+        return True
+
+    def _account(self, st: SessionState, n: int) -> None:
+        principal = st.info.principal
+        st.bytes += n
+        self.queued_bytes += n
+        self.queued_bytes_of[principal] = self.queued_bytes_of.get(principal, 0) + n
+
+    def uncharge(self, st: SessionState, n: int) -> None:
+        st.bytes -= n
+        self.queued_bytes -= n
+        principal = st.info.principal
+        left = self.queued_bytes_of.get(principal, 0) - n
+        if left > 0:
+            self.queued_bytes_of[principal] = left
+        else:
+            self.queued_bytes_of.pop(principal, None)
 
     # ---- SUBSCRIBE / UNSUBSCRIBE -------------------------------------------------
 
@@ -767,6 +841,7 @@ class Engine:
         over_limit: list[str] = []     # logged once per SUBSCRIBE, not once per filter
         too_deep: list[str] = []
         unserved: list[str] = []
+        index_full: list[str] = []
         for f, q in filters:
             if f not in st.subs and len(st.subs) >= self.limits.max_subscriptions:
                 over_limit.append(f)
@@ -780,11 +855,18 @@ class Engine:
                 too_deep.append(f)
                 codes.append(0x80)
                 continue
+            if f not in st.subs and \
+                    self.subscription_bytes + subscription_cost(f) > self.limits.max_subscription_bytes_total:
+                index_full.append(f)
+                codes.append(0x80)
+                continue
             if not await self.allowed(info, f, Action.SUBSCRIBE):
                 codes.append(0x80)
                 continue
             if conn.state == CLOSED or st.discarded:
                 return
+            if f not in st.subs:
+                self.subscription_bytes += subscription_cost(f)
             st.subs[f] = q
             self.index.add(f, st, q)
             codes.append(q)
@@ -795,6 +877,10 @@ class Engine:
         if too_deep:
             log.info("%s: refused %d wildcard filter(s) of more than %d levels", info.client_id, len(too_deep),
                      MAX_FILTER_LEVELS)
+        if index_full:
+            self.stats["subscriptions_refused"] += len(index_full)
+            log.warning("%s: limits.max_subscription_bytes_total (%d) reached: refused %d filter(s), e.g. %s",
+                        info.client_id, self.limits.max_subscription_bytes_total, len(index_full), index_full[0])
         if unserved:
             log.info("%s: refused %d filter(s) this broker does not serve yet (shared subscriptions, "
                      "$SYS), e.g. %s", info.client_id, len(unserved), unserved[0])
@@ -811,17 +897,44 @@ class Engine:
                 await self._replay_retained(st, f, q)
 
     async def _replay_retained(self, st: SessionState, f: str, q: int) -> None:
-        """Retained messages for one filter just subscribed (never for others: defect 1)."""
-        if is_wildcard(f):
-            items = [(t, v) for t, v in self.retained.items() if matches(t, f)]
-        else:
-            v = self.retained.get(f)
-            items = [(f, v)] if v is not None else []
-        for topic, (payload, rq) in items:
+        """Retained messages for one filter just subscribed (never for others: defect 1).
+        The trie walk yields to the loop every REPLAY_CHUNK steps, and a full
+        session queue is waited on (as deliver() does) rather than overrun."""
+        steps = 0
+        skipped = 0
+        for item in self.retained.match(f):
+            steps += 1
+            if steps % REPLAY_CHUNK == 0:
+                await asyncio.sleep(0)
+                if st.discarded or st.conn is None:
+                    return
+            if item is None:
+                continue
+            topic, entry = item
             if not await self.can_receive_async(st, topic):
                 continue
-            dq = rq if rq < q else q
-            st.enqueue(Message(topic, payload, rq, retain=True), dq)
+            if st.full() and not await self._wait_for_room(st):
+                skipped += 1
+                continue
+            dq = entry.qos if entry.qos < q else q
+            st.enqueue(Message(topic, entry.payload, entry.qos, retain=True), dq)
+        if skipped:
+            log.warning("%s did not read its retained messages for %s: %d not sent", st.client_id, f, skipped)
+
+    async def _wait_for_room(self, st: SessionState, wait: float = DELIVER_WAIT) -> bool:
+        """Wait (at most `wait` seconds) until a connected session has room."""
+        deadline = self.loop.time() + wait
+        while st.conn is not None and st.full() and not st.discarded:
+            remaining = deadline - self.loop.time()
+            if remaining <= 0:
+                return False
+            fut = self.loop.create_future()
+            st.waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                return False
+        return not st.discarded
 
     async def _unsubscribe(self, conn: Connection, flags: int, body: bytes) -> None:
         pid, filters = codec.decode_unsubscribe(flags, body)
@@ -830,6 +943,7 @@ class Engine:
         for f in filters:
             if st.subs.pop(f, None) is not None:
                 self.index.remove(f, st)
+                self.subscription_bytes -= subscription_cost(f)
                 removed.append(f)
         if removed and st.journal is not None:
             self._journal_session(st)
@@ -840,30 +954,41 @@ class Engine:
 
     # ---- retained ----------------------------------------------------------------
 
-    def set_retained(self, topic: str, payload: bytes, qos: int) -> None:
+    def set_retained(self, topic: str, payload: bytes, qos: int, owner: str | None = None) -> bool:
+        """Retain (or, with an empty payload, clear) `topic`; False when a budget
+        refuses it (counted, logged; the message is still routed)."""
         if not payload:
-            if self.retained.pop(topic, None) is None:
-                return
+            if not self.retained.delete(topic):
+                return True
             self._retained_dirty[topic] = None
         else:
-            if topic not in self.retained and len(self.retained) >= MAX_RETAINED:
+            payload = bytes(payload)
+            try:
+                self.retained.put(topic, payload, qos, owner)
+            except RetainedRefused as exc:
                 self.stats["retained_refused"] += 1
-                if self.stats["retained_refused"] % 1000 == 1:
-                    log.warning("%d retained topics stored: not retaining %s (%d refused so far)",
-                                MAX_RETAINED, topic, self.stats["retained_refused"])
-                return
-            v = (bytes(payload), qos)
-            self.retained[topic] = v
-            self._retained_dirty[topic] = v
+                self._retained_refused_log.warning("not retaining %s: %s (%d refused so far)", topic, exc,
+                                                   self.stats["retained_refused"])
+                return False
+            self._retained_dirty[topic] = (payload, qos)
         if self._store is not None:
             self._retained_wake.set()
+        return True
 
     async def load_retained(self) -> None:
+        """The retained messages of the last run, as far as today's budgets allow."""
         if self._store is None:
             return
+        refused = 0
         for m in await self._store.load_all():
-            self.retained[m.topic] = (bytes(m.payload), m.qos)
-        log.info("loaded %d retained messages", len(self.retained))
+            try:
+                self.retained.put(m.topic, bytes(m.payload), m.qos, None)
+            except RetainedRefused:
+                refused += 1
+        log.info("loaded %d retained messages (%d bytes)", len(self.retained), self.retained.bytes)
+        if refused:
+            log.warning("%d stored retained messages are over limits.max_retained_bytes and were not loaded",
+                        refused)
 
     async def _retained_writer(self) -> None:
         """Writes retained changes to the store; repeated changes of one topic
@@ -938,17 +1063,7 @@ class Engine:
         granted = _granted_qos(st, topic)
         if granted < 0 or not await self.can_receive_async(st, topic):
             return False
-        deadline = self.loop.time() + DELIVER_WAIT
-        while st.conn is not None and len(st.queue) >= st.max_queued and not st.discarded:
-            remaining = deadline - self.loop.time()
-            if remaining <= 0:
-                break
-            fut = self.loop.create_future()
-            st.waiters.append(fut)
-            try:
-                await asyncio.wait_for(fut, remaining)
-            except TimeoutError:
-                break
+        await self._wait_for_room(st)
         if st.discarded:
             return False
         q = min(qos, granted)
@@ -973,7 +1088,7 @@ class Engine:
                 ok = self.can_receive(st, topic)
             if not ok:
                 return False
-        if st.conn is not None and len(st.queue) >= st.max_queued:
+        if st.conn is not None and st.full():
             return None
         return st.enqueue(Message(topic, bytes(payload), qos), qos if qos < granted else granted)
 
@@ -1075,8 +1190,14 @@ class Engine:
                                     sorted(st.incoming_qos2), st._pid, st.disconnected_at or time.time()))
         return out
 
-    def restore_session(self, saved: SavedSession) -> None:
-        """Make a saved session live again, as if its client had just gone away."""
+    def restore_session(self, saved: SavedSession,
+                        shared: Callable[[SavedMessage], Message] | None = None) -> None:
+        """Make a saved session live again, as if its client had just gone away.
+        `shared` turns a saved message into the Message object to hold: the
+        loader passes one that hands out one object per distinct message, so a
+        message kept for 40 sessions is held once in memory, as before the restart."""
+        if shared is None:
+            shared = _new_message
         info = ClientInfo(client_id=saved.client_id, username=saved.principal, password=None,
                           remote_address="", remote_port=0, clean_session=False, keep_alive=0,
                           listener_name="")
@@ -1090,13 +1211,19 @@ class Engine:
         for f, q in saved.subscriptions.items():
             st.subs[f] = q
             self.index.add(f, st, q)
+        for f, _q in saved.subscriptions.items():
+            self.subscription_bytes += subscription_cost(f)
         for m in saved.messages:
             st._seq = max(st._seq, m.seq)
             if m.pid is not None and m.pid not in st.inflight:
-                msg = None if m.stage else Message(m.topic, m.payload, m.qos, m.retain)
+                msg = None if m.stage else shared(m)
                 st.inflight[m.pid] = [msg, m.qos, m.stage, m.seq]
             else:    # after a crash: sent again as new messages (at least once)
-                st.queue.append((Message(m.topic, m.payload, m.qos, m.retain), m.qos, m.seq))
+                msg = shared(m)
+                st.queue.append((msg, m.qos, m.seq))
+            if msg is not None:
+                # already accepted once: accounted, never refused (budgets may have shrunk)
+                self._account(st, len(msg.payload))
         self.sessions[saved.client_id] = st
 
     async def load_sessions(self, keep: Callable[[SavedSession], bool] = lambda s: True) -> None:
@@ -1105,11 +1232,20 @@ class Engine:
             return
         kept = 0
         now = time.time()
+        seen: dict[tuple[str, bytes, int, bool], Message] = {}
+
+        def interner(m: SavedMessage) -> Message:
+            key = (m.topic, m.payload, m.qos, m.retain)
+            msg = seen.get(key)
+            if msg is None:
+                msg = seen[key] = _new_message(m)
+            return msg
+
         for saved in await self._session_store.load_sessions():
             if now - saved.disconnected_at > SESSION_EXPIRY or not keep(saved):
                 self.journal.append(SessionDrop(saved.client_id))
                 continue
-            self.restore_session(saved)
+            self.restore_session(saved, interner)
             kept += 1
         self._sessions_loaded = True
         if kept:
@@ -1151,6 +1287,17 @@ class Engine:
             conn.abort(DisconnectReason.SHUTDOWN)
         await self.flush_retained(give_up_after=5.0)
         await self.save_sessions()
+
+
+def _new_message(m: SavedMessage) -> Message:
+    return Message(m.topic, m.payload, m.qos, m.retain)
+
+
+def subscription_cost(f: str) -> int:
+    """Estimated bytes one subscription holds in the index: the filter, the
+    session's dict entry and, for wildcards, one trie node per level."""
+    levels = f.count("/") + 1
+    return len(f) + 120 + (levels * 200 if is_wildcard(f) else 0)
 
 
 def _granted_qos(st: SessionState, topic: str) -> int:

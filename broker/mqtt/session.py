@@ -104,7 +104,8 @@ class SessionState:
     __slots__ = ("client_id", "clean", "subs", "conn", "info", "queue", "inflight", "_pid",
                  "incoming_qos2", "disconnected_at", "dropped", "acl_cache", "waiters", "engine",
                  "discarded", "max_inflight", "max_queued", "high", "low", "blocked", "progress_at",
-                 "stalled", "journal", "_seq", "unjournaled", "__weakref__")
+                 "stalled", "journal", "_seq", "unjournaled", "bytes", "high_bytes", "low_bytes",
+                 "__weakref__")
 
     def __init__(self, client_id: str, clean: bool, info: ClientInfo, engine: Any) -> None:
         self.client_id = client_id
@@ -128,6 +129,10 @@ class SessionState:
         # session are paused (`blocked`) until the queue is down to `low`.
         self.high = max(1, self.max_queued // 2)
         self.low = self.max_queued // 4
+        # The same in payload bytes held (queue + in flight), against limits.max_queued_bytes.
+        self.bytes = 0
+        self.high_bytes = max(1, engine.limits.max_queued_bytes // 2)
+        self.low_bytes = engine.limits.max_queued_bytes // 4
         self.blocked: set[Connection] | None = None
         self.progress_at = 0.0
         self.stalled = False     # congested without progress: publishers are no longer held for it
@@ -173,13 +178,16 @@ class SessionState:
             self.journal.append(MessageDone(self.client_id, seq))
 
     def enqueue(self, msg: Message, qos: int) -> bool:
-        """Send now if the window allows, else queue (bounded). False if dropped."""
+        """Send now if the window allows, else queue (bounded in messages and
+        bytes). False if dropped (counted and logged by the engine)."""
         conn = self.conn
         if conn is not None and not self.queue and conn.writable:
             if qos == 0:
                 conn.write(msg.packet0())
                 return True
             if len(self.inflight) < self.max_inflight:
+                if not self.engine.charge(self, len(msg.payload)):
+                    return False
                 pid = self._next_pid()
                 self.inflight[pid] = [msg, qos, 0, self._keep(msg, qos, pid) if self.journal is not None else 0]
                 conn.write(msg.packet(qos, pid))
@@ -188,11 +196,25 @@ class SessionState:
             # QoS 0 is not queued for offline clients (MQTT-3.1.2-5 makes it optional)
             return False
         if len(self.queue) >= self.max_queued:
-            self.dropped += 1
-            self.engine.count_drop(self)
+            self.engine.count_drop(self, f"{len(self.queue)} messages queued (limits.max_queued)")
+            return False
+        if not self.engine.charge(self, len(msg.payload)):
             return False
         self.queue.append((msg, qos, self._keep(msg, qos) if self.journal is not None else 0))
         return True
+
+    def full(self) -> bool:
+        """No room for another message (deliver() waits while this holds)."""
+        return len(self.queue) >= self.max_queued or self.bytes >= self.engine.limits.max_queued_bytes
+
+    def congested(self) -> bool:
+        return len(self.queue) >= self.high or self.bytes >= self.high_bytes
+
+    def _check_release(self) -> None:
+        if len(self.queue) <= self.low and self.bytes <= self.low_bytes:
+            self.stalled = False
+            if self.blocked is not None:
+                self.engine.release(self)
 
     def pump(self) -> None:
         """Move queued messages to the wire while the window and transport allow."""
@@ -214,15 +236,21 @@ class SessionState:
                 conn.write(msg.packet(qos, pid))
             else:
                 queue.popleft()
+                self.engine.uncharge(self, len(msg.payload))
                 conn.write(msg.packet0())
-        if self.waiters and len(queue) < self.max_queued:
+        if self.waiters and not self.full():
             self.wake()
-        if len(queue) <= self.low:
-            self.stalled = False
-            if self.blocked is not None:
-                self.engine.release(self)
+        if len(queue) <= self.low and self.bytes <= self.low_bytes:
+            self._check_release()
         elif self.blocked is not None and len(queue) < before:
             self.progress_at = self.engine.loop.time()
+
+    def _after_ack(self) -> None:
+        """An ack freed bytes with nothing queued behind: let held publishers and
+        waiting deliver() calls go on."""
+        if self.waiters and not self.full():
+            self.wake()
+        self._check_release()
 
     def wake(self) -> None:
         waiters, self.waiters = self.waiters, []
@@ -247,15 +275,19 @@ class SessionState:
         entry = self.inflight.get(pid)
         if entry is not None and entry[1] == 1:
             del self.inflight[pid]
+            self.engine.uncharge(self, len(entry[0].payload))
             if entry[3]:
                 self._done(entry[3])
             if self.queue:
                 self.pump()
+            elif self.blocked is not None or self.waiters:
+                self._after_ack()
 
     def on_pubrec(self, pid: int) -> None:
         entry = self.inflight.get(pid)
         if entry is not None and entry[1] == 2 and entry[2] == 0:
             entry[2] = 1
+            self.engine.uncharge(self, len(entry[0].payload))
             entry[0] = None  # the payload is no longer needed
             seq = entry[3]
             if seq and self.journal is not None:
@@ -268,6 +300,10 @@ class SessionState:
         entry = self.inflight.get(pid)
         if entry is not None and entry[1] == 2:
             del self.inflight[pid]
+            if entry[0] is not None:    # PUBCOMP without PUBREC first: still charged
+                self.engine.uncharge(self, len(entry[0].payload))
             self._done(entry[3])
             if self.queue:
                 self.pump()
+            elif self.blocked is not None or self.waiters:
+                self._after_ack()

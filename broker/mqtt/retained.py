@@ -1,0 +1,177 @@
+"""Retained messages in memory: a topic trie for filter lookups and a byte budget.
+
+A wildcard SUBSCRIBE walks only the branches its filter can match (never every
+retained topic), and the walk is a generator the engine consumes in chunks,
+yielding to the event loop between them, so one SUBSCRIBE with many filters over
+many retained topics cannot hold everyone else up.
+
+Every entry is charged `cost()` bytes (payload, topic and a fixed overhead for
+the dict and trie nodes) against a total budget and against the budget of the
+principal that published it. A change that would go over is refused (the caller
+counts and logs it); deleting or shrinking always succeeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+ENTRY_OVERHEAD = 240   # bytes of bookkeeping per retained topic (dict entries, tuple, trie node)
+
+
+def cost(topic: str, payload: bytes) -> int:
+    return len(payload) + len(topic) + ENTRY_OVERHEAD
+
+
+@dataclass(slots=True)
+class Retained:
+    payload: bytes
+    qos: int
+    owner: str | None     # the principal charged for it (None: anonymous, the broker, loaded at start)
+
+
+@dataclass(slots=True)
+class _Node:
+    children: dict[str, _Node] = field(default_factory=dict)
+    entry: Retained | None = None
+
+
+class Refused(Exception):
+    """The change would exceed a budget; nothing was changed."""
+
+
+class RetainedIndex:
+    def __init__(self, *, max_bytes: int, max_bytes_per_principal: int, max_topics: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_bytes_per_principal = max_bytes_per_principal
+        self.max_topics = max_topics
+        self._by_topic: dict[str, Retained] = {}
+        self._root = _Node()
+        self.bytes = 0
+        self._bytes_of: dict[str | None, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_topic)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._by_topic))
+
+    def __contains__(self, topic: str) -> bool:
+        return topic in self._by_topic
+
+    def get(self, topic: str) -> Retained | None:
+        return self._by_topic.get(topic)
+
+    def bytes_of(self, principal: str | None) -> int:
+        return self._bytes_of.get(principal, 0)
+
+    def items(self) -> Iterator[tuple[str, Retained]]:
+        return iter(list(self._by_topic.items()))
+
+    def put(self, topic: str, payload: bytes, qos: int, owner: str | None) -> None:
+        """Store or replace; raises Refused (and changes nothing) over a budget."""
+        old = self._by_topic.get(topic)
+        new_cost = cost(topic, payload)
+        old_cost = cost(topic, old.payload) if old is not None else 0
+        if old is None and len(self._by_topic) >= self.max_topics:
+            raise Refused(f"{self.max_topics} retained topics (the most kept)")
+        if new_cost > old_cost and self.bytes - old_cost + new_cost > self.max_bytes:
+            raise Refused(f"limits.max_retained_bytes ({self.max_bytes}) reached")
+        if owner is not None:
+            mine = self._bytes_of.get(owner, 0) - (old_cost if old is not None and old.owner == owner else 0)
+            if mine + new_cost > self.max_bytes_per_principal and new_cost > old_cost:
+                raise Refused(f"{owner} holds {mine} bytes of retained messages "
+                              f"(limits.max_retained_bytes_per_principal {self.max_bytes_per_principal})")
+        if old is not None:
+            self._charge(old.owner, -old_cost)
+            old.payload, old.qos, old.owner = payload, qos, owner
+        else:
+            entry = Retained(payload, qos, owner)
+            self._by_topic[topic] = entry
+            node = self._root
+            for level in topic.split("/"):
+                nxt = node.children.get(level)
+                if nxt is None:
+                    nxt = node.children[level] = _Node()
+                node = nxt
+            node.entry = entry
+        self._charge(owner, new_cost)
+
+    def delete(self, topic: str) -> bool:
+        old = self._by_topic.pop(topic, None)
+        if old is None:
+            return False
+        self._charge(old.owner, -cost(topic, old.payload))
+        path: list[tuple[_Node, str]] = []
+        node = self._root
+        for level in topic.split("/"):
+            path.append((node, level))
+            node = node.children[level]
+        node.entry = None
+        while path and node.entry is None and not node.children:   # prune empty branches
+            parent, level = path.pop()
+            del parent.children[level]
+            node = parent
+        return True
+
+    def _charge(self, owner: str | None, n: int) -> None:
+        self.bytes += n
+        left = self._bytes_of.get(owner, 0) + n
+        if left:
+            self._bytes_of[owner] = left
+        else:
+            self._bytes_of.pop(owner, None)
+
+    def match(self, topic_filter: str) -> Iterator[tuple[str, Retained] | None]:
+        """Retained messages matching `topic_filter`, walking only the branches it
+        can match. Yields None every so often while it walks without finding
+        anything, so the consumer can yield to the event loop in between. Safe to
+        suspend between items while the index changes (children are copied as
+        they are visited; an entry removed meanwhile is skipped)."""
+        if "+" not in topic_filter and "#" not in topic_filter:
+            entry = self._by_topic.get(topic_filter)
+            if entry is not None:
+                yield topic_filter, entry
+            return
+        levels = topic_filter.split("/")
+        n = len(levels)
+        stack: list[tuple[_Node, int, str]] = [(self._root, 0, "")]
+        visited = 0
+        while stack:
+            node, i, prefix = stack.pop()
+            visited += 1
+            if visited % 256 == 0:
+                yield None
+            if i < 0:       # below a "#": everything here matches
+                if node.entry is not None and self._by_topic.get(prefix) is node.entry:
+                    yield prefix, node.entry
+                for name, child in list(node.children.items()):
+                    stack.append((child, -1, f"{prefix}/{name}"))
+                continue
+            if i == n:
+                if node.entry is not None and self._by_topic.get(prefix) is node.entry:
+                    yield prefix, node.entry
+                continue
+            level = levels[i]
+            if level == "#":
+                # "a/#" matches "a" itself too; at the root it never matches "$..." topics
+                if i and node.entry is not None and self._by_topic.get(prefix) is node.entry:
+                    yield prefix, node.entry
+                for name, child in list(node.children.items()):
+                    if i == 0 and name.startswith("$"):
+                        continue
+                    stack.append((child, -1, _join(prefix, name, i)))
+                continue
+            if level == "+":
+                for name, child in list(node.children.items()):
+                    if i == 0 and name.startswith("$"):
+                        continue
+                    stack.append((child, i + 1, _join(prefix, name, i)))
+            else:
+                child = node.children.get(level)
+                if child is not None:
+                    stack.append((child, i + 1, _join(prefix, level, i)))
+
+
+def _join(prefix: str, name: str, depth: int) -> str:
+    return name if depth == 0 else f"{prefix}/{name}"
