@@ -87,7 +87,11 @@ def ensure_devices(cfg: RoostConfig, plan: list[tuple[str, str]], secrets_path: 
             if entry is None or not entry.get("secret"):
                 entry = {"kind": kind, "secret": new_secret()}
                 await ids.set_secret(device_id, entry["secret"])
-            entry["pairing_code"] = p.pairing_code
+            # The store keeps only a hash: show the remembered code while it is
+            # still the device's, else give the device a new one.
+            remembered = entry.get("pairing_code")
+            if not (isinstance(remembered, str) and await ids.check_pairing_code(device_id, remembered)):
+                entry["pairing_code"] = await ids.new_pairing_code(device_id)
             new = False
         known[device_id] = {k: entry[k] for k in ("kind", "secret", "pairing_code")}
         return {"id": device_id, **entry, "new": new}

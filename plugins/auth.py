@@ -2,7 +2,8 @@
 
 Binds identity: the client id must be `<principal>` or `<principal>.<label>`, and
 an anonymous client (when allowed) may not use a client id that belongs to a
-principal. Failed attempts from one address are slowed down (bounded table).
+principal. Guessing is slowed down per address and per principal, whatever the
+parallelism (`broker.services.identity.LoginGuard`, bounded tables).
 
 It also applies admin changes made by `roost user/device/service ...` while the
 broker runs (possibly from another process): removed principals are
@@ -14,12 +15,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from amqtt.plugins.base import BaseAuthPlugin
 
 from broker.mqtt.hooks import ConnectRefused
 from broker.services.base import cancel_and_wait
-from broker.services.identity import FailureThrottle
+from broker.services.identity import LoginAttempt, LoginBusy, LoginGuard
 from contract.ids import is_valid_principal_id, principal_of_client_id
 from plugins.base import broker_of, services_of
 
@@ -36,44 +38,53 @@ class RoostAuthPlugin(BaseAuthPlugin):
     def __init__(self, context) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context)
         auth = services_of(self).config.auth
-        self._throttle = FailureThrottle(auth.failure_delay, auth.failure_delay_max, auth.failure_table_size)
+        self._guard = LoginGuard(step=auth.failure_delay, cap=auth.failure_delay_max,
+                                 table_size=auth.failure_table_size, per_address=auth.max_concurrent_per_address)
         self._poller: asyncio.Task[None] | None = None
 
     async def authenticate(self, *, session) -> bool | None:  # type: ignore[no-untyped-def, override]
-        services = services_of(self)
         address = getattr(session, "remote_address", None) or "?"
-        delay = self._throttle.delay_for(address)
-        if delay:
-            await asyncio.sleep(delay)
+        username = session.username
+        # Only a CONNECT that will check a secret counts against (and waits for) a principal.
+        target = username if username and session.password and is_valid_principal_id(username) else None
+        try:
+            async with self._guard.attempt(address, target) as attempt:
+                return await self._decide(session, attempt)
+        except LoginBusy as exc:
+            log.warning("refused CONNECT from %s unchecked: %s", address, exc)
+            raise ConnectRefused(ConnectRefused.SERVER_UNAVAILABLE, str(exc)) from None
+
+    async def _decide(self, session: Any, attempt: LoginAttempt) -> bool:
+        services = services_of(self)
+        address = attempt.address
         client_id = session.client_id or ""
         username = session.username
         if not username:
             if not services.config.auth.allow_anonymous:
-                self._throttle.failed(address)
+                attempt.failed()
                 raise ConnectRefused(ConnectRefused.NOT_AUTHORIZED, "anonymous access is disabled")
             owner = principal_of_client_id(client_id)
             if owner is not None and await services.identity.get(owner) is not None:
-                self._throttle.failed(address)
+                attempt.failed()
                 raise ConnectRefused(ConnectRefused.IDENTIFIER_REJECTED,
                                      f"client id {client_id!r} belongs to a principal")
             session.principal = None
             session.kind = None
             session.is_anonymous = True
             return True
-        password = session.password or ""
         principal = None
-        if is_valid_principal_id(username) and password:
-            principal = await services.identity.authenticate(username, password)
+        if attempt.principal is not None:
+            principal = await services.identity.authenticate(attempt.principal, session.password or "")
         if principal is None:
-            self._throttle.failed(address)
+            attempt.failed()
             log.info("refused CONNECT from %s: bad credentials for %r", address, username)
             raise ConnectRefused(ConnectRefused.BAD_CREDENTIALS, "bad user name or password")
         if principal_of_client_id(client_id) != principal.id:
-            self._throttle.failed(address)
+            attempt.failed(guessed=False)
             log.info("refused CONNECT from %s: client id %r is not %s's", address, client_id, principal.id)
             raise ConnectRefused(ConnectRefused.IDENTIFIER_REJECTED,
                                  f"client id must be '{principal.id}' or '{principal.id}.<label>'")
-        self._throttle.succeeded(address)
+        attempt.succeeded()
         session.principal = principal.id
         session.kind = principal.kind
         session.is_anonymous = False

@@ -7,7 +7,8 @@ truth, written first), this service's map (for `devices`), and
 change is committed, then applied to both in-memory views, then the ACL cache
 is dropped, so nobody gains access before it is durable.
 
-Guessing pairing codes is slowed down: failed claims are counted per caller and
+Pairing codes are stored as argon2 hashes (IdentityService checks them, off the
+event loop). Guessing them is slowed down: failed claims are counted per caller and
 per device in a sliding window (bounded tables) and answered `rate_limited`
 past the limit. Unknown devices count as failures too, so probing for ids costs
 the same as probing for codes.
@@ -15,7 +16,6 @@ the same as probing for codes.
 
 from __future__ import annotations
 
-import hmac
 import inspect
 import logging
 import time
@@ -159,7 +159,7 @@ class DeviceService:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no device {device!r}")
         # People copy codes as "4832 1907" or "4832-1907": only the digits count.
         typed = "".join(ch for ch in code if ch not in " -")
-        if not p.pairing_code or not hmac.compare_digest(typed.encode(), p.pairing_code.encode()):
+        if not await self._identity.check_pairing_code(device, typed):
             self._failed(caller.principal, device)
             raise ProtocolError(ErrorCode.FORBIDDEN, "wrong pairing code")
         if self.role(device, caller.principal) != OWNER:

@@ -1,9 +1,13 @@
 """Principals: registration, secrets, authentication, and the in-memory directory.
 
-Secrets are hashed with argon2 (pwdlib). Verifying argon2 costs tens of
-milliseconds of CPU, so it runs off the event loop, and a successful check is
-remembered as a keyed SHA-256 of the secret: reconnects of the same device cost
-microseconds, and a wrong secret still goes through argon2.
+Secrets and device pairing codes are hashed with argon2 (pwdlib). Verifying
+argon2 costs tens of milliseconds of CPU, so it runs off the event loop, and a
+successful check is remembered as a keyed SHA-256 of the secret: reconnects of
+the same device cost microseconds, and a wrong secret still goes through argon2.
+
+Guessing is slowed down by `LoginGuard` (per address and per principal, see
+there). A password is taken for a JWT only when JWT auth is configured and it
+has a JWT's shape and header; see `decode_jwt` for what a token must carry.
 
 Admin commands may change the store from another process while the broker runs;
 they append to `admin_log`, which the broker reads through `IdentityService.admin_changes`.
@@ -13,14 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import builtins
+import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import math
+import re
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
@@ -65,33 +76,214 @@ class Registered:
     pairing_code: str | None = None
 
 
-class FailureThrottle:
-    """Delay for repeated failed logins from one address; bounded LRU table."""
+# A failure is forgotten after this long without another one from the same key.
+FORGIVE_AFTER = 300.0
+# A CONNECT waits at most this long for its turn to authenticate (then CONNACK 3,
+# nothing checked); the engine gives authentication 60 s in all.
+AUTH_WAIT_MAX = 30.0
+# CONNECTs of an address with recent failures that may wait for a turn at once;
+# more are refused unchecked. An address without failures is not capped, so a
+# household or a test rig connecting hundreds of clients at once is unaffected.
+MAX_WAITING_FAILING_ADDRESS = 32
 
-    def __init__(self, step: float, cap: float, size: int) -> None:
+
+@dataclass(slots=True)
+class _Failures:
+    count: int
+    last: float
+    target: str | None   # the principal every failure was against; None: several, or none
+
+
+class FailureThrottle:
+    """Failed logins per key (an address or a principal): a delay that grows with
+    every failure, counted from the last one, capped; a bounded LRU table."""
+
+    def __init__(self, step: float, cap: float, size: int, clock: Callable[[], float] = time.monotonic) -> None:
         self._step = step
         self._cap = cap
         self._size = max(1, size)
-        self._failures: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self._clock = clock
+        self._failures: OrderedDict[str, _Failures] = OrderedDict()
 
-    def delay_for(self, address: str) -> float:
-        entry = self._failures.get(address)
+    def _entry(self, key: str) -> _Failures | None:
+        entry = self._failures.get(key)
+        if entry is not None and self._clock() - entry.last > FORGIVE_AFTER:
+            del self._failures[key]
+            return None
+        return entry
+
+    def marked(self, key: str) -> bool:
+        """True while `key` has failures that are not forgiven yet."""
+        return self._entry(key) is not None
+
+    def delay_for(self, key: str) -> float:
+        entry = self._entry(key)
+        return 0.0 if entry is None else min(self._cap, self._step * entry.count)
+
+    def remaining(self, key: str) -> float:
+        """Seconds until the next attempt of `key` may be checked."""
+        entry = self._entry(key)
         if entry is None:
             return 0.0
-        count, last = entry
-        if time.monotonic() - last > 300:  # forgiven after five quiet minutes
-            self._failures.pop(address, None)
-            return 0.0
-        return min(self._cap, self._step * count)
+        return max(0.0, entry.last + min(self._cap, self._step * entry.count) - self._clock())
 
-    def failed(self, address: str) -> None:
-        count, _ = self._failures.pop(address, (0, 0.0))
-        self._failures[address] = (count + 1, time.monotonic())
+    def failed(self, key: str, target: str | None = None) -> None:
+        entry = self._entry(key)
+        if entry is None:
+            entry = _Failures(0, 0.0, target)
+        elif entry.target != target:
+            entry.target = None
+        entry.count += 1
+        entry.last = self._clock()
+        self._failures[key] = entry
+        self._failures.move_to_end(key)
         while len(self._failures) > self._size:
             self._failures.popitem(last=False)
 
-    def succeeded(self, address: str) -> None:
-        self._failures.pop(address, None)
+    def forgive(self, key: str, principal: str) -> None:
+        """`principal` logged in from `key`: forget its failures there if they were
+        all against that principal (a typo), not when it also failed elsewhere (an
+        attacker must not wash its address clean by logging into its own account)."""
+        entry = self._entry(key)
+        if entry is not None and entry.target == principal:
+            del self._failures[key]
+
+
+class LoginBusy(Exception):
+    """Too many logins in progress or waiting: the CONNECT is refused unchecked."""
+
+
+@dataclass(slots=True)
+class _GateEntry:
+    slots: asyncio.Semaphore
+    users: int = 0
+
+
+class KeyedGate:
+    """`concurrency` holders per key at once (FIFO). An entry exists only while
+    someone holds or waits for it, and at most `size` keys have one."""
+
+    def __init__(self, concurrency: int, size: int) -> None:
+        self._concurrency = max(1, concurrency)
+        self._size = max(1, size)
+        self._entries: dict[str, _GateEntry] = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @contextlib.asynccontextmanager
+    async def hold(self, key: str, max_users: int | None = None) -> AsyncIterator[None]:
+        entry = self._entries.get(key)
+        if entry is None:
+            if len(self._entries) >= self._size:
+                raise LoginBusy("too many logins in progress")
+            entry = self._entries[key] = _GateEntry(asyncio.Semaphore(self._concurrency))
+        elif max_users is not None and entry.users >= max_users:
+            raise LoginBusy("too many logins waiting from this address")
+        entry.users += 1
+        try:
+            async with entry.slots:
+                yield
+        finally:
+            entry.users -= 1
+            if not entry.users:
+                del self._entries[key]
+
+
+def address_key(address: str) -> str:
+    """The unit one client controls: an IPv4 address, or an IPv6 /64 (anyone with
+    one IPv6 address usually has its whole /64)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class LoginAttempt:
+    """One CONNECT's turn in the `LoginGuard`; report how it ended."""
+
+    def __init__(self, guard: LoginGuard, address: str, principal: str | None) -> None:
+        self._guard = guard
+        self.address = address
+        self.principal = principal
+
+    def failed(self, *, guessed: bool = True) -> None:
+        """`guessed`: a secret was checked against `principal` and was wrong (a
+        refusal for another reason, e.g. a foreign client id, slows the address only)."""
+        self._guard.addresses.failed(self.address, self.principal)
+        if guessed and self.principal is not None:
+            self._guard.principals.failed(self.principal)
+
+    def succeeded(self) -> None:
+        if self.principal is not None:
+            self._guard.addresses.forgive(self.address, self.principal)
+
+
+class LoginGuard:
+    """Keeps password guessing at a few per second whatever the parallelism.
+
+    * An address authenticates `per_address` CONNECTs at a time; each waits, once
+      its turn came, the delay the address's earlier failures earned. So 200
+      parallel guesses from one address are checked one after another, slower and
+      slower, instead of all at once with the delay read when they arrived.
+    * A principal's secret is checked for one CONNECT at a time. A CONNECT from an
+      address with recent failures also queues (FIFO) for the principal's own
+      failure delay, which every wrong guess on it raises, from whatever address:
+      guesses from many addresses stay at about one per delay. A CONNECT from an
+      address without failures (the owner, on another network) skips that queue
+      and waits only for the check in progress, so an attacker cannot lock the
+      owner out; each fresh address gets one quick guess, then it is a failing one.
+    * A failure slows its address and, when a secret was checked, its principal.
+      A success forgives the address only its failures on that same principal;
+      a principal's failures are forgotten only with time (`FORGIVE_AFTER`).
+
+    Every table is bounded: failures are LRU tables of `table_size` entries,
+    gates have entries only while in use (at most `table_size`; beyond, CONNACK 3).
+    """
+
+    def __init__(self, *, step: float, cap: float, table_size: int, per_address: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.addresses = FailureThrottle(step, cap, table_size, clock)
+        self.principals = FailureThrottle(step, cap, table_size, clock)
+        self._address_gate = KeyedGate(per_address, table_size)
+        self._queue_gate = KeyedGate(1, table_size)   # failing addresses, per principal
+        self._check_gate = KeyedGate(1, table_size)   # the check itself, per principal
+
+    @contextlib.asynccontextmanager
+    async def attempt(self, address: str, principal: str | None) -> AsyncIterator[LoginAttempt]:
+        """Wait for this CONNECT's turn; `principal` is the id it claims (None:
+        anonymous, or nothing to check). Raises LoginBusy instead of waiting
+        too long or with too many others."""
+        key = address_key(address)
+        async with contextlib.AsyncExitStack() as held:
+            try:
+                async with asyncio.timeout(AUTH_WAIT_MAX):
+                    await self._take_turn(held, key, principal)
+            except TimeoutError:
+                raise LoginBusy("waited too long for a turn to log in") from None
+            yield LoginAttempt(self, key, principal)
+
+    async def _take_turn(self, held: contextlib.AsyncExitStack, key: str, principal: str | None) -> None:
+        limit = MAX_WAITING_FAILING_ADDRESS if self.addresses.marked(key) else None
+        await held.enter_async_context(self._address_gate.hold(key, limit))
+        # read now that it is this CONNECT's turn, not when it arrived
+        await _pause(self.addresses.delay_for(key))
+        if principal is None:
+            return
+        if self.addresses.marked(key):
+            await held.enter_async_context(self._queue_gate.hold(principal))
+            await _pause(self.principals.remaining(principal))
+        await held.enter_async_context(self._check_gate.hold(principal))
+
+
+async def _pause(seconds: float) -> None:
+    if seconds > 0:
+        await asyncio.sleep(seconds)
 
 
 class IdentityService:
@@ -149,9 +341,8 @@ class IdentityService:
             # Spend the same work as a real check so timing does not reveal ids.
             await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, _DUMMY_HASH)
             return None
-        if self._jwt_secret is not None and secret.count(".") == 2:
-            claims = decode_jwt(secret, self._jwt_secret)
-            return p if claims is not None and claims.get("sub") == p.id else None
+        if self._jwt_secret is not None and is_jwt(secret):
+            return p if self._token_valid(p, secret) else None
         digest = hmac.new(self._pepper, p.secret_hash.encode() + b"\0" + secret.encode(), hashlib.sha256).digest()
         known = self._verified.get(p.id)
         if known is not None and hmac.compare_digest(known, digest):
@@ -161,6 +352,20 @@ class IdentityService:
             return None
         self._verified[p.id] = digest
         return p
+
+    def _token_valid(self, p: Principal, token: str) -> bool:
+        assert self._jwt_secret is not None
+        claims = decode_jwt(token, self._jwt_secret, time.time())
+        # Issued before the secret was last set (passwd, or the id removed and
+        # added again): revoked.
+        return claims is not None and claims.get("sub") == p.id and claims["iat"] >= p.secret_set_at
+
+    async def check_pairing_code(self, device_id: str, code: str) -> bool:
+        """True when `code` is the device's current pairing code (argon2, off the loop)."""
+        p = await self.get(device_id)
+        stored = p.pairing_code if p is not None and p.kind == "device" else None
+        ok = await asyncio.get_running_loop().run_in_executor(None, verify_secret, code, stored or _DUMMY_HASH)
+        return ok and stored is not None
 
     # ---- registration (used by admin commands and tests) -----------------
     async def add(self, principal_id: str, kind: str, *, secret: str | None = None, name: str | None = None,
@@ -183,8 +388,12 @@ class IdentityService:
         pairing = new_pairing_code() if kind == "device" else None
         loop = asyncio.get_running_loop()
         secret_hash = await loop.run_in_executor(None, hash_secret, secret)
+        # Stored hashed like the secret: the store alone does not give claims away.
+        pairing_hash = await loop.run_in_executor(None, hash_secret, pairing) if pairing else None
+        now = time.time()
         p = Principal(id=principal_id, kind=kind, name=name or principal_id, status="", secret_hash=secret_hash,
-                      created_at=time.time(), device_kind=device_kind, room=room, pairing_code=pairing)
+                      created_at=now, device_kind=device_kind, room=room, pairing_code=pairing_hash,
+                      secret_set_at=now)
         try:
             await self._store.add_principal(p)
         except AlreadyExists:
@@ -215,7 +424,8 @@ class IdentityService:
         """A fresh pairing code for a device (the old one stops working); None if
         there is no such device. Owners keep their ownership."""
         code = new_pairing_code()
-        if not await self._store.set_pairing_code(device_id, code):
+        code_hash = await asyncio.get_running_loop().run_in_executor(None, hash_secret, code)
+        if not await self._store.set_pairing_code(device_id, code_hash):
             return None
         await self.reload(device_id)
         await self._store.log_admin(device_id, "pairing")   # a running broker re-reads it
@@ -230,33 +440,100 @@ class IdentityService:
     async def list(self, kind: str | None = None) -> list[Principal]:
         return await self._store.list_principals(kind)
 
-    async def search_users(self, query: str, limit: int = 50) -> list[Principal]:
+    async def search_users(self, query: str, limit: int = 50) -> builtins.list[Principal]:
         return await self._store.search_users(query, limit)
 
 
 _DUMMY_HASH = hash_secret("roost-timing-equaliser")
 
 
+# JWT (RFC 7519), HS256 only. Seconds of clock difference allowed between the
+# token's issuer and the broker for `nbf` and `iat`.
+JWT_LEEWAY = 30.0
+_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _b64url_decode(part: str) -> bytes:
+    # strict: urlsafe_b64decode alone skips characters outside the alphabet
+    if _B64URL_RE.fullmatch(part) is None or len(part) % 4 == 1:
+        raise ValueError("not base64url")
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
 
-def decode_jwt(token: str, key: bytes) -> dict | None:
-    """HS256 only; returns the claims when the signature and `exp` are good."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _json_object(part: str) -> dict[str, Any] | None:
     try:
-        header_b64, payload_b64, sig_b64 = token.split(".")
-        header = json.loads(_b64url_decode(header_b64))
-        if header.get("alg") != "HS256":
-            return None
-        expected = hmac.new(key, f"{header_b64}.{payload_b64}".encode(), hashlib.sha256).digest()
-        if not hmac.compare_digest(expected, _b64url_decode(sig_b64)):
-            return None
-        claims = json.loads(_b64url_decode(payload_b64))
-        if not isinstance(claims, dict):
-            return None
-        exp = claims.get("exp")
-        if exp is not None and (not isinstance(exp, (int, float)) or exp < time.time()):
-            return None
-        return claims
-    except (ValueError, TypeError):
+        value = json.loads(_b64url_decode(part), parse_constant=_no_constant)  # NaN/Infinity refused
+    except (ValueError, RecursionError):
         return None
+    return value if isinstance(value, dict) else None
+
+
+def is_jwt(token: str) -> bool:
+    """True when `token` is shaped like an HS256 JWT: three base64url parts, the
+    first a JSON header with `"alg": "HS256"` and `"typ": "JWT"`. Anything else
+    (a password with two dots, say) is checked as a password."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return False
+    header = _json_object(parts[0])
+    typ = header.get("typ") if header is not None else None
+    return header is not None and header.get("alg") == "HS256" and isinstance(typ, str) and typ.upper() == "JWT"
+
+
+def _numeric_date(claims: dict[str, Any], name: str) -> float | None:
+    """A NumericDate claim; None when absent; ValueError when not a finite number."""
+    if name not in claims:
+        return None
+    value = claims[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} is not a number")
+    return float(value)
+
+
+def decode_jwt(token: str, key: bytes, now: float) -> dict[str, Any] | None:
+    """The claims of a valid token, else None. Valid: `is_jwt`, no `crit` header,
+    an HS256 signature by `key`, a string `sub`, `exp` (required) after `now`,
+    `iat` (required) not in the future, and `nbf` (when present) not in the future.
+    The caller checks `sub` and `iat` against the principal."""
+    if not is_jwt(token):
+        return None
+    header_b64, payload_b64, sig_b64 = token.split(".")
+    header = _json_object(header_b64)
+    if header is None or "crit" in header:   # extensions we would have to understand
+        return None
+    try:
+        signature = _b64url_decode(sig_b64)
+    except ValueError:
+        return None
+    expected = hmac.new(key, f"{header_b64}.{payload_b64}".encode(), hashlib.sha256).digest()
+    if not hmac.compare_digest(expected, signature):
+        return None
+    claims = _json_object(payload_b64)
+    if claims is None or not isinstance(claims.get("sub"), str):
+        return None
+    try:
+        exp, iat, nbf = (_numeric_date(claims, name) for name in ("exp", "iat", "nbf"))
+    except ValueError:
+        return None
+    if exp is None or now >= exp:
+        return None
+    if iat is None or iat > now + JWT_LEEWAY:
+        return None
+    if nbf is not None and nbf > now + JWT_LEEWAY:
+        return None
+    return claims
+
+
+def make_jwt(claims: dict[str, Any], key: bytes) -> str:
+    """An HS256 token for `claims` (used by tests and by issuers written in Python)."""
+    def part(obj: dict[str, Any]) -> str:
+        raw = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+    signing_input = f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}"
+    sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"

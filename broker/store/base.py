@@ -24,7 +24,8 @@ class Principal:
     created_at: float
     device_kind: str | None = None   # devices: thermostat, light, door_sensor, ...
     room: str | None = None          # devices: where it is
-    pairing_code: str | None = None  # devices: code shown once at registration
+    pairing_code: str | None = None  # devices: argon2 hash of the code shown once at registration
+    secret_set_at: float = 0.0       # when the secret was last set (added, passwd): older JWTs are refused
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,9 @@ T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], Any]
 
 # A migration is (unique name, SQL script). Names are recorded once applied.
-Migration = tuple[str, str]
+# A step that needs Python (hashing existing rows) is a function of the
+# connection instead of a script; it runs inside the migration's transaction.
+Migration = tuple[str, str | Callable[[sqlite3.Connection], None]]
 
 
 # Background WAL checkpoints: after this many commits (or this many seconds), and
@@ -354,8 +356,11 @@ def apply_migrations(conn: sqlite3.Connection, migrations: Sequence[Migration]) 
             continue
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in _split_sql(sql):
-                conn.execute(statement)
+            if callable(sql):
+                sql(conn)
+            else:
+                for statement in _split_sql(sql):
+                    conn.execute(statement)
             conn.execute("INSERT INTO schema_migrations(name, applied_at) VALUES (?, strftime('%s','now'))", (name,))
             conn.execute("COMMIT")
         except BaseException:

@@ -3,10 +3,25 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
+
+from pwdlib import PasswordHash
+from pwdlib.hashers.argon2 import Argon2Hasher
 
 from broker.store.base import AlreadyExists, Principal, RetainedMessage
 from broker.store.sqlite_db import Database, Migration
+
+
+def _hash_plaintext_pairing_codes(conn: sqlite3.Connection) -> None:
+    """Pairing codes used to be stored as typed; hash them like secrets (argon2).
+    The parameters are those of broker.services.identity (the store may not import
+    the services); any argon2 parameters verify, as they are part of the hash."""
+    hasher = PasswordHash((Argon2Hasher(time_cost=2, memory_cost=19456, parallelism=1),))
+    rows = conn.execute("SELECT id, pairing_code FROM principals WHERE pairing_code IS NOT NULL "
+                        "AND pairing_code NOT LIKE '$argon2%'").fetchall()
+    for principal_id, code in rows:
+        conn.execute("UPDATE principals SET pairing_code=? WHERE id=?", (hasher.hash(code), principal_id))
 
 MIGRATIONS: list[Migration] = [
     ("0001_identity", """
@@ -40,9 +55,16 @@ MIGRATIONS: list[Migration] = [
             at REAL NOT NULL
         );
     """),
+    # JWTs issued (`iat`) before the secret was last set are refused: a passwd, or
+    # removing and adding the id again, revokes every token issued until then.
+    ("0004_secret_set_at", """
+        ALTER TABLE principals ADD COLUMN secret_set_at REAL NOT NULL DEFAULT 0;
+        UPDATE principals SET secret_set_at = created_at;
+    """),
+    ("0005_pairing_code_hashes", _hash_plaintext_pairing_codes),
 ]
 
-_COLUMNS = "id, kind, name, status, secret_hash, created_at, device_kind, room, pairing_code"
+_COLUMNS = "id, kind, name, status, secret_hash, created_at, device_kind, room, pairing_code, secret_set_at"
 
 
 def _row(r: tuple) -> Principal:
@@ -60,8 +82,9 @@ class SqliteIdentityStore:
         def job(conn: sqlite3.Connection) -> None:
             try:
                 conn.execute(
-                    f"INSERT INTO principals ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (p.id, p.kind, p.name, p.status, p.secret_hash, p.created_at, p.device_kind, p.room, p.pairing_code),
+                    f"INSERT INTO principals ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (p.id, p.kind, p.name, p.status, p.secret_hash, p.created_at, p.device_kind, p.room, p.pairing_code,
+                     p.secret_set_at or p.created_at),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(p.id) from None
@@ -93,13 +116,15 @@ class SqliteIdentityStore:
         )
 
     async def set_secret(self, principal_id: str, secret_hash: str) -> bool:
+        now = time.time()
         return await self._db.write(
             lambda conn: conn.execute(
-                "UPDATE principals SET secret_hash=? WHERE id=?", (secret_hash, principal_id)
+                "UPDATE principals SET secret_hash=?, secret_set_at=? WHERE id=?", (secret_hash, now, principal_id)
             ).rowcount > 0
         )
 
     async def set_pairing_code(self, principal_id: str, code: str) -> bool:
+        """`code` is the hash of the pairing code (IdentityService hashes it)."""
         return await self._db.write(
             lambda conn: conn.execute(
                 "UPDATE principals SET pairing_code=? WHERE id=? AND kind='device'", (code, principal_id)
