@@ -432,7 +432,7 @@ def strict_json(payload: bytes) -> Any:
     return json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
 
 
-def _befriend(roost: RoostProcess, a: str, apw: str, b: str, bpw: str) -> None:
+def befriend(roost: RoostProcess, a: str, apw: str, b: str, bpw: str) -> None:
     ca, cb = ImClient(a, "setup").open(roost, apw), ImClient(b, "setup").open(roost, bpw)
     ca.call("contact.request", to=b)
     cb.call("contact.accept", **{"from": a})
@@ -458,8 +458,8 @@ def test_json_request_fuzzer_answers_each_request_once_with_a_catalogued_code(ro
                                       "max_pending_requests": 100_000}})
     apw, bpw = roost.add_user("alice", name="Alice"), roost.add_user("bob", name="Bob")
     cpw, dpw = roost.add_user("carol"), roost.add_user("dave")
-    _befriend(roost, "alice", apw, "bob", bpw)
-    _befriend(roost, "carol", cpw, "dave", dpw)
+    befriend(roost, "alice", apw, "bob", bpw)
+    befriend(roost, "carol", cpw, "dave", dpw)
     rss_before = rss_bytes(roost)
     rng = random.Random(10_2026)
     gen = RequestGen(rng)
