@@ -226,3 +226,71 @@ def test_paired_surrogate_escapes_are_fine(roost):
     assert doc["ok"], doc
     assert bob.wait_event("msg", cmid="c")["body"]["text"] == "\U0001f600"
     assert json.loads(json.dumps("\U0001f600")) == "\U0001f600"
+
+
+# ---- 5. limits per principal; strangers and mailboxes -------------------------------
+
+
+def fire(client: ImClient, op: str, count: int, prefix: str) -> None:
+    for i in range(count):
+        client.publish(f"roost/req/{client.client_id}", {"id": f"{prefix}{i}", "op": op}, qos=1, wait=False)
+
+
+def test_the_request_rate_is_per_principal_whatever_its_client_ids(roost_factory):
+    roost = roost_factory({"limits": {"request_rate": 0.01, "request_burst": 5}})
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    clients = [ImClient("alice", f"c{k}").open(roost, apw, subscribe_inbox=False) for k in range(4)]
+    for k, c in enumerate(clients):
+        fire(c, "convs", 5, f"k{k}-")
+    docs = [d for c in clients for d in responses(c)]
+    assert len(docs) == 20
+    assert sum(d["ok"] for d in docs) == 5                  # one budget for all four clients
+    assert {d["error"]["code"] for d in docs if not d["ok"]} == {"rate_limited"}
+    # A new connection does not bring new tokens; another principal is not affected.
+    clients[0].disconnect()
+    fresh = ImClient("alice", "fresh").open(roost, apw, subscribe_inbox=False)
+    assert fresh.request("convs")["error"]["code"] == "rate_limited"
+    bob = ImClient("bob").open(roost, bpw, subscribe_inbox=False)
+    assert bob.call("convs")["total_unread"] == 0
+
+
+def contact_events(client: ImClient, other: str) -> list[str]:
+    events = client.call("sync", after=0, limit=1000)["events"]
+    return [e["event"] for e in events if e["kind"] == "contact" and e["with"] == other]
+
+
+def test_a_stranger_requesting_and_withdrawing_in_a_loop_is_stopped(roost):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice").open(roost, apw, subscribe_inbox=False)
+    bob = ImClient("bob").open(roost, bpw, subscribe_inbox=False)
+    assert alice.call("contact.request", to="bob", note="hi")["state"] == "requested"
+    assert alice.call("contact.request", to="bob", note="hi?")["state"] == "pending"   # re-sent: nothing new
+    alice.call("contact.remove", user="bob")
+    codes = []
+    for _ in range(20):
+        codes.append(alice.request("contact.request", to="bob")["error"]["code"])
+        alice.request("contact.remove", user="bob")
+    assert set(codes) == {"rate_limited"}
+    assert contact_events(bob, "alice") == ["request", "removed"]
+    # bob may still ask alice himself: her own budget and cool-down are untouched
+    assert bob.call("contact.request", to="alice")["state"] == "requested"
+    assert alice.call("contact.accept", **{"from": "bob"}) == {}
+
+
+def test_a_person_receives_a_bounded_number_of_requests_per_hour(roost_factory):
+    roost = roost_factory({"limits": {"contact_requests_per_hour": 3}})
+    bpw = roost.add_user("bob")
+    strangers = [(f"s{i}", roost.add_user(f"s{i}")) for i in range(5)]
+    bob = ImClient("bob").open(roost, bpw, subscribe_inbox=False)
+    answers = {}
+    for sid, pw in strangers:
+        c = ImClient(sid).open(roost, pw, subscribe_inbox=False)
+        answers[sid] = c.request("contact.request", to="bob")
+        c.disconnect()
+    assert [answers[s]["ok"] for s, _ in strangers] == [True, True, True, False, False]
+    assert answers["s4"]["error"]["code"] == "rate_limited" and "\n" not in answers["s4"]["error"]["message"]
+    assert [r["from"] for r in bob.call("contacts")["incoming"]] == ["s0", "s1", "s2"]
+    requests = [e for e in bob.call("sync", after=0)["events"] if e["kind"] == "contact"]
+    assert len(requests) == 3
+    # bob's own requests are not bounded by his incoming budget
+    assert bob.call("contact.request", to="s3")["state"] == "requested"

@@ -7,6 +7,12 @@ of the block is at most an ordinary `removed`.
 
 After every committed change the in-memory `Relations` index is updated and the
 ACL cache refreshed, so presence visibility follows contacts at once.
+
+Contact requests are what a stranger can put into someone's mailbox (groups and
+device shares need a contact first), so they are bounded: asking again while a
+request is pending adds nothing, a requester may make a new request to the same
+person once per `limits.contact_request_cooldown`, and a person receives at most
+`limits.contact_requests_per_hour` new requests (`rate_limited` beyond both).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, param_str
 from broker.store.base import MailboxEvent, Principal
+from broker.store.sqlite_social import RequestLimits
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_valid_principal_id
 from contract.presence import never_seen
@@ -40,6 +47,15 @@ def forbidden(message: str) -> ProtocolError:
 
 def not_found(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.NOT_FOUND, message)
+
+
+def _span(seconds: float) -> str:
+    """3600 -> '1 h', 600 -> '10 min', 45 -> '45 s' (for one-line messages)."""
+    if seconds >= 3600 and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{int(seconds // 60)} min"
+    return f"{seconds:g} s"
 
 
 def _principal_param(params: dict[str, Any], name: str) -> str:
@@ -148,6 +164,14 @@ class SocialService:
         return p
 
     # ---- contacts ----------------------------------------------------------------
+    def _limits(self) -> Any:
+        return self._services.config.limits
+
+    def _request_limits(self) -> RequestLimits:
+        limits = self._limits()
+        return RequestLimits(cooldown=float(limits.contact_request_cooldown),
+                             per_target_hour=int(limits.contact_requests_per_hour))
+
     async def op_request(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         self._require_person(caller)
         to = _principal_param(params, "to")
@@ -160,9 +184,16 @@ class SocialService:
             raise forbidden(f"you may not send a contact request to {to!r}")
         if self.is_blocked(caller.principal, to):
             raise ProtocolError(ErrorCode.CONFLICT, f"you blocked {to!r}: unblock first")
-        outcome, events = await self._store.request(caller.principal, to, note, _now())
+        outcome, events = await self._store.request(caller.principal, to, note, _now(), self._request_limits())
         if outcome == "contact":
             raise ProtocolError(ErrorCode.CONFLICT, f"{to!r} is already a contact")
+        if outcome == "too_soon":
+            raise ProtocolError(ErrorCode.RATE_LIMITED,
+                                f"you asked {to!r} less than {_span(self._limits().contact_request_cooldown)} ago; "
+                                "try again later")
+        if outcome == "too_many":
+            raise ProtocolError(ErrorCode.RATE_LIMITED,
+                                f"{to!r} received too many contact requests in the last hour; try again later")
         self._published(events)
         if outcome == "accepted":
             self._contact_changed(caller.principal, to, True)

@@ -2,11 +2,16 @@
 
 Each change and the `contact` events announcing it to both sides are written in
 one job, so nobody is ever told about a change that did not commit.
+
+Contact requests are the one way a stranger reaches someone's mailbox, so each
+new one is logged (`contact_request_log`) and bounded in the same job: one per
+(requester, target) per cool-down, and a budget per target per hour.
 """
 
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import dataclass
 
 from broker.store.base import ContactRequest, MailboxEvent, SocialState
 from broker.store.sqlite_db import Database, Migration
@@ -48,7 +53,27 @@ MIGRATIONS: list[Migration] = [
               AND m.sender != conv_members.principal
               AND m.sender NOT IN (SELECT blocked FROM blocks WHERE blocker = conv_members.principal));
     """),
+    # One row per new contact request (the ones that made a `request` event), kept
+    # for the cool-down and the budget's hour; older rows of a target go when it
+    # is asked next. Rows per target stay within its budget.
+    ("0112_contact_request_log", """
+        CREATE TABLE contact_request_log (
+            recipient TEXT NOT NULL,
+            sender TEXT NOT NULL,
+            ts REAL NOT NULL
+        );
+        CREATE INDEX contact_request_log_pair ON contact_request_log(recipient, sender, ts);
+    """),
 ]
+
+BUDGET_WINDOW = 3600.0   # seconds: contact_requests_per_hour counts this far back
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds on new contact requests (0 turns one off)."""
+    cooldown: float = 0.0       # seconds before the same requester may ask the same person again
+    per_target_hour: int = 0    # new requests one person receives per hour
 
 
 def _pair(x: str, y: str) -> tuple[str, str]:
@@ -72,6 +97,26 @@ def _is_contact(conn: sqlite3.Connection, x: str, y: str) -> bool:
 def _take_request(conn: sqlite3.Connection, sender: str, recipient: str) -> bool:
     return conn.execute("DELETE FROM contact_requests WHERE sender=? AND recipient=?",
                         (sender, recipient)).rowcount > 0
+
+
+def _request_refusal(conn: sqlite3.Connection, sender: str, to: str, now: float,
+                     limits: RequestLimits) -> str | None:
+    """'too_soon' / 'too_many' when a new request from sender to `to` is over its
+    bounds, else None (and the request is logged: the caller creates it)."""
+    keep = max(limits.cooldown, BUDGET_WINDOW)
+    conn.execute("DELETE FROM contact_request_log WHERE recipient=? AND ts<?", (to, now - keep))
+    if limits.cooldown > 0:
+        last = conn.execute("SELECT MAX(ts) FROM contact_request_log WHERE recipient=? AND sender=?",
+                            (to, sender)).fetchone()[0]
+        if last is not None and now - last < limits.cooldown:
+            return "too_soon"
+    if limits.per_target_hour > 0:
+        recent = conn.execute("SELECT COUNT(*) FROM contact_request_log WHERE recipient=? AND ts>=?",
+                              (to, now - BUDGET_WINDOW)).fetchone()[0]
+        if recent >= limits.per_target_hour:
+            return "too_many"
+    conn.execute("INSERT INTO contact_request_log(recipient, sender, ts) VALUES (?,?,?)", (to, sender, now))
+    return None
 
 
 class SqliteSocialStore:
@@ -99,7 +144,11 @@ class SqliteSocialStore:
 
         return await self._db.read(job)
 
-    async def request(self, sender: str, to: str, note: str, now: float) -> tuple[str, list[MailboxEvent]]:
+    async def request(self, sender: str, to: str, note: str, now: float,
+                      limits: RequestLimits = RequestLimits()) -> tuple[str, list[MailboxEvent]]:
+        """Outcome 'requested', 'pending' (asked already: nothing new), 'accepted'
+        (they had asked us), 'contact', or refused by `limits`: 'too_soon' (asked
+        this person within the cool-down) / 'too_many' (their hour's budget is spent)."""
         def job(conn: sqlite3.Connection) -> tuple[str, list[MailboxEvent]]:
             if _is_contact(conn, sender, to):
                 return "contact", []
@@ -111,6 +160,9 @@ class SqliteSocialStore:
                                   (sender, to)).fetchone()
             if exists:
                 return "pending", []
+            refusal = _request_refusal(conn, sender, to, now, limits)
+            if refusal is not None:
+                return refusal, []
             conn.execute("INSERT INTO contact_requests(sender, recipient, note, ts) VALUES (?,?,?,?)",
                          (sender, to, note, now))
             return "requested", _both(conn, sender, to, "request", sender, now, note)
@@ -186,10 +238,12 @@ def purge_principal(conn: sqlite3.Connection, principal: str) -> None:
     conn.execute("DELETE FROM contacts WHERE a=? OR b=?", (principal, principal))
     conn.execute("DELETE FROM contact_requests WHERE sender=? OR recipient=?", (principal, principal))
     conn.execute("DELETE FROM blocks WHERE blocker=? OR blocked=?", (principal, principal))
+    conn.execute("DELETE FROM contact_request_log WHERE recipient=? OR sender=?", (principal, principal))
 
 
 _PRINCIPAL_COLUMNS = (("contacts", "a"), ("contacts", "b"), ("contact_requests", "sender"),
-                      ("contact_requests", "recipient"), ("blocks", "blocker"), ("blocks", "blocked"))
+                      ("contact_requests", "recipient"), ("blocks", "blocker"), ("blocks", "blocked"),
+                      ("contact_request_log", "recipient"), ("contact_request_log", "sender"))
 
 
 def orphans(conn: sqlite3.Connection, limit: int) -> list[str]:
