@@ -13,6 +13,7 @@ writer writes). Nothing here blocks the event loop.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import queue
@@ -82,7 +83,14 @@ def _connect(path: Path) -> sqlite3.Connection:
     # memcpy. Durability is unchanged: the sub-journal only serves ROLLBACK TO
     # within an open transaction; commits and crash recovery go through the WAL.
     conn.execute("PRAGMA temp_store=MEMORY")
+    conn.create_function("roost_digest", 1, payload_digest, deterministic=True)
     return conn
+
+
+def payload_digest(payload: bytes) -> bytes:
+    """The key under which a payload is stored once however many rows refer to
+    it (available to SQL as roost_digest(x), for migrations)."""
+    return hashlib.blake2b(payload, digest_size=16).digest()
 
 
 class Database:
