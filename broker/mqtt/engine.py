@@ -18,7 +18,8 @@ Behaviour worth knowing (see also broker/server.py):
   order, when a persistent session reconnects; there is no time-out (defect 5).
 * Delivered QoS = min(publish QoS, granted QoS); overlapping subscriptions of one
   session get one copy at the highest granted QoS (defect 6).
-* Each session queue holds at most limits.max_queued messages; when it is full
+* Each session holds at most limits.max_queued messages and limits.max_queued_bytes
+  payload bytes (queue + in flight; also per principal and in total); when full
   the NEWEST message is dropped (counted per session and logged), so what was
   queued keeps its order. Queued messages keep the retain flag they were sent
   with: 0 for routed messages, 1 only for retained replay on SUBSCRIBE (defect 7).
@@ -30,9 +31,12 @@ Behaviour worth knowing (see also broker/server.py):
   for its own session, offline sessions never hold anyone, and a session that
   makes no progress for STALL_TIMEOUT stops holding publishers (it drops).
   broker.publish()/deliver() are never held: deliver() waits for room instead.
-* Persistent (clean_session=0) sessions live in memory only and are discarded
-  after SESSION_EXPIRY seconds (7 days) disconnected, or when the broker stops.
-  Retained messages are persisted through the RetainedStore.
+* Persistent (clean_session=0) sessions are journaled (journal.py) and discarded
+  after SESSION_EXPIRY seconds (7 days) disconnected; a principal keeps at most
+  limits.max_persistent_sessions_per_principal of them. Retained messages live in
+  a byte-budgeted trie (retained.py), persisted through the RetainedStore.
+* Nothing is acknowledged that is not stored: while the store cannot write, the
+  acks wait for the journal/retained writes, which are retried (see journal.py).
 * Subscription lookup: exact filters in a dict, wildcard filters in a trie
   (defect 10); no task is created per message or per subscriber.
 """
