@@ -51,7 +51,7 @@ class RoostAuthPlugin(BaseAuthPlugin):
             async with self._guard.attempt(address, target) as attempt:
                 return await self._decide(session, attempt)
         except LoginBusy as exc:
-            log.warning("refused CONNECT from %s unchecked: %s", address, exc)
+            log.info("refused CONNECT from %s unchecked: %s", address, exc)
             raise ConnectRefused(ConnectRefused.SERVER_UNAVAILABLE, str(exc)) from None
 
     async def _decide(self, session: Any, attempt: LoginAttempt) -> bool:
