@@ -294,3 +294,24 @@ def test_a_person_receives_a_bounded_number_of_requests_per_hour(roost_factory):
     assert len(requests) == 3
     # bob's own requests are not bounded by his incoming budget
     assert bob.call("contact.request", to="s3")["state"] == "requested"
+
+
+def test_telemetry_with_a_lone_surrogate_is_refused_and_does_not_poison_the_store(roost):
+    apw = roost.add_user("alice")
+    secret, code = roost.add_device("thermo", "thermostat")
+    alice = ImClient("alice").open(roost, apw, subscribe_inbox=False)
+    alice.call("device.claim", device="thermo", code=code)
+    assert alice.subscribe("roost/telemetry/thermo") == [1]
+    device = MqttClient("thermo").connect(roost.host, roost.port, username="thermo", password=secret)
+    device.publish("roost/telemetry/thermo", rb'{"label": "\ud800", "t": 1}', qos=1)
+    device.publish("roost/telemetry/thermo", b'{"\xed\xa0\x80": 2}', qos=1)
+    device.publish("roost/telemetry/thermo", rb'{"t": 21.5, "mood": "\ud83d\ude00"}', qos=1)
+    assert alice.wait_message("roost/telemetry/thermo").json() == {"t": 21.5, "mood": "\U0001f600"}
+    assert alice.no_message("roost/telemetry/thermo", 0.3)
+    latest = alice.call("devices")["devices"][0]["last_telemetry"]
+    assert {k: v for k, v in latest.items() if k != "ts"} == {"t": 21.5, "mood": "\U0001f600"}
+    device.disconnect()
+    alice.disconnect()
+    roost.restart()                                  # the latest readings were saved
+    again = ImClient("alice", "again").open(roost, apw, subscribe_inbox=False)
+    assert again.call("devices")["devices"][0]["last_telemetry"] == latest

@@ -10,7 +10,9 @@ all devices in one transaction, so a chatty sensor costs one upsert a second.
 
 What makes an object malformed (counted, logged at a limited rate, never
 written, and not routed to subscribers):
-- not JSON, not an object, or no field besides `ts`;
+- not JSON (strict UTF-8, every string valid Unicode: no lone surrogate such as
+  `"\ud800"`, which could be neither stored nor forwarded to InfluxDB), not an
+  object, or no field besides `ts`;
 - `ts` present but not a positive number of unix seconds, or more than a day ahead;
 - a field name empty, longer than 64 characters, containing control characters,
   or one of the tag names (device, room, owner);
@@ -31,6 +33,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from broker.services.base import cancel_and_wait
+from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import FieldValue, InfluxWriter, RateLimitedLog, line_protocol, seconds_to_ns
 from broker.store.base import LatestReading
 
@@ -57,12 +60,13 @@ class Reading:
 
 
 def _has_control(s: str) -> bool:
-    return any(ord(c) < 32 or ord(c) == 127 for c in s)
+    return any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in s)
 
 
 def parse_telemetry(payload: bytes, max_fields: int, now: float | None = None) -> Reading:
     try:
-        doc = json.loads(payload)
+        # Strict UTF-8: json.loads(bytes) would let encoded surrogates through.
+        doc = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise MalformedTelemetry("payload is not JSON") from None
     if not isinstance(doc, dict):
@@ -271,10 +275,28 @@ class TelemetryService:
             self._stats.latest_saved += await self._store.put_latest(batch)
         except Exception as exc:  # noqa: BLE001 - retried with the next flush
             self._stats.latest_errors += 1
-            self._latest_log.warning("saving latest telemetry of %d devices failed (%s); will retry",
-                                     len(batch), str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            self._dirty |= {r.device for r in batch if r.device in self._latest}
-            self._dirty_event.set()
+            line, not_the_store = describe_failure(exc)
+            if not not_the_store or len(batch) == 1:
+                self._latest_log.warning("saving latest telemetry of %d devices failed (%s); will retry",
+                                         len(batch), line)
+                self._dirty |= {r.device for r in batch if r.device in self._latest}
+                self._dirty_event.set()
+            else:
+                # Not the store: one reading it cannot take must not hold back the others forever.
+                await self._flush_each(batch)
+
+    async def _flush_each(self, batch: list[LatestReading]) -> None:
+        for reading in batch:
+            try:
+                self._stats.latest_saved += await self._store.put_latest([reading])
+            except Exception as exc:  # noqa: BLE001 - an outage is retried, a bad reading given up
+                line, trace = describe_failure(exc)
+                if trace:
+                    log.warning("latest telemetry of %s cannot be saved (%s); kept in memory only",
+                                reading.device, line)
+                elif reading.device in self._latest:
+                    self._dirty.add(reading.device)
+                    self._dirty_event.set()
 
     # ---- counters ----------------------------------------------------------------
     async def _report_loop(self) -> None:
