@@ -59,6 +59,9 @@ class Connection(asyncio.Protocol):
         self._out: list[bytes] = []
         self._dirty = False
         self._pending: deque[tuple[int, int, bytes]] = deque()
+        self._pending_bytes = 0
+        self._pending_full = False      # reading and parsing stopped until the pending packets drain
+        self.max_pending_bytes = engine.limits.max_pending_bytes
         self.task: asyncio.Task[None] | None = None
         self.dollar_publish_logged = False
         self._lost = False      # the transport is gone but received packets are still being handled
@@ -133,6 +136,7 @@ class Connection(asyncio.Protocol):
         if self.state == CLOSED:
             return
         self.last_recv = self.engine.loop.time()
+        self.engine.counters.bytes_received += len(data)
         self.buf += data
         if not self.blockers:
             self._parse()
@@ -221,8 +225,12 @@ class Connection(asyncio.Protocol):
     def _packet(self, ptype: int, flags: int, body: bytes) -> None:
         if self.task is not None or self._pending:
             self._pending.append((ptype, flags, body))
-            if len(self._pending) >= PENDING_HIGH:
-                self.pause_reading("pending")
+            self._pending_bytes += len(body)
+            if len(self._pending) >= PENDING_HIGH or self._pending_bytes >= self.max_pending_bytes:
+                # stop reading: what is already in the buffer waits there, bounded too
+                if not self._pending_full:
+                    self._pending_full = True
+                    self.block()
             return
         coro = self.engine.handle(self, ptype, flags, body)
         if coro is not None:
@@ -234,8 +242,11 @@ class Connection(asyncio.Protocol):
             pending = self._pending
             while pending and self.state != CLOSED:
                 ptype, flags, body = pending.popleft()
-                if len(pending) <= PENDING_LOW:
-                    self.resume_reading("pending")
+                self._pending_bytes -= len(body)
+                if self._pending_full and len(pending) <= PENDING_LOW \
+                        and self._pending_bytes <= self.max_pending_bytes // 4:
+                    self._pending_full = False
+                    self.unblock()     # parses what waited in the buffer, then reads again
                 c = self.engine.handle(self, ptype, flags, body)
                 if c is not None:
                     await c
@@ -250,14 +261,18 @@ class Connection(asyncio.Protocol):
             self.close(DisconnectReason.KICKED)
         finally:
             self.task = None
+            if self._pending_full:
+                self._pending_full = False
+                self.unblock()
             if self._lost:
                 self._lost = False
                 self._pending.clear()
+                self._pending_bytes = 0
                 self.state = CLOSED
                 self.engine.connection_lost(self)
             elif self.state == CLOSED:
                 self._pending.clear()
-            self.resume_reading("pending")
+                self._pending_bytes = 0
 
     # ---- output --------------------------------------------------------------------
 
@@ -275,6 +290,7 @@ class Connection(asyncio.Protocol):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self.engine.counters.bytes_sent += len(data)
         self.transport.write(data)
 
     def set_connected(self) -> None:

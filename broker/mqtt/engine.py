@@ -50,6 +50,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from amqtt.contexts import Action
@@ -90,6 +91,17 @@ MAX_RETAINED = 100_000           # retained topics kept; beyond, new topics are 
 _NO_WILL = (DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN)
 
 
+@dataclass(slots=True)
+class TrafficCounters:
+    """Totals since start, for $SYS and metrics; plain ints bumped on the hot path."""
+    messages_received: int = 0     # PUBLISH packets from clients
+    messages_sent: int = 0         # PUBLISH packets to clients (re-sends included)
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    connections_total: int = 0     # CONNECTs accepted
+    connections_max: int = 0       # most connected at once
+
+
 class Engine:
     def __init__(self, *, limits: Any, plugins: list[Any], plugins_manager: Any = None,
                  retained_store: Any = None, listener_limits: dict[str, int] | None = None,
@@ -111,6 +123,8 @@ class Engine:
         self.per_listener: dict[str, int] = {}
         self.listener_limits = listener_limits or {}
         self.by_principal: dict[str, dict[str, Connection]] = {}
+        self.counters = TrafficCounters()
+        self.started_at = time.time()
         self.stats = {"dropped": 0, "publish_denied": 0, "retained_write_errors": 0, "retained_refused": 0,
                       "subscriptions_refused": 0, "sessions_refused": 0}
         self._retained_refused_log = RateLimitedLog(log)
@@ -290,6 +304,9 @@ class Engine:
     def _count_in(self, conn: Connection) -> None:
         conn.counted = True
         self.n_connected += 1
+        self.counters.connections_total += 1
+        if self.n_connected > self.counters.connections_max:
+            self.counters.connections_max = self.n_connected
         self.per_listener[conn.listener_name] = self.per_listener.get(conn.listener_name, 0) + 1
         info = conn.info
         if info is not None and info.principal:
@@ -580,6 +597,7 @@ class Engine:
 
     def _publish(self, conn: Connection, flags: int, body: bytes) -> Any:
         topic, qos, pid, retain, _dup, payload = codec.decode_publish(flags, body)
+        self.counters.messages_received += 1
         if not valid_topic_name(topic):
             raise ProtocolViolation(f"invalid topic name {topic!r}")
         if len(payload) > self.limits.max_payload:
