@@ -7,7 +7,9 @@
 - a lone UTF-16 surrogate anywhere in a request gets exactly one `bad_request`.
 
 The full disk is a small tmpfs (root only) holding nothing but the store, filled
-by a file of this test until the filesystem says ENOSPC.
+by a file of this test until the filesystem says ENOSPC; and, anywhere, a file
+size limit (RLIMIT_FSIZE, set on the running broker with prlimit) just above
+the store's files, so its next growth fails with EFBIG (Python ignores SIGXFSZ).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import subprocess
 import time
 from collections.abc import Iterator
@@ -39,7 +42,10 @@ class SmallDisk:
         self.path = path
         self._filler = path / "filler"
 
-    def fill(self) -> None:
+    def config(self) -> dict[str, Any]:
+        return {"storage": {"path": str(self.path / "roost.db")}}
+
+    def fill(self, roost: RoostProcess) -> None:
         with open(self._filler, "ab", buffering=0) as f:
             for chunk in (64 * 1024, 4096, 1):      # tmpfs counts pages: end byte by byte
                 while True:
@@ -50,12 +56,38 @@ class SmallDisk:
                             raise
                         break
 
-    def free(self) -> None:
+    def free(self, roost: RoostProcess) -> None:
         self._filler.unlink(missing_ok=True)
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
+class FileSizeLimit:
+    """No space for the broker's files to grow: RLIMIT_FSIZE on its process just
+    above its store's files (the log keeps room for its few lines)."""
+
+    LOG_ROOM = 256 * 1024
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def fill(self, roost: RoostProcess) -> None:
+        assert roost.proc is not None
+        db = Path(roost.config["storage"]["path"])
+        sizes = [p.stat().st_size for p in (db, Path(f"{db}-wal")) if p.exists()]
+        limit = max([*sizes, roost.log_path.stat().st_size + self.LOG_ROOM]) + 4096
+        _soft, hard = resource.prlimit(roost.proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(roost.proc.pid, resource.RLIMIT_FSIZE, (limit, hard))
+
+    def free(self, roost: RoostProcess) -> None:
+        assert roost.proc is not None
+        _soft, hard = resource.prlimit(roost.proc.pid, resource.RLIMIT_FSIZE)
+        resource.prlimit(roost.proc.pid, resource.RLIMIT_FSIZE, (hard, hard))
+
+
+@pytest.fixture(params=["tmpfs", "file-size-limit"])
+def no_space(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SmallDisk | FileSizeLimit]:
+    if request.param == "file-size-limit":
+        yield FileSizeLimit()
+        return
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mount_point = tmp_path / "disk"
@@ -71,9 +103,8 @@ def small_disk(tmp_path: Path) -> Iterator[SmallDisk]:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
-def broker_on(roost_factory: Any, disk: SmallDisk, extra: dict[str, Any] | None = None) -> RoostProcess:
-    config = {"storage": {"path": str(disk.path / "roost.db")}, **(extra or {})}
-    return roost_factory(config, start=False)
+def broker_on(roost_factory: Any, space: SmallDisk | FileSizeLimit) -> RoostProcess:
+    return roost_factory(space.config(), start=False)
 
 
 def befriend(a: ImClient, b: ImClient) -> None:
@@ -111,8 +142,8 @@ def eventually_ok(client: ImClient, op: str, timeout: float = 10.0, **params: An
 # ---- 1. a full store --------------------------------------------------------------
 
 
-def test_a_full_store_answers_unavailable_serves_reads_and_recovers_by_itself(roost_factory, small_disk):
-    roost = broker_on(roost_factory, small_disk)
+def test_a_full_store_answers_unavailable_serves_reads_and_recovers_by_itself(roost_factory, no_space):
+    roost = broker_on(roost_factory, no_space)
     apw, bpw, cpw = roost.add_user("alice"), roost.add_user("bob"), roost.add_user("carol")
     roost.start()
     alice = ImClient("alice").open(roost, apw)
@@ -120,7 +151,7 @@ def test_a_full_store_answers_unavailable_serves_reads_and_recovers_by_itself(ro
     befriend(alice, bob)
     conv = alice.call("send", to="bob", cmid="before", body=text_body(0))["conv"]
 
-    small_disk.fill()
+    no_space.fill(roost)
     answers: dict[str, dict[str, Any]] = {}
     for i in range(1, 40):                       # big bodies: the store must grow to take them
         doc = alice.request("send", to="bob", cmid=f"full-{i}", body=text_body(i, 30_000))
@@ -160,7 +191,7 @@ def test_a_full_store_answers_unavailable_serves_reads_and_recovers_by_itself(ro
     assert 1 <= len(im_lines) <= 2, im_lines
 
     # Space returns: the store writes again without a restart.
-    small_disk.free()
+    no_space.free(roost)
     result = eventually_ok(alice, "send", to="bob", cmid="after", body=text_body(100))
     assert result["dup"] is False
     assert bob.wait_event("msg", cmid="after")["seq"] == result["seq"]   # bob's pusher lived through it
