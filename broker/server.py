@@ -67,6 +67,7 @@ import errno
 import logging
 import socket
 import ssl
+import sys
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -100,6 +101,31 @@ if amqtt.__version__ != AMQTT_VERSION:  # pragma: no cover - depends on the inst
 WS_WRITE_HIGH = 256 * 1024
 WS_WRITE_LOW = 64 * 1024
 WS_CLOSE_TIMEOUT = 2.0
+# "mqtt" is MQTT 3.1.1's registered name; "mqttv3.1" is what MQTT 3.1 clients
+# (and older MQTT.js/Paho builds) offer, and Mosquitto serves both.
+WS_SUBPROTOCOLS = [websockets.Subprotocol("mqtt"), websockets.Subprotocol("mqttv3.1")]
+
+
+class _WsLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """websockets logs a failed opening handshake (a port scan, a plain HTTP
+    request, a client that speaks no WebSocket) as an ERROR with a traceback:
+    here it is one INFO line naming the peer and the reason."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        if level >= logging.ERROR and msg == "opening handshake failed":
+            exc = sys.exc_info()[1]
+            ws = (kwargs.get("extra") or {}).get("websocket")
+            peer = getattr(getattr(ws, "transport", None), "get_extra_info", lambda _k: None)("peername")
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0] if exc is not None else "unknown"
+            self.logger.info("websocket handshake from %s failed: %s", _peer(peer), reason)
+            return
+        super().log(level, msg, *args, **kwargs)
+
+
+def _peer(peer: Any) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and len(peer) >= 2 else "?"
+
+
 _BACKGROUND: set[asyncio.Task[Any]] = set()   # websocket close handshakes in flight
 
 
@@ -362,8 +388,9 @@ class RoostBroker(Broker):
         if listener_type == "ws":
             return await websockets.serve(
                 partial(self.ws_connected, listener_name=listener_name), sock=sock,
-                ssl=ssl_context, subprotocols=[websockets.Subprotocol("mqtt")], backlog=LISTEN_BACKLOG,
-                max_size=self.engine.max_packet + 8, close_timeout=WS_CLOSE_TIMEOUT)
+                ssl=ssl_context, subprotocols=WS_SUBPROTOCOLS, backlog=LISTEN_BACKLOG,
+                max_size=self.engine.max_packet + 8, close_timeout=WS_CLOSE_TIMEOUT,
+                logger=_WsLog(logging.getLogger("roost.ws"), {}))
         raise BrokerError(f"Unsupported listener type: {listener_type}")
 
     async def _create_server_instance(self, listener_name: str, listener_type: Any, address: str | None,

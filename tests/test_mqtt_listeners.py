@@ -100,3 +100,37 @@ def test_roost_serve_with_real_plugins(roost):
     assert anon_id.sub("roost/inbox/alice", 1) == [1]
     anon_id.disconnect()
     a.disconnect()
+
+
+def test_websocket_serves_the_mqttv31_subprotocol(multi):
+    """MQTT 3.1 clients (and older MQTT.js/Paho builds) offer `mqttv3.1`; Mosquitto serves it."""
+    from websockets.sync.client import connect
+
+    from broker.mqtt import codec
+
+    with connect(f"ws://127.0.0.1:{multi.ports['ws']}/mqtt", subprotocols=["mqttv3.1"]) as ws:
+        assert ws.subprotocol == "mqttv3.1"
+        ws.send(codec.encode_connect("ws31", username="u", password="p"))
+        assert ws.recv(timeout=5) == b"\x20\x02\x00\x00"
+
+
+def test_a_failed_websocket_handshake_is_one_info_line(multi, caplog):
+    import logging
+    import socket
+    import time
+
+    caplog.set_level(logging.INFO)
+    with socket.create_connection(("127.0.0.1", multi.ports["ws"])) as s:
+        s.sendall(b"not a websocket request\r\n\r\n")
+        s.settimeout(5)
+        try:
+            while s.recv(4096):
+                pass
+        except OSError:
+            pass
+    deadline = time.monotonic() + 5
+    while not any("websocket handshake from" in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, "the failed handshake was not logged"
+        time.sleep(0.02)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [r for r in caplog.records if r.exc_info]
