@@ -8,7 +8,9 @@ stayed within budget, and the log shows no traceback."""
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import random
 import re
 import socket
@@ -18,11 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from broker.mqtt import codec
 from contract.envelopes import OPS
 from contract.errors import ErrorCode
 from tests.clients import ImClient, MqttClient
 from tests.harness import RoostProcess
+from tests.test_mqtt_helpers import split_packet
 
 CATALOGUE = {str(c) for c in ErrorCode}
 RSS_BUDGET = 150 * 1024 * 1024      # growth allowed over the broker's size before the fuzz
@@ -49,9 +54,21 @@ def rss_bytes(roost: RoostProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
+# Well-behaved clients connect from their own loopback addresses: the fuzzer's
+# addresses earn the login guard's failure delays and waiting limits (by design).
+CALM_ADDRESS = "127.0.0.2"
+
+
+def from_address(client: MqttClient, address: str) -> MqttClient:
+    """`client` will connect from source `address` (any 127.x.y.z is this host)."""
+    client.paho.connect = functools.partial(client.paho.connect, bind_address=address)
+    return client
+
+
 def well_behaved_round_trip(roost: RoostProcess, principal: str, password: str, label: str) -> None:
     """A fresh client connects, subscribes, publishes QoS 1 and receives its message."""
-    c = MqttClient(f"{principal}.{label}").connect(roost.host, roost.port, username=principal, password=password)
+    c = from_address(MqttClient(f"{principal}.{label}"), CALM_ADDRESS).connect(
+        roost.host, roost.port, username=principal, password=password)
     try:
         assert c.subscribe(f"check/{label}/#", 1) == [1]
         c.publish(f"check/{label}/x", b"still here", qos=1)
@@ -96,7 +113,7 @@ class PacketGen:
         will = (r.choice(["fz/will", "roost/inbox/bob"]), b"gone", r.randint(0, 2), r.random() < 0.5) \
             if r.random() < 0.2 else None
         password = self.password if r.random() < 0.9 else "wrong"
-        return codec.encode_connect(cid, clean=r.random() < 0.8, keep_alive=r.choice([0, 1, 60, 65535]),
+        return codec.encode_connect(cid, clean=r.random() < 0.95, keep_alive=r.choice([0, 1, 60, 65535]),
                                     username="alice", password=password, will=will)
 
     def publish(self, topic: bytes | None = None) -> bytes:
@@ -176,23 +193,57 @@ class PacketGen:
             return r.choice([_packet(0x82, b"\x00\x05"), _packet(0xA2, b"\x00\x05"), _packet(0x80, b"\x00\x05")])
         return r.randbytes(r.randint(1, 64))
 
-    def connection_bytes(self, n: int) -> tuple[bytes, int]:
-        """What one connection sends: (bytes, packets in it)."""
+    def connection_plan(self, n: int) -> tuple[bytes, bool, bytes, int, int]:
+        """What one connection sends: (first packet, whether it is a CONNECT to wait
+        for, the rest, PINGREQs in the rest that must be answered, packets)."""
         r = self.rng
-        parts: list[bytes] = []
-        if r.random() < 0.85:
-            parts.append(self.connect(n) if r.random() < 0.9 else self.mutated(n))
+        if r.random() < 0.85 and r.random() < 0.9:
+            head, is_connect = self.connect(n), True
         else:
-            parts.append(r.choice([self.valid(), self.mutated(n), r.randbytes(r.randint(1, 40))]))
+            head, is_connect = r.choice([self.valid(), self.mutated(n), r.randbytes(r.randint(1, 40))]), False
+        parts: list[bytes] = []
+        pings = 0
         for _ in range(r.randint(1, 16)):
-            parts.append(self.valid() if r.random() < 0.8 else self.mutated(n))
-        return b"".join(parts), len(parts)
+            if r.random() < 0.8:
+                parts.append(self.valid())
+                pings += parts[-1] == b"\xc0\x00"
+            else:
+                parts.append(self.mutated(n))
+        return head, is_connect, b"".join(parts), pings, 1 + len(parts)
 
 
-def _fuzz_connection(port: int, data: bytes, chunks: list[int], reset: bool) -> None:
-    """Send `data` (split at `chunks`) and let the broker answer and close; never waits long."""
+def _read_packets(s: socket.socket, buf: bytes, deadline: float) -> tuple[list[int], bytes, bool]:
+    """The types of the whole packets that arrive before `deadline`: (types, rest, closed)."""
+    s.settimeout(max(0.01, deadline - time.monotonic()))
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=2.0) as s:
+        chunk = s.recv(65536)
+    except TimeoutError:
+        return [], buf, False
+    types = []
+    buf += chunk
+    while (packet := split_packet(buf))[0] is not None:
+        (ptype, _flags, _body), buf = packet
+        types.append(ptype)
+    return types, buf, not chunk
+
+
+def _fuzz_connection(port: int, source: str, head: bytes, is_connect: bool, rest: bytes, pings: int,
+                     chunks: list[int], reset: bool) -> None:
+    """Send `head` (a CONNECT: wait for its CONNACK), then `rest` split at `chunks`
+    and a last PINGREQ, from `source`; read until every PINGREQ is answered or the
+    broker closes (never more than 1 s); close, with RST when `reset`."""
+    deadline = time.monotonic() + 1.0
+    buf = b""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2.0, source_address=(source, 0)) as s:
+            s.sendall(head)
+            if is_connect:   # else a half-open CONNECT whose client went on would cut the fuzz short
+                types: list[int] = []
+                while not types and time.monotonic() < deadline:
+                    types, buf, closed = _read_packets(s, buf, deadline)
+                    if closed:
+                        return
+            data = rest + b"\xc0\x00"
             start = 0
             for end in [*chunks, len(data)]:
                 if end > start:
@@ -201,10 +252,12 @@ def _fuzz_connection(port: int, data: bytes, chunks: list[int], reset: bool) -> 
             if reset:    # vanish with RST, nothing flushed
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
                 return
-            s.shutdown(socket.SHUT_WR)
-            deadline = time.monotonic() + 2.0
-            while time.monotonic() < deadline and s.recv(65536):
-                pass
+            answered = 0
+            while answered <= pings and time.monotonic() < deadline:
+                types, buf, closed = _read_packets(s, buf, deadline)
+                answered += types.count(codec.PINGRESP)
+                if closed:
+                    return
     except OSError:
         pass     # the broker closed on us: that is its right
 
@@ -217,7 +270,8 @@ def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
     gen = PacketGen(rng, pw)
 
     # a bystander that behaves, connected all through the fuzz
-    bystander = MqttClient("bob.bystander").connect(roost.host, roost.port, username="bob", password=bpw)
+    bystander = from_address(MqttClient("bob.bystander"), CALM_ADDRESS).connect(
+        roost.host, roost.port, username="bob", password=bpw)
     assert bystander.subscribe("calm/#", 1) == [1]
     well_behaved_round_trip(roost, "bob", bpw, "before")
     rss_before = rss_bytes(roost)
@@ -225,10 +279,10 @@ def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
     jobs = []
     packets = 0
     for n in range(1200):
-        data, count = gen.connection_bytes(n)
+        head, is_connect, rest, pings, count = gen.connection_plan(n)
         packets += count
-        chunks = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(0, 3)))) if len(data) > 1 else []
-        jobs.append((data, chunks, rng.random() < 0.15))
+        chunks = sorted(rng.sample(range(1, len(rest) + 1), min(len(rest), rng.randint(0, 3))))
+        jobs.append((f"127.0.1.{n % 40 + 1}", head, is_connect, rest, pings, chunks, rng.random() < 0.15))
     assert packets > 8000
 
     stop = threading.Event()
@@ -244,7 +298,7 @@ def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
     # connections that stop in the middle of a packet and hold it for the whole fuzz
     held = []
     for n in range(20):
-        s = socket.create_connection((roost.host, roost.port), timeout=5)
+        s = socket.create_connection((roost.host, roost.port), timeout=5, source_address=(f"127.0.2.{n + 1}", 0))
         data = gen.connect(10_000 + n) if n % 2 else codec.encode_connect(f"alice.held{n}", username="alice",
                                                                           password=pw) + gen.publish()
         s.sendall(data[:rng.randrange(1, len(data))])
@@ -253,7 +307,7 @@ def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
     traffic = threading.Thread(target=bystander_traffic)
     traffic.start()
     try:
-        with ThreadPoolExecutor(8) as pool:
+        with ThreadPoolExecutor(16) as pool:
             list(pool.map(lambda job: _fuzz_connection(roost.port, *job), jobs))
     finally:
         stop.set()
@@ -313,6 +367,10 @@ BASE: dict[str, dict[str, Any]] = {
     "device.claim": {"device": "lamp", "code": "123"},
     "device.share": {"device": "lamp", "with": "bob"},
 }
+# NaN/Infinity inside a message body are accepted and pushed as is: that bug has its
+# own test below; the body mutations leave them out so the fuzzer checks the rest.
+FINITE = [v for v in WEIRD if not (isinstance(v, float) and not math.isfinite(v))]
+BODY_FIELDS = ["text", "name", "args", "for", "status", "data", "type", "size", "x"]
 SAFE_OPS = [op for op in OPS if op not in ("contact.remove", "contact.block")]  # keep alice and bob friends
 UNKNOWN_OPS = ["", "SEND", "send ", "nope", "send\u0000", "__class__", "\ud800", "sync.", "x" * 500]
 
@@ -338,10 +396,15 @@ class RequestGen:
         params: dict[str, Any] = dict(BASE.get(op, {}))
         if op == "send":
             params["cmid"] = f"c{self.n}"
-        mutation = r.choice(["none", "field", "field", "field", "missing", "extra", "id", "op", "dup"])
+        mutation = r.choice(["none", "field", "field", "field", "missing", "extra", "id", "op", "dup", "body"])
         pairs: list[tuple[str, Any]]
         if mutation == "field" and params:
             params[r.choice(list(params))] = self.weird()
+        elif mutation == "body" and op == "send":
+            body = {"type": r.choice(["text", "command", "result", "event", "file", "x", None, 1])}
+            for key in r.sample(BODY_FIELDS, r.randint(0, 4)):
+                body[key] = r.choice(FINITE) if r.random() < 0.7 else {"k": r.choice(FINITE)}
+            params["body"] = body
         elif mutation == "missing" and params:
             del params[r.choice(list(params))]
         elif mutation == "extra":
@@ -421,11 +484,7 @@ def expected_ids(payload: bytes) -> set[str | None]:
 
 
 def _lone_surrogate(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return True
-    return False
+    return any(0xD800 <= ord(ch) <= 0xDFFF for ch in text)
 
 
 def strict_json(payload: bytes) -> Any:
@@ -446,6 +505,7 @@ def sync_all(client: ImClient) -> list[dict[str, Any]]:
     after = 0
     for _ in range(1000):
         page = client.call("sync", after=after, limit=1000)
+        json.dumps(page, allow_nan=False)    # strict JSON: no NaN/Infinity for other parsers to choke on
         events += page["events"]
         after = page["last"]
         if not page["more"]:
@@ -466,6 +526,7 @@ def test_json_request_fuzzer_answers_each_request_once_with_a_catalogued_code(ro
     requests = [gen.one() for _ in range(800)]
     assert sum(1 for _p, ids in requests if None not in ids) > 400     # most have a usable id
 
+    bob = ImClient("bob", "inbox").open(roost, bpw)     # receives what alice manages to send
     alice = ImClient("alice", "fz").open(roost, apw, subscribe_inbox=False)
     resp_topic = f"roost/resp/{alice.client_id}"
     for payload, _ids in requests:
@@ -516,6 +577,10 @@ def test_json_request_fuzzer_answers_each_request_once_with_a_catalogued_code(ro
             if d.get("ok") and isinstance(d.get("result"), dict) and "seq" in d["result"] and "dup" in d["result"]}
     mine = [(e["conv"], e["seq"]) for e in sync_all(alice) if e["kind"] == "msg" and e["from"] == "alice"]
     assert sorted(mine) == sorted(sent) and len(mine) == len(set(mine))
+    pushed = 0
+    while pushed < len(sent):     # bob was pushed each of them, as strict JSON
+        m = bob.wait_message("roost/inbox/bob", timeout=10)
+        pushed += strict_json(m.payload)["kind"] == "msg"
 
     # and the broker is healthy: another pair chats, alice sends normally
     assert roost.running
@@ -527,3 +592,23 @@ def test_json_request_fuzzer_answers_each_request_once_with_a_catalogued_code(ro
     well_behaved_round_trip(roost, "dave", dpw, "after")
     assert rss_bytes(roost) - rss_before < RSS_BUDGET
     assert tracebacks(roost) == []
+
+
+@pytest.mark.xfail(reason="NaN/Infinity in a body are stored and pushed as is: contract/envelopes.py parse_request "
+                          "json.loads accepts them, broker/store/sqlite_msgbatch.py's encoder has allow_nan=True",
+                   strict=False)
+def test_non_finite_numbers_in_a_body_are_refused_not_pushed_to_other_clients(roost):
+    """NaN/Infinity are not JSON (RFC 8259); Python's json reads and writes them.
+    A body holding one must be refused, never stored and pushed as `NaN` text that
+    strict parsers (JavaScript's JSON.parse, Go, serde) reject: one such message
+    would break the recipient's inbox and every sync page that holds it."""
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    befriend(roost, "alice", apw, "bob", bpw)
+    alice, bob = ImClient("alice", "x").open(roost, apw), ImClient("bob", "x").open(roost, bpw)
+    for i, const in enumerate(["NaN", "Infinity", "-Infinity"]):
+        alice.send_raw(f'{{"id":"n{i}","op":"send","to":"bob","cmid":"c{i}",'
+                       f'"body":{{"type":"event","name":"t","data":{{"v":{const}}}}}}}')
+        doc = alice.wait_response(f"n{i}")
+        assert (doc["ok"], doc.get("error", {}).get("code")) == (False, "bad_request"), doc
+    alice.call("send", to="bob", cmid="fine", body={"type": "text", "text": "fine"})
+    assert strict_json(bob.wait_message("roost/inbox/bob").payload)["cmid"] == "fine"
