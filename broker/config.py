@@ -32,7 +32,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ListenerConfig:
-    type: Literal["tcp", "ws"] = "tcp"
+    # http: not MQTT; /metrics, /healthz, /readyz, /status.json (broker/http/)
+    type: Literal["tcp", "ws", "http"] = "tcp"
     bind: str = "127.0.0.1:1883"
     ssl: bool = False
     certfile: str | None = None
@@ -160,6 +161,8 @@ class RoostConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # Seconds between $SYS publications (Mosquitto's sys_interval); 0: no $SYS at all
+    sys_interval: float = 10.0
     # Where relative paths (storage.path, certificates) are resolved from.
     base_dir: str = "."
 
@@ -257,6 +260,8 @@ def _build(cls: Any, data: Any, path: str) -> Any:
 def _check(cfg: RoostConfig) -> None:
     if not cfg.listeners:
         raise ConfigError("listeners", "at least one listener is needed")
+    if all(lst.type == "http" for lst in cfg.listeners.values()):
+        raise ConfigError("listeners", "at least one MQTT listener (type tcp or ws) is needed")
     for name, lst in cfg.listeners.items():
         host, _, port = lst.bind.rpartition(":")
         if not port.isdigit() or int(port) > 65535:
