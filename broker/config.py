@@ -337,6 +337,10 @@ def load_config(path: str | os.PathLike[str] | None = None) -> RoostConfig:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError("", f"{p} is not valid YAML: {exc}") from None
+        # One line (PyYAML's own text spans several, with a caret drawing): where and what.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError("", f"{p} is not valid YAML{where}: {what}") from None
     base = "." if p.resolve() == DEFAULT_CONFIG_PATH else str(p.resolve().parent)
     return config_from_dict(data or {}, base_dir=base)

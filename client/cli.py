@@ -10,8 +10,10 @@ import logging
 
 import click
 
+from client.cli_common import RootGroup
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+@click.group(cls=RootGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="roost", prog_name="roost")
 def main() -> None:
     """Roost: an MQTT broker for the home where people and devices chat.

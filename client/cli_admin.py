@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 import click
 
 from broker.config import ConfigError, RoostConfig, load_config
+from client.output import EXIT_USAGE, CliError
 
 T = TypeVar("T")
 
@@ -30,18 +32,18 @@ def _load(config_path: str | None) -> RoostConfig:
     try:
         return load_config(config_path)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise CliError(str(exc)) from None
 
 
 def _with_identity(config_path: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
     from broker.services.identity import IdentityError, IdentityService
-    from broker.store.sqlite import SqliteStore
+    from broker.startup import StartupError, open_store, os_reason
 
     cfg = _load(config_path)
+    path = cfg.resolve(cfg.storage.path)
 
     async def run() -> T:
-        store = SqliteStore(cfg.resolve(cfg.storage.path))
-        await store.open()
+        store = await open_store(path)   # StartupError: "cannot open store <path>: <why>"
         try:
             return await fn(IdentityService(store.identity))
         finally:
@@ -49,8 +51,10 @@ def _with_identity(config_path: str | None, fn: Callable[[Any], Awaitable[T]]) -
 
     try:
         return asyncio.run(run())
-    except IdentityError as exc:
-        raise click.ClickException(str(exc)) from None
+    except (IdentityError, StartupError) as exc:
+        raise CliError(str(exc)) from None
+    except (sqlite3.Error, OSError) as exc:   # the store failed after opening (locked, disk full, ...)
+        raise CliError(f"store {path}: {os_reason(exc)}") from None
 
 
 def _emit(as_json: bool, doc: dict[str, Any], text: str) -> None:
@@ -66,6 +70,10 @@ def _read_password(password: str | None, password_stdin: bool, *, prompt: bool) 
             raise click.UsageError("--password-stdin: no password on standard input")
         return line
     if password is None and prompt:
+        # Without a terminal getpass would warn (a Python warning on stderr) and
+        # echo the password; say what to do instead, as `roost login` does.
+        if not sys.stdin.isatty():
+            raise CliError("no terminal to ask the password on: use --password-stdin", EXIT_USAGE)
         return click.prompt("Password", hide_input=True, confirmation_prompt=True)
     return password
 
@@ -95,9 +103,9 @@ def serve(config_path: str | None, log_level: str | None) -> None:
     try:
         asyncio.run(run_broker(cfg))
     except StartupError as exc:  # one line: which address, file or store, and what is wrong
-        raise click.ClickException(str(exc)) from None
+        raise CliError(str(exc)) from None
     except OSError as exc:  # e.g. address already in use
-        raise click.ClickException(f"cannot start: {exc}") from None
+        raise CliError(f"cannot start: {exc}") from None
     except KeyboardInterrupt:
         pass
 
@@ -157,7 +165,7 @@ def user_passwd(principal_id: str, password: str | None, password_stdin: bool, c
         return await ids.set_secret(principal_id, secret)
 
     if not _with_identity(config_path, change):
-        raise click.ClickException(f"no user {principal_id!r}")
+        raise CliError(f"no user {principal_id!r}")
     _emit(as_json, {"id": principal_id}, f"password of {principal_id} changed")
 
 
@@ -204,7 +212,7 @@ def device_pairing(principal_id: str, config_path: str | None, as_json: bool) ->
     """
     code = _with_identity(config_path, lambda ids: ids.new_pairing_code(principal_id))
     if code is None:
-        raise click.ClickException(f"no device {principal_id!r}")
+        raise CliError(f"no device {principal_id!r}")
     _emit(as_json, {"id": principal_id, "pairing_code": code}, f"pairing code of {principal_id}: {code}")
 
 
@@ -235,8 +243,7 @@ def service_add(principal_id: str, name: str | None, config_path: str | None, as
 
 def _list(kind: str, config_path: str | None, as_json: bool) -> None:
     rows = _with_identity(config_path, lambda ids: ids.list(kind))
-    docs = [{"id": p.id, "kind": p.kind, "name": p.name,
-             **({"device_kind": p.device_kind, "room": p.room} if kind == "device" else {})} for p in rows]
+    docs = [_list_doc(p) for p in rows]
     if as_json:
         click.echo(json.dumps({f"{kind}s": docs}))
         return
@@ -244,8 +251,17 @@ def _list(kind: str, config_path: str | None, as_json: bool) -> None:
         click.echo(f"no {kind}s")
         return
     for d in docs:
-        extra = f"  {d['device_kind']}" + (f"  {d['room']}" if d.get("room") else "") if kind == "device" else ""
+        extra = f"  {d['kind']}" + (f"  {d['room']}" if d.get("room") else "") if kind == "device" else ""
         click.echo(f"{d['id']:<32} {d['name']}{extra}")
+
+
+def _list_doc(p: Any) -> dict[str, Any]:
+    """One principal of `<kind> list --json`. A device's `kind` is its device kind
+    (thermostat, ...), as in `roost devices --json` and the `devices` op: every
+    device listing has one shape (the list itself says they are devices)."""
+    if p.kind == "device":
+        return {"id": p.id, "kind": p.device_kind, "name": p.name, "room": p.room}
+    return {"id": p.id, "kind": p.kind, "name": p.name}
 
 
 def _remove(kind: str, principal_id: str, config_path: str | None, as_json: bool) -> None:
@@ -256,7 +272,7 @@ def _remove(kind: str, principal_id: str, config_path: str | None, as_json: bool
         return await ids.remove(principal_id)
 
     if not _with_identity(config_path, remove):
-        raise click.ClickException(f"no {kind} {principal_id!r}")
+        raise CliError(f"no {kind} {principal_id!r}")
     _emit(as_json, {"id": principal_id, "removed": True}, f"{kind} {principal_id} removed")
 
 

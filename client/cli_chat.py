@@ -67,6 +67,7 @@ def login(user_id: str, server: str | None, tls: bool | None, ca_file: str | Non
         server_text = server or os.environ.get(cfgmod.ENV_SERVER) or stored.server or cfgmod.DEFAULT_SERVER
         env_tls = os.environ.get(cfgmod.ENV_TLS)
         use_tls = tls if tls is not None else (cfgmod.parse_bool(cfgmod.ENV_TLS, env_tls) if env_tls else stored.tls)
+        use_tls = cfgmod.server_tls(server_text, use_tls)   # as every other command does
         srv = cfgmod.parse_server(server_text, tls=use_tls)
         if password_stdin:
             password = read_password_stdin()

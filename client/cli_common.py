@@ -342,6 +342,33 @@ class OneLineGroup(click.Group):
             raise _one_line(e) from None
 
 
+class RootGroup(OneLineGroup):
+    """The `roost` group itself: every usage error below it (admin commands, `roost
+    nosuch`, `roost user nosuch`) is one line too, and Ctrl-C in a command that does
+    not handle it (admin commands, prompts) exits 130 instead of click's "Aborted!" 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as e:
+            raise _one_line(e) from None
+        except CliError:
+            raise
+        except click.ClickException as e:   # click's own "Error: ..." form: ours instead
+            raise CliError(e.format_message(), e.exit_code) from None
+        except (KeyboardInterrupt, click.Abort):
+            if _isatty(sys.stderr):
+                click.echo(file=sys.stderr)   # end the terminal's `^C` echo first
+            raise CliError("interrupted", EXIT_INTERRUPTED) from None
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 def command(*args: Any, **kw: Any) -> Callable[[Callable[..., Any]], click.Command]:
     return click.command(*args, cls=OneLineCommand, **kw)
 

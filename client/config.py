@@ -115,6 +115,12 @@ def parse_server(text: str, *, tls: bool = False) -> Server:
     return Server(host, int(port_text))
 
 
+def server_tls(text: str, tls: bool) -> bool:
+    """Whether to use TLS for the address `text`: an `mqtts://` URL says so by itself;
+    anything else leaves `tls` (from --tls, ROOST_TLS or the stored login) as it is."""
+    return tls or text.strip().startswith("mqtts://")
+
+
 def parse_bool(name: str, value: str) -> bool:
     v = value.strip().lower()
     if v in _TRUE:
@@ -225,8 +231,7 @@ def resolve(
         raise ClientConfigError(f"user id '{who}' is not valid (lowercase letters, digits, '_' and '-', at most 32)")
     file_secret = stored.secret if (stored.user is not None and stored.user == who) else None
     secret = pick("secret", password, (ENV_PASSWORD, ENV_SECRET), file_secret)
-    if server_text.startswith("mqtts://"):
-        use_tls = True
+    use_tls = server_tls(server_text, use_tls)
     ca_file = env.get(ENV_CA) or stored.ca_file
     return Settings(
         server=parse_server(server_text, tls=use_tls),

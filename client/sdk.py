@@ -155,6 +155,7 @@ class RoostClient:
         self._connected = threading.Event()
         self._ready = threading.Event()         # connected and subscriptions restored
         self._connack: Any = None
+        self._closed_early = False              # the server hung up before its CONNACK (see connect)
         self.refused: str | None = None     # the broker refused a reconnect (see check_refused)
         self._epoch = 0                         # +1 every time subscriptions are (re)established
         self._closing = False
@@ -176,6 +177,7 @@ class RoostClient:
         c.on_message = self._on_message
         c.on_subscribe = self._on_subscribe
         self._mqtt = c
+        self._tls = tls
         self._keepalive = keepalive
 
     # -- connection ---------------------------------------------------------
@@ -193,7 +195,10 @@ class RoostClient:
         except ConnectionRefusedError:
             raise ConnectError(f"cannot connect to {where}: connection refused (is the broker running?)") from None
         except ssl.SSLError as e:
-            raise ConnectError(f"cannot connect to {where}: TLS failed ({e.reason or e})") from None
+            # A plain MQTT port hangs up on a TLS hello, or answers with bytes that are no TLS record.
+            plain = e.reason in ("WRONG_VERSION_NUMBER", "UNEXPECTED_EOF_WHILE_READING")
+            hint = " (is this a plain MQTT port? try --no-tls)" if plain else ""
+            raise ConnectError(f"cannot connect to {where}: TLS failed ({e.reason or e}){hint}") from None
         except (TimeoutError, OSError) as e:
             reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
             raise ConnectError(f"cannot connect to {where}: {reason}") from None
@@ -205,6 +210,14 @@ class RoostClient:
             if rc is not None and getattr(rc, "is_failure", False):
                 self.close()
                 raise AuthError(f"{where} refused {self.user} ({str(rc).lower()}); check the id and password, or run `roost login`")
+            if self._closed_early:
+                # A TLS listener drops a plain CONNECT without a word; paho would
+                # retry in silence until the timeout. An MQTT broker always answers
+                # CONNECT with a CONNACK, so say at once what is most likely wrong.
+                self.close()
+                hint = "" if self._tls else " (is this a TLS port? try --tls)"
+                raise ConnectError(f"cannot connect to {where}: the server closed the connection before "
+                                   f"answering CONNECT{hint}")
             if time.monotonic() > deadline:
                 self.close()
                 raise ConnectError(f"no answer from {where} within {self.connect_timeout:g}s")
@@ -276,6 +289,8 @@ class RoostClient:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         self._ready.clear()
+        if self._epoch == 0 and self._connack is None and not self._closing:
+            self._closed_early = True
         if not self._closing:
             log.info("disconnected (%s); reconnecting", reason_code)
 

@@ -35,8 +35,7 @@ def test_device_add_prints_secret_and_pairing_code_once(store):
     assert set(doc) == {"id", "secret", "pairing_code"}
     assert doc["pairing_code"].isdigit() and len(doc["pairing_code"]) == 8
     devices = json.loads(store.cli("device", "list", "--json").stdout)["devices"]
-    assert devices == [{"id": "therm1", "kind": "device", "name": "therm1", "device_kind": "thermostat",
-                        "room": "kitchen"}]
+    assert devices == [{"id": "therm1", "kind": "thermostat", "name": "therm1", "room": "kitchen"}]
     assert "secret" not in store.cli("device", "list").stdout
 
 
