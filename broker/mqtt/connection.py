@@ -174,6 +174,7 @@ class Connection(asyncio.Protocol):
                 end = start + rl
                 if end > end_buf:
                     break
+                self.engine.counters.packets_received += 1
                 first = buf[pos]
                 if first == 0x40 and rl == 2 and self.state == CONNECTED and self.task is None \
                         and not self._pending:
@@ -277,6 +278,8 @@ class Connection(asyncio.Protocol):
     # ---- output --------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
+        """One packet (counted for $SYS), sent with the others of this loop turn."""
+        self.engine.counters.packets_sent += 1
         self._out.append(data)
         if not self._dirty:
             self._dirty = True

@@ -50,7 +50,7 @@ import logging
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from amqtt.contexts import Action
@@ -82,8 +82,9 @@ PUB_ACL_CACHE = 256              # per-connection PUBLISH decisions
 PAUSED_GRACE = 60.0              # extra seconds for a connection we stopped reading
 STALL_TIMEOUT = 3.0              # a congested session without progress stops holding publishers
 MAX_FILTER_LEVELS = 64           # wildcard filters deeper than this are refused (SUBACK 0x80): trie memory
-# Filters that look valid but that nothing serves yet: refused (SUBACK 0x80), not
-# granted and left silent. Shared subscriptions and $SYS come with later issues.
+# Filters that look valid but that nothing serves: refused (SUBACK 0x80), not
+# granted and left silent. Shared subscriptions come with a later issue; $SYS is
+# served when the broker publishes it (sys_interval > 0: Engine(serve_sys=True)).
 UNSERVED_PREFIXES = ("$share/", "$SYS/", "$SYS")
 REPLAY_CHUNK = 128               # retained replay yields to the loop every this many trie steps
 MAX_RETAINED = 100_000           # retained topics kept; beyond, new topics are routed but not retained
@@ -94,18 +95,31 @@ _NO_WILL = (DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, Disconnect
 @dataclass(slots=True)
 class TrafficCounters:
     """Totals since start, for $SYS and metrics; plain ints bumped on the hot path."""
-    messages_received: int = 0     # PUBLISH packets from clients
-    messages_sent: int = 0         # PUBLISH packets to clients (re-sends included)
+    # PUBLISH packets from / to clients (re-sends included), by QoS: one list item
+    # bumped per packet, the totals are summed when read
+    received_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
+    sent_qos: list[int] = field(default_factory=lambda: [0, 0, 0])
+    packets_received: int = 0      # MQTT packets of every type (Mosquitto's $SYS "messages")
+    packets_sent: int = 0
     bytes_received: int = 0
     bytes_sent: int = 0
     connections_total: int = 0     # CONNECTs accepted
     connections_max: int = 0       # most connected at once
 
+    @property
+    def messages_received(self) -> int:
+        return sum(self.received_qos)
+
+    @property
+    def messages_sent(self) -> int:
+        return sum(self.sent_qos)
+
 
 class Engine:
     def __init__(self, *, limits: Any, plugins: list[Any], plugins_manager: Any = None,
                  retained_store: Any = None, listener_limits: dict[str, int] | None = None,
-                 session_store: Any = None, unsaved_prefixes: tuple[str, ...] = ()) -> None:
+                 session_store: Any = None, unsaved_prefixes: tuple[str, ...] = (),
+                 serve_sys: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self.limits = limits
         self.max_packet = limits.max_payload + 65535 + 2 + 2 + 16
@@ -126,7 +140,10 @@ class Engine:
         self.counters = TrafficCounters()
         self.started_at = time.time()
         self.stats = {"dropped": 0, "publish_denied": 0, "retained_write_errors": 0, "retained_refused": 0,
-                      "subscriptions_refused": 0, "sessions_refused": 0}
+                      "subscriptions_refused": 0, "sessions_refused": 0, "connections_refused": 0}
+        # CONNECTs an auth plugin refused, by CONNACK code (4 bad credentials, 5 not authorized, ...)
+        self.logins_refused: dict[int, int] = {}
+        self.unserved_prefixes = ("$share/",) if serve_sys else UNSERVED_PREFIXES
         self._retained_refused_log = RateLimitedLog(log)
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
@@ -497,6 +514,7 @@ class Engine:
         cap = self.limits.max_connections
         lcap = self.listener_limits.get(conn.listener_name, 0)
         if (cap and self.n_connected >= cap) or (lcap and self.per_listener.get(conn.listener_name, 0) >= lcap):
+            self.stats["connections_refused"] += 1
             log.warning("refusing %s: connection limit reached", cid)
             conn.write(codec.connack(False, ConnectRefused.SERVER_UNAVAILABLE))
             conn.close(DisconnectReason.KICKED)
@@ -505,6 +523,7 @@ class Engine:
         if conn.state == CLOSED:
             return
         if code:
+            self.logins_refused[code] = self.logins_refused.get(code, 0) + 1
             log.info("refused CONNECT of %s from %s:%s (code %d)", cid, *conn.remote, code)
             conn.write(codec.connack(False, code))
             conn.close(DisconnectReason.KICKED)
@@ -597,7 +616,7 @@ class Engine:
 
     def _publish(self, conn: Connection, flags: int, body: bytes) -> Any:
         topic, qos, pid, retain, _dup, payload = codec.decode_publish(flags, body)
-        self.counters.messages_received += 1
+        self.counters.received_qos[qos] += 1
         if not valid_topic_name(topic):
             raise ProtocolViolation(f"invalid topic name {topic!r}")
         if len(payload) > self.limits.max_payload:
@@ -869,7 +888,7 @@ class Engine:
                 over_limit.append(f)
                 codes.append(0x80)
                 continue
-            if f.startswith(UNSERVED_PREFIXES):
+            if f.startswith(self.unserved_prefixes):
                 unserved.append(f)
                 codes.append(0x80)
                 continue
@@ -904,8 +923,8 @@ class Engine:
             log.warning("%s: limits.max_subscription_bytes_total (%d) reached: refused %d filter(s), e.g. %s",
                         info.client_id, self.limits.max_subscription_bytes_total, len(index_full), index_full[0])
         if unserved:
-            log.info("%s: refused %d filter(s) this broker does not serve yet (shared subscriptions, "
-                     "$SYS), e.g. %s", info.client_id, len(unserved), unserved[0])
+            log.info("%s: refused %d filter(s) this broker does not serve (shared subscriptions; "
+                     "$SYS when sys_interval is 0), e.g. %s", info.client_id, len(unserved), unserved[0])
         if granted and st.journal is not None:
             self._journal_session(st)
             await st.journal.durable()      # SUBACK once the subscription would survive a crash
@@ -993,6 +1012,10 @@ class Engine:
                                                    self.stats["retained_refused"])
                 return False
             self._retained_dirty[topic] = (payload, qos)
+        if topic[0] == "$":
+            # the broker's own ($SYS): published again every sys_interval, never stored
+            self._retained_dirty.pop(topic, None)
+            return True
         if self._store is not None:
             self._retained_wake.set()
         return True

@@ -184,7 +184,7 @@ class SessionState:
         if conn is not None and not self.queue and conn.writable:
             if qos == 0:
                 conn.write(msg.packet0())
-                self.engine.counters.messages_sent += 1
+                self.engine.counters.sent_qos[0] += 1
                 return True
             if len(self.inflight) < self.max_inflight:
                 if not self.engine.charge(self, len(msg.payload)):
@@ -192,7 +192,7 @@ class SessionState:
                 pid = self._next_pid()
                 self.inflight[pid] = [msg, qos, 0, self._keep(msg, qos, pid) if self.journal is not None else 0]
                 conn.write(msg.packet(qos, pid))
-                self.engine.counters.messages_sent += 1
+                self.engine.counters.sent_qos[qos] += 1
                 return True
         elif conn is None and (qos == 0 or self.clean or self.discarded):
             # QoS 0 is not queued for offline clients (MQTT-3.1.2-5 makes it optional)
@@ -236,12 +236,12 @@ class SessionState:
                 if seq and qos == 2:
                     self._sent(msg, pid, seq)
                 conn.write(msg.packet(qos, pid))
-                self.engine.counters.messages_sent += 1
+                self.engine.counters.sent_qos[qos] += 1
             else:
                 queue.popleft()
                 self.engine.uncharge(self, len(msg.payload))
                 conn.write(msg.packet0())
-                self.engine.counters.messages_sent += 1
+                self.engine.counters.sent_qos[0] += 1
         if self.waiters and not self.full():
             self.wake()
         if len(queue) <= self.low and self.bytes <= self.low_bytes:
@@ -271,7 +271,7 @@ class SessionState:
         for pid, (msg, qos, stage, _seq) in self.inflight.items():
             if stage == 0:
                 conn.write(msg.packet(qos, pid, dup=True))
-                self.engine.counters.messages_sent += 1
+                self.engine.counters.sent_qos[qos] += 1
             else:
                 conn.write(codec.ack(codec.PUBREL, pid))
         self.pump()

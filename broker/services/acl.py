@@ -17,6 +17,8 @@ Two regimes:
   `auth.allow_anonymous` is on (that switch is what lets them use plain topics;
   off, they cannot connect at all). A trailing `{deny, all, "#", anonymous}`
   rule keeps anonymous clients to what earlier rules open.
+* `$SYS/...` (the broker's figures) follows the operator's rules too, but with no
+  matching rule only service accounts may subscribe and receive.
 
 RECEIVE is decided as "could this client subscribe to exactly this topic", so a
 wildcard subscriber only ever receives what it could have subscribed to by name.
@@ -128,6 +130,10 @@ class AccessPolicy:
             if topic_matches(pattern, topic):
                 return rule.action == "allow"
         if self._discovery is not None and topic.startswith(self._discovery) and not _has_wildcard(topic):
+            return who.kind == "service"
+        if topic == "$SYS" or topic.startswith("$SYS/"):
+            # the broker's figures: service accounts only unless a rule says otherwise
+            # (wildcard filters too: a refused `$SYS/#` is a SUBACK 0x80, not silence)
             return who.kind == "service"
         return True
 
