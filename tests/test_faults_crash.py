@@ -144,43 +144,43 @@ def im_load(roost: RoostProcess, principal: str, password: str, peer: str, ledge
     client.close()
 
 
-def q1_load(roost: RoostProcess, password: str, ledger: Ledger, stop: threading.Event,
-            counter: itertools.count) -> None:
+def publish_load(roost: RoostProcess, password: str, stop: threading.Event, counter: itertools.count,
+                 client_id: str, topic_of: Any, tried: Any, acked: Any, retain: bool = False) -> None:
+    """QoS 1 publishes of 1, 2, 3, ... (from `counter`) to `topic_of(k)`, each
+    recorded with `tried(k)` before it is sent and `acked(k)` after its PUBACK."""
     try:
-        client = RawMqtt(roost, "alice.q1", "alice", password)
+        client = RawMqtt(roost, client_id, "alice", password)
     except Lost:
         return
     for _ in range(MAX_OPS):
         if stop.is_set():
             break
         k = next(counter)
-        ledger.q1_tried.add(k)
+        tried(k)
         try:
-            client.publish("load/q1/x", str(k).encode())
+            client.publish(topic_of(k), str(k).encode(), retain=retain)
         except Lost:
             break
-        ledger.q1_acked.append(k)
+        acked(k)
     client.close()
+
+
+def q1_load(roost: RoostProcess, password: str, ledger: Ledger, stop: threading.Event,
+            counter: itertools.count) -> None:
+    publish_load(roost, password, stop, counter, "alice.q1", lambda k: "load/q1/x",
+                 ledger.q1_tried.add, ledger.q1_acked.append)
 
 
 def retained_load(roost: RoostProcess, password: str, ledger: Ledger, stop: threading.Event,
                   counter: itertools.count) -> None:
-    try:
-        client = RawMqtt(roost, "alice.ret", "alice", password)
-    except Lost:
-        return
-    for _ in range(MAX_OPS):
-        if stop.is_set():
-            break
-        k = next(counter)
-        topic = f"load/ret/{k % RET_TOPICS}"
-        ledger.ret_tried.setdefault(topic, set()).add(k)
-        try:
-            client.publish(topic, str(k).encode(), retain=True)
-        except Lost:
-            break
-        ledger.ret_acked[topic] = k
-    client.close()
+    def topic(k: int) -> str:
+        return f"load/ret/{k % RET_TOPICS}"
+
+    def acked(k: int) -> None:
+        ledger.ret_acked[topic(k)] = k
+
+    publish_load(roost, password, stop, counter, "alice.ret", topic,
+                 lambda k: ledger.ret_tried.setdefault(topic(k), set()).add(k), acked, retain=True)
 
 
 def check_mailbox(client: ImClient, ledger: Ledger) -> None:
@@ -224,7 +224,8 @@ def test_repeated_sigkill_under_mixed_load_loses_nothing_acknowledged(roost_fact
         roost.start()
 
     assert ledger.errors == []
-    assert len(ledger.sent) > 50 and len(ledger.q1_acked) > 50 and len(ledger.ret_acked) == RET_TOPICS
+    # the load did run (a few hundred of each on a quiet machine)
+    assert len(ledger.sent) >= 20 and len(ledger.q1_acked) >= 20 and len(ledger.ret_acked) == RET_TOPICS
 
     # IM: every acknowledged send exactly once, seqs gap-free, in both mailboxes
     alice, bob = ImClient("alice", "check").open(roost, apw), ImClient("bob", "check").open(roost, bpw)
