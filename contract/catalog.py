@@ -109,10 +109,14 @@ THERMOSTAT = DeviceKind(
         Field("humidity", NUMBER, "%", "humidity", "measurement", description="relative humidity"),
         Field("setpoint", NUMBER, "°C", "temperature", None, description="target temperature"),
         Field("heating", BOOL, None, "heat", None, platform="binary_sensor", description="heater running"),
+        Field("mode", STRING, description="heat (heats towards the set point) or off (never heats)"),
     ),
     commands=COMMON_COMMANDS + (
         Command("set_setpoint", (Arg("setpoint", NUMBER, minimum=5.0, maximum=30.0, unit="°C"),),
                 "change the target temperature", result=("setpoint",)),
+        # Home Assistant's climate modes, so its mode selector maps one to one.
+        Command("set_mode", (Arg("mode", STRING, choices=("heat", "off")),),
+                "switch heating on (heat) or off", result=("mode",)),
     ),
     ha_component="climate",
 )

@@ -58,15 +58,18 @@ class Thermostat(Simulator):
         self.temperature = round(self.rng.uniform(17.0, 22.0), 2)
         self.humidity = round(self.rng.uniform(35.0, 55.0), 1)
         self.setpoint = 20.0
+        self.mode = "heat"    # "heat" or "off" (catalogue: set_mode)
         device.command("set_setpoint")(self._set_setpoint)
+        device.command("set_mode")(self._set_mode)
 
     @property
     def heating(self) -> bool:
-        return self.temperature < self.setpoint - 0.2
+        # Switched off, it keeps its set point for when it is switched on again.
+        return self.mode == "heat" and self.temperature < self.setpoint - 0.2
 
     def state(self) -> dict[str, Any]:
         return {"temperature": round(self.temperature, 2), "humidity": round(self.humidity, 1),
-                "setpoint": self.setpoint, "heating": self.heating}
+                "setpoint": self.setpoint, "heating": self.heating, "mode": self.mode}
 
     def step(self, dt: float) -> None:
         # Heats at ~0.05 °C/s when below the set point, cools slowly otherwise.
@@ -79,6 +82,12 @@ class Thermostat(Simulator):
             self.setpoint = float(cmd.args["setpoint"])
         self.publish()
         return {"setpoint": self.setpoint}
+
+    def _set_mode(self, cmd: Command) -> dict[str, Any]:
+        with self._lock:
+            self.mode = cmd.args["mode"]
+        self.publish()
+        return {"mode": self.mode}
 
 
 class Light(Simulator):

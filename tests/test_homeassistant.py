@@ -21,7 +21,7 @@ class HomeAssistant(MqttClient):
     def __init__(self) -> None:
         super().__init__("hass.ha")
 
-    def open(self, roost, password: str) -> "HomeAssistant":  # noqa: ANN001
+    def open(self, roost, password: str) -> HomeAssistant:
         self.connect(roost.host, roost.port, username="hass", password=password,
                      will=("homeassistant/status", b"offline", 1, False))
         assert self.subscribe("homeassistant/device/+/config") == [1]
@@ -42,7 +42,7 @@ class HomeAssistant(MqttClient):
                 found.pop(device, None)
         return found
 
-    def wait_value(self, topic: str, fits, timeout: float = 8.0):  # noqa: ANN001, ANN201
+    def wait_value(self, topic: str, fits, timeout: float = 8.0):
         deadline = time.monotonic() + timeout
         while True:
             m = self.wait_message(topic, max(0.05, deadline - time.monotonic()))
@@ -52,7 +52,7 @@ class HomeAssistant(MqttClient):
 
 
 @pytest.fixture
-def setup(roost_factory):  # noqa: ANN201
+def setup(roost_factory):
     roost = roost_factory(HA, start=False)
     hass_pw = roost.add_service("hass")
     secrets = {
@@ -81,7 +81,7 @@ def test_discovery_for_every_registered_device(setup):
     lamp = docs["lamp"]
     assert lamp["device"]["identifiers"] == ["roost_lamp"]
     assert lamp["device"]["name"] == "Desk lamp" and lamp["device"]["suggested_area"] == "office"
-    assert lamp["origin"]["name"] == "roost"
+    assert lamp["origin"]["name"] == "Roost"
     assert lamp["availability_topic"] == "roost/ha/lamp/availability"
     light = lamp["components"]["light"]
     assert light["platform"] == "light"
@@ -267,7 +267,7 @@ def test_thermostat_set_point_and_state(setup):
 
 
 def test_discovery_and_raw_telemetry_are_not_for_everyone(setup):
-    roost, hass_pw, secrets = setup
+    roost, hass_pw, _ = setup
     ha = HomeAssistant().open(roost, hass_pw)
     assert set(ha.discovered({"lamp"})) >= {"lamp"}
     pw = roost.add_user("mallory")
@@ -296,7 +296,7 @@ def test_a_device_of_an_unknown_kind_is_available_reports_and_takes_commands(set
     toasted = []
 
     @toaster.command("toast")
-    def toast(cmd):  # noqa: ANN001, ANN202
+    def toast(cmd):
         toasted.append(cmd.args)
         return {"toasting": True}
 

@@ -7,17 +7,25 @@ import json
 import pytest
 
 from broker.services.homeassistant_discovery import (
-    BadSetPayload, HaCommand, command_from_set, discovery_payload, is_ours, encode,
+    BadSetPayload,
+    HaCommand,
+    Origin,
+    command_from_set,
+    discovery_payload,
+    encode,
+    is_ours,
+    read_origin,
 )
-from contract.catalog import KINDS, LIGHT, THERMOSTAT, DOOR_SENSOR
+from contract.catalog import DOOR_SENSOR, KINDS, LIGHT, THERMOSTAT
 
 
 @pytest.mark.parametrize("kind", list(KINDS.values()), ids=list(KINDS))
 def test_every_kind_has_valid_device_discovery(kind):
-    doc = discovery_payload(device="dev1", name="Dev One", room=None, kind=kind)
+    doc = discovery_payload(device="dev1", name="Dev One", room=None, kind=kind,
+                            origin=Origin(sw_version="1.2.3", support_url="https://example.org/roost"))
     assert doc["device"] == {"identifiers": ["roost_dev1"], "name": "Dev One", "manufacturer": "Roost",
                              "model": kind.name}
-    assert doc["origin"]["name"] == "roost" and doc["origin"]["sw"]
+    assert doc["origin"] == {"name": "Roost", "sw_version": "1.2.3", "support_url": "https://example.org/roost"}
     assert doc["components"], "at least one entity"
     for key, c in doc["components"].items():
         assert set(key) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-")
@@ -29,6 +37,7 @@ def test_every_kind_has_valid_device_discovery(kind):
         assert all(t.rsplit("/", 1)[1] in ("state", "set", "availability") for t in topics)
     assert is_ours(encode(doc))
     assert not is_ours(b'{"origin": {"name": "zigbee2mqtt"}}') and not is_ours(b"")
+    assert is_ours(b'{"origin": {"name": "roost", "sw": "0.1.0"}}')   # as earlier versions published it
 
 
 def test_light_and_thermostat_entities():
@@ -42,6 +51,10 @@ def test_light_and_thermostat_entities():
     assert set(therm["components"]) == {"climate", "temperature", "humidity"}
     assert therm["components"]["climate"]["min_temp"] == 5.0
     assert therm["components"]["humidity"]["unit_of_measurement"] == "%"
+    climate = therm["components"]["climate"]
+    assert climate["modes"] == ["heat", "off"]
+    assert climate["mode_command_topic"] == "roost/ha/t/set" and climate["mode_state_topic"] == "roost/ha/t/state"
+    assert therm["origin"] == {"name": "Roost", "sw_version": "unknown"}   # no origin given: no version claimed
 
     door = discovery_payload(device="d", name="D", room=None, kind=DOOR_SENSOR)
     assert door["components"]["open"]["value_template"] == "{{ 'ON' if value_json.open else 'OFF' }}"
@@ -72,7 +85,30 @@ def test_bad_light_set_payloads(payload):
 def test_thermostat_set_payloads():
     assert command_from_set(THERMOSTAT, b'{"setpoint": 21.5}') == HaCommand("set_setpoint", {"setpoint": 21.5})
     assert command_from_set(THERMOSTAT, b'{"temperature": 19}') == HaCommand("set_setpoint", {"setpoint": 19})
-    for bad in (b"ON", b'{"setpoint": 45}', b'{"setpoint": 20, "x": 1}'):
+    assert command_from_set(THERMOSTAT, b'{"mode": "off"}') == HaCommand("set_mode", {"mode": "off"})
+    assert command_from_set(THERMOSTAT, b"heat") == HaCommand("set_mode", {"mode": "heat"})
+    assert command_from_set(THERMOSTAT, b"OFF") == HaCommand("set_mode", {"mode": "off"})
+    for bad in (b"ON", b'{"setpoint": 45}', b'{"setpoint": 20, "x": 1}', b'{"mode": "cool"}', b"cool",
+                b'{"mode": "off", "setpoint": 20}'):
         with pytest.raises(BadSetPayload):
             command_from_set(THERMOSTAT, bad)
     assert json.loads(encode({"a": "°C"})) == {"a": "°C"}
+
+
+def test_origin_from_the_installed_package_else_pyproject(tmp_path):
+    import importlib.metadata
+
+    here = read_origin()
+    assert here.name == "Roost" and here.sw_version == importlib.metadata.version("roost")
+    assert here.support_url is None or here.support_url.startswith(("https://", "http://"))
+
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\nname = "x"\nversion = "9.8.7"\n'
+                         '[project.urls]\nDocumentation = "https://docs.example.org"\n'
+                         'Homepage = "https://example.org/roost"\nChat = "irc://example.org/roost"\n')
+    origin = read_origin(pyproject, distribution="no-such-distribution-installed")
+    assert origin == Origin(sw_version="9.8.7", support_url="https://example.org/roost")   # Homepage first
+    # Home Assistant would refuse the whole document for a support_url that is no http(s) URL
+    pyproject.write_text('[project]\nversion = "1"\n[project.urls]\nHomepage = "docs/HOMEASSISTANT.md"\n')
+    assert read_origin(pyproject, distribution="no-such-distribution-installed").support_url is None
+    assert read_origin(tmp_path / "missing.toml", distribution="no-such-distribution-installed") == Origin()

@@ -17,7 +17,10 @@ without hand configuration, with entities from its kind in the catalogue
 - state: retained JSON on `roost/ha/<id>/state` with the newest value of every
   field, updated from telemetry and from the data of the device's `result`
   answers to the integration's commands. Coalesced per device: a chatty device
-  costs one publish per round of the publisher task, never a growing queue.
+  costs one publish per round of the publisher task, never a growing queue; and
+  a document identical to the one last published is not sent again, so a
+  command costs one publish although both the device's telemetry and its
+  `result` carry the change.
 - commands: what the integration's service account publishes on
   `roost/ha/<id>/set` is translated to a catalogue command and sent to the device
   as a `command` message from that account, through the messaging service's
@@ -37,7 +40,16 @@ from typing import Any
 
 from broker.services.base import Caller, Publisher, cancel_and_wait
 from broker.services.homeassistant_discovery import (
-    BadSetPayload, HaCommand, command_from_set, discovery_payload, discovery_topic, encode, is_ours, status_topic,
+    BadSetPayload,
+    HaCommand,
+    Origin,
+    command_from_set,
+    discovery_payload,
+    discovery_topic,
+    encode,
+    is_ours,
+    read_origin,
+    status_topic,
 )
 from broker.services.telemetry_influx import RateLimitedLog
 from contract import topics
@@ -46,6 +58,7 @@ from contract.errors import ProtocolError
 from contract.presence import OFFLINE, ONLINE
 
 log = logging.getLogger("roost.homeassistant")
+_MISSING = object()   # a field the state does not have yet (None is a value)
 
 
 @dataclass
@@ -75,6 +88,8 @@ class HomeAssistantService:
         self._availability: dict[str, str] = {}
         self._state: dict[str, dict[str, Any]] = {}
         self._state_dirty: dict[str, None] = {}          # ordered set of devices whose state must go out
+        self._state_sent: dict[str, bytes] = {}          # device -> state document retained now
+        self._origin = Origin()                          # read_origin() at start
         self._state_wake = asyncio.Event()
         self._commands: asyncio.Queue[tuple[str, str, HaCommand]] = asyncio.Queue(command_queue)
         self._sync_lock = asyncio.Lock()
@@ -91,6 +106,7 @@ class HomeAssistantService:
     async def start(self, publisher: Publisher) -> None:
         self._publisher = publisher
         self._stopped = False
+        self._origin = await asyncio.to_thread(read_origin)   # reads package metadata / pyproject.toml
         s = self._services
         if s.telemetry is not None:
             s.telemetry.add_listener(self._on_telemetry)
@@ -141,7 +157,8 @@ class HomeAssistantService:
                 await self._remove(device)
             for device, p in wanted.items():
                 kind = kind_or_generic(p.device_kind)
-                payload = encode(discovery_payload(device=device, name=p.name, room=p.room, kind=kind))
+                payload = encode(discovery_payload(device=device, name=p.name, room=p.room, kind=kind,
+                                                   origin=self._origin))
                 if not force and self._discovered.get(device) == payload:
                     continue
                 fresh = device not in self._discovered
@@ -155,6 +172,8 @@ class HomeAssistantService:
                     latest = self._services.telemetry.latest(device)
                     if latest:
                         self._state.setdefault(device, {}).update(latest)
+                if force:
+                    self._state_sent.pop(device, None)   # republished in full, like the discovery
                 if self._state.get(device):
                     self._mark_state(device)
 
@@ -164,6 +183,7 @@ class HomeAssistantService:
         self._availability.pop(device, None)
         self._state.pop(device, None)
         self._state_dirty.pop(device, None)
+        self._state_sent.pop(device, None)
         for topic in (discovery_topic(self.prefix, device), topics.ha_availability(device), topics.ha_state(device)):
             await self._publish(topic, b"")
         self._stats.discovery_removed += 1
@@ -215,7 +235,7 @@ class HomeAssistantService:
             await asyncio.sleep(self._resync_interval)
             try:
                 await self.sync()
-            except Exception:  # noqa: BLE001 - try again next round
+            except Exception:  # try again next round
                 log.exception("Home Assistant resync failed")
 
     # ---- availability (presence listener) -------------------------------------------
@@ -264,9 +284,13 @@ class HomeAssistantService:
             # a generic kind has no field list: any flat value is state
             update = {k: v for k, v in data.items() if kind.field(k) is not None
                       or (kind.open_commands and isinstance(v, (bool, int, float, str)))}
-            if update:
-                self._state.setdefault(device, {}).update(update)
-                self._stats.results_applied += 1
+            if not update:
+                continue
+            self._stats.results_applied += 1
+            state = self._state.setdefault(device, {})
+            # Usually the device's telemetry brought the change already: no second publish.
+            if any(state.get(k, _MISSING) != v for k, v in update.items()):
+                state.update(update)
                 self._mark_state(device)
 
     def _mark_state(self, device: str) -> None:
@@ -291,7 +315,11 @@ class HomeAssistantService:
                 state = self._state.get(device)
                 if state is None:
                     continue
-                if await self._publish(topics.ha_state(device), encode(self._state_doc(device, state))):
+                payload = encode(self._state_doc(device, state))
+                if self._state_sent.get(device) == payload:
+                    continue   # nothing changed since the last publish
+                if await self._publish(topics.ha_state(device), payload):
+                    self._state_sent[device] = payload
                     self._stats.state_published += 1
 
     # ---- commands ------------------------------------------------------------------
@@ -331,7 +359,7 @@ class HomeAssistantService:
                 self._stats.commands_sent += 1
             except ProtocolError as exc:
                 self._refuse(device, f"send failed: {exc.code}: {exc.message}")
-            except Exception:  # noqa: BLE001 - one failed command must not stop the loop
+            except Exception:  # one failed command must not stop the loop
                 self._stats.commands_refused += 1
                 log.exception("Home Assistant command %s for %s failed", cmd.name, device)
 
@@ -342,7 +370,7 @@ class HomeAssistantService:
         try:
             await self._publisher.publish(topic, payload, qos=1, retain=True)
             return True
-        except Exception:  # noqa: BLE001 - a failed publish is retried by the next sync/update
+        except Exception:  # a failed publish is retried by the next sync/update
             self._stats.publish_errors += 1
             log.exception("publishing %s failed", topic)
             return False

@@ -24,23 +24,86 @@ Roost `command` (name, args), checked against the catalogue:
 - `{"brightness": n}` (our brightness_command_template) -> `set_brightness`;
 - `{"state": "ON"|"OFF", "brightness": n}` (the light's JSON schema) -> `turn_on`/`turn_off`;
 - `{"setpoint": x}` or `{"temperature": x}` (climate) -> `set_setpoint`;
+- `{"mode": "heat"|"off"}` (our mode_command_template) or a bare `heat` / `off`
+  (climate) -> `set_mode`;
 - `{"name": <command>, "args": {...}}` -> that command, for any kind (scripts).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import tomllib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from contract import topics
 from contract.catalog import BOOL, DeviceKind, Field, InvalidArgs, check_args
 
-ORIGIN = {"name": "roost", "sw": "0.1.0", "url": "https://github.com/roost"}
+ORIGIN_NAME = "Roost"
 MANUFACTURER = "Roost"
+DISTRIBUTION = "roost"
+# Beside the package: only there when running from a source tree.
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+# The [project.urls] labels worth showing as Home Assistant's support link, best first.
+_URL_LABELS = ("homepage", "repository", "source", "documentation", "issues")
 
 # Telemetry fields that the kind's own entity already shows (no extra sensor).
-_COVERED = {"light": {"on", "brightness"}, "climate": {"setpoint", "heating"}}
+_COVERED = {"light": {"on", "brightness"}, "climate": {"setpoint", "heating", "mode"}}
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Who publishes the discovery (Home Assistant shows it on the device page)."""
+
+    name: str = ORIGIN_NAME
+    sw_version: str = "unknown"
+    support_url: str | None = None
+
+    def doc(self) -> dict[str, str]:
+        doc = {"name": self.name, "sw_version": self.sw_version}
+        if self.support_url:
+            doc["support_url"] = self.support_url
+        return doc
+
+
+def _pyproject(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            project = tomllib.load(f).get("project")
+    except (OSError, tomllib.TOMLDecodeError):
+        return {}
+    return project if isinstance(project, dict) else {}
+
+
+def _pick_url(urls: dict[str, str]) -> str | None:
+    """The best-labelled http(s) URL: Home Assistant refuses the whole discovery
+    document when `support_url` is anything else, so no URL beats a bad one."""
+    usable = {label.strip().lower(): url.strip() for label, url in urls.items()
+              if isinstance(url, str) and url.strip().startswith(("https://", "http://"))}
+    for label in _URL_LABELS:
+        if label in usable:
+            return usable[label]
+    return next(iter(usable.values()), None)
+
+
+def read_origin(pyproject: Path = PYPROJECT, distribution: str = DISTRIBUTION) -> Origin:
+    """Roost's version and project URL from the installed package's metadata,
+    else from pyproject.toml. Reads files: call it once, off the event loop."""
+    project = _pyproject(pyproject)
+    try:
+        meta = importlib.metadata.metadata(distribution)
+        version = meta["Version"]
+        # "Label, URL" entries (core metadata Project-URL)
+        urls = dict(entry.split(", ", 1) for entry in meta.get_all("Project-URL") or [] if ", " in entry)
+    except importlib.metadata.PackageNotFoundError:
+        version, urls = None, {}
+    if not isinstance(version, str) or not version:
+        version = project.get("version") if isinstance(project.get("version"), str) else "unknown"
+    if not _pick_url(urls) and isinstance(project.get("urls"), dict):
+        urls = project["urls"]   # an editable install's metadata predates a URL added since
+    return Origin(sw_version=version, support_url=_pick_url(urls))
 
 
 class BadSetPayload(ValueError):
@@ -119,9 +182,6 @@ def _climate_component(device: str, kind: DeviceKind, state: str, command: str) 
         "platform": "climate",
         "unique_id": f"roost_{device}_climate",
         "name": None,
-        "modes": ["heat"],
-        "mode_state_topic": state,
-        "mode_state_template": "heat",
         "temperature_command_topic": command,
         "temperature_command_template": '{"setpoint": {{ value }}}',
         "temperature_state_topic": state,
@@ -133,6 +193,7 @@ def _climate_component(device: str, kind: DeviceKind, state: str, command: str) 
         "temperature_unit": "C",
         "temp_step": 0.5,
     }
+    c.update(_climate_modes(kind, state, command))
     if kind.field("humidity") is not None:
         c["current_humidity_topic"] = state
         c["current_humidity_template"] = "{{ value_json.humidity }}"
@@ -145,8 +206,29 @@ def _climate_component(device: str, kind: DeviceKind, state: str, command: str) 
     return c
 
 
-def discovery_payload(*, device: str, name: str, room: str | None, kind: DeviceKind) -> dict[str, Any]:
-    """The device-based discovery document for one device."""
+def _climate_modes(kind: DeviceKind, state: str, command: str) -> dict[str, Any]:
+    """Home Assistant's modes from the kind's `set_mode` choices (heat/off): a
+    thermostat without the command can only heat."""
+    cmd = kind.command("set_mode")
+    modes = list(cmd.args[0].choices) if cmd is not None and cmd.args and cmd.args[0].choices else []
+    if not modes:
+        return {"modes": ["heat"], "mode_state_topic": state, "mode_state_template": "heat"}
+    return {
+        "modes": modes,
+        "mode_command_topic": command,
+        "mode_command_template": '{"mode": "{{ value }}"}',
+        "mode_state_topic": state,
+        # a device that has not reported its mode yet is heating, as before set_mode existed
+        "mode_state_template": f"{{{{ value_json.mode if value_json.mode is defined else '{modes[0]}' }}}}",
+        "action_template": "{{ 'off' if value_json.mode == 'off' else "
+                           "('heating' if value_json.heating else 'idle') }}",
+    }
+
+
+def discovery_payload(*, device: str, name: str, room: str | None, kind: DeviceKind,
+                      origin: Origin | None = None) -> dict[str, Any]:
+    """The device-based discovery document for one device; `origin` as read by
+    `read_origin` (omitted: name only, no version is claimed)."""
     state = topics.ha_state(device)
     command = topics.ha_set(device)
     availability = topics.ha_availability(device)
@@ -173,7 +255,7 @@ def discovery_payload(*, device: str, name: str, room: str | None, kind: DeviceK
         dev["suggested_area"] = room
     return {
         "device": dev,
-        "origin": ORIGIN,
+        "origin": (origin or Origin()).doc(),
         "availability_topic": availability,
         "payload_available": "online",
         "payload_not_available": "offline",
@@ -192,7 +274,11 @@ def is_ours(payload: bytes) -> bool:
         doc = json.loads(payload)
     except (UnicodeDecodeError, ValueError):
         return False
-    return isinstance(doc, dict) and isinstance(doc.get("origin"), dict) and doc["origin"].get("name") == ORIGIN["name"]
+    if not isinstance(doc, dict) or not isinstance(doc.get("origin"), dict):
+        return False
+    # case-blind: earlier versions published the name as "roost"
+    name = doc["origin"].get("name")
+    return isinstance(name, str) and name.lower() == ORIGIN_NAME.lower()
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +305,9 @@ def command_from_set(kind: DeviceKind, payload: bytes) -> HaCommand:
     text = payload.decode("utf-8", "replace").strip()
     if text.upper() in ("ON", "OFF") and kind.ha_component == "light":
         return _checked(kind, "turn_on" if text.upper() == "ON" else "turn_off", {})
+    if text.lower() in ("heat", "off") and kind.ha_component == "climate":
+        # Home Assistant's own mode payload, should mode_command_template be dropped
+        return _checked(kind, "set_mode", {"mode": text.lower()})
     try:
         doc = json.loads(text)
     except ValueError:
@@ -244,6 +333,8 @@ def command_from_set(kind: DeviceKind, payload: bytes) -> HaCommand:
         if set(doc) == {"brightness"}:
             return _checked(kind, "set_brightness", doc)
     if kind.ha_component == "climate":
+        if set(doc) == {"mode"}:
+            return _checked(kind, "set_mode", doc)
         for key in ("setpoint", "temperature"):
             if set(doc) == {key}:
                 return _checked(kind, "set_setpoint", {"setpoint": doc[key]})
