@@ -389,6 +389,8 @@ WEIRD: list[Any] = [None, True, False, 0, -1, 1.5, 2 ** 62, 2 ** 62 + 1, 2 ** 63
                     "dm:alice:bob", "grp:nope", [], [None], ["bob", "bob"], {}, {"type": "text"},
                     {"type": "text", "text": "\ud800"}, {"type": "file", "name": "x"}, [[]], "NaN"]
 
+WRONG_TYPES: list[Any] = [None, True, 0, -1, 1.5, 2 ** 64, "", "x" * 65, [], ["bob"], {}, {"a": 1}]
+
 BASE: dict[str, dict[str, Any]] = {
     "send": {"to": "bob", "cmid": "c", "body": {"type": "text", "text": "hi"}},
     "sync": {"after": 0, "limit": 10},
@@ -424,6 +426,20 @@ class RequestGen:
     def __init__(self, rng: random.Random) -> None:
         self.rng = rng
         self.n = 0
+
+    def sweep(self) -> list[tuple[bytes, set[str | None]]]:
+        """Every parameter of every operation, once with each value of the wrong type."""
+        out = []
+        for op, base in BASE.items():
+            for key in base:
+                for value in WRONG_TYPES:
+                    self.n += 1
+                    params = {**base, key: value}
+                    if op == "send" and key != "cmid":
+                        params["cmid"] = f"c{self.n}"
+                    payload = json.dumps({"id": f"f{self.n}", "op": op, **params}).encode()
+                    out.append((payload, expected_ids(payload)))
+        return out
 
     def weird(self) -> Any:
         r = self.rng
@@ -566,7 +582,7 @@ def test_json_request_fuzzer_answers_each_request_once_with_a_catalogued_code(ro
     rss_before = rss_bytes(roost)
     rng = random.Random(10_2026)
     gen = RequestGen(rng)
-    requests = [gen.one() for _ in range(800)]
+    requests = gen.sweep() + [gen.one() for _ in range(800)]
     assert sum(1 for _p, ids in requests if None not in ids) > 400     # most have a usable id
 
     bob = ImClient("bob", "inbox").open(roost, bpw)     # receives what alice manages to send
