@@ -116,6 +116,13 @@ class PacketGen:
         return codec.encode_connect(cid, clean=r.random() < 0.95, keep_alive=r.choice([0, 1, 60, 65535]),
                                     username="alice", password=password, will=will)
 
+    def flip(self, data: bytes, most: int) -> bytes:
+        """`data` with 1..`most` random bits flipped."""
+        b = bytearray(data)
+        for _ in range(self.rng.randint(1, most)):
+            b[self.rng.randrange(len(b))] ^= 1 << self.rng.randrange(8)
+        return bytes(b)
+
     def bad_connect(self, n: int) -> bytes:
         """A CONNECT broken in one of its fields (or anywhere, by bit flips)."""
         r = self.rng
@@ -124,10 +131,7 @@ class PacketGen:
         how = r.choice(["flip", "flip", "truncate", "level", "name", "reserved", "will_qos3", "no_user",
                         "long_id", "empty_user", "bad_utf8_id"])
         if how == "flip":
-            b = bytearray(good)
-            for _ in range(r.randint(1, 4)):
-                b[r.randrange(len(b))] ^= 1 << r.randrange(8)
-            return bytes(b)
+            return self.flip(good, 4)
         if how == "truncate":
             return _packet(0x10, body[:r.randrange(len(body))])
         if how == "level":
@@ -197,10 +201,7 @@ class PacketGen:
                         "varint5", "zero_pid", "qos3", "second_connect", "empty_sub"])
         p = self.valid() if how not in ("second_connect",) else self.connect(n)
         if how == "flip":
-            b = bytearray(p)
-            for _ in range(r.randint(1, 3)):
-                b[r.randrange(len(b))] ^= 1 << r.randrange(8)
-            return bytes(b)
+            return self.flip(p, 3)
         if how == "truncate":
             return p[:r.randrange(1, len(p))] if len(p) > 1 else b""
         if how == "length":       # a remaining length that does not fit the body
