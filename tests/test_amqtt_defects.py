@@ -171,7 +171,7 @@ def test_7_offline_queue_bounded_and_replayed_without_retain(make, kind):
 
 def _sessions_left(b: Any, prefix: str) -> int:
     if b.kind == "roost":
-        return b.sync(lambda: sum(1 for cid in b.broker.engine.sessions if cid.startswith(prefix))
+        return b.sync(lambda: sum(1 for st in b.broker.engine.sessions.values() if st.info.client_id.startswith(prefix))
                       + sum(1 for c in b.broker.engine.conns if c.info and c.info.client_id.startswith(prefix)))
     return b.sync(lambda: sum(1 for cid in b.broker._sessions if cid.startswith(prefix)))
 

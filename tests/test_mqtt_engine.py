@@ -249,7 +249,7 @@ def test_garbage_closes_only_that_connection(b):
 def test_wrong_password_gets_connack_4_and_changes_nothing(b):
     bad = Client(b.port, "wp", password="wrong", connect=False)
     assert bad.connect(expect=None) == 4
-    assert "wp" not in b.broker.engine.sessions
+    assert "u|wp" not in b.broker.engine.sessions
 
 
 # ---- ACL --------------------------------------------------------------------------
@@ -291,7 +291,7 @@ def test_refresh_acl_drops_cached_decisions(b):
     pub = Client(b.port, "ra-pub")
     pub.pub("ra/t", b"1", qos=1)
     assert sub.get().payload == b"1"
-    st = b.broker.engine.sessions["ra-sub"]
+    st = b.broker.engine.sessions["ra|ra-sub"]
     assert st.acl_cache  # the RECEIVE decision was cached
     b.sync(b.broker.refresh_acl)
     assert not st.acl_cache
@@ -365,7 +365,7 @@ def test_online_queue_bounded_when_client_does_not_ack(fresh):
     pub = Client(x.port, "oq-pub")
     for i in range(10):
         pub.pub("oq/t", str(i).encode(), qos=1)
-    st = x.broker.engine.sessions["oq"]
+    st = x.broker.engine.sessions["u|oq"]
     time.sleep(0.3)
     assert (len(st.inflight), len(st.queue), st.dropped) == (1, 3, 6)
     assert x.broker.engine.stats["dropped"] == 6
@@ -391,7 +391,7 @@ def test_persistent_session_resumes_subscriptions_and_queue(b):
     back.disconnect()
     # clean=1 discards it
     Client(b.port, "ps", clean=True).disconnect()
-    assert wait_for(lambda: "ps" not in b.broker.engine.sessions)
+    assert wait_for(lambda: "u|ps" not in b.broker.engine.sessions)
 
 
 def test_will_on_connection_loss_not_after_disconnect(b):
@@ -420,10 +420,10 @@ def test_session_expiry(b):
     s.sub("exp/t", 1)
     s.disconnect()
     eng = b.broker.engine
-    assert "exp" in eng.sessions
+    assert "u|exp" in eng.sessions
     assert b.sync(eng.expire_sessions, time.time() + 6 * 86400) == 0
     assert b.sync(eng.expire_sessions, time.time() + 8 * 86400) >= 1
-    assert "exp" not in eng.sessions
+    assert "u|exp" not in eng.sessions
 
 
 # ---- plugin hooks -------------------------------------------------------------------
@@ -486,19 +486,19 @@ def test_no_auth_plugin_refuses_everyone(fresh):
 
 def test_broker_api(b):
     api = b.broker
-    a = Client(b.port, "api.a", username="apiuser")
+    a = Client(b.port, "apiuser.a", username="apiuser")
     a.sub("api/#", 1)
-    c = Client(b.port, "api.c", username="apiuser")
-    assert sorted(api.client_ids_of("apiuser")) == ["api.a", "api.c"]
+    c = Client(b.port, "apiuser.c", username="apiuser")
+    assert sorted(api.client_ids_of("apiuser")) == ["apiuser.a", "apiuser.c"]
     assert b.call(api.publish("api/x", b"pub", 1, True)) == 1
     assert a.get().payload == b"pub"
     assert api.retained("api/x") == b"pub"
-    assert b.call(api.deliver("api.a", "api/only-a", b"d", 2)) is True
+    assert b.call(api.deliver("apiuser.a", "api/only-a", b"d", 2)) is True
     m = a.get()
     assert (m.topic, m.payload, m.qos) == ("api/only-a", b"d", 1)   # min(2, granted 1)
-    assert b.call(api.deliver("api.c", "api/only-a", b"d", 1)) is False   # no matching subscription
+    assert b.call(api.deliver("apiuser.c", "api/only-a", b"d", 1)) is False   # no matching subscription
     assert b.call(api.deliver("nobody", "api/x", b"d", 1)) is False
-    assert b.call(api.deliver("api.a", "secret/x", b"d", 1)) is False     # ACL RECEIVE
+    assert b.call(api.deliver("apiuser.a", "secret/x", b"d", 1)) is False     # ACL RECEIVE
     with pytest.raises(ValueError):
         b.call(api.publish("api/+", b"bad"))
     assert b.call(api.kick_principal("apiuser")) == 2
@@ -538,9 +538,9 @@ def test_subscriber_that_never_reads_does_not_stall_others(fresh):
             break
         got += 1
     assert got == 2000
-    st = x.broker.engine.sessions["stalled"]
+    st = x.broker.engine.sessions["u|stalled"]
     assert len(st.queue) <= 300 and st.dropped > 0
-    assert x.broker.engine.sessions["fl-ok"].dropped == 0
+    assert x.broker.engine.sessions["u|fl-ok"].dropped == 0
     stalled.close()
 
 
@@ -565,7 +565,7 @@ def test_backpressure_holds_publishers_instead_of_dropping(fresh):
         seen[topic].append(int(payload))
         sub.send(bytes((0x40, 2)) + pid.to_bytes(2, "big"))
     assert seen == {"bp/0": list(range(n)), "bp/1": list(range(n))}
-    assert x.broker.engine.sessions["bp-sub"].dropped == 0
+    assert x.broker.engine.sessions["u|bp-sub"].dropped == 0
     for p in pubs:
         p.close()
     sub.close()
@@ -595,7 +595,7 @@ def test_unacked_message_is_not_forgotten_after_5_seconds(b):
     topic, payload, qos, pid, dup, retain = sub.read_publish()
     assert (payload, dup) == (b"keep me", False)
     time.sleep(5.5)
-    assert len(b.broker.engine.sessions["slowack"].inflight) == 1
+    assert len(b.broker.engine.sessions["u|slowack"].inflight) == 1
     sub.close()
     again = RawClient(b.port)
     assert again.connect("slowack", clean=False) == b"\x01\x00"   # session present
@@ -603,7 +603,7 @@ def test_unacked_message_is_not_forgotten_after_5_seconds(b):
     assert (payload, dup, pid2) == (b"keep me", True, pid)
     again.send(bytes((0x40, 2)) + pid2.to_bytes(2, "big"))
     time.sleep(0.2)
-    assert not b.broker.engine.sessions["slowack"].inflight
+    assert not b.broker.engine.sessions["u|slowack"].inflight
     again.send(b"\xe0\x00")   # DISCONNECT
     again.close()
 

@@ -61,7 +61,8 @@ from broker.mqtt import codec
 from broker.mqtt.codec import ProtocolViolation, UnacceptableProtocol
 from broker.mqtt.connection import CLOSED, CONNECTED, NEW, Connection
 from broker.mqtt.hooks import ConnectRefused, DisconnectReason
-from broker.mqtt.session import ACL_CACHE_SIZE, ClientInfo, Message, SessionState
+from broker.mqtt.session import (ACL_CACHE_SIZE, ClientInfo, Message, SessionState, client_id_of_key,
+                                 session_key)
 from contract.ids import is_valid_principal_id
 from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
 from broker.mqtt.retained import Refused as RetainedRefused
@@ -388,7 +389,7 @@ class Engine:
         if reason not in _NO_WILL and info.will_flag and conn.session is not None:
             await self._publish_will(info)
         if conn.announced:
-            async with self._lock(info.client_id):
+            async with self._lock(info.session_key):
                 await self._call(self.h_disconnected, info, reason)
             await self._fire(BrokerEvents.CLIENT_DISCONNECTED, client_id=info.client_id, client_session=info)
 
@@ -529,6 +530,7 @@ class Engine:
             conn.close(DisconnectReason.KICKED)
             return
         info.password = None
+        info.session_key = session_key(info.principal, info.client_id)
         await self._establish(conn, info)
 
     async def authenticate(self, info: ClientInfo) -> int:
@@ -550,7 +552,7 @@ class Engine:
         return 0 if accepted else ConnectRefused.NOT_AUTHORIZED
 
     async def _establish(self, conn: Connection, info: ClientInfo) -> None:
-        cid = info.client_id
+        cid = info.session_key
         async with self._lock(cid):
             if conn.state == CLOSED:
                 return
@@ -590,10 +592,11 @@ class Engine:
             st.resume()
             conn.announced = True
             await self._call(self.h_connected, info)
-            await self._fire(BrokerEvents.CLIENT_CONNECTED, client_id=cid, client_session=info)
+            await self._fire(BrokerEvents.CLIENT_CONNECTED, client_id=info.client_id, client_session=info)
             if taken is not None and taken.announced and taken.info is not None:
                 await self._call(self.h_disconnected, taken.info, DisconnectReason.TAKEN_OVER)
-                await self._fire(BrokerEvents.CLIENT_DISCONNECTED, client_id=cid, client_session=taken.info)
+                await self._fire(BrokerEvents.CLIENT_DISCONNECTED, client_id=taken.info.client_id,
+                                 client_session=taken.info)
 
     def _too_many_sessions(self, info: ClientInfo) -> bool:
         """A new persistent session for a principal that already has
@@ -1243,10 +1246,11 @@ class Engine:
         message kept for 40 sessions is held once in memory, as before the restart."""
         if shared is None:
             shared = _new_message
-        info = ClientInfo(client_id=saved.client_id, username=saved.principal, password=None,
+        info = ClientInfo(client_id=client_id_of_key(saved.client_id), username=saved.principal, password=None,
                           remote_address="", remote_port=0, clean_session=False, keep_alive=0,
                           listener_name="")
         info.principal, info.kind, info.is_anonymous = saved.principal, saved.kind, saved.principal is None
+        info.session_key = saved.client_id
         st = SessionState(saved.client_id, False, info, self)
         st.disconnected_at = saved.disconnected_at
         st._pid = saved.last_pid

@@ -123,7 +123,9 @@ class BrokerApi(Protocol):
 
     async def deliver(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
         """Queue a message for one session only, if that session exists and has a
-        subscription matching `topic` (ACL RECEIVE applies). Waits while that
+        subscription matching `topic` (ACL RECEIVE applies). `client_id` names the
+        session: a client id of its principal's own form (`alice`, `alice.phone`),
+        else `<principal>|<client id>` (sessions are keyed by principal and client id). Waits while that
         session's outgoing queue is full (backpressure). False if not delivered.
         (Engine: waits at most 10 s; an offline persistent session queues QoS >= 1
         up to limits.max_queued and True is returned; delivered QoS is

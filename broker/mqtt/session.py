@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.mqtt import codec
 from broker.store.base import MessageDone, MessageKept, SavedMessage
+from contract.ids import principal_of_client_id
 
 if TYPE_CHECKING:
     from broker.mqtt.connection import Connection
@@ -42,6 +43,9 @@ class ClientInfo:
         self.listener_name = listener_name
         # True when the client sent an empty client id and the broker made one up
         self.client_id_generated = client_id_generated
+        # The key of the MQTT session: client_id, or "<principal>|<client_id>" for a
+        # client id that is not of the principal's own form (see session_key).
+        self.session_key = client_id
         self.is_anonymous = False
         self.principal: str | None = None
         self.kind: str | None = None
@@ -56,6 +60,24 @@ class ClientInfo:
 
     def __repr__(self) -> str:
         return f"<ClientInfo {self.client_id} principal={self.principal} {self.remote_address}:{self.remote_port}>"
+
+
+def session_key(principal: str | None, client_id: str) -> str:
+    """Sessions are keyed by principal and client id, so that integrations on
+    their default (random) client ids, e.g. two people's Home Assistant both
+    using "homeassistant", never collide with or take over each other's session.
+    A client id of the principal's own form (`alice`, `alice.phone`: what IM
+    clients use, and what plugins deliver to) is its own key; any other is
+    prefixed with its principal and "|", which no principal id or label contains."""
+    if principal is None:
+        return client_id if "|" not in client_id else f"|{client_id}"
+    if principal_of_client_id(client_id) == principal:
+        return client_id
+    return f"{principal}|{client_id}"
+
+
+def client_id_of_key(key: str) -> str:
+    return key.split("|", 1)[1] if "|" in key else key
 
 
 class Message:
