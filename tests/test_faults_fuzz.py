@@ -65,6 +65,21 @@ def from_address(client: MqttClient, address: str) -> MqttClient:
     return client
 
 
+def open_fds(roost: RoostProcess) -> int:
+    assert roost.proc is not None
+    return len(list(Path(f"/proc/{roost.proc.pid}/fd").iterdir()))
+
+
+def wait_for(condition: Any, timeout: float) -> bool:
+    """Poll `condition` until it holds or `timeout` seconds passed."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def well_behaved_round_trip(roost: RoostProcess, principal: str, password: str, label: str) -> None:
     """A fresh client connects, subscribes, publishes QoS 1 and receives its message."""
     c = from_address(MqttClient(f"{principal}.{label}"), CALM_ADDRESS).connect(
@@ -314,7 +329,7 @@ def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
         roost.host, roost.port, username="bob", password=bpw)
     assert bystander.subscribe("calm/#", 1) == [1]
     well_behaved_round_trip(roost, "bob", bpw, "before")
-    rss_before = rss_bytes(roost)
+    rss_before, fds_before = rss_bytes(roost), open_fds(roost)
 
     jobs = []
     packets = 0
@@ -368,6 +383,8 @@ def test_mqtt_packet_fuzzer_leaves_the_broker_serving(roost_factory):
     assert tracebacks(roost) == []
     for s in held:
         s.close()
+    # every fuzz connection is let go: no socket leaks (closing ones get CLOSE_GRACE)
+    assert wait_for(lambda: open_fds(roost) <= fds_before + 5, timeout=15), (fds_before, open_fds(roost))
 
 
 # ---- (b) the JSON request fuzzer --------------------------------------------------
