@@ -91,6 +91,11 @@ class Connection(asyncio.Protocol):
             # every packet received before the close is handled in order first;
             # _run reports the loss when it is done.
             self._lost = True
+            if self.state == CONNECTED:
+                # gone now for presence, whatever is still being handled
+                if self.reason is None and any(p[0] == codec.DISCONNECT for p in self._pending):
+                    self.reason = DisconnectReason.DISCONNECT
+                self.engine.connection_closing(self)
             return
         self.state = CLOSED
         self.engine.connection_lost(self)
