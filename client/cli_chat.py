@@ -27,7 +27,7 @@ from client.sdk import (
     RoostError, ServerError, TopicItem,
 )
 from contract import topics
-from contract.ids import CLIENT_LABEL_RE, is_valid_principal_id
+from contract.ids import CLIENT_LABEL_RE, is_valid_principal_id, parse_conv
 
 HISTORY_MAX = 200
 CHAT_HISTORY = 20
@@ -204,20 +204,26 @@ def listen(net: Net, label: str, since: int | None) -> None:
                     out.warn(note)
             saved = stream.cursor
             missed = stream.catch_up()
-        unread = UnreadTracker(me, client.call("convs"))
+        convs_now = client.call("convs")
+        unread = UnreadTracker(me, convs_now)
+        groups = group_names(convs_now)
         # Presence of contacts and of one's own devices (both visible to us by the contract).
         subscribe_presence(client, list(dict.fromkeys(contact_ids(client) + device_ids(client))))
         # stderr: a person reads it, scripts wait for it, the JSON on stdout stays clean
         out.warn(f"listening as {me} on {client.server} from event #{saved if saved is not None else stream.cursor}"
                  f"{f' ({len(missed)} missed)' if missed else ''}; Ctrl-C to stop")
         for ev in missed:
-            _print_event(ev, me, net, unread)
+            if not net.json_mode:   # JSON lines are the events as they are
+                learn_group_name(client, groups, ev)
+            _print_event(ev, me, net, unread, groups)
         watch = ConnectionWatch(client, out)
         while True:
             for item in stream.poll(1.0):
                 if isinstance(item, InboxItem):
                     ev = item.event
-                    _print_event(ev, me, net, unread)
+                    if not net.json_mode:
+                        learn_group_name(client, groups, ev)
+                    _print_event(ev, me, net, unread, groups)
                     if ev.get("kind") == "contact" and ev.get("event") == "accepted" and is_valid_principal_id(ev.get("with")):
                         try:
                             subscribe_presence(client, [ev["with"]])
@@ -285,14 +291,38 @@ class UnreadTracker:
         return sum(self.counts.values())
 
 
-def _print_event(ev: dict[str, Any], me: str, net: Net, unread: UnreadTracker | None = None) -> None:
+def group_names(convs_result: dict[str, Any]) -> dict[str, str]:
+    """conv -> name of every group in a `convs` result (group lines name their group)."""
+    return {c["conv"]: c["name"] for c in convs_result.get("convs") or []
+            if isinstance(c, dict) and c.get("kind") == "group" and isinstance(c.get("conv"), str)
+            and isinstance(c.get("name"), str)}
+
+
+def learn_group_name(client: RoostClient, groups: dict[str, str], ev: dict[str, Any]) -> None:
+    """Keep `groups` up to date from a group event: `created` carries the name; for a
+    group one was just added to, `group.info` tells it (once per group)."""
+    conv = ev.get("conv")
+    if ev.get("kind") != "group" or not isinstance(conv, str):
+        return
+    if isinstance(ev.get("name"), str):
+        groups[conv] = ev["name"]
+    elif conv not in groups:
+        try:
+            name = client.call("group.info", {"conv": conv}).get("name")
+        except RoostError:      # removed meanwhile, or a lost connection: the line shows the id
+            name = None
+        groups[conv] = name if isinstance(name, str) else ""
+
+
+def _print_event(ev: dict[str, Any], me: str, net: Net, unread: UnreadTracker | None = None,
+                 groups: dict[str, str] | None = None) -> None:
     note = unread.update(ev) if unread is not None else None
     if net.json_mode:
         net.out.jsonl(ev)
     elif unread is not None and unread.redundant:
         return
     else:
-        line = event_line(ev, me, net.out)
+        line = event_line(ev, me, net.out, groups)
         net.out.line(f"{line}  {net.out.s(f'({note})', fg='yellow')}" if note else line)
 
 
@@ -443,11 +473,13 @@ def history(net: Net, target: str, limit: int, before: int | None) -> None:
     if before is not None:
         params["before"] = before
     res = client.call("history", params)
+    me = net.me
+    messages = res.get("messages") or []
+    if not messages:
+        check_peer_exists(client, conv, me)
     if net.json_mode:
         net.out.doc(res)
         return
-    me = net.me
-    messages = res.get("messages") or []
     net.out.table(messages, [
         Column("seq", "seq", align_right=True),
         Column("ts", "time", fmt_time),
@@ -457,6 +489,22 @@ def history(net: Net, target: str, limit: int, before: int | None) -> None:
     first = messages[0].get("seq") if messages and isinstance(messages[0], dict) else None
     if res.get("more") and isinstance(first, int):
         net.out.line(f"older messages: roost history {target} --before {first}", fg="bright_black")
+
+
+def check_peer_exists(client: RoostClient, conv: str, me: str) -> None:
+    """An empty history of a direct conversation with an id nobody has is a typo, not
+    "no messages": the broker answers it like a quiet conversation, so ask for the
+    other side's profile, whose `not_found` is the same as `send`'s."""
+    parsed = parse_conv(conv)
+    if parsed is None or parsed[0] != "dm":
+        return
+    peer = next((p for p in parsed[1] if p != me), me)
+    try:
+        client.call("profile.get", {"user": peer})
+    except ServerError as e:
+        if e.code == "not_found":
+            raise
+        # forbidden (a stranger) and the like: the person exists; an empty history is right
 
 
 @command()
@@ -512,5 +560,12 @@ def _commands() -> list[click.Command]:
 
 def register(group: click.Group) -> None:
     """Add the person-side commands to the root `roost` group."""
+    from client import cli_devices
+
     for c in _commands():
         group.add_command(c)
+    # `roost device commands ID` sits with the admin `device` commands (cli_admin),
+    # where a new user looks for it, but asks the broker as a person.
+    admin_device = group.commands.get("device")
+    if isinstance(admin_device, click.Group):
+        admin_device.add_command(cli_devices.device_commands)

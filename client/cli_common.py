@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import click
@@ -226,8 +227,8 @@ def who(name: Any, me: str) -> str:
     return "you" if name == me else str(name)
 
 
-def event_line(ev: dict[str, Any], me: str, out: Output) -> str:
-    """One human line for a mailbox event."""
+def event_line(ev: dict[str, Any], me: str, out: Output, groups: Mapping[str, str] | None = None) -> str:
+    """One human line for a mailbox event; `groups` names group conversations."""
     k = ev.get("kind")
     t = out.s(fmt_time(ev.get("ts")), fg="bright_black")
     conv = ev.get("conv", "")
@@ -247,11 +248,30 @@ def event_line(ev: dict[str, Any], me: str, out: Output) -> str:
             str(e), f"contact {e}: {other}")
         return f"{t} {out.s(text, fg='magenta')}" + (f' "{note}"' if note else "")
     if k == "group":
-        return f"{t} group {conv}: {ev.get('event')} by {who(ev.get('by'), me)}"
+        return f"{t} {out.s(group_text(ev, me, groups or {}), fg='magenta')}"
     if k == "dropped":
         dropped = f"{ev.get('count')} event(s) dropped ({ev.get('reason')})"
         return f"{t} {out.s(dropped, fg='yellow')}"
     return f"{t} {k}: {fmt_kv({x: y for x, y in ev.items() if x not in ('n', 'kind', 'ts')})}"
+
+
+def group_text(ev: dict[str, Any], me: str, groups: Mapping[str, str]) -> str:
+    """`alice added carol, dave to "Family" (grp:k3x9)`: who did what to whom, where."""
+    conv = str(ev.get("conv", ""))
+    name = ev.get("name") if isinstance(ev.get("name"), str) else groups.get(conv)
+    where = f'"{name}" ({conv})' if name else conv
+    by = who(ev.get("by"), me)
+    members = ", ".join(who(m, me) for m in ev.get("members") or [] if isinstance(m, str))
+    event = ev.get("event")
+    if event == "created":
+        return f"{by} created group {where}" + (f" with {members}" if members else "")
+    if event == "added":
+        return f"{by} added {members or '?'} to {where}"
+    if event == "removed":
+        return f"{by} removed {members or '?'} from {where}"
+    if event == "left":
+        return f"{members or by} left {where}"
+    return f"group {where}: {event} by {by}" + (f" ({members})" if members else "")
 
 
 def print_presence(net: "Net", principal: str, payload: Any) -> None:
@@ -356,9 +376,11 @@ class RootGroup(OneLineGroup):
             raise
         except click.ClickException as e:   # click's own "Error: ..." form: ours instead
             raise CliError(e.format_message(), e.exit_code) from None
-        except (KeyboardInterrupt, click.Abort):
+        except KeyboardInterrupt:
             if _isatty(sys.stderr):
                 click.echo(file=sys.stderr)   # end the terminal's `^C` echo first
+            raise CliError("interrupted", EXIT_INTERRUPTED) from None
+        except click.Abort:   # a prompt interrupted (click already ended the line)
             raise CliError("interrupted", EXIT_INTERRUPTED) from None
 
 

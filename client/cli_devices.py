@@ -14,8 +14,8 @@ from client.output import (
     EXIT_DEVICE_ERROR, EXIT_SERVER_ERROR, EXIT_TIMEOUT, CliError, Column, Progress, fmt_kv, fmt_time,
     presence_colour, presence_text,
 )
-from client.sdk import EventStream, InboxItem, ReconnectedItem, RequestTimeout, TopicItem
-from contract import topics
+from client.sdk import EventStream, InboxItem, ReconnectedItem, RequestTimeout, RoostClient, RoostError, TopicItem
+from contract import catalog, topics
 
 
 @command()
@@ -44,11 +44,12 @@ def devices(net: Net) -> None:
 @click.argument("code")
 @network()
 def claim(net: Net, device: str, code: str) -> None:
-    """Become an owner of DEVICE with the pairing CODE printed when it was registered.
+    """Become an owner of DEVICE with the pairing CODE printed when it was registered
+    (8 digits; spaces and dashes are ignored).
 
     \b
     Example:
-      roost claim thermo1 483-219
+      roost claim thermo1 48321907
     """
     principal_arg(device, "DEVICE")
     nonblank_arg(code, "CODE")
@@ -81,6 +82,27 @@ def share(net: Net, device: str, user_id: str) -> None:
         net.out.line(f"shared {device} with {user_id}")
 
 
+@command()
+@click.argument("device")
+@click.argument("user_id", metavar="ID")
+@network()
+def unshare(net: Net, device: str, user_id: str) -> None:
+    """Stop letting ID use your DEVICE (undoes `roost share`).
+
+    \b
+    Example:
+      roost unshare thermo1 bob
+    """
+    principal_arg(device, "DEVICE")
+    principal_arg(user_id)
+    client = net.open(inbox=False)
+    res = client.call("device.unshare", {"device": device, "with": user_id})
+    if net.json_mode:
+        net.out.doc({"ok": True, "device": device, "with": user_id, "result": res})
+    else:
+        net.out.line(f"{user_id} may no longer use {device}")
+
+
 def parse_args(pairs: tuple[str, ...]) -> dict[str, Any]:
     """`key=value` pairs; values parsed as JSON when they are JSON (21, true, "x", [1])."""
     args: dict[str, Any] = {}
@@ -109,10 +131,12 @@ def cmd(net: Net, device: str, name: str, pairs: tuple[str, ...], timeout: float
     text otherwise. Exit code 0 when the device answers "ok", 5 when it answers
     "error", 4 when no result comes within --timeout.
 
+    `roost device commands DEVICE` lists the commands a device takes.
+
     \b
     Examples:
-      roost cmd thermo1 set_point value=21.5
-      roost cmd light1 set on=true brightness=80 --json | jq .status
+      roost cmd thermo1 set_setpoint setpoint=21.5
+      roost cmd light1 turn_on brightness=80 --json | jq .status
     """
     principal_arg(device, "DEVICE")
     nonblank_arg(name, "NAME")
@@ -165,7 +189,104 @@ def cmd(net: Net, device: str, name: str, pairs: tuple[str, ...], timeout: float
         data = dict(doc["data"])
         reason = str(data.pop("error", "")) if isinstance(data.get("error"), str) else ""
         detail = "; ".join(x for x in (reason, fmt_kv(data) if data else "") if x)
+        if reason.startswith("unknown command"):
+            detail += _commands_hint(client, device)
         raise CliError(f"{device} answered {status}" + (f": {detail}" if detail else ""), EXIT_DEVICE_ERROR)
+
+
+def _commands_hint(client: RoostClient, device: str) -> str:
+    """`; thermo1 takes: ping, get_state, set_setpoint` for an unknown command's error.
+
+    The device's answer only says the name is unknown; its kind (from `devices`)
+    tells which commands it has. A hint must never turn the error into another one.
+    """
+    try:
+        found = find_device(client, device)
+    except RoostError:
+        return ""
+    kind = catalog.get_kind(found.get("kind") if found else None)
+    if kind is None:
+        return f" (see `roost device commands {device}`)"
+    return f"; {device} takes: {', '.join(c.name for c in kind.commands)}"
+
+
+def find_device(client: RoostClient, device: str) -> dict[str, Any] | None:
+    """DEVICE's entry in the `devices` list (owned or shared with you), or None."""
+    res = client.call("devices")
+    return next((d for d in res.get("devices") or [] if isinstance(d, dict) and d.get("id") == device), None)
+
+
+@command("commands")
+@click.argument("device")
+@network()
+def device_commands(net: Net, device: str) -> None:
+    """List the commands DEVICE takes, with their arguments (a device you own or
+    that is shared with you; its kind says which).
+
+    \b
+    Examples:
+      roost device commands thermo1
+      roost device commands light1 --json | jq -r '.commands[].name'
+    """
+    principal_arg(device, "DEVICE")
+    client = net.open(inbox=False)
+    found = find_device(client, device)
+    if found is None:
+        raise CliError(f"not_found: {device} is not one of your devices (see `roost devices`)", EXIT_SERVER_ERROR)
+    kind_name = found.get("kind")
+    kind = catalog.get_kind(kind_name)
+    commands = [_command_doc(c) for c in kind.commands] if kind else []
+    if net.json_mode:
+        net.out.doc({"device": device, "kind": kind_name, "known_kind": kind is not None, "commands": commands})
+        return
+    if kind is None:
+        net.out.line(f"{device} is a {kind_name}, a kind Roost does not describe: it takes the commands its "
+                     "firmware knows (every Roost device answers ping and get_state)")
+        return
+    net.out.table(commands, [
+        Column("name", "command"),
+        Column("args", "arguments", _fmt_args),
+        Column("description", "what it does"),
+    ])
+    net.out.line(f"example: roost cmd {device} {_example(kind)}", fg="bright_black")
+
+
+def _command_doc(c: catalog.Command) -> dict[str, Any]:
+    return {"name": c.name, "description": c.description,
+            "args": [{"name": a.name, "type": a.type, "required": a.required, "min": a.minimum, "max": a.maximum,
+                      "unit": a.unit, "choices": list(a.choices)} for a in c.args]}
+
+
+def _fmt_args(args: Any) -> str:
+    """`setpoint=number (5..30 °C)`, optional ones in brackets; `-` for none."""
+    parts = []
+    for a in args or []:
+        limits = f"{a['min']:g}..{a['max']:g}" if a["min"] is not None and a["max"] is not None else ""
+        extra = " ".join(x for x in (limits, a["unit"] or "", "|".join(a["choices"])) if x)
+        text = f"{a['name']}={a['type']}" + (f" ({extra})" if extra else "")
+        parts.append(text if a["required"] else f"[{text}]")
+    return " ".join(parts) or "-"
+
+
+def _example(kind: catalog.DeviceKind) -> str:
+    """A command line for the kind's own commands (after the common ones), else ping."""
+    own = [c for c in kind.commands if c not in catalog.COMMON_COMMANDS]
+    c = own[0] if own else kind.commands[0]
+    return " ".join([c.name, *(f"{a.name}={_example_value(a)}" for a in c.args if a.required)])
+
+
+def _example_value(a: catalog.Arg) -> str:
+    """A value the catalogue accepts for `a`, as typed on the command line."""
+    if a.choices:
+        return a.choices[0]
+    if a.type == catalog.BOOL:
+        return "true"
+    if a.type == catalog.STRING:
+        return "text"
+    if a.minimum is not None and a.maximum is not None:
+        middle = (a.minimum + a.maximum) / 2
+        return str(int(middle)) if a.type == catalog.INTEGER else f"{middle:g}"
+    return "1"
 
 
 def _is_result_for(body: Any, seq: Any) -> bool:
@@ -187,8 +308,7 @@ def telemetry(net: Net, device: str, follow: bool) -> None:
     principal_arg(device, "DEVICE")
     client = net.open(inbox=False)
     out = net.out
-    res = client.call("devices")
-    found = next((d for d in res.get("devices") or [] if isinstance(d, dict) and d.get("id") == device), None)
+    found = find_device(client, device)
     if found is None:
         raise CliError(f"{device} is not one of your devices (see `roost devices`)", EXIT_SERVER_ERROR)
     latest = found.get("last_telemetry")
@@ -205,6 +325,10 @@ def telemetry(net: Net, device: str, follow: bool) -> None:
         raise CliError(f"forbidden: you may not watch {device}'s telemetry", EXIT_SERVER_ERROR)
     # stderr, also with --json: the sign that the stream is live
     out.warn(f"following {device}'s telemetry; Ctrl-C to stop")
+    # The latest reading first, as `roost telemetry` shows it: a device that reports
+    # every few minutes would otherwise leave the screen empty until then.
+    if isinstance(latest, dict) and latest:
+        _print_reading(net, device, latest)
     watch = ConnectionWatch(client, out)
     while True:
         try:
@@ -213,16 +337,20 @@ def telemetry(net: Net, device: str, follow: bool) -> None:
             watch.check()
             continue
         if isinstance(item, TopicItem) and item.topic == topics.telemetry(device) and isinstance(item.payload, dict):
-            reading = item.payload
-            if net.json_mode:
-                out.jsonl({"device": device, **reading})
-            else:
-                ts = reading.get("ts", time.time())
-                rest = {k: v for k, v in reading.items() if k != "ts"}
-                out.line(f"{out.s(fmt_time(ts), fg='bright_black')} {fmt_kv(rest)}")
+            _print_reading(net, device, item.payload)
         elif isinstance(item, ReconnectedItem):
             watch.reconnected()
         watch.check()
 
 
-COMMANDS: list[click.Command] = [devices, claim, share, cmd, telemetry]
+def _print_reading(net: Net, device: str, reading: dict[str, Any]) -> None:
+    """One telemetry reading of a `--follow` stream: a JSON line, or `time k=v ...`."""
+    if net.json_mode:
+        net.out.jsonl({"device": device, **reading})
+        return
+    ts = reading.get("ts", time.time())
+    rest = {k: v for k, v in reading.items() if k != "ts"}
+    net.out.line(f"{net.out.s(fmt_time(ts), fg='bright_black')} {fmt_kv(rest)}")
+
+
+COMMANDS: list[click.Command] = [devices, claim, share, unshare, cmd, telemetry]

@@ -12,7 +12,7 @@ from client.cli_common import (
     ConnectionWatch, Net, command, contact_ids, group, network, nonblank_arg, principal_arg, print_presence,
     subscribe_presence,
 )
-from client.output import UNKNOWN, Column, fmt_seen, fmt_value, presence_colour, presence_state, presence_text
+from client.output import EXIT_USAGE, UNKNOWN, CliError, Column, fmt_seen, fmt_value, presence_colour, presence_state, presence_text
 from client.sdk import ReconnectedItem, TopicItem
 from contract import topics
 from contract.ids import parse_conv
@@ -96,6 +96,9 @@ _contact_cmd("unblock", "contact.unblock", "user", "unblocked {id}",
              "Unblock ID.\n\n\b\nExample:\n  roost contact unblock mallory")
 
 
+NAME_SEARCH_MIN = 2   # PROTOCOL.md, user.search: a name prefix of at least 2 characters
+
+
 @command()
 @click.argument("query")
 @network()
@@ -110,6 +113,10 @@ def search(net: Net, query: str) -> None:
     nonblank_arg(query, "QUERY")
     client = net.open(inbox=False)
     res = client.call("user.search", {"q": query})
+    if not res.get("users") and len(query.strip()) < NAME_SEARCH_MIN:
+        # One character is searched as an exact id only; say so rather than "nobody matches".
+        raise CliError(f"nobody has the id '{query}', and a name search needs at least {NAME_SEARCH_MIN} characters",
+                       EXIT_USAGE)
     if net.json_mode:
         net.out.doc(res)
         return
@@ -320,6 +327,38 @@ def group_leave(net: Net, conv: str) -> None:
         net.out.doc({"ok": True, "conv": conv, "result": res})
     else:
         net.out.line(f"left {conv}")
+
+
+@group_cmd.command("list")
+@network()
+def group_list(net: Net) -> None:
+    """List the groups you are in, with their members.
+
+    \b
+    Examples:
+      roost group list
+      roost group list --json | jq -r '.groups[].conv'
+    """
+    client = net.open(inbox=False)
+    convs = client.call("convs").get("convs") or []
+    groups = [c for c in convs if isinstance(c, dict) and c.get("kind") == "group" and isinstance(c.get("conv"), str)]
+    rows = [_group_row(client, c) for c in groups]
+    if net.json_mode:
+        net.out.doc({"groups": rows})
+        return
+    net.out.table(rows, [
+        Column("conv", "conv"), Column("name", "name"),
+        Column("members", "members", lambda v: ", ".join(v or [])),
+        Column("unread", "unread", align_right=True),
+    ], empty="no groups yet (`roost group create NAME MEMBER...` makes one)")
+
+
+def _group_row(client: Any, conv: dict[str, Any]) -> dict[str, Any]:
+    """One line of `group list`: `convs` has the name and unread count, `group.info` the members."""
+    info = client.call("group.info", {"conv": conv["conv"]})
+    members = [m.get("id") if isinstance(m, dict) else m for m in info.get("members") or []]
+    return {"conv": conv["conv"], "name": info.get("name", conv.get("name")),
+            "members": [str(m) for m in members], "unread": conv.get("unread", 0)}
 
 
 @group_cmd.command("info")

@@ -60,12 +60,24 @@ class Person:
         return Stream([sys.executable, "-m", "client.cli", *args], self.env)
 
 
+def default_sigint() -> None:
+    """preexec_fn: the CLI under test gets Ctrl-C's default disposition, whatever ours is.
+
+    A test run started in the background (`scripts/test &`) ignores SIGINT, and an
+    ignored signal stays ignored across exec: the `roost` subprocess would never
+    see the SIGINT these tests send it, as a command in a terminal would.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Stream:
     """A long-running `roost` command in a subprocess, its stdout read line by line."""
 
     def __init__(self, cmd: list[str], env: dict[str, str]) -> None:
+        # preexec_fn with threads around: safe here, it only makes one sigaction call.
         self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)  # noqa: PLW1509
+        self._closed = threading.Event()     # stdout reached its end: every line is in self.lines
         self.lines: list[str] = []
         self.err: list[str] = []
         self._cv = threading.Condition()
@@ -78,7 +90,15 @@ class Stream:
                 sink.append(line.rstrip("\n"))
                 self._cv.notify_all()
         with self._cv:
+            if sink is self.lines:
+                self._closed.set()
             self._cv.notify_all()
+
+    def all_lines(self, timeout: float = 10.0) -> list[str]:
+        """Every line of stdout, once the process closed it."""
+        assert self._closed.wait(timeout), f"stdout still open; stderr={self.err[-20:]}"
+        with self._cv:
+            return list(self.lines)
 
     def wait_err(self, fragment: str, timeout: float = 15.0) -> str:
         return self._wait(self.err, lambda l: fragment in l, timeout, fragment)
@@ -479,8 +499,11 @@ def test_cmd_gets_its_result_across_a_broker_restart(friends, roost, streams):
     alice.ok("claim", "lamp1", code)
     dev = Device("lamp1", secret, host=roost.host, port=roost.port)
 
+    working = threading.Event()
+
     @dev.command("slow")
     def _slow(cmd):
+        working.set()
         time.sleep(2.0)          # the broker restarts while the device works
         return {"done": True}
 
@@ -488,11 +511,10 @@ def test_cmd_gets_its_result_across_a_broker_restart(friends, roost, streams):
     try:
         waiting = alice.spawn("cmd", "lamp1", "slow", "--timeout", "40", "--json")
         streams.append(waiting)
-        time.sleep(1.0)
+        assert working.wait(20), waiting.err     # the command reached the device
         roost.restart()
         assert waiting.proc.wait(45) == 0, waiting.err
-        time.sleep(0.2)          # let the reader thread take the last lines
-        out = json.loads("\n".join(waiting.lines))    # one (indented) JSON document
+        out = json.loads("\n".join(waiting.all_lines()))    # one (indented) JSON document
         assert out["status"] == "ok"
         assert out["data"] == {"done": True} and out["device"] == "lamp1"
     finally:
