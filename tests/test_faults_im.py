@@ -134,7 +134,7 @@ def eventually_ok(client: ImClient, op: str, timeout: float = 10.0, **params: An
         doc = client.request(op, **params)
         if doc["ok"]:
             return doc["result"]
-        assert doc["error"]["code"] == "unavailable", doc
+        assert doc["error"]["code"] in ("unavailable", "rate_limited"), doc   # both: retry later
         if time.monotonic() > deadline:
             raise AssertionError(f"{op} still answered {doc['error']} after {timeout}s")
 

@@ -13,15 +13,30 @@ device shares need a contact first), so they are bounded: asking again while a
 request is pending adds nothing, a requester may make a new request to the same
 person once per `limits.contact_request_cooldown`, and a person receives at most
 `limits.contact_requests_per_hour` new requests (`rate_limited` beyond both).
+
+When a contact ends, the device shares between the two end with it. If the
+store cannot write at that moment the request is answered `unavailable` (the
+contact change itself committed) and the shares are ended in the background as
+soon as the store writes again: an ex-contact never keeps someone's devices.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any
 
-from broker.services.base import Caller, Handler, Publisher, bad, param_str
+from broker.services.base import (
+    Caller,
+    Handler,
+    Publisher,
+    bad,
+    cancel_and_wait,
+    param_str,
+)
+from broker.services.inbox import describe_failure
+from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import MailboxEvent, Principal
 from broker.store.sqlite_social import RequestLimits
 from contract.errors import ErrorCode, ProtocolError
@@ -35,6 +50,7 @@ MAX_NAME = 64
 MAX_STATUS = 256
 MAX_QUERY = 64
 SEARCH_LIMIT = 50
+SHARES_RETRY = 1.0   # seconds between attempts to end the shares of an ended contact
 
 
 def _now() -> float:
@@ -72,6 +88,8 @@ class SocialService:
         self._publisher: Publisher | None = None
         self._blocked: dict[str, set[str]] = {}     # blocker -> blocked
         self._blocked_by: dict[str, set[str]] = {}  # blocked -> blockers
+        self._unended: set[tuple[str, str]] = set()  # ended contacts whose shares the store refused to end
+        self._unended_task: asyncio.Task[None] | None = None
 
     # ---- lifecycle -------------------------------------------------------------
     purge_batch = 50   # principals whose leftovers one load() round forgets
@@ -94,7 +112,8 @@ class SocialService:
         self._publisher = publisher
 
     async def stop(self) -> None:
-        pass
+        await cancel_and_wait(self._unended_task)
+        self._unended_task = None
 
     def ops(self) -> dict[str, Handler]:
         return {
@@ -231,8 +250,41 @@ class SocialService:
 
     async def _end_shares(self, a: str, b: str) -> None:
         devices = getattr(self._services, "devices", None)
-        if devices is not None:
+        if devices is None:
+            return
+        try:
             await devices.contact_ended(a, b)
+        except Exception as exc:
+            if describe_failure(exc)[1]:
+                raise
+            # The contact ended (committed); its shares must follow once the store writes.
+            self._unended.add((a, b))
+            if self._unended_task is None or self._unended_task.done():
+                self._unended_task = asyncio.get_running_loop().create_task(self._end_shares_later(),
+                                                                            name="social-end-shares")
+            raise
+
+    async def _end_shares_later(self) -> None:
+        devices = self._services.devices
+        outage_log = RateLimitedLog(log, interval=60.0)
+        while self._unended:
+            await asyncio.sleep(SHARES_RETRY)
+            for a, b in sorted(self._unended):
+                if self._services.relations.are_contacts(a, b):
+                    self._unended.discard((a, b))      # contacts again: their shares may stay
+                    continue
+                try:
+                    await devices.contact_ended(a, b)
+                except Exception as exc:  # noqa: BLE001 - still refused: next round
+                    line, trace = describe_failure(exc)
+                    if trace:
+                        log.warning("ending the device shares of %s and %s failed; retrying", a, b, exc_info=exc)
+                    else:
+                        outage_log.warning("ending the device shares of %s and %s failed (%s); retrying",
+                                           a, b, line)
+                    break
+                self._unended.discard((a, b))
+                log.info("device shares of %s and %s ended after a store outage", a, b)
 
     async def op_block(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         self._require_person(caller)
@@ -323,7 +375,7 @@ class SocialService:
         if p is not None and self._may_see_profile(caller.principal, p):
             return self._profile(p)
         if p is not None and p.kind == "user":
-            raise forbidden(f"you may see the profile of contacts, group co-members and your devices only")
+            raise forbidden("you may see the profile of contacts, group co-members and your devices only")
         raise not_found(f"no principal {target_id!r}")
 
     async def op_profile_set(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
