@@ -72,23 +72,33 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
     broker start when None); returns (broker, services)."""
     from broker.server import RoostBroker
 
+    from broker.http.app import HttpApp
+    from broker.monitor import Monitor
+    from broker.sys_publisher import SysPublisher
+
     services = await build_services(config)
     try:
         for svc in services.all():
             await svc.load()
+        monitor = Monitor(config, services)
         broker = RoostBroker(config, plugins=plugin_list(config), services=services,
                              retained_store=services.store.retained, session_store=services.store.sessions,
-                             listening=listening)
+                             listening=listening, http_app=HttpApp(monitor).application)
+        broker.monitor = monitor
+        monitor.attach(broker, SysPublisher(broker.publish) if config.sys_interval > 0 else None)
         await broker.start()
     except BaseException:
         await services.store.close()   # nothing is served: close the store cleanly
         raise
     for svc in services.all():
         await svc.start(broker)
+    await monitor.start()   # ready (/readyz) from here; the first $SYS publication
     return broker, services
 
 
 async def stop(broker: Any, services: Services) -> None:
+    if broker.monitor is not None:
+        await broker.monitor.stop()   # not ready from here on
     for svc in reversed(services.all()):
         try:
             await svc.stop()

@@ -34,6 +34,9 @@ publish scans every subscription and makes a task per subscriber.
   made on those sockets (`sock=`). TCP listeners use `loop.create_server` with
   our asyncio.Protocol (`broker.mqtt.connection.Connection`) instead of
   StreamReader/StreamWriter; WS listeners use `websockets.serve` as upstream.
+  Listeners of type `http` (not MQTT; /metrics, /healthz, /readyz,
+  /status.json) are Roost's own: left out of amqtt's config, served by aiohttp
+  (broker/http/) on their bound sockets, closed with the others.
 * `Broker.ws_connected`, `Broker.stream_connected`, `Broker.external_connected`,
   `Broker._client_connected`, `Broker._initialize_client_session`,
   `Broker._handle_client_session`, `Broker._client_message_loop`,
@@ -290,8 +293,12 @@ class _ListenerServers:
 class RoostBroker(Broker):
     def __init__(self, config: RoostConfig, *, plugins: dict[str, dict[str, Any]], services: Any,
                  retained_store: Any | None, session_store: Any | None = None,
-                 listening: dict[str, Listening] | None = None) -> None:
+                 listening: dict[str, Listening] | None = None,
+                 http_app: Callable[[], Any] | None = None) -> None:
         self.roost_config = config
+        # makes the aiohttp Application of an http listener, one per socket (broker/http/)
+        self._http_app = http_app
+        self.monitor: Any = None   # broker.monitor.Monitor, set by the composition root
         # bound by `roost serve` before it opened the store; None: bound at start()
         self._listening = listening
         self.services = services
@@ -304,12 +311,15 @@ class RoostBroker(Broker):
         self.engine = Engine(limits=config.limits, plugins=list(self.plugins_manager.plugins),
                              plugins_manager=self.plugins_manager, retained_store=retained_store,
                              listener_limits={n: lst.max_connections for n, lst in config.listeners.items()},
-                             session_store=session_store, unsaved_prefixes=(topics.INBOX,))
+                             session_store=session_store, unsaved_prefixes=(topics.INBOX,),
+                             serve_sys=config.sys_interval > 0)
 
     @staticmethod
     def _amqtt_config(config: RoostConfig, plugins: dict[str, dict[str, Any]]) -> dict[str, Any]:
         listeners: dict[str, Any] = {}
         for name, lst in config.listeners.items():
+            if lst.type == "http":
+                continue   # not MQTT: served by broker/http, unknown to amqtt
             d: dict[str, Any] = {"type": lst.type, "bind": lst.bind, "ssl": lst.ssl,
                                  "max_connections": lst.max_connections}
             for key in ("certfile", "keyfile", "cafile"):
@@ -391,6 +401,12 @@ class RoostBroker(Broker):
                 ssl=ssl_context, subprotocols=WS_SUBPROTOCOLS, backlog=LISTEN_BACKLOG,
                 max_size=self.engine.max_packet + 8, close_timeout=WS_CLOSE_TIMEOUT,
                 logger=_WsLog(logging.getLogger("roost.ws"), {}))
+        if listener_type == "http":
+            if self._http_app is None:
+                raise BrokerError(f"listener {listener_name}: type http needs an http app (broker/app.py)")
+            from broker.http.server import serve_http
+
+            return await serve_http(self._http_app(), sock, ssl_context, LISTEN_BACKLOG)
         raise BrokerError(f"Unsupported listener type: {listener_type}")
 
     async def _create_server_instance(self, listener_name: str, listener_type: Any, address: str | None,

@@ -208,24 +208,31 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         return error_response(rid, ErrorCode.UNAVAILABLE, f"storage cannot take writes now, retry later ({reason})")
 
     async def _process(self, caller: Caller, rid: str, op: str, handler: Handler, params: dict[str, Any]) -> None:
+        started = time.perf_counter()
+        outcome = "internal"    # what the client is answered, for the request figures
         try:
             try:
                 result = await handler(caller, params)
                 # ok_response's bytes, through the encoder built once (this is per request)
                 response = compact_json({"id": rid, "ok": True, "result": result}).encode()
+                outcome = "ok"
             except ProtocolError as err:
                 response = error_response(rid, err.code, err.message)
+                outcome = str(err.code)
             except asyncio.CancelledError:
+                outcome = "cancelled"   # at shutdown, after STOP_GRACE
                 raise
             except Exception as exc:  # noqa: BLE001 - the client gets `internal`, the log the traceback
                 unavailable = store_unavailable(exc)
                 if unavailable is not None:
                     response = self._unavailable(rid, op, caller, unavailable)
+                    outcome = "unavailable"
                 else:
                     self.failed_internal += 1
                     log.exception("op %s from %s failed", op, caller.client_id)
                     response = error_response(rid, ErrorCode.INTERNAL, "internal error (logged)")
         finally:
+            self._services().request_stats.observe(op, outcome, time.perf_counter() - started)
             left = self._pending.get(caller.client_id, 1) - 1
             if left > 0:
                 self._pending[caller.client_id] = left

@@ -8,6 +8,7 @@ from typing import Any
 
 from broker.config import RoostConfig
 from broker.services.identity import IdentityService
+from broker.services.opstats import RequestStats
 from broker.services.relations import Relations
 
 
@@ -17,6 +18,8 @@ class Services:
     store: Any                       # broker.store.sqlite.SqliteStore (or another engine)
     identity: IdentityService
     relations: Relations = field(default_factory=Relations)
+    # IM requests by op (outcomes, latency): filled by plugins/im.py, read by broker/monitor.py
+    request_stats: RequestStats = field(default_factory=RequestStats)
     # Filled in by their own modules' builders (see broker/app.py):
     messaging: Any = None            # broker.services.messaging.MessagingService
     social: Any = None               # broker.services.social.SocialService

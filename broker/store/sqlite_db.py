@@ -110,6 +110,9 @@ class Database:
         self.checkpoints = 0
         self.write_failures = 0                  # batches whose commit failed
         self.unavailable_since: float | None = None   # set while commits fail for want of space/rights
+        # called on the writer thread with each successful batch's BEGIN-to-COMMIT
+        # seconds (the monitor's histogram); must be quick and must not raise
+        self.on_commit: Callable[[float], None] | None = None
         self._checkpointer: threading.Thread | None = None
         self._checkpoint_wake = threading.Event()
         self._checkpoint_stop = False
@@ -201,6 +204,7 @@ class Database:
                     break
                 batch.append(item)
             outcomes: list[tuple[bool, Any]] = []
+            began = time.perf_counter()
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 for fn, _fut, _loop in batch:
@@ -213,6 +217,8 @@ class Database:
                         conn.execute("RELEASE job")
                         outcomes.append((False, as_unavailable(exc)))
                 conn.execute("COMMIT")
+                if self.on_commit is not None:
+                    self.on_commit(time.perf_counter() - began)
                 self._writable_again()
                 self.commits += 1
                 if self.commits - self._checkpointed_at >= CHECKPOINT_EVERY:

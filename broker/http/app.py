@@ -1,0 +1,58 @@
+"""The routes of an http listener.
+
+* GET /metrics      Prometheus text format (broker/http/metrics.py)
+* GET /healthz      200 while the process serves at all (liveness)
+* GET /readyz       200 once started, with every listener bound and the store
+                    taking writes; else 503 and the reasons, one per line
+* GET /status.json  what `roost status` prints (counts only: no client ids or
+                    principal names)
+
+`HttpApp.routes` is where the web app (a later issue) adds its own: one
+listener serves both. Each socket gets its own aiohttp Application (one runner
+each); they share this object, so one CollectorRegistry per broker.
+"""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from broker.http.metrics import exposition, registry_for
+from broker.monitor import Monitor
+
+
+class HttpApp:
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+        self._registry = registry_for(monitor)
+        self.routes: list[web.RouteDef] = [
+            web.get("/metrics", self.metrics),
+            web.get("/healthz", self.healthz),
+            web.get("/readyz", self.readyz),
+            web.get("/status.json", self.status),
+        ]
+
+    def application(self) -> web.Application:
+        app = web.Application()
+        app.add_routes(self.routes)
+        return app
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        # The scrape reads live figures: one pass over the sessions, on the loop
+        # (no I/O; the store's size is measured by the monitor's own task).
+        body = exposition(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        problems = self._monitor.problems()
+        if problems:
+            return web.Response(status=503, text="".join(p + "\n" for p in problems))
+        return web.Response(text="ready\n")
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.Response(text=json.dumps(self._monitor.status()), content_type="application/json")

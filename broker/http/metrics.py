@@ -1,0 +1,166 @@
+"""Prometheus exposition of the monitor's figures: a custom Collector that takes
+a snapshot at scrape time (nothing is copied into prometheus-client's own
+metric objects between scrapes), registered in a CollectorRegistry of this
+broker only (no module-level registry: two brokers in one process, as in the
+tests, never mix their figures)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from broker.monitor import Monitor
+from broker.services.opstats import Histogram
+
+
+def _buckets(h: Histogram) -> list[tuple[str, float]]:
+    return [("+Inf" if bound == float("inf") else repr(bound), float(n)) for bound, n in h.cumulative()]
+
+
+class RoostCollector(Collector):
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+
+    def describe(self) -> list[Metric]:
+        return []   # names are not fixed ahead (ops, reasons): never collected at registration
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._monitor
+        s = m.snapshot()
+
+        info = GaugeMetricFamily("roost_build_info", "Roost version (always 1)", labels=["version"])
+        info.add_metric([s.version], 1)
+        yield info
+        yield GaugeMetricFamily("roost_uptime_seconds", "Seconds since the broker started", value=s.uptime)
+        ready = GaugeMetricFamily("roost_ready", "1 when /readyz answers 200")
+        ready.add_metric([], 0 if m.problems() else 1)
+        yield ready
+
+        conns = GaugeMetricFamily("roost_connections", "MQTT connections past CONNACK, per listener",
+                                  labels=["listener", "transport", "tls"])
+        bound = GaugeMetricFamily("roost_listener_bound", "1 while the listener serves its sockets",
+                                  labels=["listener", "transport"])
+        for lst in s.listeners:
+            if lst.transport != "http":
+                conns.add_metric([lst.name, lst.transport, str(lst.tls).lower()], lst.connections)
+            bound.add_metric([lst.name, lst.transport], 1 if lst.bound else 0)
+        yield conns
+        yield bound
+        yield GaugeMetricFamily("roost_connections_max", "Most MQTT connections at once since start",
+                                value=s.clients_maximum)
+        yield CounterMetricFamily("roost_connections_accepted", "CONNECTs accepted (CONNACK 0)",
+                                  value=s.connections_accepted)
+        yield GaugeMetricFamily("roost_sessions", "MQTT sessions held", value=s.sessions)
+        yield GaugeMetricFamily("roost_sessions_disconnected", "Persistent sessions whose client is away",
+                                value=s.sessions_disconnected)
+        yield GaugeMetricFamily("roost_subscriptions", "Topic filters subscribed, all sessions",
+                                value=s.subscriptions)
+
+        received = CounterMetricFamily("roost_messages_received", "PUBLISH packets from clients", labels=["qos"])
+        sent = CounterMetricFamily("roost_messages_sent", "PUBLISH packets to clients, re-sends included",
+                                   labels=["qos"])
+        for qos in range(3):
+            received.add_metric([str(qos)], s.publish_received[qos])
+            sent.add_metric([str(qos)], s.publish_sent[qos])
+        yield received
+        yield sent
+        yield CounterMetricFamily("roost_packets_received", "MQTT packets of every type from clients",
+                                  value=s.packets_received)
+        yield CounterMetricFamily("roost_packets_sent", "MQTT packets of every type to clients",
+                                  value=s.packets_sent)
+        yield CounterMetricFamily("roost_bytes_received", "Bytes read from MQTT clients", value=s.bytes_received)
+        yield CounterMetricFamily("roost_bytes_sent", "Bytes written to MQTT clients", value=s.bytes_sent)
+        yield GaugeMetricFamily("roost_inflight_messages", "QoS 1/2 messages sent, not yet acknowledged",
+                                value=s.inflight)
+        yield GaugeMetricFamily("roost_queued_messages", "Messages waiting in session queues", value=s.queued)
+        yield GaugeMetricFamily("roost_queued_bytes", "Payload bytes held for sessions (queued and in flight)",
+                                value=s.queued_bytes)
+        yield GaugeMetricFamily("roost_retained_messages", "Retained messages", value=s.retained)
+        yield GaugeMetricFamily("roost_retained_bytes", "Retained bytes (limits.max_retained_bytes counts these)",
+                                value=s.retained_bytes)
+
+        dropped = CounterMetricFamily("roost_dropped", "Messages dropped, by reason", labels=["reason"])
+        for reason, n in s.dropped.items():
+            dropped.add_metric([reason], n)
+        yield dropped
+        refused = CounterMetricFamily("roost_refused", "Refusals (limits, ACL, budgets), by reason",
+                                      labels=["reason"])
+        for reason, n in s.refused.items():
+            refused.add_metric([reason], n)
+        yield refused
+        logins = CounterMetricFamily("roost_logins_failed", "Refused CONNECTs (CONNACK code), by reason",
+                                     labels=["reason"])
+        for reason, n in s.logins_refused.items():
+            logins.add_metric([reason], n)
+        yield logins
+
+        requests = CounterMetricFamily("roost_im_requests", "IM requests handled, by op and outcome",
+                                       labels=["op", "outcome"])
+        latency = HistogramMetricFamily("roost_im_request_seconds", "IM request handling time, by op",
+                                        labels=["op"])
+        for op, stats in sorted(m.requests.by_op.items()):
+            for outcome, n in stats.outcomes.items():
+                requests.add_metric([op, outcome], n)
+            latency.add_metric([op], _buckets(stats.latency), stats.latency.sum)
+        yield requests
+        yield latency
+
+        events = CounterMetricFamily("roost_mailbox_events", "Mailbox events committed, by kind", labels=["kind"])
+        for kind, n in s.mailbox_events.items():
+            events.add_metric([kind], n)
+        yield events
+        yield CounterMetricFamily("roost_mailbox_pruned_events",
+                                  "Events discarded by mailbox.max_events and mailbox.ttl", value=s.mailbox_pruned)
+
+        t = s.telemetry
+        if t:
+            points = CounterMetricFamily("roost_telemetry_points", "Telemetry objects and points, by outcome",
+                                         labels=["outcome"])
+            for outcome in ("accepted", "malformed", "written", "dropped", "rejected"):
+                points.add_metric([outcome], t.get(outcome, 0))
+            yield points
+            yield GaugeMetricFamily("roost_telemetry_buffered", "Points waiting for InfluxDB",
+                                    value=t.get("buffered", 0))
+            errors = CounterMetricFamily("roost_influxdb_write_errors", "Failed InfluxDB writes, by kind",
+                                         labels=["kind"])
+            errors.add_metric(["retried"], t.get("retries", 0))
+            errors.add_metric(["rejected"], t.get("rejected", 0))
+            yield errors
+
+        st = s.store
+        yield GaugeMetricFamily("roost_store_writable", "0 while store commits fail (disk full, read-only)",
+                                value=1 if st.writable else 0)
+        yield GaugeMetricFamily("roost_store_bytes", "Database and WAL size, as last measured", value=st.bytes)
+        yield GaugeMetricFamily("roost_store_pending_writes", "Jobs waiting for the store's writer",
+                                value=st.pending_writes)
+        yield CounterMetricFamily("roost_store_commits", "Group commits", value=st.commits)
+        yield CounterMetricFamily("roost_store_write_failures", "Group commits that failed",
+                                  value=st.write_failures)
+        commit = HistogramMetricFamily("roost_store_commit_seconds",
+                                       "One group commit, BEGIN to COMMIT (its jobs and the fsync)")
+        commit.add_metric([], _buckets(m.commit_seconds), m.commit_seconds.sum)
+        yield commit
+
+        limits = GaugeMetricFamily("roost_limit", "Limits in force (config limits.* and mailbox.*)",
+                                   labels=["name"])
+        for name, value in s.limits.items():
+            limits.add_metric([name], float(value))
+        yield limits
+
+
+def registry_for(monitor: Monitor) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RoostCollector(monitor))
+    return registry
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
