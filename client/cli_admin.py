@@ -173,7 +173,7 @@ def user_passwd(principal_id: str, password: str | None, password_stdin: bool, c
 
 @click.group()
 def device() -> None:
-    """Manage devices."""
+    """Manage devices (on the store), and list a device's commands (as a person)."""
 
 
 @device.command("add")

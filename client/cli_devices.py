@@ -220,8 +220,9 @@ def find_device(client: RoostClient, device: str) -> dict[str, Any] | None:
 @click.argument("device")
 @network()
 def device_commands(net: Net, device: str) -> None:
-    """List the commands DEVICE takes, with their arguments (a device you own or
-    that is shared with you; its kind says which).
+    """List the commands DEVICE takes, with their arguments.
+
+    For a device you own or that is shared with you (its kind says which).
 
     \b
     Examples:

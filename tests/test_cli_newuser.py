@@ -59,7 +59,7 @@ def roost_cmd(*args: str, env: dict[str, str] | None = None, input: str | None =
     full.update(env or {})
     return subprocess.run([sys.executable, "-m", "client.cli", *args], check=False, cwd=str(cwd), env=full, input=input,
                           capture_output=True, text=True, timeout=60,
-                          preexec_fn=default_sigint)  # noqa: PLW1509 (one sigaction, see default_sigint)
+                          preexec_fn=default_sigint)   # one sigaction, see default_sigint
 
 
 # ---- TLS addresses -------------------------------------------------------------------------
