@@ -139,6 +139,8 @@ def im_load(roost: RoostProcess, principal: str, password: str, peer: str, ledge
                 if cmid in ledger.sent and ledger.sent[cmid] != (result["conv"], result["seq"]):
                     ledger.errors.append(f"{cmid} answered {result} after {ledger.sent[cmid]}")
                 ledger.sent[cmid] = (result["conv"], result["seq"])
+        elif doc["error"]["code"] in ("unavailable", "rate_limited"):
+            retries.append(cmid)    # "retry later" (a loaded machine): nothing was stored
         else:
             ledger.errors.append(f"send {cmid}: {doc['error']}")
     client.close()
