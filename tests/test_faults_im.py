@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import resource
+import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
@@ -123,6 +124,22 @@ def tracebacks_after(roost: RoostProcess, logger: str) -> list[str]:
             if line.startswith("Traceback") and i > 0 and f" {logger}" in lines[i - 1]]
 
 
+def stored_row(roost: RoostProcess, sql: str, *args: Any, timeout: float = 10.0) -> tuple[Any, ...]:
+    """The first row of `sql` on the broker's store, waited for (written behind)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = sqlite3.connect(f"file:{roost.config['storage']['path']}?mode=ro", uri=True, timeout=5)
+        try:
+            row = conn.execute(sql, args).fetchone()
+        finally:
+            conn.close()
+        if row is not None:
+            return tuple(row)
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no row for {sql} {args} within {timeout}s")
+        time.sleep(0.05)
+
+
 def text_body(i: int, size: int = 0) -> dict[str, Any]:
     return {"type": "text", "text": f"m{i} " + "x" * size}
 
@@ -145,10 +162,12 @@ def eventually_ok(client: ImClient, op: str, timeout: float = 10.0, **params: An
 def test_a_full_store_answers_unavailable_serves_reads_and_recovers_by_itself(roost_factory, no_space):
     roost = broker_on(roost_factory, no_space)
     apw, bpw, cpw = roost.add_user("alice"), roost.add_user("bob"), roost.add_user("carol")
+    secret, code = roost.add_device("thermo", "thermostat")
     roost.start()
     alice = ImClient("alice").open(roost, apw)
     bob = ImClient("bob").open(roost, bpw)
     befriend(alice, bob)
+    alice.call("device.claim", device="thermo", code=code)
     conv = alice.call("send", to="bob", cmid="before", body=text_body(0))["conv"]
 
     no_space.fill(roost)
@@ -184,6 +203,10 @@ def test_a_full_store_answers_unavailable_serves_reads_and_recovers_by_itself(ro
     assert listener.subscribe("plain/room", 1) == [1]
     carol.publish("plain/room", b"still routed", qos=1)
     assert listener.wait_message("plain/room").payload == b"still routed"
+    # A device comes online and reports; presence and latest readings wait for the store.
+    thermo = MqttClient("thermo").connect(roost.host, roost.port, username="thermo", password=secret)
+    thermo.publish("roost/telemetry/thermo", {"t": 21.5}, qos=1)
+    assert alice.call("devices")["devices"][0]["presence"]["state"] == "online"
 
     # One line per outage in the log, no traceback per request.
     assert tracebacks_after(roost, "roost.im") == []
@@ -195,13 +218,17 @@ def test_a_full_store_answers_unavailable_serves_reads_and_recovers_by_itself(ro
     result = eventually_ok(alice, "send", to="bob", cmid="after", body=text_body(100))
     assert result["dup"] is False
     assert bob.wait_event("msg", cmid="after")["seq"] == result["seq"]   # bob's pusher lived through it
+    # What was written behind reaches the store once it can (retried, not dropped).
+    assert json.loads(stored_row(roost, "SELECT fields FROM telemetry_latest WHERE device=?", "thermo")[0]) == {"t": 21.5}
+    assert stored_row(roost, "SELECT state FROM presence WHERE principal=? AND state='online'", "thermo") == ("online",)
 
     # Exactly what was answered ok was committed: no more, no less.
     stored = {m["cmid"] for m in alice.call("history", conv=conv, limit=200)["messages"]}
     answered_ok = {cmid for cmid, d in answers.items() if d["ok"]} | {"before", "after"}
     assert stored == answered_ok
     profile = alice.call("profile.get")
-    assert tracebacks_after(roost, "roost.im") == []
+    for logger in ("roost.im", "roost.inbox", "roost.presence", "roost.telemetry", "roost.messaging"):
+        assert tracebacks_after(roost, logger) == [], logger
     roost.stop()
     roost.start()
     again = ImClient("alice", "again").open(roost, apw)
