@@ -133,6 +133,7 @@ class Engine:
         self.queued_bytes = 0
         self.queued_bytes_of: dict[str | None, int] = {}
         self.subscription_bytes = 0
+        self.persistent_of: dict[str | None, int] = {}   # persistent sessions per principal
         self.conns: set[Connection] = set()
         self.n_connected = 0
         self.per_listener: dict[str, int] = {}
@@ -413,6 +414,20 @@ class Engine:
         st.wake()
         if self.sessions.get(st.client_id) is st:
             del self.sessions[st.client_id]
+            if not st.clean:
+                self._count_persistent(st.info.principal, -1)
+
+    def _add_session(self, st: SessionState) -> None:
+        self.sessions[st.client_id] = st
+        if not st.clean:
+            self._count_persistent(st.info.principal, 1)
+
+    def _count_persistent(self, principal: str | None, n: int) -> None:
+        left = self.persistent_of.get(principal, 0) + n
+        if left > 0:
+            self.persistent_of[principal] = left
+        else:
+            self.persistent_of.pop(principal, None)
 
     @contextlib.asynccontextmanager
     async def _lock(self, cid: str) -> AsyncIterator[None]:
@@ -572,7 +587,7 @@ class Engine:
                 if old is not None:
                     self.discard(old)
                 st = SessionState(cid, info.clean_session, info, self)
-                self.sessions[cid] = st
+                self._add_session(st)
                 if not st.clean:
                     self._journal_session(st)
                 present = False
@@ -606,7 +621,7 @@ class Engine:
         cap = self.limits.max_persistent_sessions_per_principal
         if principal is None or not cap:
             return False
-        n = sum(1 for st in self.sessions.values() if not st.clean and st.info.principal == principal)
+        n = self.persistent_of.get(principal, 0)
         if n < cap:
             return False
         self.stats["sessions_refused"] += 1
@@ -1273,7 +1288,7 @@ class Engine:
             if msg is not None:
                 # already accepted once: accounted, never refused (budgets may have shrunk)
                 self._account(st, len(msg.payload))
-        self.sessions[saved.client_id] = st
+        self._add_session(st)
 
     async def load_sessions(self, keep: Callable[[SavedSession], bool] = lambda s: True) -> None:
         """Bring back the persistent sessions of the last run (clean stop or crash)."""
@@ -1346,7 +1361,7 @@ def subscription_cost(f: str) -> int:
     """Estimated bytes one subscription holds in the index: the filter, the
     session's dict entry and, for wildcards, one trie node per level."""
     levels = f.count("/") + 1
-    return len(f) + 120 + (levels * 200 if is_wildcard(f) else 0)
+    return len(f) + 120 + (levels * 450 if is_wildcard(f) else 0)   # ~430 bytes a trie level, measured
 
 
 def _granted_qos(st: SessionState, topic: str) -> int:
