@@ -346,6 +346,8 @@ class Inboxes:
         prefix = principal + "."
         for client_id in [c for c in self._filters if c == principal or c.startswith(prefix)]:
             self._forget_filters(client_id)
+        for client_id in [c for c, (p, _on) in self._unsaved.items() if p == principal]:
+            del self._unsaved[client_id]     # nothing of it may be written back
 
     # ---- inbox-subscription flags, kept through store outages ----------------
     async def _save_sub(self, client_id: str, principal: str, on: bool) -> None:
