@@ -691,9 +691,6 @@ def test_non_finite_numbers_in_a_body_are_refused_not_pushed_to_other_clients(ro
     assert strict_json(bob.wait_message("roost/inbox/bob").payload)["cmid"] == "fine"
 
 
-@pytest.mark.xfail(reason="broker/mqtt/engine.py _connect logs a refused CONNECT's client id with %s and whole "
-                          "('refused CONNECT of %s', 'refusing %s: connection limit reached'): a newline in it "
-                          "forges log lines, 65 KB of it makes a 65 KB line", strict=False)
 def test_a_refused_client_id_can_neither_forge_nor_flood_log_lines(roost):
     """Whoever can open a socket chooses the client id of a CONNECT that is then
     refused: the log must show it escaped and bounded."""

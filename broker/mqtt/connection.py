@@ -21,6 +21,7 @@ from broker.mqtt import codec
 from broker.mqtt.codec import ProtocolViolation
 from broker.mqtt.hooks import DisconnectReason
 from broker.mqtt.journal import JournalFailed
+from broker.mqtt.session import loggable
 
 if TYPE_CHECKING:
     from broker.mqtt.engine import Engine
@@ -309,7 +310,8 @@ class Connection(asyncio.Protocol):
 
     @property
     def client_id(self) -> str:
-        return self.info.client_id if self.info is not None else f"{self.remote[0]}:{self.remote[1]}"
+        """For log lines: the client id made safe to print, else the peer address."""
+        return loggable(self.info.client_id) if self.info is not None else f"{self.remote[0]}:{self.remote[1]}"
 
     def violation(self, why: str) -> None:
         log.info("closing %s: protocol violation: %s", self.client_id, why)

@@ -62,7 +62,7 @@ from broker.mqtt.codec import ProtocolViolation, UnacceptableProtocol
 from broker.mqtt.connection import CLOSED, CONNECTED, NEW, Connection
 from broker.mqtt.hooks import ConnectRefused, DisconnectReason
 from broker.mqtt.session import (ACL_CACHE_SIZE, ClientInfo, Message, SessionState, client_id_of_key,
-                                 session_key)
+                                 loggable, session_key)
 from contract.ids import is_valid_principal_id
 from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
 from broker.mqtt.retained import Refused as RetainedRefused
@@ -531,7 +531,7 @@ class Engine:
         lcap = self.listener_limits.get(conn.listener_name, 0)
         if (cap and self.n_connected >= cap) or (lcap and self.per_listener.get(conn.listener_name, 0) >= lcap):
             self.stats["connections_refused"] += 1
-            log.warning("refusing %s: connection limit reached", cid)
+            log.warning("refusing %s: connection limit reached", loggable(cid))
             conn.write(codec.connack(False, ConnectRefused.SERVER_UNAVAILABLE))
             conn.close(DisconnectReason.KICKED)
             return
@@ -540,7 +540,7 @@ class Engine:
             return
         if code:
             self.logins_refused[code] = self.logins_refused.get(code, 0) + 1
-            log.info("refused CONNECT of %s from %s:%s (code %d)", cid, *conn.remote, code)
+            log.info("refused CONNECT of %s from %s:%s (code %d)", loggable(cid), *conn.remote, code)
             conn.write(codec.connack(False, code))
             conn.close(DisconnectReason.KICKED)
             return
@@ -582,7 +582,7 @@ class Engine:
                 taken.taken_over = True
                 taken.reason = DisconnectReason.TAKEN_OVER
                 old.conn = None
-                log.info("client %s taken over by a new connection", cid)
+                log.info("client %s taken over by a new connection", loggable(info.client_id))
             if info.clean_session or old is None or old.clean:
                 if old is not None:
                     self.discard(old)

@@ -62,6 +62,16 @@ class ClientInfo:
         return f"<ClientInfo {self.client_id} principal={self.principal} {self.remote_address}:{self.remote_port}>"
 
 
+def loggable(client_id: str, limit: int = 64) -> str:
+    """A client id as it may appear in a log line: ids of printable ASCII as they
+    are, anything else quoted (a newline in an id must not forge a log line) and
+    long ones cut (a 65 KB id must not flood the log)."""
+    if len(client_id) <= limit and client_id.isprintable() and client_id.isascii() and " " not in client_id:
+        return client_id
+    text = repr(client_id)
+    return text if len(text) <= limit + 2 else f"{text[:limit]}...({len(client_id)} chars)"
+
+
 def session_key(principal: str | None, client_id: str) -> str:
     """Sessions are keyed by principal and client id, so that integrations on
     their default (random) client ids, e.g. two people's Home Assistant both
