@@ -6,6 +6,7 @@ under $SYS/broker/roost/."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import sqlite3
 import time
@@ -14,9 +15,15 @@ from typing import Any
 
 import pytest
 
-from broker.services.sysinfo import LoadAverages, ListenerFigures, Snapshot, StoreFigures, sys_topics
+from broker.services.sysinfo import (
+    ListenerFigures,
+    LoadAverages,
+    Snapshot,
+    StoreFigures,
+    sys_topics,
+)
 from broker.sys_publisher import SysPublisher
-from tests.clients import ImClient, MqttClient
+from tests.clients import ConnectFailed, ImClient, MqttClient
 
 FAST = {"sys_interval": 0.5}
 
@@ -114,7 +121,7 @@ def test_roost_figures(roost_factory):
     alice.request("group.info", conv="grp:nosuch")
     figures.wait("$SYS/broker/roost/requests/convs/ok", at_least(1))
     figures.wait("$SYS/broker/roost/requests/group.info/not_found", at_least(1))
-    with pytest.raises(Exception):
+    with pytest.raises(ConnectFailed):
         connect(broker, "alice.x", "alice", "wrong password")
     figures.wait("$SYS/broker/roost/logins/refused/bad_credentials", at_least(1))
     figures.wait("$SYS/broker/roost/dropped/queue_full", lambda v: v == "0")
@@ -192,7 +199,7 @@ def test_sys_interval_zero_serves_no_sys(roost_factory):
 # ---- the pure parts ---------------------------------------------------------------
 
 def _snapshot(**kw: Any) -> Snapshot:
-    base: dict[str, Any] = dict(
+    snap = Snapshot(
         version="1.2.3", now=0.0, uptime=42.9,
         listeners=(ListenerFigures("default", "tcp", False, "127.0.0.1:1883", True, 3),
                    ListenerFigures("web", "http", False, "127.0.0.1:9883", True, 0)),
@@ -203,8 +210,7 @@ def _snapshot(**kw: Any) -> Snapshot:
         refused={"publish_denied": 1}, logins_refused={"bad_credentials": 4},
         requests={"send": {"ok": 5, "forbidden": 1}}, mailbox_events={"msg": 6}, mailbox_pruned=0,
         telemetry={}, store=StoreFigures("x.db", 1, True, None, 1, 0, 0))
-    base.update(kw)
-    return Snapshot(**base)
+    return dataclasses.replace(snap, **kw)
 
 
 def test_topic_names_and_formats_follow_mosquitto():
