@@ -194,3 +194,23 @@ def wait_until(cond, timeout: float = 10.0) -> None:  # noqa: ANN001
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
         time.sleep(0.02)
+
+
+def test_a_half_closed_publisher_gets_its_answers(roost):
+    """CONNECT + QoS 1 PUBLISH, then shutdown(SHUT_WR): the packets are handled
+    and the CONNACK and PUBACK still arrive before the broker closes."""
+    pw = roost.add_user("alice")
+    sub = MqttClient("alice.sub").connect(roost.host, roost.port, username="alice", password=pw)
+    assert sub.subscribe("half/#", 1) == [1]
+    with socket.create_connection((roost.host, roost.port), timeout=10) as s:
+        s.sendall(codec.encode_connect("alice.half", username="alice", password=pw)
+                  + codec.encode_publish("half/x", b"h", 1, False, pid=7))
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+    assert got == b"\x20\x02\x00\x00" + b"\x40\x02\x00\x07"
+    assert sub.wait_message("half/#").payload == b"h"

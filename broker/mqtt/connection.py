@@ -65,6 +65,7 @@ class Connection(asyncio.Protocol):
         self.max_pending_bytes = engine.limits.max_pending_bytes
         self.task: asyncio.Task[None] | None = None
         self.dollar_publish_logged = False
+        self._eof = False       # the peer half-closed while packets were being handled
         self._lost = False      # the transport is gone but received packets are still being handled
         self.pub_acl: dict[str, bool] = {}
         self.remote = ("", 0)
@@ -225,7 +226,13 @@ class Connection(asyncio.Protocol):
             self._parse()
 
     def eof_received(self) -> bool | None:
-        return None  # close the transport
+        """The peer half-closed (shutdown(SHUT_WR)) after sending its packets. With
+        some still being handled, keep our side open so their answers (CONNACK,
+        PUBACK) reach it; _run closes when it is done. Otherwise close now."""
+        if self.task is not None and self.state != CLOSED:
+            self._eof = True
+            return True
+        return None
 
     # ---- dispatch ----------------------------------------------------------------
 
@@ -280,6 +287,8 @@ class Connection(asyncio.Protocol):
             elif self.state == CLOSED:
                 self._pending.clear()
                 self._pending_bytes = 0
+            elif self._eof:
+                self.close(DisconnectReason.LOST)    # all it sent is handled and answered
 
     # ---- output --------------------------------------------------------------------
 
