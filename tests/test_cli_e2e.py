@@ -423,7 +423,7 @@ STOPPED_CASES = [
     ("send", "bob", "hi"), ("listen",), ("chat", "bob"), ("history", "bob"), ("convs",), ("contacts",),
     ("contact", "request", "bob"), ("search", "bob"), ("profile",), ("presence",), ("group", "info", "grp:abc"),
     ("devices",), ("claim", "thermo1", "1"), ("share", "thermo1", "bob"), ("cmd", "thermo1", "x"),
-    ("telemetry", "thermo1"),
+    ("telemetry", "thermo1"), ("unshare", "thermo1", "bob"), ("group", "list"), ("device", "commands", "thermo1"),
 ]
 
 

@@ -215,7 +215,8 @@ NETWORK_INVOCATIONS = [
     ("contact", "unblock", "bob"), ("search", "bob"), ("profile",), ("profile", "--name", "A"),
     ("presence",), ("presence", "bob", "--follow"), ("group", "create", "fam", "bob"),
     ("group", "add", "grp:abc", "bob"), ("group", "remove", "grp:abc", "bob"), ("group", "leave", "grp:abc"),
-    ("group", "info", "grp:abc"), ("devices",), ("claim", "thermo1", "123456"), ("share", "thermo1", "bob"),
+    ("group", "info", "grp:abc"), ("group", "list"), ("devices",), ("claim", "thermo1", "12345678"),
+    ("share", "thermo1", "bob"), ("unshare", "thermo1", "bob"),
     ("cmd", "thermo1", "set", "t=20"), ("telemetry", "thermo1"), ("telemetry", "thermo1", "--follow"),
 ]
 
