@@ -118,6 +118,7 @@ class Database:
         self._checkpoint_stop = False
         self._checkpointed_at = 0        # commit count when the checkpoint thread was last woken
         self._checkpoint_done_at = 0     # commit count before the last checkpoint that ran
+        self._checkpoint_failing = False
 
     # ---- lifecycle -------------------------------------------------------
     def open_sync(self, migrations: Sequence[Migration]) -> None:
@@ -296,9 +297,16 @@ class Database:
         done_at = self.commits
         try:
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error:
-            log.warning("WAL checkpoint failed; retried later", exc_info=True)
+        except sqlite3.Error as exc:
+            # retried every second: said once per outage, without a traceback
+            if not self._checkpoint_failing:
+                self._checkpoint_failing = True
+                log.warning("WAL checkpoints of %s fail (%s); retried every %.0f s", self.path, exc,
+                            CHECKPOINT_INTERVAL)
             return
+        if self._checkpoint_failing:
+            self._checkpoint_failing = False
+            log.warning("WAL checkpoints of %s work again", self.path)
         self._checkpoint_done_at = max(self._checkpoint_done_at, done_at)
         self.checkpoints += 1
 
