@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 
 import pytest
 
+from contract import topics
 from devices.simulators import make
 from tests.clients import ImClient, MqttClient
 
@@ -18,8 +20,8 @@ HA = {"homeassistant": {"enabled": True, "service_account": "hass", "resync_inte
 class HomeAssistant(MqttClient):
     """What Home Assistant does on MQTT: birth message, discovery, availability, state, commands."""
 
-    def __init__(self) -> None:
-        super().__init__("hass.ha")
+    def __init__(self, client_id: str = "hass.ha") -> None:
+        super().__init__(client_id)
 
     def open(self, roost, password: str) -> HomeAssistant:
         self.connect(roost.host, roost.port, username="hass", password=password,
@@ -41,6 +43,21 @@ class HomeAssistant(MqttClient):
             else:
                 found.pop(device, None)
         return found
+
+    def retained_discovery(self, timeout: float = 8.0) -> dict[str, dict | None]:
+        """Every discovery document received since the subscription, retained ones
+        all included (None: an empty, deleting one). Waits on a barrier, not a
+        clock: the broker replays retained messages while it handles SUBSCRIBE,
+        so a publish of ours sent after it comes back after all of them."""
+        barrier = f"test/{self.client_id}/barrier"
+        assert self.subscribe(barrier) == [1]
+        self.publish(barrier, b"", qos=1)
+        docs: dict[str, dict | None] = {}
+        deadline = time.monotonic() + timeout
+        while (m := self.wait_message("#", max(0.05, deadline - time.monotonic()))).topic != barrier:
+            if topics.matches(m.topic, "homeassistant/device/+/config"):
+                docs[m.topic.split("/")[2]] = m.json() if m.payload else None
+        return docs
 
     def wait_value(self, topic: str, fits, timeout: float = 8.0):
         deadline = time.monotonic() + timeout
@@ -137,7 +154,7 @@ def test_availability_state_and_switching_a_light(setup):
         ha.publish("roost/ha/lamp/set", "DANCE", qos=1)
         time.sleep(0.5)
         assert sim.on is False and sim.brightness == 40
-        while not ha.messages.empty():   # late copies of the OFF state (telemetry, then the result)
+        while not ha.messages.empty():   # whatever came late is still the OFF state
             m = ha.messages.get()
             assert m.topic != "roost/ha/lamp/state" or m.json()["on"] is False
     finally:
@@ -184,26 +201,54 @@ def test_removed_device_loses_its_discovery(setup):
     ha = HomeAssistant().open(roost, hass_pw)
     ha.discovered({"lamp", "door"})
     roost.cli("device", "remove", "door")        # another process, as an admin would
-    m = ha.wait_message("homeassistant/device/door/config", timeout=5)
+    m = ha.wait_message("homeassistant/device/door/config", timeout=10)
     assert m.payload == b""
     # A newcomer (Home Assistant reconnecting) finds no ghost.
     ha.disconnect()
     ha2 = HomeAssistant().open(roost, hass_pw)
-    assert "door" not in ha2.discovered({"lamp", "therm"})
-    assert ha2.no_message("homeassistant/device/door/config", 0.5)
+    docs = ha2.retained_discovery()
+    assert {"lamp", "therm"} <= set(docs) and "door" not in docs
+    # Gone before the restart: paho would reconnect it by itself once the broker
+    # is back, and the same client id would take ha3's session over (MQTT), at
+    # whatever moment its backoff ends: that was the flakiness of this test.
+    ha2.disconnect()
 
     # Removed while the broker was down: cleared when it starts again.
     roost.stop()
     roost.cli("device", "remove", "therm")
     roost.start()
     ha3 = HomeAssistant().open(roost, hass_pw)
-    docs = ha3.discovered({"lamp"})
-    time.sleep(0.3)
-    while not ha3.messages.empty():
-        m = ha3.messages.get()
-        if m.topic.endswith("/config"):
-            docs[m.topic.split("/")[2]] = m.json() if m.payload else None
-    assert docs.get("therm") is None and "door" not in docs
+    docs = ha3.retained_discovery()
+    assert docs.get("lamp") and docs.get("therm") is None and "door" not in docs
+
+
+def home_assistant_client_id() -> str:
+    """The client ID Home Assistant makes up when its advanced options are left
+    alone: a random UUID in base 62, 22 characters."""
+    digits = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    num, out = uuid.uuid4().int, ""
+    while num:
+        num, r = divmod(num, 62)
+        out = digits[r] + out
+    return out.rjust(22, "0")
+
+
+@pytest.mark.xfail(strict=False, reason="the broker still refuses a client id that is not <principal>[.<label>] "
+                                        "(plugins/auth.py; ../shared/PROTOCOL.md accepts it)")
+def test_home_assistant_with_no_advanced_settings(setup):
+    """docs/HOMEASSISTANT.md's walk-through: broker, port, username and password,
+    everything else Home Assistant's default (its own client ID, MQTT 3.1.1,
+    clean session, birth/will on homeassistant/status)."""
+    roost, hass_pw, secrets = setup
+    ha = HomeAssistant(home_assistant_client_id()).open(roost, hass_pw)
+    assert {"lamp", "therm"} <= set(ha.discovered({"lamp", "therm"}))
+    lamp = ImClient("lamp", None).open(roost, secrets["lamp"])
+    ha.wait_value("roost/ha/lamp/availability", lambda v: v == "online")
+    ha.publish("roost/ha/lamp/set", "ON", qos=1)
+    ev = lamp.wait_event("msg", **{"from": "hass"})
+    assert ev["body"] == {"type": "command", "name": "turn_on", "args": {}}
+    ha.publish("homeassistant/status", "online", qos=0)      # its birth message: discovery again
+    assert "lamp" in ha.discovered({"lamp"})
 
 
 def test_new_device_gets_discovered_while_running(setup):
