@@ -242,7 +242,7 @@ def device_commands(net: Net, device: str) -> None:
         return
     if kind is None:
         net.out.line(f"{device} is a {kind_name}, a kind Roost does not describe: it takes the commands its "
-                     "firmware knows (every Roost device answers ping and get_state)")
+                     "firmware knows (one built on the Roost device SDK answers ping)")
         return
     net.out.table(commands, [
         Column("name", "command"),

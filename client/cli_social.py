@@ -13,7 +13,7 @@ from client.cli_common import (
     subscribe_presence,
 )
 from client.output import EXIT_USAGE, UNKNOWN, CliError, Column, fmt_seen, fmt_value, presence_colour, presence_state, presence_text
-from client.sdk import ReconnectedItem, TopicItem
+from client.sdk import ReconnectedItem, RoostClient, TopicItem
 from contract import topics
 from contract.ids import parse_conv
 
@@ -353,7 +353,7 @@ def group_list(net: Net) -> None:
     ], empty="no groups yet (`roost group create NAME MEMBER...` makes one)")
 
 
-def _group_row(client: Any, conv: dict[str, Any]) -> dict[str, Any]:
+def _group_row(client: RoostClient, conv: dict[str, Any]) -> dict[str, Any]:
     """One line of `group list`: `convs` has the name and unread count, `group.info` the members."""
     info = client.call("group.info", {"conv": conv["conv"]})
     members = [m.get("id") if isinstance(m, dict) else m for m in info.get("members") or []]
