@@ -70,10 +70,9 @@ async def build_services(config: RoostConfig) -> Services:
 async def start(config: RoostConfig, listening: dict[str, Listening] | None = None) -> tuple[Any, Services]:
     """Build and start everything on the sockets of `listening` (bound at
     broker start when None); returns (broker, services)."""
-    from broker.server import RoostBroker
-
     from broker.http.app import HttpApp
     from broker.monitor import Monitor
+    from broker.server import RoostBroker
     from broker.sys_publisher import SysPublisher
 
     services = await build_services(config)

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.monitor")
 
 RECENT_WINDOW = 900.0        # seconds of "recent refusals" in `roost status`
+SAMPLE_EVERY = 10.0          # seconds between the samples they are computed from (bounded memory)
 IDLE_TICK = 10.0             # refresh period when $SYS is off
 MAX_EVENT_KINDS = 64         # distinct mailbox event kinds counted (labels stay bounded)
 
@@ -74,7 +75,7 @@ class Monitor:
         self.tick = config.sys_interval if config.sys_interval > 0 else IDLE_TICK
         self._db = getattr(services.store, "db", None)
         self._store_bytes = 0
-        self._samples: deque[tuple[float, dict[str, int]]] = deque(maxlen=int(RECENT_WINDOW / self.tick) + 2)
+        self._samples: deque[tuple[float, dict[str, int]]] = deque(maxlen=int(RECENT_WINDOW / SAMPLE_EVERY) + 2)
         self._im: Any = None
         self._task: asyncio.Task[None] | None = None
         self.started = False
@@ -131,7 +132,9 @@ class Monitor:
         if self._db is not None:
             self._store_bytes = await asyncio.get_running_loop().run_in_executor(None, _file_bytes, self._db.path)
         snap = self.snapshot()
-        self._samples.append((time.monotonic(), self._refusal_totals(snap)))
+        now = time.monotonic()
+        if not self._samples or now - self._samples[-1][0] >= SAMPLE_EVERY:
+            self._samples.append((now, self._refusal_totals(snap)))
         if self._sys is not None:
             await self._sys.publish(snap, time.monotonic())
 
@@ -174,8 +177,9 @@ class Monitor:
 
         snap = self.snapshot()
         doc = status_document(snap, self.recent_refusals(self._refusal_totals(snap)), RECENT_WINDOW)
-        doc["ready"] = not self.problems()
-        doc["problems"] = self.problems()
+        problems = self.problems()
+        doc["ready"] = not problems
+        doc["problems"] = problems
         doc["sys_interval"] = self._config.sys_interval
         return doc
 
