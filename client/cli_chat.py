@@ -56,6 +56,7 @@ def login(user_id: str, server: str | None, tls: bool | None, ca_file: str | Non
       roost login --server 127.0.0.1:1883 alice
       echo "$PW" | roost login --password-stdin alice
       roost login --tls --ca /etc/roost/ca.pem --server hub.local:8883 alice
+      roost login --server mqtts://hub.local alice     # mqtts:// means --tls
     """
     out = Output(json_mode)
     net = Net(json_mode=json_mode, out=out)
