@@ -56,7 +56,7 @@ class RoostAuthPlugin(BaseAuthPlugin):
 
     async def _decide(self, session: Any, attempt: LoginAttempt) -> bool:
         services = services_of(self)
-        address = attempt.address
+        address = getattr(session, "remote_address", None) or "?"
         client_id = session.client_id or ""
         username = session.username
         if not username:
