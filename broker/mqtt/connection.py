@@ -87,7 +87,11 @@ class Connection(asyncio.Protocol):
         self.writable = False
         self._out.clear()
         self.transport = None
-        if self.state != CLOSED and self.task is not None:
+        if self.state == NEW and self.task is not None and not self._pending:
+            # gone during its CONNECT with nothing sent behind it (a scanner, an
+            # abandoned attempt): stop authenticating it, nothing waits for the answer
+            self.task.cancel()
+        elif self.state != CLOSED and self.task is not None:
             # The peer closed with packets still being handled (a client may send
             # CONNECT, PUBLISH, DISCONNECT and close at once, as mosquitto_pub does):
             # every packet received before the close is handled in order first;
