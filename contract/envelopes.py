@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +39,14 @@ def parse_request(payload: bytes) -> Request:
     The error's `request_id` attribute carries the id (or None) so the caller can
     answer even a malformed request exactly once.
     """
+    # NaN, Infinity and numbers too large for a float are read by Python's json but
+    # are not JSON: stored, they would be pushed as text strict parsers reject.
+    non_finite: list[str] = []
     try:
         # Strict UTF-8 first: json.loads(bytes) would decode with 'surrogatepass'
         # (and guess UTF-16/32), letting encoded surrogates through.
-        doc = json.loads(payload.decode("utf-8"))
+        doc = json.loads(payload.decode("utf-8"), parse_constant=lambda text: _non_finite(non_finite, text),
+                         parse_float=lambda text: _finite_float(non_finite, text))
     except (UnicodeDecodeError, ValueError):
         raise _bad(None, "payload is not JSON") from None
     if not isinstance(doc, dict):
@@ -51,6 +56,8 @@ def parse_request(payload: bytes) -> Request:
         raise _bad(None, f"'id' must be a string of 1..{MAX_REQUEST_ID_LEN} characters")
     if not _is_unicode(rid):
         raise _bad(None, "'id' is not valid Unicode (lone UTF-16 surrogate escape)")
+    if non_finite:
+        raise _bad(rid, f"{non_finite[0][:32]} is not a finite JSON number")
     if _may_hold_surrogates(payload) and not _all_unicode(doc):
         raise _bad(rid, "a string is not valid Unicode (lone UTF-16 surrogate escape)")
     op = doc.get("op")
@@ -58,6 +65,18 @@ def parse_request(payload: bytes) -> Request:
         raise _bad(rid, "'op' must be a string")
     params = {k: v for k, v in doc.items() if k not in ("id", "op")}
     return Request(id=rid, op=op, params=params)
+
+
+def _non_finite(found: list[str], text: str) -> float:
+    found.append(text)
+    return math.nan
+
+
+def _finite_float(found: list[str], text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):     # 1e999
+        found.append(text)
+    return value
 
 
 def _may_hold_surrogates(payload: bytes) -> bool:

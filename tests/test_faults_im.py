@@ -373,3 +373,17 @@ def test_telemetry_with_a_lone_surrogate_is_refused_and_does_not_poison_the_stor
     roost.restart()                                  # the latest readings were saved
     again = ImClient("alice", "again").open(roost, apw, subscribe_inbox=False)
     assert again.call("devices")["devices"][0]["last_telemetry"] == latest
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_one_bad_request_and_never_pushed(roost, number):
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice").open(roost, apw, subscribe_inbox=False)
+    bob = ImClient("bob").open(roost, bpw)
+    befriend(alice, bob)
+    alice.send_raw(f'{{"id": "n1", "op": "send", "to": "bob", "cmid": "c1", '
+                   f'"body": {{"type": "event", "name": "t", "data": {{"v": {number}}}}}}}')
+    got = responses(alice)
+    assert [(d["id"], d["error"]["code"]) for d in got] == [("n1", "bad_request")], got
+    alice.call("send", to="bob", cmid="fine", body={"type": "text", "text": "fine"})
+    assert bob.wait_event("msg")["cmid"] == "fine"
