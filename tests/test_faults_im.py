@@ -94,14 +94,14 @@ def no_space(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SmallDi
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
     res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(mount_point)],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     if res.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
     try:
         yield SmallDisk(mount_point)
     finally:
         # Lazy: the broker (killed by roost_factory after this) may still hold files.
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, check=False)
 
 
 def broker_on(roost_factory: Any, space: SmallDisk | FileSizeLimit) -> RoostProcess:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, param_int, param_str
@@ -57,6 +57,7 @@ def _depth_within(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        children: Iterable[Any]
         if isinstance(item, dict):
             children = item.values()
         elif isinstance(item, list):
@@ -402,7 +403,7 @@ class MessagingService:
     async def _group_conv_param(self, caller: Caller, params: dict[str, Any]) -> str:
         conv = params.get("conv")
         parsed = parse_conv(conv)
-        if parsed is None or parsed[0] != "grp":
+        if not isinstance(conv, str) or parsed is None or parsed[0] != "grp":
             raise bad("'conv' must be a group conversation grp:<id>")
         await self._group_member_check(conv, caller.principal)
         return conv

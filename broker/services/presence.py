@@ -67,7 +67,8 @@ class PresenceService:
         self._store = services.store.presence
         self._clock = clock
         self._states: dict[str, _State] = {}
-        self._queue: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        # (principal, wire state); None clears the retained presence of a removed principal
+        self._queue: collections.deque[tuple[str, dict[str, Any] | None]] = collections.deque()
         self._queue_max = queue_max
         self._wakeup = asyncio.Event()
         self._drain_lock = asyncio.Lock()        # one drainer at a time keeps the order
