@@ -1,8 +1,11 @@
 """Authentication plugin: CONNECT username/password -> a principal.
 
-Binds identity: the client id must be `<principal>` or `<principal>.<label>`, and
-an anonymous client (when allowed) may not use a client id that belongs to a
-principal. Guessing is slowed down per address and per principal, whatever the
+Binds identity: a client id of another existing principal's form (`bob`,
+`bob.phone`) is refused; any other id is accepted for the principal that logged
+in (integrations keep their default, random client ids; the engine keys sessions
+by principal and client id, so they never collide). IM requests need the
+`<principal>[.<label>]` form (their topics are named by it). An anonymous client
+(when allowed) may not use a client id that belongs to a principal. Guessing is slowed down per address and per principal, whatever the
 parallelism (`broker.services.identity.LoginGuard`, bounded tables).
 
 It also applies admin changes made by `roost user/device/service ...` while the
@@ -20,6 +23,7 @@ from typing import Any
 from amqtt.plugins.base import BaseAuthPlugin
 
 from broker.mqtt.hooks import ConnectRefused
+from broker.mqtt.session import loggable
 from broker.services.base import cancel_and_wait
 from broker.services.identity import LoginAttempt, LoginBusy, LoginGuard
 from contract.ids import is_valid_principal_id, principal_of_client_id
@@ -28,6 +32,7 @@ from plugins.base import broker_of, services_of
 log = logging.getLogger("roost.auth")
 
 ADMIN_POLL_SECONDS = 0.5
+MAX_FOREIGN_CLIENT_ID = 128      # characters of a client id not of the principal's own form
 
 
 class RoostAuthPlugin(BaseAuthPlugin):
@@ -79,16 +84,35 @@ class RoostAuthPlugin(BaseAuthPlugin):
             attempt.failed()
             log.info("refused CONNECT from %s: bad credentials for %r", address, username)
             raise ConnectRefused(ConnectRefused.BAD_CREDENTIALS, "bad user name or password")
-        if principal_of_client_id(client_id) != principal.id:
+        why = await self._client_id_problem(client_id, principal.id)
+        if why is not None:
             attempt.failed(guessed=False)
-            log.info("refused CONNECT from %s: client id %r is not %s's", address, client_id, principal.id)
-            raise ConnectRefused(ConnectRefused.IDENTIFIER_REJECTED,
-                                 f"client id must be '{principal.id}' or '{principal.id}.<label>'")
+            log.info("refused CONNECT from %s: client id %s %s", address, loggable(client_id), why)
+            raise ConnectRefused(ConnectRefused.IDENTIFIER_REJECTED, f"client id {loggable(client_id)} {why}")
         attempt.succeeded()
         session.principal = principal.id
         session.kind = principal.kind
         session.is_anonymous = False
         return True
+
+    async def _client_id_problem(self, client_id: str, principal_id: str) -> str | None:
+        """None when `principal_id` may use `client_id`: its own form (`alice`,
+        `alice.<label>`), or a foreign one (an integration's default id such as
+        `mqttjs_3f2a` or Home Assistant's random one) of printable ASCII without
+        spaces that does not start like another existing principal's ids. The
+        engine keys sessions by principal and client id, so a foreign id never
+        collides with another principal's session."""
+        head, dot, _rest = client_id.partition(".")
+        if head == principal_id:
+            if principal_of_client_id(client_id) == principal_id:
+                return None
+            return f"is not '{principal_id}' or '{principal_id}.<label>' (label: letters, digits, _ or -)"
+        if not (client_id.isascii() and client_id.isprintable() and " " not in client_id) \
+                or len(client_id) > MAX_FOREIGN_CLIENT_ID:
+            return f"has spaces, control or non-ASCII characters, or more than {MAX_FOREIGN_CLIENT_ID}"
+        if is_valid_principal_id(head) and await services_of(self).identity.get(head) is not None:
+            return f"belongs to {head}"
+        return None
 
     # ---- admin changes from other processes --------------------------------
     async def on_roost_start(self, broker) -> None:  # type: ignore[no-untyped-def]

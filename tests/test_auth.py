@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.clients import ConnectFailed, MqttClient
+from tests.clients import ConnectFailed, ImClient, MqttClient
 
 BAD_CREDENTIALS = 4
 NOT_AUTHORIZED = 5
@@ -29,13 +29,33 @@ def test_principal_connects_with_own_client_ids(roost):
         connect(roost, cid, "alice", pw).disconnect()
 
 
+def test_integrations_keep_their_default_client_ids_without_colliding(roost):
+    """Home Assistant, Zigbee2MQTT, MQTT.js and mosquitto_pub make up their own
+    client ids; two principals using the same one get two sessions."""
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    for cid in ("mqttjs_3f2a1b9c", "6VUmlWhr7tNoGOlW5Z2FcK", "mosq-Zq8Hk1", "zigbee2mqtt"):
+        connect(roost, cid, "alice", apw).disconnect()
+    a = connect(roost, "homeassistant", "alice", apw, clean_session=False)
+    assert a.subscribe("alice-home/#", 1) == [1]
+    b = connect(roost, "homeassistant", "bob", bpw, clean_session=False)    # no take-over of alice's
+    assert b.subscribe("bob-home/#", 1) == [1]
+    b.publish("alice-home/x", b"for alice", qos=1)
+    assert a.wait_message("alice-home/#").payload == b"for alice"
+    assert a.no_message("bob-home/#", wait=0.3)
+    a.disconnect()
+    b.disconnect()
+
+
 def test_refusals_carry_the_right_connack_code(roost):
     pw = roost.add_user("alice")
     roost.add_user("bob")
     assert refused(roost, "alice", "alice", "wrong") == BAD_CREDENTIALS
     assert refused(roost, "nobody", "nobody", "x") == BAD_CREDENTIALS
-    assert refused(roost, "bob.phone", "alice", pw) == IDENTIFIER_REJECTED
+    assert refused(roost, "bob.phone", "alice", pw) == IDENTIFIER_REJECTED     # another principal's form
+    assert refused(roost, "bob", "alice", pw) == IDENTIFIER_REJECTED
     assert refused(roost, "alice.bad.label", "alice", pw) == IDENTIFIER_REJECTED
+    assert refused(roost, "my sensor", "alice", pw) == IDENTIFIER_REJECTED     # spaces
+    assert refused(roost, "x" * 129, "alice", pw) == IDENTIFIER_REJECTED
     assert refused(roost, "anon-1") == NOT_AUTHORIZED       # anonymous is off by default
 
 
@@ -109,3 +129,20 @@ def test_rules_can_keep_anonymous_clients_to_some_plain_topics(roost_factory):
     assert anon.subscribe("house/#", 1) == [0x80]
     alice = connect(broker, "alice.x", "alice", pw)
     assert alice.subscribe("house/#", 1) == [1]
+
+
+def test_a_changed_password_works_the_moment_passwd_returns(roost):
+    roost.add_user("alice", password="old-pw")
+    connect(roost, "alice", "alice", "old-pw").disconnect()     # the broker now knows alice
+    for n in range(3):
+        roost.cli("user", "passwd", "alice", "--password-stdin", input=f"new-pw-{n}\n")
+        connect(roost, "alice", "alice", f"new-pw-{n}").disconnect()
+
+
+def test_a_new_pairing_code_claims_the_moment_the_command_returns(roost):
+    import json
+
+    roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, roost.add_user("alice"))
+    code = json.loads(roost.cli("device", "pairing", "lamp", "--json").stdout)["pairing_code"]
+    assert alice.call("device.claim", device="lamp", code=code)["role"] == "owner"

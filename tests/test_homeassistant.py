@@ -233,8 +233,6 @@ def home_assistant_client_id() -> str:
     return out.rjust(22, "0")
 
 
-@pytest.mark.xfail(strict=False, reason="the broker still refuses a client id that is not <principal>[.<label>] "
-                                        "(plugins/auth.py; ../shared/PROTOCOL.md accepts it)")
 def test_home_assistant_with_no_advanced_settings(setup):
     """docs/HOMEASSISTANT.md's walk-through: broker, port, username and password,
     everything else Home Assistant's default (its own client ID, MQTT 3.1.1,

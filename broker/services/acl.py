@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from broker.config import AclRule
 from broker.services.relations import Relations
 from contract import topics
+from contract.ids import principal_of_client_id
 
 PUBLISH = "publish"
 SUBSCRIBE = "subscribe"
@@ -95,10 +96,12 @@ class AccessPolicy:
     def _roost_exact(self, who: Who, topic: str, action: str) -> bool:
         principal = who.principal
         assert principal is not None
+        # the IM topics are for client ids of the principal's own form only (a
+        # free-form id such as "mqttjs_1f" is for plain MQTT)
         if (cid := topics.tail(topic, topics.REQ)) is not None:
-            return action == PUBLISH and cid == who.client_id
+            return action == PUBLISH and cid == who.client_id and principal_of_client_id(cid) == principal
         if (cid := topics.tail(topic, topics.RESP)) is not None:
-            return action != PUBLISH and cid == who.client_id
+            return action != PUBLISH and cid == who.client_id and principal_of_client_id(cid) == principal
         if (p := topics.tail(topic, topics.INBOX)) is not None:
             return action != PUBLISH and p == principal
         if (p := topics.tail(topic, topics.PRESENCE)) is not None:

@@ -336,7 +336,21 @@ class IdentityService:
 
     # ---- authentication --------------------------------------------------
     async def authenticate(self, principal_id: str, secret: str) -> Principal | None:
-        p = await self.get(principal_id)
+        p = await self._check(await self.get(principal_id), secret)
+        if p is None and is_valid_principal_id(principal_id):
+            # An admin command may have just added the principal or changed its
+            # secret, and the directory learns of it only at the next admin-log
+            # poll: a failure is checked once more against the store itself, so a
+            # new password works the moment `roost user passwd` returns.
+            fresh = await self._store.get_principal(principal_id)
+            cached = self._directory.get(principal_id)
+            if fresh is not None and (cached is None or fresh.secret_hash != cached.secret_hash
+                                      or fresh.secret_set_at != cached.secret_set_at):
+                self._directory[fresh.id] = fresh
+                p = await self._check(fresh, secret)
+        return p
+
+    async def _check(self, p: Principal | None, secret: str) -> Principal | None:
         if p is None:
             # Spend the same work as a real check so timing does not reveal ids.
             await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, _DUMMY_HASH)
@@ -362,7 +376,7 @@ class IdentityService:
 
     async def check_pairing_code(self, device_id: str, code: str) -> bool:
         """True when `code` is the device's current pairing code (argon2, off the loop)."""
-        p = await self.get(device_id)
+        p = await self._store.get_principal(device_id)   # not the directory: a new code counts at once
         stored = p.pairing_code if p is not None and p.kind == "device" else None
         ok = await asyncio.get_running_loop().run_in_executor(None, verify_secret, code, stored or _DUMMY_HASH)
         return ok and stored is not None
