@@ -249,4 +249,4 @@ class Monitor:
             dropped=dropped, refused=refused, logins_refused=logins, requests=self.requests.counts(),
             mailbox_events=dict(self.mailbox_events),
             mailbox_pruned=messaging.discarded if messaging is not None else 0,
-            telemetry=telemetry, store=store, limits=limits)
+            telemetry=telemetry, store=store, sessions_expired=stats.get("sessions_expired", 0), limits=limits)

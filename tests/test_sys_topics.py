@@ -221,6 +221,7 @@ def test_topic_names_and_formats_follow_mosquitto():
     assert t["$SYS/broker/clients/disconnected"] == "1"
     assert t["$SYS/broker/clients/total"] == "4"
     assert t["$SYS/broker/clients/maximum"] == "5"
+    assert t["$SYS/broker/clients/expired"] == "0"
     assert t["$SYS/broker/messages/received"] == "20"
     assert t["$SYS/broker/publish/messages/received"] == "6"
     assert t["$SYS/broker/publish/messages/sent"] == "15"

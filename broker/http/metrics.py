@@ -61,6 +61,8 @@ class RoostCollector(Collector):
         yield GaugeMetricFamily("roost_sessions", "MQTT sessions held", value=s.sessions)
         yield GaugeMetricFamily("roost_sessions_disconnected", "Persistent sessions whose client is away",
                                 value=s.sessions_disconnected)
+        yield CounterMetricFamily("roost_sessions_expired", "Persistent sessions discarded after 7 days unused",
+                                  value=s.sessions_expired)
         yield GaugeMetricFamily("roost_subscriptions", "Topic filters subscribed, all sessions",
                                 value=s.subscriptions)
 

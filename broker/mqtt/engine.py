@@ -142,7 +142,8 @@ class Engine:
         self.counters = TrafficCounters()
         self.started_at = time.time()
         self.stats = {"dropped": 0, "publish_denied": 0, "retained_write_errors": 0, "retained_refused": 0,
-                      "subscriptions_refused": 0, "sessions_refused": 0, "connections_refused": 0}
+                      "subscriptions_refused": 0, "sessions_refused": 0, "connections_refused": 0,
+                      "sessions_expired": 0}
         # CONNECTs an auth plugin refused, by CONNACK code (4 bad credentials, 5 not authorized, ...)
         self.logins_refused: dict[int, int] = {}
         self.unserved_prefixes = ("$share/",) if serve_sys else UNSERVED_PREFIXES
@@ -1215,6 +1216,7 @@ class Engine:
         for st in old:
             self.discard(st)
         if old:
+            self.stats["sessions_expired"] += len(old)
             log.info("expired %d persistent sessions", len(old))
         return len(old)
 

@@ -78,6 +78,7 @@ class Snapshot:
     mailbox_pruned: int                     # events discarded by mailbox.max_events / ttl
     telemetry: Mapping[str, int]            # TelemetryService.stats()
     store: StoreFigures
+    sessions_expired: int = 0               # persistent sessions discarded after 7 days unused
     limits: Mapping[str, float] = field(default_factory=dict)
 
     @property
@@ -142,6 +143,7 @@ def sys_topics(s: Snapshot, loads: LoadAverages | None = None) -> dict[str, str]
         SYS + "clients/inactive": str(s.sessions_disconnected),    # likewise
         SYS + "clients/maximum": str(s.clients_maximum),
         SYS + "clients/total": str(s.clients_connected + s.sessions_disconnected),
+        SYS + "clients/expired": str(s.sessions_expired),
         SYS + "messages/received": str(s.packets_received),
         SYS + "messages/sent": str(s.packets_sent),
         SYS + "messages/inflight": str(s.inflight),
