@@ -141,7 +141,14 @@ def _number(v: Any) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the status document as JSON.")
 def status(config_path: str | None, url: str | None, as_json: bool) -> None:
     """How the running broker is doing: uptime, connections, sessions, store,
-    limits in force, recent refusals."""
+    limits in force, recent refusals.
+
+    \b
+    Asks /status.json on the config's http listener (no credentials needed):
+      roost status
+      roost status --json | jq .connections
+      roost status --url http://127.0.0.1:9883/status.json
+    """
     context = None
     if url is None:
         try:
