@@ -505,7 +505,9 @@ class RoostBroker(Broker):
 
     @property
     def sessions(self) -> dict[str, tuple[Any, None]]:  # type: ignore[override]
-        return {cid: (st.info, None) for cid, st in self.engine.sessions.items()}
+        # keyed by client id as amqtt's plugins expect (two principals' sessions
+        # under one foreign client id show as one entry here; the engine keeps both)
+        return {st.info.client_id: (st.info, None) for st in self.engine.sessions.values()}
 
     @property
     def subscriptions(self) -> dict[str, list[tuple[Any, int]]]:  # type: ignore[override]
