@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.config import RoostConfig
 from broker.services.identity import IdentityService
+from broker.services.jwt_auth import build_verifier, startup_warnings
 from broker.services.runtime import Services
 from broker.startup import StoreLock, open_store
 
@@ -41,8 +42,12 @@ def plugin_list(config: RoostConfig) -> dict[str, dict[str, Any]]:
 
 async def build_services(config: RoostConfig) -> Services:
     store = await open_store(config.resolve(config.storage.path))
-    jwt = config.auth.jwt.secret if config.auth.jwt else None
-    identity = IdentityService(store.identity, jwt_secret=jwt)
+    jwt = None
+    if config.auth.jwt is not None:
+        jwt = build_verifier(config.auth.jwt, config.resolve)   # load_config checked it already
+        for warning in startup_warnings(config.auth.jwt):
+            log.warning("%s", warning)
+    identity = IdentityService(store.identity, jwt=jwt)
     await identity.load()
     services = Services(config=config, store=store, identity=identity)
     if config.homeassistant.enabled:

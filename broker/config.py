@@ -49,8 +49,17 @@ class StorageConfig:
 
 @dataclass
 class JwtConfig:
-    secret: str = ""
-    algorithm: Literal["HS256"] = "HS256"
+    """JWT logins (broker/services/jwt_auth.py checks the keys at start)."""
+    secret: str = ""                            # HMAC (HS256/384/512)
+    # Accepted `alg`s; empty: HS256 with a secret, plus each public key's own
+    # (RS256 for RSA, ES256/384/512 by EC curve, EdDSA, a JWKS key's `alg`).
+    algorithms: list[str] = field(default_factory=list)
+    algorithm: str | None = None                # older single-algorithm form of `algorithms`
+    public_key_file: str | None = None          # PEM public key or certificate
+    jwks_file: str | None = None                # JWKS JSON, keys chosen by `kid`; re-read when it changes
+    audience: str | None = None                 # required `aud` (e.g. the IdP's client id for Roost)
+    issuer: str | None = None                   # required `iss`
+    leeway: float = 30.0                        # seconds of issuer clock ahead allowed for `iat`/`nbf`
 
 
 @dataclass
@@ -173,7 +182,7 @@ class RoostConfig:
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION_FIELDS = {("MailboxConfig", "ttl"), ("LimitsConfig", "contact_request_cooldown")}
+_DURATION_FIELDS = {("MailboxConfig", "ttl"), ("LimitsConfig", "contact_request_cooldown"), ("JwtConfig", "leeway")}
 
 
 def parse_duration(value: Any, path: str) -> float:
@@ -280,8 +289,10 @@ def _check(cfg: RoostConfig) -> None:
         raise ConfigError("mailbox.max_events", "must be at least 1")
     if cfg.auth.max_concurrent_per_address < 1:
         raise ConfigError("auth.max_concurrent_per_address", "must be at least 1")
-    if cfg.auth.jwt is not None and not cfg.auth.jwt.secret:
-        raise ConfigError("auth.jwt.secret", "required when auth.jwt is set")
+    if cfg.auth.jwt is not None:
+        from broker.services.jwt_auth import build_verifier
+
+        build_verifier(cfg.auth.jwt, cfg.resolve)   # reads the key files: a bad one stops the start here
     influx = cfg.telemetry.influxdb
     if influx is not None:
         for key in ("url", "bucket"):

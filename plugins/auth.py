@@ -11,6 +11,11 @@ parallelism (`broker.services.identity.LoginGuard`, bounded tables).
 It also applies admin changes made by `roost user/device/service ...` while the
 broker runs (possibly from another process): removed principals are
 disconnected.
+
+A login by JWT sets `session.expires_at` to the token's `exp`; the engine closes
+the connection then (as EMQX does), so a token's lifetime bounds its
+connection's. A JWKS file (`auth.jwt.jwks_file`) is re-read, off the loop, when
+it changes: rotate an identity provider's keys by replacing the file.
 """
 
 from __future__ import annotations
@@ -26,12 +31,14 @@ from broker.mqtt.hooks import ConnectRefused
 from broker.mqtt.session import loggable
 from broker.services.base import cancel_and_wait
 from broker.services.identity import LoginAttempt, LoginBusy, LoginGuard
+from broker.services.jwt_auth import JwtVerifier
 from contract.ids import is_valid_principal_id, principal_of_client_id
 from plugins.base import broker_of, services_of
 
 log = logging.getLogger("roost.auth")
 
 ADMIN_POLL_SECONDS = 0.5
+JWKS_POLL_SECONDS = 5.0          # how often the JWKS file's mtime and size are compared
 MAX_FOREIGN_CLIENT_ID = 128      # characters of a client id not of the principal's own form
 
 
@@ -46,6 +53,7 @@ class RoostAuthPlugin(BaseAuthPlugin):
         self._guard = LoginGuard(step=auth.failure_delay, cap=auth.failure_delay_max,
                                  table_size=auth.failure_table_size, per_address=auth.max_concurrent_per_address)
         self._poller: asyncio.Task[None] | None = None
+        self._jwks_watcher: asyncio.Task[None] | None = None
 
     async def authenticate(self, *, session) -> bool | None:  # type: ignore[no-untyped-def, override]
         address = getattr(session, "remote_address", None) or "?"
@@ -77,13 +85,14 @@ class RoostAuthPlugin(BaseAuthPlugin):
             session.kind = None
             session.is_anonymous = True
             return True
-        principal = None
+        login = None
         if attempt.principal is not None:
-            principal = await services.identity.authenticate(attempt.principal, session.password or "")
-        if principal is None:
+            login = await services.identity.login(attempt.principal, session.password or "")
+        if login is None:
             attempt.failed()
             log.info("refused CONNECT from %s: bad credentials for %r", address, username)
             raise ConnectRefused(ConnectRefused.BAD_CREDENTIALS, "bad user name or password")
+        principal = login.principal
         why = await self._client_id_problem(client_id, principal.id)
         if why is not None:
             attempt.failed(guessed=False)
@@ -93,6 +102,7 @@ class RoostAuthPlugin(BaseAuthPlugin):
         session.principal = principal.id
         session.kind = principal.kind
         session.is_anonymous = False
+        session.expires_at = login.expires_at
         return True
 
     async def _client_id_problem(self, client_id: str, principal_id: str) -> str | None:
@@ -117,9 +127,21 @@ class RoostAuthPlugin(BaseAuthPlugin):
     # ---- admin changes from other processes --------------------------------
     async def on_roost_start(self, broker) -> None:  # type: ignore[no-untyped-def]
         self._poller = asyncio.create_task(self._poll_admin_log(), name="roost-admin-log")
+        jwt = services_of(self).identity.jwt
+        if jwt is not None and jwt.jwks_path is not None:
+            self._jwks_watcher = asyncio.create_task(self._watch_jwks(jwt), name="roost-jwks")
 
     async def on_roost_stop(self) -> None:
-        await cancel_and_wait(self._poller)
+        await cancel_and_wait(self._poller, self._jwks_watcher)
+
+    async def _watch_jwks(self, jwt: JwtVerifier) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(JWKS_POLL_SECONDS)
+            try:
+                await loop.run_in_executor(None, jwt.reload_jwks)   # stat + read: off the loop
+            except Exception:  # noqa: BLE001 - keep watching; the keys in use stay
+                log.exception("re-reading auth.jwt.jwks_file failed")
 
     async def _poll_admin_log(self) -> None:
         services = services_of(self)

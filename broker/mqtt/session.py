@@ -57,6 +57,8 @@ class ClientInfo:
         self.will_retain = False
         self.attributes: dict[str, Any] = {}   # plugin-owned, like amqtt's Session.attributes
         self.last_activity: float | None = None  # set when the connection ends: last packet received
+        # epoch seconds when the login ends (a JWT's exp): the engine closes the connection then
+        self.expires_at: float | None = None
 
     def __repr__(self) -> str:
         return f"<ClientInfo {self.client_id} principal={self.principal} {self.remote_address}:{self.remote_port}>"

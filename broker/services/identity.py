@@ -7,7 +7,10 @@ the same device cost microseconds, and a wrong secret still goes through argon2.
 
 Guessing is slowed down by `LoginGuard` (per address and per principal, see
 there). A password is taken for a JWT only when JWT auth is configured and it
-has a JWT's shape and header; see `decode_jwt` for what a token must carry.
+has a JWT's shape and an allowed header; see broker/services/jwt_auth.py for
+what a token must carry. A token is also refused when issued (`iat`) before the
+principal's secret was last set, and a login by token ends at its `exp`
+(`Login.expires_at`, which the engine enforces on the connection).
 
 Admin commands may change the store from another process while the broker runs;
 they append to `admin_log`, which the broker reads through `IdentityService.admin_changes`.
@@ -16,26 +19,22 @@ they append to `admin_log`, which the broker reads through `IdentityService.admi
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import contextlib
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
-import math
-import re
 import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
+from broker.services.jwt_auth import JwtVerifier
 from broker.store.base import AlreadyExists, IdentityStore, Principal
 from contract.ids import PRINCIPAL_KINDS, is_valid_principal_id
 
@@ -67,6 +66,14 @@ def new_secret() -> str:
 
 def new_pairing_code() -> str:
     return f"{secrets.randbelow(10**8):08d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """A successful authentication; `expires_at` (epoch seconds) when it was by a
+    token, whose connection must end then."""
+    principal: Principal
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,9 +294,9 @@ async def _pause(seconds: float) -> None:
 
 
 class IdentityService:
-    def __init__(self, store: IdentityStore, *, jwt_secret: str | None = None) -> None:
+    def __init__(self, store: IdentityStore, *, jwt: JwtVerifier | None = None) -> None:
         self._store = store
-        self._jwt_secret = jwt_secret.encode() if jwt_secret else None
+        self.jwt = jwt
         self._directory: dict[str, Principal] = {}
         self._verified: dict[str, bytes] = {}   # principal -> keyed digest of the last good secret
         self._pepper = secrets.token_bytes(16)
@@ -336,8 +343,14 @@ class IdentityService:
 
     # ---- authentication --------------------------------------------------
     async def authenticate(self, principal_id: str, secret: str) -> Principal | None:
-        p = await self._check(await self.get(principal_id), secret)
-        if p is None and is_valid_principal_id(principal_id):
+        login = await self.login(principal_id, secret)
+        return login.principal if login is not None else None
+
+    async def login(self, principal_id: str, secret: str) -> Login | None:
+        """`secret` (a password, or a token when JWT auth is configured) checked
+        against `principal_id`; None when it is wrong."""
+        login = await self._check(await self.get(principal_id), secret)
+        if login is None and is_valid_principal_id(principal_id):
             # An admin command may have just added the principal or changed its
             # secret, and the directory learns of it only at the next admin-log
             # poll: a failure is checked once more against the store itself, so a
@@ -347,32 +360,36 @@ class IdentityService:
             if fresh is not None and (cached is None or fresh.secret_hash != cached.secret_hash
                                       or fresh.secret_set_at != cached.secret_set_at):
                 self._directory[fresh.id] = fresh
-                p = await self._check(fresh, secret)
-        return p
+                login = await self._check(fresh, secret)
+        return login
 
-    async def _check(self, p: Principal | None, secret: str) -> Principal | None:
+    async def _check(self, p: Principal | None, secret: str) -> Login | None:
         if p is None:
             # Spend the same work as a real check so timing does not reveal ids.
             await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, _DUMMY_HASH)
             return None
-        if self._jwt_secret is not None and is_jwt(secret):
-            return p if self._token_valid(p, secret) else None
+        if self.jwt is not None and self.jwt.is_jwt(secret):
+            return self._token_login(p, self.jwt, secret)
         digest = hmac.new(self._pepper, p.secret_hash.encode() + b"\0" + secret.encode(), hashlib.sha256).digest()
         known = self._verified.get(p.id)
         if known is not None and hmac.compare_digest(known, digest):
-            return p
+            return Login(p)
         ok = await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, p.secret_hash)
         if not ok:
             return None
         self._verified[p.id] = digest
-        return p
+        return Login(p)
 
-    def _token_valid(self, p: Principal, token: str) -> bool:
-        assert self._jwt_secret is not None
-        claims = decode_jwt(token, self._jwt_secret, time.time())
+    def _token_login(self, p: Principal, verifier: JwtVerifier, token: str) -> Login | None:
+        # Signature checks take tens of microseconds (RSA, EC, EdDSA): on the loop.
+        claims = verifier.decode(token, time.time())
+        if claims is None or claims["sub"] != p.id:
+            return None
         # Issued before the secret was last set (passwd, or the id removed and
         # added again): revoked.
-        return claims is not None and claims.get("sub") == p.id and claims["iat"] >= p.secret_set_at
+        if float(claims["iat"]) < p.secret_set_at:
+            return None
+        return Login(p, expires_at=float(claims["exp"]))
 
     async def check_pairing_code(self, device_id: str, code: str) -> bool:
         """True when `code` is the device's current pairing code (argon2, off the loop)."""
@@ -460,94 +477,3 @@ class IdentityService:
 
 _DUMMY_HASH = hash_secret("roost-timing-equaliser")
 
-
-# JWT (RFC 7519), HS256 only. Seconds of clock difference allowed between the
-# token's issuer and the broker for `nbf` and `iat`.
-JWT_LEEWAY = 30.0
-_B64URL_RE = re.compile(r"[A-Za-z0-9_-]*")
-
-
-def _b64url_decode(part: str) -> bytes:
-    # strict: urlsafe_b64decode alone skips characters outside the alphabet
-    if _B64URL_RE.fullmatch(part) is None or len(part) % 4 == 1:
-        raise ValueError("not base64url")
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _json_object(part: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(_b64url_decode(part), parse_constant=_no_constant)  # NaN/Infinity refused
-    except (ValueError, RecursionError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def is_jwt(token: str) -> bool:
-    """True when `token` is shaped like an HS256 JWT: three base64url parts, the
-    first a JSON header with `"alg": "HS256"` and `"typ": "JWT"`. Anything else
-    (a password with two dots, say) is checked as a password."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return False
-    header = _json_object(parts[0])
-    typ = header.get("typ") if header is not None else None
-    return header is not None and header.get("alg") == "HS256" and isinstance(typ, str) and typ.upper() == "JWT"
-
-
-def _numeric_date(claims: dict[str, Any], name: str) -> float | None:
-    """A NumericDate claim; None when absent; ValueError when not a finite number."""
-    if name not in claims:
-        return None
-    value = claims[name]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} is not a number")
-    return float(value)
-
-
-def decode_jwt(token: str, key: bytes, now: float) -> dict[str, Any] | None:
-    """The claims of a valid token, else None. Valid: `is_jwt`, no `crit` header,
-    an HS256 signature by `key`, a string `sub`, `exp` (required) after `now`,
-    `iat` (required) not in the future, and `nbf` (when present) not in the future.
-    The caller checks `sub` and `iat` against the principal."""
-    if not is_jwt(token):
-        return None
-    header_b64, payload_b64, sig_b64 = token.split(".")
-    header = _json_object(header_b64)
-    if header is None or "crit" in header:   # extensions we would have to understand
-        return None
-    try:
-        signature = _b64url_decode(sig_b64)
-    except ValueError:
-        return None
-    expected = hmac.new(key, f"{header_b64}.{payload_b64}".encode(), hashlib.sha256).digest()
-    if not hmac.compare_digest(expected, signature):
-        return None
-    claims = _json_object(payload_b64)
-    if claims is None or not isinstance(claims.get("sub"), str):
-        return None
-    try:
-        exp, iat, nbf = (_numeric_date(claims, name) for name in ("exp", "iat", "nbf"))
-    except ValueError:
-        return None
-    if exp is None or now >= exp:
-        return None
-    if iat is None or iat > now + JWT_LEEWAY:
-        return None
-    if nbf is not None and nbf > now + JWT_LEEWAY:
-        return None
-    return claims
-
-
-def make_jwt(claims: dict[str, Any], key: bytes) -> str:
-    """An HS256 token for `claims` (used by tests and by issuers written in Python)."""
-    def part(obj: dict[str, Any]) -> str:
-        raw = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
-        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
-
-    signing_input = f"{part({'alg': 'HS256', 'typ': 'JWT'})}.{part(claims)}"
-    sig = hmac.new(key, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{base64.urlsafe_b64encode(sig).rstrip(b'=').decode()}"
