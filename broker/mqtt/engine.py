@@ -1184,8 +1184,15 @@ class Engine:
         while True:
             await asyncio.sleep(TICK)
             now = self.loop.time()
+            wall = time.time()
             for conn in list(self.conns):
                 if conn.state == CONNECTED:
+                    expires_at = conn.info.expires_at if conn.info is not None else None
+                    if expires_at is not None and wall >= expires_at:
+                        # its login (a JWT) ran out: closed as EMQX does, will published
+                        log.info("closing %s: its login token expired", conn.client_id)
+                        conn.close(DisconnectReason.KICKED)
+                        continue
                     ka = conn.keep_alive
                     if conn.paused_since is not None:
                         # we are not reading it (it does not read what we send, or its
