@@ -192,7 +192,9 @@ class Connection(asyncio.Protocol):
                     # PUBACK, the most frequent packet a subscriber sends: handled here
                     # as engine.handle would, without a body copy or the dispatch.
                     pos = end
-                    self.session.on_puback((buf[start] << 8) | buf[start + 1])
+                    session = self.session
+                    assert session is not None   # set once CONNECTED
+                    session.on_puback((buf[start] << 8) | buf[start + 1])
                 else:
                     body = bytes(buf[start:end])
                     pos = end

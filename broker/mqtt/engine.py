@@ -457,6 +457,7 @@ class Engine:
         if ptype == codec.PUBLISH:
             return self._publish(conn, flags, body)
         st = conn.session
+        assert st is not None and conn.info is not None   # set once CONNECTED
         if flags and ptype != codec.PUBREL and ptype != codec.SUBSCRIBE and ptype != codec.UNSUBSCRIBE:
             # reserved flags must be 0 (MQTT-2.2.2-2); a DISCONNECT like that is a
             # protocol error, so the will is published
@@ -634,13 +635,16 @@ class Engine:
     # ---- PUBLISH -----------------------------------------------------------------
 
     def _publish(self, conn: Connection, flags: int, body: bytes) -> Any:
-        topic, qos, pid, retain, _dup, payload = codec.decode_publish(flags, body)
+        topic, qos, packet_id, retain, _dup, payload = codec.decode_publish(flags, body)
+        pid = packet_id or 0        # QoS 0 has none; 0 is never a valid packet id
         self.counters.received_qos[qos] += 1
         if not valid_topic_name(topic):
             raise ProtocolViolation(f"invalid topic name {topic!r}")
         if len(payload) > self.limits.max_payload:
             raise ProtocolViolation(f"payload of {len(payload)} bytes exceeds limits.max_payload")
         st = conn.session
+        info = conn.info
+        assert st is not None and info is not None   # set once CONNECTED
         if qos == 2 and pid in st.incoming_qos2:
             conn.write(codec.ack(codec.PUBREC, pid))  # duplicate: already routed
             return None
@@ -651,30 +655,30 @@ class Engine:
             if not conn.dollar_publish_logged:
                 conn.dollar_publish_logged = True
                 log.info("%s published to %s: topics starting with $ are reserved for the broker; "
-                         "not routed (said once per connection)", conn.info.client_id, topic)
+                         "not routed (said once per connection)", info.client_id, topic)
         else:
             ok = conn.pub_acl.get(topic) if self.acl_enabled else True
             if self.acl_async:
                 # async ACL plugins configured: RECEIVE checks must be awaited too
                 return self._publish_async(conn, topic, qos, pid, retain, payload, acl_done=bool(ok))
             if ok is None:
-                ok = self.check_sync(conn.info, topic, Action.PUBLISH)
+                ok = self.check_sync(info, topic, Action.PUBLISH)
                 cache = conn.pub_acl
                 if len(cache) >= PUB_ACL_CACHE:
                     cache.clear()
                 cache[topic] = ok
             if not ok:
                 self.stats["publish_denied"] += 1
-                log.debug("publish of %s to %s denied", conn.info.client_id, topic)
+                log.debug("publish of %s to %s denied", info.client_id, topic)
             elif self.prefixes and topic.startswith(self.prefixes):
-                consumed = None if retain else self._intercept_nowait(conn.info, topic, payload, qos)
+                consumed = None if retain else self._intercept_nowait(info, topic, payload, qos)
                 if consumed is None:
                     return self._publish_async(conn, topic, qos, pid, retain, payload, acl_done=True)
                 if not consumed:
                     self.route(Message(topic, payload, qos), conn)
             else:
                 if retain:
-                    self.set_retained(topic, payload, qos, conn.info.principal)
+                    self.set_retained(topic, payload, qos, info.principal)
                 journal = self.journal
                 mark = journal.appended if journal is not None else 0
                 self.route(Message(topic, payload, qos), conn)
@@ -711,10 +715,11 @@ class Engine:
                     return True
         return False
 
-    async def _publish_async(self, conn: Connection, topic: str, qos: int, pid: int | None, retain: bool,
+    async def _publish_async(self, conn: Connection, topic: str, qos: int, pid: int, retain: bool,
                              payload: bytes, acl_done: bool = False) -> None:
         info = conn.info
         st = conn.session
+        assert st is not None and info is not None
         ok = acl_done
         if not ok:
             ok = await self.allowed(info, topic, Action.PUBLISH)
@@ -742,7 +747,7 @@ class Engine:
         elif qos == 2:
             conn.write(codec.ack(codec.PUBREC, pid))
 
-    async def _ack_when_stored(self, conn: Connection, qos: int, pid: int | None, *, retained: bool,
+    async def _ack_when_stored(self, conn: Connection, qos: int, pid: int, *, retained: bool,
                                kept: bool) -> None:
         if retained:
             await self.flush_retained()
@@ -896,6 +901,7 @@ class Engine:
                 raise ProtocolViolation(f"invalid topic filter {f!r}")
         info = conn.info
         st = conn.session
+        assert st is not None and info is not None
         codes: list[int] = []
         granted: list[tuple[str, int]] = []
         over_limit: list[str] = []     # logged once per SUBSCRIBE, not once per filter
@@ -999,6 +1005,7 @@ class Engine:
     async def _unsubscribe(self, conn: Connection, flags: int, body: bytes) -> None:
         pid, filters = codec.decode_unsubscribe(flags, body)
         st = conn.session
+        assert st is not None and conn.info is not None
         removed = []
         for f in filters:
             if st.subs.pop(f, None) is not None:

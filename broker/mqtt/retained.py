@@ -168,9 +168,9 @@ class RetainedIndex:
                         continue
                     stack.append((child, i + 1, _join(prefix, name, i)))
             else:
-                child = node.children.get(level)
-                if child is not None:
-                    stack.append((child, i + 1, _join(prefix, level, i)))
+                exact = node.children.get(level)
+                if exact is not None:
+                    stack.append((exact, i + 1, _join(prefix, level, i)))
 
 
 def _join(prefix: str, name: str, depth: int) -> str:
