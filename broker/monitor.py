@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker.config import RoostConfig
+from broker.services.base import cancel_and_wait
 from broker.services.opstats import Histogram, RequestStats
 from broker.services.sysinfo import (
     LOGIN_REFUSALS,
@@ -110,13 +111,8 @@ class Monitor:
 
     async def stop(self) -> None:
         self.stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:

@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import Any
 
+from broker.services.base import cancel_and_wait
 from broker.store.base import JournalOp, StoreUnavailable
 
 log = logging.getLogger("roost.mqtt")
@@ -85,13 +86,8 @@ class SessionJournal:
         except TimeoutError:
             log.error("stopping with %d persistent-session changes the store would not take",
                       self.backlog)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
 
     async def _run(self) -> None:
         while True:
