@@ -72,6 +72,13 @@ class VerifyKey:
 
 
 @dataclass(frozen=True, slots=True)
+class _KeySet:
+    """What may change when the JWKS file does, swapped as one object."""
+    algorithms: frozenset[str]
+    jwks_keys: tuple[VerifyKey, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class _FileStamp:
     mtime_ns: int
     size: int
@@ -213,44 +220,57 @@ def _stamp(path: Path) -> _FileStamp | None:
 
 class JwtVerifier:
     """Checks tokens against the configured secret and public keys. Immutable
-    but for the JWKS keys, which `reload_jwks` replaces as a whole (one attribute
-    assignment, so a check on the loop never sees half a key set)."""
+    but for the JWKS keys (and the algorithms they enable when `algorithms` was
+    not configured), which `reload_jwks` replaces as one object, so a check on
+    the loop never sees half a key set."""
 
-    def __init__(self, *, secret: bytes | None, algorithms: frozenset[str], pem_keys: tuple[VerifyKey, ...] = (),
-                 jwks_path: Path | None = None, jwks_keys: tuple[VerifyKey, ...] = (),
-                 audience: str | None = None, issuer: str | None = None, leeway: float = 30.0) -> None:
-        self.algorithms = algorithms
+    def __init__(self, *, secret: bytes | None, algorithms: frozenset[str] | None = None,
+                 pem_keys: tuple[VerifyKey, ...] = (), jwks_path: Path | None = None,
+                 jwks_keys: tuple[VerifyKey, ...] = (), audience: str | None = None, issuer: str | None = None,
+                 leeway: float = 30.0) -> None:
         self.jwks_path = jwks_path
         self._secret = secret
         self._pem_keys = pem_keys
-        self._jwks_keys = jwks_keys
+        self._configured = algorithms     # None: each key's own (see default_algorithms)
+        self._keys = self._key_set(jwks_keys)
         self._jwks_stamp = _stamp(jwks_path) if jwks_path is not None else None
         self._audience = audience
         self._issuer = issuer
         self._leeway = leeway
+
+    @property
+    def algorithms(self) -> frozenset[str]:
+        return self._keys.algorithms
+
+    def _key_set(self, jwks_keys: tuple[VerifyKey, ...]) -> _KeySet:
+        algorithms = self._configured
+        if algorithms is None:
+            algorithms = default_algorithms(self._secret is not None, self._pem_keys + jwks_keys)
+        return _KeySet(algorithms, jwks_keys)
 
     def is_jwt(self, token: str) -> bool:
         return token_header(token, self.algorithms) is not None
 
     def decode(self, token: str, now: float) -> dict[str, Any] | None:
         """The claims of a valid token, else None (see the module's docstring)."""
-        header = token_header(token, self.algorithms)
+        keys = self._keys
+        header = token_header(token, keys.algorithms)
         if header is None or "crit" in header:   # extensions we would have to understand
             return None
         alg = header["alg"]
-        for key in self._keys_for(alg, header.get("kid")):
+        for key in self._keys_for(keys, alg, header.get("kid")):
             claims = self._verified(token, key, alg)
             if claims is not None:
                 return claims if self._times_ok(claims, now) else None
         return None
 
-    def _keys_for(self, alg: str, kid: Any) -> list[Any]:
+    def _keys_for(self, keys: _KeySet, alg: str, kid: Any) -> list[Any]:
         if alg in HMAC_ALGORITHMS:
             return [self._secret] if self._secret is not None else []
-        keys = [k.key for k in self._pem_keys if alg in k.usable]
+        found = [k.key for k in self._pem_keys if alg in k.usable]
         # a JWKS key is chosen by the token's kid; a token without one may use any of them
-        keys += [k.key for k in self._jwks_keys if alg in k.usable and (kid is None or k.kid == kid)]
-        return keys
+        found += [k.key for k in keys.jwks_keys if alg in k.usable and (kid is None or k.kid == kid)]
+        return found
 
     def _verified(self, token: str, key: Any, alg: str) -> dict[str, Any] | None:
         """Signature, `aud`, `iss` and presence of `sub`/`exp`/`iat` (PyJWT); the
@@ -293,19 +313,25 @@ class JwtVerifier:
         try:
             keys = parse_jwks(_read(path, "auth.jwt.jwks_file").decode("utf-8", "replace"), "auth.jwt.jwks_file")
         except ConfigError as exc:
-            log.warning("%s; keeping the %d key(s) in use", exc, len(self._jwks_keys))
+            log.warning("%s; keeping the %d key(s) in use", exc, len(self._keys.jwks_keys))
             return False
-        self._jwks_keys = keys
-        log.info("auth.jwt.jwks_file %s changed: %d key(s) in use", path, len(keys))
+        self._keys = self._key_set(keys)
+        log.info("auth.jwt.jwks_file %s changed: %d key(s) in use (%s)", path, len(keys),
+                 ", ".join(sorted(self._keys.algorithms)))
         return True
 
 
-def _algorithms(cfg: JwtConfig, keys: tuple[VerifyKey, ...]) -> frozenset[str]:
-    """The configured algorithms, checked against the keys; by default HS256 with a
-    secret plus each key's own algorithm."""
+def default_algorithms(with_secret: bool, keys: tuple[VerifyKey, ...]) -> frozenset[str]:
+    """HS256 with a secret, plus each key's own algorithm."""
+    return frozenset((["HS256"] if with_secret else []) + [k.default for k in keys])
+
+
+def _algorithms(cfg: JwtConfig, keys: tuple[VerifyKey, ...]) -> frozenset[str] | None:
+    """The configured algorithms, checked against the keys; None when none are
+    configured (each key's own, see `default_algorithms`)."""
     wanted = list(cfg.algorithms) + ([cfg.algorithm] if cfg.algorithm else [])
     if not wanted:
-        return frozenset((["HS256"] if cfg.secret else []) + [k.default for k in keys])
+        return None
     where = "auth.jwt.algorithms" if cfg.algorithms else "auth.jwt.algorithm"
     for alg in wanted:
         if alg not in SUPPORTED_ALGORITHMS:
