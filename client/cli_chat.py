@@ -17,8 +17,8 @@ import click
 from client import config as cfgmod
 from client.cli_common import (
     ConnectionWatch, Net, command, conv_of, clip, contact_ids, device_ids, event_line, guarded, network,
-    print_presence, principal_arg, read_password_stdin, request_timeout, subscribe_presence, target_params,
-    to_cli_error, who,
+    one_shot_label, print_presence, principal_arg, read_password_stdin, request_timeout, stream_label,
+    subscribe_presence, target_params, to_cli_error, who,
 )
 from client.config import ClientConfig
 from client.output import EXIT_SERVER_ERROR, EXIT_USAGE, CliError, Column, Output, Progress, fmt_time, fmt_value, render_body
@@ -83,7 +83,7 @@ def login(user_id: str, server: str | None, tls: bool | None, ca_file: str | Non
         if ca:
             ca = os.path.abspath(ca)   # later commands may run from another directory
         client = RoostClient(srv, user_id, password, tls=use_tls, ca_file=ca,
-                             label=f"login-{uuid.uuid4().hex[:6]}", subscribe_inbox=False,
+                             label=one_shot_label(), subscribe_inbox=False,
                              request_timeout=request_timeout())
         with Progress(f"connecting to {srv}", out.err):
             client.connect()
@@ -350,7 +350,7 @@ def chat(net: Net, target: str, history_n: int) -> None:
     conv = conv_of(target, me)
     params = target_params(target)
     out = net.out
-    client = net.open()
+    client = net.open(label=stream_label("chat"))
     stream = EventStream(client)
     stream.start_at_head()
     hist = client.call("history", {"conv": conv, "limit": history_n}) if history_n else {"messages": []}

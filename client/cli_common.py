@@ -1,7 +1,8 @@
 """Plumbing shared by the person-side commands (cli_chat, cli_social, cli_devices).
 
 Each network command opens its own MQTT connection as `<user>.<label>` through
-client.sdk, takes `--server/--user/--password-stdin/--tls/--json` (and ROOST_*
+client.sdk (one-shot commands with a transient `cli-` label that does not count
+for presence, streams with one that does), takes `--server/--user/--password-stdin/--tls/--json` (and ROOST_*
 variables) via `@network()`, prints through client.output, and turns every
 expected failure into one line on stderr with a documented exit code
 (docs/CLI.md). Usage errors are one line too (`command()`/`group()`).
@@ -14,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import uuid
 from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, Callable
@@ -30,7 +32,7 @@ from client.sdk import (
     AuthError, ConnectError, CursorLocked, RequestTimeout, RoostClient, RoostError, ServerError,
 )
 from contract import topics
-from contract.ids import dm_conv, is_valid_principal_id, parse_conv
+from contract.ids import TRANSIENT_LABEL_PREFIX, dm_conv, is_valid_principal_id, parse_conv
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
 ENV_TIMEOUT = "ROOST_TIMEOUT"
@@ -67,6 +69,8 @@ class Net:
         return s.user
 
     def open(self, *, label: str | None = None, inbox: bool = True) -> RoostClient:
+        """Connect as `<user>.<label>`; without a label, as a one-shot command
+        (`one_shot_label()`). Streams pass `stream_label(...)` or the user's label."""
         s = self.settings
         me = self.me
         if not s.secret:
@@ -74,7 +78,7 @@ class Net:
                 f"no password for '{me}': run `roost login {me}`, pass --password-stdin or set ROOST_PASSWORD",
                 EXIT_CONNECT)
         client = RoostClient(
-            s.server, me, s.secret, label=label, tls=s.tls, ca_file=s.ca_file,
+            s.server, me, s.secret, label=label or one_shot_label(), tls=s.tls, ca_file=s.ca_file,
             request_timeout=request_timeout(), subscribe_inbox=inbox,
         )
         with Progress(f"connecting to {s.server}", self.out.err):
@@ -89,6 +93,20 @@ class Net:
             except Exception:  # closing must never turn success into a traceback
                 pass
         self._clients.clear()
+
+
+def one_shot_label() -> str:
+    """A fresh label for a command that connects, asks and leaves. Its prefix marks
+    the connection transient (docs/PROTOCOL.md, Presence): the broker does not count
+    it for presence, so `roost send` does not show its user online and offline
+    again to every contact (issue 15)."""
+    return f"{TRANSIENT_LABEL_PREFIX}{uuid.uuid4().hex[:8]}"
+
+
+def stream_label(kind: str) -> str:
+    """A fresh label for a long-lived stream (`chat`, `presence --follow`): someone
+    watching a conversation is there, so it counts as online like an app."""
+    return f"{kind}-{uuid.uuid4().hex[:8]}"
 
 
 def request_timeout() -> float:

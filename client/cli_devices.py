@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from client.cli_common import ConnectionWatch, Net, clip, command, network, nonblank_arg, principal_arg
+from client.cli_common import ConnectionWatch, Net, clip, command, network, nonblank_arg, principal_arg, stream_label
 from client.output import (
     EXIT_DEVICE_ERROR, EXIT_SERVER_ERROR, EXIT_TIMEOUT, CliError, Column, Progress, fmt_kv, fmt_time,
     presence_colour, presence_text,
@@ -307,7 +307,8 @@ def telemetry(net: Net, device: str, follow: bool) -> None:
       roost telemetry thermo1 --follow --json | jq .temperature
     """
     principal_arg(device, "DEVICE")
-    client = net.open(inbox=False)
+    # Following is being there (counts as online); a one-off look is not.
+    client = net.open(label=stream_label("telemetry") if follow else None, inbox=False)
     out = net.out
     found = find_device(client, device)
     if found is None:

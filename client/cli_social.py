@@ -10,7 +10,7 @@ import click
 
 from client.cli_common import (
     ConnectionWatch, Net, command, contact_ids, group, network, nonblank_arg, principal_arg, print_presence,
-    subscribe_presence,
+    stream_label, subscribe_presence,
 )
 from client.output import EXIT_USAGE, UNKNOWN, CliError, Column, fmt_seen, fmt_value, presence_colour, presence_state, presence_text
 from client.sdk import ReconnectedItem, RoostClient, TopicItem
@@ -177,7 +177,8 @@ def presence(net: Net, ids: tuple[str, ...], follow: bool, wait: float) -> None:
     for i in ids:
         principal_arg(i)
     me = net.me
-    client = net.open(inbox=False)
+    # Following is being there (counts as online); a one-off look is not.
+    client = net.open(label=stream_label("presence") if follow else None, inbox=False)
     wanted = list(dict.fromkeys(ids or [me, *contact_ids(client)]))
     grants = subscribe_presence(client, wanted)
     states: dict[str, Any] = {}

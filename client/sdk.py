@@ -33,6 +33,7 @@ import paho.mqtt.client as mqtt
 
 from client.config import Server
 from contract import topics
+from contract.ids import TRANSIENT_LABEL_PREFIX
 
 log = logging.getLogger("roost.client")
 # A library never prints on its own: the application decides where logs go.
@@ -141,7 +142,9 @@ class RoostClient:
     ) -> None:
         self.server = server
         self.user = user
-        self.label = label or f"cli-{uuid.uuid4().hex[:8]}"
+        # Without a label: a transient `cli-` one (docs/PROTOCOL.md, Presence), not
+        # counted for presence. A long-lived client should name itself.
+        self.label = label or f"{TRANSIENT_LABEL_PREFIX}{uuid.uuid4().hex[:8]}"
         self.client_id = f"{user}.{self.label}"
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout

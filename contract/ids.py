@@ -32,6 +32,19 @@ def split_client_id(client_id: str) -> tuple[str, str | None] | None:
     return principal, label
 
 
+# Extension (docs/PROTOCOL.md, Presence): a label starting with this marks a
+# short-lived client, such as a one-shot `roost` command. Such clients do not
+# count for presence, so running a command does not make its user blink
+# online/offline for every contact.
+TRANSIENT_LABEL_PREFIX = "cli-"
+
+
+def is_transient_client_id(client_id: str) -> bool:
+    """`alice.cli-1a2b3c4d` -> True; `alice`, `alice.phone`, invalid ids -> False."""
+    parts = split_client_id(client_id)
+    return parts is not None and parts[1] is not None and parts[1].startswith(TRANSIENT_LABEL_PREFIX)
+
+
 def principal_of_client_id(client_id: str) -> str | None:
     parts = split_client_id(client_id)
     return parts[0] if parts else None

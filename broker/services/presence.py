@@ -4,7 +4,9 @@ Driven by the engine's lifecycle hooks through plugins/presence.py. A principal 
 online while it has at least one connection. Connections are *counted* (not keyed
 by client id): on a take-over the engine reports the new connection before the
 old one's `taken_over` disconnect, so the count goes 1 -> 2 -> 1 and never
-touches zero, hence no offline flicker.
+touches zero, hence no offline flicker. Transient clients (label `cli-...`,
+one-shot CLI commands) are never reported here: plugins/presence.py leaves them
+out on connect and disconnect alike.
 
 Ordering: the count changes synchronously inside the hook, and the resulting
 payload joins one FIFO that a single task publishes from, so states go out in
