@@ -5,8 +5,9 @@ Binds identity: a client id of another existing principal's form (`bob`,
 in (integrations keep their default, random client ids; the engine keys sessions
 by principal and client id, so they never collide). IM requests need the
 `<principal>[.<label>]` form (their topics are named by it). An anonymous client
-(when allowed) may not use a client id that belongs to a principal. Guessing is slowed down per address and per principal, whatever the
-parallelism (`broker.services.identity.LoginGuard`, bounded tables).
+(when allowed) may not use a client id that belongs to a principal. Guessing is
+slowed down per address and per principal, whatever the parallelism
+(`broker.services.identity.LoginGuard`, bounded tables).
 
 It also applies admin changes made by `roost user/device/service ...` while the
 broker runs (possibly from another process): removed principals are
