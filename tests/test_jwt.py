@@ -185,6 +185,10 @@ def test_tokens_issued_before_the_user_was_added_or_its_password_changed_are_ref
     deadline = time.monotonic() + 10
     while connack(broker, issued) != BAD_CREDENTIALS:
         assert time.monotonic() < deadline, "a token issued before passwd still works"
+    # whole seconds (as IdPs write iat): a token fetched right after `user add` works
+    broker.add_user("carol")
+    assert connack(broker, mint(key, "EdDSA", claims("carol", iat=int(time.time())), kid="k-EdDSA"),
+                   username="carol") == ACCEPTED
 
 
 def test_a_changed_jwks_file_is_picked_up(roost_factory, tmp_path, idp_keys):

@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
+import math
 import secrets
 import time
 from collections import OrderedDict
@@ -385,9 +386,7 @@ class IdentityService:
         claims = verifier.decode(token, time.time())
         if claims is None or claims["sub"] != p.id:
             return None
-        # Issued before the secret was last set (passwd, or the id removed and
-        # added again): revoked.
-        if float(claims["iat"]) < p.secret_set_at:
+        if _issued_before(float(claims["iat"]), p.secret_set_at):
             return None
         return Login(p, expires_at=float(claims["exp"]))
 
@@ -476,4 +475,15 @@ class IdentityService:
 
 
 _DUMMY_HASH = hash_secret("roost-timing-equaliser")
+
+
+def _issued_before(iat: float, secret_set_at: float) -> bool:
+    """True when a token issued at `iat` predates the principal's secret (set by
+    passwd, or the id removed and added again): it is revoked. A whole-second
+    `iat` (what IdPs and PyJWT's datetimes write) only says "during that second",
+    so one in the second of the change counts as after it: a user added a moment
+    ago can log in with the token fetched right away."""
+    if iat.is_integer():
+        return iat < math.floor(secret_set_at)
+    return iat < secret_set_at
 
