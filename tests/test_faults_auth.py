@@ -230,6 +230,7 @@ def test_jwt_claims_are_checked(jwt_broker):
     now = time.time()
     assert code_of(b, "alice", "alice", token(fresh())) == ACCEPTED
     assert code_of(b, "alice", "alice", token(fresh(nbf=now - 5))) == ACCEPTED
+    assert code_of(b, "alice", "alice", token(fresh(), header={"alg": "HS256"})) == ACCEPTED   # typ is optional
     refused = {
         "no exp": token({"sub": "alice", "iat": now}),
         "no iat": token({"sub": "alice", "exp": now + 600}),
@@ -244,6 +245,8 @@ def test_jwt_claims_are_checked(jwt_broker):
         "other sub": token(fresh(sub="bob")),
         "wrong key": token(fresh(), key="other-secret"),
         "alg none": token(fresh(), header={"alg": "none", "typ": "JWT"}),
+        "alg not configured": token(fresh(), header={"alg": "HS512", "typ": "JWT"}),
+        "typ not a JWT": token(fresh(), header={"alg": "HS256", "typ": "JOSE+JSON"}),
         "crit header": token(fresh(), header={"alg": "HS256", "typ": "JWT", "crit": ["x"]}),
         "header a list": token(fresh(), header=["HS256"]),
         "header a string": token(fresh(), header="HS256"),
