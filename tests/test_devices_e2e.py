@@ -101,7 +101,7 @@ def test_commands_and_results_end_to_end(roost, sims):
     assert wait_result(alice, "lamp", sent["seq"])["status"] == "error"
     # a stranger's command is refused by the broker and never reaches the device
     carol = ImClient("carol", "phone").open(roost, cpw)
-    expect_error("forbidden", command, carol, "lamp", "turn_off")
+    expect_error("not_found", command, carol, "lamp", "turn_off")
     time.sleep(0.3)
     assert light.on
     # presence and telemetry appear in `devices`
@@ -123,7 +123,8 @@ def test_share_only_with_contacts_and_sharee_can_command(roost, sims):
     alice.call("device.claim", device="thermo", code=code)
     expect_error("forbidden", alice.call, "device.share", device="thermo", **{"with": "bob"})
     befriend(alice, bob)
-    expect_error("forbidden", bob.call, "device.share", device="thermo", **{"with": "alice"})
+    # bob may not know of alice's thermostat yet: not found, as an unknown id (issue 15)
+    expect_error("not_found", bob.call, "device.share", device="thermo", **{"with": "alice"})
     alice.call("device.share", device="thermo", **{"with": "bob"})
     assert [d["id"] for d in bob.call("devices")["devices"]] == ["thermo"]
     sims(roost, "thermostat", "thermo", secret)
@@ -133,7 +134,7 @@ def test_share_only_with_contacts_and_sharee_can_command(roost, sims):
     # a non-contact cannot be given the device
     carol = ImClient("carol", "phone").open(roost, cpw)
     expect_error("forbidden", alice.call, "device.share", device="thermo", **{"with": "carol"})
-    expect_error("forbidden", command, carol, "thermo", "get_state")
+    expect_error("not_found", command, carol, "thermo", "get_state")
 
 
 def test_events_reach_every_owner_client(roost, sims):
@@ -223,7 +224,7 @@ def test_sharee_sees_presence_until_the_share_is_taken_back(roost, sims):
     assert watcher.wait_message("roost/presence/thermo").json()["state"] == "online"
     alice.call("device.unshare", device="thermo", **{"with": "bob"})
     assert bob.call("devices")["devices"] == []
-    expect_error("forbidden", command, bob, "thermo", "get_state")
+    expect_error("not_found", command, bob, "thermo", "get_state")
     thermo.device.stop()             # goes offline: bob is no longer told
     assert watcher.no_message("roost/presence/thermo", wait=1.0)
     assert watcher.subscribe("roost/presence/thermo") == [0x80]
@@ -239,7 +240,7 @@ def test_a_share_ends_with_the_contact(roost, sims, how):
     assert wait_result(bob, "lamp", command(bob, "lamp", "get_state")["seq"])["status"] == "ok"
     alice.call(how, user="bob")
     assert bob.call("devices")["devices"] == []
-    expect_error("forbidden", command, bob, "lamp", "get_state")
+    expect_error("not_found", command, bob, "lamp", "get_state")
     assert watcher.subscribe("roost/telemetry/lamp") == [0x80]
     # alice still owns and commands it
     assert [d["id"] for d in alice.call("devices")["devices"]] == ["lamp"]

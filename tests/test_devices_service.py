@@ -121,8 +121,8 @@ def test_share_only_by_owner_with_contact(tmp_path) -> None:
         # bob is not a contact of alice yet
         await expect_error(ErrorCode.FORBIDDEN, svc.share(user("alice"), {"device": "lamp", "with": "bob"}))
         services.relations.set_contact("alice", "bob", True)
-        # carol is not an owner
-        await expect_error(ErrorCode.FORBIDDEN, svc.share(user("carol"), {"device": "lamp", "with": "bob"}))
+        # carol is not an owner, nor may she know of the lamp: not found (issue 15)
+        await expect_error(ErrorCode.NOT_FOUND, svc.share(user("carol"), {"device": "lamp", "with": "bob"}))
         await expect_error(ErrorCode.NOT_FOUND, svc.share(user("alice"), {"device": "nolamp", "with": "bob"}))
         await expect_error(ErrorCode.BAD_REQUEST, svc.share(user("alice"), {"device": "lamp"}))
         res = await svc.share(user("alice"), {"device": "lamp", "with": "bob"})

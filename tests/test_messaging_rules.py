@@ -105,3 +105,61 @@ def test_removing_members_still_works_and_is_announced(trio):
     with pytest.raises(RequestFailed) as info:   # removing bob again: he is no longer there
         alice.call("group.remove", conv=conv, members=["bob"])
     assert info.value.code == "not_found"
+
+
+# ---- a device one may not know of is "not found", whatever the op (issue 15) ---------
+
+def refusal(client: ImClient, op: str, **params) -> tuple[str, str]:
+    """(code, message) of a refused request."""
+    with pytest.raises(RequestFailed) as info:
+        client.call(op, **params)
+    return info.value.code, info.value.message
+
+
+def as_unknown(client: ImClient, op: str, params: dict, hidden: str = "porch", unknown: str = "ghost") -> None:
+    """`op` naming `hidden` is answered exactly as naming `unknown`, an id nobody has:
+    same code (`not_found`), same text. In `params`, "@" stands for the id."""
+    def ask(target: str) -> tuple[str, str]:
+        def fill(v):
+            return [fill(x) for x in v] if isinstance(v, list) else v.replace("@", target) if isinstance(v, str) else v
+        code, message = refusal(client, op, **{k: fill(v) for k, v in params.items()})
+        return code, message.replace(target, "@")
+
+    got, expected = ask(hidden), ask(unknown)
+    assert got == expected and got[0] == "not_found", (op, got, expected)
+
+
+def test_a_device_you_may_not_see_is_not_found_like_an_unknown_id(home, roost):
+    """carol is a stranger to the porch light (alice owns it): every op naming it
+    answers `not_found` with the text an unknown id gets, as `profile.get` does;
+    `forbidden` would tell her the device exists."""
+    alice, bob, porch = home
+    carol = ImClient("carol", "phone").open(roost, roost.add_user("carol"))
+    befriend(carol, bob)
+    as_unknown(carol, "profile.get", {"user": "@"})
+    as_unknown(carol, "send", {"to": "@", "cmid": "s1", "body": COMMAND})
+    as_unknown(carol, "send", {"conv": "dm:carol:@", "cmid": "s2", "body": COMMAND})
+    as_unknown(carol, "group.create", {"name": "g", "members": ["@"]})
+    conv = carol.call("group.create", name="friends", members=["bob"])["conv"]
+    as_unknown(carol, "group.add", {"conv": conv, "members": ["@"]})
+    as_unknown(carol, "device.share", {"device": "@", "with": "bob"})
+    as_unknown(carol, "device.unshare", {"device": "@", "with": "bob"})
+    # the history of such a conversation is as empty as one with nobody
+    assert carol.call("history", conv="dm:carol:porch") == carol.call("history", conv="dm:carol:ghost")
+    # nothing reached the device; a person who exists is still `forbidden`
+    assert porch.no_message("roost/inbox/porch", wait=0.3)
+    assert refusal(carol, "send", to="alice", cmid="s3", body=text("hi"))[0] == "forbidden"
+    assert refusal(carol, "profile.get", user="alice")[0] == "forbidden"
+
+
+def test_once_shared_the_device_is_known_and_refusals_are_forbidden(home):
+    """bob is alice's contact but not a sharee: he may not know of the porch light
+    either; once it is shared with him he sees it, and only an owner may share it."""
+    alice, bob, porch = home
+    as_unknown(bob, "send", {"to": "@", "cmid": "b1", "body": COMMAND})
+    as_unknown(bob, "device.share", {"device": "@", "with": "alice"})
+    alice.call("device.share", device="porch", **{"with": "bob"})
+    assert bob.call("send", to="porch", cmid="b2", body=COMMAND)["conv"] == "dm:bob:porch"
+    assert porch.wait_event("msg", cmid="b2")["from"] == "bob"
+    code, message = refusal(bob, "device.share", device="porch", **{"with": "alice"})
+    assert code == "forbidden" and "owner" in message

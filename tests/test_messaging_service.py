@@ -260,14 +260,15 @@ def test_device_messages_need_ownership(tmp_path):
     async def main() -> None:
         env = await open_env(tmp_path, devices=("lamp",))
         cmd = {"type": "command", "name": "set", "args": {"on": True}}
-        assert (await env.error("alice", "send", to="lamp", cmid="1", body=cmd)).code == ErrorCode.FORBIDDEN
+        # a device one may not know of is not found, not forbidden (issue 15)
+        assert (await env.error("alice", "send", to="lamp", cmid="1", body=cmd)).code == ErrorCode.NOT_FOUND
         env.services.relations.set_device_users("lamp", {"alice"})
         r = await env.call("alice", "send", to="lamp", cmid="1", body=cmd)
         assert r["conv"] == "dm:alice:lamp"
         res = await env.call("lamp", "send", to="alice", cmid="r1",
                              body={"type": "result", "for": r["seq"], "status": "ok", "data": {"on": True}})
         assert res["seq"] == 2
-        assert (await env.error("bob", "send", to="lamp", cmid="1", body=cmd)).code == ErrorCode.FORBIDDEN
+        assert (await env.error("bob", "send", to="lamp", cmid="1", body=cmd)).code == ErrorCode.NOT_FOUND
         assert (await env.error("lamp", "send", to="bob", cmid="2", body=text("x"))).code == ErrorCode.FORBIDDEN
         await close_env(env)
 

@@ -256,7 +256,8 @@ class DeviceService:
         if self.role(device, caller.principal) == OWNER:
             return
         p = await self._identity.get(device)
-        if p is None or p.kind != "device":
+        # A device the caller may not know of is answered as unknown: `forbidden` would reveal it.
+        if p is None or p.kind != "device" or not self._relations.may_know_device(caller.principal, device):
             raise ProtocolError(ErrorCode.NOT_FOUND, f"no device {device!r}")
         raise ProtocolError(ErrorCode.FORBIDDEN, "only an owner of the device can do that")
 

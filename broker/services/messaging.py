@@ -19,7 +19,7 @@ from typing import Any
 from broker.services.base import Caller, Handler, Publisher, bad, param_int, param_str
 from broker.services.inbox import Inboxes, compact_json, describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
-from broker.store.base import MailboxEvent, NotMember, StoredMessage
+from broker.store.base import MailboxEvent, NotMember, Principal, StoredMessage
 from contract.envelopes import MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import dm_conv, group_conv, is_valid_principal_id, parse_conv
@@ -229,6 +229,14 @@ class MessagingService:
                 return True
         return bool(self._config.messaging.allow_dm_without_contact)
 
+    def _unknown_to(self, viewer: str, target: Principal | None) -> bool:
+        """True when `viewer` must be told `target` does not exist: it does not, or
+        it is a device or service `viewer` may not know of (people can be found by
+        `user.search`, so a person who exists is never hidden)."""
+        if target is None:
+            return True
+        return target.kind != "user" and not self._services.relations.may_know_device(viewer, target.id)
+
     async def _dm_target(self, caller: Caller, other: str) -> tuple[str, tuple[str, str]]:
         if other == caller.principal:
             raise bad("you cannot message yourself")
@@ -236,6 +244,9 @@ class MessagingService:
         if target is None:
             raise not_found(f"no principal {other!r}")
         if not await self.dm_allowed(caller.principal, other):
+            if self._unknown_to(caller.principal, target):
+                # same code and text as an unknown id: `forbidden` would say it exists
+                raise not_found(f"no principal {other!r}")
             raise forbidden(f"you may not message {other!r} (contact, group or device share needed)")
         conv = dm_conv(caller.principal, other)
         a, b = sorted((caller.principal, other))
@@ -373,7 +384,7 @@ class MessagingService:
             if m == caller.principal:
                 continue
             p = await self._services.identity.get(m)
-            if p is None:
+            if self._unknown_to(caller.principal, p):
                 raise not_found(f"no principal {m!r}")
             if self._blocked(m, caller.principal) or self._blocked(caller.principal, m):
                 raise forbidden(f"you may not add {m!r}")

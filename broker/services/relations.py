@@ -85,6 +85,19 @@ class Relations:
     def group_members(self, group_id: str) -> set[str]:
         return set(self._members.get(group_id, ()))
 
+    def may_know_device(self, viewer: str, device: str) -> bool:
+        """May `viewer` know that the device (or service account) `device` exists:
+        the rule `profile.get` applies (PROTOCOL.md, Contacts, search, profiles).
+        Ops that name a device answer one the viewer may not know exactly as an
+        unknown id (`not_found`), never `forbidden`, which would reveal it."""
+        return (
+            viewer == device
+            or self.share_group(viewer, device)
+            or self.may_use_device(viewer, device)
+            or (self.integration_account is not None and viewer == self.integration_account
+                and bool(self._device_users.get(device)))
+        )
+
     def can_observe(self, viewer: str, target: str) -> bool:
         """May `viewer` see `target`'s presence (PROTOCOL.md, Topics)."""
         return (
