@@ -350,17 +350,21 @@ class IdentityService:
     async def login(self, principal_id: str, secret: str) -> Login | None:
         """`secret` (a password, or a token when JWT auth is configured) checked
         against `principal_id`; None when it is wrong."""
-        login = await self._check(await self.get(principal_id), secret)
+        checked = await self.get(principal_id)
+        login = await self._check(checked, secret)
         if login is None and is_valid_principal_id(principal_id):
             # An admin command may have just added the principal or changed its
             # secret, and the directory learns of it only at the next admin-log
             # poll: a failure is checked once more against the store itself, so a
-            # new password works the moment `roost user passwd` returns.
+            # new password works the moment `roost user passwd` returns. Compared
+            # with the record that was checked, not the directory now: the poll may
+            # have refreshed the directory while the check ran.
             fresh = await self._store.get_principal(principal_id)
-            cached = self._directory.get(principal_id)
-            if fresh is not None and (cached is None or fresh.secret_hash != cached.secret_hash
-                                      or fresh.secret_set_at != cached.secret_set_at):
-                self._directory[fresh.id] = fresh
+            if fresh is not None and (checked is None or fresh.secret_hash != checked.secret_hash
+                                      or fresh.secret_set_at != checked.secret_set_at):
+                cached = self._directory.get(principal_id)
+                if cached is None or cached.secret_set_at <= fresh.secret_set_at:
+                    self._directory[fresh.id] = fresh
                 login = await self._check(fresh, secret)
         return login
 
