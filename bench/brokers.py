@@ -123,7 +123,7 @@ class BrokerProcess:
                                      timeout=2.0)
                 conn.close()
                 return
-            except (OSError, MqttError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError, MqttError) as exc:
                 last = exc
                 await asyncio.sleep(0.02)
         self.stop()

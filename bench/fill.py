@@ -101,7 +101,7 @@ async def time_to_serve(broker: Roost, timeout: float = 30.0) -> float:
         try:
             if await _probe(broker, creds.client_id, creds.username, creds.password):
                 return time.monotonic() - t0
-        except (OSError, MqttError, asyncio.TimeoutError):
+        except (TimeoutError, OSError, MqttError):
             pass
         await asyncio.sleep(0.01)
     raise RuntimeError(f"roost did not answer within {timeout}s after restart:\n{broker.log_tail()}")

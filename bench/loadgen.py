@@ -419,7 +419,7 @@ class Worker:
             async with sem:
                 try:
                     self.conns.append(await self.open_client(c))
-                except (OSError, MqttError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, OSError, MqttError) as exc:
                     errors.append(f"{c['cid']}: {type(exc).__name__}: {exc}")
 
         await asyncio.gather(*(one(c) for c in self.spec["clients"]))

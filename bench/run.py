@@ -18,16 +18,16 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from bench import profile
 from bench.brokers import CLK_TCK, BrokerProcess, Mosquitto, Roost, child_setup, make
 from bench.loadgen import raise_nofile
 from bench.mqtt import now_ns
-from bench.report import (NPROC, Outcome, machine_info, pct, render_notes, render_table, render_targets,
-                          results_md)
+from bench.report import NPROC, Outcome, machine_info, pct, render_notes, render_table, render_targets, results_md
 
 SCENARIOS = ("fanin_qos0", "fanin_qos1", "p2p", "fanout", "im", "hold", "restart")
 ROOST_ONLY = {"im", "restart"}

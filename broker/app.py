@@ -54,10 +54,10 @@ async def build_services(config: RoostConfig) -> Services:
         services.relations.integration_account = config.homeassistant.service_account
     # Each service module builds itself from the container; imported here so a
     # lower layer never imports a higher one.
-    from broker.services.messaging import MessagingService
-    from broker.services.social import SocialService
-    from broker.services.presence import PresenceService
     from broker.services.devices import DeviceService
+    from broker.services.messaging import MessagingService
+    from broker.services.presence import PresenceService
+    from broker.services.social import SocialService
     from broker.services.telemetry import TelemetryService
 
     services.messaging = MessagingService(services)

@@ -87,7 +87,6 @@ from amqtt.events import BrokerEvents
 from broker.config import ListenerConfig, RoostConfig
 from broker.mqtt.connection import CLOSED, Connection
 from broker.mqtt.engine import Engine
-from broker.mqtt.hooks import DisconnectReason
 from broker.startup import StartupError
 from broker.store.base import SavedSession
 from contract import topics

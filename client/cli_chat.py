@@ -16,15 +16,51 @@ import click
 
 from client import config as cfgmod
 from client.cli_common import (
-    ConnectionWatch, Net, command, conv_of, clip, contact_ids, device_ids, event_line, guarded, network,
-    one_shot_label, print_presence, principal_arg, read_password_stdin, request_timeout, stream_label,
-    subscribe_presence, target_params, to_cli_error, who,
+    ConnectionWatch,
+    Net,
+    clip,
+    command,
+    contact_ids,
+    conv_of,
+    device_ids,
+    event_line,
+    guarded,
+    network,
+    one_shot_label,
+    principal_arg,
+    print_presence,
+    read_password_stdin,
+    request_timeout,
+    stream_label,
+    subscribe_presence,
+    target_params,
+    to_cli_error,
+    who,
 )
 from client.config import ClientConfig
-from client.output import EXIT_SERVER_ERROR, EXIT_USAGE, CliError, Column, Output, Progress, fmt_time, fmt_value, render_body
+from client.output import (
+    EXIT_SERVER_ERROR,
+    EXIT_USAGE,
+    CliError,
+    Column,
+    Output,
+    Progress,
+    fmt_time,
+    fmt_value,
+    render_body,
+)
 from client.sdk import (
-    ConnectError, CursorStore, EventStream, InboxItem, LocalItem, ReconnectedItem, RequestTimeout, RoostClient,
-    RoostError, ServerError, TopicItem,
+    ConnectError,
+    CursorStore,
+    EventStream,
+    InboxItem,
+    LocalItem,
+    ReconnectedItem,
+    RequestTimeout,
+    RoostClient,
+    RoostError,
+    ServerError,
+    TopicItem,
 )
 from contract import topics
 from contract.ids import CLIENT_LABEL_RE, is_valid_principal_id, parse_conv

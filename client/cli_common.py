@@ -16,20 +16,40 @@ import signal
 import sys
 import threading
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from client import config as cfgmod
 from client.config import ClientConfigError, Settings
 from client.output import (
-    EXIT_CONNECT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_SERVER_ERROR, EXIT_TIMEOUT, EXIT_USAGE,
-    UNKNOWN, CliError, Output, Progress, fmt_kv, fmt_seen, fmt_time, presence_colour, presence_text, render_body,
+    EXIT_CONNECT,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    EXIT_SERVER_ERROR,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+    UNKNOWN,
+    CliError,
+    Output,
+    Progress,
+    fmt_kv,
+    fmt_seen,
+    fmt_time,
+    presence_colour,
+    presence_text,
+    render_body,
 )
 from client.sdk import (
-    AuthError, ConnectError, CursorLocked, RequestTimeout, RoostClient, RoostError, ServerError,
+    AuthError,
+    ConnectError,
+    CursorLocked,
+    RequestTimeout,
+    RoostClient,
+    RoostError,
+    ServerError,
 )
 from contract import topics
 from contract.ids import TRANSIENT_LABEL_PREFIX, dm_conv, is_valid_principal_id, parse_conv
@@ -292,7 +312,7 @@ def group_text(ev: dict[str, Any], me: str, groups: Mapping[str, str]) -> str:
     return f"group {where}: {event} by {by}" + (f" ({members})" if members else "")
 
 
-def print_presence(net: "Net", principal: str, payload: Any) -> None:
+def print_presence(net: Net, principal: str, payload: Any) -> None:
     """A presence update in a stream: a JSON line, or one readable line."""
     if net.json_mode:
         net.out.jsonl({"kind": "presence", "id": principal, **(payload if isinstance(payload, dict) else {})})

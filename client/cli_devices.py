@@ -11,8 +11,16 @@ import click
 
 from client.cli_common import ConnectionWatch, Net, clip, command, network, nonblank_arg, principal_arg, stream_label
 from client.output import (
-    EXIT_DEVICE_ERROR, EXIT_SERVER_ERROR, EXIT_TIMEOUT, CliError, Column, Progress, fmt_kv, fmt_time,
-    presence_colour, presence_text,
+    EXIT_DEVICE_ERROR,
+    EXIT_SERVER_ERROR,
+    EXIT_TIMEOUT,
+    CliError,
+    Column,
+    Progress,
+    fmt_kv,
+    fmt_time,
+    presence_colour,
+    presence_text,
 )
 from client.sdk import EventStream, InboxItem, ReconnectedItem, RequestTimeout, RoostClient, RoostError, TopicItem
 from contract import catalog, topics

@@ -9,10 +9,29 @@ from typing import Any
 import click
 
 from client.cli_common import (
-    ConnectionWatch, Net, command, contact_ids, group, network, nonblank_arg, principal_arg, print_presence,
-    stream_label, subscribe_presence,
+    ConnectionWatch,
+    Net,
+    command,
+    contact_ids,
+    group,
+    network,
+    nonblank_arg,
+    principal_arg,
+    print_presence,
+    stream_label,
+    subscribe_presence,
 )
-from client.output import EXIT_USAGE, UNKNOWN, CliError, Column, fmt_seen, fmt_value, presence_colour, presence_state, presence_text
+from client.output import (
+    EXIT_USAGE,
+    UNKNOWN,
+    CliError,
+    Column,
+    fmt_seen,
+    fmt_value,
+    presence_colour,
+    presence_state,
+    presence_text,
+)
 from client.sdk import ReconnectedItem, RoostClient, TopicItem
 from contract import topics
 from contract.ids import parse_conv

@@ -14,9 +14,9 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 DEFAULT_PORT = 1883
 DEFAULT_TLS_PORT = 8883

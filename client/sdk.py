@@ -234,7 +234,7 @@ class RoostClient:
                 self._mqtt.loop_stop()
                 self._started = False
 
-    def __enter__(self) -> "RoostClient":
+    def __enter__(self) -> RoostClient:
         self.connect()
         return self
 

@@ -5,18 +5,18 @@ It must stay free of amqtt (and of anything heavy) so firmware-side code can use
 it with nothing but the standard library.
 """
 
+from contract import topics
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import (
     CLIENT_LABEL_RE,
     PRINCIPAL_ID_RE,
-    is_valid_principal_id,
-    principal_of_client_id,
-    split_client_id,
     dm_conv,
     group_conv,
+    is_valid_principal_id,
     parse_conv,
+    principal_of_client_id,
+    split_client_id,
 )
-from contract import topics
 
 PROTOCOL_VERSION = 1
 

@@ -157,7 +157,7 @@ class Device:
         (e.g. a sensor interrupt that sends an event). Blocks while the queue is full."""
         self._inbox.put(fn)
 
-    def start(self, wait: float | None = 10.0) -> "Device":
+    def start(self, wait: float | None = 10.0) -> Device:
         """Connect (in the background, retrying) and start handling the inbox.
         With `wait`, block until connected or raise TimeoutError."""
         self._stop.clear()

@@ -10,7 +10,7 @@ if TYPE_CHECKING:
     from broker.services.runtime import Services
 
 
-def broker_of(plugin: Any) -> "BrokerApi":
+def broker_of(plugin: Any) -> BrokerApi:
     ctx = plugin.context
     # RoostBroker sets `_broker` once amqtt's Broker.__init__ returned; while plugins
     # are being built inside it, amqtt's own `_broker_instance` is the same object.
@@ -18,5 +18,5 @@ def broker_of(plugin: Any) -> "BrokerApi":
     return broker if broker is not None else ctx._broker_instance
 
 
-def services_of(plugin: Any) -> "Services":
+def services_of(plugin: Any) -> Services:
     return broker_of(plugin).services  # type: ignore[attr-defined]

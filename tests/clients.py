@@ -15,7 +15,6 @@ from typing import Any
 import paho.mqtt.client as mqtt
 
 from contract import topics
-
 from tests.harness import RoostProcess
 
 DEFAULT_TIMEOUT = 5.0
@@ -87,7 +86,7 @@ class MqttClient:
     # ---- actions -------------------------------------------------------------
     def connect(self, host: str, port: int, *, username: str | None = None, password: str | None = None,
                 keepalive: int = 60, will: tuple[str, bytes, int, bool] | None = None,
-                timeout: float = DEFAULT_TIMEOUT, tls: dict[str, Any] | None = None) -> "MqttClient":
+                timeout: float = DEFAULT_TIMEOUT, tls: dict[str, Any] | None = None) -> MqttClient:
         if username is not None:
             self._c.username_pw_set(username, password)
         if will is not None:
@@ -193,7 +192,7 @@ class ImClient(MqttClient):
         self.events: list[dict[str, Any]] = []
 
     def open(self, broker: RoostProcess, password: str, *, subscribe_inbox: bool = True,
-             keepalive: int = 60) -> "ImClient":
+             keepalive: int = 60) -> ImClient:
         self.connect(broker.host, broker.port, username=self.principal, password=password, keepalive=keepalive)
         self.subscribe(f"roost/resp/{self.client_id}", 1)
         if subscribe_inbox:

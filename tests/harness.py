@@ -67,7 +67,7 @@ class RoostProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     # ---- lifecycle ---------------------------------------------------------
-    def start(self, timeout: float = 20.0) -> "RoostProcess":
+    def start(self, timeout: float = 20.0) -> RoostProcess:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
@@ -104,7 +104,7 @@ class RoostProcess:
             self.proc.kill()
             self.proc.wait()
 
-    def restart(self) -> "RoostProcess":
+    def restart(self) -> RoostProcess:
         self.stop()
         return self.start()
 

@@ -56,7 +56,7 @@ class Person:
         self.ok("login", "--server", f"{self.roost.host}:{self.roost.port}", "--password-stdin", self.id,
                 input=self.password + "\n")
 
-    def spawn(self, *args: str) -> "Stream":
+    def spawn(self, *args: str) -> Stream:
         return Stream([sys.executable, "-m", "client.cli", *args], self.env)
 
 

@@ -10,7 +10,14 @@ import pytest
 
 from client.config import Server
 from client.sdk import (
-    AuthError, ConnectError, CursorLocked, CursorStore, EventStream, InboxItem, RoostClient, ServerError,
+    AuthError,
+    ConnectError,
+    CursorLocked,
+    CursorStore,
+    EventStream,
+    InboxItem,
+    RoostClient,
+    ServerError,
 )
 from tests.harness import free_port
 

@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from client import config as cfgmod
 from client.cli_chat import register
-from client.cli_devices import parse_args
-from client.config import ClientConfig, ClientConfigError
 from client.cli_common import presence_line
+from client.cli_devices import parse_args
 from client.cli_social import presence_row
+from client.config import ClientConfig, ClientConfigError
 from client.output import Column, Output, fmt_seen, fmt_time, presence_state, presence_text, render_body
 from tests.harness import free_port
 

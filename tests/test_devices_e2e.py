@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from devices.simulators import DoorSensor, Light, Thermostat, make
+from devices.simulators import DoorSensor, Light, make
 from tests.clients import ImClient, MqttClient, RequestFailed
 
 _cmids = itertools.count(1)

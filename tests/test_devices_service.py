@@ -29,7 +29,7 @@ def user(pid: str) -> Caller:
     return Caller(pid, "user", f"{pid}.phone")
 
 
-async def setup(path, limits: ClaimLimits = ClaimLimits()):  # noqa: ANN001, ANN201
+async def setup(path, limits: ClaimLimits | None = None):  # noqa: ANN001, ANN201
     store = SqliteStore(path)
     await store.open()
     identity = IdentityService(store.identity)
@@ -43,7 +43,7 @@ async def setup(path, limits: ClaimLimits = ClaimLimits()):  # noqa: ANN001, ANN
         codes["thermo"] = (await identity.add("thermo", "device", device_kind="thermostat")).pairing_code
     services.presence = PresenceService(services)
     services.telemetry = Telemetry()
-    svc = DeviceService(services, limits=limits)
+    svc = DeviceService(services, limits=limits or ClaimLimits())
     services.devices = svc
     await services.presence.load()
     await svc.load()

@@ -263,7 +263,7 @@ def test_repeated_sigkill_under_mixed_load_loses_nothing_acknowledged(roost_fact
         assert m.retain
         retained[m.topic] = int(m.payload)
     assert reader.no_message("load/ret/#", wait=0.5)
-    for topic, k in ledger.ret_acked.items():
+    for topic in ledger.ret_acked:
         assert ledger.ret_acked[topic] <= retained[topic], topic
         assert retained[topic] in ledger.ret_tried[topic], topic
 

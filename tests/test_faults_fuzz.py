@@ -20,8 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from broker.mqtt import codec
 from contract.envelopes import OPS
 from contract.errors import ErrorCode
@@ -642,7 +640,7 @@ def test_json_request_fuzzer_answers_each_request_once_with_a_catalogued_code(ro
             left[rid] = left.get(rid, 0) - 1
         else:
             flexible.append((payload, ids))
-    for payload, ids in flexible:      # ... then those that may carry their id or null
+    for _payload, ids in flexible:      # ... then those that may carry their id or null
         rid = next((i for i in ids if i is not None and left.get(i, 0) > 0), None)
         left[rid] = left.get(rid, 0) - 1
     problems += [f"{-n} answers missing for id {rid!r}" if n < 0 else f"{n} extra answers with id {rid!r}"

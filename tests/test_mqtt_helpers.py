@@ -161,7 +161,7 @@ class InProcRoost:
     plugins: dict[str, dict] | None = None
     db_path: Path | None = None
 
-    def start(self) -> "InProcRoost":
+    def start(self) -> InProcRoost:
         from broker.server import RoostBroker
         from broker.store.sqlite import SqliteStore
 
@@ -217,7 +217,7 @@ class InProcStock:
 
     plugins: dict[str, dict] | None = None
 
-    def start(self) -> "InProcStock":
+    def start(self) -> InProcStock:
         from amqtt.broker import Broker
 
         self.lt = LoopThread()
@@ -390,7 +390,7 @@ def closed_after(sock: socket.socket, timeout: float = 3.0) -> bool:
             data = sock.recv(4096)
             if not data:
                 return True
-    except (TimeoutError, socket.timeout):
+    except TimeoutError:
         return False
     except ConnectionResetError:
         return True
@@ -455,7 +455,7 @@ class RawClient:
             while True:
                 if not self.s.recv(4096):
                     return True
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except ConnectionResetError:
             return True

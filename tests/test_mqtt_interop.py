@@ -122,7 +122,7 @@ class Suite:
                 return packet
             try:
                 chunk = self.s.recv(65536)
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 return None
             except OSError:
                 return None

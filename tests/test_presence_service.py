@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
-
 from broker.config import RoostConfig
 from broker.services.identity import IdentityService
 from broker.services.presence import PresenceService

@@ -13,7 +13,7 @@ import pytest
 from broker.config import config_from_dict
 from broker.services.identity import IdentityService
 from broker.services.runtime import Services
-from broker.services.telemetry import TelemetryService, parse_telemetry, MalformedTelemetry
+from broker.services.telemetry import MalformedTelemetry, TelemetryService, parse_telemetry
 from broker.services.telemetry_influx import line_protocol
 from broker.store.sqlite import SqliteStore
 from tests import victoria

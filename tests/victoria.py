@@ -134,7 +134,7 @@ class VictoriaMetrics:
                 samples.append(Sample(name, labels, float(v), int(t)))
         return samples
 
-    def __enter__(self) -> "VictoriaMetrics":
+    def __enter__(self) -> VictoriaMetrics:
         self.start()
         return self
 

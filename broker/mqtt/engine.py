@@ -61,16 +61,22 @@ from broker.mqtt import codec
 from broker.mqtt.codec import ProtocolViolation, UnacceptableProtocol
 from broker.mqtt.connection import CLOSED, CONNECTED, NEW, Connection
 from broker.mqtt.hooks import ConnectRefused, DisconnectReason
-from broker.mqtt.session import (ACL_CACHE_SIZE, ClientInfo, Message, SessionState, client_id_of_key,
-                                 loggable, session_key)
-from contract.ids import is_valid_principal_id
-from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
-from broker.mqtt.retained import Refused as RetainedRefused
-from broker.services.telemetry_influx import RateLimitedLog
-from broker.mqtt.retained import RetainedIndex
 from broker.mqtt.journal import RETRY_FIRST, RETRY_MAX, SessionJournal
-from broker.store.base import (RetainedMessage, SavedMessage, SavedSession, SessionDrop, SessionUpsert,
-                               StoreUnavailable)
+from broker.mqtt.retained import Refused as RetainedRefused
+from broker.mqtt.retained import RetainedIndex
+from broker.mqtt.session import (
+    ACL_CACHE_SIZE,
+    ClientInfo,
+    Message,
+    SessionState,
+    client_id_of_key,
+    loggable,
+    session_key,
+)
+from broker.mqtt.topics import SubscriptionIndex, is_wildcard, matches, valid_topic_filter, valid_topic_name
+from broker.services.telemetry_influx import RateLimitedLog
+from broker.store.base import RetainedMessage, SavedMessage, SavedSession, SessionDrop, SessionUpsert, StoreUnavailable
+from contract.ids import is_valid_principal_id
 
 log = logging.getLogger("roost.mqtt")
 

@@ -40,7 +40,7 @@ class Publisher(Protocol):
     def refresh_acl(self) -> None: ...
 
 
-async def cancel_and_wait(*tasks: "asyncio.Task[Any] | None") -> None:
+async def cancel_and_wait(*tasks: asyncio.Task[Any] | None) -> None:
     """Cancel background tasks and wait until they are gone (their errors were
     already logged by the tasks themselves)."""
     live = [t for t in tasks if t is not None]

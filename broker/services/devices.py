@@ -203,7 +203,7 @@ class DeviceService:
         stop being contacts (removed or blocked) each loses what the other owns and
         shared. Without this a blocked ex could still switch the blocker's lights."""
         revoked = 0
-        for device, users in list(self._users.items()):
+        for device in list(self._users):
             for owner, sharee in ((a, b), (b, a)):
                 if self.role(device, owner) == OWNER and self.role(device, sharee) == SHAREE:
                     await self._revoke(device, sharee)

@@ -165,7 +165,7 @@ class PresenceService:
             return
         try:
             await asyncio.wait_for(self._drain(), timeout=5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("presence: %d state(s) not published before shutdown", len(self._queue))
         await cancel_and_wait(*self._tasks)
         self._tasks = []

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from broker.store import sqlite_identity
-from broker.store import sqlite_messaging, sqlite_social
-from broker.store import sqlite_devices
-from broker.store import sqlite_telemetry
-from broker.store import sqlite_sessions
+from broker.store import (
+    sqlite_devices,
+    sqlite_identity,
+    sqlite_messaging,
+    sqlite_sessions,
+    sqlite_social,
+    sqlite_telemetry,
+)
 from broker.store.sqlite_db import Database, Migration
 from broker.store.sqlite_identity import SqliteIdentityStore, SqliteRetainedStore
 

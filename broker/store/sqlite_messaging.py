@@ -26,7 +26,8 @@ from broker.store.base import (
     StoredMessage,
 )
 from broker.store.sqlite_db import Database, Migration
-from broker.store.sqlite_msgbatch import AckOp, OpBatcher, SendOp, dumps as _dumps
+from broker.store.sqlite_msgbatch import AckOp, OpBatcher, SendOp
+from broker.store.sqlite_msgbatch import dumps as _dumps
 
 MIGRATIONS: list[Migration] = [
     ("0100_messaging", """
@@ -556,7 +557,7 @@ class SqliteMessagingStore:
                 "SELECT s.principal, s.first_n, s.last_n FROM mailbox_state s JOIN mailbox mb "
                 "ON mb.principal = s.principal AND mb.n = s.first_n WHERE mb.ts < ? LIMIT ?",
                 (cutoff, max_mailboxes)).fetchall()
-            for principal, first_n, last_n in old:
+            for principal, first_n, _last_n in old:
                 rows = conn.execute(
                     "SELECT n, kind FROM mailbox WHERE principal=? AND n>=? AND ts<? ORDER BY n LIMIT ?",
                     (principal, first_n, cutoff, max_rows)).fetchall()

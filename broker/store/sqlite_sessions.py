@@ -13,8 +13,15 @@ from __future__ import annotations
 import json
 import sqlite3
 
-from broker.store.base import (JournalOp, MessageDone, MessageKept, SavedMessage, SavedSession, SessionDrop,
-                               SessionUpsert)
+from broker.store.base import (
+    JournalOp,
+    MessageDone,
+    MessageKept,
+    SavedMessage,
+    SavedSession,
+    SessionDrop,
+    SessionUpsert,
+)
 from broker.store.sqlite_db import Database, Migration, payload_digest
 
 MIGRATIONS: list[Migration] = [
