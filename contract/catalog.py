@@ -12,7 +12,9 @@ argument validation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 # Value types of telemetry fields and command arguments.
@@ -153,7 +155,7 @@ DOOR_SENSOR = DeviceKind(
     ha_component=None,
 )
 
-KINDS: dict[str, DeviceKind] = {k.name: k for k in (THERMOSTAT, LIGHT, DOOR_SENSOR)}
+KINDS: Mapping[str, DeviceKind] = MappingProxyType({k.name: k for k in (THERMOSTAT, LIGHT, DOOR_SENSOR)})
 
 
 def get_kind(name: str | None) -> DeviceKind | None:

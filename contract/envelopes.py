@@ -7,23 +7,22 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from contract.bodies import BODIES
 from contract.errors import ErrorCode, ProtocolError
+from contract.events import EVENTS
+from contract.ops import MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT
+from contract.ops import OPS as OP_SPECS
 
 MAX_REQUEST_ID_LEN = 64
-MAX_SYNC_LIMIT = 1000
-MAX_HISTORY_LIMIT = 200
 
-OPS = (
-    "send", "sync", "ack", "read", "history", "convs",
-    "contact.request", "contact.accept", "contact.reject",
-    "contact.remove", "contact.block", "contact.unblock", "contacts",
-    "user.search", "profile.get", "profile.set",
-    "group.create", "group.add", "group.remove", "group.leave", "group.info",
-    "device.claim", "device.share", "devices",
-)
+# Names only, for importers that need no more; the registries themselves are
+# contract.ops.OPS, contract.events.EVENTS and contract.bodies.BODIES.
+OPS = tuple(OP_SPECS)
+EVENT_KINDS = tuple(EVENTS)
+BODY_TYPES = tuple(BODIES)
 
-EVENT_KINDS = ("msg", "delivered", "read", "unread", "contact", "group", "dropped")
-BODY_TYPES = ("text", "command", "result", "event", "file")
+__all__ = ["MAX_HISTORY_LIMIT", "MAX_REQUEST_ID_LEN", "MAX_SYNC_LIMIT", "OPS", "EVENT_KINDS", "BODY_TYPES",
+           "Request", "parse_request", "ok_response", "error_response", "dumps"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +113,7 @@ def _all_unicode(doc: Any) -> bool:
 
 def _bad(rid: str | None, message: str) -> ProtocolError:
     err = ProtocolError(ErrorCode.BAD_REQUEST, message)
-    err.request_id = rid  # type: ignore[attr-defined]
+    err.request_id = rid
     return err
 
 

@@ -24,6 +24,9 @@ class ProtocolError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = ErrorCode(code)
         self.message = message
+        # The request's id when known (set by contract.envelopes.parse_request),
+        # so even a malformed request is answered exactly once.
+        self.request_id: str | None = None
 
     def to_wire(self) -> dict[str, str]:
         return {"code": str(self.code), "message": self.message}

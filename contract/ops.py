@@ -1,0 +1,168 @@
+"""Request operations (PROTOCOL.md, "Operations"): the one registry of every op
+the broker answers on `roost/req/<client_id>`.
+
+Each `OpSpec` says who may call it, its parameters (type, required, bounds)
+and the top-level keys of its `result`. The broker's services serve exactly
+these ops (tests/test_contract_registry.py fails on any difference), and
+docs/PROTOCOL.md's tables are checked against them.
+
+Plain data, standard library only: firmware-side code may import it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+# Who is calling (the principal kinds of contract.ids.PRINCIPAL_KINDS).
+USER = "user"
+DEVICE = "device"
+SERVICE = "service"
+ANYONE: frozenset[str] = frozenset({USER, DEVICE, SERVICE})
+PEOPLE: frozenset[str] = frozenset({USER})
+# A device never owns a device: ops for owners are for people and integrations.
+OWNERS: frozenset[str] = frozenset({USER, SERVICE})
+
+# Parameter types.
+STRING = "string"
+INTEGER = "integer"          # a whole number, never a bool
+PRINCIPAL = "principal"      # a principal id (contract.ids.PRINCIPAL_ID_RE)
+PRINCIPALS = "principals"    # a list of principal ids
+CONV = "conv"                # dm:<a>:<b> or grp:<id>
+GROUP_CONV = "group_conv"    # grp:<id>
+BODY = "body"                # a message body (contract.bodies)
+
+# `n`, `seq`, `after`, `before`: SQLite integers overflow past 2**63.
+MAX_NUMBER = 2 ** 62
+MAX_SYNC_LIMIT = 1000
+MAX_HISTORY_LIMIT = 200
+MAX_CMID_LEN = 64
+MAX_GROUP_NAME = 64
+MAX_GROUP_MEMBERS = 256
+MAX_NOTE = 500
+MAX_PROFILE_NAME = 64
+MAX_STATUS = 256
+MAX_QUERY = 64
+MAX_PAIRING_CODE = 64
+DEFAULT_SYNC_LIMIT = 100
+DEFAULT_HISTORY_LIMIT = 50
+
+
+@dataclass(frozen=True, slots=True)
+class ParamSpec:
+    name: str
+    type: str
+    required: bool = True
+    # Strings: length bounds in characters. Integers: value bounds. Lists: length.
+    min_len: int | None = None
+    max_len: int | None = None
+    minimum: int | None = None
+    maximum: int | None = None
+    default: int | str | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class OpSpec:
+    name: str
+    callers: frozenset[str]             # principal kinds that may call it; others get forbidden
+    params: tuple[ParamSpec, ...]
+    result: tuple[str, ...]             # top-level keys of `result` in the shared contract
+    description: str
+    result_extensions: tuple[str, ...] = ()   # Roost's extra keys of `result`
+    extension: bool = False             # the op itself is Roost's, not the shared contract's
+    # Exactly one of these parameters must be given (`send`: `to` or `conv`).
+    one_of: tuple[str, ...] = ()
+    # At least one of these parameters must be given (`profile.set`).
+    any_of: tuple[str, ...] = ()
+    # A config switch (dotted path, e.g. "homeassistant.enabled") that must be on
+    # for the broker to serve the op; None: always served.
+    requires: str | None = None
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @property
+    def result_keys(self) -> tuple[str, ...]:
+        return self.result + self.result_extensions
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+
+def _number(name: str, *, required: bool = True, minimum: int = 0, description: str = "") -> ParamSpec:
+    return ParamSpec(name, INTEGER, required, minimum=minimum, maximum=MAX_NUMBER, description=description)
+
+
+def _limit(default: int, maximum: int) -> ParamSpec:
+    return ParamSpec("limit", INTEGER, False, minimum=1, maximum=maximum, default=default)
+
+
+def _principal(name: str, description: str = "") -> ParamSpec:
+    return ParamSpec(name, PRINCIPAL, description=description)
+
+
+def _members(*, required: bool) -> ParamSpec:
+    return ParamSpec("members", PRINCIPALS, required, min_len=None if not required else 1,
+                     max_len=MAX_GROUP_MEMBERS)
+
+
+_CONV = ParamSpec("conv", CONV)
+_GROUP = ParamSpec("conv", GROUP_CONV)
+_DEVICE = _principal("device")
+
+OPS: Mapping[str, OpSpec] = MappingProxyType({spec.name: spec for spec in (
+    # ---- messaging (broker/services/messaging.py) -------------------------------
+    OpSpec("send", ANYONE, (
+        ParamSpec("to", PRINCIPAL, False, description="the direct conversation with this principal"),
+        ParamSpec("conv", CONV, False, description="an existing conversation"),
+        ParamSpec("cmid", STRING, min_len=1, max_len=MAX_CMID_LEN, description="unique per sender"),
+        ParamSpec("body", BODY),
+    ), ("conv", "seq", "ts", "dup"), "send a message", one_of=("to", "conv")),
+    OpSpec("sync", ANYONE, (_number("after", required=False, description="mailbox n"),
+                            _limit(DEFAULT_SYNC_LIMIT, MAX_SYNC_LIMIT)),
+           ("events", "last", "more"), "mailbox events after `after`, oldest first"),
+    OpSpec("ack", ANYONE, (_number("n"),), ("n",), "this client has every event up to n"),
+    OpSpec("read", ANYONE, (_CONV, _number("seq")), ("conv", "seq", "unread", "total_unread"),
+           "mark messages up to seq as read"),
+    OpSpec("history", ANYONE, (_CONV, _number("before", required=False, minimum=1),
+                               _limit(DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT)),
+           ("messages",), "messages of a conversation, oldest first", result_extensions=("more",)),
+    OpSpec("convs", ANYONE, (), ("convs", "total_unread"), "your conversations, most recently active first"),
+    # ---- groups (broker/services/messaging.py) ----------------------------------
+    OpSpec("group.create", ANYONE, (ParamSpec("name", STRING, min_len=1, max_len=MAX_GROUP_NAME),
+                                    _members(required=False)),
+           ("conv",), "create a group"),
+    OpSpec("group.add", ANYONE, (_GROUP, _members(required=True)), (), "add members"),
+    OpSpec("group.remove", ANYONE, (_GROUP, _members(required=True)), (), "remove members (creator only)"),
+    OpSpec("group.leave", ANYONE, (_GROUP,), (), "leave a group"),
+    OpSpec("group.info", ANYONE, (_GROUP,), ("conv", "name", "members"), "a group's name and members",
+           result_extensions=("created_by",)),
+    # ---- contacts, search, profiles (broker/services/social.py) -------------------
+    OpSpec("contact.request", PEOPLE, (_principal("to"), ParamSpec("note", STRING, False, max_len=MAX_NOTE)),
+           (), "ask someone to be a contact", result_extensions=("state",)),
+    OpSpec("contact.accept", PEOPLE, (_principal("from"),), (), "accept a pending request"),
+    OpSpec("contact.reject", PEOPLE, (_principal("from"),), (), "reject a pending request"),
+    OpSpec("contact.remove", PEOPLE, (_principal("user"),), (), "end a contact or a pending request"),
+    OpSpec("contact.block", PEOPLE, (_principal("user"),), (), "block a principal"),
+    OpSpec("contact.unblock", PEOPLE, (_principal("user"),), (), "lift a block"),
+    OpSpec("contacts", ANYONE, (), ("contacts",), "accepted contacts with their presence",
+           result_extensions=("incoming", "outgoing", "blocked")),
+    OpSpec("user.search", ANYONE, (ParamSpec("q", STRING, min_len=1, max_len=MAX_QUERY),),
+           ("users",), "people by exact id or name prefix, and your devices"),
+    OpSpec("profile.get", ANYONE, (ParamSpec("user", PRINCIPAL, False, description="default: yourself"),),
+           ("user", "kind", "name", "status"), "a profile you may see"),
+    OpSpec("profile.set", ANYONE, (ParamSpec("name", STRING, False, min_len=1, max_len=MAX_PROFILE_NAME),
+                                   ParamSpec("status", STRING, False, max_len=MAX_STATUS)),
+           ("user", "kind", "name", "status"), "change your display name and/or status", any_of=("name", "status")),
+    # ---- devices (broker/services/devices.py) -------------------------------------
+    OpSpec("device.claim", OWNERS, (_DEVICE, ParamSpec("code", STRING, max_len=MAX_PAIRING_CODE,
+                                                       description="pairing code; spaces and dashes ignored")),
+           (), "become a device's owner", result_extensions=("device", "role")),
+    OpSpec("device.share", OWNERS, (_DEVICE, _principal("with", "an accepted contact")),
+           (), "share a device you own", result_extensions=("device", "with", "role")),
+    OpSpec("device.unshare", OWNERS, (_DEVICE, _principal("with")), (), "take a share back", extension=True),
+    OpSpec("devices", ANYONE, (), ("devices",), "the devices you own or use (a device: itself)"),
+)})
