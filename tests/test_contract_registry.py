@@ -332,6 +332,34 @@ def test_protocol_md_ops_tables_match_the_registry():
             else:
                 assert italic or pname in spec.one_of, f"{name}.{pname} is optional: in italics"
         assert _result_keys(row["result"]) == set(spec.result_keys), f"{name}: result keys"
+        for pname, bounds in _bounds(row["parameters"]).items():
+            assert bounds == _spec_bounds(spec, pname, bounds), f"{name}.{pname}: documented bounds {bounds}"
+
+
+def _bounds(cell: str) -> dict[str, dict[str, int]]:
+    """`limit` (1..1000, default 100), `note` (≤ 500 chars) -> the numbers documented."""
+    out: dict[str, dict[str, int]] = {}
+    for name, note in re.findall(r"`(\w+)`\*? \(([^)]*)\)", cell):
+        found: dict[str, int] = {}
+        if m := re.search(r"(\d+)\.\.(\d+)", note):
+            found["low"], found["high"] = int(m.group(1)), int(m.group(2))
+        if m := re.search(r"≤ (\d+)", note):
+            found["high"] = int(m.group(1))
+        if m := re.search(r"default (\d+)", note):
+            found["default"] = int(m.group(1))
+        if found:
+            out[name] = found
+    return out
+
+
+def _spec_bounds(spec: OpSpec, name: str, documented: dict[str, int]) -> dict[str, int | str | None]:
+    """The registry's numbers for what the documentation states (a bound it leaves
+    out, such as 2^62 for every number, is said once elsewhere)."""
+    p = spec.param(name)
+    assert p is not None
+    low, high = (p.min_len, p.max_len) if p.type == "string" else (p.minimum, p.maximum)
+    found = {"low": low, "high": high, "default": p.default}
+    return {k: found[k] for k in documented}
 
 
 def test_protocol_md_event_table_matches_the_registry():
