@@ -86,36 +86,154 @@ def test_registry_is_well_formed():
         assert body.name == type_name
 
 
+SOUND: dict[str, Any] = {
+    "to": "bob", "from": "bob", "user": "bob", "device": "lamp", "with": "bob", "code": "12345678",
+    "conv": "dm:alice:bob", "cmid": "c1", "body": {"type": "text", "text": "hi"}, "n": 0, "seq": 0,
+    "q": "bob", "name": "x", "members": ["bob"],
+}
+
+
+def sound_params(spec: OpSpec, **override: Any) -> dict[str, Any]:
+    """Well-formed parameters for `spec` (the first of a `one_of` group only)."""
+    params = {p: SOUND[p] for p in spec.param_names if p in SOUND and p not in spec.one_of[1:]}
+    params.update(override)
+    return params
+
+
+class RegistryEnv:
+    """The messaging, social and device services on a real store, alice and bob
+    contacts (no request cool-down), a device `lamp` (its pairing code in `code`), a service `hass`."""
+
+    async def open(self, tmp_path: Path) -> RegistryEnv:
+        from broker.services.devices import DeviceService
+
+        self.env = await open_env(tmp_path, config={"limits": {"contact_request_cooldown": 0}})
+        identity = self.env.services.identity
+        self.code = (await identity.add("lamp", "device", device_kind="light", name="Lamp")).pairing_code
+        await identity.add("hass", "service", name="Hass")
+        self.env.services.devices = DeviceService(self.env.services)
+        await self.env.services.devices.load()
+        await self.env.befriend("alice", "bob")
+        self.table = {**self.env.messaging.ops(), **self.env.social.ops(), **self.env.services.devices.ops()}
+        self.callers = {"user": Caller("alice", "user", "alice.phone"), "device": Caller("lamp", "device", "lamp"),
+                        "service": Caller("hass", "service", "hass")}
+        return self
+
+    async def close(self) -> None:
+        await close_env(self.env)
+
+    async def call(self, op: str, params: dict[str, Any], kind: str = "user") -> dict[str, Any]:
+        result: dict[str, Any] = await self.table[op](self.callers[kind], params)
+        return result
+
+
 def test_callers_outside_an_ops_callers_are_refused(tmp_path):
     """`OpSpec.callers` is true: a kind it leaves out is refused (forbidden, or
     not_found where the target must not be revealed) even with sound parameters."""
-    sound = {"to": "bob", "from": "bob", "user": "bob", "device": "lamp", "with": "bob", "code": "12345678",
-             "conv": "dm:alice:bob", "cmid": "c1", "body": {"type": "text", "text": "hi"}, "n": 0, "seq": 0,
-             "q": "bob", "name": "x", "members": ["bob"]}
 
     async def main() -> None:
-        env = await open_env(tmp_path, devices=("lamp",))
+        renv = await RegistryEnv().open(tmp_path)
         try:
-            await env.services.identity.add("hass", "service", name="Hass")
-            await env.befriend("alice", "bob")
-            callers = {"user": Caller("alice", "user", "alice.phone"), "device": Caller("lamp", "device", "lamp"),
-                       "service": Caller("hass", "service", "hass")}
-            from broker.services.devices import DeviceService
-
-            env.services.devices = DeviceService(env.services)
-            await env.services.devices.load()
-            table = {**env.messaging.ops(), **env.social.ops(), **env.services.devices.ops()}
             checked = 0
             for name, spec in OPS.items():
                 for kind in sorted(ANYONE - spec.callers):
-                    params = {p: sound[p] for p in spec.param_names if p in sound and p not in spec.one_of[1:]}
                     with pytest.raises(ProtocolError) as info:
-                        await table[name](callers[kind], params)
+                        await renv.call(name, sound_params(spec), kind)
                     assert info.value.code in (ErrorCode.FORBIDDEN, ErrorCode.NOT_FOUND), (name, kind, info.value)
                     checked += 1
             assert checked > 0
         finally:
-            await close_env(env)
+            await renv.close()
+
+    run(main())
+
+
+def test_every_op_answers_with_the_registry_result_keys(tmp_path):
+    async def main() -> None:
+        renv = await RegistryEnv().open(tmp_path)
+        try:
+            answered: dict[str, dict[str, Any]] = {}
+
+            async def call(op: str, **params: Any) -> dict[str, Any]:
+                answered[op] = await renv.call(op, params)
+                return answered[op]
+
+            sent = await call("send", to="bob", cmid="k1", body={"type": "text", "text": "hi"})
+            page = await call("sync", after=0)
+            await call("ack", n=page["last"])
+            await call("read", conv=sent["conv"], seq=sent["seq"])
+            await call("history", conv=sent["conv"])
+            await call("convs")
+            conv = (await call("group.create", name="g", members=["bob"]))["conv"]
+            await renv.env.befriend("carol", "alice")
+            await call("group.add", conv=conv, members=["carol"])
+            await call("group.remove", conv=conv, members=["carol"])
+            await call("group.info", conv=conv)
+            await call("group.leave", conv=conv)
+            await call("contact.remove", user="carol")
+            await call("contact.request", to="carol")
+            await call("contacts")
+            await call("user.search", q="bob")
+            await call("profile.get", user="bob")
+            await call("profile.set", status="here")
+            await call("contact.block", user="carol")
+            await call("contact.unblock", user="carol")
+            await call("contact.remove", user="bob")
+            await renv.env.call("bob", "contact.request", to="alice")
+            await call("contact.reject", **{"from": "bob"})
+            await renv.env.call("bob", "contact.request", to="alice")
+            await call("contact.accept", **{"from": "bob"})
+            await call("device.claim", device="lamp", code=renv.code)
+            await call("device.share", device="lamp", **{"with": "bob"})
+            await call("device.unshare", device="lamp", **{"with": "bob"})
+            await call("devices")
+            assert set(answered) == set(OPS), "the scenario calls every op"
+            for op, result in answered.items():
+                assert set(result) == set(OPS[op].result_keys), (op, result)
+        finally:
+            await renv.close()
+
+    run(main())
+
+
+def _too_big(spec: OpSpec, name: str) -> Any:
+    p = spec.param(name)
+    assert p is not None
+    if p.type == "principals" and p.max_len is not None:
+        return [f"m{i}" for i in range(p.max_len + 1)]
+    if p.max_len is not None:
+        return "x" * (p.max_len + 1)
+    if p.maximum is not None:
+        return p.maximum + 1
+    return None
+
+
+def test_services_refuse_parameters_beyond_the_registry_bounds(tmp_path):
+    async def main() -> None:
+        renv = await RegistryEnv().open(tmp_path)
+        try:
+            checked = 0
+            for name, spec in OPS.items():
+                for p in spec.params:
+                    values = [v for v in (_too_big(spec, p.name),) if v is not None]
+                    if p.minimum is not None and p.minimum > 0:
+                        values.append(p.minimum - 1)
+                    if p.min_len == 1:
+                        values.append([] if p.type == "principals" else "")
+                    for value in values:
+                        with pytest.raises(ProtocolError) as info:
+                            await renv.call(name, sound_params(spec, **{p.name: value}))
+                        assert info.value.code == ErrorCode.BAD_REQUEST, (name, p.name, value, info.value)
+                        checked += 1
+                    if p.type == "string" and p.max_len is not None:
+                        # At the bound the parameter itself is fine: anything refused is for another reason.
+                        try:
+                            await renv.call(name, sound_params(spec, **{p.name: "7" * p.max_len}))
+                        except ProtocolError as err:
+                            assert err.code != ErrorCode.BAD_REQUEST, (name, p.name, err)
+            assert checked > 10
+        finally:
+            await renv.close()
 
     run(main())
 
