@@ -1,5 +1,11 @@
 """The Roost wire contract: topics, identifiers, envelopes, error codes, events.
 
+The registry of the wire vocabulary lives here, one module each (import them
+directly, they are not loaded with the package): `contract.ops.OPS` (every
+request op), `contract.events.EVENTS` (mailbox event kinds),
+`contract.bodies.BODIES` and `validate_body` (message body types and their
+rules), `contract.errors.ErrorCode`, and `contract.catalog` (device kinds).
+
 This package is imported by the broker, the plugins, the device SDK and the CLI.
 It must stay free of amqtt (and of anything heavy) so firmware-side code can use
 it with nothing but the standard library.
