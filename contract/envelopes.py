@@ -18,7 +18,7 @@ MAX_REQUEST_ID_LEN = 64
 # Names only, for importers that need no more; the registries themselves are
 # contract.ops.OPS, contract.events.EVENTS and contract.bodies.BODIES.
 OPS = tuple(OP_SPECS)
-EVENT_KINDS = tuple(EVENTS)
+EVENT_KINDS = tuple(str(kind) for kind in EVENTS)
 BODY_TYPES = tuple(BODIES)
 
 __all__ = ["MAX_HISTORY_LIMIT", "MAX_REQUEST_ID_LEN", "MAX_SYNC_LIMIT", "OPS", "EVENT_KINDS", "BODY_TYPES",

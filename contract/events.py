@@ -10,10 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from types import MappingProxyType
 
 # Members of every event, whatever its kind.
 ENVELOPE_FIELDS = ("n", "kind", "ts")
+
+
+class EventKind(StrEnum):
+    """An event's `kind` (a str: `EventKind.MSG == "msg"`)."""
+
+    MSG = "msg"
+    DELIVERED = "delivered"
+    READ = "read"
+    UNREAD = "unread"
+    CONTACT = "contact"
+    GROUP = "group"
+    DROPPED = "dropped"
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +43,7 @@ class EventField:
 
 @dataclass(frozen=True, slots=True)
 class EventSpec:
-    kind: str
+    kind: EventKind
     fields: tuple[EventField, ...]
     recipients: str
 
@@ -42,23 +55,24 @@ class EventSpec:
         return next((f for f in self.fields if f.name == name), None)
 
 
+# Keyed by EventKind, so a plain string looks an event up as well: EVENTS["msg"].
 EVENTS: Mapping[str, EventSpec] = MappingProxyType({spec.kind: spec for spec in (
-    EventSpec("msg", (EventField("conv"), EventField("seq"), EventField("from"), EventField("cmid"), EventField("body")),
+    EventSpec(EventKind.MSG, (EventField("conv"), EventField("seq"), EventField("from"), EventField("cmid"), EventField("body")),
               "every member, the sender included"),
-    EventSpec("delivered", (EventField("conv"), EventField("seq"), EventField("to")),
+    EventSpec(EventKind.DELIVERED, (EventField("conv"), EventField("seq"), EventField("to")),
               "the sender, once per recipient, when a client of the recipient first acks the message"),
-    EventSpec("read", (EventField("conv"), EventField("seq"), EventField("by")),
+    EventSpec(EventKind.READ, (EventField("conv"), EventField("seq"), EventField("by")),
               "the other members, when `by`'s read position advances"),
-    EventSpec("unread", (EventField("conv"), EventField("count"), EventField("total")),
+    EventSpec(EventKind.UNREAD, (EventField("conv"), EventField("count"), EventField("total")),
               "all the reader's clients, after any change of their counts"),
-    EventSpec("contact", (EventField("event", values=("request", "accepted", "rejected", "removed"),
+    EventSpec(EventKind.CONTACT, (EventField("event", values=("request", "accepted", "rejected", "removed"),
                                      extension_values=("blocked", "unblocked")),
                           EventField("with"), EventField("note"), EventField("by", extension=True)),
               "both sides (blocked / unblocked: the blocker's own clients only)"),
-    EventSpec("group", (EventField("event", values=("created", "added", "removed", "left")),
+    EventSpec(EventKind.GROUP, (EventField("event", values=("created", "added", "removed", "left")),
                         EventField("conv"), EventField("by"), EventField("members", extension=True),
                         EventField("name", extension=True, always=False)),
               "every member, and those just removed or leaving"),
-    EventSpec("dropped", (EventField("count"), EventField("reason", values=("queue_full", "expired"))),
+    EventSpec(EventKind.DROPPED, (EventField("count"), EventField("reason", values=("queue_full", "expired"))),
               "the mailbox that lost events"),
 )})

@@ -534,3 +534,11 @@ def _split_per_op(cell: str, count: int) -> list[str]:
     """`user` / `name`, `status` for `profile.get` / `profile.set`: one part per op."""
     parts = cell.split(" / ")
     return parts if len(parts) == count else [cell] * count
+
+
+def test_registry_keys_are_plain_strings_on_the_wire():
+    from contract.events import EventKind
+
+    assert set(EVENTS) == {str(k) for k in EventKind}
+    assert EVENTS["msg"].kind == EventKind.MSG == "msg"
+    assert all(type(name) is str for name in OPS) and all(type(name) is str for name in BODIES)
