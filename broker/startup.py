@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import fcntl
 import os
-import sqlite3
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from broker.store.sqlite import SqliteStore
+from broker.config import StorageConfig
+from broker.store import factory
+from broker.store.base import Store, StoreCannotOpen
 
 
 class StartupError(Exception):
     """`roost serve` cannot start; str() is the one line to print."""
 
 
-def os_reason(exc: OSError | sqlite3.Error) -> str:
+def os_reason(exc: BaseException) -> str:
     """`exc` without errno noise: "permission denied", "file is not a database"."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror.lower()
@@ -100,12 +101,10 @@ def _make_store_folder(folder: Path) -> None:
         raise StartupError(f"cannot create store folder {folder}: {os_reason(exc)}") from None
 
 
-async def open_store(path: Path) -> SqliteStore:
-    """The opened, migrated store, or StartupError("cannot open store <path>: ...")."""
-    store = SqliteStore(path)
+async def open_store(path: Path) -> Store:
+    """The opened, migrated store at `path` (resolved `storage.path`), built by
+    broker.store.factory, or StartupError("cannot open store <path>: ...")."""
     try:
-        await store.open()
-    except (sqlite3.Error, OSError) as exc:
-        await store.close()
+        return await factory.open_store(StorageConfig(path=str(path)))
+    except (StoreCannotOpen, OSError) as exc:
         raise StartupError(f"cannot open store {path}: {os_reason(exc)}") from None
-    return store

@@ -68,7 +68,7 @@ def ensure_devices(cfg: RoostConfig, plan: list[tuple[str, str]], secrets_path: 
                    room: str | None = None) -> list[dict[str, Any]]:
     """Register what is missing; returns [{id, kind, secret, pairing_code, new}]."""
     from broker.services.identity import IdentityError, IdentityService, new_secret
-    from broker.store.sqlite import SqliteStore
+    from broker.store.factory import open_store
 
     known = _read_secrets(secrets_path)
 
@@ -97,8 +97,7 @@ def ensure_devices(cfg: RoostConfig, plan: list[tuple[str, str]], secrets_path: 
         return {"id": device_id, **entry, "new": new}
 
     async def run() -> list[dict[str, Any]]:
-        store = SqliteStore(cfg.resolve(cfg.storage.path))
-        await store.open()
+        store = await open_store(cfg.storage, cfg.resolve)
         ids = IdentityService(store.identity)
         # Hashing a new secret costs ~50 ms of CPU (argon2, off the loop): a few
         # at a time use the cores without swamping a small machine.

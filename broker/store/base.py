@@ -1,17 +1,62 @@
 """The storage interface: small, typed, engine-neutral.
 
-Services depend on these Protocols only. `broker/store/sqlite.py` implements them
-on SQLite; another engine (PostgreSQL) implements the same Protocols. Each domain
-(identity, retained, messaging, social, devices) is a separate repository
-object on the `Store`, so the domains can grow independently.
+Services, plugins, the engine and the CLI depend on these Protocols and errors
+only. `Store` (at the end) is the whole store: one repository object per domain
+(identity, retained, sessions, messaging, social, devices, presence, telemetry),
+so the domains can grow independently. `broker/store/sqlite.py` implements it on
+SQLite; another engine (PostgreSQL) implements the same Protocols, passes
+tests/test_store_contract.py and is chosen in `broker/store/factory.py`.
 
 Every method is async; writes return only after their transaction committed.
+How an engine allocates counters (a conversation's `seq`, a mailbox's `n`) is
+its own business; what it must guarantee is said on the methods: numbers are
+allocated in the committing transaction, strictly increasing, without gaps.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
+
+# ---- errors ------------------------------------------------------------------
+
+class StoreUnavailable(Exception):
+    """The store cannot take writes right now (disk full, read-only, I/O error,
+    writer queue full). Nothing of the failed write was committed; the caller
+    answers `unavailable` (or holds its ack) and may retry: the store recovers by
+    itself when the cause goes away."""
+
+
+class StoreFull(StoreUnavailable):
+    """The disk (or the file system's quota) is full."""
+
+
+class StoreBusy(StoreUnavailable):
+    """The writer queue is full: the caller should answer `unavailable`."""
+
+
+class StoreClosed(Exception):
+    """The store was closed (the broker is stopping): nothing more is read or written."""
+
+
+class StoreCannotOpen(Exception):
+    """`Store.open()` failed for a reason of the engine's (not a database, a schema
+    it cannot migrate); str() is that reason in one line. A file the process may
+    not create or read raises OSError instead."""
+
+
+class AlreadyExists(Exception):
+    """A unique key is already taken."""
+
+
+class NotFoundError(Exception):
+    """A referenced row does not exist."""
+
+
+class NotMember(Exception):
+    """The principal is not a member of the conversation (or it does not exist)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,17 +189,6 @@ class SessionStore(Protocol):
     async def load_sessions(self) -> list[SavedSession]: ...
 
 
-class StoreUnavailable(Exception):
-    """The store cannot take writes right now (disk full, read-only, I/O error,
-    writer queue full). Nothing of the failed write was committed; the caller
-    answers `unavailable` (or holds its ack) and may retry: the store recovers by
-    itself when the cause goes away."""
-
-
-class AlreadyExists(Exception):
-    """A unique key is already taken."""
-
-
 # ---- devices and presence (issue 5 ownership, issue 4 presence) -------------
 
 DEVICE_ROLES = ("owner", "sharee")
@@ -201,10 +235,6 @@ class PresenceStore(Protocol):
         """The latest `alive_at` saved: when a broker that died was last known running."""
 
 
-class NotFoundError(Exception):
-    """A referenced row does not exist."""
-
-
 # ---- telemetry (issue 5 item 4) ------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
@@ -229,10 +259,6 @@ class TelemetryStore(Protocol):
 
 
 # ---- messaging (conversations, messages, mailboxes) --------------------------
-
-class NotMember(Exception):
-    """The principal is not a member of the conversation (or it does not exist)."""
-
 
 @dataclass(frozen=True, slots=True)
 class StoredMessage:
@@ -295,47 +321,82 @@ class GroupInfo:
 
 class MessagingStore(Protocol):
     """Conversations, messages, per-principal mailboxes and per-client cursors.
-    Counters (seq, n) are allocated inside the committing transaction."""
+    Counters (a conversation's seq, a mailbox's n) are allocated inside the
+    committing transaction: each strictly increasing from 1, without gaps,
+    however many writers send at once."""
 
     async def send(self, *, sender: str, conv: str, dm_members: tuple[str, str] | None, cmid: str,
-                   body: str, now: float, skip: frozenset[str] = frozenset()) -> SendOutcome: ...
+                   body: str, now: float, skip: frozenset[str] = frozenset()) -> SendOutcome:
+        """Store one message and its `msg` events in every member's mailbox, atomically.
+        `dm_members` is given for a direct conversation (created on first use); for
+        a group the sender must be a member (else NotMember). Members in `skip` get
+        no event. A second send with the sender's same `cmid` stores nothing and
+        returns the first message with `dup` set."""
 
-    async def find_sent(self, sender: str, cmid: str) -> StoredMessage | None: ...
+    async def find_sent(self, sender: str, cmid: str) -> StoredMessage | None:
+        """The message `sender` already sent with this cmid, if any."""
 
-    async def sync(self, principal: str, after: int, limit: int) -> tuple[list[MailboxEvent], int]: ...
+    async def sync(self, principal: str, after: int, limit: int) -> tuple[list[MailboxEvent], int]:
+        """Events with n > after (oldest first, at most `limit`) and the mailbox's last n."""
 
-    async def head(self, principal: str) -> int: ...
+    async def head(self, principal: str) -> int:
+        """The mailbox's last n (0 when empty)."""
 
-    async def client_cursor(self, client_id: str, principal: str) -> tuple[int, bool, int]: ...
+    async def client_cursor(self, client_id: str, principal: str) -> tuple[int, bool, int]:
+        """(acked n, persistent inbox subscription recorded, mailbox last n)."""
 
     async def set_inbox_sub(self, client_id: str, principal: str, on: bool) -> None: ...
 
-    async def ack(self, client_id: str, principal: str, n: int, now: float) -> tuple[int, list[MailboxEvent]]: ...
+    async def ack(self, client_id: str, principal: str, n: int, now: float) -> tuple[int, list[MailboxEvent]]:
+        """Advance the client's cursor to n (never back); the first ack of a `msg`
+        event by any client of the principal sends its sender a `delivered` event.
+        Raises ValueError when n is beyond the mailbox's last event."""
 
-    async def read(self, principal: str, conv: str, seq: int, now: float) -> ReadOutcome: ...
+    async def read(self, principal: str, conv: str, seq: int, now: float) -> ReadOutcome:
+        """Mark messages up to `seq` read (never back). NotMember; ValueError beyond the last seq."""
 
-    async def convs(self, principal: str) -> tuple[list[ConvSummary], int]: ...
+    async def convs(self, principal: str) -> tuple[list[ConvSummary], int]:
+        """The principal's conversations, most recently active first, and its total unread."""
 
-    async def history(self, conv: str, before: int | None, limit: int) -> tuple[list[StoredMessage], bool]: ...
+    async def history(self, conv: str, before: int | None, limit: int,
+                      viewer: str | None = None) -> tuple[list[StoredMessage], bool]:
+        """Up to `limit` messages with seq < before (all when None), oldest first, and
+        whether older ones exist. With `viewer`: only what that member may see (from
+        when it joined; nothing when it is not a member)."""
 
     async def is_member(self, conv: str, principal: str) -> bool: ...
 
-    async def create_group(self, conv: str, name: str, creator: str, members: list[str],
+    async def create_group(self, conv: str, name: str, creator: str, members: Sequence[str],
                            now: float) -> list[MailboxEvent]: ...
 
     async def group_info(self, conv: str) -> GroupInfo | None: ...
 
-    async def change_group(self, conv: str, by: str, *, add: list[str] = ..., remove: list[str] = ...,
-                           event: str, now: float) -> tuple[list[MailboxEvent], list[str]]: ...
+    async def change_group(self, conv: str, by: str, *, add: Iterable[str] = ..., remove: Iterable[str] = ...,
+                           event: str, now: float) -> tuple[list[MailboxEvent], list[str]]:
+        """Add and/or remove members (`by` must be one, else NotMember); `event` is
+        added|removed|left. Returns the events and the members afterwards. Removing
+        one who is not a member raises KeyError(those, sorted) and changes nothing."""
 
-    async def load_groups(self) -> dict[str, list[str]]: ...
+    async def load_groups(self) -> dict[str, list[str]]:
+        """Every group and its members (sorted)."""
 
-    async def forget_principal(self, principal: str) -> list[str]: ...
+    async def forget_principal(self, principal: str) -> list[str]:
+        """A principal was removed: drop its mailbox, cursors and memberships (the
+        messages it sent stay). Returns the groups it was a member of."""
 
-    async def needs_prune(self, *, now: float, max_events: int, ttl: float) -> bool: ...
+    async def purge_orphans(self, limit: int) -> dict[str, list[str]]:
+        """One bounded round: forget up to `limit` principals that have rows here but
+        are no longer registered. Returns {principal: groups it was in}; empty when
+        there is nothing left to do."""
+
+    async def needs_prune(self, *, now: float, max_events: int, ttl: float) -> bool:
+        """Is any mailbox over `max_events` or holding an event older than `ttl`?"""
 
     async def prune(self, *, now: float, max_events: int, ttl: float, max_mailboxes: int,
-                    max_rows: int) -> tuple[list[MailboxEvent], int]: ...
+                    max_rows: int) -> tuple[list[MailboxEvent], int]:
+        """One bounded round of enforcing max_events and ttl: discards the oldest events
+        of at most `max_mailboxes` mailboxes (at most `max_rows` each), announcing each
+        discard with a `dropped` event. Returns the new events and how many were discarded."""
 
 
 # ---- social (contacts, requests, blocks) ------------------------------------
@@ -355,14 +416,25 @@ class SocialState:
     blocks: list[tuple[str, str]]            # (blocker, blocked)
 
 
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Bounds on new contact requests (0 turns one off)."""
+    cooldown: float = 0.0       # seconds before the same requester may ask the same person again
+    per_target_hour: int = 0    # new requests one person receives per hour
+
+
 class SocialStore(Protocol):
     async def load(self) -> SocialState: ...
 
-    async def pending(self, me: str) -> tuple[list[ContactRequest], list[ContactRequest]]: ...
+    async def pending(self, me: str) -> tuple[list[ContactRequest], list[ContactRequest]]:
+        """(requests to me, requests from me), oldest first."""
 
-    async def request(self, sender: str, to: str, note: str, now: float) -> tuple[str, list[MailboxEvent]]:
-        """Returns (outcome, events): outcome is 'requested', 'pending' (already asked)
-        or 'accepted' (the other side had asked too)."""
+    async def request(self, sender: str, to: str, note: str, now: float,
+                      limits: RequestLimits = ...) -> tuple[str, list[MailboxEvent]]:
+        """Returns (outcome, events): outcome is 'requested', 'pending' (asked already:
+        nothing new), 'accepted' (the other side had asked too), 'contact' (already
+        one), or refused by `limits`: 'too_soon' (asked this person within the
+        cool-down) / 'too_many' (their hour's budget is spent)."""
 
     async def respond(self, me: str, sender: str, accept: bool, now: float) -> list[MailboxEvent]:
         """Accept or reject sender's pending request to me; KeyError when there is none."""
@@ -376,4 +448,78 @@ class SocialStore(Protocol):
     async def unblock(self, me: str, other: str, now: float) -> list[MailboxEvent]:
         """KeyError when `other` was not blocked."""
 
-    async def forget_principal(self, principal: str) -> None: ...
+    async def forget_principal(self, principal: str) -> None:
+        """A principal was removed: its contacts, requests and blocks go with it."""
+
+    async def purge_orphans(self, limit: int) -> list[str]:
+        """One bounded round: forget up to `limit` ids that have rows here but are no
+        longer registered principals. Returns them; empty when nothing is left."""
+
+
+# ---- the whole store ---------------------------------------------------------
+
+class StoreHealth(Protocol):
+    """How the store's writes are going, read by broker/monitor.py ($SYS, /metrics,
+    `roost status`). Plain figures, updated by the store itself."""
+
+    @property
+    def path(self) -> Path:
+        """Where the store keeps its data (the monitor reports its size)."""
+
+    @property
+    def unavailable_since(self) -> float | None:
+        """Unix time since when commits fail (disk full, read-only); None while they work."""
+
+    @property
+    def commits(self) -> int: ...
+
+    @property
+    def write_failures(self) -> int:
+        """Batches whose commit failed."""
+
+    @property
+    def pending_writes(self) -> int:
+        """Writes waiting for the writer."""
+
+    # Called with each commit's seconds (the monitor's histogram), possibly on
+    # another thread; must be quick and must not raise.
+    on_commit: Callable[[float], None] | None
+
+
+class Store(Protocol):
+    """The whole store, as the composition root builds it (broker/store/factory.py)
+    and hands it to services, plugins and the engine. Opened once before use,
+    closed once at the end; after `close()` every method raises StoreClosed."""
+
+    @property
+    def identity(self) -> IdentityStore: ...
+
+    @property
+    def retained(self) -> RetainedStore: ...
+
+    @property
+    def sessions(self) -> SessionStore: ...
+
+    @property
+    def messaging(self) -> MessagingStore: ...
+
+    @property
+    def social(self) -> SocialStore: ...
+
+    @property
+    def devices(self) -> DeviceStore: ...
+
+    @property
+    def presence(self) -> PresenceStore: ...
+
+    @property
+    def telemetry(self) -> TelemetryStore: ...
+
+    @property
+    def health(self) -> StoreHealth: ...
+
+    async def open(self) -> None:
+        """Create or migrate the schema and start serving reads and writes."""
+
+    async def close(self) -> None:
+        """Finish (or fail) what is queued, then stop; closing twice is harmless."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from broker.store import (
@@ -12,6 +13,7 @@ from broker.store import (
     sqlite_social,
     sqlite_telemetry,
 )
+from broker.store.base import Store, StoreCannotOpen
 from broker.store.sqlite_db import Database, Migration
 from broker.store.sqlite_identity import SqliteIdentityStore, SqliteRetainedStore
 
@@ -27,7 +29,8 @@ MIGRATIONS: list[Migration] = [
 
 
 class SqliteStore:
-    """Implements broker.store.base's repositories on one SQLite file."""
+    """Implements broker.store.base's `Store` on one SQLite file. `db` (the writer
+    and reader threads) is for this engine's own modules and its tests only."""
 
     def __init__(self, path: str | Path) -> None:
         self.db = Database(path)
@@ -41,11 +44,19 @@ class SqliteStore:
         self.telemetry = sqlite_telemetry.SqliteTelemetryStore(self.db)
         self.sessions = sqlite_sessions.SqliteSessionStore(self.db)
 
-    def open_sync(self) -> None:
-        self.db.open_sync(MIGRATIONS)
+    @property
+    def health(self) -> Database:
+        return self.db
 
     async def open(self) -> None:
-        await self.db.open(MIGRATIONS)
+        try:
+            await self.db.open(MIGRATIONS)
+        except sqlite3.Error as exc:
+            raise StoreCannotOpen(str(exc)) from exc
 
     async def close(self) -> None:
         await self.db.close()
+
+
+def _is_a_store(store: SqliteStore) -> Store:
+    return store   # mypy checks here that SqliteStore implements every member of Store

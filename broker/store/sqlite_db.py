@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from broker.store.base import StoreUnavailable
+from broker.store.base import StoreBusy, StoreClosed, StoreFull, StoreUnavailable
 
 log = logging.getLogger("roost.store")
 
@@ -45,10 +45,6 @@ CHECKPOINT_INTERVAL = 1.0
 CHECKPOINT_BEHIND = 2000
 
 
-class StoreBusy(StoreUnavailable):
-    """The writer queue is full: the caller should answer `unavailable`."""
-
-
 # SQLite primary result codes that mean "the store cannot write now" rather than
 # "this job is wrong": the disk is full, the file became read-only, I/O failed.
 _UNAVAILABLE_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_IOERR,
@@ -56,19 +52,23 @@ _UNAVAILABLE_CODES = {sqlite3.SQLITE_FULL, sqlite3.SQLITE_READONLY, sqlite3.SQLI
                       sqlite3.SQLITE_PROTOCOL}
 
 
-def as_unavailable(exc: BaseException) -> BaseException:
-    """`exc` as StoreUnavailable when it says the store cannot write now."""
-    if isinstance(exc, sqlite3.Error) and not isinstance(exc, StoreUnavailable):
+def _as_unavailable(exc: BaseException) -> BaseException:
+    """`exc` as StoreUnavailable (StoreFull for a full disk) when it says the store
+    cannot write now: callers see the store's own errors, never sqlite3's."""
+    if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
         if code is not None and (code & 0xFF) in _UNAVAILABLE_CODES:
-            err = StoreUnavailable(f"store cannot write: {exc}")
+            kind = StoreFull if (code & 0xFF) == sqlite3.SQLITE_FULL else StoreUnavailable
+            err = kind(f"store cannot write: {exc}")
             err.__cause__ = exc
             return err
     return exc
 
 
-class StoreClosed(Exception):
-    """The store was closed."""
+# Transitional: the committed broker/services/inbox.py and plugins/im.py still
+# import these from here until their owners commit the switch to the base errors
+# (their working copies no longer do). Remove once nothing imports them.
+as_unavailable = _as_unavailable
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -216,7 +216,7 @@ class Database:
                     except BaseException as exc:  # noqa: BLE001 - handed to the caller
                         conn.execute("ROLLBACK TO job")
                         conn.execute("RELEASE job")
-                        outcomes.append((False, as_unavailable(exc)))
+                        outcomes.append((False, _as_unavailable(exc)))
                 conn.execute("COMMIT")
                 if self.on_commit is not None:
                     self.on_commit(time.perf_counter() - began)
@@ -231,7 +231,7 @@ class Database:
                         self._checkpoint(conn)
                 self.jobs_committed += len(batch)
             except BaseException as exc:  # the commit itself failed: nobody's write landed
-                failure = as_unavailable(exc)
+                failure = _as_unavailable(exc)
                 self.write_failures += 1
                 if not isinstance(failure, StoreUnavailable):
                     log.exception("group commit failed")
@@ -312,9 +312,17 @@ class Database:
 
     # ---- reads -----------------------------------------------------------
     async def read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `fn` on the reader thread. SQLite errors that mean "the store cannot be
+        used now" (I/O error, locked) come out as StoreUnavailable, as for writes."""
         if self._closed:
             raise StoreClosed("store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._reader, self._run_read, fn)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader, self._run_read, fn)
+        except sqlite3.Error as exc:
+            mapped = _as_unavailable(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
 
     def _run_read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._rconn is None:

@@ -25,9 +25,9 @@ from broker.store.base import (
     SendOutcome,
     StoredMessage,
 )
+from broker.store.jsonutil import compact_json
 from broker.store.sqlite_db import Database, Migration
 from broker.store.sqlite_msgbatch import AckOp, OpBatcher, SendOp
-from broker.store.sqlite_msgbatch import dumps as _dumps
 
 MIGRATIONS: list[Migration] = [
     ("0100_messaging", """
@@ -137,7 +137,7 @@ def append_event(conn: sqlite3.Connection, principal: str, kind: str, ts: float,
         doc = {"n": n, "kind": kind, "ts": ts, **msg.to_wire()}
     else:
         data = data or {}
-        conn.execute(_INSERT_DATA, (principal, n, ts, kind, _dumps(data)))
+        conn.execute(_INSERT_DATA, (principal, n, ts, kind, compact_json(data)))
         doc = {"n": n, "kind": kind, "ts": ts, **data}
     return MailboxEvent(principal=principal, n=n, doc=doc)
 
@@ -149,7 +149,7 @@ def append_data_events(conn: sqlite3.Connection, principal: str, kind: str, ts: 
     if not datas:
         return []
     first = _allocate(conn, principal, len(datas))
-    conn.executemany(_INSERT_DATA, [(principal, first + i, ts, kind, _dumps(d)) for i, d in enumerate(datas)])
+    conn.executemany(_INSERT_DATA, [(principal, first + i, ts, kind, compact_json(d)) for i, d in enumerate(datas)])
     return [MailboxEvent(principal=principal, n=first + i, doc={"n": first + i, "kind": kind, "ts": ts, **d})
             for i, d in enumerate(datas)]
 

@@ -27,31 +27,12 @@ import asyncio
 import json
 import sqlite3
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from broker.store.base import MailboxEvent, NotMember, SendOutcome, StoredMessage
+from broker.store.jsonutil import compact_json
 from broker.store.sqlite_db import Database
-
-
-def _compact_encoder() -> Callable[[Any], str]:
-    """obj -> the text of json.dumps(obj, separators=(",", ":"), ensure_ascii=False).
-
-    json.dumps builds a JSONEncoder and a C encoder on every call; CPython's C
-    encoder is built once here (no circular-reference markers: what is encoded is
-    built by Roost or parsed from JSON, never cyclic). Elsewhere: a reused JSONEncoder."""
-    from json import encoder as _enc
-
-    c_make = getattr(_enc, "c_make_encoder", None)
-    if c_make is None:
-        return json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-    c_enc = c_make(None, _enc.JSONEncoder().default, _enc.encode_basestring, None, ":", ",", False, False, True)
-    join = "".join
-    return lambda obj: join(c_enc(obj, 0))
-
-
-dumps = compact_json = _compact_encoder()
 
 MAX_GROUP = 1000   # operations in one group; more start the next one
 
@@ -247,18 +228,18 @@ class _GroupRun:
 
     # ---- state, read in bulk up front and on first use otherwise -----------------
     def _json_rows(self, sql: str, keys: Any) -> list[Any]:
-        return json.loads(self.conn.execute(sql, (dumps(keys),)).fetchone()[0])
+        return json.loads(self.conn.execute(sql, (compact_json(keys),)).fetchone()[0])
 
     def prefetch(self, ops: list[SendOp | AckOp]) -> None:
         sends = [op for op in ops if isinstance(op, SendOp)]
         acks = [op for op in ops if isinstance(op, AckOp)]
         principals = {op.principal for op in acks}
         if sends:
-            keys = list({(op.sender, op.cmid) for op in sends if "\0" not in op.cmid})
-            found = {tuple(k) for k in self._json_rows(_BULK_SENT, keys)} if keys else set()
-            self.not_sent.update(k for k in keys if k not in found)
+            sent_keys = list({(op.sender, op.cmid) for op in sends if "\0" not in op.cmid})
+            found = {tuple(k) for k in self._json_rows(_BULK_SENT, sent_keys)} if sent_keys else set()
+            self.not_sent.update(k for k in sent_keys if k not in found)
             convs = list({op.conv for op in sends})
-            rows = self.conn.execute(_BULK_CONVS, (dumps(convs),)).fetchall()
+            rows = self.conn.execute(_BULK_CONVS, (compact_json(convs),)).fetchall()
             members: dict[str, list[str]] = {conv: [] for conv, _s, _t in rows}
             for conv, p, unread in self._json_rows(_BULK_MEMBERS, convs):
                 members[conv].append(p)
@@ -385,7 +366,7 @@ class _GroupRun:
                 n = self.allocate(p, 2)
                 unread = {"conv": op.conv, "count": count, "total": total}
                 rows.append((p, n, ts, "msg", op.conv, seq, None))
-                rows.append((p, n + 1, ts, "unread", None, None, dumps(unread)))
+                rows.append((p, n + 1, ts, "unread", None, None, compact_json(unread)))
                 events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
                 events.append(MailboxEvent(principal=p, n=n + 1, doc={"n": n + 1, "kind": "unread", "ts": ts, **unread}))
         return SendOutcome(message=msg, dup=False, events=events)
@@ -417,7 +398,7 @@ class _GroupRun:
                 first = self.allocate(sender, len(datas))
                 for i, data in enumerate(datas):
                     n = first + i
-                    self.event_rows.append((sender, n, op.now, "delivered", None, None, dumps(data)))
+                    self.event_rows.append((sender, n, op.now, "delivered", None, None, compact_json(data)))
                     events.append(MailboxEvent(principal=sender, n=n,
                                                doc={"n": n, "kind": "delivered", "ts": op.now, **data}))
         return new_cursor, events

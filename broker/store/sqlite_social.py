@@ -11,9 +11,8 @@ new one is logged (`contact_request_log`) and bounded in the same job: one per
 from __future__ import annotations
 
 import sqlite3
-from dataclasses import dataclass
 
-from broker.store.base import ContactRequest, MailboxEvent, SocialState
+from broker.store.base import ContactRequest, MailboxEvent, RequestLimits, SocialState
 from broker.store.sqlite_db import Database, Migration
 from broker.store.sqlite_messaging import append_event, recount_from
 
@@ -67,13 +66,7 @@ MIGRATIONS: list[Migration] = [
 ]
 
 BUDGET_WINDOW = 3600.0   # seconds: contact_requests_per_hour counts this far back
-
-
-@dataclass(frozen=True, slots=True)
-class RequestLimits:
-    """Bounds on new contact requests (0 turns one off)."""
-    cooldown: float = 0.0       # seconds before the same requester may ask the same person again
-    per_target_hour: int = 0    # new requests one person receives per hour
+_NO_LIMITS = RequestLimits()
 
 
 def _pair(x: str, y: str) -> tuple[str, str]:
@@ -145,7 +138,7 @@ class SqliteSocialStore:
         return await self._db.read(job)
 
     async def request(self, sender: str, to: str, note: str, now: float,
-                      limits: RequestLimits = RequestLimits()) -> tuple[str, list[MailboxEvent]]:
+                      limits: RequestLimits = _NO_LIMITS) -> tuple[str, list[MailboxEvent]]:
         """Outcome 'requested', 'pending' (asked already: nothing new), 'accepted'
         (they had asked us), 'contact', or refused by `limits`: 'too_soon' (asked
         this person within the cool-down) / 'too_many' (their hour's budget is spent)."""
