@@ -66,7 +66,9 @@ class ParamSpec:
 @dataclass(frozen=True, slots=True)
 class OpSpec:
     name: str
-    callers: frozenset[str]             # principal kinds that may call it; others get forbidden
+    # Principal kinds that may call it; another kind is refused (forbidden, or
+    # not_found where the target must stay hidden: docs/PROTOCOL.md, "Operations").
+    callers: frozenset[str]
     params: tuple[ParamSpec, ...]
     result: tuple[str, ...]             # top-level keys of `result` in the shared contract
     description: str
@@ -92,8 +94,8 @@ class OpSpec:
         return next((p for p in self.params if p.name == name), None)
 
 
-def _number(name: str, *, required: bool = True, minimum: int = 0, description: str = "") -> ParamSpec:
-    return ParamSpec(name, INTEGER, required, minimum=minimum, maximum=MAX_NUMBER, description=description)
+def _number(name: str, *, required: bool = True, minimum: int = 0) -> ParamSpec:
+    return ParamSpec(name, INTEGER, required, minimum=minimum, maximum=MAX_NUMBER)
 
 
 def _limit(default: int, maximum: int) -> ParamSpec:
@@ -105,8 +107,7 @@ def _principal(name: str, description: str = "") -> ParamSpec:
 
 
 def _members(*, required: bool) -> ParamSpec:
-    return ParamSpec("members", PRINCIPALS, required, min_len=None if not required else 1,
-                     max_len=MAX_GROUP_MEMBERS)
+    return ParamSpec("members", PRINCIPALS, required, min_len=1 if required else None, max_len=MAX_GROUP_MEMBERS)
 
 
 _CONV = ParamSpec("conv", CONV)
