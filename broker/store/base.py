@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 # ---- errors ------------------------------------------------------------------
 
@@ -269,7 +269,7 @@ class StoredMessage:
     ts: float
     body: str                        # JSON text of the `body` object
 
-    def to_wire(self) -> dict:
+    def to_wire(self) -> dict[str, Any]:
         import json
 
         return {"conv": self.conv, "seq": self.seq, "from": self.sender, "cmid": self.cmid,
@@ -280,7 +280,7 @@ class StoredMessage:
 class MailboxEvent:
     principal: str
     n: int
-    doc: dict                        # the wire event: {"n", "kind", "ts", ...}
+    doc: dict[str, Any]              # the wire event: {"n", "kind", "ts", ...}
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
@@ -67,7 +68,7 @@ MIGRATIONS: list[Migration] = [
 _COLUMNS = "id, kind, name, status, secret_hash, created_at, device_kind, room, pairing_code, secret_set_at"
 
 
-def _row(r: tuple) -> Principal:
+def _row(r: tuple[Any, ...]) -> Principal:
     return Principal(*r)
 
 

@@ -111,7 +111,8 @@ def _state(conn: sqlite3.Connection, principal: str) -> tuple[int, int, int]:
     if row is None:
         conn.execute("INSERT INTO mailbox_state(principal) VALUES (?)", (principal,))
         return 0, 1, 0
-    return row
+    state: tuple[int, int, int] = row
+    return state
 
 
 # Numbers `count` new events of a principal in one statement (creating its mailbox
@@ -125,7 +126,8 @@ _INSERT_DATA = "INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VAL
 
 def _allocate(conn: sqlite3.Connection, principal: str, count: int) -> int:
     """The first of `count` consecutive new event numbers of `principal`'s mailbox."""
-    return conn.execute(_ALLOCATE, (principal, count)).fetchone()[0] - count + 1
+    last: int = conn.execute(_ALLOCATE, (principal, count)).fetchone()[0]
+    return last - count + 1
 
 
 def append_event(conn: sqlite3.Connection, principal: str, kind: str, ts: float,
@@ -165,7 +167,7 @@ _EVENT_SELECT = (
 )
 
 
-def _render(principal: str, row: tuple) -> MailboxEvent:
+def _render(principal: str, row: tuple[Any, ...]) -> MailboxEvent:
     n, ts, kind, data, conv, seq, sender, cmid, mts, body = row
     if kind == "msg":
         doc: dict[str, Any] = {"n": n, "kind": kind, "ts": ts}
@@ -178,16 +180,18 @@ def _render(principal: str, row: tuple) -> MailboxEvent:
 def _unread(conn: sqlite3.Connection, conv: str, principal: str, read_seq: int) -> int:
     # Others' messages after the read position; those of principals this reader
     # blocked never reached it (see `send`), so they do not count either.
-    return conn.execute(
+    count: int = conn.execute(
         "SELECT COUNT(*) FROM messages WHERE conv=? AND seq>? AND sender!=? "
         "AND sender NOT IN (SELECT blocked FROM blocks WHERE blocker=?)", (conv, read_seq, principal, principal)
     ).fetchone()[0]
+    return count
 
 
 def _total_unread(conn: sqlite3.Connection, principal: str) -> int:
     # The per-member counters (kept by send/read/join): O(conversations), not O(messages).
-    return conn.execute("SELECT COALESCE(SUM(unread), 0) FROM conv_members WHERE principal=?",
-                        (principal,)).fetchone()[0]
+    total: int = conn.execute("SELECT COALESCE(SUM(unread), 0) FROM conv_members WHERE principal=?",
+                              (principal,)).fetchone()[0]
+    return total
 
 
 def _unread_event(conn: sqlite3.Connection, principal: str, conv: str, count: int, now: float) -> MailboxEvent:
@@ -260,10 +264,11 @@ def _members(conn: sqlite3.Connection, conv: str) -> list[str]:
 
 
 def _next_activity(conn: sqlite3.Connection) -> int:
-    return conn.execute("SELECT COALESCE(MAX(activity), 0) + 1 FROM conversations").fetchone()[0]
+    activity: int = conn.execute("SELECT COALESCE(MAX(activity), 0) + 1 FROM conversations").fetchone()[0]
+    return activity
 
 
-def _message_row(row: tuple) -> StoredMessage:
+def _message_row(row: tuple[Any, ...]) -> StoredMessage:
     return StoredMessage(*row)
 
 
@@ -286,7 +291,8 @@ class SqliteMessagingStore:
         `skip` (they blocked the sender) get no event. Runs in a group with the
         other sends and acks queued meanwhile (sqlite_msgbatch.py).
         """
-        return await self._batcher.submit(SendOp(sender, conv, dm_members, cmid, body, now, skip))
+        outcome: SendOutcome = await self._batcher.submit(SendOp(sender, conv, dm_members, cmid, body, now, skip))
+        return outcome
 
     async def find_sent(self, sender: str, cmid: str) -> StoredMessage | None:
         """The message `sender` already sent with this cmid, if any."""
@@ -338,7 +344,8 @@ class SqliteMessagingStore:
         """Advance the client's cursor to n (never back); the first ack of a `msg`
         event by any client of the principal sends its sender a `delivered` event.
         Raises ValueError when n is beyond the mailbox's last event. Grouped like send."""
-        return await self._batcher.submit(AckOp(client_id, principal, n, now))
+        acked: tuple[int, list[MailboxEvent]] = await self._batcher.submit(AckOp(client_id, principal, n, now))
+        return acked
 
     # ---- read receipts and unread counts -----------------------------------
     async def read(self, principal: str, conv: str, seq: int, now: float) -> ReadOutcome:

@@ -228,7 +228,8 @@ class _GroupRun:
 
     # ---- state, read in bulk up front and on first use otherwise -----------------
     def _json_rows(self, sql: str, keys: Any) -> list[Any]:
-        return json.loads(self.conn.execute(sql, (compact_json(keys),)).fetchone()[0])
+        rows: list[Any] = json.loads(self.conn.execute(sql, (compact_json(keys),)).fetchone()[0])
+        return rows
 
     def prefetch(self, ops: list[SendOp | AckOp]) -> None:
         sends = [op for op in ops if isinstance(op, SendOp)]
@@ -289,7 +290,7 @@ class _GroupRun:
 
     def allocate(self, principal: str, count: int) -> int:
         b = self.box(principal)
-        first = b[0] + 1
+        first: int = b[0] + 1
         b[0] += count
         b[2] = True
         self.unwritten_boxes.add(principal)
