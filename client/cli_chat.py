@@ -186,7 +186,8 @@ def send(net: Net, target: str, text: tuple[str, ...], cmid: str | None) -> None
     with Progress("sending", net.out.err):
         for _attempt in range(3):
             try:
-                result = client.send({"type": "text", "text": message}, cmid=cmid, **params)
+                result = client.send({"type": "text", "text": message}, to=params.get("to"), conv=params.get("conv"),
+                                     cmid=cmid)
                 break
             except (RequestTimeout, ConnectError) as e:  # same cmid: a retry never stores twice
                 last_error = e
@@ -224,6 +225,7 @@ def listen(net: Net, label: str, since: int | None) -> None:
     store = CursorStore(cfgmod.state_dir(), net.settings.server, me, label)
     store.lock()
     stream: EventStream | None = None
+    printer: ListenPrinter | None = None
     try:
         client = net.open(label=label)
         stream = EventStream(client, store=store)
@@ -242,8 +244,8 @@ def listen(net: Net, label: str, since: int | None) -> None:
             saved = stream.cursor
             missed = stream.catch_up()
         convs_now = client.call("convs")
-        unread = UnreadTracker(me, convs_now)
         groups = group_names(convs_now)
+        printer = ListenPrinter(me, net, UnreadTracker(me, convs_now), groups)
         # Presence of contacts and of one's own devices (both visible to us by the contract).
         subscribe_presence(client, list(dict.fromkeys(contact_ids(client) + device_ids(client))))
         # stderr: a person reads it, scripts wait for it, the JSON on stdout stays clean
@@ -252,15 +254,18 @@ def listen(net: Net, label: str, since: int | None) -> None:
         for ev in missed:
             if not net.json_mode:   # JSON lines are the events as they are
                 learn_group_name(client, groups, ev)
-            _print_event(ev, me, net, unread, groups)
+            printer.show(ev)
         watch = ConnectionWatch(client, out)
         while True:
-            for item in stream.poll(1.0):
+            items = stream.poll(1.0)
+            if not items:
+                printer.flush()     # a message line waited long enough for its count
+            for item in items:
                 if isinstance(item, InboxItem):
                     ev = item.event
                     if not net.json_mode:
                         learn_group_name(client, groups, ev)
-                    _print_event(ev, me, net, unread, groups)
+                    printer.show(ev)
                     if ev.get("kind") == "contact" and ev.get("event") == "accepted" and is_valid_principal_id(ev.get("with")):
                         try:
                             subscribe_presence(client, [ev["with"]])
@@ -269,11 +274,14 @@ def listen(net: Net, label: str, since: int | None) -> None:
                 elif isinstance(item, TopicItem):
                     pid = topics.tail(item.topic, topics.PRESENCE)
                     if pid is not None and not item.retained:
+                        printer.flush()
                         print_presence(net, pid, item.payload)
                 elif isinstance(item, ReconnectedItem):
                     watch.reconnected()
             watch.check()
     finally:
+        if printer is not None:
+            printer.flush()
         if stream is not None:
             try:
                 stream.flush_ack(force=True)
@@ -283,20 +291,16 @@ def listen(net: Net, label: str, since: int | None) -> None:
 
 
 class UnreadTracker:
-    """Unread counts per conversation, kept live from the event stream.
-
-    The broker follows every change with an `unread` event (a new message from
-    someone else, a read on any of your devices, ...). `listen` shows the count
-    next to each incoming message (counting it at once, from the `convs` numbers
-    read at start) and prints an `unread` event only when it tells something new,
-    so a message is not followed by a line repeating its count.
+    """Unread counts per conversation, as the server tells them: the `convs`
+    numbers read at start, then every `unread` event (the broker follows every
+    change with one: a new message from someone else, a read on any of your
+    devices, ...). Nothing is counted here (PROTOCOL.md, Events).
     """
 
     def __init__(self, me: str, convs_result: dict[str, Any]) -> None:
         self.me = me
-        self.redundant = False   # the last event applied told nothing new
         self.counts: dict[str, int] = {}
-        self.snapshot_seq: dict[str, int] = {}   # messages up to here are already in the counts
+        self.snapshot_seq: dict[str, int] = {}   # messages up to here are in the counts read at start
         for c in convs_result.get("convs") or []:
             if isinstance(c, dict) and isinstance(c.get("conv"), str) and isinstance(c.get("unread"), int):
                 self.counts[c["conv"]] = c["unread"]
@@ -306,26 +310,62 @@ class UnreadTracker:
                 if isinstance(last, int):
                     self.snapshot_seq[c["conv"]] = last
 
-    def update(self, ev: dict[str, Any]) -> str | None:
-        """Apply an event; for a message from someone else, a short `N unread` note."""
-        conv = ev.get("conv")
-        self.redundant = False
-        if not isinstance(conv, str):
-            return None
-        if ev.get("kind") == "unread" and isinstance(ev.get("count"), int):
-            self.redundant = self.counts.get(conv) == ev["count"]
-            self.counts[conv] = ev["count"]
-        elif ev.get("kind") == "msg" and ev.get("from") != self.me:
-            seq = ev.get("seq")
-            if isinstance(seq, int) and seq <= self.snapshot_seq.get(conv, 0):
-                return None   # replayed: already counted at start, and the count now is not the count then
-            self.counts[conv] = self.counts.get(conv, 0) + 1
-            return f"{self.counts[conv]} unread, {self.total} in all"
-        return None
+    def counted_message(self, ev: dict[str, Any]) -> bool:
+        """A live message from someone else: its `unread` event follows it."""
+        conv, seq = ev.get("conv"), ev.get("seq")
+        if ev.get("kind") != "msg" or ev.get("from") == self.me or not isinstance(conv, str):
+            return False
+        # A replayed one was counted before the start: the count after it is history.
+        return not (isinstance(seq, int) and seq <= self.snapshot_seq.get(conv, 0))
 
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
+    def apply(self, ev: dict[str, Any]) -> bool:
+        """Take the numbers of an `unread` event; False if it told nothing new."""
+        conv, count = ev.get("conv"), ev.get("count")
+        if ev.get("kind") != "unread" or not isinstance(conv, str) or not isinstance(count, int):
+            return True
+        new = self.counts.get(conv) != count
+        self.counts[conv] = count
+        return new
+
+
+class ListenPrinter:
+    """`listen`'s output. A live message from someone else is shown with the
+    server's count after it (`(N unread, M in all)`): its line waits for the
+    `unread` event right behind it in the mailbox (same transaction), which then
+    is not shown on a line of its own. An `unread` event that tells nothing new
+    is not shown either. JSON lines are the events as they are.
+    """
+
+    def __init__(self, me: str, net: Net, unread: UnreadTracker, groups: dict[str, str]) -> None:
+        self.me, self.net, self.unread, self.groups = me, net, unread, groups
+        self._held: dict[str, Any] | None = None    # a message line waiting for its count
+
+    def show(self, ev: dict[str, Any]) -> None:
+        if self.net.json_mode:
+            self.net.out.jsonl(ev)
+            return
+        held, self._held = self._held, None
+        if held is not None:
+            if ev.get("kind") == "unread" and ev.get("conv") == held.get("conv") and isinstance(ev.get("count"), int):
+                self.unread.apply(ev)
+                self._line(held, f"{ev['count']} unread, {ev.get('total')} in all")
+                return
+            self._line(held)
+        if self.unread.counted_message(ev):
+            self._held = ev
+        elif self.unread.apply(ev):
+            self._line(ev)
+
+    def flush(self) -> None:
+        """Show a waiting message line without its count (no `unread` event came)."""
+        held, self._held = self._held, None
+        if held is not None:
+            self._line(held)
+
+    def _line(self, ev: dict[str, Any], note: str | None = None) -> None:
+        out = self.net.out
+        line = event_line(ev, self.me, out, self.groups)
+        out.line(f"{line}  {out.s(f'({note})', fg='yellow')}" if note else line)
 
 
 def group_names(convs_result: dict[str, Any]) -> dict[str, str]:
@@ -349,19 +389,6 @@ def learn_group_name(client: RoostClient, groups: dict[str, str], ev: dict[str, 
         except RoostError:      # removed meanwhile, or a lost connection: the line shows the id
             name = None
         groups[conv] = name if isinstance(name, str) else ""
-
-
-def _print_event(ev: dict[str, Any], me: str, net: Net, unread: UnreadTracker | None = None,
-                 groups: dict[str, str] | None = None) -> None:
-    note = unread.update(ev) if unread is not None else None
-    if net.json_mode:
-        net.out.jsonl(ev)
-    elif unread is not None and unread.redundant:
-        return
-    else:
-        line = event_line(ev, me, net.out, groups)
-        net.out.line(f"{line}  {net.out.s(f'({note})', fg='yellow')}" if note else line)
-
 
 
 @command()
@@ -460,7 +487,7 @@ def chat(net: Net, target: str, history_n: int) -> None:
                     if not line.strip():
                         continue
                     try:
-                        res = client.send({"type": "text", "text": line}, **params)
+                        res = client.send({"type": "text", "text": line}, to=params.get("to"), conv=params.get("conv"))
                     except (RequestTimeout, ConnectError, ServerError) as e:
                         # Keep chatting; a piped chat still ends non-zero (below).
                         unsent += 1

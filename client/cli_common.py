@@ -354,9 +354,10 @@ class ConnectionWatch:
 class OneLineUsageError(click.UsageError):
     """A usage error shown as one line (click's default is usage + hint + message)."""
 
+    exit_code = EXIT_USAGE
+
     def __init__(self, error: click.UsageError) -> None:
         super().__init__(error.format_message(), error.ctx)
-        self.exit_code = EXIT_USAGE
 
     def show(self, file: Any = None) -> None:
         path = self.ctx.command_path if self.ctx is not None else "roost"

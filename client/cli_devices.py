@@ -186,7 +186,7 @@ def cmd(net: Net, device: str, name: str, pairs: tuple[str, ...], timeout: float
         raise CliError(f"no result from {device} within {timeout:g}s (the command is {conv} #{seq})", EXIT_TIMEOUT)
     rbody = result.get("body") or {}
     status = rbody.get("status")
-    doc = {"device": device, "command": name, "conv": conv, "seq": seq, "status": status,
+    doc: dict[str, Any] = {"device": device, "command": name, "conv": conv, "seq": seq, "status": status,
            "data": rbody.get("data") or {}, "result_seq": result.get("seq")}
     if net.json_mode:
         net.out.doc(doc)

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import click
 
@@ -36,15 +36,16 @@ class CliError(click.ClickException):
 
     def __init__(self, message: str, exit_code: int = EXIT_SERVER_ERROR) -> None:
         super().__init__(message)
-        self.exit_code = exit_code
+        # click declares exit_code a class constant; a CliError's code is chosen per error.
+        self.exit_code = exit_code  # type: ignore[misc]
 
-    def show(self, file: TextIO | None = None) -> None:
+    def show(self, file: IO[Any] | None = None) -> None:
         err = file or sys.stderr
         prefix = style("roost: error:", fg="red", bold=True, stream=err)
         click.echo(f"{prefix} {self.format_message()}", file=err)
 
 
-def use_color(stream: TextIO) -> bool:
+def use_color(stream: IO[Any]) -> bool:
     if os.environ.get("NO_COLOR") or os.environ.get("TERM") == "dumb":
         return False
     try:
@@ -53,7 +54,7 @@ def use_color(stream: TextIO) -> bool:
         return False
 
 
-def style(text: str, *, stream: TextIO | None = None, **kw: Any) -> str:
+def style(text: str, *, stream: IO[Any] | None = None, **kw: Any) -> str:
     return click.style(text, **kw) if use_color(stream or sys.stdout) else text
 
 

@@ -11,6 +11,11 @@ Threading: paho's network thread runs the callbacks; they only decode and queue.
 Everything that waits (requests, the event stream) runs in the caller's thread.
 After a reconnect the client re-subscribes by itself; `EventStream` then calls
 `sync` from the last event it handed out, so nothing is missed or repeated.
+
+Request correlation, gap filling, the cursor file, backoff and the error types
+come from the SDK core shared with the device SDK (contract/sdkcore/); this
+module is the people's paho wiring (connect diagnostics, subscriptions), the
+item queue, the label lock and the ordered stream.
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ import logging
 import os
 import queue
 import ssl
-import tempfile
 import threading
 import time
 import uuid
@@ -34,13 +38,35 @@ import paho.mqtt.client as mqtt
 from client.config import Server
 from contract import topics
 from contract.ids import TRANSIENT_LABEL_PREFIX
+from contract.sdkcore import (
+    SYNC_PAGE,
+    AuthError,
+    ConnectError,
+    ConnectTimeout,
+    CursorFile,
+    CursorLocked,
+    LinkState,
+    MailboxFollower,
+    Place,
+    RequestError,
+    Requests,
+    RequestTimeout,
+    RoostError,
+    mailbox_head,
+)
+from contract.sdkcore.backoff import CLIENT_RECONNECT
+
+__all__ = [
+    "AuthError", "ConnectError", "ConnectTimeout", "CursorLocked", "RequestError", "RequestTimeout", "RoostError",
+    "ServerError", "RoostClient", "EventStream", "CursorStore", "Item", "InboxItem", "TopicItem", "ReconnectedItem",
+    "LocalItem", "SYNC_PAGE", "REPEATABLE_OPS",
+]
 
 log = logging.getLogger("roost.client")
 # A library never prints on its own: the application decides where logs go.
 log.addHandler(logging.NullHandler())
 
 ITEM_QUEUE_MAX = 10000        # messages waiting for the consumer; past it: counted, then re-synced
-SYNC_PAGE = 1000              # PROTOCOL.md: sync limit <= 1000
 # Ops the SDK may publish again after a reconnect when their answer was lost:
 # reads, and writes made idempotent by the protocol (send by cmid, cumulative ack).
 REPEATABLE_OPS = frozenset({
@@ -49,37 +75,14 @@ REPEATABLE_OPS = frozenset({
 })
 
 
-# ---- errors ------------------------------------------------------------------
+# ---- errors: the core's tree (contract/sdkcore/errors.py) ------------------------
 
-class RoostError(Exception):
-    """Base of every error the SDK raises on purpose; `str()` is one human line."""
-
-
-class ConnectError(RoostError):
-    """The server could not be reached, or the connection was lost for good."""
-
+# The name this SDK has always used for an `ok: false` answer.
+ServerError = RequestError
 
 # CONNACK codes (as paho reports them) that retrying cannot fix: client id not
 # valid, bad user name or password, not authorized.
 _REFUSED_FOR_GOOD = frozenset({133, 134, 135})
-
-
-class AuthError(ConnectError):
-    """The server refused the credentials or the client id."""
-
-
-class RequestTimeout(RoostError):
-    """No answer in time."""
-
-
-class ServerError(RoostError):
-    """The server answered `ok: false`."""
-
-    def __init__(self, op: str, code: str, message: str) -> None:
-        super().__init__(f"{op}: {code}: {message}")
-        self.op = op
-        self.code = code
-        self.message = message
 
 
 # ---- items handed to consumers ------------------------------------------------
@@ -113,14 +116,6 @@ class LocalItem:
 Item = InboxItem | TopicItem | ReconnectedItem | LocalItem
 
 
-class _Pending:
-    __slots__ = ("event", "response")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.response: dict[str, Any] | None = None
-
-
 # ---- the client ---------------------------------------------------------------
 
 class RoostClient:
@@ -152,15 +147,14 @@ class RoostClient:
         self.overflow = 0                       # items dropped because the consumer lagged
         self._subscribe_inbox = subscribe_inbox
         self._lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}
         self._subs: dict[str, int] = {}         # topic filter -> qos, restored after reconnect
-        self._sub_waits: dict[int, tuple[threading.Event, list]] = {}
-        self._connected = threading.Event()
-        self._ready = threading.Event()         # connected and subscriptions restored
+        self._sub_waits: dict[int, tuple[threading.Event, list[Any]]] = {}
+        self._link = LinkState()                # ready = connected and subscriptions restored
+        self._requests = Requests(self._link, self._publish_request, where=str(server), timeout=request_timeout,
+                                  repeatable=REPEATABLE_OPS)
         self._connack: Any = None
         self._closed_early = False              # the server hung up before its CONNACK (see connect)
         self.refused: str | None = None     # the broker refused a reconnect (see check_refused)
-        self._epoch = 0                         # +1 every time subscriptions are (re)established
         self._closing = False
         self._started = False
 
@@ -174,7 +168,7 @@ class RoostClient:
         if tls:
             ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
             c.tls_set_context(ctx)
-        c.reconnect_delay_set(min_delay=1, max_delay=15)
+        c.reconnect_delay_set(min_delay=int(CLIENT_RECONNECT.initial), max_delay=int(CLIENT_RECONNECT.maximum))
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
@@ -208,7 +202,7 @@ class RoostClient:
         self._mqtt.loop_start()
         self._started = True
         deadline = time.monotonic() + self.connect_timeout
-        while not self._ready.wait(0.05):
+        while not self._link.wait_ready(0.05):
             rc = self._connack
             if rc is not None and getattr(rc, "is_failure", False):
                 self.close()
@@ -243,7 +237,7 @@ class RoostClient:
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._link.is_connected()
 
     def check_refused(self) -> None:
         """Raise AuthError if the broker refused a reconnect (streams call this)."""
@@ -253,11 +247,11 @@ class RoostClient:
 
     # -- paho callbacks (network thread: decode and queue, never block) --------
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
         self._connack = reason_code
         if reason_code.is_failure:
             log.warning("connect refused: %s", reason_code)
-            if self._epoch == 0:
+            if self._link.epoch == 0:
                 client.disconnect()     # first connect: connect() reports it
             elif getattr(reason_code, "value", None) in _REFUSED_FOR_GOOD:
                 # Refused on a reconnect: the account was removed or its secret
@@ -265,13 +259,15 @@ class RoostClient:
                 self.refused = str(reason_code).lower()
                 client.disconnect()
             return
-        self._connected.set()
+        self._link.connected()
         with self._lock:
             subs = list(self._subs.items())
         if not subs:
             self._mark_ready()
             return
         rc, mid = client.subscribe(subs)
+        if mid is None:     # not sent (the connection just dropped): the next connect tries again
+            return
         done = threading.Event()
         with self._lock:
             self._sub_waits[mid] = (done, [t for t, _ in subs])
@@ -282,22 +278,18 @@ class RoostClient:
             self._mark_ready()
 
     def _mark_ready(self) -> None:
-        first = self._epoch == 0
-        with self._lock:
-            self._epoch += 1
-        self._ready.set()
-        if not first:
+        if self._link.ready():
             self._put(ReconnectedItem())
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        self._connected.clear()
-        self._ready.clear()
-        if self._epoch == 0 and self._connack is None and not self._closing:
+    def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
+        self._link.lost()
+        if self._link.epoch == 0 and self._connack is None and not self._closing:
             self._closed_early = True
         if not self._closing:
             log.info("disconnected (%s); reconnecting", reason_code)
 
-    def _on_subscribe(self, client, userdata, mid, reason_code_list, properties) -> None:
+    def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reason_code_list: list[Any],
+                      properties: Any) -> None:
         with self._lock:
             wait = self._sub_waits.pop(mid, None)
         if wait is None:
@@ -320,12 +312,7 @@ class RoostClient:
             if not isinstance(doc, dict):
                 log.warning("undecodable response ignored")
                 return
-            with self._lock:
-                slot = self._pending.pop(doc.get("id"), None) if isinstance(doc.get("id"), str) else None
-            if slot is not None:
-                slot.response = doc
-                slot.event.set()
-            elif doc.get("id") is None and doc.get("ok") is False:
+            if not self._requests.resolve(doc) and doc.get("id") is None and doc.get("ok") is False:
                 log.warning("server error for an unidentified request: %s", doc.get("error"))
             return
         if t == topics.inbox(self.user):
@@ -359,13 +346,14 @@ class RoostClient:
         timeout = self.request_timeout if timeout is None else timeout
         self._wait_ready(timeout)
         done = threading.Event()
-        grants: list = list(filters)
+        grants: list[Any] = list(filters)
         with self._lock:
             for f in filters:
                 self._subs[f] = qos
             rc, mid = self._mqtt.subscribe([(f, qos) for f in filters])
-            self._sub_waits[mid] = (done, grants)
-        if rc != mqtt.MQTT_ERR_SUCCESS or not done.wait(timeout):
+            if mid is not None:
+                self._sub_waits[mid] = (done, grants)
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None or not done.wait(timeout):
             raise RequestTimeout(f"no answer to subscribe within {timeout:g}s")
         return dict(zip(filters, grants))
 
@@ -382,50 +370,22 @@ class RoostClient:
     # -- requests -------------------------------------------------------------
 
     def _wait_ready(self, timeout: float) -> None:
-        if not self._ready.wait(timeout):
-            raise ConnectError(f"not connected to {self.server} (waited {timeout:g}s)")
+        if not self._link.wait_ready(timeout):
+            raise ConnectTimeout(f"not connected to {self.server} (waited {timeout:g}s)")
+
+    def _publish_request(self, payload: bytes) -> None:
+        self._mqtt.publish(topics.req(self.client_id), payload, qos=1)
 
     def request(self, op: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
                 repeat: bool | None = None) -> dict[str, Any]:
-        """Send one request and return the whole response document."""
-        timeout = self.request_timeout if timeout is None else timeout
-        repeat = (op in REPEATABLE_OPS) if repeat is None else repeat
-        rid = uuid.uuid4().hex
-        payload = json.dumps({"id": rid, "op": op, **(params or {})}, separators=(",", ":")).encode()
-        slot = _Pending()
-        deadline = time.monotonic() + timeout
-        self._wait_ready(timeout)
-        with self._lock:
-            self._pending[rid] = slot
-            epoch = self._epoch
-        try:
-            self._mqtt.publish(topics.req(self.client_id), payload, qos=1)
-            while True:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    if not self.connected:
-                        raise ConnectError(f"lost the connection to {self.server} waiting for '{op}'")
-                    raise RequestTimeout(f"no answer to '{op}' within {timeout:g}s")
-                if slot.event.wait(min(remaining, 0.2)):
-                    assert slot.response is not None
-                    return slot.response
-                # The answer of a request published before a reconnect may be lost
-                # with the old session; publish idempotent ones again.
-                if repeat and self._ready.is_set() and self._epoch != epoch:
-                    epoch = self._epoch
-                    self._mqtt.publish(topics.req(self.client_id), payload, qos=1)
-        finally:
-            with self._lock:
-                self._pending.pop(rid, None)
+        """Send one request and return the whole response document. By default
+        only REPEATABLE_OPS are published again after a reconnect."""
+        return self._requests.request(op, params, timeout=timeout, repeat=repeat)
 
-    def call(self, op: str, params: dict[str, Any] | None = None, **kw: Any) -> dict[str, Any]:
-        """Like request() but returns `result` or raises ServerError."""
-        resp = self.request(op, params, **kw)
-        if resp.get("ok") is True:
-            result = resp.get("result")
-            return result if isinstance(result, dict) else {}
-        err = resp.get("error") if isinstance(resp.get("error"), dict) else {}
-        raise ServerError(op, str(err.get("code", "internal")), str(err.get("message", "no message")))
+    def call(self, op: str, params: dict[str, Any] | None = None, *, timeout: float | None = None,
+             repeat: bool | None = None) -> dict[str, Any]:
+        """Like request() but returns `result` or raises ServerError (RequestError)."""
+        return self._requests.call(op, params, timeout=timeout, repeat=repeat)
 
     # -- conveniences -----------------------------------------------------------
 
@@ -440,35 +400,15 @@ class RoostClient:
         return self.call("send", params, timeout=timeout)
 
     def mailbox_head(self, after: int = 0) -> int:
-        """The newest event number in our mailbox.
+        """The newest event number in our mailbox (contract/sdkcore/mailbox.py)."""
+        return mailbox_head(self.sync, after)
 
-        Fast path: asked for events after a number beyond any mailbox, this broker
-        answers no events and `last` = its newest n. A server that echoes the
-        cursor instead (or refuses) gets the slow path: page through `sync`.
-        """
-        probe = 2 ** 53
-        try:
-            res = self.call("sync", {"after": probe, "limit": 1})
-            last = res.get("last")
-            if not res.get("events") and isinstance(last, int) and 0 <= last < probe:
-                return max(after, last)
-        except ServerError:
-            pass
-        n = after
-        while True:
-            res = self.call("sync", {"after": n, "limit": SYNC_PAGE})
-            events = res.get("events") or []
-            for ev in events:
-                if isinstance(ev, dict) and isinstance(ev.get("n"), int):
-                    n = max(n, ev["n"])
-            last = res.get("last")
-            if not res.get("more") or not events:
-                if isinstance(last, int) and last > n:
-                    n = last
-                return n
+    def sync(self, after: int, limit: int = SYNC_PAGE) -> dict[str, Any]:
+        """One `sync` page: the events after `after`."""
+        return self.call("sync", {"after": after, "limit": limit})
 
 
-def _decode(payload: bytes) -> Any:
+def _decode(payload: bytes | bytearray) -> Any:
     try:
         return json.loads(payload)
     except (UnicodeDecodeError, ValueError):
@@ -477,12 +417,9 @@ def _decode(payload: bytes) -> Any:
 
 # ---- cursor persistence -------------------------------------------------------
 
-class CursorLocked(RoostError):
-    """Another process is streaming with the same label."""
-
-
 class CursorStore:
-    """The last event n handed out for one (server, user, label), kept across runs.
+    """The last event n handed out for one (server, user, label), kept across runs
+    in a cursor file (contract/sdkcore/cursor.py).
 
     A lock file keeps two processes from using the same label at once: with the
     same client id they would take each other's connection over, endlessly.
@@ -491,6 +428,7 @@ class CursorStore:
     def __init__(self, directory: Path, server: Server, user: str, label: str) -> None:
         safe_server = f"{server.host}_{server.port}".replace("/", "_").replace(":", "_")
         self.path = directory / "cursors" / safe_server / f"{user}.{label}.json"
+        self._file = CursorFile(self.path)
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
@@ -508,29 +446,18 @@ class CursorStore:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    def _doc(self) -> dict[str, Any]:
-        try:
-            doc = json.loads(self.path.read_text())
-        except (FileNotFoundError, ValueError):
-            return {}
-        return doc if isinstance(doc, dict) else {}
-
     def load(self) -> int | None:
-        n = self._doc().get("n")
-        return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+        saved = self._file.load()
+        return saved.n if saved is not None else None
 
     def load_ts(self) -> float | None:
         """The `ts` of event n when it was saved: tells this mailbox from another
         one behind the same server address and user (a store that was replaced)."""
-        ts = self._doc().get("ts")
-        return float(ts) if isinstance(ts, (int, float)) and not isinstance(ts, bool) else None
+        saved = self._file.load()
+        return saved.ts if saved is not None else None
 
     def save(self, n: int, ts: float | None = None) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cursor-")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"n": n, "ts": ts, "saved": time.time()}, f)
-        os.replace(tmp, self.path)
+        self._file.save(n, ts)
 
 
 # ---- the ordered event stream -----------------------------------------------------
@@ -548,8 +475,8 @@ class EventStream:
                  store: CursorStore | None = None, ack: bool = True,
                  ack_interval: float = 0.5) -> None:
         self.client = client
-        self.cursor = cursor              # last n handed out; None = not known yet
-        self.cursor_ts: float | None = None   # the ts of that event, when it passed through here
+        # The cursor (last n handed out; None = not known yet) and the ts of that event.
+        self._mailbox = MailboxFollower(client.sync, cursor=cursor)
         self.store = store
         self._ack = ack
         self._ack_interval = ack_interval
@@ -558,10 +485,22 @@ class EventStream:
         self._behind = False              # a catch-up failed: retry before trusting pushes
         self.gaps_filled = 0
 
+    @property
+    def cursor(self) -> int | None:
+        return self._mailbox.cursor
+
+    @cursor.setter
+    def cursor(self, n: int | None) -> None:
+        self._mailbox.cursor = n
+
+    @property
+    def cursor_ts(self) -> float | None:
+        return self._mailbox.cursor_ts
+
     def start_at_head(self) -> int:
-        self.cursor = self.client.mailbox_head()
-        self._acked = self.cursor
-        return self.cursor
+        head = self.client.mailbox_head()
+        self.cursor = self._acked = head
+        return head
 
     def resume(self, n: int, ts: float | None) -> str | None:
         """Continue after event `n` saved earlier, unless the server's mailbox is not
@@ -589,27 +528,16 @@ class EventStream:
         A failure part-way (connection lost again, rate limited) keeps what was
         fetched, marks the stream as behind, and the next poll tries again.
         """
-        if self.cursor is None:
-            self._behind = False
-            return []
         out: list[dict[str, Any]] = []
         try:
-            while True:
-                res = self.client.call("sync", {"after": self.cursor, "limit": SYNC_PAGE})
-                events = sorted((e for e in res.get("events") or []
-                                 if isinstance(e, dict) and isinstance(e.get("n"), int)), key=lambda e: e["n"])
-                for ev in events:
-                    if ev["n"] > self.cursor:
-                        out.append(ev)
-                        self.cursor = ev["n"]
-                        self.cursor_ts = ev.get("ts")
-                if not res.get("more") or not events:
-                    self._behind = False
-                    return out
+            for ev in self._mailbox.missing():
+                out.append(ev)
         except RoostError as e:
             log.warning("catching up from #%s failed (%s); will retry", self.cursor, e)
             self._behind = True
             return out
+        self._behind = False
+        return out
 
     def poll(self, timeout: float) -> list[Item]:
         """Wait up to `timeout` for items; returns them in order (possibly none)."""
@@ -640,12 +568,11 @@ class EventStream:
         return out
 
     def _accept(self, ev: dict[str, Any]) -> list[dict[str, Any]]:
-        n = ev["n"]
-        if self.cursor is None or (n == self.cursor + 1 and not self._behind):
-            self.cursor = n
-            self.cursor_ts = ev.get("ts")
+        place = self._mailbox.place(ev["n"])
+        if place is Place.NEXT and (self.cursor is None or not self._behind):
+            self._mailbox.advance(ev)
             return [ev]
-        if n <= self.cursor:
+        if place is Place.OLD:
             return []                     # already handed out (sync and push overlap)
         # A gap: fill it from the server, which has ev too (it was committed before the push).
         self.gaps_filled += 1

@@ -35,6 +35,10 @@ How nothing gets lost:
   change it ("10 % brighter").
 * paho reconnects by itself with exponential backoff (1 s doubling up to 30 s).
 
+Request correlation, gap filling, the cursor file, backoff and the error types
+(`RoostError` and below) come from the SDK core shared with the people's SDK
+(contract/sdkcore/); this module is the device's paho wiring and its inbox worker.
+
 Threads: paho's network thread only sorts incoming messages into queues; a
 worker thread runs command handlers and inbox bookkeeping, so handlers may call
 `request`, `send_event` and `telemetry`. Never call `request` from inside a
@@ -44,10 +48,8 @@ paho callback of your own: its answer arrives on that same thread.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
-import os
 import queue
 import ssl
 import threading
@@ -61,10 +63,21 @@ import paho.mqtt.client as mqtt
 
 from contract import catalog, topics
 from contract.ids import parse_conv
+from contract.sdkcore import (
+    ConnectTimeout,
+    CursorFile,
+    LinkState,
+    MailboxFollower,
+    Place,
+    RequestError,
+    Requests,
+    RoostError,
+)
+from contract.sdkcore.backoff import DEVICE_RECONNECT, REQUEST_RETRY
 
-__all__ = ["Device", "Command", "CommandError", "RequestError"]
+__all__ = ["Device", "Command", "CommandError", "RequestError", "RoostError"]
 
-RETRYABLE = ("rate_limited", "unavailable")
+SYNC_PAGE = 200           # events per catch-up `sync` (a device's handlers are slower than a listing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,21 +94,14 @@ class Command:
 
 
 class CommandError(Exception):
-    """Raise from a handler to answer with status "error" (message + optional data)."""
+    """Raise from a handler to answer with status "error" (message + optional data).
+
+    Not a RoostError: it is the handler's answer to a person, not a failure of the SDK."""
 
     def __init__(self, message: str, data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.data = data or {}
-
-
-class RequestError(Exception):
-    """The broker answered a request with ok=false."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 Handler = Callable[[Command], "dict[str, Any] | None"]
@@ -107,7 +113,7 @@ class Device:
                  kind: str | None = None, label: str | None = None, keepalive: int = 30,
                  tls: ssl.SSLContext | bool | None = None, state_file: str | None = None,
                  request_timeout: float = 10.0, people_ttl: float = 0.0, inbox_queue: int = 1000,
-                 min_backoff: int = 1, max_backoff: int = 30) -> None:
+                 min_backoff: int = int(DEVICE_RECONNECT.initial), max_backoff: int = int(DEVICE_RECONNECT.maximum)) -> None:
         self.id = device_id
         self.client_id = f"{device_id}.{label}" if label else device_id
         self.kind = catalog.get_kind(kind)
@@ -117,15 +123,17 @@ class Device:
         self.log = logging.getLogger(f"roost.device.{device_id}")
         self._handlers: dict[str, Handler] = {}
         self.on_message: Callable[[dict[str, Any]], None] | None = None  # non-command msgs (texts, ...)
-        self._state_file = state_file
-        self._last_n: int | None = self._load_state()
-        self._acked_n: int | None = self._last_n
+        self._cursor_file = CursorFile(state_file) if state_file else None
+        saved = self._cursor_file.load() if self._cursor_file else None
+        # The inbox cursor: the last n handled (None: first run without a state file).
+        self._mailbox = MailboxFollower(self._sync, cursor=saved.n if saved else None, page=SYNC_PAGE)
+        self._acked_n: int | None = self._mailbox.cursor
         self._inbox: queue.Queue[Any] = queue.Queue(inbox_queue)
-        self._pending: dict[str, list[Any]] = {}   # request id -> [threading.Event, response]
-        self._pending_lock = threading.Lock()
-        self._ids = itertools.count(1)
-        self._connected = threading.Event()
-        self._generation = 0                         # bumps on every connect: requests re-publish
+        self._link = LinkState()
+        # Every request of a device is idempotent (send by cmid, cumulative ack, reads),
+        # so all are published again after a reconnect; rate_limited/unavailable are retried.
+        self._requests = Requests(self._link, self._publish_request, where=f"{host}:{port}", timeout=request_timeout,
+                                  retry=REQUEST_RETRY)
         self._stop = threading.Event()
         self._worker: threading.Thread | None = None
         self._people: tuple[float, list[str]] | None = None
@@ -165,8 +173,8 @@ class Device:
         self._worker.start()
         self._mqtt.connect_async(self.host, self.port, keepalive=self.keepalive)
         self._mqtt.loop_start()
-        if wait is not None and not self._connected.wait(wait):
-            raise TimeoutError(f"{self.id}: not connected to {self.host}:{self.port} within {wait}s")
+        if wait is not None and not self._link.wait_ready(wait):
+            raise ConnectTimeout(f"{self.id}: not connected to {self.host}:{self.port} within {wait}s")
         return self
 
     def stop(self) -> None:
@@ -180,14 +188,14 @@ class Device:
             self._worker.join(timeout=self.request_timeout + 1)
         self._mqtt.disconnect()
         self._mqtt.loop_stop()
-        self._connected.clear()
+        self._link.lost()
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
+        return self._link.is_ready()
 
     def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
+        return self._link.wait_ready(timeout)
 
     # ---- what a device does ----------------------------------------------------
     def telemetry(self, fields: dict[str, Any] | None = None, **more: Any) -> bool:
@@ -220,7 +228,7 @@ class Device:
         sent = {}
         for person in self.people():
             try:
-                res = self.request("send", to=person, cmid=_cmid(f"ev-{event_id}-{person}"), body=body)
+                res = self._call("send", {"to": person, "cmid": _cmid(f"ev-{event_id}-{person}"), "body": body})
                 sent[person] = res["seq"]
             except RequestError as exc:   # e.g. a share was just withdrawn: tell the others anyway
                 self.log.warning("event %s to %s refused: %s", name, person, exc)
@@ -229,40 +237,18 @@ class Device:
     def request(self, op: str, timeout: float | None = None, **params: Any) -> dict[str, Any]:
         """One request/response (PROTOCOL.md). Waits for a connection, re-sends
         after a reconnect and backs off on rate_limited/unavailable until
-        `timeout`; raises RequestError for any other error, TimeoutError at the end."""
-        deadline = time.monotonic() + (timeout or self.request_timeout)
-        rid = f"{self.id}-{next(self._ids)}-{uuid.uuid4().hex[:6]}"
-        payload = json.dumps({"id": rid, "op": op, **params}, separators=(",", ":"))
-        backoff = 0.2
-        while True:
-            slot: list[Any] = [threading.Event(), None]
-            with self._pending_lock:
-                self._pending[rid] = slot
-            try:
-                if not self._connected.wait(max(0.0, deadline - time.monotonic())):
-                    raise TimeoutError(f"{self.id}: {op}: not connected")
-                generation = self._generation
-                self._mqtt.publish(topics.req(self.client_id), payload, qos=1)
-                while not slot[0].wait(0.2):
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"{self.id}: {op}: no response")
-                    if generation != self._generation:
-                        break        # reconnected meanwhile: send it again (same id)
-            finally:
-                with self._pending_lock:
-                    self._pending.pop(rid, None)
-            resp = slot[1]
-            if resp is None:
-                continue
-            if resp.get("ok"):
-                return resp.get("result") or {}
-            err = resp.get("error") or {}
-            code = err.get("code", "internal")
-            if code in RETRYABLE and time.monotonic() + backoff < deadline:
-                time.sleep(backoff)
-                backoff = min(backoff * 2, 5.0)
-                continue
-            raise RequestError(code, err.get("message", ""))
+        `timeout`; raises RequestError for any other error, a RoostError that is
+        also a TimeoutError (ConnectTimeout, RequestTimeout) at the end."""
+        return self._call(op, params, timeout)
+
+    def _call(self, op: str, params: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        return self._requests.call(op, params, timeout=timeout or self.request_timeout)
+
+    def _publish_request(self, payload: bytes) -> None:
+        self._mqtt.publish(topics.req(self.client_id), payload, qos=1)
+
+    def _sync(self, after: int, limit: int) -> dict[str, Any]:
+        return self._call("sync", {"after": after, "limit": limit})
 
     # ---- paho callbacks (network thread: sort, never block) -------------------
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any, properties: Any) -> None:
@@ -271,13 +257,14 @@ class Device:
             return
         client.subscribe([(topics.inbox(self.id), 1), (topics.resp(self.client_id), 1)])
         self.stats["connects"] += 1
-        self._generation += 1
-        self._connected.set()
+        # Ready at once: the broker handles this connection's packets in order, so a
+        # request published after the SUBSCRIBE is answered on the subscribed topic.
+        self._link.ready()
         self._put(_RESYNC)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason_code: Any,
                        properties: Any) -> None:
-        self._connected.clear()
+        self._link.lost()
         if not self._stop.is_set():
             self.log.warning("connection lost (%s); reconnecting", reason_code)
 
@@ -290,11 +277,7 @@ class Device:
         if not isinstance(doc, dict):
             return
         if msg.topic == topics.resp(self.client_id):
-            with self._pending_lock:
-                slot = self._pending.get(doc.get("id"))
-            if slot is not None and slot[1] is None:
-                slot[1] = doc
-                slot[0].set()
+            self._requests.resolve(doc)
         elif msg.topic == topics.inbox(self.id):
             self._put(doc)
 
@@ -326,45 +309,41 @@ class Device:
                 else:
                     self._pushed(item)
                 # Ack when idle, and at least every 100 events on a busy stream.
-                if self._inbox.empty() or (self._last_n or 0) - (self._acked_n or 0) >= 100:
+                if self._inbox.empty() or (self._mailbox.cursor or 0) - (self._acked_n or 0) >= 100:
                     self._ack()
-            except (RequestError, TimeoutError) as exc:
+            except RoostError as exc:
                 # Offline or refused: what was not handled is not acked; the
                 # next reconnect's catch-up gets it again.
                 self.log.warning("inbox handling interrupted: %s", exc)
             except Exception:  # noqa: BLE001 - the worker must survive a bad event
                 self.log.exception("inbox handling failed")
         try:
-            if self._connected.is_set():
+            if self._link.is_ready():
                 self._ack()
-        except (RequestError, TimeoutError):
+        except RoostError:
             pass
 
     def _pushed(self, ev: dict[str, Any]) -> None:
         n = ev.get("n")
         if not isinstance(n, int):
             return
-        if self._last_n is not None and n <= self._last_n:
+        place = self._mailbox.place(n)
+        if place is Place.OLD:
             self.stats["duplicates"] += 1
             return
-        if self._last_n is not None and n > self._last_n + 1:
+        if place is Place.GAP:
             self.stats["gaps"] += 1
             self._catch_up(until=n - 1)
-            if n <= self._last_n:
+            if self._mailbox.place(n) is Place.OLD:
                 return
         self._handle(ev)
+        self._mailbox.advance(ev)
 
     def _catch_up(self, until: int | None = None) -> None:
-        """Fetch with `sync` everything after the last handled n (up to `until`)."""
-        if self._last_n is None:
-            return   # first run without a state file: the broker's push is all we have
-        while until is None or self._last_n < until:
-            res = self.request("sync", after=self._last_n, limit=200)
-            for ev in res.get("events", []):
-                if isinstance(ev.get("n"), int) and ev["n"] > self._last_n:
-                    self._handle(ev)
-            if not res.get("more") or not res.get("events"):
-                break
+        """Handle what `sync` has after the last handled n (up to `until`); nothing
+        without a cursor (first run without a state file: the broker's push is all we have)."""
+        for ev in self._mailbox.missing(until):
+            self._handle(ev)
 
     def _handle(self, ev: dict[str, Any]) -> None:
         self.stats["events_in"] += 1
@@ -377,7 +356,6 @@ class Device:
                 self.on_message(ev)
         elif kind == "dropped":
             self.log.warning("the broker discarded %s inbox event(s): %s", ev.get("count"), ev.get("reason"))
-        self._last_n = ev["n"]
 
     def _run_command(self, ev: dict[str, Any], body: dict[str, Any]) -> None:
         self.stats["commands"] += 1
@@ -394,7 +372,7 @@ class Device:
         cmid = _cmid(f"res-{cmd.conv}-{cmd.seq}")
         where = {"to": cmd.sender} if (parse_conv(cmd.conv) or ("",))[0] == "dm" else {"conv": cmd.conv}
         try:
-            self.request("send", cmid=cmid, body=result, **where)
+            self._call("send", {"cmid": cmid, "body": result, **where})
         except RequestError as exc:     # e.g. the commander lost access meanwhile
             self.log.warning("result of %s to %s refused: %s", cmd.name, cmd.sender, exc)
 
@@ -414,30 +392,12 @@ class Device:
         return handler(cmd) or {}
 
     def _ack(self) -> None:
-        if self._last_n is not None and self._last_n != self._acked_n:
-            n = self._last_n
-            self.request("ack", n=n)
+        n = self._mailbox.cursor
+        if n is not None and n != self._acked_n:
+            self._call("ack", {"n": n})
             self._acked_n = n
-            self._save_state()
-
-    # ---- the inbox cursor across program restarts (optional) --------------------
-    def _load_state(self) -> int | None:
-        if not self._state_file:
-            return None
-        try:
-            with open(self._state_file, encoding="utf-8") as f:
-                n = json.load(f).get("last_n")
-            return n if isinstance(n, int) else None
-        except (OSError, ValueError):
-            return None
-
-    def _save_state(self) -> None:
-        if not self._state_file:
-            return
-        tmp = f"{self._state_file}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"last_n": self._acked_n}, f)
-        os.replace(tmp, self._state_file)
+            if self._cursor_file is not None:    # the inbox cursor across program restarts
+                self._cursor_file.save(n, self._mailbox.cursor_ts)
 
 
 def _cmid(text: str) -> str:

@@ -308,3 +308,38 @@ def test_commands_register_on_any_group():
     register(group)
     assert {"login", "logout", "send", "listen", "chat", "history", "convs", "contacts", "contact", "search",
             "profile", "presence", "group", "devices", "claim", "share", "cmd", "telemetry"} <= set(group.commands)
+
+
+def test_listen_shows_the_servers_unread_numbers_and_counts_nothing_itself():
+    from client.cli_chat import ListenPrinter, UnreadTracker
+    from client.cli_common import Net
+
+    buf = io.StringIO()
+    net = Net(out=Output(out=buf, err=io.StringIO()))
+    convs = {"convs": [{"conv": "dm:alice:bob", "kind": "dm", "peer": "bob", "last_seq": 4, "unread": 3}]}
+    printer = ListenPrinter("alice", net, UnreadTracker("alice", convs), {})
+
+    def msg(n: int, seq: int, sender: str = "bob") -> dict:
+        return {"n": n, "kind": "msg", "conv": "dm:alice:bob", "seq": seq, "from": sender, "ts": 1.0,
+                "body": {"type": "text", "text": f"m{seq}"}}
+
+    def unread(n: int, count: int, total: int) -> dict:
+        return {"n": n, "kind": "unread", "conv": "dm:alice:bob", "count": count, "total": total, "ts": 1.0}
+
+    # alice read on her phone meanwhile: the server says 1, not 3 + 1
+    printer.show(msg(10, 5))
+    assert buf.getvalue() == ""                       # the line waits for the count behind it
+    printer.show(unread(11, 1, 2))
+    printer.show(unread(12, 1, 2))                    # tells nothing new: not shown
+    printer.show(unread(13, 0, 1))                    # a read elsewhere: shown
+    printer.show(msg(14, 6, sender="alice"))          # her own message: no count follows
+    printer.show(msg(15, 7))
+    printer.flush()                                   # no count came: the line without one
+    printer.show(msg(16, 3))                          # replayed (counted at start): shown at once
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 5
+    assert "bob: m5" in lines[0] and lines[0].endswith("(1 unread, 2 in all)")
+    assert "unread dm:alice:bob: 0 (total 1)" in lines[1]
+    assert "you: m6" in lines[2] and "unread" not in lines[2]
+    assert "bob: m7" in lines[3] and "unread" not in lines[3]
+    assert "bob: m3" in lines[4] and "unread" not in lines[4]
