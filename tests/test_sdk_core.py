@@ -366,3 +366,13 @@ def test_backoff_doubles_up_to_the_ceiling():
     for bad in ((0, 1), (2, 1), (1, 2, 0.5)):
         with pytest.raises(ValueError):
             Backoff(*bad)
+
+
+def test_the_sdks_name_only_ops_of_the_contract_registry():
+    from client.sdk import REPEATABLE_OPS
+    from contract.errors import ErrorCode
+    from contract.ops import OPS
+    from contract.sdkcore import RETRYABLE_CODES
+
+    assert REPEATABLE_OPS <= set(OPS)
+    assert RETRYABLE_CODES <= {str(c) for c in ErrorCode}

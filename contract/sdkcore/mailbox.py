@@ -14,11 +14,12 @@ import enum
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from contract.ops import MAX_SYNC_LIMIT
 from contract.sdkcore.errors import RequestError
 
 Sync = Callable[[int, int], dict[str, Any]]
 
-SYNC_PAGE = 1000          # PROTOCOL.md: sync limit <= 1000
+SYNC_PAGE = MAX_SYNC_LIMIT     # the most one `sync` may return (contract/ops.py)
 
 
 class Place(enum.Enum):

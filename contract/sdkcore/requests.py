@@ -21,11 +21,12 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import Any
 
+from contract.errors import ErrorCode
 from contract.sdkcore.backoff import Backoff
 from contract.sdkcore.errors import ConnectTimeout, RequestError, RequestTimeout
 
 # Codes worth retrying after a pause (the request itself was fine).
-RETRYABLE_CODES = frozenset({"rate_limited", "unavailable"})
+RETRYABLE_CODES = frozenset({str(ErrorCode.RATE_LIMITED), str(ErrorCode.UNAVAILABLE)})
 POLL_INTERVAL = 0.2      # how often a waiting request looks at the link (a reconnect means: publish again)
 
 
