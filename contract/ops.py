@@ -64,6 +64,21 @@ class ParamSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ItemShape:
+    """The objects of a list in a result (`devices` of `devices`): their keys in
+    the shared contract, Roost's extra keys, and keys only some items have."""
+
+    key: str
+    fields: tuple[str, ...]
+    extensions: tuple[str, ...] = ()
+    sometimes: tuple[str, ...] = ()     # `convs`: `peer` for a dm, `name` for a group
+
+    @property
+    def all_fields(self) -> tuple[str, ...]:
+        return self.fields + self.extensions
+
+
+@dataclass(frozen=True, slots=True)
 class OpSpec:
     name: str
     # Principal kinds that may call it; another kind is refused (forbidden, or
@@ -81,6 +96,8 @@ class OpSpec:
     # A config switch (dotted path, e.g. "homeassistant.enabled") that must be on
     # for the broker to serve the op; None: always served.
     requires: str | None = None
+    # Lists in the result and the keys of their objects (`sync`'s events: contract.events).
+    items: tuple[ItemShape, ...] = ()
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -92,6 +109,9 @@ class OpSpec:
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def item(self, key: str) -> ItemShape | None:
+        return next((i for i in self.items if i.key == key), None)
 
 
 def _number(name: str, *, required: bool = True, minimum: int = 0) -> ParamSpec:
@@ -109,6 +129,9 @@ def _principal(name: str, description: str = "") -> ParamSpec:
 def _members(*, required: bool) -> ParamSpec:
     return ParamSpec("members", PRINCIPALS, required, min_len=1 if required else None, max_len=MAX_GROUP_MEMBERS)
 
+
+MESSAGE_FIELDS = ("conv", "seq", "from", "cmid", "ts", "body")
+_PEOPLE_LIST = ("id", "kind", "name")
 
 _CONV = ParamSpec("conv", CONV)
 _GROUP = ParamSpec("conv", GROUP_CONV)
@@ -131,8 +154,11 @@ OPS: Mapping[str, OpSpec] = MappingProxyType({spec.name: spec for spec in (
            "mark messages up to seq as read"),
     OpSpec("history", ANYONE, (_CONV, _number("before", required=False, minimum=1),
                                _limit(DEFAULT_HISTORY_LIMIT, MAX_HISTORY_LIMIT)),
-           ("messages",), "messages of a conversation, oldest first", result_extensions=("more",)),
-    OpSpec("convs", ANYONE, (), ("convs", "total_unread"), "your conversations, most recently active first"),
+           ("messages",), "messages of a conversation, oldest first", result_extensions=("more",),
+           items=(ItemShape("messages", MESSAGE_FIELDS),)),
+    OpSpec("convs", ANYONE, (), ("convs", "total_unread"), "your conversations, most recently active first",
+           items=(ItemShape("convs", ("conv", "kind", "peer", "name", "last", "unread"), ("last_seq", "read"),
+                            sometimes=("peer", "name")),)),
     # ---- groups (broker/services/messaging.py) ----------------------------------
     OpSpec("group.create", ANYONE, (ParamSpec("name", STRING, min_len=1, max_len=MAX_GROUP_NAME),
                                     _members(required=False)),
@@ -151,9 +177,12 @@ OPS: Mapping[str, OpSpec] = MappingProxyType({spec.name: spec for spec in (
     OpSpec("contact.block", PEOPLE, (_principal("user"),), (), "block a principal"),
     OpSpec("contact.unblock", PEOPLE, (_principal("user"),), (), "lift a block"),
     OpSpec("contacts", ANYONE, (), ("contacts",), "accepted contacts with their presence",
-           result_extensions=("incoming", "outgoing", "blocked")),
+           result_extensions=("incoming", "outgoing", "blocked"),
+           items=(ItemShape("contacts", (*_PEOPLE_LIST, "presence")), ItemShape("incoming", (), ("from", "note", "ts")),
+                  ItemShape("outgoing", (), ("to", "note", "ts")))),
     OpSpec("user.search", ANYONE, (ParamSpec("q", STRING, min_len=1, max_len=MAX_QUERY),),
-           ("users",), "people by exact id or name prefix, and your devices"),
+           ("users",), "people by exact id or name prefix, and your devices",
+           items=(ItemShape("users", _PEOPLE_LIST),)),
     OpSpec("profile.get", ANYONE, (ParamSpec("user", PRINCIPAL, False, description="default: yourself"),),
            ("user", "kind", "name", "status"), "a profile you may see"),
     OpSpec("profile.set", ANYONE, (ParamSpec("name", STRING, False, min_len=1, max_len=MAX_PROFILE_NAME),
@@ -166,5 +195,6 @@ OPS: Mapping[str, OpSpec] = MappingProxyType({spec.name: spec for spec in (
     OpSpec("device.share", OWNERS, (_DEVICE, _principal("with", "an accepted contact")),
            (), "share a device you own", result_extensions=("device", "with", "role")),
     OpSpec("device.unshare", OWNERS, (_DEVICE, _principal("with")), (), "take a share back", extension=True),
-    OpSpec("devices", ANYONE, (), ("devices",), "the devices you own or use (a device: itself)"),
+    OpSpec("devices", ANYONE, (), ("devices",), "the devices you own or use (a device: itself)",
+           items=(ItemShape("devices", (*_PEOPLE_LIST, "presence", "last_telemetry"), ("room", "role", "owners", "sharees")),)),
 )})

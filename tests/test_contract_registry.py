@@ -169,6 +169,7 @@ def test_every_op_answers_with_the_registry_result_keys(tmp_path):
             await call("group.add", conv=conv, members=["carol"])
             await call("group.remove", conv=conv, members=["carol"])
             await call("group.info", conv=conv)
+            await call("convs")
             await call("group.leave", conv=conv)
             await call("contact.remove", user="carol")
             await call("contact.request", to="carol")
@@ -190,6 +191,11 @@ def test_every_op_answers_with_the_registry_result_keys(tmp_path):
             assert set(answered) == set(OPS), "the scenario calls every op"
             for op, result in answered.items():
                 assert set(result) == set(OPS[op].result_keys), (op, result)
+                for item in OPS[op].items:
+                    for obj in result[item.key]:
+                        assert set(item.all_fields) - set(item.sometimes) <= set(obj) <= set(item.all_fields), (op, obj)
+            listed = {(op, i.key) for op, r in answered.items() for i in OPS[op].items if r[i.key]}
+            assert listed == {(op, i.key) for op in answered for i in OPS[op].items} - {("contacts", "incoming")}
         finally:
             await renv.close()
 
@@ -393,9 +399,9 @@ def _params(cell: str) -> dict[str, bool]:
     return {m.group(2): bool(m.group(1)) for m in re.finditer(r"(\*?)`([^`]+)`", cell) if IDENT.fullmatch(m.group(2))}
 
 
-def _top_keys(shape: str) -> set[str]:
-    """`{device, role: "owner"}` -> {device, role}; nested objects and lists are skipped."""
-    keys, depth, part = set(), 0, ""
+def _entries(shape: str) -> list[str]:
+    """`{a, b: [{c, d}], e}` -> ["a", "b: [{c, d}]", "e"]: the top level's entries."""
+    entries, depth, part = [], 0, ""
     for ch in shape:
         if ch in "{[":
             depth += 1
@@ -404,13 +410,28 @@ def _top_keys(shape: str) -> set[str]:
         if ch in "}]":
             depth -= 1
         if depth == 1 and ch == ",":
-            keys.add(part)
+            entries.append(part.strip())
             part = ""
         elif depth >= 1:
             part += ch
-    keys.add(part)
-    names = {p.split(":")[0].strip() for p in keys}
+    entries.append(part.strip())
+    return entries
+
+
+def _top_keys(shape: str) -> set[str]:
+    """`{device, role: "owner"}` -> {device, role}; `peer or name` is both. Nested
+    objects and lists are skipped."""
+    names = {n.strip() for e in _entries(shape) for n in e.split(":")[0].split(" or ")}
     return {n for n in names if IDENT.fullmatch(n)}
+
+
+def _item_keys(shape: str) -> dict[str, set[str]]:
+    """`{devices: [{id, kind}]}` -> {"devices": {id, kind}}: lists of objects spelled out."""
+    found = {}
+    for entry in _entries(shape):
+        if m := re.fullmatch(r"(\w+):\s*\[(\{.*\})\]", entry):
+            found[m.group(1)] = _top_keys(m.group(2))
+    return found
 
 
 def _result_keys(cell: str) -> set[str]:
@@ -450,6 +471,11 @@ def test_protocol_md_ops_tables_match_the_registry():
             else:
                 assert italic or pname in spec.one_of, f"{name}.{pname} is optional: in italics"
         assert _result_keys(row["result"]) == set(spec.result_keys), f"{name}: result keys"
+        for shape in re.findall(r"`(\{[^`]*\})`", row["result"]):
+            for key, documented_keys in _item_keys(shape).items():
+                item = spec.item(key)
+                assert item is not None, f"{name}.{key}: documented objects the registry does not describe"
+                assert set(item.fields) <= documented_keys <= set(item.all_fields), f"{name}.{key}: {documented_keys}"
         for pname, bounds in _bounds(row["parameters"]).items():
             assert bounds == _spec_bounds(spec, pname, bounds), f"{name}.{pname}: documented bounds {bounds}"
 
@@ -526,6 +552,9 @@ def test_registry_extends_the_shared_contract_without_breaking_it():
             assert not spec.extension, name
             assert set(_params(cell)) <= set(spec.param_names), name
             assert _top_keys(result) == set(spec.result), name
+            for key, keys in _item_keys(result).items():
+                item = spec.item(key)
+                assert item is not None and keys == set(item.fields), (name, key, keys)
         names_seen |= set(names)
     assert names_seen == {n for n, s in OPS.items() if not s.extension}
 
