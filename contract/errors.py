@@ -17,6 +17,12 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
+# Codes after which the very same request may succeed later (PROTOCOL.md, "Error
+# codes"): nothing was stored, and a `send` retried with its `cmid` is safe.
+# Whether to retry, and how soon, is the client's policy.
+RETRY_LATER: frozenset[ErrorCode] = frozenset({ErrorCode.RATE_LIMITED, ErrorCode.UNAVAILABLE})
+
+
 class ProtocolError(Exception):
     """A request failed in a way the client is told about (never a crash)."""
 
