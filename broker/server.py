@@ -20,10 +20,10 @@ the new connection receiving nothing; 4 keepalive never enforced, no will;
 subscription's, not min(publish, subscription); 7 unbounded offline queue,
 replayed with retain=1; 9 refused CONNECTs leave sessions behind; 10 every
 publish scans every subscription and makes a task per subscriber.
-* `Broker.start` - loads retained messages from the store, starts our engine
-  (keepalive ticker, retained writer) instead of `_broadcast_loop` (one task
-  per message and subscriber, defect 10) and `_session_monitor`; calls
-  `on_roost_start` hooks.
+* `Broker.start` - loads retained messages and persistent sessions from the
+  store, starts our engine (keepalive ticker, session journal, retained writer)
+  instead of `_broadcast_loop` (one task per message and subscriber, defect 10)
+  and `_session_monitor`; calls `on_roost_start` hooks.
 * `Broker._start_listeners`, `Broker._create_server_instance`,
   `Broker._create_ssl_context` - listeners come from RoostConfig (resolved
   paths, independent listeners; amqtt copies fields of the "default" listener
@@ -46,19 +46,21 @@ publish scans every subscription and makes a task per subscriber.
   `Broker._delete_session`, `Broker._cleanup_session`, `Broker.add_subscription`,
   `Broker._publish_session_retained_messages`,
   `Broker._publish_retained_messages_for_subscription` and
-  `BrokerProtocolHandler` as a whole - all connection handling is in
-  broker/mqtt/engine.py: auth before any session lookup (defects 2, 9),
-  take-over (3), keepalive and wills (4), redelivery (5), QoS downgrade (6),
-  bounded queues (7), retained replay only for the filters just subscribed with
-  a RECEIVE check (1).
+  `BrokerProtocolHandler` as a whole - all connection handling is in our
+  engine (broker/mqtt/engine.py lists its modules): auth before any session
+  lookup (defects 2, 9) and take-over (3) in lifecycle.py, keepalive (4) in
+  timers.py and wills (4) in lifecycle.py, redelivery (5) and bounded queues
+  (7) in session.py, QoS downgrade (6) in routing.py, retained replay only for
+  the filters just subscribed with a RECEIVE check (1) in subscriptions.py.
 * `Broker._broadcast_message` / `internal_message_broadcast` (what
   `BrokerContext.broadcast_message` calls) - route through our engine.
-* `Broker.retain_message` - our retained dict, persisted via the RetainedStore.
+* `Broker.retain_message` - our retained trie (broker/mqtt/retained.py),
+  persisted via the RetainedStore.
 * `Broker.sessions`, `Broker.subscriptions`, `Broker.retained_messages` -
   read-only views built from the engine (for BrokerContext users).
 * `Broker.shutdown` - `on_roost_stop` hooks, closes every connection with
-  reason "shutdown" (no wills), flushes retained writes, then amqtt's
-  shutdown events and plugin `close()`.
+  reason "shutdown" (no wills), flushes retained writes, saves the persistent
+  sessions, then amqtt's shutdown events and plugin `close()`.
 Not supported: `BrokerContext.add_subscription` / `Broker.create_offline_session`
 (raise NotImplementedError).
 """
@@ -432,7 +434,7 @@ class RoostBroker(Broker):
             except Exception:  # noqa: BLE001 - keep shutting down
                 log.exception("on_roost_stop failed")
         await self.plugins_manager.fire_event(BrokerEvents.PRE_SHUTDOWN, wait=True)
-        self.engine._stopping = True
+        self.engine.stopping = True
         await self._close_servers()
         await self.engine.stop()
         for server in self._servers.values():
@@ -481,7 +483,7 @@ class RoostBroker(Broker):
         raise NotImplementedError("external listeners are not supported by RoostBroker")
 
     async def _client_connected(self, listener_name: str, reader: Any, writer: Any) -> None:
-        raise NotImplementedError("replaced by broker.mqtt.engine")
+        raise NotImplementedError("replaced by broker.mqtt (lifecycle.py)")
 
     def create_offline_session(self, client_id: str) -> Any:
         raise NotImplementedError("RoostBroker does not create sessions without a connection")

@@ -617,9 +617,9 @@ def test_deep_wildcard_filter_refused_exact_accepted(b):
 
 
 def test_retained_topic_count_is_bounded(fresh, monkeypatch):
-    from broker.mqtt import engine
+    from broker.mqtt import retained
 
-    monkeypatch.setattr(engine, "MAX_RETAINED", 3)
+    monkeypatch.setattr(retained, "MAX_RETAINED", 3)
     x = fresh()
     p = Client(x.port, "rb-pub")
     for i in range(5):

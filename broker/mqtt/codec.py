@@ -1,13 +1,24 @@
-"""MQTT 3.1.1 wire format: decode what clients send, pre-encode what the broker sends.
+"""MQTT 3.1.1 wire format: decode what clients send into typed packets,
+pre-encode what the broker sends.
 
-Decoding works on a `memoryview`/bytes body of one complete packet (the
-connection's incremental framer finds packet boundaries). Every malformed
-packet raises `ProtocolViolation`; the connection then closes (MQTT-4.8.0-1).
+Decoding works on the body of one complete packet (the connection's incremental
+framer finds packet boundaries); each decoder checks the fixed-header flags of
+its type and returns one packet object. Every malformed packet raises
+`ProtocolViolation`; the connection then closes (MQTT-4.8.0-1).
+
+Packets are slots dataclasses, one per kind the broker receives. The ones a
+client sends once (Connect, Subscribe, Unsubscribe) are frozen; Publish and Ack
+come once per message and are not (a frozen dataclass costs four times as much
+to build). MQTT 5 adds a reason code and a `properties` field to most of them
+and subscription options to `Subscription`: each goes in as the last field of
+its dataclass, and the decoders below read it at the end of the variable header.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Final
 
 # Packet types (high nibble of the first byte).
 CONNECT = 1
@@ -37,19 +48,82 @@ class UnacceptableProtocol(Exception):
     """CONNECT with a protocol name/level we do not speak (CONNACK 1)."""
 
 
-@dataclass(slots=True)
-class ConnectPacket:
+# ---- packets ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
     client_id: str
     clean_session: bool
     keep_alive: int
     username: str | None = None
-    password: str | None = None
-    will_topic: str | None = None
-    will_payload: bytes = b""
-    will_qos: int = 0
-    will_retain: bool = False
+    password: str | None = None            # the password bytes decoded leniently, for plugins
+    will: Will | None = None
     password_bytes: bytes | None = field(default=None, repr=False)
 
+
+@dataclass(slots=True)
+class Publish:
+    topic: str
+    qos: int
+    packet_id: int          # 0 for QoS 0 (0 is never a valid packet id)
+    retain: bool
+    dup: bool
+    payload: bytes
+
+    def __iter__(self) -> Iterator[object]:
+        """Unpacks as (topic, qos, packet_id, retain, dup, payload): test clients read it so."""
+        return iter((self.topic, self.qos, self.packet_id, self.retain, self.dup, self.payload))
+
+
+@dataclass(slots=True)
+class Ack:
+    """PUBACK, PUBREC, PUBREL or PUBCOMP: the packet type says which."""
+    packet_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    topic_filter: str
+    qos: int
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    packet_id: int
+    subscriptions: tuple[Subscription, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    packet_id: int
+    topic_filters: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PingReq:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Disconnect:
+    pass
+
+
+Packet = Connect | Publish | Ack | Subscribe | Unsubscribe | PingReq | Disconnect
+
+PING: Final = PingReq()
+DISCONNECTED: Final = Disconnect()
+
+
+# ---- decoders -----------------------------------------------------------------
 
 def encode_varint(n: int) -> bytes:
     out = bytearray()
@@ -89,7 +163,7 @@ def _bin(body: bytes | memoryview, pos: int) -> tuple[bytes, int]:
     return bytes(body[pos + 2:end]), end
 
 
-def decode_connect(flags: int, body: bytes) -> ConnectPacket:
+def decode_connect(flags: int, body: bytes) -> Connect:
     if flags != 0:
         raise ProtocolViolation("CONNECT flags must be 0")
     name, pos = _str(body, 0)
@@ -108,37 +182,34 @@ def decode_connect(flags: int, body: bytes) -> ConnectPacket:
     if cflags & 0x01:
         raise ProtocolViolation("CONNECT reserved flag set")
     clean = bool(cflags & 0x02)
-    will = bool(cflags & 0x04)
+    has_will = bool(cflags & 0x04)
     will_qos = (cflags >> 3) & 0x03
     will_retain = bool(cflags & 0x20)
     has_password = bool(cflags & 0x40)
     has_username = bool(cflags & 0x80)
-    if not will and (will_qos or will_retain):
+    if not has_will and (will_qos or will_retain):
         raise ProtocolViolation("will QoS/retain without will flag")
     if will_qos == 3:
         raise ProtocolViolation("will QoS 3")
     if has_password and not has_username:
         raise ProtocolViolation("password without user name")
     client_id, pos = _str(body, pos)
-    pkt = ConnectPacket(client_id=client_id, clean_session=clean, keep_alive=keep_alive)
-    if will:
-        pkt.will_topic, pos = _str(body, pos)
-        pkt.will_payload, pos = _bin(body, pos)
-        pkt.will_qos = will_qos
-        pkt.will_retain = will_retain
+    will = username = password = password_bytes = None
+    if has_will:
+        will_topic, pos = _str(body, pos)
+        will_payload, pos = _bin(body, pos)
+        will = Will(will_topic, will_payload, will_qos, will_retain)
     if has_username:
-        pkt.username, pos = _str(body, pos)
+        username, pos = _str(body, pos)
     if has_password:
-        pw, pos = _bin(body, pos)
-        pkt.password_bytes = pw
-        pkt.password = pw.decode("utf-8", errors="replace")
+        password_bytes, pos = _bin(body, pos)
+        password = password_bytes.decode("utf-8", errors="replace")
     if pos != len(body):
         raise ProtocolViolation("trailing bytes in CONNECT")
-    return pkt
+    return Connect(client_id, clean, keep_alive, username, password, will, password_bytes)
 
 
-def decode_publish(flags: int, body: bytes) -> tuple[str, int, int | None, bool, bool, bytes]:
-    """-> (topic, qos, packet_id, retain, dup, payload)"""
+def decode_publish(flags: int, body: bytes) -> Publish:
     qos = (flags >> 1) & 0x03
     if qos == 3:
         raise ProtocolViolation("PUBLISH QoS 3")
@@ -154,7 +225,7 @@ def decode_publish(flags: int, body: bytes) -> tuple[str, int, int | None, bool,
         topic = body[2:end].decode("utf-8")
     except UnicodeDecodeError:
         raise ProtocolViolation("topic is not valid UTF-8") from None
-    pid = None
+    pid = 0
     if qos:
         if end + 2 > len(body):
             raise ProtocolViolation("truncated PUBLISH packet id")
@@ -162,7 +233,7 @@ def decode_publish(flags: int, body: bytes) -> tuple[str, int, int | None, bool,
         if pid == 0:
             raise ProtocolViolation("packet id 0")
         end += 2
-    return topic, qos, pid, bool(flags & 0x01), bool(flags & 0x08), body[end:]
+    return Publish(topic, qos, pid, bool(flags & 0x01), bool(flags & 0x08), body[end:])
 
 
 def decode_packet_id(body: bytes) -> int:
@@ -171,7 +242,16 @@ def decode_packet_id(body: bytes) -> int:
     return (body[0] << 8) | body[1]
 
 
-def decode_subscribe(flags: int, body: bytes) -> tuple[int, list[tuple[str, int]]]:
+def decode_ack(ptype: int, flags: int, body: bytes) -> Ack:
+    """PUBACK, PUBREC, PUBCOMP (flags 0) or PUBREL (flags 0010)."""
+    if flags != (0x02 if ptype == PUBREL else 0):
+        if ptype == PUBREL:
+            raise ProtocolViolation("PUBREL flags must be 0010")
+        raise ProtocolViolation(f"packet type {ptype} with reserved flags {flags:#x}")
+    return Ack(decode_packet_id(body))
+
+
+def decode_subscribe(flags: int, body: bytes) -> Subscribe:
     if flags != 0x02:
         raise ProtocolViolation("SUBSCRIBE flags must be 0010")
     if len(body) < 2:
@@ -180,7 +260,7 @@ def decode_subscribe(flags: int, body: bytes) -> tuple[int, list[tuple[str, int]
     if pid == 0:
         raise ProtocolViolation("packet id 0")
     pos = 2
-    out: list[tuple[str, int]] = []
+    out: list[Subscription] = []
     while pos < len(body):
         f, pos = _str(body, pos)
         if pos >= len(body):
@@ -189,13 +269,13 @@ def decode_subscribe(flags: int, body: bytes) -> tuple[int, list[tuple[str, int]
         pos += 1
         if q > 2:
             raise ProtocolViolation("SUBSCRIBE QoS > 2 or reserved bits set")
-        out.append((f, q))
+        out.append(Subscription(f, q))
     if not out:
         raise ProtocolViolation("SUBSCRIBE without filters")
-    return pid, out
+    return Subscribe(pid, tuple(out))
 
 
-def decode_unsubscribe(flags: int, body: bytes) -> tuple[int, list[str]]:
+def decode_unsubscribe(flags: int, body: bytes) -> Unsubscribe:
     if flags != 0x02:
         raise ProtocolViolation("UNSUBSCRIBE flags must be 0010")
     if len(body) < 2:
@@ -210,7 +290,24 @@ def decode_unsubscribe(flags: int, body: bytes) -> tuple[int, list[str]]:
         out.append(f)
     if not out:
         raise ProtocolViolation("UNSUBSCRIBE without filters")
-    return pid, out
+    return Unsubscribe(pid, tuple(out))
+
+
+def decode_pingreq(flags: int, body: bytes) -> PingReq:
+    if flags:
+        raise ProtocolViolation(f"packet type {PINGREQ} with reserved flags {flags:#x}")
+    if body:
+        raise ProtocolViolation("PINGREQ with a body")
+    return PING
+
+
+def decode_disconnect(flags: int, body: bytes) -> Disconnect:
+    # a DISCONNECT like these is a protocol error, so the will is published
+    if flags:
+        raise ProtocolViolation(f"packet type {DISCONNECT} with reserved flags {flags:#x}")
+    if body:
+        raise ProtocolViolation("DISCONNECT with a body")
+    return DISCONNECTED
 
 
 # ---- encoders -----------------------------------------------------------------

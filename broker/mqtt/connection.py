@@ -1,10 +1,12 @@
 """One client connection: an asyncio.Protocol with an incremental MQTT framer.
 
 Packets are handled synchronously inside `data_received` whenever possible
-(PUBLISH with a synchronous ACL and no interception, acks, PINGREQ). A packet
-that needs to await something (CONNECT/auth, SUBSCRIBE, intercepted PUBLISH,
-async ACL) starts one task that handles it and then every packet queued behind
-it, so packets of one connection are always processed in order.
+(PUBLISH with a synchronous ACL and no interception, acks, PINGREQ): then
+`engine.handle()` returns `DONE`. A packet that needs to await something
+(CONNECT/auth, SUBSCRIBE, intercepted PUBLISH, async ACL, an ack that waits
+for the store) returns the awaitable rest of its handling: one task awaits it
+and then every packet queued behind it, so packets of one connection are
+always processed in order.
 
 Outgoing bytes are collected per connection and written with one
 `transport.write` per loop iteration (the engine flushes all dirty connections).
@@ -15,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Generator
+from typing import TYPE_CHECKING, Any, Final
 
 from broker.mqtt import codec
 from broker.mqtt.codec import ProtocolViolation
@@ -34,6 +37,20 @@ NEW, CONNECTED, CLOSED = 0, 1, 2
 PENDING_HIGH = 256
 PENDING_LOW = 32
 CLOSE_GRACE = 5.0   # seconds a closing transport may take to flush before it is aborted
+
+
+class _Done:
+    """An awaitable that is finished already: what engine.handle() returns for a
+    packet it handled at once (most of them), so that no task is made for it."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return
+        yield
+
+
+DONE: Final = _Done()
 
 
 class Connection(asyncio.Protocol):
@@ -67,7 +84,6 @@ class Connection(asyncio.Protocol):
         self.dollar_publish_logged = False
         self._eof = False       # the peer half-closed while packets were being handled
         self._lost = False      # the transport is gone but received packets are still being handled
-        self.pub_acl: dict[str, bool] = {}
         self.remote = ("", 0)
         self.max_packet = engine.max_packet
 
@@ -252,13 +268,13 @@ class Connection(asyncio.Protocol):
                     self._pending_full = True
                     self.block()
             return
-        coro = self.engine.handle(self, ptype, flags, body)
-        if coro is not None:
-            self.task = self.engine.loop.create_task(self._run(coro))
+        work = self.engine.handle(self, ptype, flags, body)
+        if work is not DONE:
+            self.task = self.engine.loop.create_task(self._run(work))
 
-    async def _run(self, coro: Any) -> None:
+    async def _run(self, work: Awaitable[None]) -> None:
         try:
-            await coro
+            await work
             pending = self._pending
             while pending and self.state != CLOSED:
                 ptype, flags, body = pending.popleft()
@@ -267,9 +283,9 @@ class Connection(asyncio.Protocol):
                         and self._pending_bytes <= self.max_pending_bytes // 4:
                     self._pending_full = False
                     self.unblock()     # parses what waited in the buffer, then reads again
-                c = self.engine.handle(self, ptype, flags, body)
-                if c is not None:
-                    await c
+                work = self.engine.handle(self, ptype, flags, body)
+                if work is not DONE:
+                    await work
         except ProtocolViolation as exc:
             self.violation(str(exc))
         except JournalFailed:

@@ -29,8 +29,9 @@ Engine -> plugin calls (all optional; found with getattr at broker start):
   subscribers nor retained); False lets it continue. It must not block: queue
   work and return.
   Optionally also a synchronous `on_client_publish_nowait(...)` with the same
-  arguments and meaning: when every interceptor matching a non-retained publish
-  has one, the engine calls it inside data_received instead (no task per message).
+  arguments and meaning: the engine calls it instead of on_client_publish for a
+  non-retained publish, and when every interceptor matching one has it, inside
+  data_received (no task per message).
 
 * Lifecycle (awaited, in the order things happened for that client id):
     async on_client_connected(session)                         after CONNACK 0

@@ -1,4 +1,5 @@
-"""Retained messages in memory: a topic trie for filter lookups and a byte budget.
+"""Retained messages: a topic trie in memory with a byte budget (`RetainedIndex`),
+and its copy in the store (`RetainedMessages`: loads it at start, writes changes).
 
 A wildcard SUBSCRIBE walks only the branches its filter can match (never every
 retained topic), and the walk is a generator the engine consumes in chunks,
@@ -7,16 +8,31 @@ many retained topics cannot hold everyone else up.
 
 Every entry is charged `cost()` bytes (payload, topic and a fixed overhead for
 the dict and trie nodes) against a total budget and against the budget of the
-principal that published it. A change that would go over is refused (the caller
-counts and logs it); deleting or shrinking always succeeds.
+principal that published it. A change that would go over is refused (counted
+and logged; the message is still routed); deleting or shrinking always succeeds.
+
+Changes reach the store through one writer task; repeated changes of a topic
+coalesce. A QoS 1/2 retained publish is acknowledged after `flush()` (its
+commit); while the store cannot write, the writes are retried and those acks
+wait. `$` topics (the broker's $SYS) are never stored.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
+
+from broker.mqtt.journal import RETRY_FIRST, RETRY_MAX
+from broker.services.telemetry_influx import RateLimitedLog
+from broker.store.base import RetainedMessage, StoreUnavailable
+
+log = logging.getLogger("roost.mqtt")
 
 ENTRY_OVERHEAD = 240   # bytes of bookkeeping per retained topic (dict entries, tuple, trie node)
+MAX_RETAINED = 100_000           # retained topics kept; beyond, new topics are routed but not retained
 
 
 def cost(topic: str, payload: bytes) -> int:
@@ -175,3 +191,116 @@ class RetainedIndex:
 
 def _join(prefix: str, name: str, depth: int) -> str:
     return name if depth == 0 else f"{prefix}/{name}"
+
+
+class RetainedMessages:
+    """The retained messages of the broker and their persistence (`store`: a
+    RetainedStore, or None to keep them in memory only)."""
+
+    def __init__(self, *, limits: Any, store: Any, stats: dict[str, int]) -> None:
+        self.index = RetainedIndex(max_bytes=limits.max_retained_bytes,
+                                   max_bytes_per_principal=limits.max_retained_bytes_per_principal,
+                                   max_topics=MAX_RETAINED)
+        self._store = store
+        self._stats = stats
+        self.persisted = store is not None
+        self._refused_log = RateLimitedLog(log)
+        self._dirty: dict[str, tuple[bytes, int] | None] = {}
+        self._wake = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._unavailable_since: float | None = None
+
+    def set(self, topic: str, payload: bytes, qos: int, owner: str | None = None) -> bool:
+        """Retain (or, with an empty payload, clear) `topic`; False when a budget
+        refuses it (counted, logged; the message is still routed)."""
+        if not payload:
+            if not self.index.delete(topic):
+                return True
+            self._dirty[topic] = None
+        else:
+            payload = bytes(payload)
+            try:
+                self.index.put(topic, payload, qos, owner)
+            except Refused as exc:
+                self._stats["retained_refused"] += 1
+                self._refused_log.warning("not retaining %s: %s (%d refused so far)", topic, exc,
+                                          self._stats["retained_refused"])
+                return False
+            self._dirty[topic] = (payload, qos)
+        if topic[0] == "$":
+            # the broker's own ($SYS): published again every sys_interval, never stored
+            self._dirty.pop(topic, None)
+            return True
+        if self._store is not None:
+            self._wake.set()
+        return True
+
+    async def load(self) -> None:
+        """The retained messages of the last run, as far as today's budgets allow."""
+        if self._store is None:
+            return
+        refused = 0
+        for m in await self._store.load_all():
+            try:
+                self.index.put(m.topic, bytes(m.payload), m.qos, None)
+            except Refused:
+                refused += 1
+        log.info("loaded %d retained messages (%d bytes)", len(self.index), self.index.bytes)
+        if refused:
+            log.warning("%d stored retained messages are over limits.max_retained_bytes and were not loaded",
+                        refused)
+
+    async def run_writer(self) -> None:
+        """Writes retained changes to the store; repeated changes of one topic
+        coalesce, so the backlog is bounded by the number of retained topics."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush()
+
+    async def flush(self, *, give_up_after: float | None = None) -> bool:
+        """Write pending retained changes; True once all are written. An entry
+        leaves the dirty map only after its write committed (and only if it did
+        not change meanwhile), so a cancelled flush loses nothing. While the store
+        is unavailable (disk full, read-only) the writes are retried, and callers
+        holding a PUBACK wait: nothing is acknowledged that is not stored. Only at
+        shutdown (`give_up_after`) does it stop trying."""
+        if self._store is None:
+            return True
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            dirty = self._dirty
+            delay = RETRY_FIRST
+            started = loop.time()
+            while dirty:
+                topic, v = next(iter(dirty.items()))
+                try:
+                    if v is None:
+                        await self._store.delete(topic)
+                    else:
+                        await self._store.put(RetainedMessage(topic, v[0], v[1]))
+                except StoreUnavailable as exc:
+                    self._stats["retained_write_errors"] += 1
+                    if self._unavailable_since is None:
+                        self._unavailable_since = loop.time()
+                        log.error("cannot store retained messages (%s): holding the acknowledgements of "
+                                  "%d pending retained change(s) until the store takes writes again",
+                                  exc, len(dirty))
+                    if give_up_after is not None and loop.time() - started > give_up_after:
+                        log.error("stopping with %d retained change(s) not stored", len(dirty))
+                        return False
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RETRY_MAX)
+                    continue
+                except Exception:  # noqa: BLE001 - not retried: it would fail the same way
+                    self._stats["retained_write_errors"] += 1
+                    self._stats["retained_refused"] += 1
+                    log.exception("the store refused the retained message on %s; it is kept in memory only", topic)
+                delay = RETRY_FIRST
+                if self._unavailable_since is not None:
+                    log.warning("retained messages stored again after %.1f s",
+                                loop.time() - self._unavailable_since)
+                    self._unavailable_since = None
+                if dirty.get(topic, 0) is v:
+                    del dirty[topic]
+            return True

@@ -9,18 +9,34 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.mqtt import codec
 from broker.store.base import MessageDone, MessageKept, SavedMessage
 from contract.ids import principal_of_client_id
 
 if TYPE_CHECKING:
+    import asyncio
+
     from broker.mqtt.connection import Connection
+    from broker.mqtt.figures import TrafficCounters
 
 log = logging.getLogger("roost.mqtt")
 
-ACL_CACHE_SIZE = 1024
+
+class SessionHost(Protocol):
+    """What a session uses of the engine: its limits and clock, the traffic
+    counters, the byte budgets (budgets.py) and the release of publishers held
+    for it (routing.py)."""
+
+    limits: Any
+    loop: asyncio.AbstractEventLoop
+    counters: TrafficCounters
+
+    def charge(self, st: SessionState, n: int) -> bool: ...
+    def uncharge(self, st: SessionState, n: int) -> None: ...
+    def count_drop(self, st: SessionState, why: str) -> None: ...
+    def release(self, st: SessionState) -> None: ...
 
 
 class ClientInfo:
@@ -136,16 +152,16 @@ class SessionState:
     """
 
     __slots__ = ("client_id", "clean", "subs", "conn", "info", "queue", "inflight", "_pid",
-                 "incoming_qos2", "disconnected_at", "dropped", "acl_cache", "waiters", "engine",
+                 "incoming_qos2", "disconnected_at", "dropped", "acl_cache", "waiters", "host",
                  "discarded", "max_inflight", "max_queued", "high", "low", "blocked", "progress_at",
                  "stalled", "journal", "_seq", "unjournaled", "bytes", "high_bytes", "low_bytes",
                  "__weakref__")
 
-    def __init__(self, client_id: str, clean: bool, info: ClientInfo, engine: Any) -> None:
+    def __init__(self, client_id: str, clean: bool, info: ClientInfo, host: SessionHost) -> None:
         self.client_id = client_id
         self.clean = clean
         self.info = info
-        self.engine = engine
+        self.host = host
         self.subs: dict[str, int] = {}
         self.conn: Connection | None = None
         self.queue: deque[tuple[Message, int, int]] = deque()
@@ -154,19 +170,19 @@ class SessionState:
         self.incoming_qos2: set[int] = set()
         self.disconnected_at = 0.0
         self.dropped = 0
-        self.acl_cache: dict[str, bool] = {}
+        self.acl_cache: dict[str, int] = {}   # topic -> ACL decisions known (acl.py)
         self.waiters: list[Any] = []
         self.discarded = False
-        self.max_inflight = engine.limits.max_inflight
-        self.max_queued = engine.limits.max_queued
+        self.max_inflight = host.limits.max_inflight
+        self.max_queued = host.limits.max_queued
         # Backpressure: at `high` queued messages the publishers feeding this
         # session are paused (`blocked`) until the queue is down to `low`.
         self.high = max(1, self.max_queued // 2)
         self.low = self.max_queued // 4
         # The same in payload bytes held (queue + in flight), against limits.max_queued_bytes.
         self.bytes = 0
-        self.high_bytes = max(1, engine.limits.max_queued_bytes // 2)
-        self.low_bytes = engine.limits.max_queued_bytes // 4
+        self.high_bytes = max(1, host.limits.max_queued_bytes // 2)
+        self.low_bytes = host.limits.max_queued_bytes // 4
         self.blocked: set[Connection] | None = None
         self.progress_at = 0.0
         self.stalled = False     # congested without progress: publishers are no longer held for it
@@ -213,35 +229,35 @@ class SessionState:
 
     def enqueue(self, msg: Message, qos: int) -> bool:
         """Send now if the window allows, else queue (bounded in messages and
-        bytes). False if dropped (counted and logged by the engine)."""
+        bytes). False if dropped (counted and logged by the budgets)."""
         conn = self.conn
         if conn is not None and not self.queue and conn.writable:
             if qos == 0:
                 conn.write(msg.packet0())
-                self.engine.counters.sent_qos[0] += 1
+                self.host.counters.sent_qos[0] += 1
                 return True
             if len(self.inflight) < self.max_inflight:
-                if not self.engine.charge(self, len(msg.payload)):
+                if not self.host.charge(self, len(msg.payload)):
                     return False
                 pid = self._next_pid()
                 self.inflight[pid] = [msg, qos, 0, self._keep(msg, qos, pid) if self.journal is not None else 0]
                 conn.write(msg.packet(qos, pid))
-                self.engine.counters.sent_qos[qos] += 1
+                self.host.counters.sent_qos[qos] += 1
                 return True
         elif conn is None and (qos == 0 or self.clean or self.discarded):
             # QoS 0 is not queued for offline clients (MQTT-3.1.2-5 makes it optional)
             return False
         if len(self.queue) >= self.max_queued:
-            self.engine.count_drop(self, f"{len(self.queue)} messages queued (limits.max_queued)")
+            self.host.count_drop(self, f"{len(self.queue)} messages queued (limits.max_queued)")
             return False
-        if not self.engine.charge(self, len(msg.payload)):
+        if not self.host.charge(self, len(msg.payload)):
             return False
         self.queue.append((msg, qos, self._keep(msg, qos) if self.journal is not None else 0))
         return True
 
     def full(self) -> bool:
         """No room for another message (deliver() waits while this holds)."""
-        return len(self.queue) >= self.max_queued or self.bytes >= self.engine.limits.max_queued_bytes
+        return len(self.queue) >= self.max_queued or self.bytes >= self.host.limits.max_queued_bytes
 
     def congested(self) -> bool:
         return len(self.queue) >= self.high or self.bytes >= self.high_bytes
@@ -250,7 +266,7 @@ class SessionState:
         if len(self.queue) <= self.low and self.bytes <= self.low_bytes:
             self.stalled = False
             if self.blocked is not None:
-                self.engine.release(self)
+                self.host.release(self)
 
     def pump(self) -> None:
         """Move queued messages to the wire while the window and transport allow."""
@@ -270,18 +286,18 @@ class SessionState:
                 if seq and qos == 2:
                     self._sent(msg, pid, seq)
                 conn.write(msg.packet(qos, pid))
-                self.engine.counters.sent_qos[qos] += 1
+                self.host.counters.sent_qos[qos] += 1
             else:
                 queue.popleft()
-                self.engine.uncharge(self, len(msg.payload))
+                self.host.uncharge(self, len(msg.payload))
                 conn.write(msg.packet0())
-                self.engine.counters.sent_qos[0] += 1
+                self.host.counters.sent_qos[0] += 1
         if self.waiters and not self.full():
             self.wake()
         if len(queue) <= self.low and self.bytes <= self.low_bytes:
             self._check_release()
         elif self.blocked is not None and len(queue) < before:
-            self.progress_at = self.engine.loop.time()
+            self.progress_at = self.host.loop.time()
 
     def _after_ack(self) -> None:
         """An ack freed bytes with nothing queued behind: let held publishers and
@@ -305,7 +321,7 @@ class SessionState:
         for pid, (msg, qos, stage, _seq) in self.inflight.items():
             if stage == 0:
                 conn.write(msg.packet(qos, pid, dup=True))
-                self.engine.counters.sent_qos[qos] += 1
+                self.host.counters.sent_qos[qos] += 1
             else:
                 conn.write(codec.ack(codec.PUBREL, pid))
         self.pump()
@@ -314,7 +330,7 @@ class SessionState:
         entry = self.inflight.get(pid)
         if entry is not None and entry[1] == 1:
             del self.inflight[pid]
-            self.engine.uncharge(self, len(entry[0].payload))
+            self.host.uncharge(self, len(entry[0].payload))
             if entry[3]:
                 self._done(entry[3])
             if self.queue:
@@ -326,7 +342,7 @@ class SessionState:
         entry = self.inflight.get(pid)
         if entry is not None and entry[1] == 2 and entry[2] == 0:
             entry[2] = 1
-            self.engine.uncharge(self, len(entry[0].payload))
+            self.host.uncharge(self, len(entry[0].payload))
             entry[0] = None  # the payload is no longer needed
             seq = entry[3]
             if seq and self.journal is not None:
@@ -340,7 +356,7 @@ class SessionState:
         if entry is not None and entry[1] == 2:
             del self.inflight[pid]
             if entry[0] is not None:    # PUBCOMP without PUBREC first: still charged
-                self.engine.uncharge(self, len(entry[0].payload))
+                self.host.uncharge(self, len(entry[0].payload))
             self._done(entry[3])
             if self.queue:
                 self.pump()

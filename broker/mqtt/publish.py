@@ -1,0 +1,189 @@
+"""PUBLISH from clients, wills, and publishes of the broker itself (BrokerApi.publish).
+
+A client's publish goes: checks -> ACL (PUBLISH) -> interception by topic prefix
+(hooks.py) -> retained -> routing -> the PUBACK/PUBREC. Each step is decided
+at once when it can be (a synchronous ACL, an interceptor with a nowait
+variant): then the packet is handled inside data_received with no task. The
+first step that must be awaited hands the rest of the publish to `_publish_later`,
+which the connection awaits in order with the packets behind it.
+
+Nothing is acknowledged that is not stored: a QoS 1/2 publish that changed a
+retained message or was kept for a persistent session is acknowledged once the
+store committed it (retained.py, journal.py); until then the client's later
+packets wait behind it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+from amqtt.contexts import Action
+
+from broker.mqtt import codec
+from broker.mqtt.acl import PUBLISH_ALLOWED, PUBLISH_DENIED, AccessControl
+from broker.mqtt.codec import ProtocolViolation
+from broker.mqtt.connection import CLOSED, DONE
+from broker.mqtt.figures import TrafficCounters
+from broker.mqtt.journal import SessionJournal
+from broker.mqtt.plugins import PluginHooks
+from broker.mqtt.retained import RetainedMessages
+from broker.mqtt.routing import Router
+from broker.mqtt.session import Message
+from broker.mqtt.topics import valid_topic_name
+
+if TYPE_CHECKING:
+    from broker.mqtt.connection import Connection
+    from broker.mqtt.session import ClientInfo, SessionState
+
+log = logging.getLogger("roost.mqtt")
+
+
+class Publishing:
+    def __init__(self, *, limits: Any, counters: TrafficCounters, stats: dict[str, int], acl: AccessControl,
+                 plugins: PluginHooks, retained: RetainedMessages, router: Router,
+                 journal: SessionJournal | None) -> None:
+        self._max_payload = limits.max_payload
+        self._counters = counters
+        self._stats = stats
+        self._acl = acl
+        self._plugins = plugins
+        self._retained = retained
+        self._router = router
+        self._journal = journal
+
+    # ---- from a client -------------------------------------------------------------------
+
+    def publish(self, conn: Connection, pkt: codec.Publish) -> Awaitable[None]:
+        topic = pkt.topic
+        qos = pkt.qos
+        self._counters.received_qos[qos] += 1
+        if not valid_topic_name(topic):
+            raise ProtocolViolation(f"invalid topic name {topic!r}")
+        if len(pkt.payload) > self._max_payload:
+            raise ProtocolViolation(f"payload of {len(pkt.payload)} bytes exceeds limits.max_payload")
+        st = conn.session
+        info = conn.info
+        assert st is not None and info is not None   # set once CONNECTED
+        if qos == 2 and pkt.packet_id in st.incoming_qos2:
+            conn.write(codec.ack(codec.PUBREC, pkt.packet_id))  # duplicate: already routed
+            return DONE
+        if topic[0] == "$":
+            # MQTT 3.1.1 has no negative PUBACK: the message is acknowledged and not
+            # routed ($ topics are the broker's, MQTT-4.7.2-1); said once per connection
+            self._stats["publish_denied"] += 1
+            if not conn.dollar_publish_logged:
+                conn.dollar_publish_logged = True
+                log.info("%s published to %s: topics starting with $ are reserved for the broker; "
+                         "not routed (said once per connection)", info.client_id, topic)
+            return self._acknowledge(conn, st, pkt)
+        acl = self._acl
+        allowed: bool | None = True
+        if acl.enabled:   # the cache read inline, as routing does: this runs per message
+            bits = st.acl_cache.get(topic, 0)
+            allowed = True if bits & PUBLISH_ALLOWED else False if bits & PUBLISH_DENIED \
+                else acl.may_publish_now(st, topic)
+        if allowed is None or acl.is_async:
+            # async ACL plugins configured: the RECEIVE checks must be awaited too
+            return self._publish_later(conn, st, info, pkt, allowed)
+        if not allowed:
+            self._stats["publish_denied"] += 1
+            log.debug("publish of %s to %s denied", info.client_id, topic)
+            return self._acknowledge(conn, st, pkt)
+        prefixes = self._plugins.prefixes
+        if prefixes and topic.startswith(prefixes):
+            consumed = self._plugins.intercept_now(info, topic, pkt.payload, qos, pkt.retain)
+            if consumed is None:
+                return self._publish_later(conn, st, info, pkt, True)
+            if consumed:
+                return self._acknowledge(conn, st, pkt)
+        journal = self._journal
+        mark = journal.appended if journal is not None else 0    # _journal_mark(), inline
+        if pkt.retain:
+            self._retained.set(topic, pkt.payload, qos, info.principal)
+        self._router.route(Message(topic, pkt.payload, qos), conn)
+        return self._acknowledge(conn, st, pkt, mark)
+
+    async def _publish_later(self, conn: Connection, st: SessionState, info: ClientInfo, pkt: codec.Publish,
+                             allowed: bool | None) -> None:
+        """The rest of `publish` from the first step that must be awaited."""
+        topic = pkt.topic
+        if allowed is None:
+            allowed = await self._acl.may_publish(st, topic)
+        mark = None
+        if allowed:
+            mark = self._journal_mark()
+            await self._intercept_and_route(info, topic, pkt.payload, pkt.qos, pkt.retain, conn)
+        else:
+            self._stats["publish_denied"] += 1
+        if conn.state == CLOSED:    # no ack; a QoS 2 id is still known when the session resumes
+            if pkt.qos == 2:
+                st.incoming_qos2.add(pkt.packet_id)
+            return
+        await self._acknowledge(conn, st, pkt, mark)
+
+    def _journal_mark(self) -> int:
+        """Compared after routing: did it keep the message for a persistent session?"""
+        journal = self._journal
+        return journal.appended if journal is not None else 0
+
+    def _acknowledge(self, conn: Connection, st: SessionState, pkt: codec.Publish,
+                     mark: int | None = None) -> Awaitable[None]:
+        """PUBACK/PUBREC, at once or once stored what must survive a SIGKILL right
+        after it (see the module docstring). `mark`: _journal_mark() before the
+        message was retained and routed; None when it was not (denied, consumed)."""
+        qos = pkt.qos
+        if not qos:
+            return DONE
+        if qos == 2:
+            st.incoming_qos2.add(pkt.packet_id)
+        journal = self._journal
+        kept = mark is not None and journal is not None and journal.appended != mark
+        retained = mark is not None and pkt.retain and self._retained.persisted
+        if kept or retained:
+            return self._ack_when_stored(conn, qos, pkt.packet_id, retained=retained, kept=kept)
+        conn.write(codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pkt.packet_id))
+        return DONE
+
+    async def _ack_when_stored(self, conn: Connection, qos: int, pid: int, *, retained: bool, kept: bool) -> None:
+        if retained:
+            await self._retained.flush()
+        if kept and self._journal is not None:
+            await self._journal.durable()
+        if conn.state == CLOSED:
+            return
+        conn.write(codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pid))
+
+    async def _intercept_and_route(self, info: ClientInfo, topic: str, payload: bytes, qos: int, retain: bool,
+                                   src: Connection | None = None) -> None:
+        """A publish that passed the PUBLISH ACL: interception, then retain + routing."""
+        prefixes = self._plugins.prefixes
+        if prefixes and topic.startswith(prefixes) and \
+                await self._plugins.intercept(info, topic, payload, qos, retain):
+            return
+        if retain:
+            self._retained.set(topic, payload, qos, info.principal)
+        await self._router.route_awaited(Message(topic, payload, qos), src)
+
+    # ---- wills and the broker's own ---------------------------------------------------------
+
+    async def publish_will(self, info: ClientInfo) -> None:
+        topic = info.will_topic
+        if not topic or topic[0] == "$":
+            return
+        if not await self._acl.decide(info, topic, Action.PUBLISH):
+            log.info("will of %s on %s denied by ACL", info.client_id, topic)
+            return
+        await self._intercept_and_route(info, topic, info.will_message or b"", info.will_qos, info.will_retain)
+
+    async def publish_own(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int:
+        """BrokerApi.publish: routed like a client publish (ACL RECEIVE per subscriber)."""
+        if not valid_topic_name(topic):
+            raise ValueError(f"invalid topic name {topic!r}")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"invalid QoS {qos!r}")
+        payload = bytes(payload)
+        if retain:
+            self._retained.set(topic, payload, qos)
+        return await self._router.route_awaited(Message(topic, payload, qos))

@@ -1,0 +1,210 @@
+"""Routing: the subscription index, queueing a message for every matching
+session, delivery to one session (BrokerApi.deliver), and backpressure.
+
+Exact filters live in a dict, wildcard filters in a trie (topics.py, amqtt
+defect 10); no task is created per message or per subscriber. Delivered QoS is
+min(publish QoS, granted QoS), one copy per session at its highest granted QoS
+(defect 6).
+
+Backpressure: when a live session's queue reaches half of max_queued, the
+connections publishing to it stop being read (parsing stops mid-buffer) until
+the queue is down to a quarter, so fast publishers are slowed to the pace of
+their subscribers instead of losing QoS 1/2 messages. A client is never held
+for its own session, offline sessions never hold anyone, and a session that
+makes no progress for STALL_TIMEOUT stops holding publishers (it drops).
+broker.publish()/deliver() are never held: deliver() waits for room instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from broker.mqtt.acl import RECEIVE_ALLOWED, RECEIVE_DENIED, AccessControl
+from broker.mqtt.budgets import Budgets
+from broker.mqtt.connection import CLOSED
+from broker.mqtt.session import Message, SessionState
+from broker.mqtt.topics import SubscriptionIndex, matches, valid_topic_name
+
+if TYPE_CHECKING:
+    from broker.mqtt.connection import Connection
+
+log = logging.getLogger("roost.mqtt")
+
+DELIVER_WAIT = 10.0              # seconds deliver() waits for room in a full queue
+STALL_TIMEOUT = 3.0              # a congested session without progress stops holding publishers
+
+
+class Router:
+    def __init__(self, *, sessions: dict[str, SessionState], acl: AccessControl, budgets: Budgets,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.index: SubscriptionIndex[SessionState] = SubscriptionIndex()
+        self._sessions = sessions
+        self._acl = acl
+        self._budgets = budgets
+        self._loop = loop
+        self.congested: set[SessionState] = set()
+
+    # ---- subscriptions ---------------------------------------------------------------
+
+    def subscribe(self, st: SessionState, f: str, qos: int) -> None:
+        if f not in st.subs:
+            self._budgets.subscribed(f)
+        st.subs[f] = qos
+        self.index.add(f, st, qos)
+
+    def unsubscribe(self, st: SessionState, f: str) -> bool:
+        if st.subs.pop(f, None) is None:
+            return False
+        self.index.remove(f, st)
+        self._budgets.unsubscribed(f)
+        return True
+
+    def unsubscribe_all(self, st: SessionState) -> None:
+        for f in st.subs:
+            self.index.remove(f, st)
+            self._budgets.unsubscribed(f)
+        st.subs.clear()
+
+    # ---- routing ---------------------------------------------------------------------
+
+    def route(self, msg: Message, src: Connection | None = None,
+              undecided: list[tuple[SessionState, int]] | None = None) -> int:
+        """Queue `msg` for every matching session the ACL lets receive it; the
+        number queued. `src`, the publishing connection, is held while a target
+        session is congested. Targets whose RECEIVE decision must be awaited (an
+        async ACL plugin) go to `undecided` (use route_awaited, which passes it)."""
+        targets = self.index.match(msg.topic)
+        if not targets:
+            return 0
+        n = 0
+        topic = msg.topic
+        mq = msg.qos
+        check = self._acl.enabled
+        for st, q in targets.items():
+            if check:
+                bits = st.acl_cache.get(topic, 0)
+                if not bits & RECEIVE_ALLOWED:
+                    if bits & RECEIVE_DENIED:
+                        continue
+                    ok = self._acl.may_receive_now(st, topic)
+                    if ok is None:
+                        assert undecided is not None, "an async ACL needs route_awaited"
+                        undecided.append((st, q))
+                        continue
+                    if not ok:
+                        continue
+            if st.enqueue(msg, q if q < mq else mq):
+                n += 1
+            if src is not None and st.congested():
+                self.hold(st, src)
+        return n
+
+    async def route_awaited(self, msg: Message, src: Connection | None = None) -> int:
+        """`route`, awaiting the RECEIVE decisions that need it."""
+        if not self._acl.is_async:
+            return self.route(msg, src)
+        undecided: list[tuple[SessionState, int]] = []
+        n = self.route(msg, src, undecided)
+        for st, q in undecided:
+            if st.discarded or not await self._acl.may_receive(st, msg.topic):
+                continue
+            if st.enqueue(msg, min(q, msg.qos)):
+                n += 1
+            if src is not None and st.congested():
+                self.hold(st, src)
+        return n
+
+    # ---- one session (BrokerApi.deliver) -----------------------------------------------
+
+    def deliver_nowait(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool | None:
+        """Queue a message for one session: True or False exactly as deliver()
+        would answer; None when deliver() would have to wait (the connected
+        session's queue is full, or an async ACL decision is not cached yet).
+        Saves a coroutine per message for callers that push a stream (inbox pushers)."""
+        st = self._sessions.get(client_id)
+        if st is None or st.discarded or not valid_topic_name(topic):
+            return False
+        granted = granted_qos(st, topic)
+        if granted < 0:
+            return False
+        ok = self._acl.may_receive_now(st, topic)
+        if not ok:
+            return ok
+        if st.conn is not None and st.full():
+            return None
+        return st.enqueue(Message(topic, bytes(payload), qos), qos if qos < granted else granted)
+
+    async def deliver(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
+        """deliver_nowait, waiting (at most DELIVER_WAIT) for the ACL or for room."""
+        done = self.deliver_nowait(client_id, topic, payload, qos)
+        if done is not None:
+            return done
+        st = self._sessions[client_id]
+        granted = granted_qos(st, topic)
+        if not await self._acl.may_receive(st, topic):
+            return False
+        await self.wait_for_room(st)
+        if st.discarded:
+            return False
+        return st.enqueue(Message(topic, bytes(payload), qos), min(qos, granted))
+
+    async def wait_for_room(self, st: SessionState, wait: float = DELIVER_WAIT) -> bool:
+        """Wait (at most `wait` seconds) until a connected session has room."""
+        loop = self._loop
+        deadline = loop.time() + wait
+        while st.conn is not None and st.full() and not st.discarded:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            fut = loop.create_future()
+            st.waiters.append(fut)
+            try:
+                await asyncio.wait_for(fut, remaining)
+            except TimeoutError:
+                return False
+        return not st.discarded
+
+    # ---- backpressure ------------------------------------------------------------------
+
+    def hold(self, st: SessionState, src: Connection) -> None:
+        """`st` is behind: hold the publisher `src` until st's queue is down to
+        st.low. Never for offline sessions (they just queue, bounded), never a
+        client for its own session, and not for a session that made no progress
+        for STALL_TIMEOUT (then its queue overflows and drops instead)."""
+        if st.conn is None or st.stalled or st.conn is src or src.state == CLOSED:
+            return
+        blocked = st.blocked
+        if blocked is None:
+            blocked = st.blocked = set()
+            st.progress_at = self._loop.time()
+            self.congested.add(st)
+        if src not in blocked:
+            blocked.add(src)
+            src.block()
+
+    def release(self, st: SessionState) -> None:
+        blocked = st.blocked
+        st.blocked = None
+        self.congested.discard(st)
+        if blocked:
+            for conn in blocked:
+                conn.unblock()
+
+    def release_stalled(self, now: float) -> None:
+        """Sessions congested without progress for STALL_TIMEOUT stop holding publishers."""
+        for st in [s for s in self.congested if now - s.progress_at > STALL_TIMEOUT]:
+            log.warning("%s made no progress for %.0fs with %d queued: no longer holding its publishers",
+                        st.client_id, now - st.progress_at, len(st.queue))
+            st.stalled = True
+            self.release(st)
+
+
+def granted_qos(st: SessionState, topic: str) -> int:
+    """The highest QoS of the session's filters matching `topic`; -1 for none."""
+    granted = -1
+    for f, q in st.subs.items():
+        if q > granted and matches(topic, f):
+            granted = q
+    return granted
