@@ -54,12 +54,19 @@ async def build_services(config: RoostConfig) -> Services:
         services.relations.integration_account = config.homeassistant.service_account
     # Each service module builds itself from the container; imported here so a
     # lower layer never imports a higher one.
+    from broker.services.admin_log import AdminLogWatcher
     from broker.services.devices import DeviceService
+    from broker.services.gateway import Gateway
     from broker.services.messaging import MessagingService
     from broker.services.presence import PresenceService
     from broker.services.social import SocialService
     from broker.services.telemetry import TelemetryService
 
+    # Built in this order because bus handlers run in the order they subscribed:
+    # the gateway (a removed principal loses its access and connections) before
+    # the services (which then forget its state), in the order of Services.all().
+    services.gateway = Gateway(services)
+    services.admin_log = AdminLogWatcher(identity, services.bus)
     services.messaging = MessagingService(services)
     services.social = SocialService(services)
     services.presence = PresenceService(services)
@@ -94,6 +101,9 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
     except BaseException:
         await services.store.close()   # nothing is served: close the store cleanly
         raise
+    assert services.gateway is not None and services.admin_log is not None
+    await services.gateway.start(broker)
+    await services.admin_log.start()   # admin commands of other processes, as bus events
     for svc in services.all():
         await svc.start(broker)
     await monitor.start()   # ready (/readyz) from here; the first $SYS publication
@@ -103,6 +113,8 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
 async def stop(broker: Any, services: Services) -> None:
     if broker.monitor is not None:
         await broker.monitor.stop()   # not ready from here on
+    if services.admin_log is not None:
+        await services.admin_log.stop()
     for svc in reversed(services.all()):
         try:
             await svc.stop()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.config import RoostConfig
 from broker.services.base import cancel_and_wait
+from broker.services.events import MailboxAppended
 from broker.services.opstats import Histogram, RequestStats
 from broker.services.sysinfo import (
     LOGIN_REFUSALS,
@@ -77,7 +78,6 @@ class Monitor:
         self._db = getattr(services.store, "db", None)
         self._store_bytes = 0
         self._samples: deque[tuple[float, dict[str, int]]] = deque(maxlen=int(RECENT_WINDOW / SAMPLE_EVERY) + 2)
-        self._im: Any = None
         self._task: asyncio.Task[None] | None = None
         self.started = False
         self.stopping = False
@@ -89,16 +89,12 @@ class Monitor:
         self._sys = sys_publisher
         if self._db is not None:
             self._db.on_commit = self.commit_seconds.observe
-        messaging = self._services.messaging
-        if messaging is not None:
-            messaging.add_listener(self._count_events)
-        for plugin in broker.plugins_manager.plugins:
-            if hasattr(plugin, "rejected_rate"):   # the IM plugin's refusal counters
-                self._im = plugin
+        if self._services.messaging is not None:
+            self._services.bus.subscribe(MailboxAppended, self._count_events)
 
-    def _count_events(self, events: list[Any]) -> None:
+    def _count_events(self, appended: MailboxAppended) -> None:
         counts = self.mailbox_events
-        for ev in events:
+        for ev in appended.events:
             kind = str(ev.doc.get("kind", "?"))
             if kind not in counts and len(counts) >= MAX_EVENT_KINDS:
                 kind = "other"
@@ -205,8 +201,8 @@ class Monitor:
                    "subscription_budget": stats["subscriptions_refused"],
                    "persistent_sessions": stats["sessions_refused"],
                    "connection_limit": stats.get("connections_refused", 0)}
-        if self._im is not None:
-            refused["request_rate"] = self._im.rejected_rate
+        if services.gateway is not None:
+            refused["request_rate"] = services.gateway.rejected_rate
         if telemetry:
             refused["telemetry_malformed"] = telemetry.get("malformed", 0)
         if ha:

@@ -9,9 +9,9 @@ by principal and client id, so they never collide). IM requests need the
 slowed down per address and per principal, whatever the parallelism
 (`broker.services.identity.LoginGuard`, bounded tables).
 
-It also applies admin changes made by `roost user/device/service ...` while the
-broker runs (possibly from another process): removed principals are
-disconnected.
+Admin changes made by `roost user/device/service ...` while the broker runs
+(possibly from another process) arrive as bus events
+(broker/services/admin_log.py); the gateway disconnects removed principals.
 
 A login by JWT sets `session.expires_at` to the token's `exp`; the engine closes
 the connection then (as EMQX does), so a token's lifetime bounds its
@@ -34,11 +34,10 @@ from broker.services.base import cancel_and_wait
 from broker.services.identity import LoginAttempt, LoginBusy, LoginGuard
 from broker.services.jwt_auth import JwtVerifier
 from contract.ids import is_valid_principal_id, principal_of_client_id
-from plugins.base import broker_of, services_of
+from plugins.base import services_of
 
 log = logging.getLogger("roost.auth")
 
-ADMIN_POLL_SECONDS = 0.5
 JWKS_POLL_SECONDS = 5.0          # how often the JWKS file's mtime and size are compared
 MAX_FOREIGN_CLIENT_ID = 128      # characters of a client id not of the principal's own form
 
@@ -53,7 +52,6 @@ class RoostAuthPlugin(BaseAuthPlugin):
         auth = services_of(self).config.auth
         self._guard = LoginGuard(step=auth.failure_delay, cap=auth.failure_delay_max,
                                  table_size=auth.failure_table_size, per_address=auth.max_concurrent_per_address)
-        self._poller: asyncio.Task[None] | None = None
         self._jwks_watcher: asyncio.Task[None] | None = None
 
     async def authenticate(self, *, session) -> bool | None:  # type: ignore[no-untyped-def, override]
@@ -125,15 +123,14 @@ class RoostAuthPlugin(BaseAuthPlugin):
             return f"belongs to {head}"
         return None
 
-    # ---- admin changes from other processes --------------------------------
+    # ---- JWKS rotation --------------------------------------------------------
     async def on_roost_start(self, broker) -> None:  # type: ignore[no-untyped-def]
-        self._poller = asyncio.create_task(self._poll_admin_log(), name="roost-admin-log")
         jwt = services_of(self).identity.jwt
         if jwt is not None and jwt.jwks_path is not None:
             self._jwks_watcher = asyncio.create_task(self._watch_jwks(jwt), name="roost-jwks")
 
     async def on_roost_stop(self) -> None:
-        await cancel_and_wait(self._poller, self._jwks_watcher)
+        await cancel_and_wait(self._jwks_watcher)
 
     async def _watch_jwks(self, jwt: JwtVerifier) -> None:
         loop = asyncio.get_running_loop()
@@ -143,45 +140,3 @@ class RoostAuthPlugin(BaseAuthPlugin):
                 await loop.run_in_executor(None, jwt.reload_jwks)   # stat + read: off the loop
             except Exception:  # noqa: BLE001 - keep watching; the keys in use stay
                 log.exception("re-reading auth.jwt.jwks_file failed")
-
-    async def _poll_admin_log(self) -> None:
-        services = services_of(self)
-        position = await services.identity.admin_log_head()
-        while True:
-            await asyncio.sleep(ADMIN_POLL_SECONDS)
-            try:
-                changes = await services.identity.admin_changes(position)
-            except Exception:  # noqa: BLE001 - keep polling; the store may be busy
-                log.exception("reading the admin log failed")
-                continue
-            for seq, principal_id, action in changes:
-                position = seq
-                try:
-                    if action == "removed":
-                        # Even if the id was registered again since (same poll), the
-                        # old principal's connections and in-memory state must go.
-                        await self._forget(principal_id)
-                    elif action == "added":
-                        await self._each_service("principal_added", principal_id)
-                except Exception:  # noqa: BLE001 - keep polling; logged
-                    log.exception("applying admin change %s of %s failed", action, principal_id)
-
-    async def _forget(self, principal_id: str) -> None:
-        services = services_of(self)
-        broker = broker_of(self)
-        services.relations.forget_principal(principal_id)
-        broker.refresh_acl()
-        closed = await broker.kick_principal(principal_id)
-        # its mailbox, memberships, contacts, ownerships, presence and readings
-        await self._each_service("principal_removed", principal_id)
-        log.info("principal %s removed: closed %d connection(s)", principal_id, closed)
-
-    async def _each_service(self, hook: str, principal_id: str) -> None:
-        for svc in services_of(self).all():
-            fn = getattr(svc, hook, None)
-            if fn is None:
-                continue
-            try:
-                await fn(principal_id)
-            except Exception:  # noqa: BLE001 - one service failing must not stop the others
-                log.exception("%s(%s) in %s failed", hook, principal_id, type(svc).__name__)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,19 @@ from broker.services.runtime import Services
 from broker.services.social import SocialService
 from broker.store.sqlite import SqliteStore
 from contract.errors import ProtocolError
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when a test says so (mailbox.ttl tests)."""
+
+    def __init__(self, start: float | None = None) -> None:
+        self.now = start if start is not None else time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class InboxRecorder:
@@ -38,6 +53,9 @@ class InboxRecorder:
             return False
         self.delivered.setdefault(client_id, []).append(json.loads(payload))
         return True
+
+    def deliver_nowait(self, client_id, topic, payload, qos=1):  # noqa: ANN001
+        return None   # always "would wait": pushes go the pusher task's way
 
     def client_ids_of(self, principal):  # noqa: ANN001
         return [c for c in self.subscribed if c.split(".")[0] == principal]
@@ -97,7 +115,7 @@ class Env:
 
 
 async def open_env(path: Path, config: dict | None = None, users: tuple[str, ...] = ("alice", "bob", "carol"),
-                   devices: tuple[str, ...] = ()) -> Env:
+                   devices: tuple[str, ...] = (), clock: Callable[[], float] = time.time) -> Env:
     cfg: RoostConfig = config_from_dict(config or {})
     store = SqliteStore(path / "roost.db")
     await store.open()
@@ -109,7 +127,7 @@ async def open_env(path: Path, config: dict | None = None, users: tuple[str, ...
     for pid in devices:
         if await identity.get(pid) is None:
             await identity.add(pid, "device", device_kind="light", name=f"{pid} light")
-    services = Services(config=cfg, store=store, identity=identity)
+    services = Services(config=cfg, store=store, identity=identity, clock=clock)
     services.messaging = MessagingService(services)
     services.social = SocialService(services)
     services.messaging.prune_interval = 3600  # tests run pruning rounds themselves

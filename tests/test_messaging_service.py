@@ -7,7 +7,7 @@ import asyncio
 import time
 
 from contract.errors import ErrorCode
-from tests.messaging_env import close_env, open_env
+from tests.messaging_env import FakeClock, close_env, open_env
 
 
 def run(coro):  # noqa: ANN001, ANN201
@@ -298,10 +298,11 @@ def test_mailbox_bound_announces_dropped(tmp_path):
 
 def test_mailbox_ttl_expires_with_announcement(tmp_path):
     async def main() -> None:
-        env = await open_env(tmp_path, config={"mailbox": {"ttl": 1}})
+        clock = FakeClock()
+        env = await open_env(tmp_path, config={"mailbox": {"ttl": 1}}, clock=clock)
         await env.befriend("alice", "bob")
         await env.call("alice", "send", to="bob", cmid="1", body=text("old"))
-        await asyncio.sleep(1.2)
+        clock.advance(1.2)
         await env.call("alice", "send", to="bob", cmid="2", body=text("new"))
         await env.messaging.prune_once()
         box = await env.mailbox("bob")
@@ -436,13 +437,14 @@ def test_pruning_rounds_are_bounded_and_every_discard_is_announced(tmp_path):
 
 def test_expired_dropped_announcements_are_not_announced_again(tmp_path):
     async def main() -> None:
-        env = await open_env(tmp_path, config={"mailbox": {"ttl": 1}})
+        clock = FakeClock()
+        env = await open_env(tmp_path, config={"mailbox": {"ttl": 1}}, clock=clock)
         await env.befriend("alice", "bob")
-        await asyncio.sleep(1.1)
+        clock.advance(1.1)
         await env.messaging.prune_once()
         box = await env.mailbox("bob")
         assert [(e["kind"], e.get("count")) for e in box] == [("dropped", 2)]
-        await asyncio.sleep(1.1)
+        clock.advance(1.1)
         await env.messaging.prune_once()
         assert await env.mailbox("bob") == []        # the announcement expired, silently
         await env.messaging.prune_once()

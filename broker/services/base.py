@@ -29,9 +29,16 @@ Handler = Callable[[Caller, dict[str, Any]], Awaitable[dict[str, Any]]]
 
 
 class Publisher(Protocol):
+    """What services (and the gateway) need of a front end's broker: the MQTT
+    engine implements it (broker/mqtt/hooks.py `BrokerApi`)."""
+
     async def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int: ...
 
     async def deliver(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool: ...
+
+    def deliver_nowait(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool | None:
+        """deliver() without waiting: True/False as deliver() would answer, None when
+        it would have to wait (a publisher that cannot tell always answers None)."""
 
     def client_ids_of(self, principal: str) -> list[str]: ...
 

@@ -16,19 +16,21 @@ the same as probing for codes.
 
 from __future__ import annotations
 
-import inspect
 import logging
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, param_str
-from broker.store.base import DeviceUser, NotFoundError
+from broker.services.events import DeviceShared, DeviceUnshared, PrincipalRemoved
+from broker.store.base import DeviceUser, NotFoundError, Principal
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_valid_principal_id
 from contract.presence import never_seen
+
+if TYPE_CHECKING:
+    from broker.services.runtime import Services
 
 log = logging.getLogger("roost.devices")
 
@@ -84,9 +86,12 @@ class FailureWindow:
 
 
 class DeviceService:
-    def __init__(self, services: Any, *, limits: ClaimLimits = ClaimLimits(),
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, services: Services, *, limits: ClaimLimits = ClaimLimits(),
+                 clock: Callable[[], float] | None = None) -> None:
+        clock = clock if clock is not None else services.clock
         self._services = services
+        self._bus = services.bus
+        self._bus.subscribe(PrincipalRemoved, self._principal_removed)
         self._store = services.store.devices
         self._identity = services.identity
         self._relations = services.relations
@@ -130,6 +135,9 @@ class DeviceService:
     def role(self, device: str, principal: str) -> str | None:
         du = self._users.get(device, {}).get(principal)
         return du.role if du else None
+
+    async def _principal_removed(self, event: PrincipalRemoved) -> None:
+        await self.principal_removed(event.principal)
 
     async def principal_removed(self, principal: str) -> None:
         """A principal was removed by an admin: the store dropped its rows (foreign
@@ -197,6 +205,7 @@ class DeviceService:
         users.pop(sharee, None)
         self._relations.set_device_users(device, set(users))
         self._refresh_acl()
+        self._bus.publish_nowait(DeviceUnshared(device, sharee))
 
     async def contact_ended(self, a: str, b: str) -> int:
         """Shares follow contacts: a share needs one (see `share`), so when two people
@@ -227,16 +236,14 @@ class DeviceService:
         return {"devices": out}
 
     # ---- helpers -----------------------------------------------------------------
-    async def _describe(self, p: Any, viewer: str) -> dict[str, Any]:
+    async def _describe(self, p: Principal, viewer: str) -> dict[str, Any]:
         presence = self._services.presence.current(p.id) if self._services.presence is not None else None
         if presence is None:
             presence = never_seen()
         telemetry = None
-        if self._services.telemetry is not None and hasattr(self._services.telemetry, "latest"):
+        if self._services.telemetry is not None:
             try:
                 telemetry = self._services.telemetry.latest(p.id)
-                if inspect.isawaitable(telemetry):
-                    telemetry = await telemetry
             except Exception:  # noqa: BLE001 - a listing must not fail on a telemetry hiccup
                 log.exception("telemetry.latest(%s) failed", p.id)
         users = self._users.get(p.id, {})
@@ -271,6 +278,7 @@ class DeviceService:
         users[principal] = du
         self._relations.set_device_users(device, set(users))
         self._refresh_acl()
+        self._bus.publish_nowait(DeviceShared(device, principal, role))
 
     def _failed(self, caller: str, device: str) -> None:
         self.claim_failures += 1

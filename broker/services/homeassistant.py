@@ -13,7 +13,7 @@ without hand configuration, with entities from its kind in the catalogue
   payloads), so no ghost entities remain; at start, retained discovery left by
   Roost for devices that no longer exist is cleared too.
 - availability: retained `online`/`offline` on `roost/ha/<id>/availability`,
-  mirrored from presence (the presence service's listener).
+  mirrored from presence (`PresenceChanged` on the bus).
 - state: retained JSON on `roost/ha/<id>/state` with the newest value of every
   field, updated from telemetry and from the data of the device's `result`
   answers to the integration's commands. Coalesced per device: a chatty device
@@ -36,9 +36,16 @@ import logging
 import secrets
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Publisher, cancel_and_wait
+from broker.services.events import (
+    MailboxAppended,
+    PresenceChanged,
+    PrincipalAdded,
+    PrincipalRemoved,
+    TelemetryReceived,
+)
 from broker.services.homeassistant_discovery import (
     BadSetPayload,
     HaCommand,
@@ -56,6 +63,9 @@ from contract import topics
 from contract.catalog import DeviceKind, kind_or_generic
 from contract.errors import ProtocolError
 from contract.presence import OFFLINE, ONLINE
+
+if TYPE_CHECKING:
+    from broker.services.runtime import Services
 
 log = logging.getLogger("roost.homeassistant")
 _MISSING = object()   # a field the state does not have yet (None is a value)
@@ -75,9 +85,16 @@ class HaStats:
 
 
 class HomeAssistantService:
-    def __init__(self, services: Any, *, command_queue: int = 1000) -> None:
+    def __init__(self, services: Services, *, command_queue: int = 1000) -> None:
         cfg = services.config.homeassistant
         self._services = services
+        # Heard only between start and stop (every handler checks `_stopped`).
+        bus = services.bus
+        bus.subscribe(TelemetryReceived, lambda event: self._on_telemetry(event.device, event.latest))
+        bus.subscribe(PresenceChanged, lambda event: self._on_presence(event.principal, event.state))
+        bus.subscribe(MailboxAppended, lambda event: self._on_events(event.events))
+        bus.subscribe(PrincipalAdded, lambda event: self.principal_added(event.principal))
+        bus.subscribe(PrincipalRemoved, lambda event: self.principal_removed(event.principal))
         self.account: str = cfg.service_account
         self.prefix: str = cfg.discovery_prefix
         self.status_topic = status_topic(self.prefix)
@@ -108,15 +125,6 @@ class HomeAssistantService:
         self._stopped = False
         self._origin = await asyncio.to_thread(read_origin)   # reads package metadata / pyproject.toml
         s = self._services
-        if s.telemetry is not None:
-            s.telemetry.add_listener(self._on_telemetry)
-        if s.presence is not None:
-            s.presence.add_listener(self._on_presence)
-        add_event_listener = getattr(s.messaging, "add_listener", None)
-        if add_event_listener is not None:
-            add_event_listener(self._on_events)
-        else:
-            log.warning("messaging has no event listener: command results will not update Home Assistant state")
         account = await s.identity.get(self.account)
         if account is None or account.kind != "service":
             log.warning("Home Assistant integration account %r is not a registered service: "
@@ -355,7 +363,10 @@ class HomeAssistantService:
             params = {"to": device, "cmid": f"ha-{secrets.token_hex(8)}",
                       "body": {"type": "command", "name": cmd.name, "args": cmd.args}}
             try:
-                await self._services.messaging.op_send(caller, params)
+                messaging = self._services.messaging
+                if messaging is None:
+                    raise RuntimeError("no messaging service to send commands through")
+                await messaging.op_send(caller, params)
                 self._stats.commands_sent += 1
             except ProtocolError as exc:
                 self._refuse(device, f"send failed: {exc.code}: {exc.message}")

@@ -100,7 +100,8 @@ def read_origin(pyproject: Path = PYPROJECT, distribution: str = DISTRIBUTION) -
     except importlib.metadata.PackageNotFoundError:
         version, urls = None, {}
     if not isinstance(version, str) or not version:
-        version = project.get("version") if isinstance(project.get("version"), str) else "unknown"
+        declared = project.get("version")
+        version = declared if isinstance(declared, str) else "unknown"
     if not _pick_url(urls) and isinstance(project.get("urls"), dict):
         urls = project["urls"]   # an editable install's metadata predates a URL added since
     return Origin(sw_version=version, support_url=_pick_url(urls))

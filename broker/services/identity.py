@@ -301,6 +301,10 @@ class IdentityService:
         self._directory: dict[str, Principal] = {}
         self._verified: dict[str, bytes] = {}   # principal -> keyed digest of the last good secret
         self._pepper = secrets.token_bytes(16)
+        # A hash to verify against when the principal is unknown, so that timing
+        # does not reveal which ids exist; made on first use (argon2 costs tens of
+        # milliseconds, too much for every import or admin command).
+        self._dummy_hash: str | None = None
 
     # ---- directory -------------------------------------------------------
     async def load(self) -> None:
@@ -371,7 +375,7 @@ class IdentityService:
     async def _check(self, p: Principal | None, secret: str) -> Login | None:
         if p is None:
             # Spend the same work as a real check so timing does not reveal ids.
-            await asyncio.get_running_loop().run_in_executor(None, verify_secret, secret, _DUMMY_HASH)
+            await asyncio.get_running_loop().run_in_executor(None, self._verify_dummy, secret)
             return None
         if self.jwt is not None and self.jwt.is_jwt(secret):
             return self._token_login(p, self.jwt, secret)
@@ -398,8 +402,17 @@ class IdentityService:
         """True when `code` is the device's current pairing code (argon2, off the loop)."""
         p = await self._store.get_principal(device_id)   # not the directory: a new code counts at once
         stored = p.pairing_code if p is not None and p.kind == "device" else None
-        ok = await asyncio.get_running_loop().run_in_executor(None, verify_secret, code, stored or _DUMMY_HASH)
-        return ok and stored is not None
+        if stored is None:
+            await asyncio.get_running_loop().run_in_executor(None, self._verify_dummy, code)
+            return False
+        return await asyncio.get_running_loop().run_in_executor(None, verify_secret, code, stored)
+
+    def _verify_dummy(self, secret: str) -> None:
+        """The work of a real check, against nothing (runs in the executor: two
+        threads may both make the hash the first time, which is harmless)."""
+        if self._dummy_hash is None:
+            self._dummy_hash = hash_secret("roost-timing-equaliser")
+        verify_secret(secret, self._dummy_hash)
 
     # ---- registration (used by admin commands and tests) -----------------
     async def add(self, principal_id: str, kind: str, *, secret: str | None = None, name: str | None = None,
@@ -476,9 +489,6 @@ class IdentityService:
 
     async def search_users(self, query: str, limit: int = 50) -> builtins.list[Principal]:
         return await self._store.search_users(query, limit)
-
-
-_DUMMY_HASH = hash_secret("roost-timing-equaliser")
 
 
 def _issued_before(iat: float, secret_set_at: float) -> bool:

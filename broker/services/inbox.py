@@ -79,7 +79,6 @@ class InboxPusher:
         # True only while the task waits, caught up, for new events: then `offer`
         # may push the next event itself, in order (see offer).
         self._idle = False
-        self._deliver_nowait = getattr(publisher, "deliver_nowait", None)
         self.pushed = 0
         self.retries = 0
         self.read_errors = 0
@@ -112,13 +111,13 @@ class InboxPusher:
         """A committed event of this principal (called in commit order)."""
         if self._first_offered is None:
             self._first_offered = event.n
-        if self._idle and event.n == self._next_n and self._deliver_nowait is not None:
+        if self._idle and event.n == self._next_n:
             # Caught up and this is the very next event: push it now, without waking
             # the task (no task switch, and it leaves with the response written in
             # this loop iteration). Anything but a plain success goes the task's way,
             # which waits and retries; next_n moves only on success (no gap).
             try:
-                done = self._deliver_nowait(self.client_id, self._topic, encode_event(event.doc), 1)
+                done = self._publisher.deliver_nowait(self.client_id, self._topic, encode_event(event.doc), 1)
             except Exception:  # noqa: BLE001 - the task's path retries and logs
                 done = None
             if done:
@@ -287,7 +286,7 @@ class Inboxes:
                 for p in list(group.values()):
                     p.offer(event)
 
-    # ---- client lifecycle (called by plugins/im.py) ------------------------
+    # ---- client lifecycle (called by the gateway, broker/services/gateway.py) ----
     async def client_connected(self, client_id: str, principal: str, clean_session: bool) -> None:
         await self._drop(client_id, principal)  # an older connection of this client id
         if clean_session:

@@ -12,17 +12,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, param_int, param_str
+from broker.services.events import GroupChanged, MailboxAppended, PrincipalRemoved
 from broker.services.inbox import Inboxes, compact_json, describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import MailboxEvent, NotMember, Principal, StoredMessage
 from contract.envelopes import MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import dm_conv, group_conv, is_valid_principal_id, parse_conv
+
+if TYPE_CHECKING:
+    from broker.services.runtime import Services
 
 log = logging.getLogger("roost.messaging")
 
@@ -41,10 +44,6 @@ def forbidden(message: str) -> ProtocolError:
 
 def not_found(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.NOT_FOUND, message)
-
-
-def now() -> float:
-    return round(time.time(), 3)
 
 
 def _opt_dict(body: dict[str, Any], key: str) -> None:
@@ -127,15 +126,22 @@ class MessagingService:
     prune_max_mailboxes = 50
     prune_max_rows = 5000
 
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Services) -> None:
         self._services = services
         self._config = services.config
+        self._clock = services.clock      # message times and mailbox.ttl (tests inject one)
         self._store = services.store.messaging
         self.inboxes = Inboxes(self._store)
         self._publisher: Publisher | None = None
         self._prune_task: asyncio.Task[None] | None = None
         self.discarded = 0
-        self._event_listeners: list[Callable[[list[MailboxEvent]], None]] = []
+        self._bus = services.bus
+        # The pushers are the first to hear of committed mailbox events.
+        self._bus.subscribe(MailboxAppended, lambda event: self.inboxes.notify(event.events))
+        self._bus.subscribe(PrincipalRemoved, self._principal_removed)
+
+    def _now(self) -> float:
+        return round(self._clock(), 3)
 
     # ---- lifecycle -------------------------------------------------------------
     # Principals whose leftovers one load() round forgets (one write job each round).
@@ -181,20 +187,14 @@ class MessagingService:
             "group.info": self.op_group_info,
         }
 
-    def publish_events(self, events: list[MailboxEvent]) -> None:
-        """Committed events go to the live pushers (call right after the commit)."""
+    async def announce(self, events: list[MailboxEvent]) -> None:
+        """Committed events go on the bus (call right after the commit): the inbox
+        pushers are offered them before the request that made them is answered."""
         if events:
-            self.inboxes.notify(events)
-            for listener in self._event_listeners:
-                try:
-                    listener(events)
-                except Exception:  # noqa: BLE001 - a listener bug must not fail a committed send
-                    log.exception("mailbox event listener failed")
+            await self._bus.publish(MailboxAppended(tuple(events)))
 
-    def add_listener(self, listener: Callable[[list[MailboxEvent]], None]) -> None:
-        """`listener(events)` runs on the event loop right after each commit and must
-        not block (the Home Assistant bridge reads its devices' results this way)."""
-        self._event_listeners.append(listener)
+    async def _principal_removed(self, event: PrincipalRemoved) -> None:
+        await self.principal_removed(event.principal)
 
     async def principal_removed(self, principal: str) -> None:
         """An admin removed `principal`: drop its mailbox, cursors and memberships,
@@ -265,11 +265,12 @@ class MessagingService:
 
     async def _readable_conv(self, caller: Caller, conv_param: Any) -> str:
         """A conversation the caller may read (history, read): its own DMs, its groups."""
-        kind, parts = _own_conv(caller, conv_param)
+        kind, parts = _own_conv(caller, conv_param)   # so a string
+        conv = str(conv_param)
         if kind == "dm":
-            return conv_param
-        await self._group_member_check(conv_param, caller.principal)
-        return conv_param
+            return conv
+        await self._group_member_check(conv, caller.principal)
+        return conv
 
     # ---- send --------------------------------------------------------------------
     async def op_send(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
@@ -294,10 +295,10 @@ class MessagingService:
             social = self._services.social
             skip = frozenset(social.blockers_of(caller.principal)) if social is not None else frozenset()
             outcome = await self._store.send(sender=caller.principal, conv=conv, dm_members=dm_members,
-                                             cmid=cmid, body=body, now=now(), skip=skip)
+                                             cmid=cmid, body=body, now=self._now(), skip=skip)
         except NotMember:
             raise forbidden(f"you are not a member of {conv!r}") from None
-        self.publish_events(outcome.events)
+        await self.announce(outcome.events)
         return self._send_result(outcome.message, dup=outcome.dup)
 
     @staticmethod
@@ -330,10 +331,10 @@ class MessagingService:
     async def op_ack(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         n = param_int(params, "n", maximum=MAX_NUMBER)
         try:
-            cursor, events = await self._store.ack(caller.client_id, caller.principal, n, now())
+            cursor, events = await self._store.ack(caller.client_id, caller.principal, n, self._now())
         except ValueError as exc:
             raise bad(str(exc)) from None
-        self.publish_events(events)
+        await self.announce(events)
         return {"n": cursor}
 
     # ---- read receipts and unread counts ------------------------------------------
@@ -341,7 +342,7 @@ class MessagingService:
         conv = await self._readable_conv(caller, params.get("conv"))
         seq = param_int(params, "seq", maximum=MAX_NUMBER)
         try:
-            outcome = await self._store.read(caller.principal, conv, seq, now())
+            outcome = await self._store.read(caller.principal, conv, seq, self._now())
         except NotMember:
             if seq == 0:  # a DM with no message yet: nothing to read, nothing unread
                 return {"conv": conv, "seq": 0, "unread": 0,
@@ -349,7 +350,7 @@ class MessagingService:
             raise bad(f"seq {seq} is beyond the last message (0)") from None
         except ValueError as exc:
             raise bad(str(exc)) from None
-        self.publish_events(outcome.events)
+        await self.announce(outcome.events)
         return {"conv": outcome.conv, "seq": outcome.seq, "unread": outcome.unread,
                 "total_unread": outcome.total_unread}
 
@@ -393,9 +394,11 @@ class MessagingService:
                 raise forbidden(f"you may add only your contacts and your devices ({m!r} is neither)")
 
     def _groups_changed(self, conv: str, members: list[str]) -> None:
-        self._services.relations.set_group(conv[len("grp:"):], set(members))
+        group_id = conv[len("grp:"):]
+        self._services.relations.set_group(group_id, set(members))
         if self._publisher is not None:
             self._publisher.refresh_acl()
+        self._bus.publish_nowait(GroupChanged(group_id, frozenset(members)))
 
     async def op_group_create(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         name = param_str(params, "name", max_len=MAX_GROUP_NAME)
@@ -406,8 +409,8 @@ class MessagingService:
             raise bad(f"a group has at most {MAX_GROUP_MEMBERS} members")
         await self._check_addable(caller, members)
         conv = group_conv(secrets.token_hex(8))
-        events = await self._store.create_group(conv, name, caller.principal, members, now())
-        self.publish_events(events)
+        events = await self._store.create_group(conv, name, caller.principal, members, self._now())
+        await self.announce(events)
         self._groups_changed(conv, sorted({caller.principal, *members}))
         return {"conv": conv}
 
@@ -427,7 +430,7 @@ class MessagingService:
             raise bad(f"a group has at most {MAX_GROUP_MEMBERS} members")
         await self._check_addable(caller, [m for m in members if info is None or m not in info.members])
         events, after = await self._change_group(conv, caller, add=members, event="added")
-        self.publish_events(events)
+        await self.announce(events)
         self._groups_changed(conv, after)
         return {}
 
@@ -440,20 +443,20 @@ class MessagingService:
             raise forbidden("only the group's creator removes other members")
         event = "left" if members == [caller.principal] else "removed"
         events, after = await self._change_group(conv, caller, remove=members, event=event)
-        self.publish_events(events)
+        await self.announce(events)
         self._groups_changed(conv, after)
         return {}
 
     async def op_group_leave(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         conv = await self._group_conv_param(caller, params)
         events, after = await self._change_group(conv, caller, remove=[caller.principal], event="left")
-        self.publish_events(events)
+        await self.announce(events)
         self._groups_changed(conv, after)
         return {}
 
     async def _change_group(self, conv: str, caller: Caller, **kw: Any) -> tuple[list[MailboxEvent], list[str]]:
         try:
-            return await self._store.change_group(conv, caller.principal, now=now(), **kw)
+            return await self._store.change_group(conv, caller.principal, now=self._now(), **kw)
         except NotMember:
             raise forbidden(f"you are not a member of {conv!r}") from None
         except KeyError as exc:   # removing someone not in the group: nothing was changed
@@ -471,15 +474,15 @@ class MessagingService:
     async def prune_once(self) -> int:
         """One bounded round of mailbox.max_events / mailbox.ttl enforcement."""
         cfg = self._config.mailbox
-        if not await self._store.needs_prune(now=now(), max_events=cfg.max_events, ttl=cfg.ttl):
+        if not await self._store.needs_prune(now=self._now(), max_events=cfg.max_events, ttl=cfg.ttl):
             return 0
-        events, discarded = await self._store.prune(now=now(), max_events=cfg.max_events, ttl=cfg.ttl,
+        events, discarded = await self._store.prune(now=self._now(), max_events=cfg.max_events, ttl=cfg.ttl,
                                                     max_mailboxes=self.prune_max_mailboxes,
                                                     max_rows=self.prune_max_rows)
         if discarded:
             self.discarded += discarded
             log.info("mailboxes: discarded %d events (%d mailboxes announced)", discarded, len(events))
-        self.publish_events(events)
+        await self.announce(events)
         return discarded
 
     async def _prune_loop(self) -> None:

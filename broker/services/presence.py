@@ -32,24 +32,22 @@ import asyncio
 import collections
 import json
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Handler, Publisher, cancel_and_wait
+from broker.services.events import PresenceChanged, PrincipalRemoved
 from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import PresenceRecord
 from contract import topics
 from contract.presence import OFFLINE, ONLINE
 
+if TYPE_CHECKING:
+    from broker.services.runtime import Services
+
 log = logging.getLogger("roost.presence")
-
-# A listener gets (principal, wire dict) for every published state, in order
-# (the Home Assistant bridge mirrors device availability this way).
-Listener = Callable[[str, dict[str, Any]], Any]
-
 
 @dataclass(slots=True)
 class _State:
@@ -63,11 +61,13 @@ class _State:
 
 
 class PresenceService:
-    def __init__(self, services: Any, *, queue_max: int = 10000, flush_interval: float = 1.0,
-                 heartbeat: float = 5.0, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, services: Services, *, queue_max: int = 10000, flush_interval: float = 1.0,
+                 heartbeat: float = 5.0, clock: Callable[[], float] | None = None) -> None:
         self._services = services
         self._store = services.store.presence
-        self._clock = clock
+        self._clock = clock if clock is not None else services.clock
+        self._bus = services.bus
+        self._bus.subscribe(PrincipalRemoved, self._principal_removed)
         self._states: dict[str, _State] = {}
         # (principal, wire state); None clears the retained presence of a removed principal
         self._queue: collections.deque[tuple[str, dict[str, Any] | None]] = collections.deque()
@@ -80,7 +80,6 @@ class PresenceService:
         self._heartbeat = heartbeat
         self._publisher: Publisher | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._listeners: list[Listener] = []
         self._stopped = False
         # counters (exposed for metrics/tests)
         self.published = 0
@@ -111,10 +110,7 @@ class PresenceService:
         """Both our records and the broker's retained messages are written
         behind, so a SIGKILL can leave a retained `online` that our records do
         not explain (or for a principal removed meanwhile): correct it."""
-        retained = getattr(self._services.store, "retained", None)
-        if retained is None:
-            return
-        for msg in await retained.load_all():
+        for msg in await self._services.store.retained.load_all():
             principal = topics.tail(msg.topic, topics.PRESENCE)
             if principal is None or not msg.payload:
                 continue
@@ -211,6 +207,9 @@ class PresenceService:
         self._dirty.add(principal)
         self._enqueue(principal, st.wire())
 
+    async def _principal_removed(self, event: PrincipalRemoved) -> None:
+        self.forget(event.principal)
+
     async def principal_removed(self, principal: str) -> None:
         self.forget(principal)
 
@@ -233,9 +232,6 @@ class PresenceService:
     def is_online(self, principal_id: str) -> bool:
         st = self._states.get(principal_id)
         return st is not None and st.state == ONLINE
-
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
 
     # ---- publishing, in order ----------------------------------------------
     def _enqueue(self, principal: str, wire: dict[str, Any] | None) -> None:
@@ -280,13 +276,9 @@ class PresenceService:
             self.publish_errors += 1
             log.exception("presence: publishing %s failed", principal)
         if wire is not None:
-            for listener in self._listeners:
-                try:
-                    res = listener(principal, wire)
-                    if asyncio.iscoroutine(res):
-                        await res
-                except Exception:  # noqa: BLE001
-                    log.exception("presence listener failed for %s", principal)
+            # Consumers (the Home Assistant bridge mirrors device availability)
+            # hear of every published state, in order; a failing one is logged.
+            await self._bus.publish(PresenceChanged(principal, wire))
 
     # ---- persistence ---------------------------------------------------------
     async def _persist_loop(self) -> None:

@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.services.base import (
     Caller,
@@ -35,6 +34,7 @@ from broker.services.base import (
     cancel_and_wait,
     param_str,
 )
+from broker.services.events import BlockChanged, ContactChanged, MailboxAppended, PrincipalRemoved
 from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import MailboxEvent, Principal
@@ -42,6 +42,9 @@ from broker.store.sqlite_social import RequestLimits
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_valid_principal_id
 from contract.presence import never_seen
+
+if TYPE_CHECKING:
+    from broker.services.runtime import Services
 
 log = logging.getLogger("roost.social")
 
@@ -51,10 +54,6 @@ MAX_STATUS = 256
 MAX_QUERY = 64
 SEARCH_LIMIT = 50
 SHARES_RETRY = 1.0   # seconds between attempts to end the shares of an ended contact
-
-
-def _now() -> float:
-    return round(time.time(), 3)
 
 
 def forbidden(message: str) -> ProtocolError:
@@ -82,14 +81,20 @@ def _principal_param(params: dict[str, Any], name: str) -> str:
 
 
 class SocialService:
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Services) -> None:
         self._services = services
         self._store = services.store.social
+        self._clock = services.clock      # request times, cooldowns (tests inject one)
+        self._bus = services.bus
+        self._bus.subscribe(PrincipalRemoved, self._principal_removed)
         self._publisher: Publisher | None = None
         self._blocked: dict[str, set[str]] = {}     # blocker -> blocked
         self._blocked_by: dict[str, set[str]] = {}  # blocked -> blockers
         self._unended: set[tuple[str, str]] = set()  # ended contacts whose shares the store refused to end
         self._unended_task: asyncio.Task[None] | None = None
+
+    def _now(self) -> float:
+        return round(self._clock(), 3)
 
     # ---- lifecycle -------------------------------------------------------------
     purge_batch = 50   # principals whose leftovers one load() round forgets
@@ -149,6 +154,9 @@ class SocialService:
                 if not entries:
                     del index[key]
 
+    async def _principal_removed(self, event: PrincipalRemoved) -> None:
+        await self.principal_removed(event.principal)
+
     async def principal_removed(self, principal: str) -> None:
         """An admin removed `principal`: forget its contacts, requests and blocks."""
         await self._store.forget_principal(principal)
@@ -160,15 +168,16 @@ class SocialService:
             self._contact_changed(principal, other, False)
 
     # ---- helpers -----------------------------------------------------------------
-    def _published(self, events: list[MailboxEvent]) -> None:
-        messaging = self._services.messaging
-        if messaging is not None:
-            messaging.publish_events(events)
+    async def _published(self, events: list[MailboxEvent]) -> None:
+        """Committed mailbox events (requests, acceptances, removals) go on the bus."""
+        if events:
+            await self._bus.publish(MailboxAppended(tuple(events)))
 
     def _contact_changed(self, a: str, b: str, accepted: bool) -> None:
         self._services.relations.set_contact(a, b, accepted)
         if self._publisher is not None:
             self._publisher.refresh_acl()
+        self._bus.publish_nowait(ContactChanged(a, b, accepted))
 
     @staticmethod
     def _require_person(caller: Caller) -> None:
@@ -203,7 +212,7 @@ class SocialService:
             raise forbidden(f"you may not send a contact request to {to!r}")
         if self.is_blocked(caller.principal, to):
             raise ProtocolError(ErrorCode.CONFLICT, f"you blocked {to!r}: unblock first")
-        outcome, events = await self._store.request(caller.principal, to, note, _now(), self._request_limits())
+        outcome, events = await self._store.request(caller.principal, to, note, self._now(), self._request_limits())
         if outcome == "contact":
             raise ProtocolError(ErrorCode.CONFLICT, f"{to!r} is already a contact")
         if outcome == "too_soon":
@@ -213,7 +222,7 @@ class SocialService:
         if outcome == "too_many":
             raise ProtocolError(ErrorCode.RATE_LIMITED,
                                 f"{to!r} received too many contact requests in the last hour; try again later")
-        self._published(events)
+        await self._published(events)
         if outcome == "accepted":
             self._contact_changed(caller.principal, to, True)
         return {"state": outcome}
@@ -222,10 +231,10 @@ class SocialService:
         self._require_person(caller)
         sender = _principal_param(params, "from")
         try:
-            events = await self._store.respond(caller.principal, sender, accept, _now())
+            events = await self._store.respond(caller.principal, sender, accept, self._now())
         except KeyError:
             raise not_found(f"no pending request from {sender!r}") from None
-        self._published(events)
+        await self._published(events)
         if accept:
             self._contact_changed(caller.principal, sender, True)
         return {}
@@ -240,16 +249,18 @@ class SocialService:
         self._require_person(caller)
         other = _principal_param(params, "user")
         try:
-            events = await self._store.remove(caller.principal, other, _now())
+            events = await self._store.remove(caller.principal, other, self._now())
         except KeyError:
             raise not_found(f"{other!r} is not a contact and no request is pending") from None
-        self._published(events)
+        await self._published(events)
         self._contact_changed(caller.principal, other, False)
         await self._end_shares(caller.principal, other)
         return {}
 
     async def _end_shares(self, a: str, b: str) -> None:
-        devices = getattr(self._services, "devices", None)
+        # Called, not left to a bus consumer: a failure must reach this request's
+        # answer (`unavailable`) and the retry below.
+        devices = self._services.devices
         if devices is None:
             return
         try:
@@ -266,6 +277,7 @@ class SocialService:
 
     async def _end_shares_later(self) -> None:
         devices = self._services.devices
+        assert devices is not None   # only scheduled by _end_shares, which has them
         outage_log = RateLimitedLog(log, interval=60.0)
         while self._unended:
             await asyncio.sleep(SHARES_RETRY)
@@ -294,9 +306,10 @@ class SocialService:
         await self._person(other)     # people only, and a device or service's existence does not leak
         if self.is_blocked(caller.principal, other):
             return {}
-        was_contact, events = await self._store.block(caller.principal, other, _now())
+        was_contact, events = await self._store.block(caller.principal, other, self._now())
         self._remember_block(caller.principal, other)
-        self._published(events)
+        self._bus.publish_nowait(BlockChanged(caller.principal, other, True))
+        await self._published(events)
         if was_contact:
             self._contact_changed(caller.principal, other, False)
         await self._end_shares(caller.principal, other)
@@ -306,11 +319,12 @@ class SocialService:
         self._require_person(caller)
         other = _principal_param(params, "user")
         try:
-            events = await self._store.unblock(caller.principal, other, _now())
+            events = await self._store.unblock(caller.principal, other, self._now())
         except KeyError:
             raise not_found(f"{other!r} is not blocked") from None
         self._forget_block(caller.principal, other)
-        self._published(events)
+        self._bus.publish_nowait(BlockChanged(caller.principal, other, False))
+        await self._published(events)
         return {}
 
     async def op_contacts(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
@@ -330,11 +344,11 @@ class SocialService:
 
     def _presence(self, principal_id: str) -> dict[str, Any]:
         """The contact's presence as on roost/presence/<id>; never seen online: offline."""
-        current = getattr(self._services.presence, "current", None)
+        presence = self._services.presence
         state = None
-        if current is not None:
+        if presence is not None:
             try:
-                state = current(principal_id)
+                state = presence.current(principal_id)
             except Exception:  # noqa: BLE001 - a presence problem must not fail the contact list
                 log.warning("presence of %s unavailable", principal_id, exc_info=True)
         return state if state is not None else never_seen()

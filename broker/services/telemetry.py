@@ -28,14 +28,17 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker.services.base import cancel_and_wait
+from broker.services.events import PrincipalRemoved, TelemetryReceived
 from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import FieldValue, InfluxWriter, RateLimitedLog, line_protocol, seconds_to_ns
 from broker.store.base import LatestReading
+
+if TYPE_CHECKING:
+    from broker.services.runtime import Services
 
 log = logging.getLogger("roost.telemetry")
 
@@ -45,9 +48,6 @@ MAX_FUTURE = 86400.0           # seconds a `ts` may be ahead of the broker's clo
 TAG_NAMES = ("device", "room", "owner")
 LATEST_FLUSH = 1.0             # seconds between write-behind flushes of latest readings
 REPORT_INTERVAL = 300.0        # seconds between counter lines in the log (only when they changed)
-
-Listener = Callable[[str, dict[str, Any]], None]
-
 
 class MalformedTelemetry(ValueError):
     """Why a telemetry object was refused (the text goes to the log)."""
@@ -116,8 +116,10 @@ class TelemetryStats:
 
 
 class TelemetryService:
-    def __init__(self, services: Any) -> None:
+    def __init__(self, services: Services) -> None:
         self._services = services
+        self._bus = services.bus
+        self._bus.subscribe(PrincipalRemoved, self._principal_removed)
         cfg = services.config.telemetry
         self._max_fields = max(1, cfg.max_fields)
         self._store = services.store.telemetry
@@ -131,7 +133,6 @@ class TelemetryService:
         self._flusher: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
         self._reported: dict[str, int] = {}
-        self._listeners: list[Listener] = []
         self._stats = TelemetryStats()
         self._malformed_log = RateLimitedLog(log)
         self._latest_log = RateLimitedLog(log, interval=60.0)   # a full store fails every flush
@@ -145,6 +146,7 @@ class TelemetryService:
         if self._influx is not None:
             self._influx.start()
             cfg = self._services.config.telemetry.influxdb
+            assert cfg is not None   # the writer exists only when it is configured
             log.info("telemetry goes to InfluxDB at %s (bucket %s)", cfg.url, cfg.bucket)
         self._flusher = asyncio.create_task(self._flush_loop(), name="roost-telemetry-latest")
         self._reporter = asyncio.create_task(self._report_loop(), name="roost-telemetry-report")
@@ -225,12 +227,8 @@ class TelemetryService:
         self._latest[device] = reading
         self._dirty.add(device)
         self._dirty_event.set()
-        snapshot = self._as_dict(reading)
-        for listener in self._listeners:
-            try:
-                listener(device, snapshot)
-            except Exception:  # noqa: BLE001 - a listener bug must not lose telemetry
-                log.exception("telemetry listener failed")
+        # Consumers must not block (this runs for every accepted publish); a failing one is logged.
+        self._bus.publish_nowait(TelemetryReceived(device, self._as_dict(reading)))
 
     @staticmethod
     def _as_dict(r: LatestReading) -> dict[str, Any]:
@@ -244,10 +242,8 @@ class TelemetryService:
             return None
         return self._as_dict(r)
 
-    def add_listener(self, listener: Listener) -> None:
-        """`listener(device, latest)` runs on the event loop after every accepted
-        object; it must not block."""
-        self._listeners.append(listener)
+    async def _principal_removed(self, event: PrincipalRemoved) -> None:
+        await self.principal_removed(event.principal)
 
     async def principal_removed(self, principal: str) -> None:
         await self.forget(principal)

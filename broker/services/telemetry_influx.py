@@ -28,6 +28,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 from broker.config import InfluxConfig
 
@@ -131,8 +132,8 @@ class InfluxWriter:
         self._cond = threading.Condition()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._client = None
-        self._write_api = None
+        self._client: Any = None       # influxdb_client.InfluxDBClient once started
+        self._write_api: Any = None
         self._inflight = 0
         self.stats = WriterStats()
         self._drop_log = RateLimitedLog(log)
@@ -166,12 +167,15 @@ class InfluxWriter:
 
     # ---- lifecycle -------------------------------------------------------
     def start(self) -> None:
-        from influxdb_client import InfluxDBClient
+        from influxdb_client.client.influxdb_client import InfluxDBClient
         from influxdb_client.client.write_api import SYNCHRONOUS
 
         # retries=False: the only retry policy is ours (no hidden duplicate writes).
-        self._client = InfluxDBClient(url=self._cfg.url, token=self._cfg.token or None, org=self._cfg.org or None,
-                                      timeout=int(self._cfg.timeout * 1000), retries=False)
+        # No token or org is None, which the client accepts but does not declare.
+        options: dict[str, Any] = {"url": self._cfg.url, "token": self._cfg.token or None,
+                                   "org": self._cfg.org or None, "timeout": int(self._cfg.timeout * 1000),
+                                   "retries": False}
+        self._client = InfluxDBClient(**options)
         self._write_api = self._client.write_api(write_options=SYNCHRONOUS)
         self._thread = threading.Thread(target=self._run, name="roost-influx-writer", daemon=True)
         self._thread.start()
@@ -233,7 +237,7 @@ class InfluxWriter:
                     self._inflight = 0
 
     def _write_with_retry(self, batch: list[str]) -> None:
-        from influxdb_client import WritePrecision
+        from influxdb_client.domain.write_precision import WritePrecision
         from influxdb_client.rest import ApiException
 
         delay = self._initial_delay
