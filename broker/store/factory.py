@@ -28,7 +28,7 @@ def create_store(storage: StorageSettings, resolve: Callable[[str], Path] = Path
     a real one (`RoostConfig.resolve`: relative to the config's base_dir)."""
     from broker.store.sqlite import SqliteStore  # imported here: only the chosen engine is loaded
 
-    return SqliteStore(resolve(storage.path))
+    return SqliteStore(resolve(storage.path))   # returned as a Store: mypy checks it implements every member
 
 
 async def open_store(storage: StorageSettings, resolve: Callable[[str], Path] = Path) -> Store:

@@ -13,7 +13,7 @@ from broker.store import (
     sqlite_social,
     sqlite_telemetry,
 )
-from broker.store.base import Store, StoreCannotOpen
+from broker.store.base import StoreCannotOpen
 from broker.store.sqlite_db import Database, Migration
 from broker.store.sqlite_identity import SqliteIdentityStore, SqliteRetainedStore
 
@@ -56,7 +56,3 @@ class SqliteStore:
 
     async def close(self) -> None:
         await self.db.close()
-
-
-def _is_a_store(store: SqliteStore) -> Store:
-    return store   # mypy checks here that SqliteStore implements every member of Store

@@ -333,14 +333,6 @@ class Database:
         finally:
             self._rconn.execute("COMMIT")
 
-    def read_sync(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        """Blocking read, for start-up and admin commands only (never on the loop)."""
-        conn = _connect(self.path)
-        try:
-            return fn(conn)
-        finally:
-            conn.close()
-
 
 def prepare_private_file(path: Path) -> None:
     """The store holds password hashes and every message: its folder is created
