@@ -376,3 +376,27 @@ def test_the_sdks_name_only_ops_of_the_contract_registry():
 
     assert REPEATABLE_OPS <= set(OPS)
     assert RETRYABLE_CODES <= {str(c) for c in ErrorCode}
+
+
+def test_the_device_side_imports_only_contract_paho_and_the_standard_library():
+    """Firmware-safe: devices/ and the core need nothing but paho-mqtt and contract/
+    (the core not even paho)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+
+    def imported(path: Path) -> set[str]:
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        return names - set(sys.stdlib_module_names) - {"__future__"}
+
+    for path in sorted((root / "contract" / "sdkcore").glob("*.py")):
+        assert imported(path) <= {"contract"}, path
+    for path in sorted((root / "devices").glob("*.py")):
+        assert imported(path) <= {"contract", "paho", "devices"}, path
