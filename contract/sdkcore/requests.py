@@ -21,12 +21,12 @@ import uuid
 from collections.abc import Callable, Collection
 from typing import Any
 
-from contract.errors import ErrorCode
+from contract.errors import RETRY_LATER
 from contract.sdkcore.backoff import Backoff
 from contract.sdkcore.errors import ConnectTimeout, RequestError, RequestTimeout
 
-# Codes worth retrying after a pause (the request itself was fine).
-RETRYABLE_CODES = frozenset({str(ErrorCode.RATE_LIMITED), str(ErrorCode.UNAVAILABLE)})
+# Codes worth retrying after a pause (the request itself was fine), as the strings on the wire.
+RETRYABLE_CODES = frozenset(str(code) for code in RETRY_LATER)
 POLL_INTERVAL = 0.2      # how often a waiting request looks at the link (a reconnect means: publish again)
 
 
