@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, overload
 
 from contract.errors import ErrorCode, ProtocolError
 
@@ -73,6 +73,21 @@ def param_str(params: dict[str, Any], name: str, *, required: bool = True, max_l
     if len(value) > max_len:
         raise bad(f"'{name}' is longer than {max_len} characters")
     return value
+
+
+@overload
+def param_int(params: dict[str, Any], name: str, *, required: Literal[True] = True,
+              minimum: int = 0, maximum: int | None = None) -> int: ...
+
+
+@overload
+def param_int(params: dict[str, Any], name: str, *, required: Literal[False], default: int,
+              minimum: int = 0, maximum: int | None = None) -> int: ...
+
+
+@overload
+def param_int(params: dict[str, Any], name: str, *, required: Literal[False], default: None = None,
+              minimum: int = 0, maximum: int | None = None) -> int | None: ...
 
 
 def param_int(params: dict[str, Any], name: str, *, required: bool = True, default: int | None = None,

@@ -47,8 +47,9 @@ from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Handler, Publisher
 from broker.services.events import PrincipalRemoved
-from broker.services.inbox import compact_json, describe_failure
+from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
+from broker.store.jsonutil import compact_json
 from contract.envelopes import error_response
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_transient_client_id

@@ -31,9 +31,8 @@ from typing import Any
 
 from broker.services.base import Publisher
 from broker.services.telemetry_influx import RateLimitedLog
-from broker.store.base import MailboxEvent, MessagingStore, StoreUnavailable
-from broker.store.sqlite_db import StoreClosed, as_unavailable
-from broker.store.sqlite_msgbatch import compact_json
+from broker.store.base import MailboxEvent, MessagingStore, StoreClosed, StoreUnavailable
+from broker.store.jsonutil import compact_json
 from contract import topics
 
 log = logging.getLogger("roost.inbox")
@@ -53,9 +52,8 @@ def encode_event(doc: dict[str, Any]) -> bytes:
 def describe_failure(exc: BaseException) -> tuple[str, bool]:
     """(one line, whether a traceback helps): the store being unable to write or
     read is an outage to report in a line, anything else a bug worth its traceback."""
-    mapped = as_unavailable(exc)
-    if isinstance(mapped, (StoreUnavailable, StoreClosed)):
-        return str(mapped).splitlines()[0] if str(mapped) else type(mapped).__name__, False
+    if isinstance(exc, (StoreUnavailable, StoreClosed)):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__, False
     return f"{type(exc).__name__}: {exc}", True
 
 

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, param_int, param_str
 from broker.services.events import GroupChanged, MailboxAppended, PrincipalRemoved
-from broker.services.inbox import Inboxes, compact_json, describe_failure
+from broker.services.inbox import Inboxes, describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import MailboxEvent, NotMember, Principal, StoredMessage
+from broker.store.jsonutil import compact_json
 from contract.envelopes import MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import dm_conv, group_conv, is_valid_principal_id, parse_conv

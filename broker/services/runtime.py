@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from broker.config import RoostConfig
 from broker.services.base import Handler, Publisher
@@ -17,6 +17,7 @@ from broker.services.events import EventBus, InProcessBus
 from broker.services.identity import IdentityService
 from broker.services.opstats import RequestStats
 from broker.services.relations import Relations
+from broker.store.base import Store
 
 if TYPE_CHECKING:
     from broker.services.admin_log import AdminLogWatcher
@@ -44,7 +45,7 @@ class Service(Protocol):
 @dataclass
 class Services:
     config: RoostConfig
-    store: Any                       # broker.store.sqlite.SqliteStore (or another engine)
+    store: Store                     # built by broker/store/factory.py (SQLite today)
     identity: IdentityService
     relations: Relations = field(default_factory=Relations)
     bus: EventBus = field(default_factory=InProcessBus)

@@ -37,8 +37,7 @@ from broker.services.base import (
 from broker.services.events import BlockChanged, ContactChanged, MailboxAppended, PrincipalRemoved
 from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
-from broker.store.base import MailboxEvent, Principal
-from broker.store.sqlite_social import RequestLimits
+from broker.store.base import MailboxEvent, Principal, RequestLimits
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_valid_principal_id
 from contract.presence import never_seen
