@@ -115,7 +115,9 @@ class PresenceChanged:
 
 @dataclass(frozen=True, slots=True)
 class RetainedChanged:
-    """A retained message was set (`payload` non-empty) or cleared on `topic`."""
+    """A retained message was set (`payload` non-empty) or cleared on `topic`.
+    Declared for the engine (broker/mqtt/retained.py owns retained messages) to
+    publish once its store write committed; nothing publishes it yet."""
     topic: str
     payload: bytes
 

@@ -43,6 +43,7 @@ from contract.ids import is_valid_principal_id
 from contract.presence import never_seen
 
 if TYPE_CHECKING:
+    from broker.config import LimitsConfig
     from broker.services.runtime import Services
 
 log = logging.getLogger("roost.social")
@@ -191,7 +192,7 @@ class SocialService:
         return p
 
     # ---- contacts ----------------------------------------------------------------
-    def _limits(self) -> Any:
+    def _limits(self) -> LimitsConfig:
         return self._services.config.limits
 
     def _request_limits(self) -> RequestLimits:
