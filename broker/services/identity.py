@@ -295,9 +295,11 @@ async def _pause(seconds: float) -> None:
 
 
 class IdentityService:
-    def __init__(self, store: IdentityStore, *, jwt: JwtVerifier | None = None) -> None:
+    def __init__(self, store: IdentityStore, *, jwt: JwtVerifier | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self._store = store
         self.jwt = jwt
+        self._clock = clock          # wall-clock seconds: token expiry, when a secret was set
         self._directory: dict[str, Principal] = {}
         self._verified: dict[str, bytes] = {}   # principal -> keyed digest of the last good secret
         self._pepper = secrets.token_bytes(16)
@@ -391,7 +393,7 @@ class IdentityService:
 
     def _token_login(self, p: Principal, verifier: JwtVerifier, token: str) -> Login | None:
         # Signature checks take tens of microseconds (RSA, EC, EdDSA): on the loop.
-        claims = verifier.decode(token, time.time())
+        claims = verifier.decode(token, self._clock())
         if claims is None or claims["sub"] != p.id:
             return None
         if _issued_before(float(claims["iat"]), p.secret_set_at):
@@ -437,7 +439,7 @@ class IdentityService:
         secret_hash = await loop.run_in_executor(None, hash_secret, secret)
         # Stored hashed like the secret: the store alone does not give claims away.
         pairing_hash = await loop.run_in_executor(None, hash_secret, pairing) if pairing else None
-        now = time.time()
+        now = self._clock()
         p = Principal(id=principal_id, kind=kind, name=name or principal_id, status="", secret_hash=secret_hash,
                       created_at=now, device_kind=device_kind, room=room, pairing_code=pairing_hash,
                       secret_set_at=now)
