@@ -647,3 +647,38 @@ def test_malformed_packets_close_the_connection_and_publish_the_will(b, packet):
     assert raw.closed(3.0)
     m = w.get()
     assert (m.topic, m.payload) == ("will/bad", b"gone")     # a protocol error, not a DISCONNECT
+
+
+# ---- codec: typed packets -------------------------------------------------------------
+
+def test_codec_decodes_typed_packets():
+    raw = codec.encode_connect("tp", clean=False, keep_alive=30, username="u", password="p",
+                               will=("w/t", b"bye", 1, True))
+    connect = codec.decode_connect(raw[0] & 0x0F, raw[2:])
+    assert connect == codec.Connect("tp", False, 30, "u", "p", codec.Will("w/t", b"bye", 1, True), b"p")
+    raw = codec.encode_publish("a/b", b"x", 1, True, 7, dup=True)
+    assert codec.decode_publish(raw[0] & 0x0F, raw[2:]) == codec.Publish("a/b", 1, 7, True, True, b"x")
+    topic, qos, pid, retain, dup, payload = codec.decode_publish(0, codec.encode_publish("q0", b"", 0, False)[2:])
+    assert (topic, qos, pid, retain, dup, payload) == ("q0", 0, 0, False, False, b"")   # QoS 0: packet id 0
+    assert codec.decode_ack(codec.PUBREL, 0x02, b"\x00\x09") == codec.Ack(9)
+    with pytest.raises(codec.ProtocolViolation):
+        codec.decode_ack(codec.PUBREL, 0, b"\x00\x09")
+    with pytest.raises(codec.ProtocolViolation):
+        codec.decode_ack(codec.PUBACK, 0x02, b"\x00\x09")
+    sub = codec.decode_subscribe(0x02, b"\x00\x05\x00\x03a/#\x01\x00\x01b\x02")
+    assert sub == codec.Subscribe(5, (codec.Subscription("a/#", 1), codec.Subscription("b", 2)))
+    assert codec.decode_unsubscribe(0x02, b"\x00\x06\x00\x01b") == codec.Unsubscribe(6, ("b",))
+    assert codec.decode_pingreq(0, b"") is codec.PING
+    assert codec.decode_disconnect(0, b"") is codec.DISCONNECTED
+
+
+def test_publish_decisions_are_cached_with_the_session(b):
+    from broker.mqtt import acl
+
+    c = Client(b.port, "pc-pub", username="pc")
+    c.pub("pc/t", b"1", qos=1)
+    st = b.broker.engine.sessions["pc|pc-pub"]
+    assert st.acl_cache["pc/t"] & acl.PUBLISH_ALLOWED
+    b.sync(b.broker.refresh_acl)
+    assert not st.acl_cache
+    c.disconnect()

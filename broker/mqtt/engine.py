@@ -231,9 +231,6 @@ class Engine:
     def refresh_acl(self) -> None:
         self.acl.forget(self.sessions.values())
 
-    def discard(self, st: SessionState) -> None:
-        self.registry.discard(st)
-
     # ---- start and stop --------------------------------------------------------------------
 
     async def load_retained(self) -> None:

@@ -82,8 +82,8 @@ class Publishing:
         allowed: bool | None = True
         if acl.enabled:   # the cache read inline, as routing does: this runs per message
             bits = st.acl_cache.get(topic, 0)
-            allowed = True if bits & PUBLISH_ALLOWED else False if bits & PUBLISH_DENIED \
-                else acl.may_publish_now(st, topic)
+            if not bits & PUBLISH_ALLOWED:
+                allowed = False if bits & PUBLISH_DENIED else acl.may_publish_now(st, topic)
         if allowed is None or acl.is_async:
             # async ACL plugins configured: the RECEIVE checks must be awaited too
             return self._publish_later(conn, st, info, pkt, allowed)
@@ -103,6 +103,8 @@ class Publishing:
         if pkt.retain:
             self._retained.set(topic, pkt.payload, qos, info.principal)
         self._router.route(Message(topic, pkt.payload, qos), conn)
+        if not qos:
+            return DONE
         return self._acknowledge(conn, st, pkt, mark)
 
     async def _publish_later(self, conn: Connection, st: SessionState, info: ClientInfo, pkt: codec.Publish,
