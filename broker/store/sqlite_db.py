@@ -65,12 +65,6 @@ def _as_unavailable(exc: BaseException) -> BaseException:
     return exc
 
 
-# Transitional: the committed broker/services/inbox.py and plugins/im.py still
-# import these from here until their owners commit the switch to the base errors
-# (their working copies no longer do). Remove once nothing imports them.
-as_unavailable = _as_unavailable
-
-
 def _connect(path: Path) -> sqlite3.Connection:
     conn = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None, timeout=30)
     conn.execute("PRAGMA journal_mode=WAL")
