@@ -42,7 +42,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Handler, Publisher
@@ -87,12 +87,8 @@ class TokenBucket:
     rate: float
     burst: float
     tokens: float
-    clock: Callable[[], float] = time.monotonic
-    stamp: float = field(default=-1.0)
-
-    def __post_init__(self) -> None:
-        if self.stamp < 0:
-            self.stamp = self.clock()
+    stamp: float                      # the clock when tokens were last counted
+    clock: Callable[[], float]
 
     def take(self) -> bool:
         now = self.clock()
@@ -102,12 +98,6 @@ class TokenBucket:
             self.tokens -= 1.0
             return True
         return False
-
-
-def one_line(exc: BaseException) -> str:
-    """The first line of an exception's text (error messages are one line)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def counted_principal(principal: str | None, client_id: str | None) -> str | None:
@@ -213,7 +203,7 @@ class Gateway:
         limits = self._limits
         burst = float(max(1, limits.request_burst))
         bucket = self._buckets[principal] = TokenBucket(rate=limits.request_rate, burst=burst, tokens=burst,
-                                                        clock=self._clock)
+                                                        stamp=self._clock(), clock=self._clock)
         while len(self._buckets) > MAX_BUCKETS:
             self._buckets.popitem(last=False)
         return bucket
