@@ -7,8 +7,8 @@ store's size off the event loop, keeps the samples that "recent refusals" are
 computed from, and publishes `$SYS` (broker/sys_publisher.py).
 
 Counters it owns: store commit latency (the writer thread calls
-`commit_seconds.observe`) and mailbox events by kind (a messaging listener).
-Request latencies are `services.request_stats`, filled by the IM plugin.
+`commit_seconds.observe`) and mailbox events by kind (`MailboxAppended` on the
+bus). Request latencies are `services.request_stats`, filled by the gateway.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from broker.services.sysinfo import (
 if TYPE_CHECKING:
     from broker.server import RoostBroker
     from broker.services.runtime import Services
+    from broker.store.base import StoreHealth
     from broker.sys_publisher import SysPublisher
 
 log = logging.getLogger("roost.monitor")
@@ -75,7 +76,7 @@ class Monitor:
         self.requests: RequestStats = getattr(services, "request_stats", None) or RequestStats()
         self.mailbox_events: dict[str, int] = {}
         self.tick = config.sys_interval if config.sys_interval > 0 else IDLE_TICK
-        self._db = getattr(services.store, "db", None)
+        self._health: StoreHealth = services.store.health
         self._store_bytes = 0
         self._samples: deque[tuple[float, dict[str, int]]] = deque(maxlen=int(RECENT_WINDOW / SAMPLE_EVERY) + 2)
         self._task: asyncio.Task[None] | None = None
@@ -87,8 +88,7 @@ class Monitor:
         """Hook the counters in (before the broker starts, so nothing is missed)."""
         self._broker = broker
         self._sys = sys_publisher
-        if self._db is not None:
-            self._db.on_commit = self.commit_seconds.observe
+        self._health.on_commit = self.commit_seconds.observe
         if self._services.messaging is not None:
             self._services.bus.subscribe(MailboxAppended, self._count_events)
 
@@ -121,8 +121,7 @@ class Monitor:
                 log.exception("refreshing the broker's figures failed")
 
     async def _refresh(self) -> None:
-        if self._db is not None:
-            self._store_bytes = await asyncio.get_running_loop().run_in_executor(None, _file_bytes, self._db.path)
+        self._store_bytes = await asyncio.get_running_loop().run_in_executor(None, _file_bytes, self._health.path)
         snap = self.snapshot()
         now = time.monotonic()
         if not self._samples or now - self._samples[-1][0] >= SAMPLE_EVERY:
@@ -138,9 +137,9 @@ class Monitor:
             out.append("starting")
         if self.stopping:
             out.append("stopping")
-        db = self._db
-        if db is not None and db.unavailable_since is not None:
-            out.append(f"store cannot write since {time.strftime('%H:%M:%S', time.localtime(db.unavailable_since))}")
+        since = self._health.unavailable_since
+        if since is not None:
+            out.append(f"store cannot write since {time.strftime('%H:%M:%S', time.localtime(since))}")
         bound = self._broker.bound_ports() if self._broker is not None else {}
         out.extend(f"listener {name} not bound" for name in self._config.listeners if name not in bound)
         return out
@@ -212,14 +211,11 @@ class Monitor:
         listeners = tuple(ListenerFigures(name, lst.type, lst.ssl, lst.bind, name in bound,
                                           eng.per_listener.get(name, 0))
                           for name, lst in self._config.listeners.items())
-        db = self._db
+        health = self._health
         store = StoreFigures(
-            path=str(db.path) if db is not None else "", bytes=self._store_bytes,
-            writable=db is None or db.unavailable_since is None,
-            unavailable_since=db.unavailable_since if db is not None else None,
-            commits=db.commits if db is not None else 0,
-            write_failures=db.write_failures if db is not None else 0,
-            pending_writes=db.pending_writes if db is not None else 0)
+            path=str(health.path), bytes=self._store_bytes, writable=health.unavailable_since is None,
+            unavailable_since=health.unavailable_since, commits=health.commits,
+            write_failures=health.write_failures, pending_writes=health.pending_writes)
         c = eng.counters
         limits: dict[str, float] = {k: v for k, v in dataclasses.asdict(self._config.limits).items()}
         limits["mailbox.max_events"] = self._config.mailbox.max_events

@@ -191,7 +191,7 @@ def test_not_ready_while_the_store_cannot_write_or_a_listener_is_down():
     cfg = config_from_dict({"listeners": {"default": {"bind": "127.0.0.1:0"},
                                           "web": {"type": "http", "bind": "127.0.0.1:0"}}})
     db = SimpleNamespace(unavailable_since=None, on_commit=None, path="x.db")
-    services = SimpleNamespace(store=SimpleNamespace(db=db), messaging=None, telemetry=None,
+    services = SimpleNamespace(store=SimpleNamespace(health=db), messaging=None, telemetry=None,
                                homeassistant=None, request_stats=RequestStats())
     bound = {"default": 1883, "web": 9883}
     broker = SimpleNamespace(bound_ports=lambda: dict(bound), plugins_manager=SimpleNamespace(plugins=[]))
