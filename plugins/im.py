@@ -1,29 +1,26 @@
 """IM plugin: the MQTT front end of the gateway (broker/services/gateway.py).
 
-Requests on `roost/req/<client_id>` are decoded here (topic, size, JSON
-envelope) and handed to the gateway, which answers exactly once; the answer is
-published on `roost/resp/<client_id>`. Rate limits, the op table, error
-mapping and the inbox pushers are the gateway's: this adapter only translates
-between MQTT and it.
+A request published on `roost/req/<client_id>` is handed to the gateway (after
+checking the topic is the sender's own), which answers exactly once; the answer
+is published on `roost/resp/<client_id>`. Size and envelope checks, rate
+limits, the op table, error mapping and the inbox pushers are the gateway's:
+this adapter only translates between MQTT and it.
 
-`on_client_publish` never blocks the connection: decoding is cheap and the
-gateway runs the request in a task of its own. Nothing a client sends can crash
-the broker or disturb another client.
+`on_client_publish` never blocks the connection: the gateway runs the request
+in a task of its own. Nothing a client sends can crash the broker or disturb
+another client.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from amqtt.plugins.base import BasePlugin
 
-from broker.services.gateway import Request
 from contract import topics
-from contract.envelopes import parse_request
-from contract.errors import ErrorCode, ProtocolError
+from contract.errors import ErrorCode
 from plugins.base import broker_of, services_of
 
 if TYPE_CHECKING:
@@ -31,18 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("roost.im")
 
-# Room for the envelope and JSON escaping around a body of limits.max_body bytes
-# (ensure_ascii clients write up to 6 bytes per character).
-ENVELOPE_SLACK = 64 * 1024
 STOP_GRACE = 5.0
-
-_LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
-
-
-def _leading_id(payload: bytes) -> str | None:
-    """The request id of a payload too large to parse, when `id` is its first member."""
-    m = _LEADING_ID.match(payload[:200])
-    return m.group(1).decode() if m else None
 
 
 class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
@@ -86,21 +72,8 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
             # The ACL makes this impossible; answer on the sender's own topic all the same.
             gateway.refuse(reply, None, ErrorCode.FORBIDDEN, "requests go to roost/req/<your client id>")
             return
-        if len(payload) > services_of(self).config.limits.max_body * 6 + ENVELOPE_SLACK:
-            # Refused before parsing: decoding up to max_payload of JSON only to refuse
-            # it would hold the event loop. The id is read when it comes first.
-            gateway.refuse(reply, _leading_id(payload), ErrorCode.TOO_LARGE, "request is too large")
-            return
-        try:
-            request = parse_request(payload)
-        except ProtocolError as err:
-            gateway.refuse(reply, getattr(err, "request_id", None), err.code, err.message)
-            return
-        except RecursionError:  # JSON nested deeper than the parser goes
-            gateway.refuse(reply, None, ErrorCode.BAD_REQUEST, "payload is nested too deeply")
-            return
-        gateway.submit(Request(principal=getattr(session, "principal", None), kind=getattr(session, "kind", None),
-                               client_id=client_id, id=request.id, op=request.op, params=request.params), reply)
+        gateway.submit_envelope(getattr(session, "principal", None), getattr(session, "kind", None), client_id,
+                                payload, reply)
 
     # ---- client lifecycle: inbox pushers ----------------------------------------
     async def on_client_connected(self, session: Any) -> None:

@@ -242,3 +242,22 @@ def test_presence_sessions_leave_transient_clients_out(tmp_path):
         await close_env(env)
 
     run(main())
+
+
+def test_envelopes_are_checked_before_they_are_submitted(tmp_path):
+    async def main() -> None:
+        env, gateway, replies, _ = await gateway_env(tmp_path, {"max_body": 10})
+        reply = replies.to("alice.phone")
+        too_large = b'{"id": "big", "op": "send", "pad": "' + b"x" * (60 + 64 * 1024) + b'"}'
+        gateway.submit_envelope("alice", "user", "alice.phone", too_large, reply)
+        gateway.submit_envelope("alice", "user", "alice.phone", b'{"id": "x1", "op": 5}', reply)
+        gateway.submit_envelope("alice", "user", "alice.phone", b"[" * 20000 + b"]" * 20000, reply)
+        gateway.submit_envelope("alice", "user", "alice.phone", b'{"id": "ok", "op": "convs"}', reply)
+        answers = {a["id"]: a for a in await replies.wait("alice.phone", 4)}
+        assert answers["big"]["error"] == {"code": "too_large", "message": "request is too large"}
+        assert answers["x1"]["error"]["code"] == "bad_request"
+        assert answers["ok"]["ok"] is True
+        assert answers[None]["error"]["code"] == "bad_request"
+        await close_env(env)
+
+    run(main())

@@ -1,24 +1,29 @@
 """The gateway: the one way a request reaches the services, whatever the transport.
 
 A front end (today the MQTT adapter, plugins/im.py; tomorrow an HTTP or
-WebSocket one) decodes a request from its wire (for MQTT: the payload of
-`roost/req/<client id>`, parsed by `contract.envelopes.parse_request`) and hands it
-over as a `Request` together with a `Reply`, an async callable that sends bytes
-back to that client (for MQTT: a publish on `roost/resp/<client id>`). The
-gateway then answers exactly once, with the bytes of a response envelope
-(docs/PROTOCOL.md), through that `Reply`:
+WebSocket one) hands over each request with a `Reply`, an async callable that
+sends bytes back to that client (for MQTT: a publish on `roost/resp/<client id>`),
+either as the request envelope's bytes (docs/PROTOCOL.md; for MQTT the payload of
+`roost/req/<client id>`):
+
+    gateway.submit_envelope(principal, kind, client_id, payload, reply)
+
+or, when its wire carries requests in another shape, decoded:
 
     gateway.submit(Request(principal, kind, client_id, request_id, op, params), reply)
 
-`submit` never blocks: it checks the cheap things (authenticated, the
+The gateway then answers exactly once, with the bytes of a response envelope,
+through that `Reply`.
+
+Neither blocks: they check the cheap things (size, envelope, authenticated, the
 principal's request rate, requests in progress per client id, a known op) and
 runs the handler in a task of its own. Whatever the handler does, the answer is
 one of: its result; a ProtocolError's code and message; `unavailable` when the
 store cannot write (full, read-only, failing disk, saturated writer, closing),
 logged in one line at a limited rate; `internal` for anything else, logged once
-with its traceback. A front end that cannot even decode a request answers it
-with `refuse(...)` (same task bookkeeping, same bytes as the gateway's own
-refusals).
+with its traceback. A front end that refuses a request itself (the MQTT one:
+a request published on another client's topic) answers with `refuse(...)`
+(same task bookkeeping, same bytes as the gateway's own refusals).
 
 Request rates are limited per principal, not per client id (nor per front end):
 one person with twenty clients gets the same budget as with one.
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -50,7 +56,7 @@ from broker.services.events import PrincipalRemoved
 from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.jsonutil import compact_json
-from contract.envelopes import error_response
+from contract.envelopes import error_response, parse_request
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_transient_client_id
 
@@ -58,6 +64,11 @@ if TYPE_CHECKING:
     from broker.services.runtime import Services
 
 log = logging.getLogger("roost.im")
+
+# Room for the envelope and JSON escaping around a body of limits.max_body bytes
+# (ensure_ascii clients write up to 6 bytes per character).
+ENVELOPE_SLACK = 64 * 1024
+_LEADING_ID = re.compile(rb'\A\s*\{\s*"id"\s*:\s*"([A-Za-z0-9_.:-]{1,64})"')
 
 # Principals whose token buckets are remembered; the least recently active go
 # first. A forgotten bucket had the longest to refill, so forgetting is nearly free.
@@ -98,6 +109,12 @@ class TokenBucket:
             self.tokens -= 1.0
             return True
         return False
+
+
+def _leading_id(payload: bytes) -> str | None:
+    """The request id of a payload too large to parse, when `id` is its first member."""
+    m = _LEADING_ID.match(payload[:200])
+    return m.group(1).decode() if m else None
 
 
 def counted_principal(principal: str | None, client_id: str | None) -> str | None:
@@ -149,6 +166,25 @@ class Gateway:
         return self._ops
 
     # ---- requests ----------------------------------------------------------------
+    def submit_envelope(self, principal: str | None, kind: str | None, client_id: str, payload: bytes,
+                        reply: Reply) -> None:
+        """Take one request envelope (JSON bytes); `reply` is awaited exactly once."""
+        if len(payload) > self._limits.max_body * 6 + ENVELOPE_SLACK:
+            # Refused before parsing: decoding up to max_payload of JSON only to refuse
+            # it would hold the event loop. The id is read when it comes first.
+            self.refuse(reply, _leading_id(payload), ErrorCode.TOO_LARGE, "request is too large")
+            return
+        try:
+            request = parse_request(payload)
+        except ProtocolError as err:
+            self.refuse(reply, getattr(err, "request_id", None), err.code, err.message)
+            return
+        except RecursionError:  # JSON nested deeper than the parser goes
+            self.refuse(reply, None, ErrorCode.BAD_REQUEST, "payload is nested too deeply")
+            return
+        self.submit(Request(principal=principal, kind=kind, client_id=client_id, id=request.id, op=request.op,
+                            params=request.params), reply)
+
     def submit(self, request: Request, reply: Reply) -> None:
         """Take one request; `reply` is awaited exactly once with the response."""
         if not request.principal:
