@@ -49,6 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("roost.presence")
 
+
 @dataclass(slots=True)
 class _State:
     clients: int = 0
