@@ -80,11 +80,11 @@ class RawMqtt:
             if ptype == codec.PUBACK and codec.decode_packet_id(body) == pid:
                 acked = True
             elif ptype == codec.PUBLISH:
-                t, qos, in_pid, _r, _d, data = codec.decode_publish(flags, body)
-                if qos:
-                    self._send(codec.ack(codec.PUBACK, in_pid))
+                pub = codec.decode_publish(flags, body)
+                if pub.qos:
+                    self._send(codec.ack(codec.PUBACK, pub.packet_id))
                 if until is not None and doc is None:
-                    doc = until(t, data)
+                    doc = until(pub.topic, pub.payload)
         return doc
 
     def close(self) -> None:

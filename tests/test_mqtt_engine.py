@@ -658,8 +658,8 @@ def test_codec_decodes_typed_packets():
     assert connect == codec.Connect("tp", False, 30, "u", "p", codec.Will("w/t", b"bye", 1, True), b"p")
     raw = codec.encode_publish("a/b", b"x", 1, True, 7, dup=True)
     assert codec.decode_publish(raw[0] & 0x0F, raw[2:]) == codec.Publish("a/b", 1, 7, True, True, b"x")
-    topic, qos, pid, retain, dup, payload = codec.decode_publish(0, codec.encode_publish("q0", b"", 0, False)[2:])
-    assert (topic, qos, pid, retain, dup, payload) == ("q0", 0, 0, False, False, b"")   # QoS 0: packet id 0
+    assert codec.decode_publish(0, codec.encode_publish("q0", b"", 0, False)[2:]) == codec.Publish(
+        "q0", 0, 0, False, False, b"")   # QoS 0: packet id 0
     assert codec.decode_ack(codec.PUBREL, 0x02, b"\x00\x09") == codec.Ack(9)
     with pytest.raises(codec.ProtocolViolation):
         codec.decode_ack(codec.PUBREL, 0, b"\x00\x09")

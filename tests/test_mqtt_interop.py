@@ -103,7 +103,8 @@ class Suite:
                     self.messages.append(self.in_qos2.pop(pid))
                 self.s.sendall(codec.ack(codec.PUBCOMP, pid))
             elif ptype == codec.PUBLISH and not self.paused:
-                topic, qos, pid, retain, _dup, payload = codec.decode_publish(flags, body)
+                pub = codec.decode_publish(flags, body)
+                topic, qos, pid, retain, payload = pub.topic, pub.qos, pub.packet_id, pub.retain, pub.payload
                 msg = (topic, payload, qos, retain)
                 if qos == 0:
                     self.messages.append(msg)

@@ -16,7 +16,6 @@ its dataclass, and the decoders below read it at the end of the variable header.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -77,10 +76,6 @@ class Publish:
     retain: bool
     dup: bool
     payload: bytes
-
-    def __iter__(self) -> Iterator[object]:
-        """Unpacks as (topic, qos, packet_id, retain, dup, payload): test clients read it so."""
-        return iter((self.topic, self.qos, self.packet_id, self.retain, self.dup, self.payload))
 
 
 @dataclass(slots=True)
