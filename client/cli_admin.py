@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import sqlite3
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -38,6 +37,7 @@ def _load(config_path: str | None) -> RoostConfig:
 def _with_identity(config_path: str | None, fn: Callable[[Any], Awaitable[T]]) -> T:
     from broker.services.identity import IdentityError, IdentityService
     from broker.startup import StartupError, open_store, os_reason
+    from broker.store.base import StoreClosed, StoreUnavailable
 
     cfg = _load(config_path)
     path = cfg.resolve(cfg.storage.path)
@@ -53,7 +53,7 @@ def _with_identity(config_path: str | None, fn: Callable[[Any], Awaitable[T]]) -
         return asyncio.run(run())
     except (IdentityError, StartupError) as exc:
         raise CliError(str(exc)) from None
-    except (sqlite3.Error, OSError) as exc:   # the store failed after opening (locked, disk full, ...)
+    except (StoreUnavailable, StoreClosed, OSError) as exc:   # the store failed after opening (locked, disk full, ...)
         raise CliError(f"store {path}: {os_reason(exc)}") from None
 
 
