@@ -321,7 +321,7 @@ def _check(cfg: RoostConfig) -> None:
 
 
 def config_from_dict(data: Any, base_dir: str = ".") -> RoostConfig:
-    cfg = _build(RoostConfig, data, "")
+    cfg: RoostConfig = _build(RoostConfig, data, "")
     cfg.base_dir = base_dir
     _check(cfg)
     return cfg
