@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, param_int, param_str
@@ -21,22 +20,16 @@ from broker.services.inbox import Inboxes, describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import MailboxEvent, NotMember, Principal, StoredMessage
 from broker.store.jsonutil import compact_json
+from contract.bodies import validate_body
 from contract.envelopes import MAX_HISTORY_LIMIT, MAX_SYNC_LIMIT
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import dm_conv, group_conv, is_valid_principal_id, parse_conv
+from contract.ops import DEFAULT_HISTORY_LIMIT, DEFAULT_SYNC_LIMIT, MAX_CMID_LEN, MAX_GROUP_MEMBERS, MAX_GROUP_NAME, MAX_NUMBER
 
 if TYPE_CHECKING:
     from broker.services.runtime import Services
 
 log = logging.getLogger("roost.messaging")
-
-MAX_CMID_LEN = 64
-MAX_GROUP_NAME = 64
-MAX_GROUP_MEMBERS = 256
-DEFAULT_SYNC_LIMIT = 100
-DEFAULT_HISTORY_LIMIT = 50
-MAX_BODY_DEPTH = 32
-MAX_NUMBER = 2 ** 62       # n / seq parameters: SQLite integers overflow past 2**63
 
 
 def forbidden(message: str) -> ProtocolError:
@@ -45,66 +38,6 @@ def forbidden(message: str) -> ProtocolError:
 
 def not_found(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.NOT_FOUND, message)
-
-
-def _opt_dict(body: dict[str, Any], key: str) -> None:
-    if key in body and not isinstance(body[key], dict):
-        raise bad(f"body.{key} must be an object")
-
-
-def _depth_within(value: Any, limit: int) -> bool:
-    """True when containers nest at most `limit` deep (iterative: no recursion)."""
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        children: Iterable[Any]
-        if isinstance(item, dict):
-            children = item.values()
-        elif isinstance(item, list):
-            children = item
-        else:
-            continue
-        if depth > limit:
-            return False
-        stack.extend((child, depth + 1) for child in children)
-    return True
-
-
-def validate_body(body: Any, max_body: int) -> str:
-    """Check a message body against PROTOCOL.md; returns its canonical JSON text."""
-    if not isinstance(body, dict):
-        raise bad("'body' must be an object")
-    # Bounded nesting keeps every later encode/decode of the body (pushes, sync,
-    # history) far from Python's recursion limit.
-    if not _depth_within(body, MAX_BODY_DEPTH):
-        raise bad(f"body nests deeper than {MAX_BODY_DEPTH} levels")
-    text = compact_json(body)   # json.dumps' compact text, encoder built once
-    if len(text.encode()) > max_body:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f"body is larger than {max_body} bytes")
-    kind = body.get("type")
-    if kind == "text":
-        if not isinstance(body.get("text"), str):
-            raise bad("a text body needs 'text' (a string)")
-    elif kind == "command":
-        if not isinstance(body.get("name"), str) or not body["name"]:
-            raise bad("a command body needs 'name' (a string)")
-        _opt_dict(body, "args")
-    elif kind == "result":
-        ref = body.get("for")
-        if isinstance(ref, bool) or not isinstance(ref, int) or ref < 1:
-            raise bad("a result body needs 'for' (the command's seq)")
-        if body.get("status") not in ("ok", "error"):
-            raise bad("a result body needs 'status': ok or error")
-        _opt_dict(body, "data")
-    elif kind == "event":
-        if not isinstance(body.get("name"), str) or not body["name"]:
-            raise bad("an event body needs 'name' (a string)")
-        _opt_dict(body, "data")
-    elif kind == "file":
-        raise bad("file bodies are reserved and not supported yet")
-    else:
-        raise bad("body.type must be one of text, command, result, event")
-    return text
 
 
 def _members_param(params: dict[str, Any], *, allow_empty: bool) -> list[str]:
@@ -278,7 +211,7 @@ class MessagingService:
         cmid = param_str(params, "cmid", max_len=MAX_CMID_LEN)
         if not cmid:
             raise bad("'cmid' must not be empty")
-        body = validate_body(params.get("body"), self._config.limits.max_body)
+        body = validate_body(params.get("body"), self._config.limits.max_body, encode=compact_json)
         to = params.get("to")
         conv_param = params.get("conv")
         if (to is None) == (conv_param is None):
