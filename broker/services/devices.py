@@ -27,6 +27,7 @@ from broker.services.events import DeviceShared, DeviceUnshared, PrincipalRemove
 from broker.store.base import DeviceUser, NotFoundError, Principal
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_valid_principal_id
+from contract.ops import MAX_PAIRING_CODE
 from contract.presence import never_seen
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class DeviceService:
     # ---- ops -------------------------------------------------------------------
     async def claim(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         device = _device_param(params, "device")
-        code = param_str(params, "code", max_len=64)
+        code = param_str(params, "code", max_len=MAX_PAIRING_CODE)
         assert code is not None
         if caller.kind == "device":
             raise ProtocolError(ErrorCode.FORBIDDEN, "a device cannot claim a device")

@@ -40,6 +40,7 @@ from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import MailboxEvent, Principal, RequestLimits
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_valid_principal_id
+from contract.ops import MAX_NOTE, MAX_PROFILE_NAME, MAX_QUERY, MAX_STATUS
 from contract.presence import never_seen
 
 if TYPE_CHECKING:
@@ -48,10 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("roost.social")
 
-MAX_NOTE = 500
-MAX_NAME = 64
-MAX_STATUS = 256
-MAX_QUERY = 64
 SEARCH_LIMIT = 50
 SHARES_RETRY = 1.0   # seconds between attempts to end the shares of an ended contact
 
@@ -393,7 +390,7 @@ class SocialService:
         raise not_found(f"no principal {target_id!r}")
 
     async def op_profile_set(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
-        name = param_str(params, "name", required=False, max_len=MAX_NAME)
+        name = param_str(params, "name", required=False, max_len=MAX_PROFILE_NAME)
         status = param_str(params, "status", required=False, max_len=MAX_STATUS)
         if name is None and status is None:
             raise bad("give 'name' and/or 'status'")
