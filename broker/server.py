@@ -89,6 +89,7 @@ from amqtt.events import BrokerEvents
 from broker.config import ListenerConfig, RoostConfig
 from broker.mqtt.connection import CLOSED, Connection
 from broker.mqtt.engine import Engine
+from broker.services.events import RetainedChanged
 from broker.startup import StartupError
 from broker.store.base import SavedSession
 from contract import topics
@@ -313,7 +314,11 @@ class RoostBroker(Broker):
                              plugins_manager=self.plugins_manager, retained_store=retained_store,
                              listener_limits={n: lst.max_connections for n, lst in config.listeners.items()},
                              session_store=session_store, unsaved_prefixes=(topics.INBOX,),
-                             serve_sys=config.sys_interval > 0)
+                             serve_sys=config.sys_interval > 0, on_retained_stored=self._retained_stored)
+
+    def _retained_stored(self, topic: str, payload: bytes) -> None:
+        if self.services is not None:   # engine tests run a broker without services
+            self.services.bus.publish_nowait(RetainedChanged(topic, payload))
 
     @staticmethod
     def _amqtt_config(config: RoostConfig, plugins: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -144,3 +144,39 @@ def test_admin_changes_of_another_process_arrive_as_events(tmp_path):
         await close_env(env)
 
     run(main())
+
+
+def test_a_retained_change_is_told_only_after_its_write_committed(tmp_path):
+    """broker/server.py puts these on the bus as RetainedChanged: a consumer (another
+    node, a front end) must find the change in the store when it hears of it."""
+    from broker.config import LimitsConfig, StorageConfig
+    from broker.mqtt.figures import new_stats
+    from broker.mqtt.retained import RetainedMessages
+    from broker.store.factory import open_store
+
+    async def main() -> None:
+        store = await open_store(StorageConfig(path=str(tmp_path / "roost.db")))
+        told: list[tuple[str, bytes, list[str]]] = []
+        pending: list[asyncio.Task[None]] = []
+
+        def on_stored(topic: str, payload: bytes) -> None:
+            async def look() -> None:
+                told.append((topic, payload, [m.topic for m in await store.retained.load_all()]))
+            pending.append(asyncio.get_running_loop().create_task(look()))
+
+        try:
+            retained = RetainedMessages(limits=LimitsConfig(), store=store.retained, stats=new_stats(),
+                                        on_stored=on_stored)
+            retained.set("home/a", b"1", 1)
+            retained.set("home/a", b"2", 1)          # coalesces with the first: one write, the latest
+            assert told == []                        # nothing is told before it is written
+            assert await retained.flush()
+            await asyncio.gather(*pending)           # the store as it was when told
+            retained.set("home/a", b"", 0)           # cleared
+            assert await retained.flush()
+            await asyncio.gather(*pending)
+            assert told == [("home/a", b"2", ["home/a"]), ("home/a", b"", [])]
+        finally:
+            await store.close()
+
+    run(main())

@@ -71,7 +71,7 @@ class Engine:
     def __init__(self, *, limits: Any, plugins: list[Any], plugins_manager: Any = None,
                  retained_store: Any = None, listener_limits: dict[str, int] | None = None,
                  session_store: Any = None, unsaved_prefixes: tuple[str, ...] = (),
-                 serve_sys: bool = False) -> None:
+                 serve_sys: bool = False, on_retained_stored: Callable[[str, bytes], None] | None = None) -> None:
         self.loop = asyncio.get_running_loop()
         self.limits = limits
         self.max_packet = limits.max_payload + 65535 + 2 + 2 + 16
@@ -83,7 +83,8 @@ class Engine:
         self.budgets = Budgets(limits, self.stats)
         self.persistence = SessionPersistence(session_store, unsaved_prefixes=unsaved_prefixes)
         self.journal = self.persistence.journal
-        self._retained = RetainedMessages(limits=limits, store=retained_store, stats=self.stats)
+        self._retained = RetainedMessages(limits=limits, store=retained_store, stats=self.stats,
+                                         on_stored=on_retained_stored)
         self.retained = self._retained.index
         self.sessions: dict[str, SessionState] = {}
         self.router = Router(sessions=self.sessions, acl=self.acl, budgets=self.budgets, loop=self.loop)

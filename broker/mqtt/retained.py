@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,12 +197,16 @@ class RetainedMessages:
     """The retained messages of the broker and their persistence (`store`: a
     RetainedStore, or None to keep them in memory only)."""
 
-    def __init__(self, *, limits: Any, store: Any, stats: dict[str, int]) -> None:
+    def __init__(self, *, limits: Any, store: Any, stats: dict[str, int],
+                 on_stored: Callable[[str, bytes], None] | None = None) -> None:
         self.index = RetainedIndex(max_bytes=limits.max_retained_bytes,
                                    max_bytes_per_principal=limits.max_retained_bytes_per_principal,
                                    max_topics=MAX_RETAINED)
         self._store = store
         self._stats = stats
+        # Told of each change once its write committed (topic, payload; b"" when
+        # cleared): the composition root publishes it on the event bus.
+        self._on_stored = on_stored
         self.persisted = store is not None
         self._refused_log = RateLimitedLog(log)
         self._dirty: dict[str, tuple[bytes, int] | None] = {}
@@ -303,4 +307,6 @@ class RetainedMessages:
                     self._unavailable_since = None
                 if dirty.get(topic, 0) is v:
                     del dirty[topic]
+                if self._on_stored is not None:
+                    self._on_stored(topic, b"" if v is None else v[0])
             return True

@@ -115,9 +115,10 @@ class PresenceChanged:
 
 @dataclass(frozen=True, slots=True)
 class RetainedChanged:
-    """A retained message was set (`payload` non-empty) or cleared on `topic`.
-    Declared for the engine (broker/mqtt/retained.py owns retained messages) to
-    publish once its store write committed; nothing publishes it yet."""
+    """A retained message was set (`payload` non-empty) or cleared on `topic`,
+    published once its store write committed (broker/mqtt/retained.py owns
+    retained messages; broker/server.py puts its commits on the bus). Changes
+    of one topic coalesce before the write, so a consumer sees the latest."""
     topic: str
     payload: bytes
 
