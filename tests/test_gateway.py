@@ -8,11 +8,14 @@ import json
 import logging
 from typing import Any
 
+import pytest
+
 from broker.services.base import Caller, Handler
 from broker.services.events import PrincipalRemoved
 from broker.services.gateway import Gateway, Request
 from broker.store.base import StoreUnavailable
 from contract.errors import ErrorCode, ProtocolError
+from contract.ops import OPS
 from tests.messaging_env import Env, FakeClock, close_env, open_env
 
 
@@ -72,8 +75,8 @@ class Probe:
 async def gateway_env(tmp_path, limits: dict[str, Any] | None = None,  # noqa: ANN001
                       clock: FakeClock | None = None) -> tuple[Env, Gateway, Replies, Probe]:
     env = await open_env(tmp_path, config={"limits": limits or {}})
-    gateway = Gateway(env.services, clock=clock or FakeClock())
     probe = Probe()
+    gateway = Gateway(env.services, clock=clock or FakeClock(), registry={*OPS, *probe.ops()})
     env.services.devices = probe  # type: ignore[assignment]
     await gateway.start(env.pub)
     return env, gateway, Replies(), probe
@@ -261,3 +264,16 @@ def test_envelopes_are_checked_before_they_are_submitted(tmp_path):
         await close_env(env)
 
     run(main())
+
+
+def test_an_op_the_contract_registry_lacks_stops_the_start(tmp_path):
+    async def main() -> None:
+        env = await open_env(tmp_path)
+        try:
+            env.services.devices = Probe()  # type: ignore[assignment]
+            with pytest.raises(RuntimeError, match="contract/ops.py lacks"):
+                await Gateway(env.services, clock=FakeClock()).start(env.pub)
+        finally:
+            await close_env(env)
+
+    asyncio.run(main())

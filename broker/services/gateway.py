@@ -47,7 +47,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,7 @@ from broker.store.jsonutil import compact_json
 from contract.envelopes import error_response, parse_request
 from contract.errors import ErrorCode, ProtocolError
 from contract.ids import is_transient_client_id
+from contract.ops import OPS
 
 if TYPE_CHECKING:
     from broker.services.runtime import Services
@@ -129,8 +130,10 @@ def counted_principal(principal: str | None, client_id: str | None) -> str | Non
 
 
 class Gateway:
-    def __init__(self, services: Services, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, services: Services, *, clock: Callable[[], float] = time.monotonic,
+                 registry: Collection[str] = OPS) -> None:
         self._services = services
+        self._registry = registry                 # the op names that may be served (contract/ops.py)
         self._limits = services.config.limits
         self._clock = clock                       # token buckets (monotonic seconds)
         self._ops: dict[str, Handler] | None = None
@@ -148,6 +151,7 @@ class Gateway:
 
     # ---- wiring ------------------------------------------------------------------
     async def start(self, publisher: Publisher) -> None:
+        self._op_table()   # refuses to start on an op the registry lacks
         self._publisher = publisher
 
     def ops(self) -> list[str]:
@@ -159,8 +163,12 @@ class Gateway:
             table: dict[str, Handler] = {}
             for svc in self._services.all():
                 for name, handler in svc.ops().items():
+                    # Programming errors, found at start: the contract registry is the
+                    # one list of ops, and each op has one handler.
+                    if name not in self._registry:
+                        raise RuntimeError(f"{type(svc).__name__} serves {name!r}, which contract/ops.py lacks")
                     if name in table:
-                        log.warning("operation %s is served twice; %s wins", name, type(svc).__name__)
+                        raise RuntimeError(f"operation {name!r} is served twice ({type(svc).__name__})")
                     table[name] = handler
             self._ops = table
         return self._ops
