@@ -246,3 +246,15 @@ class ImClient(MqttClient):
                 ev["_seen"] = True
                 return ev
         raise TimeoutError(f"{self.client_id}: no {kind or 'event'} {match} within {timeout}s")
+
+
+def eventually_ok(client: ImClient, op: str, timeout: float = 10.0, **params: Any) -> dict[str, Any]:
+    """Repeat a request (safe to repeat) until it is answered ok."""
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = client.request(op, **params)
+        if doc["ok"]:
+            return doc["result"]
+        assert doc["error"]["code"] in ("unavailable", "rate_limited"), doc   # both: retry later
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{op} still answered {doc['error']} after {timeout}s")

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from tests.clients import ImClient, MqttClient
+from tests.clients import ImClient, MqttClient, eventually_ok
 from tests.harness import RoostProcess
 
 TMPFS_SIZE = "2m"
@@ -142,18 +142,6 @@ def stored_row(roost: RoostProcess, sql: str, *args: Any, timeout: float = 10.0)
 
 def text_body(i: int, size: int = 0) -> dict[str, Any]:
     return {"type": "text", "text": f"m{i} " + "x" * size}
-
-
-def eventually_ok(client: ImClient, op: str, timeout: float = 10.0, **params: Any) -> dict[str, Any]:
-    """Repeat a request (safe to repeat) until it is answered ok."""
-    deadline = time.monotonic() + timeout
-    while True:
-        doc = client.request(op, **params)
-        if doc["ok"]:
-            return doc["result"]
-        assert doc["error"]["code"] in ("unavailable", "rate_limited"), doc   # both: retry later
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{op} still answered {doc['error']} after {timeout}s")
 
 
 # ---- 1. a full store --------------------------------------------------------------
