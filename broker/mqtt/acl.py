@@ -89,20 +89,19 @@ class AccessControl:
         return self._cached_now(st, topic, Action.RECEIVE, RECEIVE_ALLOWED, RECEIVE_DENIED)
 
     async def may_receive(self, st: SessionState, topic: str) -> bool:
-        ok = self.may_receive_now(st, topic)
-        if ok is None:
-            ok = await self.decide(st.info, topic, Action.RECEIVE)
-            _remember(st.acl_cache, topic, RECEIVE_ALLOWED if ok else RECEIVE_DENIED)
-        return ok
+        return await self._may(st, topic, Action.RECEIVE, RECEIVE_ALLOWED, RECEIVE_DENIED)
 
     def may_publish_now(self, st: SessionState, topic: str) -> bool | None:
         return self._cached_now(st, topic, Action.PUBLISH, PUBLISH_ALLOWED, PUBLISH_DENIED)
 
     async def may_publish(self, st: SessionState, topic: str) -> bool:
-        ok = self.may_publish_now(st, topic)
+        return await self._may(st, topic, Action.PUBLISH, PUBLISH_ALLOWED, PUBLISH_DENIED)
+
+    async def _may(self, st: SessionState, topic: str, action: Action, allowed: int, denied: int) -> bool:
+        ok = self._cached_now(st, topic, action, allowed, denied)
         if ok is None:
-            ok = await self.decide(st.info, topic, Action.PUBLISH)
-            _remember(st.acl_cache, topic, PUBLISH_ALLOWED if ok else PUBLISH_DENIED)
+            ok = await self.decide(st.info, topic, action)
+            _remember(st.acl_cache, topic, allowed if ok else denied)
         return ok
 
     def _cached_now(self, st: SessionState, topic: str, action: Action, allowed: int, denied: int) -> bool | None:
