@@ -159,6 +159,21 @@ class LogConfig:
 
 
 @dataclass
+class NatsConfig:
+    servers: list[str] = field(default_factory=lambda: ["nats://127.0.0.1:4222"])
+
+
+@dataclass
+class ClusterConfig:
+    """One node of a cluster (docs/CLUSTER.md): nodes meet on NATS; without a
+    `cluster:` section Roost is one node exactly as before."""
+    node: str = ""                      # unique name of this node (letters, digits, - and _)
+    nats: NatsConfig = field(default_factory=NatsConfig)
+    node_timeout: float = 15.0          # a node not heard from for this long is dead
+    max_pending_bytes: int = 8 * 1024 * 1024   # bytes waiting for NATS; beyond that dropped, counted
+
+
+@dataclass
 class RoostConfig:
     listeners: dict[str, ListenerConfig] = field(default_factory=lambda: {"default": ListenerConfig()})
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -170,6 +185,7 @@ class RoostConfig:
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    cluster: ClusterConfig | None = None
     # Seconds between $SYS publications (Mosquitto's sys_interval); 0: no $SYS at all
     sys_interval: float = 10.0
     # Where relative paths (storage.path, certificates) are resolved from.
@@ -182,7 +198,8 @@ class RoostConfig:
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION_FIELDS = {("MailboxConfig", "ttl"), ("LimitsConfig", "contact_request_cooldown"), ("JwtConfig", "leeway")}
+_DURATION_FIELDS = {("MailboxConfig", "ttl"), ("LimitsConfig", "contact_request_cooldown"), ("JwtConfig", "leeway"),
+                    ("ClusterConfig", "node_timeout")}
 
 
 def parse_duration(value: Any, path: str) -> float:
@@ -266,6 +283,20 @@ def _build(cls: Any, data: Any, path: str) -> Any:
     return cls(**kwargs)
 
 
+def _check_cluster(cluster: ClusterConfig) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", cluster.node):
+        raise ConfigError("cluster.node", f"expected a unique node name of letters, digits, - and _, got {cluster.node!r}")
+    if not cluster.nats.servers:
+        raise ConfigError("cluster.nats.servers", "at least one nats://host:port is needed")
+    for i, url in enumerate(cluster.nats.servers):
+        if not url.startswith(("nats://", "tls://")):
+            raise ConfigError(f"cluster.nats.servers[{i}]", f"expected nats://host:port, got {url!r}")
+    if cluster.node_timeout < 1:
+        raise ConfigError("cluster.node_timeout", "must be at least 1s")
+    if cluster.max_pending_bytes < 65536:
+        raise ConfigError("cluster.max_pending_bytes", "must be at least 65536")
+
+
 def _check(cfg: RoostConfig) -> None:
     if not cfg.listeners:
         raise ConfigError("listeners", "at least one listener is needed")
@@ -283,6 +314,8 @@ def _check(cfg: RoostConfig) -> None:
             value = getattr(lst, key)
             if value and not cfg.resolve(value).is_file():
                 raise ConfigError(f"listeners.{name}.{key}", f"file not found: {value}")
+    if cfg.cluster is not None:
+        _check_cluster(cfg.cluster)
     if cfg.limits.max_inflight < 1:
         raise ConfigError("limits.max_inflight", "must be at least 1")
     if cfg.mailbox.max_events < 1:
