@@ -1,0 +1,40 @@
+"""PostgreSQL implementation of RetainedStore: one row per topic with a retained message."""
+
+from __future__ import annotations
+
+from asyncpg import Connection
+
+from broker.store.base import RetainedMessage
+from broker.store.postgres_db import PgDatabase
+
+DDL = """
+CREATE TABLE retained (
+    topic text COLLATE "C" PRIMARY KEY,
+    payload bytea NOT NULL,
+    qos integer NOT NULL
+);
+"""
+
+
+class PgRetainedStore:
+    def __init__(self, db: PgDatabase) -> None:
+        self._db = db
+
+    async def load_all(self) -> list[RetainedMessage]:
+        rows = await self._db.read(lambda conn: conn.fetch("SELECT topic, payload, qos FROM retained"))
+        return [RetainedMessage(r[0], bytes(r[1]), int(r[2])) for r in rows]
+
+    async def put(self, msg: RetainedMessage) -> None:
+        async def job(conn: Connection) -> None:
+            await conn.execute(
+                "INSERT INTO retained(topic, payload, qos) VALUES ($1,$2,$3) "
+                "ON CONFLICT (topic) DO UPDATE SET payload=excluded.payload, qos=excluded.qos",
+                msg.topic, msg.payload, msg.qos)
+
+        await self._db.write(job)
+
+    async def delete(self, topic: str) -> None:
+        async def job(conn: Connection) -> None:
+            await conn.execute("DELETE FROM retained WHERE topic=$1", topic)
+
+        await self._db.write(job)
