@@ -44,7 +44,13 @@ class ListenerConfig:
 
 @dataclass
 class StorageConfig:
+    """`backend: sqlite` (the default: one file at `path`) or `backend: postgres`
+    (`dsn: postgresql://user:password@host:5432/db`, `pool_size` connections per
+    node); docs/STORAGE.md."""
     path: str = "data/roost.db"
+    backend: Literal["sqlite", "postgres"] = "sqlite"
+    dsn: str = ""
+    pool_size: int = 10
 
 
 @dataclass
@@ -314,6 +320,13 @@ def _check(cfg: RoostConfig) -> None:
             value = getattr(lst, key)
             if value and not cfg.resolve(value).is_file():
                 raise ConfigError(f"listeners.{name}.{key}", f"file not found: {value}")
+    if cfg.storage.backend == "postgres":
+        if not cfg.storage.dsn:
+            raise ConfigError("storage.dsn", "required when storage.backend is postgres (postgresql://user@host:5432/db)")
+        if not cfg.storage.dsn.startswith(("postgresql://", "postgres://")):
+            raise ConfigError("storage.dsn", "expected a postgresql://user@host:5432/db URL")
+        if cfg.storage.pool_size < 1:
+            raise ConfigError("storage.pool_size", "must be at least 1")
     if cfg.cluster is not None:
         _check_cluster(cfg.cluster)
     if cfg.limits.max_inflight < 1:
