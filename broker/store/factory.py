@@ -1,9 +1,10 @@
 """Builds the store that the `storage:` config describes.
 
 The one place that knows which engines exist: everything else receives a
-`broker.store.base.Store`. A new engine (PostgreSQL) is a module of its own
-implementing `Store`, one more branch here, and one more param of the `store`
-fixture in tests/test_store_contract.py.
+`broker.store.base.Store`. `storage.backend: sqlite` (the default) is one file
+at `storage.path`; `storage.backend: postgres` is the database at `storage.dsn`
+with a pool of `storage.pool_size` connections (docs/STORAGE.md). Each engine
+passes tests/test_store_contract.py.
 """
 
 from __future__ import annotations
@@ -22,11 +23,30 @@ class StorageSettings(Protocol):
     def path(self) -> str:
         """SQLite: the database file."""
 
+    @property
+    def backend(self) -> str:
+        """sqlite | postgres"""
+
+    @property
+    def dsn(self) -> str:
+        """PostgreSQL: postgresql://user:password@host:port/dbname"""
+
+    @property
+    def pool_size(self) -> int:
+        """PostgreSQL: connections this node keeps at most."""
+
 
 def create_store(storage: StorageSettings, resolve: Callable[[str], Path] = Path) -> Store:
     """The store, not yet opened. `resolve` turns a relative path of the config into
-    a real one (`RoostConfig.resolve`: relative to the config's base_dir)."""
-    from broker.store.sqlite import SqliteStore  # imported here: only the chosen engine is loaded
+    a real one (`RoostConfig.resolve`: relative to the config's base_dir).
+    Engines are imported here: only the chosen one is loaded."""
+    if storage.backend == "postgres":
+        from broker.store.postgres import PgStore
+
+        return PgStore(storage.dsn, pool_size=storage.pool_size)
+    if storage.backend != "sqlite":
+        raise ValueError(f"unknown storage backend {storage.backend!r} (sqlite or postgres)")
+    from broker.store.sqlite import SqliteStore
 
     return SqliteStore(resolve(storage.path))   # returned as a Store: mypy checks it implements every member
 
