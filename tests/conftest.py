@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from tests.harness import RoostProcess
+from tests.postgres import PostgresDatabases, PostgresServer
 
 
 @pytest.fixture
@@ -25,3 +26,22 @@ def roost_factory(tmp_path) -> Iterator[Callable[..., RoostProcess]]:
 @pytest.fixture
 def roost(roost_factory) -> RoostProcess:
     return roost_factory()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One private PostgreSQL server (tests/postgres.py) for the whole session."""
+    server = PostgresServer().start()
+    yield server
+    server.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_databases(postgres_server: PostgresServer) -> PostgresDatabases:
+    return PostgresDatabases(postgres_server)
+
+
+@pytest.fixture
+def postgres_dsn(postgres_databases: PostgresDatabases) -> str:
+    """The dsn of a fresh database of its own for this test, Roost's schema migrated."""
+    return postgres_databases.fresh()
