@@ -104,21 +104,23 @@ class Recording:
         setattr(self._target, name, value)
 
 
-def _storage(engine: str, tmp_path: Path) -> StorageConfig:
+def _storage(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> StorageConfig:
     if engine == "sqlite":
         return StorageConfig(path=str(tmp_path / "store" / "roost.db"))
+    if engine == "postgres":   # a fresh database on the session's private server (tests/conftest.py)
+        return StorageConfig(backend="postgres", dsn=request.getfixturevalue("postgres_dsn"))
     raise AssertionError(f"no test set-up for engine {engine}")
 
 
 OpenStore = Callable[[], AbstractAsyncContextManager[Any]]
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgres"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[OpenStore]:
     """`async with store() as s:` opens the backend's store (the same one each time,
     so a second `store()` sees what the first committed). The test's declared
     `@covers` members must all be used by the end of the test."""
-    storage = _storage(request.param, tmp_path)
+    storage = _storage(request.param, tmp_path, request)
     used: set[str] = set()
     failed: list[BaseException] = []
 
