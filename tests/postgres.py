@@ -205,10 +205,13 @@ class PostgresServer:
             raise RuntimeError(f"psql failed: {out.stderr.decode(errors='replace').strip()}")
         return out.stdout.decode()
 
-    def create_database(self, name: str, template: str = "template0") -> str:
-        """A fresh database (a copy of `template`: template0 is empty). Returns its dsn."""
-        self.psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        self.psql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    def create_database(self, name: str, template: str = "template0", *, replace: bool = False) -> str:
+        """A new database, a copy of `template` (template0 is empty); `replace` drops
+        one of that name first. Returns its dsn. FILE_COPY: with fsync off, copying
+        the files is about twice as fast as WAL-logging a small template."""
+        if replace:
+            self.drop_database(name)
+        self.psql(f'CREATE DATABASE "{name}" TEMPLATE "{template}" STRATEGY FILE_COPY')
         return self.dsn(name)
 
     def drop_database(self, name: str) -> None:
