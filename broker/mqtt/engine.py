@@ -59,7 +59,7 @@ from broker.mqtt.publish import Publishing
 from broker.mqtt.registry import SessionRegistry
 from broker.mqtt.retained import RetainedMessages
 from broker.mqtt.routing import Router
-from broker.mqtt.session import SessionState
+from broker.mqtt.session import Message, SessionState
 from broker.mqtt.subscriptions import Subscriptions
 from broker.mqtt.timers import Ticker
 from broker.store.base import SavedSession
@@ -231,6 +231,22 @@ class Engine:
 
     def refresh_acl(self) -> None:
         self.acl.forget(self.sessions.values())
+
+    # ---- the cluster (broker/cluster/) -------------------------------------------------------
+
+    def route_from_peer(self, topic: str, payload: bytes, qos: int) -> Awaitable[int]:
+        """Route a publish another node received (retained there already) to the
+        sessions here, without sharing it back out."""
+        return self.router.route_awaited(Message(topic, payload, qos), share=False)
+
+    def take_over_here(self, key: str) -> bool:
+        """A client with session key `key` connected on another node: close its
+        connection here like a take-over (no will; disconnect hooks run)."""
+        st = self.sessions.get(key)
+        if st is None or st.conn is None:
+            return False
+        st.conn.close(DisconnectReason.TAKEN_OVER)
+        return True
 
     # ---- start and stop --------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from broker.mqtt.acl import RECEIVE_ALLOWED, RECEIVE_DENIED, AccessControl
@@ -45,12 +46,19 @@ class Router:
         self._budgets = budgets
         self._loop = loop
         self.congested: set[SessionState] = set()
+        # The cluster (broker/cluster/) shares publishes and interest with other nodes:
+        # on_routed sees every message routed here (not those from a peer),
+        # on_interest a filter gained (True) or lost (False) by one session.
+        self.on_routed: Callable[[Message], None] | None = None
+        self.on_interest: Callable[[str, bool], None] | None = None
 
     # ---- subscriptions ---------------------------------------------------------------
 
     def subscribe(self, st: SessionState, f: str, qos: int) -> None:
         if f not in st.subs:
             self._budgets.subscribed(f)
+            if self.on_interest is not None:
+                self.on_interest(f, True)
         st.subs[f] = qos
         self.index.add(f, st, qos)
 
@@ -59,22 +67,29 @@ class Router:
             return False
         self.index.remove(f, st)
         self._budgets.unsubscribed(f)
+        if self.on_interest is not None:
+            self.on_interest(f, False)
         return True
 
     def unsubscribe_all(self, st: SessionState) -> None:
         for f in st.subs:
             self.index.remove(f, st)
             self._budgets.unsubscribed(f)
+            if self.on_interest is not None:
+                self.on_interest(f, False)
         st.subs.clear()
 
     # ---- routing ---------------------------------------------------------------------
 
     def route(self, msg: Message, src: Connection | None = None,
-              undecided: list[tuple[SessionState, int]] | None = None) -> int:
+              undecided: list[tuple[SessionState, int]] | None = None, *, share: bool = True) -> int:
         """Queue `msg` for every matching session the ACL lets receive it; the
         number queued. `src`, the publishing connection, is held while a target
         session is congested. Targets whose RECEIVE decision must be awaited (an
-        async ACL plugin) go to `undecided` (use route_awaited, which passes it)."""
+        async ACL plugin) go to `undecided` (use route_awaited, which passes it).
+        `share` False: a message from another node (not shared again)."""
+        if share and self.on_routed is not None:
+            self.on_routed(msg)
         targets = self.index.match(msg.topic)
         if not targets:
             return 0
@@ -101,12 +116,12 @@ class Router:
                 self.hold(st, src)
         return n
 
-    async def route_awaited(self, msg: Message, src: Connection | None = None) -> int:
+    async def route_awaited(self, msg: Message, src: Connection | None = None, *, share: bool = True) -> int:
         """`route`, awaiting the RECEIVE decisions that need it."""
         if not self._acl.is_async:
-            return self.route(msg, src)
+            return self.route(msg, src, share=share)
         undecided: list[tuple[SessionState, int]] = []
-        n = self.route(msg, src, undecided)
+        n = self.route(msg, src, undecided, share=share)
         for st, q in undecided:
             if st.discarded or not await self._acl.may_receive(st, msg.topic):
                 continue
