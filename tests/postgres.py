@@ -167,7 +167,10 @@ class PostgresServer:
             self.kill()
 
     def _port_in_use(self) -> bool:
+        """Something still listens on the port (SO_REUSEADDR as postgres: connections
+        in TIME_WAIT do not count)."""
         with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 s.bind(("127.0.0.1", self.port))
             except OSError:

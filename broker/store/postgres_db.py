@@ -116,7 +116,7 @@ class PgDatabase:
     `pool_size` bounds the connections this node holds; `max_waiting` bounds the
     transactions waiting for one (beyond it: StoreBusy at once)."""
 
-    def __init__(self, dsn: str, *, pool_size: int = 10, min_size: int = 1, acquire_timeout: float = 10.0,
+    def __init__(self, dsn: str, *, pool_size: int = 10, min_size: int = 0, acquire_timeout: float = 10.0,
                  connect_timeout: float = 5.0, command_timeout: float = 30.0, max_waiting: int = 10000,
                  write_retries: int = 20) -> None:
         self.dsn = dsn
@@ -166,6 +166,11 @@ class PgDatabase:
                 self.dsn, min_size=self._min_size, max_size=self.pool_size, timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
                 server_settings={"application_name": "roost", "jit": "off"})
+            # No floor of idle connections by default (min_size 0): asyncpg would
+            # restore one in the background during an outage, logging a traceback
+            # per attempt. One connection now proves the server is there.
+            async with self._pool.acquire(timeout=self._connect_timeout) as conn:
+                await conn.fetchval("SELECT 1")
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError, ValueError) as exc:
             raise StoreCannotOpen(f"cannot connect to {redacted_dsn(self.dsn)}: "
                                   f"{_one_line(exc) or type(exc).__name__}") from None
