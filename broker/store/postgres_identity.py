@@ -43,6 +43,10 @@ CREATE TABLE admin_log_head (
 INSERT INTO admin_log_head (id, seq) VALUES (1, 0);
 """
 
+# `roost migrate`: admin_log_head is the DDL's own row, set from the admin log copied.
+SEEDED_TABLES = ("admin_log_head",)
+AFTER_IMPORT = ("UPDATE admin_log_head SET seq = (SELECT coalesce(max(seq), 0) FROM admin_log) WHERE id = 1",)
+
 _COLUMNS = "id, kind, name, status, secret_hash, created_at, device_kind, room, pairing_code, secret_set_at"
 
 # A purge runs with every registration, in its transaction: another domain forgets

@@ -8,3 +8,12 @@ byte order whatever the database's locale.
 """
 
 MESSAGING_DDL = ""
+
+# For `roost migrate` (broker/store/postgres_import.py), which copies SQLite's
+# tables row by row into the same tables and columns here:
+# tables whose rows the DDL itself inserts (one-row counters): not checked for
+# emptiness and not copied from SQLite ...
+SEEDED_TABLES: tuple[str, ...] = ()
+# ... and statements run after the copy, in its transaction, to bring such
+# PostgreSQL-only counters up to date with the rows copied.
+AFTER_IMPORT: tuple[str, ...] = ()

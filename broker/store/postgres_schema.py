@@ -22,6 +22,7 @@ import asyncpg
 from broker.store import (
     postgres_devices,
     postgres_identity,
+    postgres_messaging_schema,
     postgres_presence,
     postgres_retained,
     postgres_sessions,
@@ -48,6 +49,12 @@ MIGRATIONS: list[PgMigration] = [
     (1, "core: principals, retained, admin log, mqtt sessions, devices, presence, telemetry", CORE_DDL),
     (2, "messaging and social", MESSAGING_DDL),
 ]
+
+# For `roost migrate` (broker/store/postgres_import.py): tables the DDL fills
+# itself (one-row counters: neither checked for emptiness nor copied) and the
+# statements that bring them up to date after a copy.
+SEEDED_TABLES: frozenset[str] = frozenset((*postgres_identity.SEEDED_TABLES, *postgres_messaging_schema.SEEDED_TABLES))
+AFTER_IMPORT: tuple[str, ...] = (*postgres_identity.AFTER_IMPORT, *postgres_messaging_schema.AFTER_IMPORT)
 
 # pg_advisory_xact_lock key of schema migrations: any fixed 64-bit number, the same on every node.
 MIGRATION_LOCK = 0x526F6F7374_01   # "Roost", 1
