@@ -28,7 +28,8 @@ def main() -> None:
 
 
 # Families of commands; a missing optional module must not break the rest.
-_COMMAND_MODULES = ("client.cli_admin", "client.cli_chat", "client.cli_simulate", "client.cli_status")
+_COMMAND_MODULES = ("client.cli_admin", "client.cli_chat", "client.cli_simulate", "client.cli_status",
+                    "client.cli_migrate")
 
 for _name in _COMMAND_MODULES:
     try:
