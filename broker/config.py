@@ -112,6 +112,10 @@ class LimitsConfig:
     contact_request_cooldown: float = 3600.0  # seconds before a new contact request to the same person
     contact_requests_per_hour: int = 30     # new contact requests one person receives per hour (0: no bound)
     max_pending_requests: int = 100         # requests of one client being processed at once
+    # MQTT 5 (issue 13; docs/MQTT5.md)
+    session_expiry: float = 7 * 86400.0     # seconds a disconnected MQTT 3.1.1/3.1 persistent session is kept
+    max_keepalive: int = 60                 # MQTT 5: a longer (or no) keepalive asked for is lowered (Server Keep Alive)
+    topic_alias_maximum: int = 10           # MQTT 5: topic aliases a client may set per connection (0: none)
 
 
 @dataclass
@@ -205,6 +209,7 @@ class RoostConfig:
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_FIELDS = {("MailboxConfig", "ttl"), ("LimitsConfig", "contact_request_cooldown"), ("JwtConfig", "leeway"),
+                    ("LimitsConfig", "session_expiry"),
                     ("ClusterConfig", "node_timeout")}
 
 
@@ -331,6 +336,10 @@ def _check(cfg: RoostConfig) -> None:
         _check_cluster(cfg.cluster)
     if cfg.limits.max_inflight < 1:
         raise ConfigError("limits.max_inflight", "must be at least 1")
+    if not 1 <= cfg.limits.max_keepalive <= 65535:
+        raise ConfigError("limits.max_keepalive", "must be between 1 and 65535 seconds")
+    if cfg.limits.topic_alias_maximum > 65535:
+        raise ConfigError("limits.topic_alias_maximum", "must be at most 65535")
     if cfg.mailbox.max_events < 1:
         raise ConfigError("mailbox.max_events", "must be at least 1")
     if cfg.auth.max_concurrent_per_address < 1:
