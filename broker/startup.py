@@ -101,10 +101,17 @@ def _make_store_folder(folder: Path) -> None:
         raise StartupError(f"cannot create store folder {folder}: {os_reason(exc)}") from None
 
 
-async def open_store(path: Path) -> Store:
+async def open_store(path: Path, storage: StorageConfig | None = None) -> Store:
     """The opened, migrated store at `path` (resolved `storage.path`), built by
-    broker.store.factory, or StartupError("cannot open store <path>: ...")."""
+    broker.store.factory, or StartupError("cannot open store <path>: ..."). With
+    the config's `storage` whose backend is postgres: the database at its dsn."""
+    settings = StorageConfig(path=str(path))
+    where = str(path)
+    if storage is not None and storage.backend != "sqlite":
+        from broker.store.postgres_db import redacted_dsn
+
+        settings, where = storage, redacted_dsn(storage.dsn)
     try:
-        return await factory.open_store(StorageConfig(path=str(path)))
+        return await factory.open_store(settings)
     except (StoreCannotOpen, OSError) as exc:
-        raise StartupError(f"cannot open store {path}: {os_reason(exc)}") from None
+        raise StartupError(f"cannot open store {where}: {os_reason(exc)}") from None
