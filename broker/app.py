@@ -37,11 +37,13 @@ def plugin_list(config: RoostConfig) -> dict[str, dict[str, Any]]:
     }
     if config.homeassistant.enabled:
         plugins["plugins.homeassistant.HomeAssistantPlugin"] = {}
+    if config.cluster is not None:
+        plugins["broker.cluster.plugin.ClusterPlugin"] = {}
     return plugins
 
 
 async def build_services(config: RoostConfig) -> Services:
-    store = await open_store(config.resolve(config.storage.path))
+    store = await open_store(config.resolve(config.storage.path), config.storage)
     jwt = None
     if config.auth.jwt is not None:
         jwt = build_verifier(config.auth.jwt, config.resolve)   # load_config checked it already
@@ -50,6 +52,11 @@ async def build_services(config: RoostConfig) -> Services:
     identity = IdentityService(store.identity, jwt=jwt)
     await identity.load()
     services = Services(config=config, store=store, identity=identity)
+    if config.cluster is not None:
+        from broker.cluster.bus import ClusterBus
+
+        # domain events are facts about the store: shared only when the nodes share one
+        services.bus = ClusterBus(share=getattr(config.storage, "backend", "sqlite") == "postgres")
     if config.homeassistant.enabled:
         services.relations.integration_account = config.homeassistant.service_account
     # Each service module builds itself from the container; imported here so a
@@ -97,7 +104,17 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
                              listening=listening, http_app=HttpApp(monitor).application)
         broker.monitor = monitor
         monitor.attach(broker, SysPublisher(broker.publish) if config.sys_interval > 0 else None)
+        broker.cluster = None
+        if config.cluster is not None:
+            from broker.cluster.bus import ClusterBus
+            from broker.cluster.node import ClusterNode
+
+            assert isinstance(services.bus, ClusterBus)   # build_services made it
+            broker.cluster = ClusterNode(config.cluster, bus=services.bus)
+            broker.cluster.attach(broker)   # before start: loaded sessions announce their filters
         await broker.start()
+        if broker.cluster is not None:
+            await broker.cluster.start()
     except BaseException:
         await services.store.close()   # nothing is served: close the store cleanly
         raise
@@ -120,7 +137,12 @@ async def stop(broker: Any, services: Services) -> None:
             await svc.stop()
         except Exception:  # noqa: BLE001 - keep shutting the rest down
             log.exception("stopping %s failed", type(svc).__name__)
+    cluster = getattr(broker, "cluster", None)
+    if cluster is not None:
+        cluster.leave()
     await broker.shutdown()
+    if cluster is not None:
+        await cluster.stop()
     await services.store.close()
 
 
