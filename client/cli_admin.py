@@ -43,7 +43,7 @@ def _with_identity(config_path: str | None, fn: Callable[[Any], Awaitable[T]]) -
     path = cfg.resolve(cfg.storage.path)
 
     async def run() -> T:
-        store = await open_store(path)   # StartupError: "cannot open store <path>: <why>"
+        store = await open_store(path, cfg.storage)   # StartupError: "cannot open store <path>: <why>"
         try:
             return await fn(IdentityService(store.identity))
         finally:
