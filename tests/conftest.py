@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from tests.harness import RoostProcess
+from tests.nats import NatsServer
 from tests.postgres import PostgresDatabases, PostgresServer
 
 
@@ -45,3 +46,14 @@ def postgres_databases(postgres_server: PostgresServer) -> PostgresDatabases:
 def postgres_dsn(postgres_databases: PostgresDatabases) -> str:
     """The dsn of a fresh database of its own for this test, Roost's schema migrated."""
     return postgres_databases.fresh()
+
+
+@pytest.fixture
+def nats_server(tmp_path) -> Iterator[NatsServer]:
+    """A private nats-server (tests/nats.py) on a free port, for this test alone
+    (a test may stop or kill it)."""
+    root = tmp_path / "nats"
+    root.mkdir()
+    server = NatsServer(root).start()
+    yield server
+    server.remove()
