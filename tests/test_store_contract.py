@@ -28,6 +28,8 @@ from broker.store import base
 from broker.store.base import (
     AlreadyExists,
     DeviceUser,
+    FileRecord,
+    HistoryPoint,
     LatestReading,
     MessageDone,
     MessageKept,
@@ -59,6 +61,7 @@ DOMAINS: dict[str, type] = {
     "devices": base.DeviceStore,
     "presence": base.PresenceStore,
     "telemetry": base.TelemetryStore,
+    "files": base.FileStore,
     "health": base.StoreHealth,
 }
 
@@ -778,4 +781,69 @@ def test_latest_telemetry(store: OpenStore) -> None:
             await s.telemetry.delete_latest("thermo")
             await s.telemetry.delete_latest("ghost")
             assert await s.telemetry.load_latest() == [LatestReading("lamp", TS, {"on": False})]
+    run(main())
+
+
+@covers("telemetry.put_history", "telemetry.history")
+def test_telemetry_history_is_bounded_per_device_and_by_age(store: OpenStore) -> None:
+    async def main() -> None:
+        async with store() as s:
+            await add_users(s, "thermo", "lamp", kind="device")
+            points = [HistoryPoint("thermo", TS + i, {"temp": 20.0 + i, "on": i % 2 == 0}) for i in range(5)]
+            written = await s.telemetry.put_history([*points, HistoryPoint("ghost", TS, {"x": 1})],
+                                                    keep=3, expire_before=0)
+            assert written == 5   # a device that does not exist is skipped
+            got = await s.telemetry.history("thermo", metric=None, since=0, limit=100)
+            assert got == points[2:]   # the newest `keep`, oldest first
+            assert await s.telemetry.history("thermo", metric=None, since=TS + 3, limit=100) == points[4:]
+            assert [p.ts for p in await s.telemetry.history("thermo", metric=None, since=0, limit=2)] == [TS + 3, TS + 4]
+            await s.telemetry.put_history([HistoryPoint("lamp", TS + 1, {"on": True}),
+                                           HistoryPoint("lamp", TS + 2, {"brightness": 50})], keep=10, expire_before=0)
+            assert await s.telemetry.history("lamp", metric="on", since=0, limit=10) == \
+                [HistoryPoint("lamp", TS + 1, {"on": True})]   # only points with the metric, reduced to it
+            await s.telemetry.put_history([HistoryPoint("lamp", TS + 2, {"brightness": 60})], keep=10,
+                                          expire_before=TS + 2)   # replaces at the same ts; older ones expire
+            assert await s.telemetry.history("lamp", metric=None, since=0, limit=10) == \
+                [HistoryPoint("lamp", TS + 2, {"brightness": 60})]
+            assert await s.telemetry.history("thermo", metric=None, since=0, limit=10) == points[2:] and \
+                await s.telemetry.history("ghost", metric=None, since=0, limit=10) == []
+            assert all(p.ts >= TS + 2 for p in await s.telemetry.history("thermo", metric=None, since=0, limit=9))
+            await s.identity.remove_principal("thermo")   # a removed device takes its history along
+            await add_users(s, "thermo", kind="device")
+            assert await s.telemetry.history("thermo", metric=None, since=0, limit=10) == []
+    run(main())
+
+
+# ---- files ----------------------------------------------------------------------
+
+@covers("files.add_upload", "files.get_upload", "files.find", "files.usage", "files.add_conv", "files.convs_of")
+def test_file_uploads_quota_dedup_and_conversations(store: OpenStore) -> None:
+    async def main() -> None:
+        async with store() as s:
+            await add_users(s, "alice", "bob")
+            a = FileRecord("ab" * 32, "alice", "cat.png", 100, "image/png", TS)
+            assert await s.files.find(a.id) is None and await s.files.usage("alice") == 0
+            assert await s.files.add_upload(a, quota=150)
+            assert await s.files.add_upload(FileRecord(a.id, "alice", "again.png", 100, "image/png", TS + 1),
+                                            quota=150)   # the same content again: no more quota, first kept
+            assert await s.files.usage("alice") == 100
+            assert await s.files.get_upload(a.id, "alice") == a
+            big = FileRecord("cd" * 32, "alice", "big.bin", 51, "application/octet-stream", TS)
+            assert not await s.files.add_upload(big, quota=150)   # over quota: nothing written
+            assert await s.files.get_upload(big.id, "alice") is None and await s.files.usage("alice") == 100
+            b = FileRecord(a.id, "bob", "dog.png", 100, "image/png", TS + 5)   # bob has the same bytes
+            assert await s.files.add_upload(b, quota=100)
+            assert await s.files.usage("bob") == 100 and await s.files.find(a.id) == a   # the first upload
+            assert await s.files.get_upload(a.id, "carol") is None
+            with pytest.raises(NotFoundError):
+                await s.files.add_upload(FileRecord(a.id, "nobody", "x", 1, "text/plain", TS), quota=10)
+            assert await s.files.convs_of(a.id) == []
+            await s.files.add_conv(a.id, "dm:alice:bob")
+            await s.files.add_conv(a.id, "dm:alice:bob")
+            await s.files.add_conv(a.id, "grp:0123456789abcdef")
+            assert await s.files.convs_of(a.id) == ["dm:alice:bob", "grp:0123456789abcdef"]
+        async with store() as s:   # kept across a reopen; a removed uploader's quota rows go
+            assert await s.files.convs_of(a.id) == ["dm:alice:bob", "grp:0123456789abcdef"]
+            await s.identity.remove_principal("alice")
+            assert await s.files.usage("alice") == 0 and await s.files.find(a.id) == b
     run(main())

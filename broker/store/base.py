@@ -2,7 +2,7 @@
 
 Services, plugins, the engine and the CLI depend on these Protocols and errors
 only. `Store` (at the end) is the whole store: one repository object per domain
-(identity, retained, sessions, messaging, social, devices, presence, telemetry),
+(identity, retained, sessions, messaging, social, devices, presence, telemetry, files),
 so the domains can grow independently. `broker/store/sqlite.py` implements it on
 SQLite; another engine (PostgreSQL) implements the same Protocols, passes
 tests/test_store_contract.py and is chosen in `broker/store/factory.py`.
@@ -256,6 +256,66 @@ class TelemetryStore(Protocol):
         skipped. Returns how many were written."""
 
     async def delete_latest(self, device: str) -> None: ...
+
+    async def put_history(self, points: list[HistoryPoint], *, keep: int, expire_before: float) -> int:
+        """Append recent-history points in one transaction (a point at the same
+        (device, ts) as a kept one replaces it); points of devices that no longer
+        exist are skipped. In the same transaction each device written keeps only
+        its newest `keep` points and every point older than `expire_before` (any
+        device) goes: the history stays bounded in rows. A removed device's points
+        go with it. Returns how many points were written."""
+
+    async def history(self, device: str, *, metric: str | None, since: float, limit: int) -> list[HistoryPoint]:
+        """The newest `limit` points of `device` with `ts > since`, oldest first.
+        With `metric`: only the points that have that field, reduced to it."""
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPoint:
+    """What a device reported at `ts` (numbers and bools only: what a chart draws)."""
+
+    device: str
+    ts: float
+    fields: dict[str, float | int | bool]
+
+
+# ---- files (issue 14 item 4) ----------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class FileRecord:
+    """One principal's upload of some content. `id` is the content's SHA-256 (hex):
+    the bytes themselves are in the blob store, once per content however many
+    principals uploaded them."""
+
+    id: str
+    owner: str
+    name: str
+    size: int
+    type: str                # media type, e.g. image/png
+    created_at: float
+
+
+class FileStore(Protocol):
+    async def add_upload(self, rec: FileRecord, *, quota: int) -> bool:
+        """Record that `rec.owner` uploaded the content `rec.id`, if the owner's
+        usage (the sizes of the distinct contents they uploaded) plus `rec.size`
+        stays within `quota`; False (nothing written) otherwise. Uploading the same
+        content again costs no quota and keeps the first record. The check and the
+        write are one transaction. NotFoundError when the owner does not exist."""
+
+    async def get_upload(self, file_id: str, owner: str) -> FileRecord | None: ...
+
+    async def find(self, file_id: str) -> FileRecord | None:
+        """The first upload of the content (any owner), or None."""
+
+    async def usage(self, owner: str) -> int:
+        """Bytes counted against the owner's quota."""
+
+    async def add_conv(self, file_id: str, conv: str) -> None:
+        """Note that the content was sent in `conv` (idempotent)."""
+
+    async def convs_of(self, file_id: str) -> list[str]:
+        """The conversations the content was sent in, sorted."""
 
 
 # ---- messaging (conversations, messages, mailboxes) --------------------------
@@ -514,6 +574,9 @@ class Store(Protocol):
 
     @property
     def telemetry(self) -> TelemetryStore: ...
+
+    @property
+    def files(self) -> FileStore: ...
 
     @property
     def health(self) -> StoreHealth: ...

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from broker.store import (
     sqlite_devices,
+    sqlite_files,
     sqlite_identity,
     sqlite_messaging,
     sqlite_sessions,
@@ -25,6 +26,7 @@ MIGRATIONS: list[Migration] = [
     *sqlite_devices.MIGRATIONS,
     *sqlite_telemetry.MIGRATIONS,
     *sqlite_sessions.MIGRATIONS,
+    *sqlite_files.MIGRATIONS,
 ]
 
 
@@ -43,6 +45,7 @@ class SqliteStore:
         self.presence = sqlite_devices.SqlitePresenceStore(self.db)
         self.telemetry = sqlite_telemetry.SqliteTelemetryStore(self.db)
         self.sessions = sqlite_sessions.SqliteSessionStore(self.db)
+        self.files = sqlite_files.SqliteFileStore(self.db)
 
     @property
     def health(self) -> Database:
