@@ -13,6 +13,7 @@ from typing import Any
 from broker.store.base import MessagingStore, SocialStore
 from broker.store.postgres_db import PgDatabase
 from broker.store.postgres_devices import PgDeviceStore
+from broker.store.postgres_files import PgFileStore
 from broker.store.postgres_identity import PgIdentityStore, Purge
 from broker.store.postgres_presence import PgPresenceStore
 from broker.store.postgres_retained import PgRetainedStore
@@ -46,6 +47,7 @@ class PgStore:
         self.devices = PgDeviceStore(self.db)
         self.presence = PgPresenceStore(self.db)
         self.telemetry = PgTelemetryStore(self.db)
+        self.files = PgFileStore(self.db)
 
     @property
     def messaging(self) -> MessagingStore:

@@ -21,6 +21,7 @@ import asyncpg
 
 from broker.store import (
     postgres_devices,
+    postgres_files,
     postgres_identity,
     postgres_messaging_schema,
     postgres_presence,
@@ -48,6 +49,7 @@ CORE_DDL = "\n".join((
 MIGRATIONS: list[PgMigration] = [
     (1, "core: principals, retained, admin log, mqtt sessions, devices, presence, telemetry", CORE_DDL),
     (2, "messaging and social", MESSAGING_DDL),
+    (3, "telemetry history and files", postgres_telemetry.HISTORY_DDL + postgres_files.DDL),
 ]
 
 # For `roost migrate` (broker/store/postgres_import.py): tables the DDL fills
