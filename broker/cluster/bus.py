@@ -1,0 +1,118 @@
+"""ClusterBus: the event bus Protocol (broker/services/events.py) across nodes.
+
+Local handlers run exactly as on InProcessBus (it does the work). A shared
+event is also sent to the other nodes, whose local handlers then run; an event
+from another node is never sent on again.
+
+Which events are shared, and why the others are not:
+* relations (ContactChanged, BlockChanged, GroupChanged, DeviceShared,
+  DeviceUnshared) and MailboxAppended: every node keeps relations in memory
+  and pushes mailbox events to its own clients. Shared only when the nodes
+  share one store (`storage.backend: postgres`): with a store per node these
+  facts are about another node's data.
+* PrincipalAdded/Removed, SecretChanged: every node polls the shared admin log
+  and makes them itself.
+* PresenceChanged, RetainedChanged, TelemetryReceived: the MQTT publishes they
+  stand for are routed between nodes already (retained messages by node.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from broker.cluster import wire
+from broker.services.events import (
+    BlockChanged,
+    ContactChanged,
+    DeviceShared,
+    DeviceUnshared,
+    E,
+    Event,
+    GroupChanged,
+    Handler,
+    InProcessBus,
+    MailboxAppended,
+)
+from broker.store.base import MailboxEvent
+
+log = logging.getLogger("roost.cluster")
+
+SHARED: dict[str, type[Any]] = {cls.__name__: cls for cls in (
+    MailboxAppended, ContactChanged, BlockChanged, GroupChanged, DeviceShared, DeviceUnshared)}
+
+
+def encode_event(event: Event) -> bytes:
+    if isinstance(event, MailboxAppended):
+        fields: dict[str, Any] = {"events": [{"principal": e.principal, "n": e.n, "doc": e.doc} for e in event.events]}
+    elif isinstance(event, GroupChanged):
+        fields = {"group_id": event.group_id, "members": sorted(event.members)}
+    else:
+        fields = {name: getattr(event, name) for name in type(event).__slots__}
+    return wire.encode({"type": type(event).__name__, "fields": fields})
+
+
+def decode_event(data: bytes) -> Event:
+    doc = wire.decode(data)
+    cls = SHARED[doc["type"]]
+    fields = doc["fields"]
+    if cls is MailboxAppended:
+        return MailboxAppended(tuple(MailboxEvent(e["principal"], int(e["n"]), e["doc"]) for e in fields["events"]))
+    if cls is GroupChanged:
+        return GroupChanged(fields["group_id"], frozenset(fields["members"]))
+    event: Event = cls(**fields)
+    return event
+
+
+class ClusterBus:
+    def __init__(self, *, share: bool, max_pending: int = 10000) -> None:
+        self.local = InProcessBus(max_pending=max_pending)
+        self._share = share
+        self._send: Callable[[bytes], object] | None = None     # set by the node once its link exists
+        self.shared = 0
+        self.received = 0
+
+    # the InProcessBus figures the monitor reads
+    @property
+    def failures(self) -> int:
+        return self.local.failures
+
+    @property
+    def dropped(self) -> int:
+        return self.local.dropped
+
+    def attach(self, send: Callable[[bytes], object]) -> None:
+        self._send = send
+
+    def subscribe(self, event_type: type[E], handler: Handler[E]) -> None:
+        self.local.subscribe(event_type, handler)
+
+    def subscribers(self, event_type: type[Any]) -> int:
+        return self.local.subscribers(event_type)
+
+    async def publish(self, event: Event) -> None:
+        self._out(event)
+        await self.local.publish(event)
+
+    def publish_nowait(self, event: Event) -> None:
+        self._out(event)
+        self.local.publish_nowait(event)
+
+    async def drain(self) -> None:
+        await self.local.drain()
+
+    async def from_peer(self, data: bytes) -> None:
+        """An event another node published: run the local handlers only."""
+        try:
+            event = decode_event(data)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("cluster: an undecodable event from another node: %s", exc)
+            return
+        self.received += 1
+        await self.local.publish(event)
+
+    def _out(self, event: Event) -> None:
+        if self._share and self._send is not None and type(event).__name__ in SHARED:
+            self.shared += 1
+            self._send(encode_event(event))

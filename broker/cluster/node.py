@@ -1,0 +1,248 @@
+"""ClusterNode: this broker as one node of a cluster.
+
+* Plain MQTT publishes: every message the engine routes here (client publishes,
+  wills, the broker's own; not `$` topics, which are each node's) is sent to
+  the nodes whose subscription filters match its topic, and only to them: each
+  node announces the filters its sessions hold (peers.py) and the wildcards are
+  matched here. The receiving node routes it to its own sessions with its own
+  ACL, at min(publish QoS, granted QoS), as on one node.
+* Retained messages: a change committed on one node is applied on every other
+  (and written to its store; with one shared store that write is the same row).
+* Take-over: a client id connecting here closes its connection on any other
+  node (no will), after this node's connection was counted (presence never
+  drops to zero in between).
+* Wills: every node knows the wills of every other node's connected clients.
+  When a node dies (SIGKILL, no heartbeat for `cluster.node_timeout`) the first
+  surviving node by name publishes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+from broker.cluster import wire
+from broker.cluster.bus import ClusterBus
+from broker.cluster.link import NatsLink
+from broker.cluster.peers import LocalState, Peer, Peers
+from broker.config import ClusterConfig
+from broker.mqtt.session import Message
+from broker.services.events import RetainedChanged
+from contract import topics
+
+log = logging.getLogger("roost.cluster")
+
+MAX_ECHOES = 10000       # retained changes from peers awaiting their own commit here
+
+
+class ClusterNode:
+    def __init__(self, config: ClusterConfig, *, bus: ClusterBus,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.name = config.node
+        self.inc = secrets.token_hex(6)
+        self.timeout = config.node_timeout
+        self.heartbeat_interval = max(0.2, min(2.0, config.node_timeout / 5))
+        self.link = NatsLink(config.nats.servers, name=f"roost-{self.name}",
+                             max_pending_bytes=config.max_pending_bytes)
+        self.state = LocalState(self.name, self.inc, self._send_state)
+        self.peers = Peers(me=self.name, timeout=config.node_timeout, clock=clock, ask_sync=self._ask_sync,
+                           on_dead=self._peer_dead, on_conns=self._peer_conns)
+        self._bus = bus
+        bus.attach(lambda data: self.link.send(wire.EVENT, data))
+        self._broker: Any = None
+        self._engine: Any = None
+        self._echoes: dict[str, bytes] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        # Presence across nodes (set by the composition root when presence runs):
+        # (principal, change in connections elsewhere, announce the result here)
+        self.on_remote_conns: Callable[[str, int, bool], None] | None = None
+        # figures
+        self.forwarded = 0
+        self.from_peers = 0
+        self.wills_published = 0
+        self.taken_over = 0
+        link = self.link
+        link.subscribe(wire.STATE, self._on_state)
+        link.subscribe(wire.sync_subject(self.name), self._on_sync)
+        link.subscribe(wire.snap_subject(self.name), self._on_snapshot)
+        link.subscribe(wire.pub_subject(self.name), self._on_publish)
+        link.subscribe(wire.RETAINED, self._on_retained)
+        link.subscribe(wire.EVENT, self._on_event)
+        link.subscribe(wire.BYE, self._on_bye)
+        link.on_connected = self.peers.link_up
+        link.on_disconnected = self.peers.link_down
+
+    # ---- wiring and lifecycle ----------------------------------------------------------
+
+    def attach(self, broker: Any) -> None:
+        """Before broker.start(): the sessions it loads announce their filters."""
+        self._broker = broker
+        self._engine = broker.engine
+        router = self._engine.router
+        router.on_routed = self._routed
+        router.on_interest = self.state.filter_changed
+        self._bus.subscribe(RetainedChanged, self._retained_committed)
+
+    async def start(self) -> None:
+        await self.link.start()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="cluster-tick")
+        log.info("cluster: node %s (heartbeat every %.1fs, dead after %.0fs)", self.name,
+                 self.heartbeat_interval, self.timeout)
+
+    def leave(self) -> None:
+        """A clean stop: the others forget this node at once (no wills: its
+        clients are closed by the shutdown, which publishes none either)."""
+        self.link.send(wire.BYE, wire.encode({"node": self.name, "inc": self.inc}))
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        await self.link.stop()
+
+    async def _tick(self) -> None:
+        while True:
+            self.state.heartbeat()
+            self.peers.check()
+            await asyncio.sleep(self.heartbeat_interval)
+
+    def figures(self) -> dict[str, Any]:
+        link = self.link
+        return {"node": self.name, "nats_connected": link.connected.is_set(), "peers": self.peers.alive(),
+                "forwarded": self.forwarded, "from_peers": self.from_peers, "sent": link.sent,
+                "received": link.received, "dropped": link.dropped, "dropped_bytes": link.dropped_bytes,
+                "queued_bytes": link.queued_bytes, "slow_consumer": link.slow_consumer,
+                "nats_outages": link.outages, "resyncs": self.peers.resyncs, "deaths": self.peers.deaths,
+                "wills_published": self.wills_published, "taken_over": self.taken_over,
+                "events_shared": self._bus.shared, "events_received": self._bus.received}
+
+    # ---- plain MQTT publishes ----------------------------------------------------------
+
+    def _routed(self, msg: Message) -> None:
+        topic = msg.topic
+        if topic[0] == "$":
+            return
+        nodes = self.peers.interest.match(topic)
+        if not nodes:
+            return
+        frame = wire.encode_publish(topic, msg.payload, msg.qos)
+        send = self.link.send
+        for node in nodes:
+            send(wire.pub_subject(node), frame)
+        self.forwarded += 1
+
+    async def _on_publish(self, subject: str, data: bytes) -> None:
+        topic, payload, qos = wire.decode_publish(data)
+        self.from_peers += 1
+        await self._engine.route_from_peer(topic, payload, qos)
+
+    # ---- retained messages -------------------------------------------------------------
+
+    def _retained_committed(self, event: RetainedChanged) -> None:
+        if self._echoes.get(event.topic) == event.payload:
+            del self._echoes[event.topic]     # a peer's change, now committed here too
+            return
+        kept = self._engine.retained.get(event.topic)
+        qos = kept.qos if kept is not None else 0
+        owner = kept.owner if kept is not None else None
+        self.link.send(wire.RETAINED, wire.encode({"node": self.name, "topic": event.topic, "qos": qos,
+                                                   "owner": owner, "payload": wire.b64(event.payload)}))
+
+    async def _on_retained(self, subject: str, data: bytes) -> None:
+        doc = wire.decode(data)
+        if doc["node"] == self.name:
+            return
+        topic, payload = str(doc["topic"]), wire.unb64(doc["payload"])
+        kept = self._engine.retained.get(topic)
+        if (kept.payload if kept is not None else b"") == payload:
+            return
+        if len(self._echoes) >= MAX_ECHOES:
+            self._echoes.clear()
+        self._echoes[topic] = payload
+        if not self._engine.set_retained(topic, payload, int(doc["qos"]), doc.get("owner")):
+            self._echoes.pop(topic, None)
+
+    # ---- domain events -----------------------------------------------------------------
+
+    async def _on_event(self, subject: str, data: bytes) -> None:
+        await self._bus.from_peer(data)
+
+    # ---- node state: interest, wills, connections ----------------------------------------
+
+    def _send_state(self, doc: dict[str, Any]) -> None:
+        self.link.send(wire.STATE, wire.encode(doc))
+
+    def _ask_sync(self, node: str) -> None:
+        self.link.send(wire.sync_subject(node), wire.encode({"node": self.name}))
+
+    async def _on_state(self, subject: str, data: bytes) -> None:
+        doc = wire.decode(data)
+        if doc.get("op") == "takeover":
+            if doc["node"] != self.name and self._engine.take_over_here(doc["key"]):
+                self.taken_over += 1
+                log.info("cluster: %s connected on node %s: its connection here is closed",
+                         doc["key"], doc["node"])
+        self.peers.on_state(doc)
+
+    async def _on_sync(self, subject: str, data: bytes) -> None:
+        asker = str(wire.decode(data)["node"])
+        for part in self.state.snapshot():
+            self.link.send(wire.snap_subject(asker), wire.encode(part))
+
+    async def _on_snapshot(self, subject: str, data: bytes) -> None:
+        self.peers.on_snapshot(wire.decode(data))
+
+    async def _on_bye(self, subject: str, data: bytes) -> None:
+        self.peers.on_bye(wire.decode(data))
+
+    # ---- clients (plugin.py reports the engine's online/offline hooks) ---------------------
+
+    def client_online(self, info: Any, counted: str | None) -> None:
+        key = info.session_key
+        if counted:
+            self.state.conn_up(counted)
+        # after the connection counted here, so presence sees 1 -> 2 -> 1
+        self.state.takeover(key)
+        if info.will_flag and info.will_topic and not info.will_topic.startswith("$"):
+            self.state.will_set(wire.Will(key, info.principal, info.client_id, info.will_topic,
+                                          bytes(info.will_message or b""), info.will_qos, bool(info.will_retain)))
+
+    def client_offline(self, info: Any, counted: str | None) -> None:
+        self.state.will_cleared(info.session_key)
+        if counted:
+            self.state.conn_down(counted)
+
+    # ---- other nodes ---------------------------------------------------------------------
+
+    def _peer_conns(self, peer: Peer, changes: dict[str, int]) -> None:
+        if self.on_remote_conns is not None:
+            for principal, delta in changes.items():
+                self.on_remote_conns(principal, delta, False)
+
+    def _survivor(self) -> bool:
+        """Whether this node acts for the dead: the first alive node by name."""
+        return min([self.name, *self.peers.alive()]) == self.name
+
+    def _peer_dead(self, peer: Peer, crashed: bool) -> None:
+        mine = self._survivor()
+        if self.on_remote_conns is not None:
+            for principal, n in peer.conns.items():
+                self.on_remote_conns(principal, -n, mine)
+        if crashed and mine and peer.wills:
+            log.info("cluster: publishing %d will(s) of node %s's clients", len(peer.wills), peer.name)
+            task = asyncio.get_running_loop().create_task(self._publish_wills(list(peer.wills.values())))
+            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+
+    async def _publish_wills(self, wills: list[wire.Will]) -> None:
+        for will in wills:
+            if will.topic.startswith(topics.ROOT):
+                continue     # Roost's own topics are answered by their services, not routed
+            try:
+                await self._broker.publish(will.topic, will.payload, will.qos, will.retain)
+                self.wills_published += 1
+            except Exception:  # noqa: BLE001 - the other wills still go out
+                log.exception("cluster: publishing the will of %s failed", will.client_id)

@@ -1,0 +1,305 @@
+"""This node's state as the others see it, and the other nodes as this one sees them.
+
+`LocalState` numbers every change this node announces (a filter gained or lost,
+a will set or cleared, a counted connection up or down) and answers snapshot
+requests. `Peers` applies the changes of every other node in order: a gap in a
+node's numbers (a message NATS lost, an outage) makes it ask that node for a
+snapshot, holding the changes that arrive meanwhile. Heartbeats travel on the
+same subject as the changes, so they cannot overtake them.
+
+A node not heard from for `node_timeout` is dead: its interest is dropped and
+`on_dead` gets its wills and connections. Failure detection waits while this
+node itself has no NATS (then nobody can be heard) and for a full
+`node_timeout` after NATS came back, so an outage of NATS kills nobody.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.cluster.wire import Will
+from broker.mqtt.topics import SubscriptionIndex
+
+log = logging.getLogger("roost.cluster")
+
+SNAPSHOT_PART_BYTES = 256 * 1024     # a snapshot is sent in parts well under NATS's max_payload
+SYNC_RETRY = 2.0                     # seconds before a snapshot request is repeated
+MAX_HELD_CHANGES = 100_000           # changes held while a snapshot is awaited; beyond: ask again
+
+
+class LocalState:
+    def __init__(self, node: str, inc: str, send: Callable[[dict[str, Any]], None]) -> None:
+        self.node = node
+        self.inc = inc
+        self._send = send
+        self.seq = 0
+        self.filters: dict[str, int] = {}      # filter -> sessions here holding it
+        self.wills: dict[str, Will] = {}       # session key -> will of its connected client
+        self.conns: dict[str, int] = {}        # principal -> counted connections here
+
+    def _change(self, op: str, **fields: Any) -> None:
+        self.seq += 1
+        self._send({"op": op, "node": self.node, "inc": self.inc, "seq": self.seq, **fields})
+
+    def heartbeat(self) -> None:
+        self._send({"op": "hb", "node": self.node, "inc": self.inc, "seq": self.seq})
+
+    def filter_changed(self, f: str, gained: bool) -> None:
+        n = self.filters.get(f, 0) + (1 if gained else -1)
+        if n > 0:
+            self.filters[f] = n
+            if n == 1 and gained:
+                self._change("sub", f=f)
+        else:
+            self.filters.pop(f, None)
+            self._change("unsub", f=f)
+
+    def takeover(self, key: str) -> None:
+        """A client with session key `key` connected here: any other node closes its
+        connection (numbered like a change so it cannot overtake this node's "up")."""
+        self._change("takeover", key=key)
+
+    def will_set(self, will: Will) -> None:
+        self.wills[will.key] = will
+        self._change("will", will=will.to_doc())
+
+    def will_cleared(self, key: str) -> None:
+        if self.wills.pop(key, None) is not None:
+            self._change("unwill", key=key)
+
+    def conn_up(self, principal: str) -> None:
+        self.conns[principal] = self.conns.get(principal, 0) + 1
+        self._change("up", principal=principal)
+
+    def conn_down(self, principal: str) -> None:
+        n = self.conns.get(principal, 0) - 1
+        if n > 0:
+            self.conns[principal] = n
+        else:
+            self.conns.pop(principal, None)
+        self._change("down", principal=principal)
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        """The whole state, in parts of at most ~SNAPSHOT_PART_BYTES."""
+        parts: list[dict[str, Any]] = []
+        part: dict[str, Any] = {"filters": [], "wills": [], "conns": {}}
+        size = 0
+
+        def cut() -> None:
+            nonlocal part, size
+            parts.append(part)
+            part = {"filters": [], "wills": [], "conns": {}}
+            size = 0
+
+        for f in self.filters:
+            part["filters"].append(f)
+            size += len(f) + 4
+            if size > SNAPSHOT_PART_BYTES:
+                cut()
+        for will in self.wills.values():
+            part["wills"].append(will.to_doc())
+            size += will.size() * 2
+            if size > SNAPSHOT_PART_BYTES:
+                cut()
+        for principal, n in self.conns.items():
+            part["conns"][principal] = n
+            size += len(principal) + 8
+            if size > SNAPSHOT_PART_BYTES:
+                cut()
+        parts.append(part)
+        for i, p in enumerate(parts):
+            p.update(node=self.node, inc=self.inc, seq=self.seq, part=i, last=i == len(parts) - 1)
+        return parts
+
+
+@dataclass
+class Peer:
+    name: str
+    inc: str
+    heard_at: float
+    seq: int = 0
+    synced: bool = False
+    sync_asked_at: float = 0.0
+    held: list[dict[str, Any]] = field(default_factory=list)
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    filters: set[str] = field(default_factory=set)
+    wills: dict[str, Will] = field(default_factory=dict)
+    conns: dict[str, int] = field(default_factory=dict)
+
+
+class Peers:
+    def __init__(self, *, me: str, timeout: float, clock: Callable[[], float],
+                 ask_sync: Callable[[str], None],
+                 on_dead: Callable[[Peer, bool], None],
+                 on_conns: Callable[[Peer, dict[str, int]], None]) -> None:
+        self._me = me
+        self._timeout = timeout
+        self._clock = clock
+        self._ask_sync = ask_sync
+        self._on_dead = on_dead          # (peer, crashed): crashed False for a clean leave
+        self._on_conns = on_conns        # (peer, {principal: change}) after its connections changed
+        self.peers: dict[str, Peer] = {}
+        self.interest: SubscriptionIndex[str] = SubscriptionIndex()
+        self._watching_since: float | None = None     # NATS up since; None: down
+        self.resyncs = 0
+        self.deaths = 0
+
+    # ---- NATS up or down: failure detection only while we can hear ---------------------
+
+    def link_up(self) -> None:
+        now = self._clock()
+        self._watching_since = now
+        for peer in self.peers.values():
+            peer.heard_at = max(peer.heard_at, now)
+            peer.synced = False          # changes may have been missed meanwhile
+            self._ask(peer, now)
+
+    def link_down(self) -> None:
+        self._watching_since = None
+
+    def alive(self) -> list[str]:
+        return sorted(self.peers)
+
+    # ---- incoming --------------------------------------------------------------------
+
+    def on_state(self, doc: dict[str, Any]) -> None:
+        name = str(doc["node"])
+        if name == self._me:
+            return
+        inc = str(doc["inc"])
+        now = self._clock()
+        peer = self.peers.get(name)
+        if peer is not None and peer.inc != inc:
+            log.info("cluster: node %s restarted", name)
+            self._dead(peer, crashed=True)
+            peer = None
+        if peer is None:
+            peer = self.peers[name] = Peer(name, inc, now)
+            log.info("cluster: node %s joined", name)
+            self._ask(peer, now)
+        peer.heard_at = now
+        op = doc["op"]
+        seq = int(doc["seq"])
+        if not peer.synced:
+            if op != "hb":
+                peer.held.append(doc)
+                if len(peer.held) > MAX_HELD_CHANGES:
+                    peer.held.clear()
+                    self._ask(peer, now)
+            return
+        if op == "hb":
+            if seq != peer.seq:
+                self._gap(peer, now)
+            return
+        if seq <= peer.seq:
+            return
+        if seq != peer.seq + 1:
+            peer.held.append(doc)
+            self._gap(peer, now)
+            return
+        self._apply(peer, doc)
+
+    def on_snapshot(self, doc: dict[str, Any]) -> None:
+        name = str(doc["node"])
+        peer = self.peers.get(name)
+        if peer is None or peer.inc != doc["inc"] or peer.synced:
+            return
+        if int(doc["part"]) != len(peer.parts):
+            peer.parts.clear()      # a part lost or an old snapshot: wait for the next request
+            return
+        peer.parts.append(doc)
+        if not doc["last"]:
+            return
+        parts, peer.parts = peer.parts, []
+        for f in peer.filters:
+            self.interest.remove(f, name)
+        old_conns = peer.conns
+        peer.filters, peer.wills, peer.conns = set(), {}, {}
+        for part in parts:
+            for f in part["filters"]:
+                peer.filters.add(f)
+                self.interest.add(f, name, 0)
+            for w in part["wills"]:
+                will = Will.from_doc(w)
+                peer.wills[will.key] = will
+            for principal, n in part["conns"].items():
+                peer.conns[principal] = int(n)
+        peer.seq = int(doc["seq"])
+        peer.synced = True
+        changed = {p: peer.conns.get(p, 0) - old_conns.get(p, 0)
+                   for p in set(old_conns) | set(peer.conns)}
+        changed = {p: d for p, d in changed.items() if d}
+        if changed:
+            self._on_conns(peer, changed)
+        held, peer.held = sorted(peer.held, key=lambda d: int(d["seq"])), []
+        for change in held:
+            if int(change["seq"]) <= peer.seq:
+                continue
+            if int(change["seq"]) != peer.seq + 1:
+                self._gap(peer, self._clock())
+                return
+            self._apply(peer, change)
+
+    def on_bye(self, doc: dict[str, Any]) -> None:
+        peer = self.peers.get(str(doc["node"]))
+        if peer is not None and peer.inc == doc["inc"]:
+            log.info("cluster: node %s left", peer.name)
+            self._dead(peer, crashed=False)
+
+    # ---- the clock -------------------------------------------------------------------
+
+    def check(self) -> None:
+        now = self._clock()
+        since = self._watching_since
+        watching = since is not None and now - since >= self._timeout
+        for peer in list(self.peers.values()):
+            if watching and now - peer.heard_at > self._timeout:
+                log.warning("cluster: node %s not heard from for %.1fs: dead", peer.name, now - peer.heard_at)
+                self._dead(peer, crashed=True)
+            elif not peer.synced and now - peer.sync_asked_at > SYNC_RETRY:
+                self._ask(peer, now)
+
+    # ---- helpers ---------------------------------------------------------------------
+
+    def _apply(self, peer: Peer, doc: dict[str, Any]) -> None:
+        peer.seq = int(doc["seq"])
+        op = doc["op"]
+        if op == "sub":
+            peer.filters.add(doc["f"])
+            self.interest.add(doc["f"], peer.name, 0)
+        elif op == "unsub":
+            peer.filters.discard(doc["f"])
+            self.interest.remove(doc["f"], peer.name)
+        elif op == "will":
+            will = Will.from_doc(doc["will"])
+            peer.wills[will.key] = will
+        elif op == "unwill":
+            peer.wills.pop(doc["key"], None)
+        elif op in ("up", "down"):
+            principal = doc["principal"]
+            n = peer.conns.get(principal, 0) + (1 if op == "up" else -1)
+            if n > 0:
+                peer.conns[principal] = n
+            else:
+                peer.conns.pop(principal, None)
+            self._on_conns(peer, {principal: 1 if op == "up" else -1})
+
+    def _gap(self, peer: Peer, now: float) -> None:
+        self.resyncs += 1
+        peer.synced = False
+        self._ask(peer, now)
+
+    def _ask(self, peer: Peer, now: float) -> None:
+        peer.sync_asked_at = now
+        peer.parts.clear()
+        self._ask_sync(peer.name)
+
+    def _dead(self, peer: Peer, *, crashed: bool) -> None:
+        self.peers.pop(peer.name, None)
+        self.deaths += 1
+        for f in peer.filters:
+            self.interest.remove(f, peer.name)
+        self._on_dead(peer, crashed)

@@ -1,0 +1,109 @@
+"""What nodes tell each other over NATS: subjects and their encodings.
+
+Subjects (every node subscribes to the broadcast ones and to its own):
+
+    roost.hb              heartbeat        {"node", "inc", "seq"}           (broadcast)
+    roost.state           state change     {"node", "inc", "seq", "op", ...} (broadcast)
+    roost.sync.<node>     ask <node> for its whole state: {"node": asker}
+    roost.snap.<node>     a state snapshot for <node>, in parts: {"node", "inc", "seq", "part", "last", ...}
+    roost.pub.<node>      a publish routed to <node> (binary: see encode_publish)
+    roost.retained        a retained message committed on a node  (broadcast)
+    roost.event           a shared domain event (broadcast, bus.py)
+    roost.bye             a node leaving cleanly {"node", "inc"}
+
+`inc` (incarnation) is random per process start: a node restarted under the same
+name is a new incarnation, and the old one is dead. `seq` counts the state
+changes of one incarnation; a receiver that sees a gap asks for a snapshot.
+
+State ops: "sub"/"unsub" (a filter gained by the first / lost by the last
+session on that node), "will"/"unwill" (a connected client's will, by session
+key), "up"/"down" (a counted connection of a principal, for presence).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+PREFIX = "roost"
+HEARTBEAT = f"{PREFIX}.hb"
+STATE = f"{PREFIX}.state"
+RETAINED = f"{PREFIX}.retained"
+EVENT = f"{PREFIX}.event"
+BYE = f"{PREFIX}.bye"
+
+
+def sync_subject(node: str) -> str:
+    return f"{PREFIX}.sync.{node}"
+
+
+def snap_subject(node: str) -> str:
+    return f"{PREFIX}.snap.{node}"
+
+
+def pub_subject(node: str) -> str:
+    return f"{PREFIX}.pub.{node}"
+
+
+def encode(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    doc = json.loads(data)
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    return doc
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text)
+
+
+# ---- a routed publish: qos (1 byte), topic length (2 bytes), topic, payload ----------
+
+_HEAD = struct.Struct("!BH")
+
+
+def encode_publish(topic: str, payload: bytes, qos: int) -> bytes:
+    t = topic.encode()
+    return _HEAD.pack(qos, len(t)) + t + payload
+
+
+def decode_publish(data: bytes) -> tuple[str, bytes, int]:
+    qos, n = _HEAD.unpack_from(data)
+    start = _HEAD.size
+    if qos > 2 or start + n > len(data):
+        raise ValueError("malformed publish frame")
+    return data[start:start + n].decode(), bytes(data[start + n:]), qos
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """A connected client's will, kept by every node so a survivor can publish it."""
+    key: str                 # session key (principal and client id)
+    principal: str | None
+    client_id: str
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+    def size(self) -> int:
+        return len(self.key) + len(self.topic) + len(self.payload) + 64
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"key": self.key, "principal": self.principal, "client_id": self.client_id, "topic": self.topic,
+                "payload": b64(self.payload), "qos": self.qos, "retain": self.retain}
+
+    @staticmethod
+    def from_doc(doc: dict[str, Any]) -> Will:
+        return Will(str(doc["key"]), doc.get("principal"), str(doc["client_id"]), str(doc["topic"]),
+                    unb64(doc["payload"]), int(doc["qos"]), bool(doc["retain"]))
