@@ -151,6 +151,21 @@ class InfluxConfig:
 class TelemetryConfig:
     influxdb: InfluxConfig | None = None
     max_fields: int = 64
+    # The recent history `device.history` answers from (charts without InfluxDB):
+    # at most one point per device every history_interval, history_points per device, none older than history_ttl.
+    history_interval: float = 10.0
+    history_points: int = 2880
+    history_ttl: float = 86400.0
+
+
+@dataclass
+class FilesConfig:
+    """Pictures and files sent in messages (docs/PROTOCOL.md, "Files")."""
+    path: str = "data/files"                # content-addressed blobs (and uploads in progress)
+    max_size: int = 10 * 1024 * 1024        # bytes of one file (too_large beyond)
+    quota: int = 1024 * 1024 * 1024         # bytes one principal may have uploaded (quota_exceeded beyond)
+    max_uploading: int = 256 * 1024 * 1024  # bytes of uploads in progress, all principals together
+    upload_ttl: float = 600.0               # an upload idle this long is abandoned and its bytes deleted
 
 
 @dataclass
@@ -193,6 +208,7 @@ class RoostConfig:
     mailbox: MailboxConfig = field(default_factory=MailboxConfig)
     messaging: MessagingConfig = field(default_factory=MessagingConfig)
     telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    files: FilesConfig = field(default_factory=FilesConfig)
     homeassistant: HomeAssistantConfig = field(default_factory=HomeAssistantConfig)
     log: LogConfig = field(default_factory=LogConfig)
     cluster: ClusterConfig | None = None
@@ -210,7 +226,8 @@ _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION_FIELDS = {("MailboxConfig", "ttl"), ("LimitsConfig", "contact_request_cooldown"), ("JwtConfig", "leeway"),
                     ("LimitsConfig", "session_expiry"),
-                    ("ClusterConfig", "node_timeout")}
+                    ("ClusterConfig", "node_timeout"), ("TelemetryConfig", "history_interval"),
+                    ("TelemetryConfig", "history_ttl"), ("FilesConfig", "upload_ttl")}
 
 
 def parse_duration(value: Any, path: str) -> float:
