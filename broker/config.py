@@ -161,7 +161,8 @@ class TelemetryConfig:
 @dataclass
 class FilesConfig:
     """Pictures and files sent in messages (docs/PROTOCOL.md, "Files")."""
-    path: str = "data/files"                # content-addressed blobs (and uploads in progress)
+    # Content-addressed blobs and uploads in progress; "": a `files` folder beside storage.path.
+    path: str = ""
     max_size: int = 10 * 1024 * 1024        # bytes of one file (too_large beyond)
     quota: int = 1024 * 1024 * 1024         # bytes one principal may have uploaded (quota_exceeded beyond)
     max_uploading: int = 256 * 1024 * 1024  # bytes of uploads in progress, all principals together
@@ -220,6 +221,10 @@ class RoostConfig:
     def resolve(self, path: str) -> Path:
         p = Path(path)
         return p if p.is_absolute() else Path(self.base_dir) / p
+
+    def files_dir(self) -> Path:
+        """Where files are kept (files.path, by default beside the SQLite store)."""
+        return self.resolve(self.files.path) if self.files.path else self.resolve(self.storage.path).parent / "files"
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
