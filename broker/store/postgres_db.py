@@ -5,6 +5,7 @@ Every sub-store of the PostgreSQL engine goes through `PgDatabase`:
     rows = await db.read(lambda conn: conn.fetch("SELECT ..."))      # one statement, no transaction
     value = await db.write(job)          # async def job(conn): ... in one transaction, retried on
                                          # serialization failures and deadlocks
+    await db.autocommit(job)             # a job of ONE statement (atomic by itself): no BEGIN/COMMIT
     async with db.transaction() as conn: # the same transaction, for code that is not a function
         ...
 
@@ -110,6 +111,13 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
+async def _keep_session(conn: Connection) -> None:
+    """The pool's reset between uses: nothing beyond asyncpg's own rollback of an open
+    transaction. The store never changes session state (no SET, LISTEN, cursors or
+    session-level advisory locks; its locks are transaction-scoped), so the default
+    reset (RESET ALL; UNLISTEN *; ...) would be a round trip per use for nothing."""
+
+
 class PgDatabase:
     """One asyncpg pool on `dsn`, with the store's error mapping and health figures.
 
@@ -165,7 +173,7 @@ class PgDatabase:
             self._pool = await asyncpg.create_pool(
                 self.dsn, min_size=self._min_size, max_size=self.pool_size, timeout=self._connect_timeout,
                 command_timeout=self._command_timeout,
-                server_settings={"application_name": "roost", "jit": "off"})
+                server_settings={"application_name": "roost", "jit": "off"}, reset=_keep_session)
             # No floor of idle connections by default (min_size 0): asyncpg would
             # restore one in the background during an outage, logging a traceback
             # per attempt. One connection now proves the server is there.
@@ -244,6 +252,22 @@ class PgDatabase:
             try:
                 async with self.transaction(isolation=isolation) as conn:
                     result = await job(conn)
+                return result
+            except _Retryable:
+                if attempt + 1 >= self._write_retries:
+                    raise
+                self.retries += 1
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def autocommit(self, job: Callable[[Connection], Awaitable[T]]) -> T:
+        """`write` for a job of exactly one statement, which is atomic by itself: no
+        BEGIN and COMMIT round trips. Returns after it committed; re-run as `write`."""
+        for attempt in range(self._write_retries):
+            began = time.perf_counter()
+            try:
+                async with self.connection() as conn:
+                    result = await job(conn)
+                self._committed(time.perf_counter() - began)
                 return result
             except _Retryable:
                 if attempt + 1 >= self._write_retries:

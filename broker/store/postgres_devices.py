@@ -42,11 +42,11 @@ class PgDeviceStore:
             except asyncpg.ForeignKeyViolationError:
                 raise NotFoundError(f"device {du.device!r} or principal {du.principal!r} does not exist") from None
 
-        await self._db.write(job)
+        await self._db.autocommit(job)
 
     async def remove_device_user(self, device: str, principal: str) -> bool:
         async def job(conn: Connection) -> bool:
             return await conn.fetchval("DELETE FROM device_users WHERE device=$1 AND principal=$2 RETURNING 1",
                                        device, principal) is not None
 
-        return await self._db.write(job)
+        return await self._db.autocommit(job)

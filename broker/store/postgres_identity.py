@@ -95,7 +95,7 @@ class PgIdentityStore:
         async def job(conn: Connection) -> bool:
             return await conn.fetchval("DELETE FROM principals WHERE id=$1 RETURNING 1", principal_id) is not None
 
-        return await self._db.write(job)
+        return await self._db.autocommit(job)
 
     async def set_secret(self, principal_id: str, secret_hash: str) -> bool:
         now = time.time()
@@ -104,7 +104,7 @@ class PgIdentityStore:
             return await conn.fetchval("UPDATE principals SET secret_hash=$1, secret_set_at=$2 WHERE id=$3 RETURNING 1",
                                        secret_hash, now, principal_id) is not None
 
-        return await self._db.write(job)
+        return await self._db.autocommit(job)
 
     async def set_pairing_code(self, principal_id: str, code: str) -> bool:
         """`code` is the hash of the pairing code (IdentityService hashes it)."""
@@ -112,7 +112,7 @@ class PgIdentityStore:
             return await conn.fetchval("UPDATE principals SET pairing_code=$1 WHERE id=$2 AND kind='device' RETURNING 1",
                                        code, principal_id) is not None
 
-        return await self._db.write(job)
+        return await self._db.autocommit(job)
 
     async def set_profile(self, principal_id: str, *, name: str | None, status: str | None) -> Principal | None:
         async def job(conn: Connection) -> Principal | None:
@@ -121,7 +121,7 @@ class PgIdentityStore:
                 f"RETURNING {_COLUMNS}", name, status, principal_id)
             return _row(r) if r is not None else None
 
-        return await self._db.write(job)
+        return await self._db.autocommit(job)
 
     async def log_admin(self, principal_id: str, action: str) -> None:
         async def job(conn: Connection) -> None:
@@ -130,7 +130,7 @@ class PgIdentityStore:
                 "INSERT INTO admin_log(seq, principal, action, at) "
                 "SELECT head.seq, $1, $2, extract(epoch FROM now()) FROM head", principal_id, action)
 
-        await self._db.write(job)
+        await self._db.autocommit(job)   # one statement: the counter's row lock is held until it commits
 
     async def admin_log_after(self, seq: int) -> list[tuple[int, str, str]]:
         rows = await self._db.read(lambda conn: conn.fetch(

@@ -46,7 +46,7 @@ class PgPresenceStore:
     async def save_presence(self, records: list[PresenceRecord], alive_at: float | None = None) -> int:
         # one statement for the batch; the last record of a principal wins, as one by one
         last = {r.principal: r for r in records}
-        rows = list(last.values())
+        rows = sorted(last.values(), key=lambda r: r.principal)   # one lock order for every node
 
         async def job(conn: Connection) -> int:
             if alive_at is not None:
@@ -59,4 +59,5 @@ class PgPresenceStore:
                 [r.last_seen for r in rows])}
             return sum(1 for r in records if r.principal in written)
 
-        return await self._db.write(job)
+        # without alive_at it is one statement, atomic by itself
+        return await (self._db.write(job) if alive_at is not None else self._db.autocommit(job))

@@ -31,10 +31,10 @@ class PgRetainedStore:
                 "ON CONFLICT (topic) DO UPDATE SET payload=excluded.payload, qos=excluded.qos",
                 msg.topic, msg.payload, msg.qos)
 
-        await self._db.write(job)
+        await self._db.autocommit(job)
 
     async def delete(self, topic: str) -> None:
         async def job(conn: Connection) -> None:
             await conn.execute("DELETE FROM retained WHERE topic=$1", topic)
 
-        await self._db.write(job)
+        await self._db.autocommit(job)

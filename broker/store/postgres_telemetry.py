@@ -78,7 +78,7 @@ class PgTelemetryStore:
     async def put_latest(self, readings: list[LatestReading]) -> int:
         # one statement for the batch; the last reading of a device wins, as one by one
         last = {r.device: r for r in readings}
-        rows = list(last.values())
+        rows = sorted(last.values(), key=lambda r: r.device)   # one lock order for every node
         if not rows:
             return 0
         texts = [json.dumps(r.fields, separators=(",", ":"), ensure_ascii=False) for r in rows]
@@ -88,13 +88,13 @@ class PgTelemetryStore:
                 _UPSERT, [r.device for r in rows], [r.ts for r in rows], texts)}
             return sum(1 for r in readings if r.device in written)
 
-        return await self._db.write(job)
+        return await self._db.autocommit(job)
 
     async def delete_latest(self, device: str) -> None:
         async def job(conn: Connection) -> None:
             await conn.execute("DELETE FROM telemetry_latest WHERE device=$1", device)
 
-        await self._db.write(job)
+        await self._db.autocommit(job)
 
     async def put_history(self, points: list[HistoryPoint], *, keep: int, expire_before: float) -> int:
         last = {(p.device, p.ts): p for p in points}   # one statement may not touch a row twice
