@@ -216,7 +216,10 @@ class PgDatabase:
         except TimeoutError:
             raise StoreBusy(f"no store connection free within {self._acquire_timeout:g} s") from None
         except BaseException as exc:
-            raise self._failed(exc) from exc
+            mapped = self._failed(exc)
+            if mapped is exc:
+                raise
+            raise mapped from exc
         finally:
             self._waiting -= 1
         try:
@@ -247,7 +250,8 @@ class PgDatabase:
 
     async def write(self, job: Callable[[Connection], Awaitable[T]], *, isolation: str = "read_committed") -> T:
         """Run `await job(conn)` in one transaction; returns after COMMIT. Run again
-        (a bounded number of times) after a serialization failure or deadlock."""
+        (a bounded number of times) after a serialization failure or deadlock, so
+        a job must change nothing but the database (its result is what counts)."""
         for attempt in range(self._write_retries):
             try:
                 async with self.transaction(isolation=isolation) as conn:
