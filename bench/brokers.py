@@ -154,11 +154,15 @@ class BrokerProcess:
         return self.proc.pid if self.proc is not None else None
 
     def rss_mb(self) -> float | None:
+        return self.status_mb("VmRSS")
+
+    def status_mb(self, field: str) -> float | None:
+        """A size from /proc/<pid>/status (VmRSS, VmHWM...) in MB."""
         if self.pid is None:
             return None
         try:
             for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         except OSError:
             return None
@@ -235,7 +239,7 @@ class Roost(BrokerProcess):
             "auth": {"allow_anonymous": False},
             # The benchmark drives few clients hard: lift the per-client request
             # rate limit (a home has many clients, each far below it).
-            "limits": {"max_connections": 20000, "request_rate": 1_000_000.0, "request_burst": 1_000_000,
+            "limits": {"max_connections": 25000, "request_rate": 1_000_000.0, "request_burst": 1_000_000,
                        "max_pending_requests": 1000},
             "messaging": {"allow_dm_without_contact": True},
             "log": {"level": "warning"},

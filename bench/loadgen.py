@@ -401,7 +401,7 @@ class Worker:
         pub = Publisher(c, self.stats) if c.get("pub") else None
         conn = await connect(self.host, self.port, c["cid"], c.get("user"), c.get("pw"),
                              on_message=sub.on_message if sub else None,
-                             on_puback=pub.on_puback if pub else None)
+                             on_puback=pub.on_puback if pub else None, source=c.get("src"))
         if sub is not None:
             sub.conn = conn
             await conn.subscribe([(f, int(q)) for f, q in c["subs"]])

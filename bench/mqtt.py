@@ -196,11 +196,13 @@ class Conn(asyncio.Protocol):
 async def connect(host: str, port: int, client_id: str, username: str | None = None,
                   password: str | None = None, *, on_message: OnMessage | None = None,
                   on_puback: OnPuback | None = None, keepalive: int = 600, clean: bool = True,
-                  timeout: float = 10.0) -> Conn:
-    """Open a TCP connection, send CONNECT, wait for CONNACK 0 (else MqttError)."""
+                  timeout: float = 10.0, source: str | None = None) -> Conn:
+    """Open a TCP connection (from address `source` when given: many clients need more
+    than one source address's ephemeral ports), send CONNECT, wait for CONNACK 0 (else MqttError)."""
     loop = asyncio.get_running_loop()
     transport, conn = await asyncio.wait_for(
-        loop.create_connection(lambda: Conn(on_message, on_puback), host, port), timeout)
+        loop.create_connection(lambda: Conn(on_message, on_puback), host, port,
+                               local_addr=(source, 0) if source else None), timeout)
     if conn.transport is None:  # uvloop may return before calling connection_made
         conn.connection_made(transport)
     conn.write(connect_packet(client_id, username, password, keepalive, clean))

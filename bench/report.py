@@ -67,10 +67,24 @@ ROWS = [
     Row("im", "  at half load: answered p99 ms", "half_answer_p99_ms", False, "{:,.1f}"),
     Row("im", "  lost", "lost", False),
     Row("im", "  duplicated", "dup", False),
+    Row("im_paced", "IM send->msg at 100 sends/s, paced: p50 ms", "p50_ms", False, "{:,.2f}"),
+    Row("im_paced", "  p99 ms", "p99_ms", False, "{:,.2f}"),
+    Row("im_paced", "  send answered ok p99 ms", "answer_p99_ms", False, "{:,.2f}"),
+    Row("im_paced", "  achieved msg/s", "msg_s"),
+    Row("im_paced", "  lost", "lost", False),
+    Row("rss_start", "RSS before the first client, MB", "rss_start_mb", False, "{:,.1f}"),
+    Row("rss_start", "  peak (VmHWM) MB", "hwm_start_mb", False, "{:,.1f}"),
+    Row("rss_start", "  start to listening s", "listen_s", False, "{:,.2f}"),
     Row("hold", "hold: connects/s", "connects_per_s"),
     Row("hold", "  clients held", "connected"),
     Row("hold", "  broker RSS MB", "rss_mb", False, "{:,.1f}"),
     Row("hold", "  broker RSS before, MB", "rss_idle_mb", False, "{:,.1f}"),
+    Row("hold", "  KB per client", "kb_per_client", False, "{:,.1f}"),
+    Row("hold_many", "hold many: clients held", "connected"),
+    Row("hold_many", "  connects/s", "connects_per_s"),
+    Row("hold_many", "  broker RSS MB", "rss_mb", False, "{:,.1f}"),
+    Row("hold_many", "  broker RSS before, MB", "rss_idle_mb", False, "{:,.1f}"),
+    Row("hold_many", "  KB per client", "kb_per_client", False, "{:,.1f}"),
     Row("restart", "restart: mailbox events", "events"),
     Row("restart", "  time to serve s", "serve_s", False, "{:,.2f}"),
     Row("restart", "  after SIGKILL: time to serve s", "serve_after_kill_s", False, "{:,.2f}"),
@@ -81,6 +95,10 @@ def render_table(brokers: list[str], results: dict[str, dict[str, Outcome]], mar
     cols = ["scenario / metric", *brokers]
     ratio_cols = [b for b in brokers if b != "amqtt"] if "amqtt" in brokers else []
     cols += [f"{b}/amqtt" for b in ratio_cols]
+    # Issue 16's targets are against Mosquitto in the same run.
+    vs_mosquitto = "roost" in brokers and "mosquitto" in brokers
+    if vs_mosquitto:
+        cols.append("roost/mosquitto")
     lines: list[list[str]] = []
     for row in ROWS:
         if not any(row.scenario in results.get(b, {}) for b in brokers):
@@ -107,6 +125,13 @@ def render_table(brokers: list[str], results: dict[str, dict[str, Outcome]], mar
             else:
                 r = v / base if row.higher_is_better else base / v if v else float("inf")
                 cells.append(f"{r:.2f}x")
+        if vs_mosquitto:
+            base, v = vals.get("mosquitto"), vals.get("roost")
+            if row.metric in NO_RATIO or base in (None, 0) or v is None:
+                cells.append("")
+            else:
+                r = v / base if row.higher_is_better else base / v if v else float("inf")
+                cells.append(f"{r:.2f}x")
         lines.append(cells)
     widths = [max(len(c[i]) for c in [cols, *lines]) for i in range(len(cols))]
     out = []
@@ -120,8 +145,8 @@ def render_table(brokers: list[str], results: dict[str, dict[str, Outcome]], mar
         out += ["  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(line))
                 for line in lines]
     out.append("")
-    out.append("Ratios: broker / stock amqtt, oriented so that > 1 is better (for latency, RSS and time: "
-               "amqtt's value / broker's).")
+    out.append("Ratios: broker / stock amqtt (and roost / mosquitto), oriented so that > 1 is better "
+               "(for latency, RSS and time: the other's value / broker's).")
     if any(o.saturated for r in results.values() for o in r.values()):
         out.append("* a lower bound for that broker: the generator or all cores were busy, or the broker was "
                    "not CPU-bound (see notes).")
@@ -174,6 +199,57 @@ def render_targets(results: dict[str, dict[str, Outcome]]) -> str:
     return "\n".join(lines)
 
 
+def render_targets16(results: dict[str, dict[str, Outcome]]) -> str:
+    """Issue 16's targets for Roost, checked against this run's figures (Mosquitto's where a ratio)."""
+    roost, mosq = results.get("roost", {}), results.get("mosquitto", {})
+
+    def m(res: dict[str, Outcome], scenario: str, metric: str) -> float | None:
+        o = res.get(scenario)
+        return None if o is None or o.error else o.metrics.get(metric)
+
+    lines = []
+
+    def check(what: str, ok: bool | None, detail: str) -> None:
+        verdict = "n/a " if ok is None else "PASS" if ok else "FAIL"
+        lines.append(f"  {verdict}  {what}: {detail}")
+
+    for metric, label in (("paced_p50_ms", "p50"), ("paced_p99_ms", "p99")):
+        r, b = m(roost, "p2p", metric), m(mosq, "p2p", metric)
+        check(f"paced p2p QoS 1 at 1,000 msg/s {label} <= Mosquitto's", None if r is None or b is None else r <= b,
+              "not measured" if r is None or b is None else f"{r:.2f} vs {b:.2f} ms")
+    p99, lost = m(roost, "im_paced", "p99_ms"), m(roost, "im_paced", "lost")
+    check("IM send->msg at 100 sends/s p99 <= 5 ms", None if p99 is None else p99 <= 5 and not lost,
+          "not measured" if p99 is None else f"{p99:.2f} ms, lost {lost or 0:,.0f}")
+    rate, half, lost, dup = (m(roost, "im", "msg_s"), m(roost, "im", "half_p99_ms"), m(roost, "im", "lost"),
+                             m(roost, "im", "dup"))
+    check("durable IM >= 10,000 msg/s, nothing lost or duplicated",
+          None if rate is None else rate >= 10_000 and not lost and not dup,
+          "not measured" if rate is None else f"{rate:,.0f} msg/s, lost {lost or 0:,.0f}, dup {dup or 0:,.0f}")
+    check("durable IM p99 <= 50 ms at half load", None if half is None else half <= 50,
+          "not measured" if half is None else f"{half:.1f} ms")
+    rss = m(roost, "rss_start", "rss_start_mb")
+    check("RSS before the first client <= 40 MB", None if rss is None else rss <= 40,
+          "not measured" if rss is None else f"{rss:.1f} MB")
+    r, b, held = m(roost, "hold_many", "rss_mb"), m(mosq, "hold_many", "rss_mb"), m(roost, "hold_many", "connected")
+    check("20,000 idle clients held, RSS <= 1.5 x Mosquitto's",
+          None if r is None or b is None else r <= 1.5 * b and (held or 0) >= 20_000,
+          "not measured" if r is None or b is None else f"{held or 0:,.0f} held, {r:.0f} vs {b:.0f} MB")
+    worst = None
+    for scen, metric in (("fanin_qos0", "msg_s"), ("fanin_qos1", "msg_s"), ("p2p", "msg_s"),
+                         ("fanout", "deliveries_s")):
+        r, b = m(roost, scen, metric), m(mosq, scen, metric)
+        if r is not None and b:
+            worst = min(worst, r / b) if worst is not None else r / b
+    check("every throughput row >= 2 x Mosquitto's", None if worst is None else worst >= 2,
+          "not measured" if worst is None else f"lowest ratio {worst:.2f}x")
+    t, tk, n = m(roost, "restart", "serve_s"), m(roost, "restart", "serve_after_kill_s"), m(roost, "restart", "events")
+    if t is not None and tk is not None:
+        t = max(t, tk)
+    check("startup with 1,000,000 mailbox events < 1 s", None if t is None else t < 1 and (n or 0) >= 1_000_000,
+          "not measured" if t is None else f"{t:.2f} s with {n or 0:,.0f} events")
+    return "\n".join(lines)
+
+
 def render_notes(brokers: list[str], results: dict[str, dict[str, Outcome]]) -> str:
     out = []
     for b in brokers:
@@ -214,7 +290,7 @@ def machine_info() -> dict[str, str]:
 
 
 def results_md(info: dict[str, str], cmd: str, quick: bool, elapsed: float, table: str, targets: str,
-               notes: str) -> str:
+               notes: str, targets16: str = "") -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     git = "?"
     try:
@@ -239,6 +315,12 @@ Issue 7 targets (Roost, this run):
 
 ```
 {targets}
+```
+
+Issue 16 targets (Roost, this run):
+
+```
+{targets16}
 ```
 
 Notes (broker and generator CPU during each measured phase; the generator is not the

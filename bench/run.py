@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -27,10 +28,11 @@ from bench import profile
 from bench.brokers import CLK_TCK, BrokerProcess, Mosquitto, Roost, child_setup, make
 from bench.loadgen import raise_nofile
 from bench.mqtt import now_ns
-from bench.report import NPROC, Outcome, machine_info, pct, render_notes, render_table, render_targets, results_md
+from bench.report import NPROC, Outcome, machine_info, pct, render_notes, render_table, render_targets, render_targets16, results_md
 
-SCENARIOS = ("fanin_qos0", "fanin_qos1", "p2p", "fanout", "im", "hold", "restart")
-ROOST_ONLY = {"im", "restart"}
+SCENARIOS = ("fanin_qos0", "fanin_qos1", "p2p", "fanout", "im", "im_paced", "rss_start", "hold", "hold_many",
+             "restart")
+ROOST_ONLY = {"im", "im_paced", "restart"}
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,9 @@ class Sizes:
     im_per_pair: int
     im_half_s: float
     hold: int
+    hold_many: int       # idle authenticated clients of `hold_many` (issue 16: 20,000)
+    im_paced_rate: float  # sends/s in all of `im_paced` (issue 16: 100)
+    im_paced_s: float
     restart_events: int
     timeout: float       # hard limit of one scenario's load phase, seconds
     idle: float          # a worker stops after this long without progress
@@ -53,10 +58,12 @@ class Sizes:
 # Sized so that Roost's phases last about a second (CPU shares need that), which
 # makes stock amqtt's last up to 40 s each: a full run takes about 4 minutes.
 FULL = Sizes(fanin0_per_pub=40_000, fanin_per_pub=16_000, p2p_pairs=50, p2p_per_pair=2000, fanout_subs=100,
-             fanout_msgs=4000, im_pairs=8, im_per_pair=2000, im_half_s=5.0, hold=5000, restart_events=1_000_000,
+             fanout_msgs=4000, im_pairs=8, im_per_pair=2000, im_half_s=5.0, hold=5000, hold_many=20_000,
+             im_paced_rate=100.0, im_paced_s=5.0, restart_events=1_000_000,
              timeout=120.0, idle=5.0)
 QUICK = Sizes(fanin0_per_pub=300, fanin_per_pub=300, p2p_pairs=50, p2p_per_pair=10, fanout_subs=100, fanout_msgs=20,
-              im_pairs=4, im_per_pair=50, im_half_s=1.0, hold=200, restart_events=5_000,
+              im_pairs=4, im_per_pair=50, im_half_s=1.0, hold=200, hold_many=400,
+              im_paced_rate=40.0, im_paced_s=1.0, restart_events=5_000,
               timeout=15.0, idle=3.0)
 
 
@@ -65,7 +72,8 @@ QUICK = Sizes(fanin0_per_pub=300, fanin_per_pub=300, p2p_pairs=50, p2p_per_pair=
 P2P_PACED_RATE = 1000.0
 
 HEADLINE = {"fanin_qos0": "msg_s", "fanin_qos1": "msg_s", "p2p": "msg_s", "fanout": "deliveries_s",
-            "im": "msg_s", "hold": "connects_per_s", "restart": "serve_s"}
+            "im": "msg_s", "im_paced": "p99_ms", "rss_start": "rss_start_mb", "hold": "connects_per_s",
+            "hold_many": "rss_mb", "restart": "serve_s"}
 
 
 def median_outcome(name: str, outcomes: list[Outcome]) -> Outcome:
@@ -86,6 +94,21 @@ def median_outcome(name: str, outcomes: list[Outcome]) -> Outcome:
     figures = ", ".join(f"{o.metrics.get(key) or 0:,.4g}" for o in outcomes)
     chosen.notes.insert(0, f"median of {len(outcomes)} runs ({key}: {figures})")
     return chosen
+
+
+def listening(port: int) -> bool:
+    """A socket of this host listens on `port` (/proc/net/tcp, state 0A): no connection made."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def machine_busy_s() -> float:
@@ -379,14 +402,73 @@ class Runner:
         out.notes.extend(f"half load: {n}" for n in half.notes)
         return out
 
+    # ---- IM at a light, paced load ------------------------------------------------------
+    async def im_paced(self, broker: BrokerProcess) -> Outcome:
+        """Issue 16: `send` -> the recipient's `msg` event at 100 sends/s in all, paced.
+        Every `ok` follows the send's commit (the broker's guarantee, nothing to relax here)."""
+        assert isinstance(broker, Roost)
+        s = self.sizes
+        per_sender_rate = s.im_paced_rate / s.im_pairs
+        per_sender = max(1, int(per_sender_rate * s.im_paced_s))
+        results, usage = await self.im_phase(broker, per_sender, per_sender_rate, "paced")
+        out = Outcome()
+        self.delivery(results, out, "msg_s")
+        ok = sum(r["acked"] for r in results)
+        out.metrics["lost"] = float(max(0, ok - sum(r["received"] for r in results))
+                                    + sum(r["sent"] - r["acked"] for r in results))
+        answers = [x for r in results for x in r.get("answer_us", [])]
+        out.metrics["answer_p50_ms"] = (pct(answers, 0.5) or 0) / 1000 if answers else None
+        out.metrics["answer_p99_ms"] = (pct(answers, 0.99) or 0) / 1000 if answers else None
+        out.notes.append(f"{s.im_paced_rate:,.0f} sends/s over {s.im_pairs} pairs for {s.im_paced_s:.0f} s; "
+                         f"broker cpu {usage['broker_cpu_s'] / usage['interval_s']:.0%}")
+        return out
+
+    # ---- memory before the first client ---------------------------------------------------
+    async def rss_start(self, broker: BrokerProcess) -> Outcome:
+        """RSS of a broker that has started and listens, before any client connected:
+        `scenario()` started it with an MQTT probe, so this one starts it again and
+        waits only for its listening socket (/proc/net/tcp), never connecting."""
+        out = Outcome()
+        broker.stop()
+        broker.spawn()
+        deadline = time.monotonic() + 30.0
+        while not listening(broker.port):
+            if time.monotonic() > deadline or broker.proc is None or broker.proc.poll() is not None:
+                raise RuntimeError(f"{broker.name} not listening:\n{broker.log_tail()}")
+            await asyncio.sleep(0.02)
+        out.metrics["listen_s"] = time.monotonic() - broker.started_at
+        await asyncio.sleep(1.0)     # whatever it does right after listening (loads, timers) is done
+        out.metrics["rss_start_mb"] = broker.rss_mb()
+        out.metrics["hwm_start_mb"] = broker.status_mb("VmHWM")
+        return out
+
     # ---- connection hold ------------------------------------------------------------------
     async def hold(self, broker: BrokerProcess) -> Outcome:
-        s = self.sizes
+        return await self.hold_clients(broker, self.sizes.hold, "hold", [broker.host])
+
+    async def hold_many(self, broker: BrokerProcess) -> Outcome:
+        """Issue 16: 20,000 idle authenticated clients. Their source addresses are spread
+        over 127.0.0.2-9 (ephemeral ports are per source address), and the count is
+        capped below the broker's RLIMIT_NOFILE (its hard limit is all this machine allows)."""
+        n = self.sizes.hold_many
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        cap = hard - 64 if hard != resource.RLIM_INFINITY else n
+        out_notes = []
+        if n > cap:
+            out_notes.append(f"LIMITED: {n:,} wanted, {cap:,} held at most (RLIMIT_NOFILE hard limit {hard:,})")
+            n = cap
+        out = await self.hold_clients(broker, n, "hold_many", [f"127.0.0.{i}" for i in range(2, 10)])
+        out.notes[:0] = out_notes
+        return out
+
+    async def hold_clients(self, broker: BrokerProcess, count: int, name: str, sources: list[str]) -> Outcome:
         halves: list[list[dict[str, Any]]] = [[], []]
-        for i in range(s.hold):
+        for i in range(count):
             c = broker.plain_client(f"c{i}")
-            halves[i % 2].append({"cid": c.client_id, "user": c.username, "pw": c.password})
+            halves[i % 2].append({"cid": c.client_id, "user": c.username, "pw": c.password,
+                                  "src": sources[i % len(sources)]})
         out = Outcome()
+        await asyncio.sleep(0.5)
         out.metrics["rss_idle_mb"] = broker.rss_mb()
 
         async def measure(connected: list[dict[str, Any]]) -> None:
@@ -398,7 +480,11 @@ class Runner:
             if errs:
                 out.notes.append(f"{errs} connects failed, e.g. {connected[0]['errors'][:2]}")
             await asyncio.sleep(2.0)  # idle: let the broker settle
-            out.metrics["rss_mb"] = broker.rss_mb()
+            rss = broker.rss_mb()
+            out.metrics["rss_mb"] = rss
+            before = out.metrics["rss_idle_mb"]
+            if rss is not None and before is not None and total:
+                out.metrics["kb_per_client"] = (rss - before) * 1024 / total
             gen = sum(c["cpu_s"] for c in connected) / max(secs, 1e-9)
             out.notes.append(f"generator cpu while connecting {gen:.0%}")
             if gen > 0.9 * max(1, NPROC - 1):
@@ -406,7 +492,7 @@ class Runner:
                 out.saturated = True
 
         results, _ = await self.run_workers(
-            broker, [{"mode": "hold", "clients": h, "concurrency": 32} for h in halves], "hold", measure)
+            broker, [{"mode": "hold", "clients": h, "concurrency": 32} for h in halves], name, measure)
         alive = sum(r.get("alive", 0) for r in results)
         if alive < (out.metrics.get("connected") or 0):
             out.notes.append(f"only {alive} still connected after the hold")
@@ -449,8 +535,14 @@ class Runner:
                 return await self.fanout(broker)
             if name == "im":
                 return await self.im(broker)
+            if name == "im_paced":
+                return await self.im_paced(broker)
+            if name == "rss_start":
+                return await self.rss_start(broker)
             if name == "hold":
                 return await self.hold(broker)
+            if name == "hold_many":
+                return await self.hold_many(broker)
             if name == "restart":
                 return await self.restart(broker)
             raise ValueError(name)
@@ -535,6 +627,10 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
     if targets:
         print("Issue 7 targets (Roost, this run):")
         print(targets)
+    targets16 = render_targets16(results) if "roost" in results and not args.quick else ""
+    if targets16:
+        print("Issue 16 targets (Roost, this run):")
+        print(targets16)
     if notes:
         print("Notes:")
         print(notes)
@@ -549,7 +645,7 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
         cmd = "python -m bench " + " ".join(argv_used)
         Path(args.results).write_text(results_md(info, cmd.strip(), args.quick, elapsed,
                                                  render_table(brokers, results, markdown=True),
-                                                 targets, notes))
+                                                 targets, notes, targets16))
     failed = any(o.error for r in results.values() for o in r.values())
     return 1 if failed else 0
 
@@ -558,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (< 60 s)")
-    ap.add_argument("--only", default="", help=f"comma-separated scenarios ({', '.join(SCENARIOS)})")
+    ap.add_argument("--only", "--scenarios", dest="only", default="",
+                    help=f"comma-separated scenarios ({', '.join(SCENARIOS)})")
     ap.add_argument("--brokers", default="roost,amqtt,mosquitto", help="comma-separated: roost,amqtt,mosquitto")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
                     help="run every scenario N times per broker and show the median run (shared machines)")

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from bench.brokers import Mosquitto
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -36,7 +38,8 @@ def _children_of(pid: int) -> list[int]:
 def test_quick_bench_prints_table_and_loses_nothing(tmp_path: Path) -> None:
     raw = tmp_path / "bench.json"
     res = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--brokers", "roost,amqtt", "--json", str(raw)],
+        [sys.executable, "-m", "bench", "--quick", "--brokers", "roost,amqtt", "--json", str(raw),
+         "--scenarios", "fanin_qos0,fanin_qos1,p2p,fanout,im,hold,restart"],
         cwd=str(ROOT), capture_output=True, text=True, timeout=80, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
     out = res.stdout
@@ -67,6 +70,36 @@ def test_quick_bench_prints_table_and_loses_nothing(tmp_path: Path) -> None:
     assert _children_of(os.getpid()) == []
     if known:
         pytest.xfail("; ".join(known))
+
+
+@pytest.mark.timeout(60)
+def test_issue16_rows_run_on_their_own(tmp_path: Path) -> None:
+    """The rows issue 16 added, each selectable with --scenarios, tiny sizes: IM at a
+    paced light load, RSS before the first client, many idle clients from several
+    source addresses (Roost and, when installed, Mosquitto in the same run)."""
+    raw = tmp_path / "bench.json"
+    brokers = "roost,mosquitto" if Mosquitto.binary() else "roost"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--brokers", brokers, "--json", str(raw),
+         "--scenarios", "im_paced,rss_start,hold_many"],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=55, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+    for label in ("IM send->msg at 100 sends/s, paced: p50 ms", "RSS before the first client, MB",
+                  "hold many: clients held", "KB per client"):
+        assert label in res.stdout, f"row {label!r} missing from:\n{res.stdout}"
+    doc = json.loads(raw.read_text())
+    roost = doc["results"]["roost"]
+    for name, outcome in roost.items():
+        assert outcome["error"] is None, f"roost {name}: {outcome['error']}"
+        assert not [n for n in outcome["notes"] if "errors:" in n], f"roost {name}: {outcome['notes']}"
+    paced = roost["im_paced"]["metrics"]
+    assert paced["lost"] == 0 and paced["dup"] == 0 and paced["p99_ms"] > 0
+    assert roost["rss_start"]["metrics"]["rss_start_mb"] > 0
+    for broker, scenarios in doc["results"].items():
+        held = scenarios["hold_many"]["metrics"]
+        assert held["connected"] == doc["sizes"]["hold_many"], f"{broker}: {scenarios['hold_many']}"
+        assert held["kb_per_client"] is not None
+    assert _children_of(os.getpid()) == []
 
 
 # Loss the benchmark found and that is being fixed, as {(broker, scenario): why}:
