@@ -63,11 +63,13 @@ async def build_services(config: RoostConfig) -> Services:
     # lower layer never imports a higher one.
     from broker.services.admin_log import AdminLogWatcher
     from broker.services.devices import DeviceService
+    from broker.services.files import FileService
     from broker.services.gateway import Gateway
     from broker.services.messaging import MessagingService
     from broker.services.presence import PresenceService
     from broker.services.social import SocialService
     from broker.services.telemetry import TelemetryService
+    from broker.store.blobs import FsBlobStore
 
     # Built in this order because bus handlers run in the order they subscribed:
     # the gateway (a removed principal loses its access and connections) before
@@ -79,6 +81,7 @@ async def build_services(config: RoostConfig) -> Services:
     services.presence = PresenceService(services)
     services.devices = DeviceService(services)
     services.telemetry = TelemetryService(services)
+    services.files = FileService(services, FsBlobStore(config.files_dir()))
     if config.homeassistant.enabled:
         from broker.services.homeassistant import HomeAssistantService
 
@@ -112,6 +115,8 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
             assert isinstance(services.bus, ClusterBus)   # build_services made it
             broker.cluster = ClusterNode(config.cluster, bus=services.bus)
             broker.cluster.attach(broker)   # before start: loaded sessions announce their filters
+            if services.presence is not None:
+                broker.cluster.on_remote_conns = services.presence.clients_elsewhere
         await broker.start()
         if broker.cluster is not None:
             await broker.cluster.start()
@@ -137,11 +142,10 @@ async def stop(broker: Any, services: Services) -> None:
             await svc.stop()
         except Exception:  # noqa: BLE001 - keep shutting the rest down
             log.exception("stopping %s failed", type(svc).__name__)
+    await broker.shutdown()
     cluster = getattr(broker, "cluster", None)
     if cluster is not None:
-        cluster.leave()
-    await broker.shutdown()
-    if cluster is not None:
+        cluster.leave()   # after its connections closed: the others heard each one go
         await cluster.stop()
     await services.store.close()
 

@@ -183,6 +183,7 @@ def test_client_id_connecting_on_another_node_takes_over(cluster) -> None:
     old = client(nodes["n1"], "dev7", will=("status/dev7", b"gone", 1, False))
     new = client(nodes["n2"], "dev7")
     assert old.wait_disconnected(5), "the connection on n1 was not closed"
+    old.paho.loop_stop()   # paho would reconnect (and take the id back) after a second
     new.publish("status/dev7", b"alive", qos=1)   # the new connection works
     assert watcher.wait_message("status/dev7").payload == b"alive"
     assert watcher.no_message("status/dev7", wait=0.5)   # taken over: no will

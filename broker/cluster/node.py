@@ -231,7 +231,8 @@ class ClusterNode:
         mine = self._survivor()
         if self.on_remote_conns is not None:
             for principal, n in peer.conns.items():
-                self.on_remote_conns(principal, -n, mine)
+                # a node that left cleanly announced its clients going itself
+                self.on_remote_conns(principal, -n, mine and crashed)
         if crashed and mine and peer.wills:
             log.info("cluster: publishing %d will(s) of node %s's clients", len(peer.wills), peer.name)
             task = asyncio.get_running_loop().create_task(self._publish_wills(list(peer.wills.values())))

@@ -144,6 +144,7 @@ class Peers:
         self.peers: dict[str, Peer] = {}
         self.interest: SubscriptionIndex[str] = SubscriptionIndex()
         self._watching_since: float | None = None     # NATS up since; None: down
+        self._gone: set[str] = set()          # incarnations that left cleanly: their late messages are ignored
         self.resyncs = 0
         self.deaths = 0
 
@@ -170,6 +171,8 @@ class Peers:
         if name == self._me:
             return
         inc = str(doc["inc"])
+        if inc in self._gone:
+            return
         now = self._clock()
         peer = self.peers.get(name)
         if peer is not None and peer.inc != inc:
@@ -247,6 +250,9 @@ class Peers:
         peer = self.peers.get(str(doc["node"]))
         if peer is not None and peer.inc == doc["inc"]:
             log.info("cluster: node %s left", peer.name)
+            if len(self._gone) >= 1000:
+                self._gone.clear()
+            self._gone.add(peer.inc)
             self._dead(peer, crashed=False)
 
     # ---- the clock -------------------------------------------------------------------

@@ -77,6 +77,7 @@ class PresenceService:
         self._drain_lock = asyncio.Lock()        # one drainer at a time keeps the order
         self._overflowed: set[str] = set()       # principals whose latest state must be republished
         self._dirty: set[str] = set()            # principals whose record must be persisted
+        self._elsewhere: dict[str, int] = {}     # a cluster's other nodes: their connections by principal
         self._flush_interval = flush_interval
         self._heartbeat = heartbeat
         self._publisher: Publisher | None = None
@@ -92,6 +93,12 @@ class PresenceService:
 
     # ---- lifecycle -------------------------------------------------------
     async def load(self) -> None:
+        if self._services.config.cluster is not None:
+            # One node of a cluster: who was online may still be, on another node, and a
+            # dead node's clients are announced by a survivor (broker/cluster/node.py).
+            for rec in await self._store.load_presence():
+                self._states[rec.principal] = _State(since=rec.since, last_seen=rec.last_seen)
+            return
         alive = await self._store.last_alive() or 0.0
         for rec in await self._store.load_presence():
             st = _State(clients=0, state=OFFLINE, since=rec.since, last_seen=rec.last_seen)
@@ -149,7 +156,12 @@ class PresenceService:
             return
         now = self._clock()
         for principal, st in self._states.items():
-            if st.state == ONLINE:
+            if st.state == ONLINE and self._elsewhere.get(principal, 0) > 0:
+                st.clients = self._elsewhere[principal]     # still online on other nodes
+                st.last_seen = now
+                self._dirty.add(principal)
+                self._enqueue(principal, st.wire())
+            elif st.state == ONLINE:
                 st.clients = 0
                 st.state = OFFLINE
                 st.since = now
@@ -207,6 +219,32 @@ class PresenceService:
             st.last_seen = now
         self._dirty.add(principal)
         self._enqueue(principal, st.wire())
+
+    def clients_elsewhere(self, principal: str, delta: int, announce: bool) -> None:
+        """The cluster (broker/cluster/): `delta` connections of `principal` opened
+        (> 0) or closed (< 0) on other nodes. They count like local ones, but the
+        node where they changed publishes the state; `announce`: this node does
+        (a dead node's clients, announced by one survivor)."""
+        if self._stopped:
+            return
+        n = self._elsewhere.get(principal, 0) + delta
+        if n > 0:
+            self._elsewhere[principal] = n
+        else:
+            self._elsewhere.pop(principal, None)
+        now = self._clock()
+        st = self._states.setdefault(principal, _State())
+        st.clients = max(0, st.clients + delta)
+        st.last_seen = now
+        if st.clients and st.state != ONLINE:
+            st.state = ONLINE
+            st.since = now
+        elif not st.clients and st.state == ONLINE:
+            st.state = OFFLINE
+            st.since = now
+        if announce:
+            self._dirty.add(principal)
+            self._enqueue(principal, st.wire())
 
     async def _principal_removed(self, event: PrincipalRemoved) -> None:
         self.forget(event.principal)
