@@ -91,8 +91,45 @@ def check_event(body: Mapping[str, Any]) -> None:
     _optional_object(body, "data")
 
 
+# Media types a `file` body may carry (docs/PROTOCOL.md, "Files"). Nothing a browser
+# would run as a page (text/html, image/svg+xml) is ever accepted.
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/webp")
+FILE_TYPES = (*IMAGE_TYPES, "application/pdf", "text/plain", "application/zip", "audio/mpeg", "audio/ogg",
+              "video/mp4", "application/octet-stream")
+MAX_FILE_NAME = 255
+FILE_ID_LEN = 64           # the content's SHA-256, lower-case hex
+_HEX = frozenset("0123456789abcdef")
+
+
+def file_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a file's name (None: it can): 1..255 characters, no path
+    (`/`, `\\`), no NUL or other control character, not `.` or `..`."""
+    if not isinstance(name, str) or not name:
+        return "a file name must be a non-empty string"
+    if len(name) > MAX_FILE_NAME:
+        return f"a file name is at most {MAX_FILE_NAME} characters"
+    if "/" in name or "\\" in name or name in (".", ".."):
+        return "a file name must not contain a path"
+    if any(ord(c) < 32 or ord(c) == 127 or 0xD800 <= ord(c) <= 0xDFFF for c in name):
+        return "a file name must not contain control characters"
+    return None
+
+
+def is_file_id(value: object) -> bool:
+    return isinstance(value, str) and len(value) == FILE_ID_LEN and set(value) <= _HEX
+
+
 def check_file(body: Mapping[str, Any]) -> None:
-    raise _bad("file bodies are reserved and not supported yet")
+    if not is_file_id(body.get("id")):
+        raise _bad("a file body needs 'id' (the content's SHA-256, 64 lower-case hex digits)")
+    problem = file_name_problem(body.get("name"))
+    if problem is not None:
+        raise _bad(problem)
+    size = body.get("size")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise _bad("a file body needs 'size' (bytes, >= 1)")
+    if body.get("media_type") not in FILE_TYPES:
+        raise _bad(f"a file body needs 'media_type', one of {', '.join(FILE_TYPES)}")
 
 
 RESULT_STATUSES = ("ok", "error")
@@ -107,7 +144,11 @@ BODIES: Mapping[str, BodySpec] = MappingProxyType({spec.name: spec for spec in (
              "a device's answer to a command", check_result),
     BodySpec("event", (BodyField("name", STRING, description="non-empty"), BodyField("data", OBJECT, required=False)),
              "a device telling people something", check_event),
-    BodySpec("file", (), "reserved: a file sent by reference (not supported yet)", check_file, reserved=True),
+    BodySpec("file", (BodyField("id", STRING, description="the content's SHA-256 (64 hex digits)"),
+                      BodyField("name", STRING, description="1..255 characters, no path"),
+                      BodyField("size", INTEGER, description="bytes (>= 1)"),
+                      BodyField("media_type", CHOICE, choices=FILE_TYPES)),
+             "a picture or file stored by the broker, sent by reference (never the bytes)", check_file),
 )})
 
 

@@ -47,6 +47,14 @@ MAX_QUERY = 64
 MAX_PAIRING_CODE = 64
 DEFAULT_SYNC_LIMIT = 100
 DEFAULT_HISTORY_LIMIT = 50
+# Files (docs/PROTOCOL.md, "Files"): bytes per chunk, before base64 (4/3 larger
+# on the wire), far under the request size limit even with a small limits.max_body.
+FILE_CHUNK = 48 * 1024
+MAX_CHUNK_TEXT = FILE_CHUNK * 4 // 3
+MAX_UPLOAD_ID = 64
+MAX_DEVICE_HISTORY_LIMIT = 1000
+DEFAULT_DEVICE_HISTORY_LIMIT = 500
+MAX_METRIC = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,4 +205,26 @@ OPS: Mapping[str, OpSpec] = MappingProxyType({spec.name: spec for spec in (
     OpSpec("device.unshare", OWNERS, (_DEVICE, _principal("with")), (), "take a share back", extension=True),
     OpSpec("devices", ANYONE, (), ("devices",), "the devices you own or use (a device: itself)",
            items=(ItemShape("devices", (*_PEOPLE_LIST, "presence", "last_telemetry"), ("room", "role", "owners", "sharees")),)),
+    OpSpec("device.history", ANYONE, (_DEVICE, ParamSpec("metric", STRING, False, min_len=1, max_len=MAX_METRIC),
+                                      ParamSpec("since", INTEGER, False, minimum=0, maximum=MAX_NUMBER, default=0,
+                                                description="unix seconds"),
+                                      _limit(DEFAULT_DEVICE_HISTORY_LIMIT, MAX_DEVICE_HISTORY_LIMIT)),
+           ("device", "points"), "a device's recent telemetry, oldest first (for charts)", extension=True,
+           items=(ItemShape("points", ("ts", "fields")),)),
+    # ---- files (broker/services/files.py) ------------------------------------------
+    OpSpec("file.upload", ANYONE, (ParamSpec("name", STRING, min_len=1, max_len=255, description="no path"),
+                                   ParamSpec("media_type", STRING, min_len=1, description="one of the file types"),
+                                   ParamSpec("size", INTEGER, minimum=1, maximum=MAX_NUMBER, description="bytes")),
+           ("upload", "chunk_size"), "start an upload", extension=True),
+    OpSpec("file.chunk", ANYONE, (ParamSpec("upload", STRING, min_len=1, max_len=MAX_UPLOAD_ID),
+                                  _number("offset"),
+                                  ParamSpec("data", STRING, min_len=1, max_len=MAX_CHUNK_TEXT,
+                                            description="base64 of at most chunk_size bytes")),
+           ("upload", "received"), "the next bytes of an upload", extension=True),
+    OpSpec("file.finish", ANYONE, (ParamSpec("upload", STRING, min_len=1, max_len=MAX_UPLOAD_ID),),
+           ("id", "name", "size", "media_type"), "store the upload; its reference for a file body", extension=True),
+    OpSpec("file.download", ANYONE, (ParamSpec("file", STRING, min_len=64, max_len=64, description="its id"),
+                                     _number("offset", required=False)),
+           ("id", "name", "size", "media_type", "offset", "data", "eof"), "a chunk of a file you may see",
+           extension=True),
 )})

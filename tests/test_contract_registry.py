@@ -6,6 +6,7 @@ bodies by its rules, and docs/PROTOCOL.md's tables say the same, both ways."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import re
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,7 @@ SOUND: dict[str, Any] = {
     "to": "bob", "from": "bob", "user": "bob", "device": "lamp", "with": "bob", "code": "12345678",
     "conv": "dm:alice:bob", "cmid": "c1", "body": {"type": "text", "text": "hi"}, "n": 0, "seq": 0,
     "q": "bob", "name": "x", "members": ["bob"],
+    "media_type": "image/png", "size": 10, "upload": "u1", "offset": 0, "data": "AAAA", "file": "ab" * 32,
 }
 
 
@@ -106,6 +108,9 @@ class RegistryEnv:
 
     async def open(self, tmp_path: Path) -> RegistryEnv:
         from broker.services.devices import DeviceService
+        from broker.services.files import FileService
+        from broker.services.telemetry import TelemetryService
+        from broker.store.blobs import FsBlobStore
 
         self.env = await open_env(tmp_path, config={"limits": {"contact_request_cooldown": 0}})
         identity = self.env.services.identity
@@ -113,8 +118,12 @@ class RegistryEnv:
         await identity.add("hass", "service", name="Hass")
         self.env.services.devices = DeviceService(self.env.services)
         await self.env.services.devices.load()
+        self.env.services.telemetry = TelemetryService(self.env.services)
+        self.env.services.files = FileService(self.env.services, FsBlobStore(tmp_path / "files"))
+        await self.env.services.files.load()
         await self.env.befriend("alice", "bob")
-        self.table = {**self.env.messaging.ops(), **self.env.social.ops(), **self.env.services.devices.ops()}
+        self.table = {**self.env.messaging.ops(), **self.env.social.ops(), **self.env.services.devices.ops(),
+                      **self.env.services.telemetry.ops(), **self.env.services.files.ops()}
         self.callers = {"user": Caller("alice", "user", "alice.phone"), "device": Caller("lamp", "device", "lamp"),
                         "service": Caller("hass", "service", "hass")}
         return self
@@ -188,6 +197,16 @@ def test_every_op_answers_with_the_registry_result_keys(tmp_path):
             await call("device.share", device="lamp", **{"with": "bob"})
             await call("device.unshare", device="lamp", **{"with": "bob"})
             await call("devices")
+            assert renv.env.services.telemetry is not None
+            renv.env.services.telemetry.accept("lamp", b'{"on": true}')
+            await renv.env.services.telemetry.flush()
+            await call("device.history", device="lamp")
+            png = b"\x89PNG\r\n\x1a\n" + b"0" * 8
+            upload = (await call("file.upload", name="a.png", media_type="image/png", size=len(png)))["upload"]
+            await call("file.chunk", upload=upload, offset=0, data=base64.b64encode(png).decode())
+            ref = await call("file.finish", upload=upload)
+            await call("send", to="bob", cmid="f1", body={"type": "file", **ref})
+            await call("file.download", file=ref["id"])
             assert set(answered) == set(OPS), "the scenario calls every op"
             for op, result in answered.items():
                 assert set(result) == set(OPS[op].result_keys), (op, result)

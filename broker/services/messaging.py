@@ -225,6 +225,8 @@ class MessagingService:
                 if first is not None:
                     return self._send_result(first, dup=True)
             raise
+        if params["body"].get("type") == "file":
+            await self._check_file(caller, conv, params["body"])
         try:
             social = self._services.social
             skip = frozenset(social.blockers_of(caller.principal)) if social is not None else frozenset()
@@ -234,6 +236,13 @@ class MessagingService:
             raise forbidden(f"you are not a member of {conv!r}") from None
         await self.announce(outcome.events)
         return self._send_result(outcome.message, dup=outcome.dup)
+
+    async def _check_file(self, caller: Caller, conv: str, body: dict[str, Any]) -> None:
+        """A file body names content its sender may send here (broker/services/files.py)."""
+        files = self._services.files
+        if files is None:
+            raise bad("files are not served by this broker")
+        await files.check_send(caller.principal, conv, body)
 
     @staticmethod
     def _send_result(msg: StoredMessage, *, dup: bool) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from broker.store.base import Store
 if TYPE_CHECKING:
     from broker.services.admin_log import AdminLogWatcher
     from broker.services.devices import DeviceService
+    from broker.services.files import FileService
     from broker.services.gateway import Gateway
     from broker.services.homeassistant import HomeAssistantService
     from broker.services.messaging import MessagingService
@@ -61,10 +62,11 @@ class Services:
     presence: PresenceService | None = None
     devices: DeviceService | None = None
     telemetry: TelemetryService | None = None
+    files: FileService | None = None
     homeassistant: HomeAssistantService | None = None
 
     def all(self) -> list[Service]:
         """The service objects, in start order."""
         found: list[Service | None] = [self.messaging, self.social, self.presence, self.devices,
-                                       self.telemetry, self.homeassistant]
+                                       self.telemetry, self.files, self.homeassistant]
         return [s for s in found if s is not None]

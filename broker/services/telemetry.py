@@ -4,9 +4,14 @@ A device publishes a flat JSON object on `roost/telemetry/<device>` (PROTOCOL.md
 "Telemetry"). `TelemetryService.accept` runs on the event loop for every such
 publish and must stay cheap: it validates, formats one InfluxDB line and hands it
 to the writer thread's bounded buffer (telemetry_influx.py), and merges the
-fields into the device's latest readings in memory. Latest readings reach the
+fields into the device's latest readings in memory, and its numbers and bools
+into the device's next recent-history point. Latest readings reach the
 store write-behind: at most one row write per device per `LATEST_FLUSH` seconds,
 all devices in one transaction, so a chatty sensor costs one upsert a second.
+The recent history (`device.history`, for charts without InfluxDB) is written
+with the same flush: at most one point per device per `telemetry.history_interval`
+(the fields received since the last point, newest value each), at most
+`telemetry.history_points` per device and none older than `telemetry.history_ttl`.
 
 What makes an object malformed (counted, logged at a limited rate, never
 written, and not routed to subscribers):
@@ -31,11 +36,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from broker.services.base import cancel_and_wait
+from broker.services.base import Caller, Handler, bad, cancel_and_wait, param_int, param_str
 from broker.services.events import PrincipalRemoved, TelemetryReceived
 from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import FieldValue, InfluxWriter, RateLimitedLog, line_protocol, seconds_to_ns
-from broker.store.base import LatestReading
+from broker.store.base import HistoryPoint, LatestReading
+from contract.errors import ErrorCode, ProtocolError
+from contract.ids import is_valid_principal_id
+from contract.ops import DEFAULT_DEVICE_HISTORY_LIMIT, MAX_DEVICE_HISTORY_LIMIT, MAX_METRIC, MAX_NUMBER
 
 if TYPE_CHECKING:
     from broker.services.runtime import Services
@@ -113,6 +121,8 @@ class TelemetryStats:
     buffered: int = 0          # points waiting for InfluxDB right now
     latest_saved: int = 0      # latest-reading rows written to the store
     latest_errors: int = 0     # failed write-behind flushes (retried on the next one)
+    history_saved: int = 0     # recent-history points written to the store
+    history_errors: int = 0    # failed history writes (retried on the next flush)
 
 
 class TelemetryService:
@@ -129,6 +139,9 @@ class TelemetryService:
         # admin (another process) and registered again under the same id starts empty.
         self._born: dict[str, float | None] = {}
         self._dirty: set[str] = set()
+        # The next history point of each device (numbers and bools since its last one) and when the last was written.
+        self._next_point: dict[str, HistoryPoint] = {}
+        self._point_written: dict[str, float] = {}
         self._dirty_event = asyncio.Event()
         self._flusher: asyncio.Task[None] | None = None
         self._reporter: asyncio.Task[None] | None = None
@@ -154,13 +167,13 @@ class TelemetryService:
     async def stop(self) -> None:
         await cancel_and_wait(self._flusher, self._reporter)
         self._flusher = self._reporter = None
-        await self._flush_latest()
+        await self.flush()
         if self._influx is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._influx.stop)
         self._report()
 
-    def ops(self) -> dict[str, Any]:
-        return {}
+    def ops(self) -> dict[str, Handler]:
+        return {"device.history": self.op_history}
 
     # ---- intake (event loop, cheap) ----------------------------------------
     def accept(self, device: str, payload: bytes, *, arrival_ns: int | None = None) -> bool:
@@ -225,10 +238,21 @@ class TelemetryService:
                 del merged[next(iter(merged))]
         reading = LatestReading(device=device, ts=max(ts, prev.ts) if prev else ts, fields=merged)
         self._latest[device] = reading
+        self._add_to_next_point(device, ts, fields, fresh=prev is None)
         self._dirty.add(device)
         self._dirty_event.set()
         # Consumers must not block (this runs for every accepted publish); a failing one is logged.
         self._bus.publish_nowait(TelemetryReceived(device, self._as_dict(reading)))
+
+    def _add_to_next_point(self, device: str, ts: float, fields: dict[str, FieldValue], *, fresh: bool) -> None:
+        charted = {k: v for k, v in fields.items() if not isinstance(v, str)}
+        if not charted:
+            return
+        pending = self._next_point.get(device)
+        if pending is None or fresh:
+            self._next_point[device] = HistoryPoint(device, ts, charted)
+        else:
+            self._next_point[device] = HistoryPoint(device, max(ts, pending.ts), {**pending.fields, **charted})
 
     @staticmethod
     def _as_dict(r: LatestReading) -> dict[str, Any]:
@@ -253,6 +277,8 @@ class TelemetryService:
         self._latest.pop(device, None)
         self._born.pop(device, None)
         self._dirty.discard(device)
+        self._next_point.pop(device, None)
+        self._point_written.pop(device, None)
         await self._store.delete_latest(device)
 
     async def _flush_loop(self) -> None:
@@ -263,6 +289,7 @@ class TelemetryService:
 
     async def _flush_latest(self) -> None:
         self._dirty_event.clear()
+        await self._flush_history()
         if not self._dirty:
             return
         devices, self._dirty = self._dirty, set()
@@ -280,6 +307,62 @@ class TelemetryService:
             else:
                 # Not the store: one reading it cannot take must not hold back the others forever.
                 await self._flush_each(batch)
+
+    async def flush(self) -> None:
+        """Write what waits for the next flush now: latest readings and every pending
+        history point (stop does; so may a test)."""
+        await self._flush_history(force=True)
+        await self._flush_latest()
+
+    async def _flush_history(self, *, force: bool = False) -> None:
+        """Write the history points that are due (all of them with `force`)."""
+        if not self._next_point:
+            return
+        cfg = self._services.config.telemetry
+        now = self._services.clock()
+        due = [d for d in self._next_point
+               if force or now - self._point_written.get(d, float("-inf")) >= cfg.history_interval]
+        if len(due) < len(self._next_point):
+            self._dirty_event.set()   # come back for the others when their interval has passed
+        if not due:
+            return
+        points = [self._next_point.pop(d) for d in due]
+        try:
+            self._stats.history_saved += await self._store.put_history(
+                points, keep=max(1, cfg.history_points), expire_before=now - cfg.history_ttl)
+        except Exception as exc:  # noqa: BLE001 - retried with the next flush
+            self._stats.history_errors += 1
+            self._latest_log.warning("saving telemetry history of %d devices failed (%s); will retry",
+                                     len(points), describe_failure(exc)[0])
+            for point in points:   # newer fields received meanwhile win
+                later = self._next_point.get(point.device)
+                self._next_point[point.device] = point if later is None else HistoryPoint(
+                    point.device, later.ts, {**point.fields, **later.fields})
+            self._dirty_event.set()
+            return
+        for d in due:
+            self._point_written[d] = now
+
+    async def op_history(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
+        """`device.history`: for whoever may read the device's latest state (its owners and
+        sharees, the device itself, the integration account); anyone else: not_found."""
+        device = param_str(params, "device", max_len=64)
+        if not device or not is_valid_principal_id(device):
+            raise bad("'device' is not a valid id")
+        metric = param_str(params, "metric", required=False, max_len=MAX_METRIC)
+        if metric == "":
+            raise bad("'metric' must not be empty")
+        since = param_int(params, "since", required=False, default=0, maximum=MAX_NUMBER)
+        limit = param_int(params, "limit", required=False, default=DEFAULT_DEVICE_HISTORY_LIMIT, minimum=1,
+                          maximum=MAX_DEVICE_HISTORY_LIMIT)
+        relations = self._services.relations
+        p = self._services.identity.get_cached(device)
+        allowed = caller.principal == device or relations.may_use_device(caller.principal, device) or (
+            relations.integration_account is not None and caller.principal == relations.integration_account)
+        if p is None or p.kind != "device" or not allowed:
+            raise ProtocolError(ErrorCode.NOT_FOUND, f"no device {device!r}")
+        points = await self._store.history(device, metric=metric, since=float(since), limit=limit)
+        return {"device": device, "points": [{"ts": pt.ts, "fields": pt.fields} for pt in points]}
 
     async def _flush_each(self, batch: list[LatestReading]) -> None:
         for reading in batch:

@@ -318,6 +318,32 @@ class FileStore(Protocol):
         """The conversations the content was sent in, sorted."""
 
 
+class BlobStore(Protocol):
+    """The bytes of files, by content hash (broker/store/blobs.py keeps them in a
+    folder; a cluster's object store later). Uploads in progress are staged under
+    an upload id until `commit` makes them a blob, atomically."""
+
+    async def begin(self, upload: str) -> None:
+        """An empty staging area for `upload` (an id of [0-9a-f])."""
+
+    async def append(self, upload: str, data: bytes) -> None: ...
+
+    async def commit(self, upload: str, digest: str) -> bool:
+        """Make the staged bytes the blob `digest` (durably: on disk before this
+        returns). False when that blob existed already (the staged copy is dropped)."""
+
+    async def discard(self, upload: str) -> None:
+        """Drop a staged upload (nothing if there is none)."""
+
+    async def delete(self, digest: str) -> None: ...
+
+    async def read(self, digest: str, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset`; NotFoundError when there is no such blob."""
+
+    async def clear_staging(self) -> int:
+        """Drop every staged upload (at start: uploads of a previous run are abandoned)."""
+
+
 # ---- messaging (conversations, messages, mailboxes) --------------------------
 
 @dataclass(frozen=True, slots=True)
