@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -112,7 +113,11 @@ class NatsLink:
             while queue:
                 nc = self._nc
                 if nc is None or not nc.is_connected:
-                    await self.connected.wait()
+                    # nats-py says disconnected before its callback runs: wait for the
+                    # reconnect (or a second), never spin on an event still set
+                    self.connected.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.connected.wait(), 1.0)
                     continue
                 subject, data = queue[0]
                 try:
