@@ -45,6 +45,7 @@ from client.output import (
     Column,
     Output,
     Progress,
+    fmt_size,
     fmt_time,
     fmt_value,
     render_body,
@@ -68,6 +69,7 @@ from contract.ids import CLIENT_LABEL_RE, is_valid_principal_id, parse_conv
 HISTORY_MAX = 200
 CHAT_HISTORY = 20
 READ_INTERVAL = 0.3     # seconds between `read` requests of one chat
+FILE_READ_MAX = 1 << 30 # the broker's files.max_size is far smaller; this only bounds our memory
 
 
 # ---- login / logout --------------------------------------------------------------
@@ -159,11 +161,13 @@ def logout(json_mode: bool) -> None:
 
 @command()
 @click.argument("target", metavar="PEER|CONV")
-@click.argument("text", nargs=-1, required=True)
+@click.argument("text", nargs=-1)
 @click.option("--cmid", metavar="ID", help="Client message id; re-running with the same one never sends twice.")
+@click.option("--file", "file_path", metavar="PATH", type=click.Path(exists=True, dir_okay=False),
+              help="Send this picture or file (uploaded to the broker) instead of text.")
 @network()
-def send(net: Net, target: str, text: tuple[str, ...], cmid: str | None) -> None:
-    """Send a text message to a person, a device or a conversation.
+def send(net: Net, target: str, text: tuple[str, ...], cmid: str | None, file_path: str | None) -> None:
+    """Send a text message, or a picture or file, to a person, a device or a conversation.
 
     Prints the conversation and the message's sequence number. The send is
     retried with the same client message id, so it is stored at most once.
@@ -174,8 +178,16 @@ def send(net: Net, target: str, text: tuple[str, ...], cmid: str | None) -> None
       roost send bob "dinner at 8?"
       roost send grp:k3x9 on my way
       uptime | roost send bob -
+      roost send bob --file cat.jpg
     """
     params = target_params(target)
+    if file_path is not None:
+        if text:
+            raise click.BadParameter("give a message or --file, not both", param_hint="TEXT")
+        _send_file(net, params, file_path)
+        return
+    if not text:
+        raise click.BadParameter("the message is missing", param_hint="TEXT")
     message = sys.stdin.read().rstrip("\n") if text == ("-",) else " ".join(text)
     if not message.strip():   # as in `chat`, where blank lines are not sent
         raise click.BadParameter("the message is empty", param_hint="TEXT")
@@ -199,6 +211,62 @@ def send(net: Net, target: str, text: tuple[str, ...], cmid: str | None) -> None
     else:
         dup = " (already sent earlier)" if result.get("dup") else ""
         net.out.line(f"sent {result.get('conv')} #{result.get('seq')}{dup}")
+
+
+def _send_file(net: Net, params: dict[str, str], file_path: str) -> None:
+    name = os.path.basename(file_path)
+    try:
+        with open(file_path, "rb") as f:
+            data = f.read(FILE_READ_MAX + 1)
+    except OSError as e:
+        raise CliError(f"cannot read {file_path}: {e.strerror}", EXIT_USAGE) from None
+    if len(data) > FILE_READ_MAX:
+        raise CliError(f"{file_path} is larger than {FILE_READ_MAX} bytes", EXIT_USAGE)
+    client = net.open(inbox=False)
+    with Progress("uploading", net.out.err):
+        result = client.send_file(data, name, to=params.get("to"), conv=params.get("conv"))
+    if net.json_mode:
+        net.out.doc(result)
+    else:
+        net.out.line(f"sent {result.get('conv')} #{result.get('seq')} ({name}, {fmt_size(len(data))})")
+
+
+@command()
+@click.argument("file_id", metavar="FILE_ID")
+@click.option("--out", "-o", "out_path", metavar="PATH", type=click.Path(dir_okay=True),
+              help="Where to save it (default: its name, in the current folder; - for standard output).")
+@network()
+def download(net: Net, file_id: str, out_path: str | None) -> None:
+    """Save a picture or file sent to you (its id is in `roost history --json`).
+
+    \b
+    Examples:
+      roost download 3f7a...e1 -o cat.jpg
+    """
+    client = net.open(inbox=False)
+    with Progress("downloading", net.out.err):
+        try:
+            meta, data = client.download_file(file_id)
+        except ValueError as e:   # the bytes do not match the id
+            raise CliError(str(e), EXIT_SERVER_ERROR) from None
+    if out_path == "-":
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    target = out_path or os.path.basename(str(meta["name"])) or file_id
+    if os.path.isdir(target):
+        target = os.path.join(target, os.path.basename(str(meta["name"])) or file_id)
+    try:
+        with open(target, "xb") as f:   # never overwrite what is there
+            f.write(data)
+    except FileExistsError:
+        raise CliError(f"{target} exists already (choose another with --out)", EXIT_USAGE) from None
+    except OSError as e:
+        raise CliError(f"cannot write {target}: {e.strerror}", EXIT_USAGE) from None
+    if net.json_mode:
+        net.out.doc({**meta, "path": target})
+    else:
+        net.out.line(f"saved {target} ({fmt_size(len(data))})")
 
 
 @command()
@@ -619,7 +687,7 @@ def _last_text(last: Any, me: str) -> str | None:
 def _commands() -> list[click.Command]:
     from client import cli_devices, cli_social
 
-    return [login, logout, send, listen, chat, history, convs, *cli_social.COMMANDS, *cli_devices.COMMANDS]
+    return [login, logout, send, download, listen, chat, history, convs, *cli_social.COMMANDS, *cli_devices.COMMANDS]
 
 
 def register(group: click.Group) -> None:

@@ -105,8 +105,22 @@ def render_body(body: Any) -> str:
         data = body.get("data") or {}
         return f"[event] {body.get('name', '?')}" + (f" {fmt_kv(data)}" if data else "")
     if kind == "file":
-        return f"[file] {body.get('name', '')}".rstrip()
+        size = body.get("size")
+        sized = f" ({fmt_size(size)})" if isinstance(size, int) and not isinstance(size, bool) else ""
+        return f"[file] {body.get('name', '')}{sized} id {body.get('id', '?')}"
     return fmt_value(body)
+
+
+def fmt_size(n: int) -> str:
+    """Bytes for people: 512 B, 12.3 KiB, 4.0 MiB."""
+    if n < 1024:
+        return f"{n} B"
+    value = float(n)
+    for unit in ("KiB", "MiB"):
+        value /= 1024
+        if value < 1024:
+            return f"{value:.1f} {unit}"
+    return f"{value / 1024:.1f} GiB"
 
 
 UNKNOWN = "unknown"   # docs/CLI.md: ids that never connected show as `unknown`

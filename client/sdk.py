@@ -50,6 +50,7 @@ from contract.sdkcore import (
     RoostError,
     mailbox_head,
 )
+from contract.sdkcore import files as sdkfiles
 from contract.sdkcore.backoff import CLIENT_RECONNECT
 
 __all__ = [
@@ -67,7 +68,7 @@ ITEM_QUEUE_MAX = 10000        # messages waiting for the consumer; past it: coun
 # reads, and writes made idempotent by the protocol (send by cmid, cumulative ack).
 REPEATABLE_OPS = frozenset({
     "send", "sync", "ack", "read", "history", "convs", "contacts", "user.search",
-    "profile.get", "profile.set", "group.info", "devices",
+    "profile.get", "profile.set", "group.info", "devices", "device.history", "file.download",
 })
 
 
@@ -363,6 +364,19 @@ class RoostClient:
         else:
             params["to"] = to
         return self.call("send", params, timeout=timeout)
+
+    def send_file(self, data: bytes, name: str, *, to: str | None = None, conv: str | None = None,
+                  media_type: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+        """Upload `data` as a file called `name` (media type from its suffix unless
+        given) and send it as a `file` body; returns the send result and `file`
+        (the reference)."""
+        ref = sdkfiles.upload(lambda op, params: self.call(op, params, timeout=timeout), data, name, media_type)
+        sent = self.send(sdkfiles.file_body(ref), to=to, conv=conv, timeout=timeout)
+        return {**sent, "file": ref}
+
+    def download_file(self, file_id: str, *, timeout: float | None = None) -> tuple[dict[str, Any], bytes]:
+        """A file sent to us (or uploaded by us): its {id, name, size, media_type} and bytes."""
+        return sdkfiles.download(lambda op, params: self.call(op, params, timeout=timeout), file_id)
 
     def mailbox_head(self, after: int = 0) -> int:
         """The newest event number in our mailbox (contract/sdkcore/mailbox.py)."""

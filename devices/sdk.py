@@ -73,6 +73,7 @@ from contract.sdkcore import (
     Requests,
     RoostError,
 )
+from contract.sdkcore import files as sdkfiles
 from contract.sdkcore.backoff import DEVICE_RECONNECT, REQUEST_RETRY
 
 __all__ = ["Device", "Command", "CommandError", "RequestError", "RoostError"]
@@ -232,6 +233,21 @@ class Device:
                 sent[person] = res["seq"]
             except RequestError as exc:   # e.g. a share was just withdrawn: tell the others anyway
                 self.log.warning("event %s to %s refused: %s", name, person, exc)
+        return sent
+
+    def send_file(self, data: bytes, name: str, media_type: str | None = None) -> dict[str, int]:
+        """Upload `data` once (a camera's snapshot) and send it as a `file` message
+        to every owner and sharee. Returns {person: seq}."""
+        ref = sdkfiles.upload(lambda op, params: self._call(op, params), data, name, media_type)
+        body = sdkfiles.file_body(ref)
+        send_id = uuid.uuid4().hex[:12]
+        sent = {}
+        for person in self.people():
+            try:
+                sent[person] = self._call("send", {"to": person, "cmid": _cmid(f"file-{send_id}-{person}"),
+                                                   "body": body})["seq"]
+            except RequestError as exc:   # a share just withdrawn: the others still get it
+                self.log.warning("file %s to %s refused: %s", name, person, exc)
         return sent
 
     def request(self, op: str, timeout: float | None = None, **params: Any) -> dict[str, Any]:
