@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from broker.config import RoostConfig
 from broker.services.identity import IdentityService
-from broker.services.jwt_auth import build_verifier, startup_warnings
 from broker.services.runtime import Services
 from broker.startup import StoreLock, open_store
 
@@ -42,10 +41,23 @@ def plugin_list(config: RoostConfig) -> dict[str, dict[str, Any]]:
     return plugins
 
 
+def http_app_of(config: RoostConfig, monitor: Any) -> Any:
+    """The aiohttp app factory of the http listeners; aiohttp and prometheus-client
+    (~13 MB) are imported only when there is one."""
+    if not any(lst.type == "http" for lst in config.listeners.values()):
+        return None
+    from broker.http.app import HttpApp
+
+    return HttpApp(monitor).application
+
+
 async def build_services(config: RoostConfig) -> Services:
     store = await open_store(config.resolve(config.storage.path), config.storage)
     jwt = None
     if config.auth.jwt is not None:
+        # PyJWT and cryptography (~9 MB) are loaded only when JWT logins are configured
+        from broker.services.jwt_auth import build_verifier, startup_warnings
+
         jwt = build_verifier(config.auth.jwt, config.resolve)   # load_config checked it already
         for warning in startup_warnings(config.auth.jwt):
             log.warning("%s", warning)
@@ -89,7 +101,6 @@ async def build_services(config: RoostConfig) -> Services:
 async def start(config: RoostConfig, listening: dict[str, Listening] | None = None) -> tuple[Any, Services]:
     """Build and start everything on the sockets of `listening` (bound at
     broker start when None); returns (broker, services)."""
-    from broker.http.app import HttpApp
     from broker.monitor import Monitor
     from broker.server import RoostBroker
     from broker.sys_publisher import SysPublisher
@@ -101,7 +112,7 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
         monitor = Monitor(config, services)
         broker = RoostBroker(config, plugins=plugin_list(config), services=services,
                              retained_store=services.store.retained, session_store=services.store.sessions,
-                             listening=listening, http_app=HttpApp(monitor).application)
+                             listening=listening, http_app=http_app_of(config, monitor))
         broker.monitor = monitor
         monitor.attach(broker, SysPublisher(broker.publish) if config.sys_interval > 0 else None)
         broker.cluster = None

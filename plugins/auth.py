@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from amqtt.plugins.base import BaseAuthPlugin
 
@@ -32,9 +32,11 @@ from broker.mqtt.hooks import ConnectRefused
 from broker.mqtt.session import loggable
 from broker.services.base import cancel_and_wait
 from broker.services.identity import LoginAttempt, LoginBusy, LoginGuard
-from broker.services.jwt_auth import JwtVerifier
 from contract.ids import is_valid_principal_id, principal_of_client_id
 from plugins.base import services_of
+
+if TYPE_CHECKING:   # PyJWT is loaded only when auth.jwt is configured (broker/app.py)
+    from broker.services.jwt_auth import JwtVerifier
 
 log = logging.getLogger("roost.auth")
 

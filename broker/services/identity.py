@@ -31,13 +31,16 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 
-from broker.services.jwt_auth import JwtVerifier
 from broker.store.base import AlreadyExists, IdentityStore, Principal
 from contract.ids import PRINCIPAL_KINDS, is_valid_principal_id
+
+if TYPE_CHECKING:   # PyJWT is loaded only when auth.jwt is configured (broker/app.py)
+    from broker.services.jwt_auth import JwtVerifier
 
 log = logging.getLogger("roost.identity")
 
