@@ -75,11 +75,13 @@ async def build_services(config: RoostConfig) -> Services:
     # lower layer never imports a higher one.
     from broker.services.admin_log import AdminLogWatcher
     from broker.services.devices import DeviceService
+    from broker.services.files import FileService
     from broker.services.gateway import Gateway
     from broker.services.messaging import MessagingService
     from broker.services.presence import PresenceService
     from broker.services.social import SocialService
     from broker.services.telemetry import TelemetryService
+    from broker.store.blobs import FsBlobStore
 
     # Built in this order because bus handlers run in the order they subscribed:
     # the gateway (a removed principal loses its access and connections) before
@@ -91,6 +93,7 @@ async def build_services(config: RoostConfig) -> Services:
     services.presence = PresenceService(services)
     services.devices = DeviceService(services)
     services.telemetry = TelemetryService(services)
+    services.files = FileService(services, FsBlobStore(config.files_dir()))
     if config.homeassistant.enabled:
         from broker.services.homeassistant import HomeAssistantService
 
