@@ -116,6 +116,9 @@ class LimitsConfig:
     session_expiry: float = 7 * 86400.0     # seconds a disconnected MQTT 3.1.1/3.1 persistent session is kept
     max_keepalive: int = 60                 # MQTT 5: a longer (or no) keepalive asked for is lowered (Server Keep Alive)
     topic_alias_maximum: int = 10           # MQTT 5: topic aliases a client may set per connection (0: none)
+    # MQTT 5 SUBACK code for a filter the ACL denies: 135 (0x87 not authorized), or 128 (0x80
+    # unspecified error: what Paho's interoperability suite insists on, docs/MQTT5.md)
+    subscribe_denied_code: int = 0x87
 
 
 @dataclass
@@ -362,6 +365,8 @@ def _check(cfg: RoostConfig) -> None:
         raise ConfigError("limits.max_keepalive", "must be between 1 and 65535 seconds")
     if cfg.limits.topic_alias_maximum > 65535:
         raise ConfigError("limits.topic_alias_maximum", "must be at most 65535")
+    if cfg.limits.subscribe_denied_code not in (0x80, 0x87):
+        raise ConfigError("limits.subscribe_denied_code", "must be 135 (0x87 not authorized) or 128 (0x80)")
     if cfg.mailbox.max_events < 1:
         raise ConfigError("mailbox.max_events", "must be at least 1")
     if cfg.auth.max_concurrent_per_address < 1:
