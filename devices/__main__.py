@@ -14,14 +14,14 @@ import os
 import signal
 import sys
 
-from devices.simulators import SIMULATORS, DoorSensor, Fleet, make
+from devices.simulators import SIMULATORS, UNCATALOGUED, DoorSensor, Fleet, make
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m devices", description="Run one simulated Roost device.")
     ap.add_argument("--id", required=True, help="device id")
     ap.add_argument("--secret", default=os.environ.get("ROOST_SECRET"), help="device secret (or $ROOST_SECRET)")
-    ap.add_argument("--kind", required=True, choices=sorted(SIMULATORS))
+    ap.add_argument("--kind", required=True, choices=sorted({**SIMULATORS, **UNCATALOGUED}))
     ap.add_argument("--server", default="127.0.0.1:1883", help="HOST:PORT")
     ap.add_argument("--interval", type=float, default=5.0, help="seconds between telemetry readings")
     ap.add_argument("--door-every", type=float, default=60.0, help="mean seconds between door movements")

@@ -1,4 +1,6 @@
-"""Simulated devices on the SDK: a thermostat, a light and a door sensor.
+"""Simulated devices on the SDK: a thermostat, a light and a door sensor (the
+catalogue's kinds), and a camera (a kind the catalogue does not describe) that
+sends its snapshot as a picture.
 
 Each simulator owns one `Device`, answers the commands of its kind in
 contract/catalog.py, and on every `tick()` moves its state a little and
@@ -10,8 +12,10 @@ from __future__ import annotations
 
 import logging
 import random
+import struct
 import threading
 import time
+import zlib
 from typing import Any
 
 from contract import catalog
@@ -157,16 +161,63 @@ class DoorSensor(Simulator):
         return self.device.send_event("opened" if is_open else "closed", {"open": is_open})
 
 
+def png_image(width: int, height: int, pixel: Any) -> bytes:
+    """A PNG (8-bit RGB) whose pixel (x, y) is `pixel(x, y) -> (r, g, b)`: standard library only."""
+    rows = b"".join(b"\x00" + bytes(c for x in range(width) for c in pixel(x, y)) for y in range(height))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+class Camera(Simulator):
+    """Reports `motion`; on the `snapshot` command it takes a picture (a small
+    generated PNG) and sends it as a file message to every owner and sharee."""
+
+    kind = "camera"
+    width, height = 160, 120
+
+    def __init__(self, device: Device, rng: random.Random | None = None) -> None:
+        super().__init__(device, rng)
+        self.motion = False
+        self.snapshots = 0
+        device.command("snapshot")(lambda cmd: self.snapshot())
+
+    def state(self) -> dict[str, Any]:
+        return {"motion": self.motion, "snapshots": self.snapshots}
+
+    def step(self, dt: float) -> None:
+        self.motion = self.rng.random() < 0.1
+
+    def picture(self) -> bytes:
+        with self._lock:
+            shade = self.rng.randrange(256)
+        return png_image(self.width, self.height, lambda x, y: (x * 255 // self.width, y * 255 // self.height, shade))
+
+    def snapshot(self) -> dict[str, Any]:
+        name = time.strftime("snapshot-%Y%m%d-%H%M%S.png")
+        data = self.picture()
+        sent = self.device.send_file(data, name, "image/png")
+        with self._lock:
+            self.snapshots += 1
+        return {"name": name, "size": len(data), "sent_to": sorted(sent)}
+
+
 SIMULATORS: dict[str, type[Simulator]] = {cls.kind: cls for cls in (Thermostat, Light, DoorSensor)}
 assert set(SIMULATORS) == set(catalog.KINDS), "every catalogued kind has a simulator"
+# Simulators of kinds the catalogue does not describe: `make` builds them, `roost simulate` does not.
+UNCATALOGUED: dict[str, type[Simulator]] = {Camera.kind: Camera}
 
 
 def make(kind: str, device_id: str, secret: str, host: str, port: int, *, rng: random.Random | None = None,
          **device_options: Any) -> Simulator:
-    if kind not in SIMULATORS:
-        raise ValueError(f"no simulator for kind {kind!r} (known: {', '.join(SIMULATORS)})")
+    simulators = {**SIMULATORS, **UNCATALOGUED}
+    if kind not in simulators:
+        raise ValueError(f"no simulator for kind {kind!r} (known: {', '.join(simulators)})")
     device = Device(device_id, secret, host, port, kind=kind, **device_options)
-    return SIMULATORS[kind](device, rng)
+    return simulators[kind](device, rng)
 
 
 class Fleet:

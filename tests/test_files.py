@@ -226,3 +226,25 @@ def test_cli_sends_a_picture_members_download_it_and_it_survives_a_restart(roost
     finally:
         for c in clients.values():
             c.disconnect()
+
+
+def test_a_camera_sends_its_snapshot_to_its_owner(roost):
+    from devices.simulators import make
+
+    secret, code = roost.add_device("cam1", "camera")
+    alice = ImClient("alice").open(roost, roost.add_user("alice"))
+    camera = make("camera", "cam1", secret, roost.host, roost.port)
+    camera.device.start(wait=10)
+    try:
+        alice.call("device.claim", device="cam1", code=code)
+        asked = alice.call("send", to="cam1", cmid="snap1", body={"type": "command", "name": "snapshot"})
+        picture = alice.wait_event("msg", timeout=10, **{"from": "cam1"})["body"]
+        assert picture["type"] == "file" and picture["media_type"] == "image/png"
+        meta, data = sdkfiles.download(lambda op, params: alice.call(op, **params), picture["id"])
+        assert data.startswith(b"\x89PNG\r\n\x1a\n") and meta["size"] == len(data) == picture["size"]
+        result = alice.wait_event("msg", timeout=10, **{"from": "cam1"})["body"]
+        assert result == {"type": "result", "for": asked["seq"], "status": "ok",
+                          "data": {"name": picture["name"], "size": len(data), "sent_to": ["alice"]}}
+    finally:
+        camera.device.stop()
+        alice.disconnect()
