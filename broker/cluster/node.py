@@ -30,6 +30,7 @@ from broker.cluster.bus import ClusterBus
 from broker.cluster.link import NatsLink
 from broker.cluster.peers import LocalState, Peer, Peers
 from broker.config import ClusterConfig
+from broker.mqtt.hooks import DisconnectReason
 from broker.mqtt.session import Message
 from broker.services.events import RetainedChanged
 from contract import topics
@@ -37,6 +38,12 @@ from contract import topics
 log = logging.getLogger("roost.cluster")
 
 MAX_ECHOES = 10000       # retained changes from peers awaiting their own commit here
+NO_WILL = {DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN}
+
+
+def _will_key(info: Any) -> str:
+    """One connection's will (a take-over on this node overlaps two of one session)."""
+    return f"{info.session_key}#{id(info):x}"
 
 
 class ClusterNode:
@@ -202,19 +209,24 @@ class ClusterNode:
     # ---- clients (plugin.py reports the engine's online/offline hooks) ---------------------
 
     def client_online(self, info: Any, counted: str | None) -> None:
-        key = info.session_key
         if counted:
             self.state.conn_up(counted)
         # after the connection counted here, so presence sees 1 -> 2 -> 1
-        self.state.takeover(key)
+        self.state.takeover(info.session_key)
         if info.will_flag and info.will_topic and not info.will_topic.startswith("$"):
-            self.state.will_set(wire.Will(key, info.principal, info.client_id, info.will_topic,
+            self.state.will_set(wire.Will(_will_key(info), info.principal, info.client_id, info.will_topic,
                                           bytes(info.will_message or b""), info.will_qos, bool(info.will_retain)))
 
-    def client_offline(self, info: Any, counted: str | None) -> None:
-        self.state.will_cleared(info.session_key)
+    def client_offline(self, info: Any, reason: str, counted: str | None) -> None:
+        if reason in NO_WILL:
+            self.state.will_cleared(_will_key(info))
+        # else this node publishes the will itself; the others forget it after that (client_gone)
         if counted:
             self.state.conn_down(counted)
+
+    def client_gone(self, info: Any) -> None:
+        """After the engine published the connection's will (or had none to publish)."""
+        self.state.will_cleared(_will_key(info))
 
     # ---- other nodes ---------------------------------------------------------------------
 

@@ -1,6 +1,9 @@
 """The engine's online/offline hooks (broker/mqtt/hooks.py), reported to the
 cluster node: they are synchronous and come in the order connections start and
-stop, so the node's numbered changes (take-over, will, presence counts) do too."""
+stop, so the node's numbered changes (take-over, will, presence counts) do too.
+on_client_disconnected comes after the engine published a lost client's will:
+only then do the other nodes forget it (a node killed in between has its
+survivor publish it)."""
 
 from __future__ import annotations
 
@@ -29,4 +32,9 @@ class ClusterPlugin(BasePlugin):  # type: ignore[type-arg]
     def on_client_offline(self, session: Any, reason: str) -> None:
         node = self._node()
         if node is not None:
-            node.client_offline(session, counted_principal(session.principal, session.client_id))
+            node.client_offline(session, str(reason), counted_principal(session.principal, session.client_id))
+
+    async def on_client_disconnected(self, session: Any, reason: str) -> None:
+        node = self._node()
+        if node is not None:
+            node.client_gone(session)
