@@ -51,9 +51,13 @@ class RoostAuthPlugin(BaseAuthPlugin):
 
     def __init__(self, context) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context)
-        auth = services_of(self).config.auth
-        self._guard = LoginGuard(step=auth.failure_delay, cap=auth.failure_delay_max,
-                                 table_size=auth.failure_table_size, per_address=auth.max_concurrent_per_address)
+        services = services_of(self)
+        auth = services.config.auth
+        # The gateway's guard, shared with the web app's sign-in (one set of failure tables).
+        gateway = services.gateway
+        self._guard = gateway.logins if gateway is not None else LoginGuard(
+            step=auth.failure_delay, cap=auth.failure_delay_max, table_size=auth.failure_table_size,
+            per_address=auth.max_concurrent_per_address)
         self._jwks_watcher: asyncio.Task[None] | None = None
 
     async def authenticate(self, *, session) -> bool | None:  # type: ignore[no-untyped-def, override]

@@ -38,6 +38,12 @@ the inbox pushers work the same for every transport:
 The gateway also closes a removed principal's connections through the front
 end's `Publisher.kick_principal` (it handles `PrincipalRemoved` first, before
 the services forget the principal's state).
+
+A front end that is not the MQTT engine (the web app's WebSocket adapter,
+broker/web/) passes its own `sink` (a `Publisher` for that one connection) to
+`client_subscribed`: that client's mailbox events go there instead of through
+the engine. Every front end that checks passwords uses `logins`, one
+`LoginGuard` per broker, so failed logins slow guessing down across all of them.
 """
 
 from __future__ import annotations
@@ -53,6 +59,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Handler, Publisher
 from broker.services.events import PrincipalRemoved
+from broker.services.identity import LoginGuard
 from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.jsonutil import compact_json
@@ -145,6 +152,10 @@ class Gateway:
         self.failed_internal = 0
         self.answered_unavailable = 0
         self._unavailable_log = RateLimitedLog(log)
+        auth = services.config.auth
+        # Failed logins of every front end (MQTT CONNECT, the web app's sign-in) in one set of tables.
+        self.logins = LoginGuard(step=auth.failure_delay, cap=auth.failure_delay_max,
+                                 table_size=auth.failure_table_size, per_address=auth.max_concurrent_per_address)
         # First among the handlers of a removal (built before the services): the
         # principal loses its access before anything else of it is forgotten.
         services.bus.subscribe(PrincipalRemoved, self._principal_removed)
@@ -324,12 +335,14 @@ class Gateway:
             self._hook_failed("inbox set-up for %s failed", client_id, exc)
 
     async def client_subscribed(self, client_id: str, principal: str | None, clean_session: bool,
-                                topic_filter: str) -> None:
+                                topic_filter: str, sink: Publisher | None = None) -> None:
+        """`sink`: where this client's mailbox events go (None: the front end's
+        broker, as given to `start`)."""
         messaging = self._services.messaging
         if not principal or messaging is None:
             return
         try:
-            await messaging.inboxes.client_subscribed(client_id, principal, clean_session, topic_filter)
+            await messaging.inboxes.client_subscribed(client_id, principal, clean_session, topic_filter, sink)
         except Exception as exc:  # noqa: BLE001
             self._hook_failed("inbox subscription of %s failed", client_id, exc)
 

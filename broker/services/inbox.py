@@ -297,13 +297,16 @@ class Inboxes:
         if subscribed and self.pusher(client_id, principal) is None:   # a SUBSCRIBE may have started one
             self._start(client_id, principal, persistent=True)
 
-    async def client_subscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str) -> None:
+    async def client_subscribed(self, client_id: str, principal: str, clean_session: bool, topic_filter: str,
+                                sink: Publisher | None = None) -> None:
+        """`sink`: the publisher this client's pushes go through (a front end's own
+        connection, e.g. the web app's WebSocket); None: the broker's."""
         if not topics.matches(topics.inbox(principal), topic_filter):
             return
         self._remember_filter(client_id, topic_filter, clean_session)
         existing = self.pusher(client_id, principal)
         if existing is None:
-            self._start(client_id, principal, persistent=not clean_session)
+            self._start(client_id, principal, persistent=not clean_session, sink=sink)
         else:
             existing.nudge()
         if not clean_session:
@@ -416,11 +419,12 @@ class Inboxes:
             self._filters.move_to_end(client_id)
         filters.add(topic_filter)
 
-    def _start(self, client_id: str, principal: str, *, persistent: bool) -> None:
-        if self._publisher is None:
+    def _start(self, client_id: str, principal: str, *, persistent: bool, sink: Publisher | None = None) -> None:
+        publisher = sink if sink is not None else self._publisher
+        if publisher is None:
             return
         p = InboxPusher(client_id=client_id, principal=principal, persistent=persistent, store=self._store,
-                        publisher=self._publisher, on_exit=self._exited)
+                        publisher=publisher, on_exit=self._exited)
         self._by_principal.setdefault(principal, {})[client_id] = p
         p.start()
 
