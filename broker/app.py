@@ -168,7 +168,11 @@ async def serve(config: RoostConfig, ready: asyncio.Event | None = None) -> None
     # behind. (Blocking name lookups here are fine: nothing is served yet.)
     listening = bind_listeners(config)
     try:
-        # One `roost serve` per store; admin commands open it without the lock.
+        # One `roost serve` per SQLite store; admin commands open it without the lock.
+        # A PostgreSQL store is shared by design (a cluster's nodes): no local lock.
+        if config.storage.backend != "sqlite":
+            await _serve(config, listening, ready)
+            return
         with StoreLock(config.resolve(config.storage.path)):
             await _serve(config, listening, ready)
     finally:
