@@ -1,5 +1,5 @@
-"""MQTT 3.1.1 wire format: decode what clients send into typed packets,
-pre-encode what the broker sends.
+"""MQTT 3.1.1 and 3.1 wire format: decode what clients send into typed packets,
+pre-encode what the broker sends (MQTT 5's additions: codec5.py, properties.py).
 
 Decoding works on the body of one complete packet (the connection's incremental
 framer finds packet boundaries); each decoder checks the fixed-header flags of
@@ -16,8 +16,9 @@ its dataclass, and the decoders below read it at the end of the variable header.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 # Packet types (high nibble of the first byte).
 CONNECT = 1
@@ -35,12 +36,24 @@ PINGREQ = 12
 PINGRESP = 13
 DISCONNECT = 14
 
+AUTH = 15
+
 PINGRESP_BYTES = b"\xd0\x00"
 MAX_REMAINING_LENGTH = 268_435_455
 
 
+# MQTT 5 reason codes a violation closes the connection with (DISCONNECT to a v5 client)
+MALFORMED = 0x81
+PROTOCOL_ERROR = 0x82
+
+
 class ProtocolViolation(Exception):
-    """The client broke MQTT 3.1.1; the connection must be closed."""
+    """The client broke the protocol; the connection must be closed (an MQTT 5
+    client is told `code` in a DISCONNECT first)."""
+
+    def __init__(self, why: str, code: int = MALFORMED) -> None:
+        super().__init__(why)
+        self.code = code
 
 
 class UnacceptableProtocol(Exception):
@@ -55,6 +68,7 @@ class Will:
     payload: bytes
     qos: int
     retain: bool
+    properties: dict[int, Any] | None = None      # MQTT 5 will properties
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +80,8 @@ class Connect:
     password: str | None = None            # the password bytes decoded leniently, for plugins
     will: Will | None = None
     password_bytes: bytes | None = field(default=None, repr=False)
+    level: int = 4                                 # 3: MQTT 3.1 (MQIsdp), 4: 3.1.1, 5: MQTT 5
+    properties: dict[int, Any] | None = None      # MQTT 5 only
 
 
 @dataclass(slots=True)
@@ -76,30 +92,35 @@ class Publish:
     retain: bool
     dup: bool
     payload: bytes
+    properties: Any = None   # MQTT 5: properties.MsgProps once decoded (codec5), else None
 
 
 @dataclass(slots=True)
 class Ack:
     """PUBACK, PUBREC, PUBREL or PUBCOMP: the packet type says which."""
     packet_id: int
+    reason: int = 0          # MQTT 5
 
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
     topic_filter: str
     qos: int
+    options: int = 0         # MQTT 5 subscription options byte (bits 2-5: no local, RAP, retain handling)
 
 
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     packet_id: int
     subscriptions: tuple[Subscription, ...]
+    properties: dict[int, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
     packet_id: int
     topic_filters: tuple[str, ...]
+    properties: dict[int, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +130,8 @@ class PingReq:
 
 @dataclass(frozen=True, slots=True)
 class Disconnect:
-    pass
+    reason: int = 0
+    properties: dict[int, Any] | None = None
 
 
 Packet = Connect | Publish | Ack | Subscribe | Unsubscribe | PingReq | Disconnect
@@ -158,7 +180,12 @@ def _bin(body: bytes | memoryview, pos: int) -> tuple[bytes, int]:
     return bytes(body[pos + 2:end]), end
 
 
-def decode_connect(flags: int, body: bytes) -> Connect:
+PropsReader = Callable[[bytes, int, str], tuple[dict[int, Any], int]]
+
+
+def decode_connect(flags: int, body: bytes, read_props: PropsReader | None = None) -> Connect:
+    """CONNECT of MQTT 3.1.1 or 3.1; of MQTT 5 too when `read_props` decodes
+    properties (codec5.decode_connect passes it)."""
     if flags != 0:
         raise ProtocolViolation("CONNECT flags must be 0")
     name, pos = _str(body, 0)
@@ -167,7 +194,7 @@ def decode_connect(flags: int, body: bytes) -> Connect:
     level = body[pos]
     if name not in ("MQTT", "MQIsdp"):
         raise ProtocolViolation(f"unknown protocol name {name!r}")
-    if name != "MQTT" or level != 4:
+    if (name, level) not in (("MQTT", 4), ("MQIsdp", 3)) and not (name == "MQTT" and level == 5 and read_props):
         raise UnacceptableProtocol(f"protocol {name} level {level}")
     if pos + 4 > len(body):
         raise ProtocolViolation("truncated CONNECT")
@@ -188,12 +215,19 @@ def decode_connect(flags: int, body: bytes) -> Connect:
         raise ProtocolViolation("will QoS 3")
     if has_password and not has_username:
         raise ProtocolViolation("password without user name")
+    props = will_props = None
+    if level == 5:
+        assert read_props is not None
+        props, pos = read_props(body, pos, "connect")
     client_id, pos = _str(body, pos)
     will = username = password = password_bytes = None
     if has_will:
+        if level == 5:
+            assert read_props is not None
+            will_props, pos = read_props(body, pos, "will")
         will_topic, pos = _str(body, pos)
         will_payload, pos = _bin(body, pos)
-        will = Will(will_topic, will_payload, will_qos, will_retain)
+        will = Will(will_topic, will_payload, will_qos, will_retain, will_props)
     if has_username:
         username, pos = _str(body, pos)
     if has_password:
@@ -201,7 +235,7 @@ def decode_connect(flags: int, body: bytes) -> Connect:
         password = password_bytes.decode("utf-8", errors="replace")
     if pos != len(body):
         raise ProtocolViolation("trailing bytes in CONNECT")
-    return Connect(client_id, clean, keep_alive, username, password, will, password_bytes)
+    return Connect(client_id, clean, keep_alive, username, password, will, password_bytes, level, props)
 
 
 def decode_publish(flags: int, body: bytes) -> Publish:

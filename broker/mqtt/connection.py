@@ -20,8 +20,9 @@ from collections import deque
 from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any, Final
 
-from broker.mqtt import codec
-from broker.mqtt.codec import ProtocolViolation
+from broker.mqtt import codec, codec5
+from broker.mqtt.codec import MALFORMED, ProtocolViolation
+from broker.mqtt.codec5 import PACKET_TOO_LARGE
 from broker.mqtt.hooks import DisconnectReason
 from broker.mqtt.journal import JournalFailed
 from broker.mqtt.session import loggable
@@ -37,6 +38,12 @@ NEW, CONNECTED, CLOSED = 0, 1, 2
 PENDING_HIGH = 256
 PENDING_LOW = 32
 CLOSE_GRACE = 5.0   # seconds a closing transport may take to flush before it is aborted
+DISCONNECT_LINGER = 1.0   # seconds an MQTT 5 client has to read the DISCONNECT we sent before we close
+# The DISCONNECT reason an MQTT 5 client is sent when the broker closes its connection
+_V5_REASONS = {DisconnectReason.TAKEN_OVER: codec5.SESSION_TAKEN_OVER,
+               DisconnectReason.SHUTDOWN: codec5.SERVER_SHUTTING_DOWN,
+               DisconnectReason.KEEPALIVE: codec5.KEEP_ALIVE_TIMEOUT,
+               DisconnectReason.KICKED: codec5.ADMINISTRATIVE_ACTION}
 
 
 class _Done:
@@ -86,6 +93,16 @@ class Connection(asyncio.Protocol):
         self._lost = False      # the transport is gone but received packets are still being handled
         self.remote = ("", 0)
         self.max_packet = engine.max_packet
+        # Decodes and handles one packet: engine.handle, or engine.handle5 once an
+        # MQTT 5 CONNECT arrived (the protocol is chosen once per connection).
+        self.handle = engine.handle
+        self.v5 = False
+        self.alias_in: dict[int, str] = {}      # MQTT 5 topic aliases the client set
+        self.alias_out: dict[str, int] = {}     # ... and those we set, up to the client's maximum
+        self.alias_out_max = 0
+        self.client_max_packet = 0              # the client's Maximum Packet Size (0: none)
+        self.disconnect_sent = False
+        self.will_anyway = False                # MQTT 5 DISCONNECT 0x04: publish the will all the same
 
     # ---- asyncio.Protocol --------------------------------------------------------
 
@@ -196,7 +213,7 @@ class Connection(asyncio.Protocol):
                     if i >= end_buf:
                         break
                 if rl > self.max_packet:
-                    raise ProtocolViolation(f"packet of {rl} bytes exceeds the limit")
+                    raise ProtocolViolation(f"packet of {rl} bytes exceeds the limit", PACKET_TOO_LARGE)
                 start = i + 1
                 end = start + rl
                 if end > end_buf:
@@ -220,7 +237,7 @@ class Connection(asyncio.Protocol):
                 if self.blockers:
                     break
         except ProtocolViolation as exc:
-            self.violation(str(exc))
+            self.violation(str(exc), exc.code)
             return
         if pos:
             del buf[:pos]
@@ -268,7 +285,7 @@ class Connection(asyncio.Protocol):
                     self._pending_full = True
                     self.block()
             return
-        work = self.engine.handle(self, ptype, flags, body)
+        work = self.handle(self, ptype, flags, body)
         if work is not DONE:
             self.task = self.engine.loop.create_task(self._run(work))
 
@@ -283,11 +300,11 @@ class Connection(asyncio.Protocol):
                         and self._pending_bytes <= self.max_pending_bytes // 4:
                     self._pending_full = False
                     self.unblock()     # parses what waited in the buffer, then reads again
-                work = self.engine.handle(self, ptype, flags, body)
+                work = self.handle(self, ptype, flags, body)
                 if work is not DONE:
                     await work
         except ProtocolViolation as exc:
-            self.violation(str(exc))
+            self.violation(str(exc), exc.code)
         except JournalFailed:
             # what this client sent is not durable: closing without the ack makes it resend
             log.warning("closing %s unacknowledged: the store refused its session journal", self.client_id)
@@ -344,9 +361,16 @@ class Connection(asyncio.Protocol):
         """For log lines: the client id made safe to print, else the peer address."""
         return loggable(self.info.client_id) if self.info is not None else f"{self.remote[0]}:{self.remote[1]}"
 
-    def violation(self, why: str) -> None:
+    def violation(self, why: str, code: int = MALFORMED) -> None:
         log.info("closing %s: protocol violation: %s", self.client_id, why)
+        self.send_disconnect(code)
         self.close(DisconnectReason.KICKED)
+
+    def send_disconnect(self, code: int, reason_string: str | None = None) -> None:
+        """MQTT 5: tell the client why the broker closes its connection (once)."""
+        if self.v5 and self.state == CONNECTED and not self.disconnect_sent:
+            self.disconnect_sent = True
+            self.write(codec5.disconnect(code, reason_string))
 
     def close(self, reason: DisconnectReason) -> None:
         """Flush what is written so far and close; connection_lost does the rest."""
@@ -354,6 +378,10 @@ class Connection(asyncio.Protocol):
             return
         if self.reason is None:
             self.reason = reason
+        if self.v5:
+            code = _V5_REASONS.get(reason)
+            if code is not None:
+                self.send_disconnect(code)
         self.writable = False
         self.engine.connection_closing(self)
         t = self.transport
@@ -363,7 +391,13 @@ class Connection(asyncio.Protocol):
         if self._out:
             self.flush()
         self.state = CLOSED
-        t.close()
+        if self.disconnect_sent and t.can_write_eof():
+            # MQTT 5: the client reads our DISCONNECT (and what came before it) without
+            # its own writes meeting a reset; what it still sends is ignored
+            t.write_eof()
+            self.engine.loop.call_later(DISCONNECT_LINGER, t.close)
+        else:
+            t.close()
         # connection_lost runs later from the loop and calls engine.connection_lost;
         # a peer that never reads would keep a closing transport (and us) forever
         self.engine.loop.call_later(CLOSE_GRACE, self._force_abort, t)

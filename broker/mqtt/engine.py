@@ -1,4 +1,4 @@
-"""The MQTT 3.1.1 engine: one per broker, made of rooms with one job each.
+"""The MQTT engine (3.1.1, 3.1 and 5): one per broker, made of rooms with one job each.
 
 Connections (connection.py) hand every complete packet to `handle()`, which
 decodes it (codec.py: typed packets) and passes it to the room that handles it.
@@ -7,6 +7,7 @@ QoS 0/1 PUBLISH with a synchronous ACL, acks, PINGREQ) or the awaitable rest
 of its handling, which the connection awaits in order.
 
     lifecycle.py      accepted, CONNECT (auth, take-over), counted, closed (wills, hooks)
+    v5.py             the packets of an MQTT 5 connection (codec5.py, properties.py): handle5
     publish.py        PUBLISH from clients (ACL, interception, retain, route, ack once stored),
                       wills, the broker's own publishes
     subscriptions.py  SUBSCRIBE/UNSUBSCRIBE, retained replay for the filters just granted
@@ -62,6 +63,7 @@ from broker.mqtt.routing import Router
 from broker.mqtt.session import Message, SessionState
 from broker.mqtt.subscriptions import Subscriptions
 from broker.mqtt.timers import Ticker
+from broker.mqtt.v5 import V5Packets
 from broker.store.base import SavedSession
 
 log = logging.getLogger("roost.mqtt")
@@ -103,6 +105,9 @@ class Engine:
                                          plugins=self.plugins, registry=self.registry,
                                          persistence=self.persistence, router=self.router,
                                          publishing=self.publishing)
+        # MQTT 5 connections hand their packets to handle5 instead of handle (v5.py)
+        self.handle5 = V5Packets(limits=limits, loop=self.loop, publish=self.publishing.publish,
+                                 subscriptions=self.subscriptions, lifecycle=self.lifecycle).handle
         self._ticker = Ticker(lifecycle=self.lifecycle, registry=self.registry, router=self.router, loop=self.loop)
         # What sessions (SessionHost) and connections call, bound once: no extra hop per message.
         self.charge = self.budgets.charge

@@ -25,7 +25,8 @@ from typing import Any
 
 from amqtt.events import BrokerEvents
 
-from broker.mqtt import codec
+from broker.mqtt import codec, codec5
+from broker.mqtt import properties as P
 from broker.mqtt.codec import ProtocolViolation, UnacceptableProtocol
 from broker.mqtt.connection import CLOSED, Connection
 from broker.mqtt.figures import TrafficCounters
@@ -35,7 +36,7 @@ from broker.mqtt.plugins import PluginHooks
 from broker.mqtt.publish import Publishing
 from broker.mqtt.registry import SessionRegistry
 from broker.mqtt.routing import Router
-from broker.mqtt.session import ClientInfo, SessionHost, SessionState, loggable, session_key
+from broker.mqtt.session import ClientInfo, SessionHost, SessionState, loggable, session_key, use_protocol
 from broker.mqtt.topics import valid_topic_name
 from contract.ids import is_valid_principal_id
 
@@ -129,7 +130,9 @@ class ClientLifecycle:
                 self._persistence.note(st)    # when it left: expiry counts from there, also after a crash
             if st.blocked is not None:
                 self._router.release(st)
-            if st.clean:
+            if self._router.groups:
+                self._router.redeliver_shared(st)
+            if st.clean or st.expiry == 0:
                 self._registry.discard(st)
             else:
                 st.wake()
@@ -148,12 +151,26 @@ class ClientLifecycle:
         info = conn.info
         assert info is not None
         reason = conn.reason or DisconnectReason.LOST
-        if reason not in _NO_WILL and info.will_flag and conn.session is not None:
-            await self._publishing.publish_will(info)
+        st = conn.session
+        if (reason not in _NO_WILL or conn.will_anyway) and info.will_flag and st is not None:
+            delay = info.will_delay
+            if delay and not st.discarded:
+                # MQTT 5 Will Delay Interval: unless the session is resumed first,
+                # at the latest when the session ends
+                delay = min(delay, self._registry.expiry_of(st))
+                st.will_timer = self._loop.call_later(delay, self._delayed_will, st, info)
+            else:
+                await self._publishing.publish_will(info)
         if conn.announced:
             async with self._lock(info.session_key):
                 await self._plugins.call(self._plugins.disconnected, info, reason)
             await self._plugins.fire(BrokerEvents.CLIENT_DISCONNECTED, client_id=info.client_id, client_session=info)
+
+    def _delayed_will(self, st: SessionState, info: ClientInfo) -> None:
+        st.will_timer = None
+        task = self._loop.create_task(self._publishing.publish_will(info))
+        self.finishers.add(task)
+        task.add_done_callback(self.finishers.discard)
 
     def disconnect(self, conn: Connection) -> None:
         """The client sent DISCONNECT: closed without its will."""
@@ -161,19 +178,49 @@ class ClientLifecycle:
         conn.info.will_flag = False
         conn.close(DisconnectReason.DISCONNECT)
 
+    def disconnect5(self, conn: Connection, pkt: codec.Disconnect) -> None:
+        """An MQTT 5 DISCONNECT: reason 0x04 asks for the will all the same; a
+        Session Expiry Interval replaces the one given at CONNECT (but a session
+        that was to end with its connection cannot be made to outlive it)."""
+        st = conn.session
+        assert conn.info is not None and st is not None
+        expiry = (pkt.properties or {}).get(P.SESSION_EXPIRY)
+        if expiry is not None:
+            if expiry and (st.clean or st.expiry == 0):
+                raise ProtocolViolation("DISCONNECT sets a Session Expiry Interval after CONNECT set 0",
+                                        codec.PROTOCOL_ERROR)
+            st.expiry = float(expiry)
+        if pkt.reason == codec5.WITH_WILL:
+            conn.will_anyway = True
+        else:
+            conn.info.will_flag = False
+        conn.close(DisconnectReason.DISCONNECT)
+
     # ---- CONNECT -----------------------------------------------------------------------
 
     async def connect(self, conn: Connection, flags: int, body: bytes) -> None:
         try:
-            pkt = codec.decode_connect(flags, body)
+            pkt = codec5.decode_connect(flags, body)
         except UnacceptableProtocol as exc:
             log.info("refusing %s:%s: %s", *conn.remote, exc)
             self._refuse(conn, ConnectRefused.UNACCEPTABLE_PROTOCOL)
             return
+        v5 = pkt.level == 5
+        props: P.Props = pkt.properties or {}
+        if v5:
+            conn.v5 = True
+            conn.handle = conn.engine.handle5
+            if P.AUTH_METHOD in props:
+                log.info("refusing %s:%s: enhanced authentication (%s) is not offered", *conn.remote,
+                         props[P.AUTH_METHOD])
+                self._refuse(conn, codec5.BAD_AUTH_METHOD)
+                return
+            conn.client_max_packet = props.get(P.MAXIMUM_PACKET_SIZE, 0)
+            conn.alias_out_max = props.get(P.TOPIC_ALIAS_MAXIMUM, 0)
         cid = pkt.client_id
         generated = False
         if not cid:
-            if not pkt.clean_session:
+            if not pkt.clean_session and not v5:
                 self._refuse(conn, ConnectRefused.IDENTIFIER_REJECTED)
                 return
             # "<user>.auto-<hex>" passes Roost's client-id binding for an
@@ -181,21 +228,49 @@ class ClientLifecycle:
             suffix = "auto-" + secrets.token_hex(8)
             cid = f"{pkt.username}.{suffix}" if is_valid_principal_id(pkt.username) else suffix
             generated = True
+        keep_alive = pkt.keep_alive
+        connack_props: list[tuple[int, Any]] = []
+        expiry: float | None = None
+        if v5:
+            expiry = float(props.get(P.SESSION_EXPIRY, 0))
+            max_ka = self._limits.max_keepalive
+            if not keep_alive or keep_alive > max_ka:
+                keep_alive = max_ka
+                connack_props.append((P.SERVER_KEEP_ALIVE, max_ka))
+            if generated:
+                connack_props.append((P.ASSIGNED_CLIENT_ID, cid))
+            connack_props += [(P.RECEIVE_MAXIMUM, self._limits.max_inflight),
+                              (P.MAXIMUM_PACKET_SIZE, conn.max_packet)]
+            if self._limits.topic_alias_maximum:
+                connack_props.append((P.TOPIC_ALIAS_MAXIMUM, self._limits.topic_alias_maximum))
+        # MQTT 5: the session outlives the connection only with a Session Expiry
+        # Interval; Clean Start only says whether an old session is resumed
+        clean_start = pkt.clean_session
         info = ClientInfo(client_id=cid, username=pkt.username, password=pkt.password,
                           remote_address=conn.remote[0], remote_port=conn.remote[1],
-                          clean_session=pkt.clean_session, keep_alive=pkt.keep_alive,
+                          clean_session=pkt.clean_session if not v5 else not expiry, keep_alive=keep_alive,
                           listener_name=conn.listener_name, client_id_generated=generated)
+        info.protocol_level = pkt.level
         will = pkt.will
         if will is not None:
             if not valid_topic_name(will.topic):
-                raise ProtocolViolation("invalid will topic")
+                raise ProtocolViolation("invalid will topic", codec5.TOPIC_NAME_INVALID)
             info.will_flag = True
             info.will_topic = will.topic
             info.will_message = will.payload
             info.will_qos = will.qos
             info.will_retain = will.retain
+            if will.properties:
+                info.will_props = P.message_props(will.properties, self._loop.time(), None)
+                info.will_delay = float(will.properties.get(P.WILL_DELAY, 0))
+                if info.will_props is not None and info.will_props.payload_utf8:
+                    try:
+                        will.payload.decode("utf-8")
+                    except UnicodeDecodeError:
+                        self._refuse(conn, codec5.PAYLOAD_FORMAT_INVALID)
+                        return
         conn.info = info
-        conn.keep_alive = pkt.keep_alive
+        conn.keep_alive = keep_alive
         cap = self._limits.max_connections
         lcap = self._listener_limits.get(conn.listener_name, 0)
         if (cap and self.n_connected >= cap) or (lcap and self.per_listener.get(conn.listener_name, 0) >= lcap):
@@ -213,14 +288,19 @@ class ClientLifecycle:
             return
         info.password = None
         info.session_key = session_key(info.principal, info.client_id)
-        await self._establish(conn, info)
+        await self._establish(conn, info, clean_start, expiry, props, connack_props)
 
     @staticmethod
     def _refuse(conn: Connection, code: int) -> None:
-        conn.write(codec.connack(False, code))
+        """CONNACK refusing (an MQTT 3.1.1 return code, or an MQTT 5 reason code >= 0x80)."""
+        if conn.v5:
+            conn.write(codec5.connack(False, codec5.CONNACK_V5.get(code, code)))
+        else:
+            conn.write(codec.connack(False, code))
         conn.close(DisconnectReason.KICKED)
 
-    async def _establish(self, conn: Connection, info: ClientInfo) -> None:
+    async def _establish(self, conn: Connection, info: ClientInfo, clean_start: bool, expiry: float | None,
+                         props: P.Props, connack_props: list[tuple[int, Any]]) -> None:
         key = info.session_key
         registry = self._registry
         plugins = self._plugins
@@ -228,6 +308,9 @@ class ClientLifecycle:
             if conn.state == CLOSED:
                 return
             old = registry.sessions.get(key)
+            if old is not None and old.conn is None and registry.expired(old, time.time()):
+                registry.discard(old)     # its Session Expiry Interval passed (the sweep is once a minute)
+                old = None
             if not info.clean_session and (old is None or old.clean) and registry.too_many(info):
                 self._refuse(conn, ConnectRefused.SERVER_UNAVAILABLE)
                 return
@@ -238,7 +321,7 @@ class ClientLifecycle:
                 taken.reason = DisconnectReason.TAKEN_OVER
                 old.conn = None
                 log.info("client %s taken over by a new connection", loggable(info.client_id))
-            if info.clean_session or old is None or old.clean:
+            if clean_start or old is None or old.clean:
                 if old is not None:
                     registry.discard(old)
                 st = SessionState(key, info.clean_session, info, self._host)
@@ -251,6 +334,14 @@ class ClientLifecycle:
                 st.info = info
                 st.acl_cache.clear()      # decisions were made for the previous login
                 present = True
+                if st.will_timer is not None:   # resumed before its delayed will was due
+                    st.will_timer.cancel()
+                    st.will_timer = None
+            st.expiry = expiry
+            use_protocol(st, conn.v5)
+            st.max_inflight = self._limits.max_inflight
+            if conn.v5:
+                st.max_inflight = min(st.max_inflight, props.get(P.RECEIVE_MAXIMUM, 65535))
             conn.session = st
             st.conn = conn
             conn.set_connected()
@@ -258,7 +349,10 @@ class ClientLifecycle:
             if taken is not None:
                 # closed only once the new one is counted: 1 -> 2 -> 1, never 0
                 taken.close(DisconnectReason.TAKEN_OVER)
-            conn.write(codec.connack(present, 0))
+            if conn.v5:
+                conn.write(codec5.connack(present, 0, connack_props))
+            else:
+                conn.write(codec.connack(present, 0))
             st.resume()
             conn.announced = True
             await plugins.call(plugins.connected, info)

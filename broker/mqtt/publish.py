@@ -21,13 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from amqtt.contexts import Action
 
-from broker.mqtt import codec
+from broker.mqtt import codec, codec5
 from broker.mqtt.acl import PUBLISH_ALLOWED, PUBLISH_DENIED, AccessControl
 from broker.mqtt.codec import ProtocolViolation
 from broker.mqtt.connection import CLOSED, DONE
 from broker.mqtt.figures import TrafficCounters
 from broker.mqtt.journal import SessionJournal
 from broker.mqtt.plugins import PluginHooks
+from broker.mqtt.properties import MsgProps
 from broker.mqtt.retained import RetainedMessages
 from broker.mqtt.routing import Router
 from broker.mqtt.session import Message
@@ -38,6 +39,12 @@ if TYPE_CHECKING:
     from broker.mqtt.session import ClientInfo, SessionState
 
 log = logging.getLogger("roost.mqtt")
+
+# Reason strings of the MQTT 5 negative acks
+_REFUSALS = {codec5.NOT_AUTHORIZED: "not authorized by the access rules",
+             codec5.TOPIC_NAME_INVALID: "topics starting with $ are the broker's",
+             codec5.QUOTA_EXCEEDED: "routed but not retained: retained message budget reached",
+             codec5.PAYLOAD_FORMAT_INVALID: "payload is not valid UTF-8 (Payload Format Indicator 1)"}
 
 
 class Publishing:
@@ -62,7 +69,8 @@ class Publishing:
         if not valid_topic_name(topic):
             raise ProtocolViolation(f"invalid topic name {topic!r}")
         if len(pkt.payload) > self._max_payload:
-            raise ProtocolViolation(f"payload of {len(pkt.payload)} bytes exceeds limits.max_payload")
+            raise ProtocolViolation(f"payload of {len(pkt.payload)} bytes exceeds limits.max_payload",
+                                    codec5.PACKET_TOO_LARGE)
         st = conn.session
         info = conn.info
         assert st is not None and info is not None   # set once CONNECTED
@@ -77,7 +85,7 @@ class Publishing:
                 conn.dollar_publish_logged = True
                 log.info("%s published to %s: topics starting with $ are reserved for the broker; "
                          "not routed (said once per connection)", info.client_id, topic)
-            return self._acknowledge(conn, st, pkt)
+            return self._acknowledge(conn, st, pkt, refused=codec5.TOPIC_NAME_INVALID)
         acl = self._acl
         allowed: bool | None = True
         if acl.enabled:   # the cache read inline, as routing does: this runs per message
@@ -90,7 +98,7 @@ class Publishing:
         if not allowed:
             self._stats["publish_denied"] += 1
             log.debug("publish of %s to %s denied", info.client_id, topic)
-            return self._acknowledge(conn, st, pkt)
+            return self._acknowledge(conn, st, pkt, refused=codec5.NOT_AUTHORIZED)
         prefixes = self._plugins.prefixes
         if prefixes and topic.startswith(prefixes):
             consumed = self._plugins.intercept_now(info, topic, pkt.payload, qos, pkt.retain)
@@ -100,9 +108,13 @@ class Publishing:
                 return self._acknowledge(conn, st, pkt)
         journal = self._journal
         mark = journal.appended if journal is not None else 0    # _journal_mark(), inline
+        msg = Message(topic, pkt.payload, qos, False, pkt.properties)
         if pkt.retain:
-            self._retained.set(topic, pkt.payload, qos, info.principal)
-        self._router.route(Message(topic, pkt.payload, qos), conn)
+            msg.pub_retain = True
+            if not self._retained.set(topic, pkt.payload, qos, info.principal, pkt.properties) and qos:
+                self._router.route(msg, conn)
+                return self._acknowledge(conn, st, pkt, mark, refused=codec5.QUOTA_EXCEEDED)
+        self._router.route(msg, conn)
         if not qos:
             return DONE
         return self._acknowledge(conn, st, pkt, mark)
@@ -114,16 +126,18 @@ class Publishing:
         if allowed is None:
             allowed = await self._acl.may_publish(st, topic)
         mark = None
+        refused = 0
         if allowed:
             mark = self._journal_mark()
-            await self._intercept_and_route(info, topic, pkt.payload, pkt.qos, pkt.retain, conn)
+            await self._intercept_and_route(info, topic, pkt.payload, pkt.qos, pkt.retain, conn, pkt.properties)
         else:
             self._stats["publish_denied"] += 1
+            refused = codec5.NOT_AUTHORIZED
         if conn.state == CLOSED:    # no ack; a QoS 2 id is still known when the session resumes
-            if pkt.qos == 2:
+            if pkt.qos == 2 and not refused:
                 st.incoming_qos2.add(pkt.packet_id)
             return
-        await self._acknowledge(conn, st, pkt, mark)
+        await self._acknowledge(conn, st, pkt, mark, refused=refused)
 
     def _journal_mark(self) -> int:
         """Compared after routing: did it keep the message for a persistent session?"""
@@ -131,12 +145,18 @@ class Publishing:
         return journal.appended if journal is not None else 0
 
     def _acknowledge(self, conn: Connection, st: SessionState, pkt: codec.Publish,
-                     mark: int | None = None) -> Awaitable[None]:
+                     mark: int | None = None, refused: int = 0) -> Awaitable[None]:
         """PUBACK/PUBREC, at once or once stored what must survive a SIGKILL right
         after it (see the module docstring). `mark`: _journal_mark() before the
-        message was retained and routed; None when it was not (denied, consumed)."""
+        message was retained and routed; None when it was not (denied, consumed).
+        `refused`: the MQTT 5 reason code of a refusal (3.1.1 has no negative ack:
+        its client gets a plain ack)."""
         qos = pkt.qos
         if not qos:
+            return DONE
+        if refused and conn.v5:
+            log.debug("%s: publish to %s refused: %s", conn.client_id, pkt.topic, _REFUSALS.get(refused))
+            conn.write(codec5.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pkt.packet_id, refused))
             return DONE
         if qos == 2:
             st.incoming_qos2.add(pkt.packet_id)
@@ -158,15 +178,17 @@ class Publishing:
         conn.write(codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pid))
 
     async def _intercept_and_route(self, info: ClientInfo, topic: str, payload: bytes, qos: int, retain: bool,
-                                   src: Connection | None = None) -> None:
+                                   src: Connection | None = None, props: MsgProps | None = None) -> None:
         """A publish that passed the PUBLISH ACL: interception, then retain + routing."""
         prefixes = self._plugins.prefixes
         if prefixes and topic.startswith(prefixes) and \
                 await self._plugins.intercept(info, topic, payload, qos, retain):
             return
+        msg = Message(topic, payload, qos, False, props)
         if retain:
-            self._retained.set(topic, payload, qos, info.principal)
-        await self._router.route_awaited(Message(topic, payload, qos), src)
+            msg.pub_retain = True
+            self._retained.set(topic, payload, qos, info.principal, props)
+        await self._router.route_awaited(msg, src)
 
     # ---- wills and the broker's own ---------------------------------------------------------
 
@@ -177,7 +199,8 @@ class Publishing:
         if not await self._acl.decide(info, topic, Action.PUBLISH):
             log.info("will of %s on %s denied by ACL", info.client_id, topic)
             return
-        await self._intercept_and_route(info, topic, info.will_message or b"", info.will_qos, info.will_retain)
+        await self._intercept_and_route(info, topic, info.will_message or b"", info.will_qos, info.will_retain,
+                                        props=info.will_props)
 
     async def publish_own(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int:
         """BrokerApi.publish: routed like a client publish (ACL RECEIVE per subscriber)."""

@@ -1,6 +1,6 @@
 """The sessions of the broker by session key (session.py `session_key`): added,
 discarded (subscriptions, queue and in-flight window forgotten), expired after
-SESSION_EXPIRY disconnected, and the count of persistent sessions per principal
+their session expiry (registry.expiry_of) disconnected, and the count of persistent sessions per principal
 (limits.max_persistent_sessions_per_principal)."""
 
 from __future__ import annotations
@@ -74,10 +74,19 @@ class SessionRegistry:
                     "under an old client id to end one", info.client_id, principal, n)
         return True
 
+    def expiry_of(self, st: SessionState) -> float:
+        """Seconds `st` is kept once disconnected: its MQTT 5 Session Expiry
+        Interval (0xFFFFFFFF: for ever), else limits.session_expiry."""
+        if st.expiry is None:
+            return float(getattr(self._limits, "session_expiry", SESSION_EXPIRY))
+        return float("inf") if st.expiry >= 0xFFFFFFFF else st.expiry
+
+    def expired(self, st: SessionState, now: float) -> bool:
+        return st.conn is None and not st.clean and now - st.disconnected_at > self.expiry_of(st)
+
     def expire(self, now: float) -> int:
-        """Discard the sessions disconnected for more than SESSION_EXPIRY at `now` (epoch s)."""
-        old = [st for st in self.sessions.values()
-               if st.conn is None and now - st.disconnected_at > SESSION_EXPIRY]
+        """Discard the sessions disconnected for longer than they are kept, at `now` (epoch s)."""
+        old = [st for st in self.sessions.values() if self.expired(st, now)]
         for st in old:
             self.discard(st)
         if old:

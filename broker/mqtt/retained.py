@@ -44,6 +44,7 @@ class Retained:
     payload: bytes
     qos: int
     owner: str | None     # the principal charged for it (None: anonymous, the broker, loaded at start)
+    props: Any = None     # MQTT 5 properties.MsgProps it was published with (memory only, not stored)
 
 
 @dataclass(slots=True)
@@ -84,7 +85,7 @@ class RetainedIndex:
     def items(self) -> Iterator[tuple[str, Retained]]:
         return iter(list(self._by_topic.items()))
 
-    def put(self, topic: str, payload: bytes, qos: int, owner: str | None) -> None:
+    def put(self, topic: str, payload: bytes, qos: int, owner: str | None, props: Any = None) -> None:
         """Store or replace; raises Refused (and changes nothing) over a budget."""
         old = self._by_topic.get(topic)
         new_cost = cost(topic, payload)
@@ -100,9 +101,9 @@ class RetainedIndex:
                               f"(limits.max_retained_bytes_per_principal {self.max_bytes_per_principal})")
         if old is not None:
             self._charge(old.owner, -old_cost)
-            old.payload, old.qos, old.owner = payload, qos, owner
+            old.payload, old.qos, old.owner, old.props = payload, qos, owner, props
         else:
-            entry = Retained(payload, qos, owner)
+            entry = Retained(payload, qos, owner, props)
             self._by_topic[topic] = entry
             node = self._root
             for level in topic.split("/"):
@@ -214,7 +215,7 @@ class RetainedMessages:
         self._lock = asyncio.Lock()
         self._unavailable_since: float | None = None
 
-    def set(self, topic: str, payload: bytes, qos: int, owner: str | None = None) -> bool:
+    def set(self, topic: str, payload: bytes, qos: int, owner: str | None = None, props: Any = None) -> bool:
         """Retain (or, with an empty payload, clear) `topic`; False when a budget
         refuses it (counted, logged; the message is still routed)."""
         if not payload:
@@ -224,7 +225,7 @@ class RetainedMessages:
         else:
             payload = bytes(payload)
             try:
-                self.index.put(topic, payload, qos, owner)
+                self.index.put(topic, payload, qos, owner, props)
             except Refused as exc:
                 self._stats["retained_refused"] += 1
                 self._refused_log.warning("not retaining %s: %s (%d refused so far)", topic, exc,

@@ -41,6 +41,9 @@ class Router:
     def __init__(self, *, sessions: dict[str, SessionState], acl: AccessControl, budgets: Budgets,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.index: SubscriptionIndex[SessionState] = SubscriptionIndex()
+        # shared subscriptions: `$share/<group>/<filter>` -> its group, indexed by <filter>
+        self.groups: dict[str, ShareGroup] = {}
+        self.shared_index: SubscriptionIndex[ShareGroup] = SubscriptionIndex()
         self._sessions = sessions
         self._acl = acl
         self._budgets = budgets
@@ -55,29 +58,47 @@ class Router:
     # ---- subscriptions ---------------------------------------------------------------
 
     def subscribe(self, st: SessionState, f: str, qos: int) -> None:
+        """`f` may be a shared subscription `$share/<group>/<filter>` (shared_filter)."""
+        shared = shared_filter(f)
         if f not in st.subs:
             self._budgets.subscribed(f)
             if self.on_interest is not None:
-                self.on_interest(f, True)
+                self.on_interest(f if shared is None else shared[1], True)
         st.subs[f] = qos
-        self.index.add(f, st, qos)
+        if shared is None:
+            self.index.add(f, st, qos)
+            return
+        group = self.groups.get(f)
+        if group is None:
+            group = self.groups[f] = ShareGroup(f, shared[1])
+            self.shared_index.add(shared[1], group, 0)
+        group.members[st] = qos
 
     def unsubscribe(self, st: SessionState, f: str) -> bool:
         if st.subs.pop(f, None) is None:
             return False
-        self.index.remove(f, st)
-        self._budgets.unsubscribed(f)
-        if self.on_interest is not None:
-            self.on_interest(f, False)
+        st.sub_opts.pop(f, None)
+        self._forget(st, f)
         return True
 
     def unsubscribe_all(self, st: SessionState) -> None:
         for f in st.subs:
-            self.index.remove(f, st)
-            self._budgets.unsubscribed(f)
-            if self.on_interest is not None:
-                self.on_interest(f, False)
+            self._forget(st, f)
         st.subs.clear()
+        st.sub_opts.clear()
+
+    def _forget(self, st: SessionState, f: str) -> None:
+        group = self.groups.get(f) if f.startswith("$share/") else None
+        if group is None:
+            self.index.remove(f, st)
+        else:
+            group.members.pop(st, None)
+            if not group.members:
+                del self.groups[f]
+                self.shared_index.remove(group.filter, group)
+        self._budgets.unsubscribed(f)
+        if self.on_interest is not None:
+            self.on_interest(f if group is None else group.filter, False)
 
     # ---- routing ---------------------------------------------------------------------
 
@@ -92,8 +113,8 @@ class Router:
             self.on_routed(msg)
         targets = self.index.match(msg.topic)
         if not targets:
-            return 0
-        n = 0
+            return self._route_shared(msg, src) if self.groups else 0
+        n = self._route_shared(msg, src) if self.groups else 0
         topic = msg.topic
         mq = msg.qos
         check = self._acl.enabled
@@ -114,6 +135,55 @@ class Router:
                 n += 1
             if src is not None and st.congested():
                 self.hold(st, src)
+        return n
+
+    def _route_shared(self, msg: Message, src: Connection | None) -> int:
+        """One member of each shared subscription group matching `msg`: the next
+        connected one (round-robin) the ACL lets receive it, else an offline
+        persistent one. (A member whose RECEIVE decision must be awaited is passed over.)"""
+        n = 0
+        for group in self.shared_index.match(msg.topic):
+            picked = group.pick(lambda st: self._acl.may_receive_now(st, msg.topic) is True)
+            if picked is None:
+                continue
+            st, q = picked
+            if st.enqueue(msg.copy_for(group), q if q < msg.qos else msg.qos):
+                n += 1
+            if src is not None and st.congested():
+                self.hold(st, src)
+        return n
+
+    def redeliver_shared(self, st: SessionState) -> int:
+        """`st` left: the messages a shared subscription gave it that it has not
+        acknowledged (sent, or still queued) go to another member of their group."""
+        moved: list[tuple[Message, int]] = []
+        for pid, entry in list(st.inflight.items()):
+            msg, qos, stage, seq = entry
+            if stage == 0 and msg.group is not None:
+                del st.inflight[pid]
+                moved.append((msg, qos))
+                st.host.uncharge(st, len(msg.payload))
+                st._done(seq)
+        if any(m.group is not None for m, _q, _s in st.queue):
+            kept = []
+            for msg, qos, seq in st.queue:
+                if msg.group is None:
+                    kept.append((msg, qos, seq))
+                else:
+                    moved.append((msg, qos))
+                    st.host.uncharge(st, len(msg.payload))
+                    st._done(seq)
+            st.queue.clear()
+            st.queue.extend(kept)
+        n = 0
+        for msg, qos in moved:
+            group = msg.group
+            picked = group.pick(lambda other: other is not st and other.conn is not None) if group else None
+            if picked is not None and picked[0].enqueue(msg.copy_for(group), qos):
+                n += 1
+        if moved:
+            log.info("%s left with %d unacknowledged shared-subscription messages: %d given to other members",
+                     st.client_id, len(moved), n)
         return n
 
     async def route_awaited(self, msg: Message, src: Connection | None = None, *, share: bool = True) -> int:
@@ -214,6 +284,44 @@ class Router:
                         st.client_id, now - st.progress_at, len(st.queue))
             st.stalled = True
             self.release(st)
+
+
+class ShareGroup:
+    """The members of one shared subscription `$share/<group>/<filter>`."""
+
+    __slots__ = ("key", "filter", "members", "_next")
+
+    def __init__(self, key: str, topic_filter: str) -> None:
+        self.key = key
+        self.filter = topic_filter
+        self.members: dict[SessionState, int] = {}    # member -> granted QoS, in joining order
+        self._next = 0
+
+    def pick(self, ok: Callable[[SessionState], bool]) -> tuple[SessionState, int] | None:
+        """The next connected member (round-robin) that `ok` accepts; else an
+        offline persistent one (it queues); None if there is neither."""
+        members = list(self.members.items())
+        n = len(members)
+        start = self._next % n if n else 0
+        for i in range(n):
+            st, q = members[(start + i) % n]
+            if st.conn is not None and not st.discarded and ok(st):
+                self._next = start + i + 1
+                return st, q
+        for st, q in members:
+            if st.conn is None and not st.clean and not st.discarded and ok(st):
+                return st, q
+        return None
+
+
+def shared_filter(f: str) -> tuple[str, str] | None:
+    """(group, filter) of `$share/<group>/<filter>`; None for any other filter."""
+    if not f.startswith("$share/"):
+        return None
+    parts = f.split("/", 2)
+    if len(parts) < 3 or not parts[1] or not parts[2] or "+" in parts[1] or "#" in parts[1]:
+        return None
+    return parts[1], parts[2]
 
 
 def granted_qos(st: SessionState, topic: str) -> int:

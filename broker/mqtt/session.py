@@ -11,7 +11,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
-from broker.mqtt import codec
+from broker.mqtt import codec, codec5
+from broker.mqtt.properties import MsgProps
+from broker.mqtt.topics import matches
 from broker.store.base import MessageDone, MessageKept, SavedMessage
 from contract.ids import principal_of_client_id
 
@@ -71,6 +73,9 @@ class ClientInfo:
         self.will_message: bytes | None = None
         self.will_qos = 0
         self.will_retain = False
+        self.will_props: MsgProps | None = None  # MQTT 5 will properties (forwarded with the will)
+        self.will_delay = 0.0                    # MQTT 5 Will Delay Interval, seconds
+        self.protocol_level = 4                  # 3: MQTT 3.1, 4: 3.1.1, 5: MQTT 5
         self.attributes: dict[str, Any] = {}   # plugin-owned, like amqtt's Session.attributes
         self.last_activity: float | None = None  # set when the connection ends: last packet received
         # epoch seconds when the login ends (a JWT's exp): the engine closes the connection then
@@ -112,17 +117,27 @@ class Message:
     """An application message as routed; its PUBLISH encodings are built once and
     shared by every subscriber."""
 
-    __slots__ = ("topic", "payload", "qos", "retain", "_tb", "_p0", "_rlq")
+    __slots__ = ("topic", "payload", "qos", "retain", "_tb", "_p0", "_rlq", "props", "pub_retain", "group")
 
-    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False) -> None:
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False, props: MsgProps | None = None) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
         self.retain = retain
+        self.props = props          # MQTT 5 properties (None: a 3.1.1 publish, or none given)
+        self.pub_retain = False     # the publisher's retain flag (Retain As Published)
+        self.group: Any = None      # the shared subscription group it was given to (routing.ShareGroup)
         t = topic.encode("utf-8")
         self._tb = len(t).to_bytes(2, "big") + t
         self._p0: bytes | None = None
         self._rlq: bytes | None = None
+
+    def copy_for(self, group: Any) -> Message:
+        """This message as given to one member of a shared subscription group."""
+        msg = Message(self.topic, self.payload, self.qos, self.retain, self.props)
+        msg.pub_retain = self.pub_retain
+        msg.group = group
+        return msg
 
     def packet0(self) -> bytes:
         """The QoS 0 PUBLISH (same bytes for every subscriber)."""
@@ -155,7 +170,7 @@ class SessionState:
                  "incoming_qos2", "disconnected_at", "dropped", "acl_cache", "waiters", "host",
                  "discarded", "max_inflight", "max_queued", "high", "low", "blocked", "progress_at",
                  "stalled", "journal", "_seq", "unjournaled", "bytes", "high_bytes", "low_bytes",
-                 "__weakref__")
+                 "sub_opts", "expiry", "will_timer", "__weakref__")
 
     def __init__(self, client_id: str, clean: bool, info: ClientInfo, host: SessionHost) -> None:
         self.client_id = client_id
@@ -191,6 +206,11 @@ class SessionState:
         self.journal: Any = None
         self._seq = 0
         self.unjournaled: tuple[str, ...] = ()
+        # MQTT 5: filter -> (subscription options byte, subscription identifier or 0),
+        # the Session Expiry Interval (None: limits.session_expiry), a pending delayed will
+        self.sub_opts: dict[str, tuple[int, int]] = {}
+        self.expiry: float | None = None
+        self.will_timer: Any = None
 
     def __repr__(self) -> str:
         return f"<SessionState {self.client_id} subs={len(self.subs)} queued={len(self.queue)} inflight={len(self.inflight)}>"
@@ -362,3 +382,175 @@ class SessionState:
                 self.pump()
             elif self.blocked is not None or self.waiters:
                 self._after_ack()
+
+
+class SessionState5(SessionState):
+    """A session while an MQTT 5 client holds it: the same queue and window, but
+    each PUBLISH is built for this client (properties, subscription identifiers,
+    Retain As Published, topic aliases, its Maximum Packet Size), expired
+    messages are dropped instead of sent, and No Local is honoured. A session
+    changes class when a client of the other protocol resumes it (same slots),
+    so the 3.1.1 path keeps its shared, pre-encoded packets."""
+
+    __slots__ = ()
+
+    def _wire(self, msg: Message, qos: int, pid: int, dup: bool = False, live: bool = True) -> bytes | None:
+        """This client's PUBLISH of `msg`; None when it must not be sent (expired
+        while queued, or larger than the client's Maximum Packet Size)."""
+        conn = self.conn
+        assert conn is not None
+        props = msg.props
+        extra: list[bytes] = []
+        if props is not None:
+            if props.expires_at is not None:
+                left = props.expires_at - self.host.loop.time()
+                if left <= 0 and live:
+                    return None
+                extra.append(b"\x02" + max(1, int(left + 0.999)).to_bytes(4, "big"))
+            extra.append(props.forwarded)
+        retain = msg.retain
+        topic = msg.topic
+        if self.sub_opts:
+            group = msg.group
+            for f, (o, sid) in self.sub_opts.items():
+                if group is not None:
+                    if f != group.key:
+                        continue
+                elif f.startswith("$share/") or not matches(topic, f):
+                    continue
+                if sid:
+                    extra.append(b"\x0b" + codec.encode_varint(sid))
+                if o & 0x08 and msg.pub_retain:
+                    retain = True
+        tb = msg._tb
+        new_alias = False
+        if conn.alias_out_max:
+            alias = conn.alias_out.get(topic)
+            if alias is not None:
+                tb = b"\x00\x00"
+            elif len(conn.alias_out) < conn.alias_out_max:
+                alias = conn.alias_out[topic] = len(conn.alias_out) + 1
+                new_alias = True
+            if alias is not None:
+                extra.append(b"\x23" + alias.to_bytes(2, "big"))
+        data = codec5.publish(tb, msg.payload, qos, retain, pid, dup, b"".join(extra))
+        if conn.client_max_packet and len(data) > conn.client_max_packet:
+            if new_alias:
+                del conn.alias_out[topic]
+            log.debug("not sending %s a message on %s: larger than its Maximum Packet Size", self.client_id, topic)
+            return None
+        return data
+
+    def _no_local(self, msg: Message) -> bool:
+        """Every filter of ours matching this message of our own has No Local set."""
+        topic = msg.topic
+        hit = False
+        for f, (o, _sid) in self.sub_opts.items():
+            if not f.startswith("$share/") and matches(topic, f):
+                if not o & 0x04:
+                    return False
+                hit = True
+        return hit
+
+    def enqueue(self, msg: Message, qos: int) -> bool:
+        props = msg.props
+        if props is not None and props.origin is self and msg.group is None and self._no_local(msg):
+            return False
+        conn = self.conn
+        if conn is not None and not self.queue and conn.writable:
+            if qos == 0:
+                data = self._wire(msg, 0, 0)
+                if data is None:
+                    return False
+                conn.write(data)
+                self.host.counters.sent_qos[0] += 1
+                return True
+            if len(self.inflight) < self.max_inflight:
+                if not self.host.charge(self, len(msg.payload)):
+                    return False
+                pid = self._next_pid()
+                data = self._wire(msg, qos, pid)
+                if data is None:
+                    self.host.uncharge(self, len(msg.payload))
+                    return False
+                self.inflight[pid] = [msg, qos, 0, self._keep(msg, qos, pid) if self.journal is not None else 0]
+                conn.write(data)
+                self.host.counters.sent_qos[qos] += 1
+                return True
+        elif conn is None and (qos == 0 or self.clean or self.discarded):
+            return False
+        if len(self.queue) >= self.max_queued:
+            self.host.count_drop(self, f"{len(self.queue)} messages queued (limits.max_queued)")
+            return False
+        if not self.host.charge(self, len(msg.payload)):
+            return False
+        self.queue.append((msg, qos, self._keep(msg, qos) if self.journal is not None else 0))
+        return True
+
+    def pump(self) -> None:
+        conn = self.conn
+        queue = self.queue
+        if conn is None:
+            return
+        before = len(queue)
+        while queue and conn.writable:
+            msg, qos, seq = queue[0]
+            if qos:
+                if len(self.inflight) >= self.max_inflight:
+                    break
+                queue.popleft()
+                pid = self._next_pid()
+                data = self._wire(msg, qos, pid)
+                if data is None:      # expired while queued, or too large for this client
+                    self.host.uncharge(self, len(msg.payload))
+                    self._done(seq)
+                    continue
+                self.inflight[pid] = [msg, qos, 0, seq]
+                if seq and qos == 2:
+                    self._sent(msg, pid, seq)
+                conn.write(data)
+                self.host.counters.sent_qos[qos] += 1
+            else:
+                queue.popleft()
+                self.host.uncharge(self, len(msg.payload))
+                data = self._wire(msg, 0, 0)
+                if data is not None:
+                    conn.write(data)
+                    self.host.counters.sent_qos[0] += 1
+        if self.waiters and not self.full():
+            self.wake()
+        if len(queue) <= self.low and self.bytes <= self.low_bytes:
+            self._check_release()
+        elif self.blocked is not None and len(queue) < before:
+            self.progress_at = self.host.loop.time()
+
+    def resume(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        for pid, entry in list(self.inflight.items()):
+            msg, qos, stage, seq = entry
+            if stage == 0:
+                data = self._wire(msg, qos, pid, dup=True, live=False)
+                if data is None:
+                    del self.inflight[pid]
+                    self.host.uncharge(self, len(msg.payload))
+                    self._done(seq)
+                    continue
+                conn.write(data)
+                self.host.counters.sent_qos[qos] += 1
+            else:
+                conn.write(codec.ack(codec.PUBREL, pid))
+        self.pump()
+
+    def on_pubrec_refused(self, pid: int) -> None:
+        """PUBREC with a reason code of 0x80 or more: the client will not take it; done."""
+        entry = self.inflight.get(pid)
+        if entry is not None and entry[1] == 2 and entry[2] == 0:
+            entry[2] = 1
+            self.on_pubcomp(pid)
+
+
+def use_protocol(st: SessionState, v5: bool) -> None:
+    """Give the session the behaviour of the protocol of the client now holding it."""
+    st.__class__ = SessionState5 if v5 else SessionState
