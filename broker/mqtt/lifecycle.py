@@ -20,7 +20,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from amqtt.events import BrokerEvents
@@ -70,6 +70,7 @@ class ClientLifecycle:
         self.finishers: set[asyncio.Task[None]] = set()
         self._locks: dict[str, list[Any]] = {}
         self.stopping = False
+        self.before_establish: Callable[[ClientInfo, bool], Awaitable[None]] | None = None
 
     # ---- accepted, counted, closed ----------------------------------------------------
 
@@ -288,6 +289,11 @@ class ClientLifecycle:
             return
         info.password = None
         info.session_key = session_key(info.principal, info.client_id)
+        if self.before_establish is not None:
+            # the cluster (broker/cluster/): a session another node holds comes here first
+            await self.before_establish(info, clean_start)
+            if conn.state == CLOSED:
+                return
         await self._establish(conn, info, clean_start, expiry, props, connack_props)
 
     @staticmethod
