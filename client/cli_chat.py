@@ -187,7 +187,8 @@ def send(net: Net, target: str, text: tuple[str, ...], cmid: str | None, file_pa
         _send_file(net, params, file_path)
         return
     if not text:
-        raise click.BadParameter("the message is missing", param_hint="TEXT")
+        raise click.MissingParameter("give the message, or --file PATH", param_hint="'TEXT...'",
+                                     param_type="argument")
     message = sys.stdin.read().rstrip("\n") if text == ("-",) else " ".join(text)
     if not message.strip():   # as in `chat`, where blank lines are not sent
         raise click.BadParameter("the message is empty", param_hint="TEXT")
