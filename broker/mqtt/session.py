@@ -412,11 +412,12 @@ class SessionState5(SessionState):
         topic = msg.topic
         if self.sub_opts:
             group = msg.group
+            own = props is not None and props.origin is self    # No Local filters do not deliver it
             for f, (o, sid) in self.sub_opts.items():
                 if group is not None:
                     if f != group.key:
                         continue
-                elif f.startswith("$share/") or not matches(topic, f):
+                elif f.startswith("$share/") or (own and o & 0x04) or not matches(topic, f):
                     continue
                 if sid:
                     extra.append(b"\x0b" + codec.encode_varint(sid))
