@@ -41,14 +41,15 @@ def plugin_list(config: RoostConfig) -> dict[str, dict[str, Any]]:
     return plugins
 
 
-def http_app_of(config: RoostConfig, monitor: Any) -> Any:
-    """The aiohttp app factory of the http listeners; aiohttp and prometheus-client
-    (~13 MB) are imported only when there is one."""
+def http_app_of(config: RoostConfig, monitor: Any, services: Services) -> Any:
+    """The aiohttp app factory of the http listeners (figures and the web app);
+    aiohttp and prometheus-client (~13 MB) are imported only when there is one."""
     if not any(lst.type == "http" for lst in config.listeners.values()):
         return None
     from broker.http.app import HttpApp
+    from broker.web.app import WebApp
 
-    return HttpApp(monitor).application
+    return HttpApp(monitor, WebApp(services)).application
 
 
 async def build_services(config: RoostConfig) -> Services:
@@ -113,9 +114,14 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
         for svc in services.all():
             await svc.load()
         monitor = Monitor(config, services)
+        session_store: Any = services.store.sessions
+        if config.cluster is not None:   # the nodes may share one store: each keeps its own sessions
+            from broker.cluster.sessions import NodeSessions
+
+            session_store = NodeSessions(session_store, config.cluster.node)
         broker = RoostBroker(config, plugins=plugin_list(config), services=services,
-                             retained_store=services.store.retained, session_store=services.store.sessions,
-                             listening=listening, http_app=http_app_of(config, monitor))
+                             retained_store=services.store.retained, session_store=session_store,
+                             listening=listening, http_app=http_app_of(config, monitor, services))
         broker.monitor = monitor
         monitor.attach(broker, SysPublisher(broker.publish) if config.sys_interval > 0 else None)
         broker.cluster = None
@@ -125,7 +131,8 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
 
             assert isinstance(services.bus, ClusterBus)   # build_services made it
             broker.cluster = ClusterNode(config.cluster, bus=services.bus)
-            broker.cluster.attach(broker)   # before start: loaded sessions announce their filters
+            # before start: loaded sessions announce their filters
+            broker.cluster.attach(broker, session_store)
             if services.presence is not None:
                 broker.cluster.on_remote_conns = services.presence.clients_elsewhere
         await broker.start()

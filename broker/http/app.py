@@ -7,14 +7,16 @@
 * GET /status.json  what `roost status` prints (counts only: no client ids or
                     principal names)
 
-`HttpApp.routes` is where the web app (a later issue) adds its own: one
-listener serves both. Each socket gets its own aiohttp Application (one runner
-each); they share this object, so one CollectorRegistry per broker.
+and, with `web` (broker/web/app.py, the household's web app), its page, sign-in
+and WebSocket: one listener serves both. Each socket gets its own aiohttp
+Application (one runner each); they share this object, so one
+CollectorRegistry and one set of web sessions per broker.
 """
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -22,10 +24,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from broker.http.metrics import exposition, registry_for
 from broker.monitor import Monitor
 
+if TYPE_CHECKING:
+    from broker.web.app import WebApp
+
 
 class HttpApp:
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(self, monitor: Monitor, web_app: WebApp | None = None) -> None:
         self._monitor = monitor
+        self._web = web_app
         self._registry = registry_for(monitor)
         self.routes: list[web.RouteDef] = [
             web.get("/metrics", self.metrics),
@@ -35,8 +41,13 @@ class HttpApp:
         ]
 
     def application(self) -> web.Application:
-        app = web.Application()
-        app.add_routes(self.routes)
+        if self._web is None:
+            app = web.Application()
+            app.add_routes(self.routes)
+            return app
+        app = web.Application(middlewares=[self._web.middleware])
+        app.add_routes(self.routes + self._web.routes)
+        app.on_shutdown.append(self._web.on_shutdown)
         return app
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -1,0 +1,100 @@
+"""The open pages, by principal: live presence and telemetry for them, and
+signing a principal out everywhere when it is removed or its password changes.
+
+Presence and telemetry reach MQTT clients as publishes the ACL filters
+(broker/services/acl.py); a page gets the same documents, chosen by the same
+relations: a presence change to whoever may observe that principal, a device's
+newest readings to its owners and sharees (and the device itself)."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from broker.services.events import PresenceChanged, PrincipalRemoved, SecretChanged, TelemetryReceived
+from broker.store.jsonutil import compact_json
+from broker.web.sessions import WebSession, WebSessions
+from broker.web.socket import WsConnection
+from contract import topics
+
+if TYPE_CHECKING:
+    from broker.services.runtime import Services
+
+log = logging.getLogger("roost.web")
+
+
+class WebHub:
+    def __init__(self, services: Services, sessions: WebSessions) -> None:
+        self._services = services
+        self._sessions = sessions
+        self._by_principal: dict[str, set[WsConnection]] = {}
+        bus = services.bus
+        bus.subscribe(PresenceChanged, self._presence_changed)
+        bus.subscribe(TelemetryReceived, self._telemetry_received)
+        bus.subscribe(PrincipalRemoved, self._principal_removed)
+        bus.subscribe(SecretChanged, self._secret_changed)
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._by_principal.values())
+
+    def add(self, conn: WsConnection) -> None:
+        self._by_principal.setdefault(conn.principal, set()).add(conn)
+
+    def discard(self, conn: WsConnection) -> None:
+        group = self._by_principal.get(conn.principal)
+        if group is not None:
+            group.discard(conn)
+            if not group:
+                del self._by_principal[conn.principal]
+
+    def dropped(self) -> int:
+        return sum(c.dropped for group in self._by_principal.values() for c in group)
+
+    async def close_session(self, session: WebSession, why: str) -> None:
+        for conn in [c for c in self._by_principal.get(session.principal, ()) if c.session is session]:
+            await conn.close(why)
+
+    async def close_all(self, why: str) -> None:
+        for conn in [c for group in self._by_principal.values() for c in group]:
+            await conn.close(why)
+
+    # ---- bus ---------------------------------------------------------------------
+    def _presence_changed(self, event: PresenceChanged) -> None:
+        if not self._by_principal:
+            return
+        relations = self._services.relations
+        topic = topics.presence(event.principal)
+        payload = compact_json(event.state).encode()
+        for principal, group in self._by_principal.items():
+            if relations.can_observe(principal, event.principal):
+                for conn in group:
+                    conn.notice(topic, payload)
+
+    def _telemetry_received(self, event: TelemetryReceived) -> None:
+        if not self._by_principal:
+            return
+        readers = self._services.relations.device_users(event.device) | {event.device}
+        topic = topics.telemetry(event.device)
+        payload: bytes | None = None
+        for principal in readers:
+            group = self._by_principal.get(principal)
+            if group:
+                payload = payload or compact_json(event.latest).encode()
+                for conn in group:
+                    conn.notice(topic, payload)
+
+    async def _sign_out(self, principal: str, why: str) -> None:
+        ended = self._sessions.end_principal(principal)
+        conns = list(self._by_principal.get(principal, ()))
+        for conn in conns:
+            await conn.close(why)
+        if ended or conns:
+            log.info("web: %s signed out (%s): %d session(s), %d page(s)", principal, why, ended, len(conns))
+
+    async def _principal_removed(self, event: PrincipalRemoved) -> None:
+        await self._sign_out(event.principal, "removed")
+
+    async def _secret_changed(self, event: SecretChanged) -> None:
+        if event.what == "password":
+            await self._sign_out(event.principal, "password changed")
+
