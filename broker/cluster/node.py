@@ -29,6 +29,7 @@ from broker.cluster import wire
 from broker.cluster.bus import ClusterBus
 from broker.cluster.link import NatsLink
 from broker.cluster.peers import LocalState, Peer, Peers
+from broker.cluster.sessions import NodeSessions
 from broker.config import ClusterConfig
 from broker.mqtt.hooks import DisconnectReason
 from broker.mqtt.session import Message
@@ -38,6 +39,7 @@ from contract import topics
 log = logging.getLogger("roost.cluster")
 
 MAX_ECHOES = 10000       # retained changes from peers awaiting their own commit here
+RELEASE_WAIT = 2.0       # seconds a connecting persistent client waits for the other nodes' answers
 NO_WILL = {DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN}
 
 
@@ -63,6 +65,8 @@ class ClusterNode:
         self._broker: Any = None
         self._engine: Any = None
         self._echoes: dict[str, bytes] = {}
+        self._sessions: NodeSessions | None = None
+        self._releases: dict[str, _Release] = {}
         self._ticker: asyncio.Task[None] | None = None
         # Presence across nodes (set by the composition root when presence runs):
         # (principal, change in connections elsewhere, announce the result here)
@@ -72,6 +76,8 @@ class ClusterNode:
         self.from_peers = 0
         self.wills_published = 0
         self.taken_over = 0
+        self.sessions_handed = 0
+        self.sessions_adopted = 0
         link = self.link
         link.subscribe(wire.STATE, self._on_state)
         link.subscribe(wire.sync_subject(self.name), self._on_sync)
@@ -80,15 +86,22 @@ class ClusterNode:
         link.subscribe(wire.RETAINED, self._on_retained)
         link.subscribe(wire.EVENT, self._on_event)
         link.subscribe(wire.BYE, self._on_bye)
+        link.subscribe(wire.RELEASE, self._on_release)
+        link.subscribe(wire.released_subject(self.name), self._on_released)
+        link.subscribe(wire.ADOPTED, self._on_adopted)
         link.on_connected = self.peers.link_up
         link.on_disconnected = self.peers.link_down
 
     # ---- wiring and lifecycle ----------------------------------------------------------
 
-    def attach(self, broker: Any) -> None:
-        """Before broker.start(): the sessions it loads announce their filters."""
+    def attach(self, broker: Any, sessions: NodeSessions | None = None) -> None:
+        """Before broker.start(): the sessions it loads announce their filters.
+        `sessions`: the engine's session store (this node's view), for hand-overs."""
         self._broker = broker
         self._engine = broker.engine
+        self._sessions = sessions
+        if sessions is not None:
+            self._engine.lifecycle.before_establish = self._before_establish
         router = self._engine.router
         router.on_routed = self._routed
         router.on_interest = self.state.filter_changed
@@ -188,11 +201,14 @@ class ClusterNode:
 
     async def _on_state(self, subject: str, data: bytes) -> None:
         doc = wire.decode(data)
-        if doc.get("op") == "takeover":
-            if doc["node"] != self.name and self._engine.take_over_here(doc["key"]):
+        if doc.get("op") == "takeover" and doc["node"] != self.name:
+            if self._engine.take_over_here(doc["key"]):
                 self.taken_over += 1
                 log.info("cluster: %s connected on node %s: its connection here is closed",
                          doc["key"], doc["node"])
+            st = self._engine.sessions.get(doc["key"])
+            if doc.get("clean") and st is not None:
+                self._engine.registry.discard(st)    # a clean session there ends the old one here
         self.peers.on_state(doc)
 
     async def _on_sync(self, subject: str, data: bytes) -> None:
@@ -212,7 +228,7 @@ class ClusterNode:
         if counted:
             self.state.conn_up(counted)
         # after the connection counted here, so presence sees 1 -> 2 -> 1
-        self.state.takeover(info.session_key)
+        self.state.takeover(info.session_key, bool(info.clean_session))
         if info.will_flag and info.will_topic and not info.will_topic.startswith("$"):
             self.state.will_set(wire.Will(_will_key(info), info.principal, info.client_id, info.will_topic,
                                           bytes(info.will_message or b""), info.will_qos, bool(info.will_retain)))
@@ -259,3 +275,89 @@ class ClusterNode:
                 self.wills_published += 1
             except Exception:  # noqa: BLE001 - the other wills still go out
                 log.exception("cluster: publishing the will of %s failed", will.client_id)
+
+    # ---- persistent sessions moving between nodes ------------------------------------------
+
+    async def _before_establish(self, info: Any, clean_start: bool) -> None:
+        """A persistent session's client connects here: a node holding its session
+        hands it over (exact state: subscriptions, queued and in-flight QoS 1/2)."""
+        key = info.session_key
+        peers = self.peers.alive()
+        if clean_start or not peers or key in self._engine.sessions or not self.link.connected.is_set():
+            return
+        rid = secrets.token_hex(8)
+        release = self._releases[rid] = _Release(set(peers))
+        self.link.send(wire.RELEASE, wire.encode({"id": rid, "node": self.name, "key": key}))
+        try:
+            await asyncio.wait_for(release.done.wait(), RELEASE_WAIT)
+        except TimeoutError:
+            log.warning("cluster: %s: no answer from %s about its session", key, ", ".join(sorted(release.waiting)))
+        finally:
+            del self._releases[rid]
+        if release.saved is None or key in self._engine.sessions or self._sessions is None:
+            return
+        saved, holder = release.saved, release.holder
+        await self._sessions.move(saved, holder)
+        engine = self._engine
+        engine.persistence.restore(saved, host=engine, registry=engine.registry, router=engine.router,
+                                   budgets=engine.budgets)
+        self.sessions_adopted += 1
+        log.info("cluster: %s resumes here its session from node %s (%d messages owed)", key, holder,
+                 len(saved.messages))
+        self.link.send(wire.ADOPTED, wire.encode({"node": self.name, "from": holder, "key": key}))
+
+    async def _on_release(self, subject: str, data: bytes) -> None:
+        doc = wire.decode(data)
+        asker = str(doc["node"])
+        if asker == self.name:
+            return
+        key = str(doc["key"])
+        engine = self._engine
+        st = engine.sessions.get(key)
+        answer: dict[str, Any] = {"id": doc["id"], "node": self.name, "held": False}
+        if st is None or st.clean or st.discarded:
+            self.link.send(wire.released_subject(asker), wire.encode(answer))
+            return
+        engine.take_over_here(key)
+        saved = engine.persistence.saved_sessions({key: st})[0]
+        st.journal = None          # its rows stay until the new node took them (adopted)
+        engine.registry.discard(st)
+        if engine.journal is not None:
+            await engine.journal.durable()    # what was journaled for it is in the store
+        self.sessions_handed += 1
+        parts = wire.session_parts(saved)
+        for i, part in enumerate(parts):
+            self.link.send(wire.released_subject(asker), wire.encode(
+                {**answer, "held": True, "part": i, "last": i == len(parts) - 1, **part}))
+
+    async def _on_released(self, subject: str, data: bytes) -> None:
+        doc = wire.decode(data)
+        release = self._releases.get(str(doc["id"]))
+        if release is None:
+            return
+        node = str(doc["node"])
+        if doc["held"]:
+            release.parts.append(doc)
+            if not doc["last"]:
+                return
+            release.saved, release.holder = wire.session_from_parts(release.parts), node
+        release.waiting.discard(node)
+        if not release.waiting or release.saved is not None:
+            release.done.set()
+
+    async def _on_adopted(self, subject: str, data: bytes) -> None:
+        doc = wire.decode(data)
+        key = str(doc["key"])
+        if doc["from"] == self.name and self._sessions is not None and key not in self._engine.sessions:
+            await self._sessions.drop(key)      # with one shared store: already moved, a no-op
+
+
+class _Release:
+    """The answers to one hand-over request."""
+
+    def __init__(self, waiting: set[str]) -> None:
+        self.waiting = waiting
+        self.done = asyncio.Event()
+        self.parts: list[dict[str, Any]] = []
+        self.saved: Any = None
+        self.holder = ""

@@ -57,10 +57,11 @@ class LocalState:
             self.filters.pop(f, None)
             self._change("unsub", f=f)
 
-    def takeover(self, key: str) -> None:
+    def takeover(self, key: str, clean: bool) -> None:
         """A client with session key `key` connected here: any other node closes its
-        connection (numbered like a change so it cannot overtake this node's "up")."""
-        self._change("takeover", key=key)
+        connection, and with `clean` ends its session (numbered like a change so it
+        cannot overtake this node's "up")."""
+        self._change("takeover", key=key, clean=clean)
 
     def will_set(self, will: Will) -> None:
         self.wills[will.key] = will

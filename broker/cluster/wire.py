@@ -10,6 +10,9 @@ Subjects (every node subscribes to the broadcast ones and to its own):
     roost.retained        a retained message committed on a node  (broadcast)
     roost.event           a shared domain event (broadcast, bus.py)
     roost.bye             a node leaving cleanly {"node", "inc"}
+    roost.release         a persistent session's client connects on "node": whoever holds "key" hands it over
+    roost.released.<node> the answers, each node's: {"id", "node", "held", session parts (session_parts)}
+    roost.adopted         "node" took over "key" from "from": "from" forgets its rows of it
 
 `inc` (incarnation) is random per process start: a node restarted under the same
 name is a new incarnation, and the old one is dead. `seq` counts the state
@@ -28,12 +31,16 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from broker.store.base import SavedMessage, SavedSession
+
 PREFIX = "roost"
 HEARTBEAT = f"{PREFIX}.hb"
 STATE = f"{PREFIX}.state"
 RETAINED = f"{PREFIX}.retained"
 EVENT = f"{PREFIX}.event"
 BYE = f"{PREFIX}.bye"
+RELEASE = f"{PREFIX}.release"
+ADOPTED = f"{PREFIX}.adopted"
 
 
 def sync_subject(node: str) -> str:
@@ -46,6 +53,10 @@ def snap_subject(node: str) -> str:
 
 def pub_subject(node: str) -> str:
     return f"{PREFIX}.pub.{node}"
+
+
+def released_subject(node: str) -> str:
+    return f"{PREFIX}.released.{node}"
 
 
 def encode(doc: dict[str, Any]) -> bytes:
@@ -107,3 +118,35 @@ class Will:
     def from_doc(doc: dict[str, Any]) -> Will:
         return Will(str(doc["key"]), doc.get("principal"), str(doc["client_id"]), str(doc["topic"]),
                     unb64(doc["payload"]), int(doc["qos"]), bool(doc["retain"]))
+
+
+# ---- a persistent session handed to another node, in parts ----------------------------
+
+SESSION_PART_BYTES = 256 * 1024
+
+
+def session_parts(saved: SavedSession) -> list[dict[str, Any]]:
+    """`saved` as documents of at most ~SESSION_PART_BYTES each (messages split)."""
+    head = {"client_id": saved.client_id, "principal": saved.principal, "kind": saved.kind,
+            "subscriptions": saved.subscriptions, "incoming_qos2": saved.incoming_qos2,
+            "last_pid": saved.last_pid, "disconnected_at": saved.disconnected_at}
+    parts: list[dict[str, Any]] = [{"head": head, "messages": []}]
+    size = 0
+    for m in saved.messages:
+        if size > SESSION_PART_BYTES:
+            parts.append({"messages": []})
+            size = 0
+        parts[-1]["messages"].append([m.seq, m.topic, b64(m.payload), m.qos, m.retain, m.pid, m.stage])
+        size += len(m.topic) + len(m.payload) * 4 // 3 + 40
+    return parts
+
+
+def session_from_parts(parts: list[dict[str, Any]]) -> SavedSession:
+    head = parts[0]["head"]
+    messages = [SavedMessage(int(seq), str(topic), unb64(payload), int(qos), bool(retain),
+                             None if pid is None else int(pid), int(stage))
+                for part in parts for seq, topic, payload, qos, retain, pid, stage in part["messages"]]
+    return SavedSession(str(head["client_id"]), head["principal"], head["kind"],
+                        {str(f): int(q) for f, q in head["subscriptions"].items()}, messages,
+                        [int(p) for p in head["incoming_qos2"]], int(head["last_pid"]),
+                        float(head["disconnected_at"]))
