@@ -248,3 +248,59 @@ def test_a_camera_sends_its_snapshot_to_its_owner(roost):
     finally:
         camera.device.stop()
         alice.disconnect()
+
+
+def test_the_web_route_serves_files_to_members_only(roost_factory):
+    pytest.importorskip("broker.web.app")
+    import aiohttp
+
+    from tests.harness import free_port
+
+    bind = f"127.0.0.1:{free_port()}"
+    roost = roost_factory({"listeners": {"web": {"type": "http", "bind": bind}}})
+    pw = {p: roost.add_user(p) for p in ("alice", "bob", "carol")}
+    alice = ImClient("alice").open(roost, pw["alice"])
+    try:
+        alice.call("contact.request", to="bob")
+        ImClient("bob").open(roost, pw["bob"]).call("contact.accept", **{"from": "alice"})
+        call = lambda op, params: alice.call(op, **params)  # noqa: E731
+        picture = sdkfiles.upload(call, PNG, "cat <1>.png")
+        note = sdkfiles.upload(call, b"<script>alert(1)</script>", "note.txt")
+        for ref in (picture, note):
+            alice.call("send", to="bob", cmid=f"w-{ref['id'][:8]}", body=sdkfiles.file_body(ref))
+    finally:
+        alice.disconnect()
+    base = f"http://{bind}"
+
+    async def main() -> None:
+        async def signed_in(user: str) -> aiohttp.ClientSession:
+            http = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+            async with http.get(base + "/api/session") as r:
+                csrf = (await r.json())["csrf"]
+            async with http.post(base + "/api/login", json={"user": user, "password": pw[user]},
+                                 headers={"X-CSRF-Token": csrf}) as r:
+                assert r.status == 200, await r.text()
+            return http
+
+        bob, carol = await signed_in("bob"), await signed_in("carol")
+        anonymous = aiohttp.ClientSession()
+        try:
+            async with bob.get(f"{base}/files/{picture['id']}") as r:
+                assert r.status == 200 and await r.read() == PNG
+                assert r.headers["Content-Type"] == "image/png"
+                assert r.headers["Content-Disposition"].startswith("inline;")
+                assert r.headers["X-Content-Type-Options"] == "nosniff" and "sandbox" in r.headers["Content-Security-Policy"]
+            async with bob.get(f"{base}/files/{note['id']}") as r:
+                assert r.status == 200 and r.headers["Content-Disposition"].startswith("attachment;")
+                assert r.headers["Content-Type"].startswith("text/plain")
+            async with carol.get(f"{base}/files/{picture['id']}") as r:
+                assert r.status == 404
+            async with anonymous.get(f"{base}/files/{picture['id']}") as r:
+                assert r.status == 401
+            async with bob.get(f"{base}/files/{'0' * 64}") as r:
+                assert r.status == 404
+        finally:
+            for http in (bob, carol, anonymous):
+                await http.close()
+
+    run(main())
