@@ -254,9 +254,17 @@ class Roost(BrokerProcess):
     # is the code beside the benchmark, never a stale installed copy.
     ROOST = [sys.executable, "-m", "client.cli"]
 
+    # --cprofile DIR: the broker runs under cProfile, one file per start (written at its clean stop)
+    cprofile_dir: Path | None = None
+    cprofile_label = "roost"
+
     def command(self) -> list[str]:
         self.write_config()
-        return [*self.ROOST, "serve", "--config", str(self.config_path)]
+        cmd = [*self.ROOST, "serve", "--config", str(self.config_path)]
+        if self.cprofile_dir is not None:
+            out = self.cprofile_dir / f"{self.cprofile_label}-{int(time.time() * 1000)}.prof"
+            cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", *cmd[2:]]
+        return cmd
 
     def plain_client(self, label: str) -> Credentials:
         p = self.PLAIN_PRINCIPAL

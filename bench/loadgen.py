@@ -129,6 +129,9 @@ class Publisher:
         self.count = int(p["count"])
         self.window = max(1, int(p.get("window", 64)))
         self.rate = float(p.get("rate", 0))     # msg/s, 0 = as fast as the window allows
+        # Paced publishers start `phase` seconds apart, so that together they send evenly
+        # spaced messages rather than all at the same instants (bursts no one asked for).
+        self.phase_ns = int(float(p.get("phase", 0)) * 1e9)
         self.index = int(p.get("index", 0))
         self.stats = stats
         self.inflight = 0
@@ -161,10 +164,12 @@ class Publisher:
                 await conn.writable.wait()
             k = min(BATCH, self.count - seq)
             if self.rate > 0:
-                due = int((now_ns() - t0) * self.rate / 1e9) + 1
+                start = t0 + self.phase_ns
+                due = int(max(0, now_ns() - start) * self.rate / 1e9) + 1 if now_ns() >= start else 0
                 k = min(k, due - seq)
                 if k <= 0:
-                    await asyncio.sleep(max(0.0005, (seq + 1 - due) / self.rate))
+                    # until message `seq` is due: start + seq / rate
+                    await asyncio.sleep(max(0.0, (start + seq * 1e9 / self.rate - now_ns()) / 1e9))
                     continue
             if self.qos:
                 k = min(k, self.window - self.inflight)
@@ -216,6 +221,7 @@ class ImClient:
         self.count = int(spec.get("count", 0))
         self.window = max(1, int(spec.get("window", 16)))
         self.rate = float(spec.get("rate", 0))
+        self.phase_ns = int(float(spec.get("phase", 0)) * 1e9)   # as Publisher.phase_ns
         self.to = spec.get("to", "")
         self.tag = spec.get("tag", self.cid)    # cmid prefix: unique per run, or retries are dups
         self.send_times: dict[str, int] = {}
@@ -325,9 +331,9 @@ class ImClient:
                 st.error("sender connection closed")
                 break
             if self.rate > 0:
-                due = int((now_ns() - t0) * self.rate / 1e9) + 1
-                if due <= k:
-                    await asyncio.sleep(max(0.0005, (k + 1 - due) / self.rate))
+                due_ns = t0 + self.phase_ns + int(k * 1e9 / self.rate)
+                if now_ns() < due_ns:
+                    await asyncio.sleep((due_ns - now_ns()) / 1e9)
                     continue
             if self.outstanding >= self.window:
                 self.wake.clear()

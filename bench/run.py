@@ -127,6 +127,7 @@ class Runner:
         self.sizes = sizes
         self.workdir = workdir
         self.profile_dir = profile_dir
+        self.cprofile_dir: Path | None = None
         self.run_id = f"{int(time.time())}"
         self.phases = 0     # IM phases so far: every phase's cmids are new (--repeat included)
 
@@ -296,7 +297,7 @@ class Runner:
                          "expect": per_pair, "seq_space": per_pair})
             pubs.append({"cid": b.client_id, "user": b.username, "pw": b.password,
                          "pub": {"topic": topic, "qos": 1, "count": per_pair, "window": 10, "index": i,
-                                 "rate": rate}})
+                                 "rate": rate, "phase": i / (rate * self.sizes.p2p_pairs) if rate else 0.0}})
         return [{"mode": "mqtt", "clients": subs}, {"mode": "mqtt", "clients": pubs}]
 
     async def p2p(self, broker: BrokerProcess) -> Outcome:
@@ -355,7 +356,7 @@ class Runner:
             b = broker.im_client(f"imr{i}")
             senders.append({"cid": a.client_id, "user": a.username, "pw": a.password, "role": "sender",
                             "to": f"imr{i}", "count": per_sender, "window": 16 if rate == 0 else 10_000,
-                            "rate": rate, "tag": tag})
+                            "rate": rate, "phase": i / (rate * k) if rate else 0.0, "tag": tag})
             recipients.append({"cid": b.client_id, "user": b.username, "pw": b.password, "role": "recipient",
                                "expect": per_sender, "tag": tag})
         return await self.run_workers(
@@ -523,6 +524,8 @@ class Runner:
 
     # ---- driver ---------------------------------------------------------------------------
     async def scenario(self, broker: BrokerProcess, name: str) -> Outcome:
+        if isinstance(broker, Roost) and self.cprofile_dir is not None:
+            broker.cprofile_dir, broker.cprofile_label = self.cprofile_dir, f"roost-{name}"
         await broker.start()
         try:
             if name == "fanin_qos0":
@@ -572,6 +575,9 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
     if profile_dir is not None:
         profile_dir.mkdir(parents=True, exist_ok=True)
     runner = Runner(sizes, workdir, profile_dir)
+    if args.cprofile:
+        runner.cprofile_dir = Path(args.cprofile).resolve()
+        runner.cprofile_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Outcome]] = {}
     started = time.monotonic()
     try:
@@ -664,6 +670,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="", metavar="DIR",
                     help="py-spy record the Python brokers during each scenario into DIR "
                          "(flame graph + top functions; py-spy takes CPU too, so figures drop)")
+    ap.add_argument("--cprofile", default="", metavar="DIR",
+                    help="run Roost under cProfile, one DIR/roost-<scenario>-<ms>.prof per broker start "
+                         "(call counts and shares; no py-spy needed; figures drop)")
     ap.add_argument("--results", default="", metavar="FILE",
                     help="write a results page (machine, versions, command, table) to FILE, "
                          "e.g. bench/RESULTS.md")
