@@ -206,6 +206,8 @@ class Monitor:
             refused["telemetry_malformed"] = telemetry.get("malformed", 0)
         if ha:
             refused["ha_command"] = ha.get("commands_refused", 0)
+        if services.files is not None:   # uploads refused or abandoned (their bytes dropped)
+            refused["file_upload"] = services.files.stats.refused
         logins = {LOGIN_REFUSALS.get(code, f"code_{code}"): n for code, n in eng.logins_refused.items()}
         bound = broker.bound_ports()
         listeners = tuple(ListenerFigures(name, lst.type, lst.ssl, lst.bind, name in bound,
