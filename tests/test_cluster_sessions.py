@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from broker.cluster.sessions import NodeSessions
+from broker.config import StorageConfig
 from broker.store.base import MessageKept, SavedMessage, SavedSession, SessionUpsert
-from broker.store.sqlite import SqliteStore
+from broker.store.factory import open_store
 from tests.clients import MqttClient
 from tests.nats import wait_until
 from tests.test_cluster_routing import client, start_nodes, until_routed
@@ -83,10 +86,15 @@ def test_a_cluster_node_keeps_its_persistent_sessions_over_a_restart(tmp_path, n
         n1.kill()
 
 
-def test_each_node_sees_and_replaces_only_its_own_sessions_in_a_shared_store(tmp_path) -> None:
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_each_node_sees_and_replaces_only_its_own_sessions_in_a_shared_store(tmp_path, request, backend) -> None:
+    if backend == "postgres":
+        storage = StorageConfig(backend="postgres", dsn=request.getfixturevalue("postgres_dsn"))
+    else:
+        storage = StorageConfig(path=str(tmp_path / "shared.db"))
+
     async def run() -> None:
-        store = SqliteStore(str(tmp_path / "shared.db"))
-        await store.open()
+        store = await open_store(storage)
         try:
             a, b = NodeSessions(store.sessions, "a"), NodeSessions(store.sessions, "b")
             msg = SavedMessage(1, "t/x", b"payload", 1)
@@ -104,6 +112,11 @@ def test_each_node_sees_and_replaces_only_its_own_sessions_in_a_shared_store(tmp
             await b.move(alice, "a")
             assert await a.load_sessions() == []
             assert sorted(s.client_id for s in await b.load_sessions()) == ["alice.phone", "bob.radio"]
+            # a dead node's sessions, as a survivor finds them
+            (moved,) = [s for s in await b.load_of("b") if s.client_id == "alice.phone"]
+            assert [m.payload for m in moved.messages] == [b"payload"]
+            await a.drop_of("bob.radio", "b")
+            assert [s.client_id for s in await b.load_sessions()] == ["alice.phone"]
         finally:
             await store.close()
 

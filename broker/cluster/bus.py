@@ -68,7 +68,7 @@ def decode_event(data: bytes) -> Event:
 class ClusterBus:
     def __init__(self, *, share: bool, max_pending: int = 10000) -> None:
         self.local = InProcessBus(max_pending=max_pending)
-        self._share = share
+        self.share = share           # the nodes share one store
         self._send: Callable[[bytes], object] | None = None     # set by the node once its link exists
         self.shared = 0
         self.received = 0
@@ -113,6 +113,6 @@ class ClusterBus:
         await self.local.publish(event)
 
     def _out(self, event: Event) -> None:
-        if self._share and self._send is not None and type(event).__name__ in SHARED:
+        if self.share and self._send is not None and type(event).__name__ in SHARED:
             self.shared += 1
             self._send(encode_event(event))

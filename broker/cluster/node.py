@@ -67,6 +67,7 @@ class ClusterNode:
         self._echoes: dict[str, bytes] = {}
         self._sessions: NodeSessions | None = None
         self._releases: dict[str, _Release] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         # Presence across nodes (set by the composition root when presence runs):
         # (principal, change in connections elsewhere, announce the result here)
@@ -263,8 +264,38 @@ class ClusterNode:
                 self.on_remote_conns(principal, -n, mine and crashed)
         if crashed and mine and peer.wills:
             log.info("cluster: publishing %d will(s) of node %s's clients", len(peer.wills), peer.name)
-            task = asyncio.get_running_loop().create_task(self._publish_wills(list(peer.wills.values())))
-            task.add_done_callback(lambda t: t.exception() if not t.cancelled() else None)
+            self._background(self._publish_wills(list(peer.wills.values())))
+        if peer.timed_out and mine and self._bus.share and self._sessions is not None:
+            # (a node restarted under its name loaded them itself)
+            self._background(self._adopt_sessions_of(peer.name))
+
+    def _background(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _adopt_sessions_of(self, node: str) -> None:
+        """A dead node's persistent sessions in the shared store become this
+        node's, offline, with what they were owed: their clients resume them on
+        any node (a client connecting elsewhere gets it handed over from here)."""
+        sessions, engine = self._sessions, self._engine
+        assert sessions is not None
+        try:
+            orphans = await sessions.load_of(node)
+            adopted = 0
+            for saved in orphans:
+                if saved.client_id in engine.sessions:   # its client came back here meanwhile
+                    await sessions.drop_of(saved.client_id, node)
+                    continue
+                await sessions.move(saved, node)
+                engine.persistence.restore(saved, host=engine, registry=engine.registry, router=engine.router,
+                                           budgets=engine.budgets)
+                adopted += 1
+        except Exception:  # noqa: BLE001 - the rows stay; a restart of the node takes them back
+            log.exception("cluster: taking over the persistent sessions of node %s failed", node)
+            return
+        if adopted:
+            log.info("cluster: took over %d persistent session(s) of node %s", adopted, node)
 
     async def _publish_wills(self, wills: list[wire.Will]) -> None:
         for will in wills:

@@ -129,6 +129,7 @@ class Peer:
     filters: set[str] = field(default_factory=set)
     wills: dict[str, Will] = field(default_factory=dict)
     conns: dict[str, int] = field(default_factory=dict)
+    timed_out: bool = False          # dead by silence (not restarted, not left)
 
 
 class Peers:
@@ -265,6 +266,7 @@ class Peers:
         for peer in list(self.peers.values()):
             if watching and now - peer.heard_at > self._timeout:
                 log.warning("cluster: node %s not heard from for %.1fs: dead", peer.name, now - peer.heard_at)
+                peer.timed_out = True
                 self._dead(peer, crashed=True)
             elif not peer.synced and now - peer.sync_asked_at > SYNC_RETRY:
                 self._ask(peer, now)

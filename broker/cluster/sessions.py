@@ -54,7 +54,11 @@ class NodeSessions:
         await self._inner.apply([_renamed(op, self._prefix + op.client_id) for op in ops])
 
     async def load_sessions(self) -> list[SavedSession]:
-        prefix = self._prefix
+        return await self.load_of(self._prefix[:-1])
+
+    async def load_of(self, node: str) -> list[SavedSession]:
+        """Another node's sessions (a dead one's, to take them over)."""
+        prefix = f"{node}/"
         return [dataclasses.replace(s, client_id=s.client_id[len(prefix):])
                 for s in await self._inner.load_sessions() if s.client_id.startswith(prefix)]
 
@@ -73,3 +77,6 @@ class NodeSessions:
 
     async def drop(self, key: str) -> None:
         await self.apply([SessionDrop(key)])
+
+    async def drop_of(self, key: str, node: str) -> None:
+        await self._inner.apply([SessionDrop(self.name_of(key, node))])
