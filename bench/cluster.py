@@ -93,6 +93,15 @@ class Setup:
             wait_port(port, proc)
             self.ports.append(port)
 
+    def broker_cpu_seconds(self) -> float:
+        """CPU time (user + system) the broker nodes used so far."""
+        total = 0.0
+        tick = os.sysconf("SC_CLK_TCK")
+        for proc in self.procs[-len(self.ports):]:
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+        return total
+
     def nats_in_msgs(self) -> int:
         if not self.monitor_port:
             return 0
@@ -116,8 +125,8 @@ def pct(values: list[int], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))] / 1e6 if values else float("nan")
 
 
-async def p2p(pub_port: int, sub_port: int, pairs: int, rate: float, seconds: float, count: int,
-              tag: str) -> dict[str, Any]:
+async def p2p(setup: Setup, pairs: int, rate: float, seconds: float, count: int, tag: str) -> dict[str, Any]:
+    pub_port, sub_port = setup.ports[0], setup.ports[-1]
     latencies: list[int] = []
     received = [0]
     target = [1 << 62]
@@ -180,6 +189,7 @@ async def p2p(pub_port: int, sub_port: int, pairs: int, rate: float, seconds: fl
     received[0] = 0
     inflight = [0] * pairs
     sent = 0
+    cpu_before = setup.broker_cpu_seconds()
     start = time.monotonic()
     while sent < count:
         progressed = False
@@ -198,10 +208,12 @@ async def p2p(pub_port: int, sub_port: int, pairs: int, rate: float, seconds: fl
                 break
     await all_arrived(sent, 20)
     elapsed = time.monotonic() - start
+    cpu_us = (setup.broker_cpu_seconds() - cpu_before) * 1e6 / max(1, received[0])
     for conn in (*subs, *pubs):
         conn.close()
     return {"paced": paced, "throughput": {"sent": sent, "lost": sent - received[0],
                                            "msg_s": received[0] / elapsed if elapsed else 0.0,
+                                           "broker_cpu_us_per_msg": cpu_us,
                                            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}}
 
 
@@ -211,8 +223,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         setup = Setup(nodes)
         try:
             before = setup.nats_in_msgs()
-            result = await p2p(setup.ports[0], setup.ports[-1], args.pairs, args.rate, args.seconds, args.count,
-                               tag=f"x{nodes}")
+            result = await p2p(setup, args.pairs, args.rate, args.seconds, args.count, tag=f"x{nodes}")
             published = result["paced"]["sent"] + result["throughput"]["sent"]
             if nodes > 1:
                 result["nats_msgs_per_publish"] = (setup.nats_in_msgs() - before) / published
@@ -231,12 +242,14 @@ def main() -> None:
     args = parser.parse_args()
     results = asyncio.run(run(args))
     print(f"p2p QoS 1, {args.pairs} pairs, {os.cpu_count()} cores")
-    print(f"| setup | p50 ms at {args.rate:.0f} msg/s | p99 ms | lost | throughput msg/s | lost | NATS msgs/publish |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| setup | p50 ms at {args.rate:.0f} msg/s | p99 ms | lost | throughput msg/s | lost "
+          "| broker CPU µs/msg (all nodes) | NATS msgs/publish |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         p, t = r["paced"], r["throughput"]
         nats = f"{r['nats_msgs_per_publish']:.2f}" if "nats_msgs_per_publish" in r else "-"
-        print(f"| {name} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['lost']} | {t['msg_s']:.0f} | {t['lost']} | {nats} |")
+        print(f"| {name} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['lost']} | {t['msg_s']:.0f} | {t['lost']} "
+              f"| {t['broker_cpu_us_per_msg']:.0f} | {nats} |")
 
 
 if __name__ == "__main__":
