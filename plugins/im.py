@@ -43,10 +43,19 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         assert gateway is not None, "broker.app.build_services builds the gateway"
         return gateway
 
-    def _reply_to(self, client_id: str) -> Reply:
+    def _reply_to(self, client_id: str, response_topic: str | None = None,
+                  correlation_data: bytes | None = None) -> Reply:
+        """Answers go to roost/resp/<client id>; an MQTT 5 request naming a Response
+        Topic is answered there instead, with its Correlation Data."""
         async def reply(payload: bytes) -> None:
+            broker = broker_of(self)
             try:
-                await broker_of(self).publish(topics.resp(client_id), payload, 1, False)
+                if response_topic is None:
+                    await broker.publish(topics.resp(client_id), payload, 1, False)
+                else:
+                    # the engine's publish (BrokerApi.publish has no MQTT 5 properties)
+                    engine = getattr(broker, "engine")  # noqa: B009
+                    await engine.publish(response_topic, payload, 1, False, correlation_data=correlation_data)
             except Exception:  # noqa: BLE001 - a client that went away cannot be answered
                 log.warning("response to %s could not be published", client_id, exc_info=True)
         return reply
@@ -59,7 +68,9 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         """The engine calls this one directly (no task per request): accepting a
         request never waits; its processing runs in a task of its own."""
         client_id = getattr(session, "client_id", None) or ""
-        reply = self._reply_to(client_id)
+        props = getattr(session, "publish_properties", None)     # an MQTT 5 request's (engine)
+        response_topic = getattr(props, "response_topic", None)
+        reply = self._reply_to(client_id, response_topic, getattr(props, "correlation_data", None))
         try:
             self._accept(session, client_id, topic, bytes(payload), reply)
         except Exception:  # noqa: BLE001 - never let a request escape into the engine

@@ -184,6 +184,7 @@ class Connection(asyncio.Protocol):
         self.buf += data
         if not self.blockers:
             self._parse()
+        self.engine.read_done()
 
     def _parse(self) -> None:
         """Handle every complete packet in the buffer, stopping early while a

@@ -225,9 +225,23 @@ class Engine:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self._write_out()
+
+    def _write_out(self) -> None:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
+
+    def read_done(self) -> None:
+        """A read callback ended. When nothing else waits to run in this loop turn but
+        the flush it scheduled (an idle loop: paced traffic), write now rather than
+        after the next poll: one loop turn and one epoll_wait less per message. Under
+        load other callbacks are queued and the scheduled flush still coalesces their
+        output. (`_ready` is asyncio's run queue; on a loop without it, always coalesce.)"""
+        if self._dirty:
+            ready = getattr(self.loop, "_ready", None)
+            if ready is not None and len(ready) <= 1:
+                self._write_out()
 
     # ---- BrokerApi calls that reach several rooms -------------------------------------------
 

@@ -214,6 +214,8 @@ class MsgProps:
     expires_at: float | None
     origin: Any
     payload_utf8: bool = False
+    response_topic: str | None = None      # for interceptors answering a request (plugins/im.py)
+    correlation_data: bytes | None = None
 
 
 def message_props(props: Props, now: float, origin: Any) -> MsgProps | None:
@@ -231,4 +233,4 @@ def message_props(props: Props, now: float, origin: Any) -> MsgProps | None:
     if not items and expiry is None and origin is None:
         return None
     return MsgProps(encode_items(items), None if expiry is None else now + expiry, origin,
-                    props.get(PAYLOAD_FORMAT) == 1)
+                    props.get(PAYLOAD_FORMAT) == 1, props.get(RESPONSE_TOPIC), props.get(CORRELATION_DATA))

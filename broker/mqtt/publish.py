@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from amqtt.contexts import Action
 
 from broker.mqtt import codec, codec5
+from broker.mqtt import properties as P
 from broker.mqtt.acl import PUBLISH_ALLOWED, PUBLISH_DENIED, AccessControl
 from broker.mqtt.codec import ProtocolViolation
 from broker.mqtt.connection import CLOSED, DONE
@@ -101,7 +102,9 @@ class Publishing:
             return self._acknowledge(conn, st, pkt, refused=codec5.NOT_AUTHORIZED)
         prefixes = self._plugins.prefixes
         if prefixes and topic.startswith(prefixes):
+            info.publish_properties = pkt.properties
             consumed = self._plugins.intercept_now(info, topic, pkt.payload, qos, pkt.retain)
+            info.publish_properties = None
             if consumed is None:
                 return self._publish_later(conn, st, info, pkt, True)
             if consumed:
@@ -181,9 +184,13 @@ class Publishing:
                                    src: Connection | None = None, props: MsgProps | None = None) -> None:
         """A publish that passed the PUBLISH ACL: interception, then retain + routing."""
         prefixes = self._plugins.prefixes
-        if prefixes and topic.startswith(prefixes) and \
-                await self._plugins.intercept(info, topic, payload, qos, retain):
-            return
+        if prefixes and topic.startswith(prefixes):
+            info.publish_properties = props
+            try:
+                if await self._plugins.intercept(info, topic, payload, qos, retain):
+                    return
+            finally:
+                info.publish_properties = None
         msg = Message(topic, payload, qos, False, props)
         if retain:
             msg.pub_retain = True
@@ -202,13 +209,18 @@ class Publishing:
         await self._intercept_and_route(info, topic, info.will_message or b"", info.will_qos, info.will_retain,
                                         props=info.will_props)
 
-    async def publish_own(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> int:
-        """BrokerApi.publish: routed like a client publish (ACL RECEIVE per subscriber)."""
+    async def publish_own(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
+                          correlation_data: bytes | None = None) -> int:
+        """BrokerApi.publish: routed like a client publish (ACL RECEIVE per subscriber).
+        `correlation_data`: an answer to an MQTT 5 request, carried to v5 subscribers."""
         if not valid_topic_name(topic):
             raise ValueError(f"invalid topic name {topic!r}")
         if qos not in (0, 1, 2):
             raise ValueError(f"invalid QoS {qos!r}")
         payload = bytes(payload)
+        props = None
+        if correlation_data is not None:
+            props = P.message_props({P.CORRELATION_DATA: bytes(correlation_data)}, 0.0, None)
         if retain:
-            self._retained.set(topic, payload, qos)
-        return await self._router.route_awaited(Message(topic, payload, qos))
+            self._retained.set(topic, payload, qos, None, props)
+        return await self._router.route_awaited(Message(topic, payload, qos, False, props))

@@ -76,6 +76,9 @@ class ClientInfo:
         self.will_props: MsgProps | None = None  # MQTT 5 will properties (forwarded with the will)
         self.will_delay = 0.0                    # MQTT 5 Will Delay Interval, seconds
         self.protocol_level = 4                  # 3: MQTT 3.1, 4: 3.1.1, 5: MQTT 5
+        # While an interceptor (hooks.py) is called for an MQTT 5 publish: its
+        # properties.MsgProps (response_topic, correlation_data); None otherwise
+        self.publish_properties: MsgProps | None = None
         self.attributes: dict[str, Any] = {}   # plugin-owned, like amqtt's Session.attributes
         self.last_activity: float | None = None  # set when the connection ends: last packet received
         # epoch seconds when the login ends (a JWT's exp): the engine closes the connection then
