@@ -97,13 +97,16 @@ class WebApp:
         self._max_frame = services.config.limits.max_body * 6 + ENVELOPE_SLACK
         self.routes: list[web.RouteDef] = [
             web.get("/", self.page),
+            web.get("/favicon.ico", self.no_icon),
             web.get("/static/{name}", self.static),
             web.get("/api/session", self.session_info),
             web.post("/api/login", self.login),
             web.post("/api/logout", self.logout),
             web.get("/ws", self.websocket),
         ]
-        self.routes += self._file_routes()
+        file_routes = self._file_routes()
+        self.files_http = bool(file_routes)     # told to the page: GET /files/<id> is served
+        self.routes += file_routes
 
     def _file_routes(self) -> list[web.RouteDef]:
         """The pictures-and-files routes (broker/web/files.py, the files service's
@@ -155,6 +158,9 @@ class WebApp:
 
     async def page(self, request: web.Request) -> web.Response:
         return await self._static_response("index.html")
+
+    async def no_icon(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
 
     async def static(self, request: web.Request) -> web.Response:
         name = request.match_info["name"]
@@ -252,7 +258,8 @@ class WebApp:
         gateway = self._gateway
         principal, client_id = conn.principal, conn.client_id
         # the page learns its client id first (its responses' topic)
-        conn.offer(json.dumps({"topic": "roost/web/hello", "payload": {"client_id": client_id, "user": principal}}))
+        conn.offer(json.dumps({"topic": "roost/web/hello",
+                               "payload": {"client_id": client_id, "user": principal, "files": self.files_http}}))
         writer = asyncio.get_running_loop().create_task(conn.run_writer(), name=f"web-writer-{client_id}")
         self.hub.add(conn)
         gateway.connection_opened(principal, client_id)

@@ -1,0 +1,141 @@
+"""The web app in a real browser (issue 14, item 7): headless Chromium (Debian's
+package, through Playwright; tests/browser.py) against a real broker subprocess,
+with MQTT clients of the same people beside it (the SDK's wire, as the CLI)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.clients import ImClient
+from tests.harness import RoostProcess, free_port
+
+pytest.importorskip("playwright")
+
+from playwright.sync_api import expect  # noqa: E402
+
+from tests.browser import CHROMIUM, browser, sign_in  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="needs Debian's chromium")
+
+
+def web_broker(roost_factory: Callable[..., RoostProcess]) -> tuple[RoostProcess, str]:
+    port = free_port()
+    broker = roost_factory({"listeners": {"web": {"type": "http", "bind": f"127.0.0.1:{port}"}}})
+    return broker, f"http://127.0.0.1:{port}"
+
+
+def wait_until(fn: Callable[[], Any], what: str, timeout: float = 10.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what}: not within {timeout}s")
+
+
+def unread_of(client: ImClient, conv: str) -> tuple[int, int]:
+    r = client.call("convs")
+    mine = [c["unread"] for c in r["convs"] if c["conv"] == conv]
+    return (mine[0] if mine else 0), r["total_unread"]
+
+
+def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory) -> None:
+    broker, base = web_broker(roost_factory)
+    broker.add_user("alice", "alice-pw", name="Alice")
+    broker.add_user("bob", "bob-pw", name="Bob")
+    conv = "dm:alice:bob"
+    with browser() as chromium:
+        alice = chromium.new_context(viewport={"width": 1280, "height": 800}).new_page()
+        bob = chromium.new_context(viewport={"width": 390, "height": 760}).new_page()   # a phone
+        errors: list[str] = []
+        for page in (alice, bob):
+            page.on("pageerror", lambda e: errors.append(str(e)))
+        sign_in(alice, base, "alice", "alice-pw")
+        sign_in(bob, base, "bob", "bob-pw")
+
+        # befriend: alice asks from the People view, bob accepts there
+        alice.get_by_role("button", name="People").click()
+        alice.get_by_label("Person id").fill("bob")
+        alice.get_by_label("Note").fill("it's Alice")
+        alice.get_by_role("button", name="Add contact").click()
+        expect(alice.get_by_text("Waiting for bob to accept")).to_be_visible()
+        bob.get_by_role("button", name="People").click()
+        bob.get_by_role("button", name="Accept alice").click()
+        expect(alice.locator("#contacts [data-contact=bob]")).to_contain_text("online")
+
+        # bob's phone (MQTT, as the CLI) is a second device of bob
+        phone = ImClient("bob", "phone").open(broker, "bob-pw")
+        history = ImClient("alice", "script").open(broker, "alice-pw", subscribe_inbox=False)
+        for i in range(1, 121):
+            history.call("send", to="bob", cmid=f"old-{i}", body={"type": "text", "text": f"old {i}"})
+        history.disconnect()
+
+        # alice writes from the page: Enter sends, Shift+Enter is a new line
+        alice.get_by_role("button", name="Write to bob").click()
+        box = alice.get_by_role("textbox", name="Message")
+        box.fill("hello bob")
+        box.press("Shift+Enter")
+        box.type("second line")
+        box.press("Enter")
+        mine = alice.get_by_role("log", name="Messages").locator("li.mine").last
+        expect(mine.locator(".msg-text")).to_have_text("hello bob\nsecond line")
+        expect(box).to_have_value("")
+
+        # bob's list: 121 unread, the same numbers his phone is told and `convs` answers
+        bob.get_by_role("button", name="Chat", exact=True).click()
+        expect(bob.get_by_role("list", name="Conversations")).to_be_visible()
+        item = bob.locator(f"#convs li[data-conv='{conv}']")   # found while hidden too (the phone's thread)
+        expect(item).to_have_attribute("data-unread", "121")
+        expect(bob.locator("#convs-total")).to_have_attribute("data-total", "121")
+        assert unread_of(phone, conv) == (121, 121)
+
+        # opening the thread shows the newest page and reads it: cleared everywhere
+        item.get_by_role("button").click()
+        thread = bob.get_by_role("log", name="Messages")
+        expect(thread.locator("li").last.locator(".msg-text")).to_have_text("hello bob\nsecond line")
+        assert thread.locator("li").count() <= 60
+        expect(item).to_have_attribute("data-unread", "0")
+        phone.wait_event("unread", conv=conv, count=0, total=0)
+        wait_until(lambda: unread_of(phone, conv) == (0, 0), "the phone's convs cleared")
+        expect(mine.locator(".mark")).to_have_attribute("data-mark", "read")
+
+        # scrolling up loads older pages until the very first message
+        def scrolled_to_start() -> bool:
+            thread.evaluate("el => { el.scrollTop = 0; el.dispatchEvent(new Event('scroll')); }")
+            return thread.locator("li").first.inner_text().startswith("Alice\nold 1\n")
+        wait_until(scrolled_to_start, "history paged back to the first message", timeout=20)
+        assert thread.locator("li").count() == 121
+
+        # the phone writes: bob's page shows it at once as his own; alice reads it
+        phone.call("send", conv=conv, cmid="p1", body={"type": "text", "text": "from my phone"})
+        expect(thread.locator("li.mine .msg-text").last).to_have_text("from my phone")
+        expect(alice.get_by_role("log", name="Messages").locator("li:not(.mine) .msg-text").last) \
+            .to_have_text("from my phone")
+
+        # bob goes back to the list; alice sends; his phone reads: the page's count follows live
+        bob.get_by_role("button", name="Back").click()
+        alice.get_by_role("button", name="Chat", exact=True).click()
+        for text in ("<script>window.pwned = 1</script>", '<img src=x onerror="window.pwned = 2">'):
+            box.fill(text)
+            alice.get_by_role("button", name="Send").click()
+            expect(mine.locator(".msg-text")).to_have_text(text)
+        expect(item).to_have_attribute("data-unread", "2")
+        assert unread_of(phone, conv) == (2, 2)
+        seq = phone.call("convs")["convs"][0]["last_seq"]
+        phone.call("read", conv=conv, seq=seq)
+        expect(item).to_have_attribute("data-unread", "0")
+
+        # hostile text renders as typed, inert
+        item.get_by_role("button").click()
+        texts = thread.locator("li:not(.mine) .msg-text")
+        expect(texts.last).to_have_text('<img src=x onerror="window.pwned = 2">')
+        expect(texts.nth(texts.count() - 2)).to_have_text("<script>window.pwned = 1</script>")
+        assert thread.locator("img, script").count() == 0
+        assert bob.evaluate("window.pwned") is None and alice.evaluate("window.pwned") is None
+        phone.disconnect()
+        assert not errors, errors
