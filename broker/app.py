@@ -135,9 +135,10 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
             broker.cluster.attach(broker, session_store)
             if services.presence is not None:
                 broker.cluster.on_remote_conns = services.presence.clients_elsewhere
-        await broker.start()
-        if broker.cluster is not None:
+            # on NATS before the engine loads retained messages from the store: a change
+            # another node commits meanwhile is applied here, none falls in between
             await broker.cluster.start()
+        await broker.start()
     except BaseException:
         await services.store.close()   # nothing is served: close the store cleanly
         raise

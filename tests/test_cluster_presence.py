@@ -12,7 +12,7 @@ from typing import Any
 from tests.clients import MqttClient
 from tests.harness import RoostProcess
 from tests.nats import wait_until
-from tests.test_cluster_routing import NODE_TIMEOUT, node_config, until_routed
+from tests.test_cluster_routing import NODE_TIMEOUT, node_config, until_routed, wait_until_formed
 
 PW = "pw-alice-123"
 
@@ -42,6 +42,7 @@ def test_presence_is_aggregated_over_nodes_without_flicker(tmp_path, nats_server
     for node in nodes.values():
         node.add_user("alice", PW)    # a store per node here: the same principal in each
         node.start()
+    wait_until_formed(nodes)
     try:
         watcher = user(nodes["n3"], "alice.cli-watch")    # transient: not counted itself
         watcher.subscribe("roost/presence/alice", qos=1)

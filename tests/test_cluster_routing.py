@@ -33,7 +33,17 @@ def start_nodes(root: Path, nats_url: str, names: list[str]) -> dict[str, RoostP
     nodes = {name: RoostProcess(root / name, node_config(name, nats_url)) for name in names}
     for node in nodes.values():
         node.start()
+    wait_until_formed(nodes)
     return nodes
+
+
+def wait_until_formed(nodes: dict[str, RoostProcess]) -> None:
+    """Every node has heard every other (each logs "node <name> joined")."""
+    for name, node in nodes.items():
+        for other in nodes:
+            if other != name:
+                wait_until(lambda n=node, o=other: f"node {o} joined" in n.log_path.read_text(errors="replace"),
+                           what=f"{name} hearing {other}")
 
 
 class NatsWatch:

@@ -155,6 +155,8 @@ class NatsLink:
         for subject, handler in self._handlers.items():
             await self._nc.subscribe(subject, cb=self._dispatcher(handler),
                                      pending_bytes_limit=self._max_bytes)
+        with contextlib.suppress(NatsError, OSError, TimeoutError):
+            await self._nc.flush(timeout=2)     # the subscriptions are in place on the server
         log.info("cluster: connected to NATS %s", self._nc.connected_url.netloc if self._nc.connected_url else "")
         await self._back()
 

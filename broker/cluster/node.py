@@ -19,9 +19,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +41,8 @@ from contract import topics
 log = logging.getLogger("roost.cluster")
 
 MAX_ECHOES = 10000       # retained changes from peers awaiting their own commit here
+MAX_STAMPS = 100_000     # topics whose last retained change is remembered (to order concurrent ones)
+START_WAIT = 3.0         # seconds a starting node waits for NATS before serving without it
 RELEASE_WAIT = 2.0       # seconds a connecting persistent client waits for the other nodes' answers
 NO_WILL = {DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN}
 
@@ -65,6 +69,9 @@ class ClusterNode:
         self._broker: Any = None
         self._engine: Any = None
         self._echoes: dict[str, bytes] = {}
+        # topic -> (wall time, node) of its latest retained change known here: of two
+        # changes of one topic on two nodes at once, every node keeps the later
+        self._stamps: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._sessions: NodeSessions | None = None
         self._releases: dict[str, _Release] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -109,7 +116,11 @@ class ClusterNode:
         self._bus.subscribe(RetainedChanged, self._retained_committed)
 
     async def start(self) -> None:
+        """Connect to NATS (waiting at most START_WAIT: without NATS the node serves
+        its own clients and joins once NATS answers)."""
         await self.link.start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.link.connected.wait(), START_WAIT)
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="cluster-tick")
         log.info("cluster: node %s (heartbeat every %.1fs, dead after %.0fs)", self.name,
                  self.heartbeat_interval, self.timeout)
@@ -170,14 +181,27 @@ class ClusterNode:
         kept = self._engine.retained.get(event.topic)
         qos = kept.qos if kept is not None else 0
         owner = kept.owner if kept is not None else None
-        self.link.send(wire.RETAINED, wire.encode({"node": self.name, "topic": event.topic, "qos": qos,
+        at = time.time()
+        self._stamp(event.topic, (at, self.name))
+        self.link.send(wire.RETAINED, wire.encode({"node": self.name, "topic": event.topic, "qos": qos, "at": at,
                                                    "owner": owner, "payload": wire.b64(event.payload)}))
+
+    def _stamp(self, topic: str, stamp: tuple[float, str]) -> None:
+        self._stamps[topic] = stamp
+        self._stamps.move_to_end(topic)
+        if len(self._stamps) > MAX_STAMPS:
+            self._stamps.popitem(last=False)
 
     async def _on_retained(self, subject: str, data: bytes) -> None:
         doc = wire.decode(data)
         if doc["node"] == self.name:
             return
         topic, payload = str(doc["topic"]), wire.unb64(doc["payload"])
+        stamp = (float(doc.get("at", 0.0)), str(doc["node"]))
+        known = self._stamps.get(topic)
+        if known is not None and stamp < known:
+            return      # a later change of this topic is known here already
+        self._stamp(topic, stamp)
         kept = self._engine.retained.get(topic)
         if (kept.payload if kept is not None else b"") == payload:
             return
