@@ -70,6 +70,7 @@ class Net:
     password_stdin: bool = False
     tls: bool | None = None
     json_mode: bool = False
+    mqtt: str | None = None          # "3.1.1" or "5" (--mqtt; default ROOST_MQTT, else 3.1.1)
     out: Output = field(default_factory=Output)
     _settings: Settings | None = None
     _clients: list[RoostClient] = field(default_factory=list)
@@ -100,6 +101,7 @@ class Net:
         client = RoostClient(
             s.server, me, s.secret, label=label or one_shot_label(), tls=s.tls, ca_file=s.ca_file,
             request_timeout=request_timeout(), subscribe_inbox=inbox,
+            mqtt_version=5 if (self.mqtt or os.environ.get("ROOST_MQTT", "3.1.1")) == "5" else 4,
         )
         with Progress(f"connecting to {s.server}", self.out.err):
             client.connect()
@@ -212,6 +214,8 @@ _NET_OPTIONS = [
     click.option("--password-stdin", is_flag=True, help="Read the password from the first line of standard input."),
     click.option("--tls/--no-tls", default=None, help="Use TLS (default: from `roost login`, ROOST_TLS)."),
     click.option("--json", "json_mode", is_flag=True, help="Print JSON (one document, or JSON lines for streams)."),
+    click.option("--mqtt", "mqtt_version", type=click.Choice(["3.1.1", "5"]), default=None,
+                 help="MQTT version to speak (default 3.1.1, or ROOST_MQTT)."),
 ]
 
 
@@ -220,9 +224,9 @@ def network(stream: bool = False) -> Callable[[Callable[..., Any]], Callable[...
 
     def deco(f: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(f)
-        def run(server, user, password_stdin, tls, json_mode, **kw):
+        def run(server, user, password_stdin, tls, json_mode, mqtt_version, **kw):
             net = Net(server=server, user=user, password_stdin=password_stdin, tls=tls,
-                      json_mode=json_mode, out=Output(json_mode))
+                      json_mode=json_mode, mqtt=mqtt_version, out=Output(json_mode))
             return guarded(lambda: f(net, **kw), net, stream=stream)
 
         for opt in reversed(_NET_OPTIONS):

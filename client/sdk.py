@@ -100,7 +100,12 @@ class RoostClient:
         connect_timeout: float = 10.0,
         request_timeout: float = 10.0,
         subscribe_inbox: bool = True,
+        mqtt_version: int = 4,
     ) -> None:
+        """`mqtt_version`: 4 (MQTT 3.1.1) or 5 (MQTT 5; the broker serves both alike)."""
+        if mqtt_version not in (4, 5):
+            raise ValueError(f"mqtt_version must be 4 (3.1.1) or 5, got {mqtt_version!r}")
+        self.mqtt_version = mqtt_version
         self.server = server
         self.user = user
         # Without a label: a transient `cli-` one (docs/PROTOCOL.md, Presence), not
@@ -124,12 +129,12 @@ class RoostClient:
         self._closing = False
         self._started = False
 
-        c = mqtt.Client(
-            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-            client_id=self.client_id,
-            clean_session=True,
-            protocol=mqtt.MQTTv311,
-        )
+        if mqtt_version == 5:
+            c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                            protocol=mqtt.MQTTv5)
+        else:
+            c = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                            clean_session=True, protocol=mqtt.MQTTv311)
         c.username_pw_set(user, secret)
         if tls:
             ctx = ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
@@ -154,7 +159,10 @@ class RoostClient:
             self._subs[t] = 1
         where = str(self.server)
         try:
-            self._mqtt.connect(self.server.host, self.server.port, keepalive=self._keepalive)
+            if self.mqtt_version == 5:    # Session Expiry Interval 0: the session ends with the connection
+                self._mqtt.connect(self.server.host, self.server.port, keepalive=self._keepalive, clean_start=True)
+            else:
+                self._mqtt.connect(self.server.host, self.server.port, keepalive=self._keepalive)
         except ConnectionRefusedError:
             raise ConnectError(f"cannot connect to {where}: connection refused (is the broker running?)") from None
         except ssl.SSLError as e:

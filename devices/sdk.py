@@ -60,6 +60,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from contract import catalog, topics
 from contract.ids import parse_conv
@@ -78,6 +80,7 @@ from contract.sdkcore.backoff import DEVICE_RECONNECT, REQUEST_RETRY
 
 __all__ = ["Device", "Command", "CommandError", "RequestError", "RoostError"]
 
+SESSION_EXPIRY_V5 = 7 * 86400   # MQTT 5: seconds the broker keeps a device's session while it is offline
 SYNC_PAGE = 200           # events per catch-up `sync` (a device's handlers are slower than a listing)
 
 
@@ -114,7 +117,12 @@ class Device:
                  kind: str | None = None, label: str | None = None, keepalive: int = 30,
                  tls: ssl.SSLContext | bool | None = None, state_file: str | None = None,
                  request_timeout: float = 10.0, people_ttl: float = 0.0, inbox_queue: int = 1000,
-                 min_backoff: int = int(DEVICE_RECONNECT.initial), max_backoff: int = int(DEVICE_RECONNECT.maximum)) -> None:
+                 min_backoff: int = int(DEVICE_RECONNECT.initial), max_backoff: int = int(DEVICE_RECONNECT.maximum),
+                 mqtt_version: int = 4) -> None:
+        """`mqtt_version`: 4 (MQTT 3.1.1) or 5 (MQTT 5, the session kept SESSION_EXPIRY_V5 seconds offline)."""
+        if mqtt_version not in (4, 5):
+            raise ValueError(f"mqtt_version must be 4 (3.1.1) or 5, got {mqtt_version!r}")
+        self.mqtt_version = mqtt_version
         self.id = device_id
         self.client_id = f"{device_id}.{label}" if label else device_id
         self.kind = catalog.get_kind(kind)
@@ -141,8 +149,11 @@ class Device:
         self.stats = {"commands": 0, "events_in": 0, "duplicates": 0, "gaps": 0, "inbox_overflow": 0,
                       "telemetry": 0, "telemetry_dropped": 0, "connects": 0}
 
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                        clean_session=False, protocol=mqtt.MQTTv311)
+        if mqtt_version == 5:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv5)
+        else:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                            clean_session=False, protocol=mqtt.MQTTv311)
         c.username_pw_set(device_id, secret)
         c.reconnect_delay_set(min_delay=min_backoff, max_delay=max_backoff)
         c.max_queued_messages_set(1000)   # bounded: telemetry beyond this while offline is dropped
@@ -172,7 +183,14 @@ class Device:
         self._stop.clear()
         self._worker = threading.Thread(target=self._work, name=f"roost-dev-{self.id}", daemon=True)
         self._worker.start()
-        self._mqtt.connect_async(self.host, self.port, keepalive=self.keepalive)
+        if self.mqtt_version == 5:
+            # a persistent session, as clean_session=0 gives a 3.1.1 device
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_V5
+            self._mqtt.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=False,
+                                     properties=props)
+        else:
+            self._mqtt.connect_async(self.host, self.port, keepalive=self.keepalive)
         self._mqtt.loop_start()
         if wait is not None and not self._link.wait_ready(wait):
             raise ConnectTimeout(f"{self.id}: not connected to {self.host}:{self.port} within {wait}s")

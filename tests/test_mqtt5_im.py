@@ -39,3 +39,45 @@ def test_request_with_response_topic_is_answered_there(roost):
     finally:
         c.disconnect()
         c.loop_stop()
+
+
+def test_cli_speaks_mqtt5(roost, tmp_path):
+    from tests.test_cli_e2e import Person
+
+    alice, bob = Person(roost, tmp_path, "alice"), Person(roost, tmp_path, "bob")
+    alice.login()
+    bob.login()
+    alice.ok("contact", "request", "bob", "--mqtt", "5")
+    bob.ok("contact", "accept", "alice", "--mqtt", "5")
+    alice.ok("send", "bob", "over five", "--mqtt", "5")
+    assert "over five" in bob.ok("history", "alice", "--mqtt", "5").stdout
+
+
+def test_device_sdk_keeps_its_mqtt5_session_while_offline(roost):
+    from devices.sdk import Device
+    from tests.clients import ImClient
+    from tests.test_devices_e2e import command, wait_result
+
+    apw = roost.add_user("alice")
+    secret, code = roost.add_device("lamp", "light")
+    alice = ImClient("alice", "phone").open(roost, apw)
+    alice.call("device.claim", device="lamp", code=code)
+    seen: list[int] = []
+
+    def make() -> Device:
+        dev = Device("lamp", secret, roost.host, roost.port, min_backoff=1, max_backoff=2, mqtt_version=5)
+        dev.command("count")(lambda cmd: seen.append(cmd.args["i"]) or {"i": cmd.args["i"]})
+        return dev
+
+    dev = make()
+    dev.start(wait=10)            # the session outlives the connection (Session Expiry Interval)
+    dev.stop()
+    seqs = [command(alice, "lamp", "count", i=i)["seq"] for i in range(3)]
+    dev = make()
+    dev.start(wait=10)
+    try:
+        for seq in seqs:
+            assert wait_result(alice, "lamp", seq)["status"] == "ok"
+        assert seen == [0, 1, 2]
+    finally:
+        dev.stop()
