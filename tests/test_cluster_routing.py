@@ -232,3 +232,19 @@ def test_a_killed_node_is_noticed_and_its_clients_wills_published_once(tmp_path,
     finally:
         for node in nodes.values():
             node.kill()
+
+
+def test_a_node_stopping_cleanly_is_forgotten_at_once_without_wills(tmp_path, nats_server) -> None:
+    nodes = start_nodes(tmp_path, nats_server.url, ["a", "b"])
+    try:
+        watcher = client(nodes["a"], "watch")
+        watcher.subscribe("status/#", qos=1)
+        holder = client(nodes["b"], "plug", will=("status/plug", b"offline", 1, False))
+        until_routed(holder, watcher, "status/probe")
+        assert nodes["b"].stop() == 0     # SIGTERM: a clean stop
+        wait_until(lambda: "node b left" in nodes["a"].log_path.read_text(errors="replace"), 5, "a hearing b leave")
+        assert watcher.no_message("status/plug", wait=NODE_TIMEOUT + 1)   # neither b nor a published it
+        holder.paho.loop_stop()
+    finally:
+        for node in nodes.values():
+            node.kill()
