@@ -131,6 +131,8 @@ class ClusterNode:
         self.link.send(wire.BYE, wire.encode({"node": self.name, "inc": self.inc}))
 
     async def stop(self) -> None:
+        log.info("cluster: node %s stopping: %s", self.name,
+                 ", ".join(f"{k} {v}" for k, v in self.figures().items() if k not in ("node", "peers")))
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
@@ -150,6 +152,7 @@ class ClusterNode:
                 "queued_bytes": link.queued_bytes, "slow_consumer": link.slow_consumer,
                 "nats_outages": link.outages, "resyncs": self.peers.resyncs, "deaths": self.peers.deaths,
                 "wills_published": self.wills_published, "taken_over": self.taken_over,
+                "sessions_handed": self.sessions_handed, "sessions_adopted": self.sessions_adopted,
                 "events_shared": self._bus.shared, "events_received": self._bus.received}
 
     # ---- plain MQTT publishes ----------------------------------------------------------
