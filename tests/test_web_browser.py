@@ -139,3 +139,86 @@ def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory
         assert bob.evaluate("window.pwned") is None and alice.evaluate("window.pwned") is None
         phone.disconnect()
         assert not errors, errors
+
+
+def test_devices_in_the_browser(roost_factory) -> None:
+    from devices.sdk import Device
+    from devices.simulators import DoorSensor, Light, Thermostat
+
+    broker, base = web_broker(roost_factory)
+    broker.add_user("alice", "alice-pw", name="Alice")
+    broker.add_user("bob", "bob-pw", name="Bob")
+    made = {d: broker.add_device(d, kind, name=name, room="hall")
+            for d, kind, name in (("hall-light", "light", "Hall light"), ("thermo", "thermostat", "Thermostat"),
+                                  ("front-door", "door_sensor", "Front door"))}
+    a = ImClient("alice", "setup").open(broker, "alice-pw")
+    b = ImClient("bob", "setup").open(broker, "bob-pw")
+    a.call("contact.request", to="bob")
+    b.call("contact.accept", **{"from": "alice"})
+    for device in ("thermo", "front-door"):
+        a.call("device.claim", device=device, code=made[device][1])
+    sims: list[Any] = []
+    try:
+        for device, cls in (("hall-light", Light), ("thermo", Thermostat), ("front-door", DoorSensor)):
+            dev = Device(device, made[device][0], broker.host, broker.port, kind=cls.kind)
+            sims.append(cls(dev) if cls is not DoorSensor else DoorSensor(dev, toggle_every=0))
+            dev.start()
+        light, thermo, door = sims
+        thermo.tick(1.0)
+        with browser() as chromium:
+            page = chromium.new_context(viewport={"width": 1280, "height": 900}).new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            sign_in(page, base, "alice", "alice-pw")
+            page.get_by_role("button", name="Devices", exact=True).click()
+            area = page.get_by_role("region", name="Devices")
+            expect(area).to_be_visible()
+
+            # claim the light with its pairing code
+            area.get_by_label("Device id").fill("hall-light")
+            area.get_by_label("Pairing code").fill(made["hall-light"][1])
+            area.get_by_role("button", name="Claim").click()
+            card = area.locator(".device[data-device='hall-light']")
+            expect(card).to_contain_text("Hall light")
+            expect(card).to_contain_text("online")
+
+            # switch it on from the page: the simulated light is on, the result shows
+            card.get_by_role("button", name="Turn Hall light on").click()
+            expect(card.locator(".result")).to_have_attribute("data-status", "ok")
+            expect(card.locator(".result")).to_contain_text("turn_on: ok")
+            wait_until(lambda: light.on, "the light switched on")
+            expect(card.locator("[data-field=on] dd")).to_have_text("yes")
+
+            # the thermostat's telemetry moves its chart, live
+            chart = area.locator(".device[data-device='thermo'] canvas.chart")
+            expect(chart).not_to_have_attribute("data-points", "0")
+            before = int(chart.get_attribute("data-points") or 0)
+            thermo.temperature = 30.5
+            thermo.publish()
+            expect(chart).to_have_attribute("data-last", "30.5")
+            assert int(chart.get_attribute("data-points") or 0) == before + 1
+            tcard = area.locator(".device[data-device='thermo']")
+            tcard.get_by_label("Thermostat set-point", exact=True).fill("23.5")
+            tcard.get_by_role("button", name="Set Thermostat set-point").click()
+            expect(tcard.locator(".result")).to_contain_text("set_setpoint: ok")
+            wait_until(lambda: thermo.setpoint == 23.5, "the set point reached the thermostat")
+
+            # the door sensor's events appear on its card
+            door.device.submit(door.toggle)
+            expect(area.locator(".device[data-device='front-door'] .device-events li").first) \
+                .to_contain_text("opened")
+
+            # share the light with bob: his page shows its card without a reload
+            bob = chromium.new_context(viewport={"width": 390, "height": 760}).new_page()
+            sign_in(bob, base, "bob", "bob-pw")
+            bob.get_by_role("button", name="Devices", exact=True).click()
+            expect(bob.get_by_text("No devices yet")).to_be_visible()
+            card.get_by_label("Share hall-light with").select_option("bob")
+            card.get_by_role("button", name="Share").click()
+            expect(bob.locator(".device[data-device='hall-light']")).to_contain_text("sharee")
+            assert not errors, errors
+    finally:
+        for sim in sims:
+            sim.device.stop()
+        a.disconnect()
+        b.disconnect()

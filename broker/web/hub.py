@@ -4,14 +4,22 @@ signing a principal out everywhere when it is removed or its password changes.
 Presence and telemetry reach MQTT clients as publishes the ACL filters
 (broker/services/acl.py); a page gets the same documents, chosen by the same
 relations: a presence change to whoever may observe that principal, a device's
-newest readings to its owners and sharees (and the device itself)."""
+newest readings to its owners and sharees (and the device itself). A device
+shared with or unshared from someone tells that person's pages (DEVICES_NOTICE)."""
 
 from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING
 
-from broker.services.events import PresenceChanged, PrincipalRemoved, SecretChanged, TelemetryReceived
+from broker.services.events import (
+    DeviceShared,
+    DeviceUnshared,
+    PresenceChanged,
+    PrincipalRemoved,
+    SecretChanged,
+    TelemetryReceived,
+)
 from broker.store.jsonutil import compact_json
 from broker.web.sessions import WebSession, WebSessions
 from broker.web.socket import WsConnection
@@ -21,6 +29,8 @@ if TYPE_CHECKING:
     from broker.services.runtime import Services
 
 log = logging.getLogger("roost.web")
+
+DEVICES_NOTICE = "roost/web/devices"   # the page's own topic: your devices changed (shared, unshared)
 
 
 class WebHub:
@@ -33,6 +43,8 @@ class WebHub:
         bus.subscribe(TelemetryReceived, self._telemetry_received)
         bus.subscribe(PrincipalRemoved, self._principal_removed)
         bus.subscribe(SecretChanged, self._secret_changed)
+        bus.subscribe(DeviceShared, self._devices_changed)
+        bus.subscribe(DeviceUnshared, self._devices_changed)
 
     def __len__(self) -> int:
         return sum(len(c) for c in self._by_principal.values())
@@ -82,6 +94,14 @@ class WebHub:
                 payload = payload or compact_json(event.latest).encode()
                 for conn in group:
                     conn.notice(topic, payload)
+
+    def _devices_changed(self, event: DeviceShared | DeviceUnshared) -> None:
+        # Not a mailbox event (an MQTT client asks `devices` again when it wants):
+        # a page-only notice, so a device shared with you appears without a reload.
+        payload = compact_json({"device": event.device,
+                                "event": "shared" if isinstance(event, DeviceShared) else "unshared"}).encode()
+        for conn in self._by_principal.get(event.principal, ()):
+            conn.notice(DEVICES_NOTICE, payload)
 
     async def _sign_out(self, principal: str, why: str) -> None:
         ended = self._sessions.end_principal(principal)

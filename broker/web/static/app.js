@@ -229,6 +229,8 @@
     } else if (topic.startsWith("roost/presence/")) {
       state.presence.set(topic.slice("roost/presence/".length), payload);
       renderPresence();
+    } else if (topic === "roost/web/devices") {
+      loadDevices().catch(() => {});
     } else if (topic.startsWith("roost/telemetry/")) {
       onTelemetry(topic.slice("roost/telemetry/".length), payload);
     }
@@ -886,7 +888,7 @@
     state.devices = new Map(r.devices.map((d) => [d.id, d]));
     for (const d of r.devices) state.presence.set(d.id, d.presence);
     renderDevices();
-    const since = Date.now() / 1000 - CHART_SPAN;
+    const since = Math.floor(Date.now() / 1000 - CHART_SPAN);
     await Promise.all(r.devices.map(async (d) => {
       try {
         const h = await request("device.history", { device: d.id, since, limit: CHART_POINTS });
@@ -894,7 +896,11 @@
         const pts = h.points.filter((p) => typeof p.fields[metric] === "number" || typeof p.fields[metric] === "boolean")
           .map((p) => ({ ts: p.ts, v: Number(p.fields[metric]) }));
         const known = state.series.get(d.id) || [];
-        state.series.set(d.id, mergePoints(pts, known));
+        // the history is written behind (telemetry.history_interval): the latest reading seeds a chart
+        const t = d.last_telemetry || {};
+        const latest = (typeof t[metric] === "number" || typeof t[metric] === "boolean") && typeof t.ts === "number"
+          ? [{ ts: t.ts, v: Number(t[metric]) }] : [];
+        state.series.set(d.id, mergePoints(mergePoints(pts, known), latest));
         drawChart(d.id);
       } catch (e) { /* no history yet */ }
       if (d.kind === "door_sensor") loadDeviceEvents(d).catch(() => {});
