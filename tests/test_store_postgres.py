@@ -137,3 +137,35 @@ def test_server_killed_answers_unavailable_then_recovers_by_itself(outage_server
         finally:
             await store.close()
     asyncio.run(main())
+
+
+def test_sessions_journaled_by_two_nodes_at_once_share_payloads_exactly(postgres_dsn: str) -> None:
+    """Two nodes queue the same payload for their own sessions and acknowledge it,
+    all at once: every message is kept and the shared payload's reference count
+    ends where it must (nothing leaks, nothing is freed while referred to)."""
+    from broker.store.base import MessageDone, MessageKept, SavedMessage, SessionUpsert
+
+    payload = b"the same reading" * 8
+
+    async def main() -> None:
+        nodes = [PgStore(postgres_dsn, pool_size=4) for _ in range(2)]
+        await asyncio.gather(*(s.open() for s in nodes))
+        try:
+            clients = [[f"n{i}-c{j}" for j in range(10)] for i in range(2)]
+            await asyncio.gather(*(s.sessions.apply([SessionUpsert(c, None, None, {"t": 1}, 0.0) for c in cs])
+                                   for s, cs in zip(nodes, clients)))
+            await asyncio.gather(*(s.sessions.apply([MessageKept(c, SavedMessage(seq, "t", payload, 1))])
+                                   for s, cs in zip(nodes, clients) for c in cs for seq in (1, 2, 3)))
+            saved = await nodes[0].sessions.load_sessions()
+            assert len(saved) == 20 and all([m.seq for m in s.messages] == [1, 2, 3] for s in saved)
+            assert all(m.payload == payload for s in saved for m in s.messages)
+            refs = await nodes[0].db.pool.fetchval("SELECT refs FROM mqtt_payloads")
+            assert refs == 60
+            await asyncio.gather(*(s.sessions.apply([MessageDone(c, seq)])
+                                   for s, cs in zip(nodes, clients) for c in cs for seq in (1, 2)))
+            assert await nodes[1].db.pool.fetchval("SELECT refs FROM mqtt_payloads") == 20
+            await asyncio.gather(*(s.sessions.apply([MessageDone(c, 3)]) for s, cs in zip(nodes, clients) for c in cs))
+            assert await nodes[1].db.pool.fetchval("SELECT count(*) FROM mqtt_payloads") == 0
+        finally:
+            await asyncio.gather(*(s.close() for s in nodes))
+    asyncio.run(main())
