@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from broker.services.events import PrincipalRemoved
 from broker.services.files import FileService
 from broker.store.blobs import FsBlobStore
 from client.cli import main as roost_main
@@ -157,6 +158,11 @@ def test_refused_uploads_store_nothing(tmp_path):
             await refused(ErrorCode.NOT_FOUND, chunk(offset=3, data="RA=="))
             assert stored_files(tmp_path / "files") == [f"{hashlib.sha256(PNG).hexdigest()[:2]}/"
                                                         f"{hashlib.sha256(PNG).hexdigest()[2:]}"]
+            # a removed principal's uploads in progress go with it
+            await call(env, files, "bob", "file.upload", name="b.txt", media_type="text/plain", size=3)
+            assert len(stored_files(tmp_path / "files")) == 2
+            await env.services.bus.publish(PrincipalRemoved("bob"))
+            assert len(stored_files(tmp_path / "files")) == 1 and files.uploading_bytes() == 0
         finally:
             await close_env(env)
 

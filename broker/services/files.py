@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Handler, Publisher, bad, cancel_and_wait, param_int, param_str
+from broker.services.events import PrincipalRemoved
 from broker.store.base import BlobStore, FileRecord, NotFoundError
 from contract.bodies import FILE_TYPES, file_name_problem, is_file_id
 from contract.errors import ErrorCode, ProtocolError
@@ -99,6 +100,7 @@ class FileService:
         self._uploads: dict[str, Upload] = {}
         self._expirer: asyncio.Task[None] | None = None
         self.stats = FileStats()
+        services.bus.subscribe(PrincipalRemoved, self._principal_removed)
 
     # ---- service lifecycle -------------------------------------------------------
     async def load(self) -> None:
@@ -118,6 +120,11 @@ class FileService:
     def ops(self) -> dict[str, Handler]:
         return {"file.upload": self.op_upload, "file.chunk": self.op_chunk, "file.finish": self.op_finish,
                 "file.download": self.op_download}
+
+    async def _principal_removed(self, event: PrincipalRemoved) -> None:
+        """Its uploads in progress go (its records went with it in the store)."""
+        for upload in [u for u in self._uploads.values() if u.owner == event.principal]:
+            await self._drop(upload)
 
     # ---- uploads -------------------------------------------------------------------
     def uploading_bytes(self, owner: str | None = None) -> int:
