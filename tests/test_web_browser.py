@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from devices.simulators import png_image
 from tests.clients import ImClient
 from tests.harness import RoostProcess, free_port
 
@@ -137,6 +138,17 @@ def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory
         expect(texts.nth(texts.count() - 2)).to_have_text("<script>window.pwned = 1</script>")
         assert thread.locator("img, script").count() == 0
         assert bob.evaluate("window.pwned") is None and alice.evaluate("window.pwned") is None
+
+        # a picture: attached on alice's page, shown inline on bob's, the reference on his phone
+        png = png_image(24, 16, lambda x, y: (200, 40 + 8 * x, 10 * y))
+        alice.locator("#attach").set_input_files({"name": "sunset.png", "mimeType": "image/png", "buffer": png})
+        picture = thread.locator("li:not(.mine) img").last
+        expect(picture).to_have_attribute("alt", "sunset.png")
+        wait_until(lambda: picture.evaluate("img => img.complete && img.naturalWidth") == 24, "the picture loaded")
+        pushed = phone.wait_event("msg", conv=conv, **{"from": "alice"})
+        while pushed["body"]["type"] != "file":
+            pushed = phone.wait_event("msg", conv=conv, **{"from": "alice"})
+        assert pushed["body"]["name"] == "sunset.png" and pushed["body"]["size"] == len(png)
         phone.disconnect()
         assert not errors, errors
 
