@@ -28,6 +28,9 @@ Engine -> plugin calls (all optional; found with getattr at broker start):
   the prefixes. Returning True consumes the message (it is not routed to
   subscribers nor retained); False lets it continue. It must not block: queue
   work and return.
+  For an MQTT 5 publish, `session.publish_properties` holds during the call its
+  `properties.MsgProps` (`response_topic`, `correlation_data`; None for 3.1.1):
+  plugins/im.py answers a request on its Response Topic.
   Optionally also a synchronous `on_client_publish_nowait(...)` with the same
   arguments and meaning: the engine calls it instead of on_client_publish for a
   non-retained publish, and when every interceptor matching one has it, inside
@@ -71,6 +74,8 @@ class DisconnectReason(StrEnum):
     KEEPALIVE = "keepalive"        # nothing received for 1.5 x keepalive
     TAKEN_OVER = "taken_over"      # same client id connected again
     KICKED = "kicked"              # broker closed it (principal removed, protocol error)
+    # (an MQTT 5 client is sent DISCONNECT 0x8E taken over, 0x8B shutdown, 0x8D keepalive,
+    # 0x98 kicked, or the protocol violation's own reason code: connection.py)
     SHUTDOWN = "shutdown"          # broker stopping
 
 
