@@ -356,3 +356,29 @@ def test_server_disconnect_on_shutdown_has_a_reason():
     threading.Thread(target=broker.stop, daemon=True).start()
     assert c.disconnects.get(timeout=10) == codec5.SERVER_SHUTTING_DOWN
     c.c.loop_stop()
+
+
+def test_mqtt5_over_websocket():
+    broker = InProcRoost(config={"listeners": {"ws": {"type": "ws", "bind": "127.0.0.1:0"}}}).start()
+    try:
+        got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        subacks: queue.Queue[object] = queue.Queue()
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="ws5", protocol=mqtt.MQTTv5,
+                        transport="websockets")
+        c.ws_set_options(path="/mqtt")
+        c.username_pw_set("u", "p")
+        c.on_message = lambda cl, u, m: got.put(m)
+        c.on_subscribe = lambda cl, u, mid, rcs, p: subacks.put(rcs)
+        c.connect("127.0.0.1", broker.ports["ws"])
+        c.loop_start()
+        c.subscribe("ws5/t", qos=1)
+        assert [r.value for r in subacks.get(timeout=5)] == [1]
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("over", "ws")]
+        c.publish("ws5/t", "hi", qos=1, properties=props)
+        m = got.get(timeout=5)
+        assert (m.payload, m.properties.UserProperty) == (b"hi", [("over", "ws")])
+        c.disconnect()
+        c.loop_stop()
+    finally:
+        broker.stop()

@@ -392,7 +392,8 @@ class Connection(asyncio.Protocol):
         if self._out:
             self.flush()
         self.state = CLOSED
-        if self.disconnect_sent and t.can_write_eof():
+        can_write_eof = getattr(t, "can_write_eof", None)    # not on the WebSocket transport
+        if self.disconnect_sent and can_write_eof is not None and can_write_eof():
             # MQTT 5: the client reads our DISCONNECT (and what came before it) without
             # its own writes meeting a reset; what it still sends is ignored
             t.write_eof()

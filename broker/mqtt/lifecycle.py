@@ -327,6 +327,10 @@ class ClientLifecycle:
                 taken.reason = DisconnectReason.TAKEN_OVER
                 old.conn = None
                 log.info("client %s taken over by a new connection", loggable(info.client_id))
+            if old is not None and old.will_timer is not None:
+                # a new connection to the session before its Will Delay Interval passed: no will
+                old.will_timer.cancel()
+                old.will_timer = None
             if clean_start or old is None or old.clean:
                 if old is not None:
                     registry.discard(old)
@@ -340,9 +344,6 @@ class ClientLifecycle:
                 st.info = info
                 st.acl_cache.clear()      # decisions were made for the previous login
                 present = True
-                if st.will_timer is not None:   # resumed before its delayed will was due
-                    st.will_timer.cancel()
-                    st.will_timer = None
             st.expiry = expiry
             use_protocol(st, conn.v5)
             st.max_inflight = self._limits.max_inflight
