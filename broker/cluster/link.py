@@ -145,6 +145,7 @@ class NatsLink:
                     self._servers, name=self._name, allow_reconnect=True, max_reconnect_attempts=-1,
                     reconnect_time_wait=RECONNECT_WAIT, connect_timeout=2, ping_interval=5,
                     max_outstanding_pings=2, pending_size=self._max_bytes,
+                    no_echo=True,    # never this node's own messages back (a shared event ran here already)
                     disconnected_cb=self._lost, reconnected_cb=self._back, error_cb=self._error)
             except (NatsError, OSError, TimeoutError) as exc:
                 if first:
