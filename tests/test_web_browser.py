@@ -4,6 +4,7 @@ with MQTT clients of the same people beside it (the SDK's wire, as the CLI)."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -144,6 +145,7 @@ def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory
         alice.locator("#attach").set_input_files({"name": "sunset.png", "mimeType": "image/png", "buffer": png})
         picture = thread.locator("li:not(.mine) img").last
         expect(picture).to_have_attribute("alt", "sunset.png")
+        expect(picture).to_have_attribute("src", re.compile(r"^/files/[0-9a-f]{64}$"))   # broker/web/files.py
         wait_until(lambda: picture.evaluate("img => img.complete && img.naturalWidth") == 24, "the picture loaded")
         pushed = phone.wait_event("msg", conv=conv, **{"from": "alice"})
         while pushed["body"]["type"] != "file":

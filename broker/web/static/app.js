@@ -1056,6 +1056,8 @@
       dl.append(el("div", { "data-field": k }, el("dt", { text: k }), el("dd", { text: typeof v === "boolean" ? (v ? "yes" : "no") : String(v) })));
     }
     if (t.ts) dl.append(el("div", null, el("dt", { text: "at" }), el("dd", { text: fmtTime(t.ts) })));
+    const range = card.querySelector("input[type=range]");
+    if (range && typeof t.brightness === "number" && document.activeElement !== range) range.value = t.brightness;
   }
 
   function onTelemetry(id, reading, fromResult) {
