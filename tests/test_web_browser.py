@@ -1,27 +1,25 @@
 """The web app in a real browser (issue 14, item 7): headless Chromium (Debian's
 package, through Playwright; tests/browser.py) against a real broker subprocess,
-with MQTT clients of the same people beside it (the SDK's wire, as the CLI)."""
+with MQTT clients and the `roost` CLI of the same people beside it."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import pytest
+from playwright.sync_api import expect
 
 from devices.simulators import png_image
+from tests.browser import browser, sign_in
 from tests.clients import ImClient
-from tests.harness import RoostProcess, free_port
-
-pytest.importorskip("playwright")
-
-from playwright.sync_api import expect  # noqa: E402
-
-from tests.browser import CHROMIUM, browser, sign_in  # noqa: E402
-
-pytestmark = pytest.mark.skipif(not __import__("os").path.exists(CHROMIUM), reason="needs Debian's chromium")
+from tests.harness import ROOT, RoostProcess, free_port
 
 
 def web_broker(roost_factory: Callable[..., RoostProcess]) -> tuple[RoostProcess, str]:
@@ -46,7 +44,25 @@ def unread_of(client: ImClient, conv: str) -> tuple[int, int]:
     return (mine[0] if mine else 0), r["total_unread"]
 
 
-def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory) -> None:
+def cli_unread(broker: RoostProcess, home: Path, user: str, password: str, conv: str) -> tuple[int, int]:
+    """`roost convs --json` of `user`, logged in from its own folders: (that conversation's unread, total)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
+    env.update(XDG_CONFIG_HOME=str(home / user / "config"), XDG_STATE_HOME=str(home / user / "state"), NO_COLOR="1")
+
+    def roost(*args: str, stdin: str | None = None) -> str:
+        res = subprocess.run([sys.executable, "-m", "client.cli", *args], cwd=str(ROOT), env=env, input=stdin,
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    if not (home / user / "config").exists():
+        roost("login", "--server", f"{broker.host}:{broker.port}", "--password-stdin", user, stdin=password + "\n")
+    doc = json.loads(roost("convs", "--json"))
+    mine = [c["unread"] for c in doc["convs"] if c["conv"] == conv]
+    return (mine[0] if mine else 0), doc["total_unread"]
+
+
+def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory, tmp_path: Path) -> None:
     broker, base = web_broker(roost_factory)
     broker.add_user("alice", "alice-pw", name="Alice")
     broker.add_user("bob", "bob-pw", name="Bob")
@@ -128,9 +144,11 @@ def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory
             expect(mine.locator(".msg-text")).to_have_text(text)
         expect(item).to_have_attribute("data-unread", "2")
         assert unread_of(phone, conv) == (2, 2)
+        assert cli_unread(broker, tmp_path, "bob", "bob-pw", conv) == (2, 2)   # the CLI on a third device
         seq = phone.call("convs")["convs"][0]["last_seq"]
         phone.call("read", conv=conv, seq=seq)
         expect(item).to_have_attribute("data-unread", "0")
+        assert cli_unread(broker, tmp_path, "bob", "bob-pw", conv) == (0, 0)
 
         # hostile text renders as typed, inert
         item.get_by_role("button").click()
