@@ -27,9 +27,18 @@ def browser() -> Iterator[Any]:
             b.close()
 
 
-def sign_in(page: Any, base: str, user: str, password: str) -> None:
+def sign_in(page: Any, base: str, user: str, password: str, *, keyboard: bool = False) -> None:
+    """Sign in on the page, clicking, or (`keyboard`) by keys alone as a person
+    without a mouse would: the User field has the focus, Tab, Enter."""
     page.goto(base + "/")
-    page.get_by_label("User").fill(user)
-    page.get_by_label("Password").fill(password)
-    page.get_by_role("button", name="Sign in").click()
+    if keyboard:
+        page.get_by_label("User").wait_for()
+        page.keyboard.type(user)
+        page.keyboard.press("Tab")
+        page.keyboard.type(password)
+        page.keyboard.press("Enter")
+    else:
+        page.get_by_label("User").fill(user)
+        page.get_by_label("Password").fill(password)
+        page.get_by_role("button", name="Sign in").click()
     page.get_by_role("list", name="Conversations").wait_for(state="attached")

@@ -74,7 +74,7 @@ def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory
         for page in (alice, bob):
             page.on("pageerror", lambda e: errors.append(str(e)))
         sign_in(alice, base, "alice", "alice-pw")
-        sign_in(bob, base, "bob", "bob-pw")
+        sign_in(bob, base, "bob", "bob-pw", keyboard=True)
 
         # befriend: alice asks from the People view, bob accepts there
         alice.get_by_role("button", name="People").click()
@@ -112,8 +112,10 @@ def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory
         expect(bob.locator("#convs-total")).to_have_attribute("data-total", "121")
         assert unread_of(phone, conv) == (121, 121)
 
-        # opening the thread shows the newest page and reads it: cleared everywhere
-        item.get_by_role("button").click()
+        # opening the thread (by keys alone) shows the newest page and reads it: cleared everywhere
+        item.get_by_role("button").focus()
+        bob.keyboard.press("Enter")
+        expect(bob.get_by_role("textbox", name="Message")).to_be_focused()
         thread = bob.get_by_role("log", name="Messages")
         expect(thread.locator("li").last.locator(".msg-text")).to_have_text("hello bob\nsecond line")
         assert thread.locator("li").count() <= 60
