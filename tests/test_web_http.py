@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from http.cookies import SimpleCookie
@@ -19,6 +20,7 @@ import yarl
 
 from tests.clients import ConnectFailed, ImClient
 from tests.harness import RoostProcess, free_port
+from tests.test_mqtt_listeners import make_cert
 
 STATIC = Path(__file__).resolve().parent.parent / "broker" / "web" / "static"
 
@@ -289,5 +291,33 @@ def test_websocket_speaks_the_protocol_with_mqtt_beside_it(roost_factory) -> Non
             bob_phone.disconnect()
             await alice.close()
             await bob.close()
+
+    run(body)
+
+
+def test_over_tls_the_cookie_is_secure_too(roost_factory, tmp_path) -> None:
+    certfile, keyfile = make_cert(tmp_path)
+    port = free_port()
+    broker = roost_factory({"listeners": {"web": {"type": "http", "bind": f"127.0.0.1:{port}", "ssl": True,
+                                                  "certfile": str(certfile), "keyfile": str(keyfile)}}})
+    broker.add_user("alice", "alice-pw")
+    tls = ssl.create_default_context(cafile=str(certfile))
+
+    async def body() -> None:
+        base = f"https://127.0.0.1:{port}"
+        jar = aiohttp.CookieJar(unsafe=True)   # cookies for an IP address
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls), cookie_jar=jar) as http:
+            async with http.get(base + "/api/session") as r:
+                csrf = (await r.json())["csrf"]
+            async with http.post(base + "/api/login", json={"user": "alice", "password": "alice-pw"},
+                                 headers={"X-CSRF-Token": csrf}) as r:
+                assert r.status == 200
+                morsel, header = set_cookies(r)["roost_session"]
+                assert morsel["secure"] and morsel["httponly"] and morsel["samesite"] == "Strict", header
+                csrf = (await r.json())["csrf"]
+            ws = await http.ws_connect(base.replace("https", "wss") + f"/ws?csrf={csrf}", headers={"Origin": base})
+            hello = json.loads((await ws.receive(10)).data)
+            assert hello["payload"]["user"] == "alice"
+            await ws.close()
 
     run(body)

@@ -80,9 +80,12 @@ class WsConnection:
             self._put(text)
 
     def notice(self, topic: str, payload: bytes) -> None:
-        """A presence or telemetry frame: dropped (and counted) when the page lags."""
-        if not self.offer(frame(topic, payload)):
+        """A presence or telemetry frame: dropped (counted, logged) when the page lags."""
+        if not self.offer(frame(topic, payload)) and self.open:
             self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("web page %s is not reading: %d presence/telemetry frame(s) dropped so far "
+                            "(%d bytes queued)", self.client_id, self.dropped, self._bytes)
 
     async def run_writer(self) -> None:
         """Write queued frames in order until the connection closes."""
