@@ -160,6 +160,32 @@ def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory
         assert thread.locator("img, script").count() == 0
         assert bob.evaluate("window.pwned") is None and alice.evaluate("window.pwned") is None
 
+        # a group: created, written to, a member removed (his list follows live); search; profile
+        alice.get_by_role("button", name="People", exact=True).click()
+        alice.get_by_label("Group name").fill("Home")
+        alice.get_by_label("Members (ids, comma-separated)").fill("bob")
+        alice.get_by_role("button", name="Create group").click()
+        expect(alice.locator("#thread-title")).to_have_text("Home")
+        alice.get_by_role("textbox", name="Message").fill("hi all")
+        alice.get_by_role("textbox", name="Message").press("Enter")
+        group_item = bob.locator("#convs li", has_text="Home")
+        expect(group_item).to_have_attribute("data-unread", "1")
+        alice.get_by_role("button", name="Members").click()
+        alice.get_by_role("button", name="Remove bob").click()
+        expect(group_item).to_have_count(0)
+        bob.get_by_role("button", name="People", exact=True).click()
+        bob.get_by_label("Name or id").fill("Ali")
+        bob.get_by_role("button", name="Search").click()
+        expect(bob.get_by_role("list", name="Search results")).to_contain_text("Alice (alice)")
+        alice.get_by_role("button", name="People", exact=True).click()
+        alice.get_by_label("Status").fill("<b>at home</b>")
+        alice.get_by_role("button", name="Save profile").click()
+        expect(alice.locator("#profile-saved")).to_have_text("Saved.")
+        assert phone.call("profile.get", user="alice")["status"] == "<b>at home</b>"
+        bob.get_by_role("button", name="Chat", exact=True).click()
+        alice.get_by_role("button", name="Chat", exact=True).click()
+        alice.locator(f"#convs li[data-conv='{conv}'] button").click()
+
         # a picture: attached on alice's page, shown inline on bob's, the reference on his phone
         png = png_image(24, 16, lambda x, y: (200, 40 + 8 * x, 10 * y))
         alice.locator("#attach").set_input_files({"name": "sunset.png", "mimeType": "image/png", "buffer": png})
