@@ -208,6 +208,8 @@ def test_sign_in_cookie_csrf_and_logout(roost_factory) -> None:
             async with web.http.post(web.base + "/api/logout", headers={"X-CSRF-Token": web.csrf}) as r:
                 assert r.status == 200
             closed = await web.ws.receive(10)
+            while closed.type == aiohttp.WSMsgType.TEXT:   # frames sent before the close
+                closed = await web.ws.receive(10)
             assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), closed
             async with aiohttp.ClientSession(cookies={"roost_session": cookie}) as replay:
                 async with replay.get(web.base + "/api/session") as r2:
@@ -319,5 +321,30 @@ def test_over_tls_the_cookie_is_secure_too(roost_factory, tmp_path) -> None:
             hello = json.loads((await ws.receive(10)).data)
             assert hello["payload"]["user"] == "alice"
             await ws.close()
+
+    run(body)
+
+
+def test_a_new_password_signs_the_person_out_and_devices_cannot_sign_in(roost_factory) -> None:
+    broker = roost_factory(web_config())
+    broker.add_user("alice", "alice-pw")
+    secret, _code = broker.add_device("hall-light", "light")
+
+    async def body() -> None:
+        web = WebClient(broker)
+        try:
+            assert (await web.login("hall-light", secret)).status == 403   # devices use MQTT
+            assert (await web.login("alice", "alice-pw")).status == 200
+            await web.connect()
+            await asyncio.to_thread(broker.cli, "user", "passwd", "alice", "--password-stdin", input="new-pw\n")
+            assert web.ws is not None
+            closed = await web.ws.receive(10)       # the admin-log poll tells the broker within a second
+            while closed.type == aiohttp.WSMsgType.TEXT:   # its own presence, say
+                closed = await web.ws.receive(10)
+            assert closed.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED), closed
+            assert (await web.session())["user"] is None
+            assert (await web.login("alice", "new-pw")).status == 200
+        finally:
+            await web.close()
 
     run(body)
