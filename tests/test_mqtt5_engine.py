@@ -277,6 +277,10 @@ def test_message_expiry_of_queued_and_retained_messages(b):
     rx.sub5("exp/t", 1)
     rx.send(b"\xe0\x00")
     assert rx.closed()
+    old = RawClient(b.port)                     # an MQTT 3.1.1 persistent session: expiry applies too
+    old.connect("exp-311", clean=False)
+    old.subscribe("exp/t", 1)
+    old.close()
     tx = Raw5(b.port)
     tx.connect5("exp-tx")
     tx.pub5("exp/t", b"short", 1, pid=1, props=[(P.MESSAGE_EXPIRY, 1)])
@@ -291,8 +295,12 @@ def test_message_expiry_of_queued_and_retained_messages(b):
     assert (topic, payload) == ("exp/t", b"long") and 95 <= props[P.MESSAGE_EXPIRY] < 100
     assert rx.sub5("exp/r", 1)[0] == [1]
     assert rx.nothing()                                             # the retained one expired
+    old = RawClient(b.port)
+    assert old.connect("exp-311", clean=False) == b"\x01\x00"
+    assert old.read_publish()[:2] == ("exp/t", b"long")
     rx.close()
     tx.close()
+    old.close()
 
 
 def test_session_expiry_and_take_over_reason(b):

@@ -66,7 +66,7 @@ class Connection(asyncio.Protocol):
                  "_write_paused", "alias_in", "alias_out", "alias_out_max", "announced", "blockers", "buf",
                  "client_max_packet", "counted", "created", "disconnect_sent", "dollar_publish_logged", "engine",
                  "handle", "info", "keep_alive", "last_recv", "listener_name", "max_packet", "max_pending_bytes",
-                 "paused_since", "reason", "remote", "session", "state", "taken_over", "task", "transport", "v5",
+                 "paused_since", "problem_info", "reason", "remote", "session", "state", "taken_over", "task", "transport", "v5",
                  "will_anyway", "writable")
 
     def __init__(self, engine: Engine, listener_name: str) -> None:
@@ -106,11 +106,14 @@ class Connection(asyncio.Protocol):
         # MQTT 5 CONNECT arrived (the protocol is chosen once per connection).
         self.handle = engine.handle
         self.v5 = False
-        self.alias_in: dict[int, str] = {}      # MQTT 5 topic aliases the client set
-        self.alias_out: dict[str, int] = {}     # ... and those we set, up to the client's maximum
+        # alias_in / alias_out: the MQTT 5 topic aliases the client set, and those we set
+        # (up to the client's maximum): dicts made at an MQTT 5 CONNECT only (lifecycle.py)
+        self.alias_in: dict[int, str]
+        self.alias_out: dict[str, int]
         self.alias_out_max = 0
         self.client_max_packet = 0              # the client's Maximum Packet Size (0: none)
         self.disconnect_sent = False
+        self.problem_info = True                # MQTT 5 Request Problem Information: reason strings wanted
         self.will_anyway = False                # MQTT 5 DISCONNECT 0x04: publish the will all the same
 
     # ---- asyncio.Protocol --------------------------------------------------------

@@ -211,12 +211,15 @@ class ClientLifecycle:
         if v5:
             conn.v5 = True
             conn.handle = conn.engine.handle5
+            conn.alias_in = {}
+            conn.alias_out = {}
             if P.AUTH_METHOD in props:
                 log.info("refusing %s:%s: enhanced authentication (%s) is not offered", *conn.remote,
                          props[P.AUTH_METHOD])
                 self._refuse(conn, codec5.BAD_AUTH_METHOD)
                 return
             conn.client_max_packet = props.get(P.MAXIMUM_PACKET_SIZE, 0)
+            conn.problem_info = props.get(P.REQUEST_PROBLEM_INFO, 1) == 1
             conn.alias_out_max = props.get(P.TOPIC_ALIAS_MAXIMUM, 0)
         cid = pkt.client_id
         generated = False
@@ -262,7 +265,7 @@ class ClientLifecycle:
             info.will_qos = will.qos
             info.will_retain = will.retain
             if will.properties:
-                info.will_props = P.message_props(will.properties, self._loop.time(), None)
+                info.will_props = P.message_props(will.properties, 0.0, None)   # expiry relative (publish_will)
                 info.will_delay = float(will.properties.get(P.WILL_DELAY, 0))
                 if info.will_props is not None and info.will_props.payload_utf8:
                     try:

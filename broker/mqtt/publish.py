@@ -15,6 +15,8 @@ packets wait behind it.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
@@ -206,8 +208,12 @@ class Publishing:
         if not await self._acl.decide(info, topic, Action.PUBLISH):
             log.info("will of %s on %s denied by ACL", info.client_id, topic)
             return
+        props = info.will_props
+        if props is not None and props.expires_at is not None:
+            # its Message Expiry Interval (kept relative since the CONNECT) runs from now
+            props = dataclasses.replace(props, expires_at=asyncio.get_running_loop().time() + props.expires_at)
         await self._intercept_and_route(info, topic, info.will_message or b"", info.will_qos, info.will_retain,
-                                        props=info.will_props)
+                                        props=props)
 
     async def publish_own(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
                           correlation_data: bytes | None = None) -> int:

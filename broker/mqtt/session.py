@@ -300,6 +300,12 @@ class SessionState:
         before = len(queue)
         while queue and conn.writable:
             msg, qos, seq = queue[0]
+            props = msg.props
+            if props is not None and props.expires_at is not None and props.expires_at <= self.host.loop.time():
+                queue.popleft()      # an MQTT 5 publisher's Message Expiry Interval passed while queued
+                self.host.uncharge(self, len(msg.payload))
+                self._done(seq)
+                continue
             if qos:
                 if len(self.inflight) >= self.max_inflight:
                     break

@@ -172,7 +172,8 @@ class Subscriptions:
                 return
         if v5:
             refused = next((c for c in codes if c >= 0x80), None)
-            conn.write(codec5.suback(pkt.packet_id, codes, _WHY.get(refused) if refused is not None else None))
+            why = _WHY.get(refused) if refused is not None and conn.problem_info else None
+            conn.write(codec5.suback(pkt.packet_id, codes, why))
         else:
             conn.write(codec.suback(pkt.packet_id, [c if c < 0x80 else 0x80 for c in codes]))
         plugins = self._plugins
