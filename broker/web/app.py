@@ -289,6 +289,7 @@ class WebApp:
             self.hub.discard(conn)
             conn.closed()
             writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
             gateway.connection_closed(principal, client_id, reason, None)
             await gateway.client_disconnected(client_id, principal, reason)
             if not conn.ws.closed:

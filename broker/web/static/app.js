@@ -271,6 +271,7 @@
     for (const c of r.contacts) state.presence.set(c.id, c.presence);
     state.incoming = r.incoming || [];
     state.outgoing = r.outgoing || [];
+    for (const select of document.querySelectorAll("select.share-with")) fillShareOptions(select);
     renderPeople();
     renderConvs();
   }
@@ -952,8 +953,8 @@
     el("div", { class: "result", role: "status", "aria-live": "polite" }));
     if (d.kind === "door_sensor") card.append(el("ol", { class: "device-events", "aria-label": `${d.id} events` }));
     if (d.role === "owner") {
-      const select = el("select", { "aria-label": `Share ${d.id} with` },
-        ...Array.from(state.contacts.values()).map((c) => el("option", { value: c.id, text: c.name })));
+      const select = el("select", { class: "share-with", "aria-label": `Share ${d.id} with` });
+      fillShareOptions(select);
       const shared = (d.sharees || []).length ? `shared with ${d.sharees.join(", ")}` : "";
       card.append(el("form", { class: "row share", onsubmit: async (ev) => {
         ev.preventDefault();
@@ -965,6 +966,13 @@
     }
     renderReadings(card, d);
     return card;
+  }
+
+  function fillShareOptions(select) {
+    const chosen = select.value;
+    clear(select);
+    for (const c of state.contacts.values()) select.append(el("option", { value: c.id, text: c.name }));
+    if (chosen && state.contacts.has(chosen)) select.value = chosen;
   }
 
   function controlsFor(d) {
