@@ -471,6 +471,7 @@
     box.scrollTop = box.scrollHeight;
     markRead();
     if (!keepPane) $("message").focus();
+    fillPane(thread);
   }
 
   function renderThreadHead() {
@@ -501,6 +502,17 @@
       say("composer-error", errText(e));
     } finally {
       t.loading = false;
+    }
+  }
+
+  // a page that does not fill the pane cannot be scrolled: load older ones until it does
+  async function fillPane(t) {
+    const box = $("messages");
+    for (let i = 0; i < 20 && state.thread === t && t.more && !t.loading && t.oldest !== null
+      && box.scrollHeight <= box.clientHeight + 40; i++) {
+      const oldest = t.oldest;
+      await loadOlder();
+      if (t.oldest === oldest) break;     // nothing older came (an error is shown)
     }
   }
 
@@ -617,6 +629,16 @@
     return btoa(s);
   }
 
+  // A big file is more chunks than the request rate's burst: wait and resend (same offset) when limited.
+  async function patiently(call) {
+    for (let wait = 200; ; wait = Math.min(wait * 2, 3000)) {
+      try { return await call(); } catch (e) {
+        if (e.code !== "rate_limited" && e.code !== "unavailable") throw e;
+        await new Promise((resolve) => setTimeout(resolve, wait));
+      }
+    }
+  }
+
   $("attach").addEventListener("change", async () => {
     const file = $("attach").files[0];
     if (!file || !state.current) return;
@@ -627,8 +649,9 @@
       let offset = 0;
       while (offset < file.size) {
         const slice = new Uint8Array(await file.slice(offset, offset + up.chunk_size).arrayBuffer());
-        const r = await request("file.chunk", { upload: up.upload, offset, data: toBase64(slice) });
+        const r = await patiently(() => request("file.chunk", { upload: up.upload, offset, data: toBase64(slice) }));
         offset = r.received;
+        say("composer-error", `Sending ${file.name}… ${Math.floor((100 * offset) / file.size)}%`);
       }
       const ref = await request("file.finish", { upload: up.upload });
       await sendBody(Object.assign({ type: "file" }, ref));
