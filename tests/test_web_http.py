@@ -348,3 +348,26 @@ def test_a_new_password_signs_the_person_out_and_devices_cannot_sign_in(roost_fa
             await web.close()
 
     run(body)
+
+
+def test_sessions_are_bounded_and_expire() -> None:
+    from broker.web.sessions import WebSessions
+
+    now = [1000.0]
+    sessions = WebSessions(clock=lambda: now[0], max_sessions=3, idle_ttl=60, max_age=300)
+    token, s = sessions.create("alice", "user")
+    assert sessions.get(token) is s and sessions.get("x" + token) is None and sessions.get(None) is None
+    for _ in range(4):                       # used every 50 s: idle never reached, but max_age is
+        now[0] += 50
+        assert sessions.alive(s)
+    now[0] += 50
+    assert sessions.get(token) is None and not sessions.alive(s)          # 300 s after sign-in
+    t2, s2 = sessions.create("bob", "user")
+    now[0] += 61
+    assert sessions.get(t2) is None                                       # idle too long
+    made = [sessions.create("carol", "user") for _ in range(5)]
+    assert len(sessions) == 3 and sessions.evicted == 2                   # oldest went first
+    assert sessions.get(made[0][0]) is None and sessions.get(made[-1][0]) is made[-1][1]
+    assert sessions.end_principal("carol") == 3 and len(sessions) == 0
+    t3, s3 = sessions.create("dave", "user", expires_at=time.time() - 1)  # a JWT sign-in past its exp
+    assert sessions.get(t3) is None

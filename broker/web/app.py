@@ -25,7 +25,6 @@ import importlib.util
 import json
 import logging
 import secrets
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -135,11 +134,7 @@ class WebApp:
 
     def session_of(self, request: web.Request) -> WebSession | None:
         """The signed-in session of this request's cookie, or None (for the file routes too)."""
-        session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
-        if session is not None and session.expires_at is not None and time.time() >= session.expires_at:
-            self.sessions.end(session)
-            return None
-        return session
+        return self.sessions.get(request.cookies.get(SESSION_COOKIE))
 
     def csrf_ok(self, request: web.Request, session: WebSession) -> bool:
         """A state-changing request of `session` carries its CSRF token."""
@@ -273,8 +268,9 @@ class WebApp:
                 await conn.send(frame(resp_topic, payload))
 
             async for msg in conn.ws:
-                if not self.sessions.alive(conn.session):
+                if not self.sessions.alive(conn.session):   # signed out, or expired (a token's exp)
                     reason = "signed out"
+                    await conn.close("signed out")
                     break
                 if msg.type == WSMsgType.TEXT:
                     gateway.submit_envelope(principal, conn.session.kind, client_id, msg.data.encode(), reply)

@@ -70,20 +70,22 @@ class WebSessions:
         """The live session of a cookie token (its use noted), or None."""
         if not token or len(token) > 128:
             return None
-        key = _digest(token)
-        session = self._by_key.get(key)
-        if session is None:
-            return None
-        now = self._clock()
-        if now - session.used > self._idle_ttl or now - session.created > self._max_age:
-            del self._by_key[key]
-            return None
-        session.used = now
-        self._by_key.move_to_end(key)
-        return session
+        session = self._by_key.get(_digest(token))
+        return session if session is not None and self.alive(session) else None
 
     def alive(self, session: WebSession) -> bool:
-        return self._by_key.get(session.key) is session
+        """Still signed in (not ended, not expired); a use that keeps it so (an open
+        page's every request counts as one)."""
+        if self._by_key.get(session.key) is not session:
+            return False
+        now = self._clock()
+        if (now - session.used > self._idle_ttl or now - session.created > self._max_age
+                or (session.expires_at is not None and time.time() >= session.expires_at)):
+            del self._by_key[session.key]
+            return False
+        session.used = now
+        self._by_key.move_to_end(session.key)
+        return True
 
     def end(self, session: WebSession) -> None:
         self._by_key.pop(session.key, None)
