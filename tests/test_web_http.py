@@ -289,6 +289,12 @@ def test_websocket_speaks_the_protocol_with_mqtt_beside_it(roost_factory) -> Non
             await alice.wait_frame(lambda d: d["payload"].get("kind") == "read" and d["payload"]["by"] == "bob")
             cleared = await asyncio.to_thread(bob_phone.wait_event, "unread", conv=conv, count=0)
             assert cleared["total"] == 0
+            # the web app's figures: /metrics and /status.json (counts only)
+            async with alice.http.get(alice.base + "/metrics") as r:
+                text = await r.text()
+            assert "roost_web_sessions 2.0" in text and "roost_web_pages 2.0" in text, text[-600:]
+            async with alice.http.get(alice.base + "/status.json") as r:
+                assert (await r.json())["web"] == {"sessions": 2, "pages": 2, "dropped": 0}
         finally:
             bob_phone.disconnect()
             await alice.close()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from broker.http.metrics import exposition, registry_for
+from broker.http.metrics import WebCollector, exposition, registry_for
 from broker.monitor import Monitor
 
 if TYPE_CHECKING:
@@ -33,6 +33,8 @@ class HttpApp:
         self._monitor = monitor
         self._web = web_app
         self._registry = registry_for(monitor)
+        if web_app is not None:
+            self._registry.register(WebCollector(web_app))
         self.routes: list[web.RouteDef] = [
             web.get("/metrics", self.metrics),
             web.get("/healthz", self.healthz),
@@ -66,4 +68,7 @@ class HttpApp:
         return web.Response(text="ready\n")
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.Response(text=json.dumps(self._monitor.status()), content_type="application/json")
+        doc = self._monitor.status()
+        if self._web is not None:
+            doc["web"] = self._web.figures()   # counts only, like the rest
+        return web.Response(text=json.dumps(doc), content_type="application/json")

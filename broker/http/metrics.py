@@ -7,6 +7,7 @@ tests, never mix their figures)."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -19,6 +20,10 @@ from prometheus_client.registry import Collector
 
 from broker.monitor import Monitor
 from broker.services.opstats import Histogram
+
+
+class HasFigures(Protocol):
+    def figures(self) -> dict[str, Any]: ...
 
 
 def _buckets(h: Histogram) -> list[tuple[str, float]]:
@@ -156,6 +161,25 @@ class RoostCollector(Collector):
         for name, value in s.limits.items():
             limits.add_metric([name], float(value))
         yield limits
+
+
+class WebCollector(Collector):
+    """The web app's figures (broker/web/app.py `WebApp.figures`): signed-in
+    sessions, open pages, frames dropped for pages that did not read."""
+
+    def __init__(self, web_app: HasFigures) -> None:
+        self._web = web_app
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        f = self._web.figures()
+        yield GaugeMetricFamily("roost_web_sessions", "Web app sessions signed in", value=f["sessions"])
+        yield GaugeMetricFamily("roost_web_pages", "Web app pages connected (WebSockets)", value=f["pages"])
+        yield CounterMetricFamily("roost_web_frames_dropped",
+                                  "Presence/telemetry frames dropped for web pages that did not read",
+                                  value=f["dropped"])
 
 
 def registry_for(monitor: Monitor) -> CollectorRegistry:

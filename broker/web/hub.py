@@ -38,6 +38,7 @@ class WebHub:
         self._services = services
         self._sessions = sessions
         self._by_principal: dict[str, set[WsConnection]] = {}
+        self._dropped_before = 0   # frames dropped by pages that have closed since
         bus = services.bus
         bus.subscribe(PresenceChanged, self._presence_changed)
         bus.subscribe(TelemetryReceived, self._telemetry_received)
@@ -54,13 +55,15 @@ class WebHub:
 
     def discard(self, conn: WsConnection) -> None:
         group = self._by_principal.get(conn.principal)
-        if group is not None:
+        if group is not None and conn in group:
+            self._dropped_before += conn.dropped
             group.discard(conn)
             if not group:
                 del self._by_principal[conn.principal]
 
     def dropped(self) -> int:
-        return sum(c.dropped for group in self._by_principal.values() for c in group)
+        """Presence and telemetry frames dropped for pages that did not read, since start."""
+        return self._dropped_before + sum(c.dropped for group in self._by_principal.values() for c in group)
 
     async def close_session(self, session: WebSession, why: str) -> None:
         for conn in [c for c in self._by_principal.get(session.principal, ()) if c.session is session]:
