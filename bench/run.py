@@ -111,6 +111,17 @@ def listening(port: int) -> bool:
     return False
 
 
+def kept_history(results_page: Path) -> str:
+    """The dated sections of an existing results page (`## 2026-...`: earlier figures,
+    profile findings), kept below a refreshed table."""
+    try:
+        old = results_page.read_text()
+    except FileNotFoundError:
+        return ""
+    at = old.find("\n## 20")
+    return "" if at < 0 else "\n" + old[at + 1:]
+
+
 def machine_busy_s() -> float:
     """CPU seconds all cores spent busy since boot (/proc/stat: all but idle and iowait)."""
     try:
@@ -649,9 +660,9 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
             render_table(brokers, results, markdown=True) + "\n\nNotes:\n" + notes + "\n")
     if args.results:
         cmd = "python -m bench " + " ".join(argv_used)
-        Path(args.results).write_text(results_md(info, cmd.strip(), args.quick, elapsed,
-                                                 render_table(brokers, results, markdown=True),
-                                                 targets, notes, targets16))
+        page = results_md(info, cmd.strip(), args.quick, elapsed, render_table(brokers, results, markdown=True),
+                          targets, notes, targets16)
+        Path(args.results).write_text(page + kept_history(Path(args.results)))
     failed = any(o.error for r in results.values() for o in r.values())
     return 1 if failed else 0
 
