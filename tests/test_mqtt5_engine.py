@@ -390,3 +390,12 @@ def test_mqtt5_over_websocket():
         c.loop_stop()
     finally:
         broker.stop()
+
+
+def test_invalid_topic_name_disconnects_with_0x90(b):
+    raw = Raw5(b.port)
+    raw.connect5("badtopic")
+    raw.pub5("bad/+", b"x", 1, pid=1)
+    ptype, _f, body = raw.read()
+    assert (ptype, body[0]) == (codec.DISCONNECT, codec5.TOPIC_NAME_INVALID)
+    assert raw.closed()

@@ -70,7 +70,7 @@ class Publishing:
         qos = pkt.qos
         self._counters.received_qos[qos] += 1
         if not valid_topic_name(topic):
-            raise ProtocolViolation(f"invalid topic name {topic!r}")
+            raise ProtocolViolation(f"invalid topic name {topic!r}", codec5.TOPIC_NAME_INVALID)
         if len(pkt.payload) > self._max_payload:
             raise ProtocolViolation(f"payload of {len(pkt.payload)} bytes exceeds limits.max_payload",
                                     codec5.PACKET_TOO_LARGE)
