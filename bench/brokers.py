@@ -96,7 +96,9 @@ class BrokerProcess:
     # -- lifecycle ----------------------------------------------------------------
     def spawn(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)   # a /tmp cleaner may have taken it
-        self.port = self.port or free_port()
+        # A fresh port every start: on a shared machine another process may have taken
+        # the last one while the broker was stopped.
+        self.port = free_port()
         log = open(self.log_path, "ab")
         self.started_at = time.monotonic()
         self.proc = subprocess.Popen(self.command(), cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT,
