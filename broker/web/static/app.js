@@ -691,17 +691,20 @@
     const seq = Math.max(t.newest, c ? c.last_seq || 0 : 0);
     if (!c || seq <= 0 || (!(c.unread > 0) && (c.read || 0) >= seq)) return;
     state.reading = true;
+    let again = false;
     try {
       const r = await request("read", { conv: t.conv, seq });
       c.read = r.seq;
       c.unread = r.unread;
       state.total = r.total_unread;
       renderConvs();
+      again = state.thread === t && t.newest > r.seq;   // a message came in while this was asked
     } catch (e) {
       /* the unread event will tell */
     } finally {
       state.reading = false;
     }
+    if (again) markRead();
   }
   document.addEventListener("visibilitychange", markRead);
   window.addEventListener("focus", markRead);
