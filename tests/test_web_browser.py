@@ -188,15 +188,18 @@ def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory
 
         # a picture: attached on alice's page, shown inline on bob's, the reference on his phone
         png = png_image(24, 16, lambda x, y: (200, 40 + 8 * x, 10 * y))
-        alice.locator("#attach").set_input_files({"name": "sunset.png", "mimeType": "image/png", "buffer": png})
+        hostile = '<img src=x onerror="window.pwned=3">.png'   # a file name is text too
+        alice.locator("#attach").set_input_files({"name": hostile, "mimeType": "image/png", "buffer": png})
         picture = thread.locator("li:not(.mine) img").last
-        expect(picture).to_have_attribute("alt", "sunset.png")
+        expect(picture).to_have_attribute("alt", hostile)
+        expect(thread.locator("li:not(.mine) .msg-file").last).to_contain_text(hostile)
         expect(picture).to_have_attribute("src", re.compile(r"^/files/[0-9a-f]{64}$"))   # broker/web/files.py
         wait_until(lambda: picture.evaluate("img => img.complete && img.naturalWidth") == 24, "the picture loaded")
         pushed = phone.wait_event("msg", conv=conv, **{"from": "alice"})
         while pushed["body"]["type"] != "file":
             pushed = phone.wait_event("msg", conv=conv, **{"from": "alice"})
-        assert pushed["body"]["name"] == "sunset.png" and pushed["body"]["size"] == len(png)
+        assert pushed["body"]["name"] == hostile and pushed["body"]["size"] == len(png)
+        assert thread.locator("img").count() == 1 and bob.evaluate("window.pwned") is None
         phone.disconnect()
         assert not errors, errors
 
