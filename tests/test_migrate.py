@@ -34,12 +34,13 @@ def snapshot(clients: dict[str, ImClient]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for who, c in clients.items():
         convs = c.call("convs")
+        box = c.call("sync", after=0, limit=1000)
         out[who] = {
-            "sync": c.call("sync", after=0, limit=1000),
+            "sync": box,
             "convs": convs,
             "history": {conv["conv"]: c.call("history", conv=conv["conv"], limit=200)
                         for conv in convs["convs"]},
-            "cursor": c.call("sync", after=0, limit=1)["last"],
+            "head": box["events"][-1]["n"],
         }
     return out
 
@@ -60,6 +61,10 @@ def test_a_sqlite_home_migrated_to_postgresql_answers_the_same(roost_factory, po
     group = alice.call("group.create", name="Dinner", members=["bob", "carol"])["conv"]
     carol.call("send", conv=group, cmid="c0", body=text("pizza?"))
     bob.call("ack", n=bob.call("sync", after=0, limit=1)["last"])
+    # carol's firmware-style client (clean_session=0) acked up to n=2: pushes resume after it
+    carol_fw = ImClient("carol", "fw", clean_session=False).open(home, pw["carol"])
+    assert carol_fw.call("ack", n=2) == {"n": 2}
+    carol_fw.disconnect()
     # a persistent MQTT session with a QoS 1 message queued while its client is away, and a retained message
     sub = MqttClient("bob.sub", clean_session=False).connect(home.host, home.port, username="bob", password=pw["bob"])
     assert sub.subscribe("home/+/state", 1) == [1]
@@ -94,11 +99,14 @@ def test_a_sqlite_home_migrated_to_postgresql_answers_the_same(roost_factory, po
     fresh.subscribe("home/door/state", 1)
     assert fresh.wait_message("home/door/state").payload == b"closed"
 
+    carol_fw = ImClient("carol", "fw", clean_session=False).open(cluster, pw["carol"])
+    assert carol_fw.wait_event()["n"] == 3   # the ack cursor came along
+
     # numbering and idempotence continue where the SQLite store stopped
     alice, bob = people["alice"], people["bob"]
     assert alice.call("send", to="bob", cmid="a0", body=text("hello 0")).get("dup") is True
     sent = alice.call("send", to="bob", cmid="a3", body=text("after the move"))
     assert sent["seq"] == 5 and not sent.get("dup")
-    page = bob.call("sync", after=before["bob"]["cursor"])
-    assert [e["kind"] for e in page["events"]][:1] == ["msg"]
-    assert page["events"][0]["n"] == before["bob"]["cursor"] + 1
+    page = bob.call("sync", after=before["bob"]["head"])
+    assert [(e["n"], e["kind"]) for e in page["events"]][:1] == [(before["bob"]["head"] + 1, "msg")]
+    assert page["events"][0]["seq"] == 5
