@@ -200,6 +200,15 @@ def test_two_people_chat_in_the_browser_with_an_mqtt_client_beside(roost_factory
             pushed = phone.wait_event("msg", conv=conv, **{"from": "alice"})
         assert pushed["body"]["name"] == hostile and pushed["body"]["size"] == len(png)
         assert thread.locator("img").count() == 1 and bob.evaluate("window.pwned") is None
+
+        # blocking from the page: bob's phone is refused as a stranger; unblocking lifts it
+        alice.get_by_role("button", name="People", exact=True).click()
+        alice.get_by_role("button", name="Block bob").click()
+        expect(alice.locator("#contacts [data-blocked=bob]")).to_be_visible()
+        refused = phone.request("send", conv=conv, cmid="p2", body={"type": "text", "text": "still there?"})
+        assert refused["error"]["code"] == "forbidden"
+        alice.get_by_role("button", name="Unblock bob").click()
+        expect(alice.locator("#contacts [data-blocked=bob]")).to_have_count(0)
         phone.disconnect()
         assert not errors, errors
 
@@ -279,6 +288,8 @@ def test_devices_in_the_browser(roost_factory) -> None:
             card.get_by_label("Share hall-light with").select_option("bob")
             card.get_by_role("button", name="Share").click()
             expect(bob.locator(".device[data-device='hall-light']")).to_contain_text("sharee")
+            card.get_by_role("button", name="Unshare hall-light from bob").click()
+            expect(bob.locator(".device[data-device='hall-light']")).to_have_count(0)
             assert not errors, errors
     finally:
         for sim in sims:

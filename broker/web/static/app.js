@@ -16,7 +16,7 @@
   const state = {
     me: null, name: "", csrf: "", clientId: null, ws: null, wsOpen: false, signedOut: false,
     filesHttp: false, nextId: 1, pending: new Map(), highestN: 0, ackedN: 0, ackTimer: null,
-    convs: new Map(), total: 0, contacts: new Map(), incoming: [], outgoing: [], presence: new Map(),
+    convs: new Map(), total: 0, contacts: new Map(), incoming: [], outgoing: [], blocked: [], presence: new Map(),
     devices: new Map(), series: new Map(), receipts: new Map(), current: null, thread: null,
     commands: new Map(), deviceEvents: new Map(), fileUrls: new Map(), retry: 1000, reading: false,
     groupInfo: null,
@@ -138,7 +138,7 @@
     for (const url of state.fileUrls.values()) if (url.startsWith("blob:")) URL.revokeObjectURL(url);
     Object.assign(state, {
       me: null, clientId: null, ws: null, wsOpen: false, highestN: 0, ackedN: 0, current: null, thread: null,
-      convs: new Map(), total: 0, contacts: new Map(), incoming: [], outgoing: [], presence: new Map(),
+      convs: new Map(), total: 0, contacts: new Map(), incoming: [], outgoing: [], blocked: [], presence: new Map(),
       devices: new Map(), series: new Map(), receipts: new Map(), commands: new Map(), deviceEvents: new Map(),
       fileUrls: new Map(), groupInfo: null,
     });
@@ -271,6 +271,7 @@
     for (const c of r.contacts) state.presence.set(c.id, c.presence);
     state.incoming = r.incoming || [];
     state.outgoing = r.outgoing || [];
+    state.blocked = r.blocked || [];
     for (const select of document.querySelectorAll("select.share-with")) fillShareOptions(select);
     renderPeople();
     renderConvs();
@@ -842,10 +843,17 @@
         el("button", { type: "button", "aria-label": `Write to ${c.id}`, text: "Write",
           onclick: () => openConv(dmOf(c.id)) }),
         el("button", { type: "button", class: "secondary", "aria-label": `Remove contact ${c.id}`, text: "Remove",
-          onclick: () => people("contact.remove", { user: c.id }) })));
+          onclick: () => people("contact.remove", { user: c.id }) }),
+        el("button", { type: "button", class: "secondary", "aria-label": `Block ${c.id}`, text: "Block",
+          onclick: () => people("contact.block", { user: c.id }) })));
       ids.append(el("option", { value: c.id }));
     }
     if (!state.contacts.size) list.append(el("li", { class: "muted", text: "No contacts yet." }));
+    for (const id of state.blocked) {
+      list.append(el("li", { class: "muted", "data-blocked": id }, el("span", { text: `${id} (blocked)` }),
+        el("button", { type: "button", class: "secondary", "aria-label": `Unblock ${id}`, text: "Unblock",
+          onclick: () => people("contact.unblock", { user: id }) })));
+    }
   }
 
   async function people(op, params) {
@@ -981,14 +989,20 @@
     if (d.role === "owner") {
       const select = el("select", { class: "share-with", "aria-label": `Share ${d.id} with` });
       fillShareOptions(select);
-      const shared = (d.sharees || []).length ? `shared with ${d.sharees.join(", ")}` : "";
       card.append(el("form", { class: "row share", onsubmit: async (ev) => {
         ev.preventDefault();
         if (!select.value) return;
         await deviceRequest(d.id, "device.share", { device: d.id, with: select.value }, `shared with ${select.value}`);
         loadDevices().catch(() => {});
-      } }, select, el("button", { type: "submit", class: "secondary", text: "Share" }),
-      el("span", { class: "muted", text: shared })));
+      } }, select, el("button", { type: "submit", class: "secondary", text: "Share" })));
+      for (const who of d.sharees || []) {
+        card.append(el("div", { class: "row muted" }, el("span", { text: `shared with ${nameOf(who)}` }),
+          el("button", { type: "button", class: "secondary", "aria-label": `Unshare ${d.id} from ${who}`, text: "Unshare",
+            onclick: async () => {
+              await deviceRequest(d.id, "device.unshare", { device: d.id, with: who }, `unshared from ${who}`);
+              loadDevices().catch(() => {});
+            } })));
+      }
     }
     renderReadings(card, d);
     return card;
