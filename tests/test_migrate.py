@@ -11,18 +11,9 @@ message and the retained one, numbering that continues where it stopped.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
-import pytest
-
 from tests.clients import ImClient, MqttClient
-
-# Runs as soon as the PostgreSQL engine has its messaging and social stores (without
-# them a broker cannot start on PostgreSQL, and migrate refuses: no such tables).
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("broker.store.postgres_messaging") is None,
-                                reason="broker/store/postgres_messaging.py (the PostgreSQL MessagingStore) "
-                                       "is not written yet")
 
 
 def text(t: str) -> dict[str, str]:
