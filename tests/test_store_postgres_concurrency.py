@@ -100,6 +100,7 @@ def test_the_same_cmid_from_two_nodes_at_once_is_stored_once(postgres_dsn: str) 
         await a.messaging.create_group(GROUP, "G", "alice", ["bob", "carol"], TS)
         for k in range(15):
             cmid = f"m{k}"
+            targets: list[tuple[str, tuple[str, str] | None]]
             if k % 3 == 0:     # a direct conversation (created by this very send on the first round)
                 targets = [("dm:alice:bob", ("alice", "bob"))] * 2
             elif k % 3 == 1:   # the group
