@@ -18,7 +18,7 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -42,17 +42,15 @@ from client.output import (
     presence_text,
     render_body,
 )
-from client.sdk import (
-    AuthError,
-    ConnectError,
-    CursorLocked,
-    RequestTimeout,
-    RoostClient,
-    RoostError,
-    ServerError,
-)
 from contract import topics
 from contract.ids import TRANSIENT_LABEL_PREFIX, dm_conv, is_valid_principal_id, parse_conv
+from contract.sdkcore import AuthError, ConnectError, CursorLocked, RequestTimeout, RoostError
+from contract.sdkcore import RequestError as ServerError
+
+if TYPE_CHECKING:
+    # The SDK (paho-mqtt and what it pulls in, ~5 MB) is imported when a command
+    # connects, not by every `roost` invocation: `roost serve` never needs it.
+    from client.sdk import RoostClient
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
 ENV_TIMEOUT = "ROOST_TIMEOUT"
@@ -98,6 +96,8 @@ class Net:
             raise CliError(
                 f"no password for '{me}': run `roost login {me}`, pass --password-stdin or set ROOST_PASSWORD",
                 EXIT_CONNECT)
+        from client.sdk import RoostClient
+
         client = RoostClient(
             s.server, me, s.secret, label=label or one_shot_label(), tls=s.tls, ca_file=s.ca_file,
             request_timeout=request_timeout(), subscribe_inbox=inbox,
