@@ -52,6 +52,22 @@ from broker.store.postgres_db import PgDatabase
 _MSG_COLUMNS = "conv, seq, sender, cmid, ts, body"
 _SELECT_SENT = f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=$1 AND cmid=$2 AND NOT retired"
 _CMID_INDEX = "messages_sender_cmid"
+# A send, under its conversation's lock: the first message with this cmid (if any) and the members, ...
+_SENT_AND_MEMBERS = (
+    "SELECT m.conv, m.seq, m.sender, m.cmid, m.ts, m.body, "
+    "ARRAY(SELECT principal FROM conv_members WHERE conv=$3 ORDER BY principal) "
+    "FROM (VALUES (1)) AS one(x) LEFT JOIN messages m ON m.sender=$1 AND m.cmid=$2 AND NOT m.retired")
+# ... then, its recipients' mailboxes locked, the conversation's new seq, the message and
+# each recipient's unread count and total, in one statement. Its parts all see the state
+# before it, so a total is the sum before plus this message.
+_STORE_MESSAGE = (
+    "WITH conv AS (UPDATE conversations SET last_seq=$2, last_ts=$3, activity=nextval('conversation_activity') "
+    "WHERE conv=$1), "
+    f"msg AS (INSERT INTO messages({_MSG_COLUMNS}) VALUES ($1,$2,$4,$5,$3,$6)), "
+    "counts AS (UPDATE conv_members SET unread = unread + 1 WHERE conv=$1 AND principal = ANY($7::text[]) "
+    "RETURNING principal, unread) "
+    "SELECT c.principal, c.unread, (SELECT sum(t.unread) FROM conv_members t WHERE t.principal = c.principal) + 1 "
+    "FROM counts c")
 
 
 def _message(row: Any) -> StoredMessage:
@@ -64,11 +80,12 @@ _LOCK_BOXES = ("SELECT principal, last_n, first_n, delivered_n FROM mailbox_stat
                "WHERE principal = ANY($1::text[]) ORDER BY principal FOR UPDATE")
 _CREATE_BOXES = ("INSERT INTO mailbox_state(principal) SELECT p FROM unnest($1::text[]) AS u(p) ORDER BY p "
                  "ON CONFLICT DO NOTHING")
-_SAVE_BOXES = ("UPDATE mailbox_state s SET last_n = v.last_n, first_n = v.first_n, delivered_n = v.delivered_n "
-               "FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS v(principal, last_n, first_n, "
-               "delivered_n) WHERE s.principal = v.principal")
-_INSERT_EVENTS = ("INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) SELECT * FROM "
-                  "unnest($1::text[], $2::bigint[], $3::float8[], $4::text[], $5::text[], $6::bigint[], $7::text[])")
+# The events and the mailboxes' new counters, in one statement (one round trip).
+_FLUSH = ("WITH events AS (INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) SELECT * FROM "
+          "unnest($1::text[], $2::bigint[], $3::float8[], $4::text[], $5::text[], $6::bigint[], $7::text[])) "
+          "UPDATE mailbox_state s SET last_n = v.last_n, first_n = v.first_n, delivered_n = v.delivered_n "
+          "FROM unnest($8::text[], $9::bigint[], $10::bigint[], $11::bigint[]) AS v(principal, last_n, first_n, "
+          "delivered_n) WHERE s.principal = v.principal")
 
 
 class Box:
@@ -129,15 +146,15 @@ class Boxes:
         return MailboxEvent(principal=principal, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire})
 
     async def flush(self) -> None:
-        if self._rows:
-            rows, self._rows = self._rows, []
-            await self.conn.execute(_INSERT_EVENTS, *(list(col) for col in zip(*rows)))
+        rows, self._rows = self._rows, []
         dirty = [(p, b) for p, b in self.state.items() if b.dirty]
-        if dirty:
-            await self.conn.execute(_SAVE_BOXES, [p for p, _b in dirty], [b.last_n for _p, b in dirty],
-                                    [b.first_n for _p, b in dirty], [b.delivered_n for _p, b in dirty])
-            for _p, b in dirty:
-                b.dirty = False
+        if not rows and not dirty:
+            return
+        columns: list[list[Any]] = [list(col) for col in zip(*rows)] if rows else [[] for _ in range(7)]
+        await self.conn.execute(_FLUSH, *columns, [p for p, _b in dirty], [b.last_n for _p, b in dirty],
+                                [b.first_n for _p, b in dirty], [b.delivered_n for _p, b in dirty])
+        for _p, b in dirty:
+            b.dirty = False
 
 
 async def unread_count(conn: Connection, conv: str, principal: str, read_seq: int) -> int:
@@ -300,11 +317,12 @@ class PgMessagingStore:
                 await conn.execute("INSERT INTO conversations(conv, kind, name, created_by, created_at, activity) "
                                    "VALUES ($1, 'dm', '', $2, $3, 0) ON CONFLICT DO NOTHING", conv, sender, now)
                 row = await conn.fetchrow(lock_conv, conv)
-            # Checked under the conversation's lock: a concurrent identical send has committed by now.
-            first = await conn.fetchrow(_SELECT_SENT, sender, cmid)
-            if first is not None:
-                return SendOutcome(message=_message(first), dup=True, events=[])
-            members = await _members(conn, conv)
+            # Checked under the conversation's lock (a statement after it): a concurrent
+            # identical send has committed by now.
+            found = await conn.fetchrow(_SENT_AND_MEMBERS, sender, cmid, conv)
+            if found[0] is not None:
+                return SendOutcome(message=_message(found), dup=True, events=[])
+            members: list[str] = list(found[6])
             if sender not in members and (dm_members is None or sender not in dm_members):
                 raise NotMember(conv)
             last_seq, last_ts = int(row[0]), float(row[1])
@@ -319,32 +337,22 @@ class PgMessagingStore:
                     members = sorted({*members, *joins})
             seq = last_seq + 1
             ts = max(now, last_ts)   # commit order and time order agree within a conversation
-            await conn.execute("UPDATE conversations SET last_seq=$2, last_ts=$3, "
-                               "activity=nextval('conversation_activity') WHERE conv=$1", conv, seq, ts)
+            receivers = [p for p in members if p == sender or p not in skip]
+            recipients = [p for p in receivers if p != sender]
+            boxes = Boxes(conn)
+            await boxes.lock(receivers)   # before any of their unread counters changes
+            counts: dict[str, int] = {}
+            totals: dict[str, int] = {}
             try:
-                await conn.execute(f"INSERT INTO messages({_MSG_COLUMNS}) VALUES ($1,$2,$3,$4,$5,$6)",
-                                   conv, seq, sender, cmid, ts, body)
+                # Each recipient's count moves with the message, announced right after it.
+                for r in await conn.fetch(_STORE_MESSAGE, conv, seq, ts, sender, cmid, body, recipients):
+                    counts[r[0]], totals[r[0]] = int(r[1]), int(r[2])
             except asyncpg.UniqueViolationError as exc:
                 if getattr(exc, "constraint_name", None) == _CMID_INDEX:
                     # The same cmid in another conversation, committed meanwhile: this
                     # transaction rolls back whole and the first message is the answer.
                     raise _Duplicate() from None
                 raise
-            receivers = [p for p in members if p == sender or p not in skip]
-            recipients = [p for p in receivers if p != sender]
-            boxes = Boxes(conn)
-            await boxes.lock(receivers)
-            counts: dict[str, int] = {}
-            totals: dict[str, int] = {}
-            if recipients:
-                # Each recipient's count moves with the message, announced right after it.
-                for r in await conn.fetch("UPDATE conv_members SET unread = unread + 1 WHERE conv=$1 "
-                                          "AND principal = ANY($2::text[]) RETURNING principal, unread",
-                                          conv, recipients):
-                    counts[r[0]] = int(r[1])
-                for r in await conn.fetch("SELECT principal, sum(unread) FROM conv_members "
-                                          "WHERE principal = ANY($1::text[]) GROUP BY principal", recipients):
-                    totals[r[0]] = int(r[1])
             wire = {"conv": conv, "seq": seq, "from": sender, "cmid": cmid, "ts": ts, "body": wire_body}
             events: list[MailboxEvent] = []
             for p in receivers:
