@@ -1,7 +1,7 @@
 """`roost status`: the running broker's figures for a person (or `--json`).
 
 It asks the broker's http listener (`listeners.<name>.type: http` in the same
-config; the bundled config has one on 127.0.0.1:9883) for /status.json: no
+config; the bundled config has one on 127.0.0.1:8080) for /status.json: no
 credentials needed, and it works whatever the store or the ACL say. $SYS would
 need a service account's secret; the store alone cannot tell what the broker
 holds in memory.
@@ -38,7 +38,7 @@ def status_url(cfg: RoostConfig) -> tuple[str, ListenerConfig]:
             scheme = "https" if lst.ssl else "http"
             return f"{scheme}://{host}:{port}/status.json", lst
     raise CliError("the config has no http listener to ask; add one, e.g. "
-                   "listeners: {http: {type: http, bind: \"127.0.0.1:9883\"}}")
+                   "listeners: {http: {type: http, bind: \"127.0.0.1:8080\"}}")
 
 
 def fetch_status(url: str, context: ssl.SSLContext | None = None) -> dict[str, Any]:
@@ -147,7 +147,7 @@ def status(config_path: str | None, url: str | None, as_json: bool) -> None:
     Asks /status.json on the config's http listener (no credentials needed):
       roost status
       roost status --json | jq .connections
-      roost status --url http://127.0.0.1:9883/status.json
+      roost status --url http://127.0.0.1:8080/status.json
     """
     context = None
     if url is None:
