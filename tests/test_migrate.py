@@ -11,9 +11,10 @@ message and the retained one, numbering that continues where it stopped.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from tests.clients import ImClient, MqttClient
+from tests.clients import ConnectFailed, ImClient, MqttClient
 
 
 def text(t: str) -> dict[str, str]:
@@ -92,6 +93,16 @@ def test_a_sqlite_home_migrated_to_postgresql_answers_the_same(roost_factory, po
 
     carol_fw = ImClient("carol", "fw", clean_session=False).open(cluster, pw["carol"])
     assert carol_fw.wait_event()["n"] == 3   # the ack cursor came along
+
+    # admin commands work on the PostgreSQL store, and the running broker applies them (admin log)
+    cluster.cli("user", "passwd", "carol", "--password-stdin", input="carol-new\n")
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            ImClient("carol", "tablet").open(cluster, "carol-new").disconnect()
+            break
+        except ConnectFailed:
+            assert time.monotonic() < deadline, "the new password was not taken within 10 s"
 
     # numbering and idempotence continue where the SQLite store stopped
     alice, bob = people["alice"], people["bob"]
