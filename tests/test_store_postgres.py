@@ -169,3 +169,29 @@ def test_sessions_journaled_by_two_nodes_at_once_share_payloads_exactly(postgres
         finally:
             await asyncio.gather(*(s.close() for s in nodes))
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(("storage", "where", "says"), [
+    ({"backend": "postgres"}, "storage.dsn", "required when storage.backend is postgres"),
+    ({"backend": "postgres", "dsn": "mysql://x/y"}, "storage.dsn", "postgresql://"),
+    ({"backend": "postgres", "dsn": "postgresql://h/db", "pool_size": 0}, "storage.pool_size", "at least 1"),
+    ({"backend": "oracle"}, "storage.backend", "must be one of sqlite, postgres"),
+])
+def test_storage_config_errors_are_one_line(storage: dict[str, object], where: str, says: str) -> None:
+    from broker.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"storage": storage})
+    text = str(info.value)
+    assert where in text and says in text and "\n" not in text
+
+
+def test_storage_config_selects_the_engine(postgres_dsn: str) -> None:
+    from broker.config import config_from_dict
+    from broker.store.factory import create_store
+    from broker.store.sqlite import SqliteStore
+
+    assert isinstance(create_store(config_from_dict({}).storage), SqliteStore)   # the default, as before
+    cfg = config_from_dict({"storage": {"backend": "postgres", "dsn": postgres_dsn, "pool_size": 3}})
+    store = create_store(cfg.storage)
+    assert isinstance(store, PgStore) and store.db.pool_size == 3
