@@ -212,7 +212,10 @@ async def purge_principal(conn: Connection, principal: str) -> list[str]:
 
     Run when a principal is removed and again, in the same transaction, when an id
     is registered, so a new owner of an id never inherits anything of an old one's."""
-    # Its mailbox row first: its unread counters change only under that lock.
+    # In the store's lock order: the groups it created (changed below), then its
+    # mailbox row (its unread counters change only under that lock).
+    await conn.execute("SELECT 1 FROM conversations WHERE created_by=$1 AND kind='group' ORDER BY conv FOR UPDATE",
+                       principal)
     await conn.execute("SELECT 1 FROM mailbox_state WHERE principal=$1 FOR UPDATE", principal)
     groups = [r[0] for r in await conn.fetch(
         "SELECT cm.conv FROM conv_members cm JOIN conversations c ON c.conv = cm.conv "
@@ -249,6 +252,13 @@ _EVENT_SELECT = (
     "SELECT mb.n, mb.ts, mb.kind, mb.data, m.conv, m.seq, m.sender, m.cmid, m.ts, m.body "
     "FROM mailbox mb LEFT JOIN messages m ON m.conv = mb.conv AND m.seq = mb.seq "
 )
+
+
+# The head and the page in one statement (one snapshot): at least one row, the head
+# in its first column and no event in it when the page is empty.
+_SYNC = ("SELECT h.last_n, e.* FROM (SELECT coalesce((SELECT last_n FROM mailbox_state WHERE principal=$1), 0) "
+         "AS last_n) AS h LEFT JOIN LATERAL (" + _EVENT_SELECT +
+         "WHERE mb.principal=$1 AND mb.n>$2 ORDER BY mb.n LIMIT $3) AS e ON true")
 
 
 def _render(principal: str, row: Any) -> MailboxEvent:
@@ -382,13 +392,8 @@ class PgMessagingStore:
     async def sync(self, principal: str, after: int, limit: int) -> tuple[list[MailboxEvent], int]:
         """Events with n > after (oldest first, at most `limit`) and the mailbox's last n."""
 
-        async def job(conn: Connection) -> tuple[list[MailboxEvent], int]:
-            head = await conn.fetchval("SELECT last_n FROM mailbox_state WHERE principal=$1", principal)
-            rows = await conn.fetch(_EVENT_SELECT + "WHERE mb.principal=$1 AND mb.n>$2 ORDER BY mb.n LIMIT $3",
-                                    principal, after, limit)
-            return [_render(principal, r) for r in rows], int(head or 0)
-
-        return await self._db.read(job, snapshot=True)
+        rows = await self._db.read(lambda conn: conn.fetch(_SYNC, principal, after, limit))
+        return [_render(principal, r[1:]) for r in rows if r[1] is not None], int(rows[0][0])
 
     async def head(self, principal: str) -> int:
         value = await self._db.read(lambda conn: conn.fetchval(
