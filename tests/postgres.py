@@ -54,7 +54,10 @@ class PostgresServer:
     def __init__(self, root: Path | None = None, *, fsync: bool = False, port: int | None = None,
                  max_connections: int = 300) -> None:
         self.bin = postgres_bin_dir()
-        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="roost-pg-"))
+        # as root the server runs as nobody, who must reach the folder: /tmp rather
+        # than a $TMPDIR that may sit in root's private home
+        default_parent = "/tmp" if os.geteuid() == 0 and os.path.isdir("/tmp") else None
+        self.root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="roost-pg-", dir=default_parent))
         self.data = self.root / "data"
         self.sockets = self.root / "sock"
         self.log_path = self.root / "postgres.log"
