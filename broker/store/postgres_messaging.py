@@ -271,6 +271,18 @@ def _render(principal: str, row: Any) -> MailboxEvent:
     return MailboxEvent(principal=principal, n=int(n), doc=doc)
 
 
+# A read position moved (the reader's mailbox locked): the new count, stored, and the
+# reader's new total, in one statement. Its parts see the state before it, so the
+# total is the other conversations' counts plus the new one.
+_MARK_READ = (
+    "WITH counted AS (SELECT count(*) AS unread FROM messages WHERE conv=$1 AND seq>$3 AND sender<>$2 "
+    "AND sender NOT IN (SELECT blocked FROM blocks WHERE blocker=$2)), "
+    "stored AS (UPDATE conv_members SET read_seq=$3, unread=(SELECT unread FROM counted) "
+    "WHERE conv=$1 AND principal=$2) "
+    "SELECT c.unread, c.unread + (SELECT coalesce(sum(unread), 0) FROM conv_members "
+    "WHERE principal=$2 AND conv<>$1) FROM counted c")
+
+
 class _Duplicate(Exception):
     """The (sender, cmid) index refused the message: another transaction stored it first."""
 
@@ -481,15 +493,15 @@ class PgMessagingStore:
                 members = await _members(conn, conv)
                 boxes = Boxes(conn)
                 await boxes.lock({*members, principal})
-                unread = await unread_count(conn, conv, principal, read_seq)
-                await conn.execute("UPDATE conv_members SET read_seq=$1, unread=$2 WHERE conv=$3 AND principal=$4",
-                                   seq, unread, conv, principal)
+                counted = await conn.fetchrow(_MARK_READ, conv, principal, seq)
+                unread, total = int(counted[0]), int(counted[1])
                 for p in members:
                     if p != principal:
                         events.append(boxes.add(p, "read", now, {"conv": conv, "seq": seq, "by": principal}))
-                events.append(await unread_event(conn, boxes, principal, conv, unread, now))
+                events.append(boxes.add(principal, "unread", now, {"conv": conv, "count": unread, "total": total}))
                 await boxes.flush()
-            total = await total_unread(conn, principal)
+            else:
+                total = await total_unread(conn, principal)
             return ReadOutcome(conv=conv, seq=read_seq, unread=unread, total_unread=total, events=events)
 
         return await self._db.write(job)
