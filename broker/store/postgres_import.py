@@ -136,7 +136,7 @@ async def import_sqlite(sqlite_path: Path, dsn: str, *,
     loop = asyncio.get_running_loop()
     reader = _SqliteReader(sqlite_path)
     await loop.run_in_executor(None, reader.open)
-    db = PgDatabase(dsn, pool_size=1)
+    db = PgDatabase(dsn, pool_size=1, command_timeout=3600.0)   # one COPY may take long for a large store
     try:
         source = await loop.run_in_executor(None, reader.tables)
         await db.open()
