@@ -15,7 +15,8 @@ from tests.harness import RoostProcess
 from tests.test_cluster_routing import node_config, wait_until_formed
 
 
-def pg_nodes(root: Path, nats_url: str, dsn: str, names: list[str]) -> dict[str, RoostProcess]:
+def pg_nodes(root: Path, nats_url: str, dsn: str, names: list[str],
+             users: tuple[str, ...] = ("alice", "bob", *[f"s{i}" for i in range(8)])) -> dict[str, RoostProcess]:
     nodes = {}
     for name in names:
         cfg: dict[str, Any] = node_config(name, nats_url)
@@ -23,7 +24,7 @@ def pg_nodes(root: Path, nats_url: str, dsn: str, names: list[str]) -> dict[str,
         cfg["messaging"] = {"allow_dm_without_contact": True}
         nodes[name] = RoostProcess(root / name, cfg)
     first = next(iter(nodes.values()))
-    for user in ["alice", "bob", *[f"s{i}" for i in range(8)]]:
+    for user in users:
         first.cli("user", "add", user, "--password-stdin", input=f"pw-{user}-123\n")
     for node in nodes.values():
         node.start()
