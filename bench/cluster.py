@@ -5,6 +5,7 @@ in the same run.
 
     .venv/bin/python -m bench.cluster            # about 40 s
     .venv/bin/python -m bench.cluster --pairs 20 --rate 1000 --seconds 5 --count 20000
+    .venv/bin/python -m bench.cluster --im       # also the IM path on a private PostgreSQL (1 vs 2 nodes)
 
 Figures per setup: latency p50/p99 at `--rate` msg/s in all (paced), then
 throughput (`--count` messages, 10 un-acked per publisher), lost messages,
@@ -59,7 +60,7 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -
 class Setup:
     """nats-server (cluster only) and the broker nodes, in a temp folder."""
 
-    def __init__(self, nodes: int) -> None:
+    def __init__(self, nodes: int, dsn: str | None = None, users: tuple[str, ...] = ()) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="roost-bench-cluster-"))
         self.procs: list[subprocess.Popen[bytes]] = []
         self.ports: list[int] = []
@@ -82,9 +83,17 @@ class Setup:
                 "limits": {"max_connections": 10000}}
             if nats_url is not None:
                 config["cluster"] = {"node": f"n{i}", "nats": {"servers": [nats_url]}}
+            if dsn is not None:
+                config["storage"].update(backend="postgres", dsn=dsn)
+                config["messaging"] = {"allow_dm_without_contact": True}
+                config["limits"].update(request_rate=100000, request_burst=100000)
             (self.dir / f"n{i}").mkdir()
             path = self.dir / f"n{i}.yaml"
             path.write_text(yaml.safe_dump(config))
+            for user in users if i == 0 else ():
+                subprocess.run([sys.executable, "-m", "client.cli", "user", "add", user, "--password-stdin"],
+                               cwd=str(ROOT), input=f"pw-{user}-123\n", text=True, check=True,
+                               capture_output=True, env=dict(os.environ, ROOST_CONFIG=str(path)))
             log = open(self.dir / f"n{i}.log", "wb")
             proc = subprocess.Popen([sys.executable, "-m", "client.cli", "serve", "--config", str(path)],
                                     cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT)
@@ -217,6 +226,64 @@ async def p2p(setup: Setup, pairs: int, rate: float, seconds: float, count: int,
                                            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}}
 
 
+async def im_path(setup: Setup, pairs: int, rate: float, seconds: float) -> dict[str, Any]:
+    """`send` from s<i> (first node) to r<i> (last node), paced at `rate` in all:
+    send -> `msg` event on the recipient's inbox, latency p50/p99, lost."""
+    latencies: list[int] = []
+    got = [0]
+
+    def on_event(topic: bytes, payload: bytes, t: int) -> None:
+        doc = json.loads(payload)
+        if doc.get("kind") == "msg":
+            got[0] += 1
+            latencies.append(t - int(doc["body"]["text"]))
+
+    recv = []
+    for i in range(pairs):
+        c = await connect("127.0.0.1", setup.ports[-1], f"r{i}.b", f"r{i}", f"pw-r{i}-123", on_message=on_event)
+        await c.subscribe([(f"roost/inbox/r{i}", 1)])
+        recv.append(c)
+    senders = [await connect("127.0.0.1", setup.ports[0], f"s{i}.b", f"s{i}", f"pw-s{i}-123") for i in range(pairs)]
+    await asyncio.sleep(1.0)      # the recipients' nodes are known (a shared store: every node pushes)
+    sent = 0
+    start = time.monotonic()
+    while time.monotonic() - start < seconds:
+        due = int((time.monotonic() - start) * rate)
+        while sent < due:
+            i = sent % pairs
+            req = {"id": f"q{sent}", "op": "send", "to": f"r{i}", "cmid": f"c{sent}",
+                   "body": {"type": "text", "text": str(time.monotonic_ns())}}
+            senders[i].write(publish_packet(f"roost/req/s{i}.b", json.dumps(req).encode(), 0))
+            sent += 1
+        await asyncio.sleep(0.001)
+    deadline = time.monotonic() + 15
+    while got[0] < sent and time.monotonic() < deadline:  # noqa: ASYNC110 - the end of a paced run, polled
+        await asyncio.sleep(0.05)
+    for c in (*recv, *senders):
+        c.close()
+    return {"sent": sent, "lost": sent - got[0], "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+
+
+async def run_im(args: argparse.Namespace) -> dict[str, Any]:
+    from tests.postgres import PostgresServer
+
+    pg = PostgresServer().start()
+    results: dict[str, Any] = {}
+    users = tuple(f"{k}{i}" for i in range(args.im_pairs) for k in ("s", "r"))
+    try:
+        for name, nodes in (("1 node (PostgreSQL)", 1), ("2 nodes, sender and recipient on different nodes", 2)):
+            db = f"bench{nodes}"
+            pg.create_database(db)
+            setup = Setup(nodes, pg.dsn(db), users)
+            try:
+                results[name] = await im_path(setup, args.im_pairs, args.im_rate, args.seconds)
+            finally:
+                setup.close()
+    finally:
+        pg.remove()
+    return results
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for name, nodes in (("1 node", 1), ("2 nodes, sender and recipient on different nodes", 2)):
@@ -239,6 +306,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=1000.0, help="paced msg/s in all")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--count", type=int, default=20000, help="messages of the throughput run")
+    parser.add_argument("--im", action="store_true", help="also the IM path on PostgreSQL (1 node, 2 nodes)")
+    parser.add_argument("--im-pairs", type=int, default=8)
+    parser.add_argument("--im-rate", type=float, default=200.0, help="paced sends/s in all")
     args = parser.parse_args()
     results = asyncio.run(run(args))
     print(f"p2p QoS 1, {args.pairs} pairs, {os.cpu_count()} cores")
@@ -250,6 +320,14 @@ def main() -> None:
         nats = f"{r['nats_msgs_per_publish']:.2f}" if "nats_msgs_per_publish" in r else "-"
         print(f"| {name} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['lost']} | {t['msg_s']:.0f} | {t['lost']} "
               f"| {t['broker_cpu_us_per_msg']:.0f} | {nats} |")
+
+    if args.im:
+        im_results = asyncio.run(run_im(args))
+        print(f"\nIM send -> msg, {args.im_pairs} pairs, {args.im_rate:.0f} sends/s paced")
+        print("| setup | p50 ms | p99 ms | sent | lost |")
+        print("|---|---|---|---|---|")
+        for name, r in im_results.items():
+            print(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['sent']} | {r['lost']} |")
 
 
 if __name__ == "__main__":
