@@ -63,7 +63,25 @@ def parse_request(payload: bytes) -> Request:
     if not isinstance(op, str):
         raise _bad(rid, "'op' must be a string")
     params = {k: v for k, v in doc.items() if k not in ("id", "op")}
+    nul = _param_with_nul(params)
+    if nul is not None:
+        raise _bad(rid, f"'{nul[:32]}' contains a NUL character (U+0000)")
     return Request(id=rid, op=op, params=params)
+
+
+def _param_with_nul(params: dict[str, Any]) -> str | None:
+    """The first parameter whose string (or a string of its list) holds U+0000.
+
+    Ids, names, notes and cmids are text keys in every store; PostgreSQL's text
+    cannot hold NUL at all, so it is refused here, the same on every engine.
+    JSON values carried whole (a message `body`, a command's `data`) are stored
+    as encoded JSON, where NUL is the escape \\u0000, and are not looked into."""
+    for key, value in params.items():
+        if isinstance(value, str) and "\0" in value:
+            return key
+        if isinstance(value, list) and any(isinstance(v, str) and "\0" in v for v in value):
+            return key
+    return None
 
 
 def _non_finite(found: list[str], text: str) -> float:

@@ -262,6 +262,30 @@ def test_a_lone_surrogate_anywhere_is_one_bad_request(roost, payload, rid):
     assert tracebacks_after(roost, "roost.im") == []
 
 
+@pytest.mark.parametrize("payload", [
+    rb'{"id": "z1", "op": "send", "to": "bob", "cmid": "c\u0000", "body": {"type": "text", "text": "hi"}}',
+    rb'{"id": "z1", "op": "profile.set", "name": "al\u0000ice"}',
+    rb'{"id": "z1", "op": "group.create", "name": "g", "members": ["bob\u0000"]}',
+])
+def test_a_nul_in_a_parameter_is_one_bad_request_on_every_engine(roost, payload):
+    """PostgreSQL's text cannot hold U+0000: refused before any store sees it,
+    so both engines answer the same."""
+    apw, bpw = roost.add_user("alice"), roost.add_user("bob")
+    alice = ImClient("alice").open(roost, apw)
+    bob = ImClient("bob").open(roost, bpw)
+    befriend(alice, bob)
+    alice.send_raw(payload)
+    got = responses(alice)
+    assert [(g["id"], g["ok"], g["error"]["code"]) for g in got] == [("z1", False, "bad_request")], got
+    assert alice.call("history", conv="dm:alice:bob")["messages"] == []
+    assert alice.call("profile.get")["name"] == "alice"
+    # inside a message body a NUL is data, carried as JSON
+    alice.send_raw(rb'{"id": "z2", "op": "send", "to": "bob", "cmid": "c", "body": {"type": "text", "text": "a\u0000b"}}')
+    assert alice.wait_response("z2")["ok"]
+    assert bob.wait_event("msg", cmid="c")["body"]["text"] == "a\x00b"
+    assert tracebacks_after(roost, "roost.im") == []
+
+
 def test_paired_surrogate_escapes_are_fine(roost):
     apw, bpw = roost.add_user("alice"), roost.add_user("bob")
     alice = ImClient("alice").open(roost, apw)
