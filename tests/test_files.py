@@ -117,6 +117,10 @@ def test_upload_send_download_by_members_only_and_dedup(tmp_path):
             assert await env.services.store.files.usage("carol") == len(PNG)
             await call(env, files, "carol", "send", to="bob", cmid="f6", body=sdkfiles.file_body(again))
             assert files.stats.blobs_written == 1 and files.stats.files_stored == 2
+            # its uploaders removed, the picture stays with the messages that carry it
+            for who in ("alice", "carol"):
+                await env.services.store.identity.remove_principal(who)
+            assert await download(env, files, "bob", ref["id"]) == PNG
         finally:
             await close_env(env)
 

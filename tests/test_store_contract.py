@@ -846,4 +846,8 @@ def test_file_uploads_quota_dedup_and_conversations(store: OpenStore) -> None:
             assert await s.files.convs_of(a.id) == ["dm:alice:bob", "grp:0123456789abcdef"]
             await s.identity.remove_principal("alice")
             assert await s.files.usage("alice") == 0 and await s.files.find(a.id) == b
+            await s.identity.remove_principal("bob")   # the content stays with the messages that carry it
+            assert await s.files.find(a.id) == FileRecord(a.id, "", "", 100, "image/png", TS)
+            assert await s.files.find(big.id) is None and await s.files.convs_of(a.id) == ["dm:alice:bob",
+                                                                                          "grp:0123456789abcdef"]
     run(main())

@@ -306,7 +306,9 @@ class FileStore(Protocol):
     async def get_upload(self, file_id: str, owner: str) -> FileRecord | None: ...
 
     async def find(self, file_id: str) -> FileRecord | None:
-        """The first upload of the content (any owner), or None."""
+        """The first upload of the content (any owner); when every uploader was
+        removed, the content's own record (owner and name ""): a file sent stays
+        with the messages that carry it. None for content never uploaded."""
 
     async def usage(self, owner: str) -> int:
         """Bytes counted against the owner's quota."""

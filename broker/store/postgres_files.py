@@ -32,6 +32,19 @@ CREATE TABLE file_convs (
 );
 """
 
+# A later migration (postgres_schema.MIGRATIONS): the content itself, kept when its
+# uploaders are removed (the messages that carry it stay).
+CONTENTS_DDL = """
+CREATE TABLE file_contents (
+    id text COLLATE "C" PRIMARY KEY,
+    size bigint NOT NULL,
+    type text NOT NULL,
+    created_at double precision NOT NULL
+);
+INSERT INTO file_contents(id, size, type, created_at)
+    SELECT DISTINCT ON (id) id, size, type, created_at FROM file_uploads ORDER BY id, created_at;
+"""
+
 _COLUMNS = "id, owner, name, size, type, created_at"
 
 
@@ -55,6 +68,8 @@ class PgFileStore:
                 return False
             await conn.execute(f"INSERT INTO file_uploads({_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)",
                                rec.id, rec.owner, rec.name, rec.size, rec.type, rec.created_at)
+            await conn.execute("INSERT INTO file_contents(id, size, type, created_at) VALUES ($1, $2, $3, $4) "
+                               "ON CONFLICT DO NOTHING", rec.id, rec.size, rec.type, rec.created_at)
             return True
 
         return await self._db.write(job)
@@ -64,8 +79,11 @@ class PgFileStore:
             f"SELECT {_COLUMNS} FROM file_uploads WHERE id=$1 AND owner=$2", file_id, owner)))
 
     async def find(self, file_id: str) -> FileRecord | None:
+        # the first upload, or (every uploader gone) the content's own record
         return _record(await self._db.read(lambda conn: conn.fetchrow(
-            f"SELECT {_COLUMNS} FROM file_uploads WHERE id=$1 ORDER BY created_at, owner LIMIT 1", file_id)))
+            f"(SELECT {_COLUMNS}, 0 AS k FROM file_uploads WHERE id=$1 ORDER BY created_at, owner LIMIT 1) "
+            "UNION ALL (SELECT id, '', '', size, type, created_at, 1 FROM file_contents WHERE id=$1) "
+            "ORDER BY k LIMIT 1", file_id)))
 
     async def usage(self, owner: str) -> int:
         return int(await self._db.read(lambda conn: conn.fetchval(

@@ -50,6 +50,7 @@ MIGRATIONS: list[PgMigration] = [
     (1, "core: principals, retained, admin log, mqtt sessions, devices, presence, telemetry", CORE_DDL),
     (2, "messaging and social", MESSAGING_DDL),
     (3, "telemetry history and files", postgres_telemetry.HISTORY_DDL + postgres_files.DDL),
+    (4, "file contents kept when their uploaders are removed", postgres_files.CONTENTS_DDL),
 ]
 
 # For `roost migrate` (broker/store/postgres_import.py): tables the DDL fills

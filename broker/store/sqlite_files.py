@@ -31,6 +31,17 @@ MIGRATIONS: list[Migration] = [
             PRIMARY KEY (id, conv)
         ) WITHOUT ROWID;
     """),
+    # The content itself, kept when its uploaders are removed (the messages that carry it stay).
+    ("0141_file_contents", """
+        CREATE TABLE file_contents (
+            id TEXT PRIMARY KEY,
+            size INTEGER NOT NULL,
+            type TEXT NOT NULL,
+            created_at REAL NOT NULL
+        ) WITHOUT ROWID;
+        INSERT INTO file_contents(id, size, type, created_at)
+            SELECT id, size, type, MIN(created_at) FROM file_uploads GROUP BY id;
+    """),
 ]
 
 _COLUMNS = "id, owner, name, size, type, created_at"
@@ -56,6 +67,8 @@ class SqliteFileStore:
                 return False
             conn.execute(f"INSERT INTO file_uploads({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)",
                          (rec.id, rec.owner, rec.name, rec.size, rec.type, rec.created_at))
+            conn.execute("INSERT OR IGNORE INTO file_contents(id, size, type, created_at) VALUES (?, ?, ?, ?)",
+                         (rec.id, rec.size, rec.type, rec.created_at))
             return True
 
         return await self._db.write(job)
@@ -65,9 +78,15 @@ class SqliteFileStore:
             f"SELECT {_COLUMNS} FROM file_uploads WHERE id=? AND owner=?", (file_id, owner)).fetchone()))
 
     async def find(self, file_id: str) -> FileRecord | None:
-        return await self._db.read(lambda conn: _record(conn.execute(
-            f"SELECT {_COLUMNS} FROM file_uploads WHERE id=? ORDER BY created_at, owner LIMIT 1",
-            (file_id,)).fetchone()))
+        def job(conn: sqlite3.Connection) -> FileRecord | None:
+            row = conn.execute(f"SELECT {_COLUMNS} FROM file_uploads WHERE id=? ORDER BY created_at, owner LIMIT 1",
+                               (file_id,)).fetchone()
+            if row is None:   # every uploader is gone: the content's own record
+                row = conn.execute("SELECT id, '', '', size, type, created_at FROM file_contents WHERE id=?",
+                                   (file_id,)).fetchone()
+            return _record(row)
+
+        return await self._db.read(job)
 
     async def usage(self, owner: str) -> int:
         return await self._db.read(lambda conn: int(conn.execute(
