@@ -129,6 +129,9 @@ def test_restart_shows_offline_with_last_seen(roost):
     assert online["state"] == "online"
     time.sleep(1.5)                  # the write-behind has flushed
     bob.paho.loop_stop()             # bob's socket stays open, but paho will not reconnect
+    # Nor will the watcher: reconnecting by itself after the restart, it would take
+    # over the next watcher (same client id) and that one's SUBACK never comes.
+    w.paho.loop_stop()
     t_kill = time.time()
     roost.kill()                     # SIGKILL: bob never disconnected
     roost.start()
@@ -141,6 +144,7 @@ def test_restart_shows_offline_with_last_seen(roost):
     bob2 = ImClient("bob", "laptop").open(roost, bpw)
     wait_state(w2, "bob", "online", 1)
     bob2.paho.loop_stop()
+    w2.paho.loop_stop()
     t_stop = time.time()
     roost.restart()
     w3 = watch(roost, "alice", apw, "bob")
