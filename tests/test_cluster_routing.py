@@ -191,9 +191,12 @@ def test_client_id_connecting_on_another_node_takes_over(cluster) -> None:
     watcher = client(nodes["n2"], "will-watch")
     watcher.subscribe("status/dev7", qos=1)
     old = client(nodes["n1"], "dev7", will=("status/dev7", b"gone", 1, False))
+    # paho reconnects a second after a close; on a slow machine that came before the
+    # loop_stop below and took the id back from `new`: no reconnect within the test
+    old.paho.reconnect_delay_set(min_delay=120, max_delay=120)
     new = client(nodes["n2"], "dev7")
     assert old.wait_disconnected(5), "the connection on n1 was not closed"
-    old.paho.loop_stop()   # paho would reconnect (and take the id back) after a second
+    old.paho.loop_stop()
     new.publish("status/dev7", b"alive", qos=1)   # the new connection works
     assert watcher.wait_message("status/dev7").payload == b"alive"
     assert watcher.no_message("status/dev7", wait=0.5)   # taken over: no will
