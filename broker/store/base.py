@@ -16,7 +16,7 @@ allocated in the committing transaction, strictly increasing, without gaps.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -78,6 +78,10 @@ class RetainedMessage:
     topic: str
     payload: bytes
     qos: int
+    # MQTT 5: the properties forwarded with it (encoded, no length prefix; None:
+    # none) and when its Message Expiry Interval ends (epoch s; None: never)
+    properties: bytes | None = None
+    expires_at: float | None = None
 
 
 class IdentityStore(Protocol):
@@ -130,6 +134,8 @@ class SavedMessage:
     retain: bool = False
     pid: int | None = None
     stage: int = 0
+    properties: bytes | None = None   # MQTT 5, as RetainedMessage
+    expires_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +149,10 @@ class SavedSession:
     incoming_qos2: list[int]   # QoS 2 publishes from the client awaiting its PUBREL
     last_pid: int
     disconnected_at: float
+    # MQTT 5: the Session Expiry Interval (s; None: limits.session_expiry) and
+    # filter -> (subscription options byte, subscription identifier or 0)
+    expiry: float | None = None
+    subscription_options: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +163,8 @@ class SessionUpsert:
     kind: str | None
     subscriptions: dict[str, int]
     disconnected_at: float
+    expiry: float | None = None      # MQTT 5, as SavedSession
+    subscription_options: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
