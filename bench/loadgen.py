@@ -30,7 +30,7 @@ import sys
 from array import array
 from typing import Any
 
-from bench.mqtt import Conn, MqttError, connect, now_ns, publish_prefix
+from bench.mqtt import Conn, MqttError, connect, now_ns, publish_prefix, v5_props
 
 PAYLOAD = 64
 HDR = struct.Struct("<qHI")             # send time ns, publisher index, sequence number
@@ -85,14 +85,24 @@ class Stats:
 
 # ---- plain MQTT ---------------------------------------------------------------------------
 
+class Seen:
+    """Which (publisher, seq) messages arrived: one per subscriber, or one shared by the
+    members of a shared subscription, so a message given to two members is a duplicate."""
+
+    def __init__(self, expect: int, seq_space: int) -> None:
+        self.expect = expect
+        self.seq_space = seq_space
+        self.by_pub: dict[int, bytearray] = {}
+        self.unique = 0
+
+
 class Subscriber:
-    def __init__(self, spec: dict[str, Any], stats: Stats) -> None:
+    def __init__(self, spec: dict[str, Any], stats: Stats, seen: Seen | None = None) -> None:
         self.spec = spec
         self.stats = stats
         self.expect = int(spec.get("expect", 0))
-        self.seq_space = int(spec.get("seq_space", 1 << 20))
-        self.seen: dict[int, bytearray] = {}
-        self.unique = 0
+        self.seen = seen or Seen(self.expect, int(spec.get("seq_space", 1 << 20)))
+        self.label = str(spec.get("group_member", ""))
         self.conn: Conn | None = None
 
     def on_message(self, topic: bytes, payload: bytes, t: int) -> None:
@@ -101,24 +111,27 @@ class Subscriber:
             st.error("payload changed in transit")
             return
         ts, idx, seq = HDR.unpack_from(payload)
-        seen = self.seen.get(idx)
-        if seen is None:
-            seen = self.seen[idx] = bytearray(self.seq_space)
-        if seq >= self.seq_space:
+        seen = self.seen
+        got = seen.by_pub.get(idx)
+        if got is None:
+            got = seen.by_pub[idx] = bytearray(seen.seq_space)
+        if seq >= seen.seq_space:
             st.error("seq out of range")
             return
-        if seen[seq]:
+        if got[seq]:
             st.dups += 1
             return
-        seen[seq] = 1
-        self.unique += 1
+        got[seq] = 1
+        seen.unique += 1
         st.received += 1
+        if self.label:
+            st.bump(f"received_by_{self.label}")
         st.got(t)
         st.latency((t - ts) // 1000)
 
     @property
     def done(self) -> bool:
-        return self.unique >= self.expect
+        return self.seen.unique >= self.seen.expect
 
 
 class Publisher:
@@ -133,6 +146,9 @@ class Publisher:
         # spaced messages rather than all at the same instants (bursts no one asked for).
         self.phase_ns = int(float(p.get("phase", 0)) * 1e9)
         self.index = int(p.get("index", 0))
+        # MQTT 5: after the first PUBLISH (topic + Topic Alias 1) only the alias is sent,
+        # when the server's CONNACK allowed aliases (Topic Alias Maximum >= 1).
+        self.alias = bool(p.get("alias", False))
         self.stats = stats
         self.inflight = 0
         self.acked = 0
@@ -150,7 +166,13 @@ class Publisher:
     async def run(self, t0: int) -> None:
         conn = self.conn
         assert conn is not None
-        pre = publish_prefix(self.topic, self.qos, PAYLOAD)
+        v5 = conn.version == 5
+        alias = self.alias and conn.topic_alias_maximum >= 1
+        if self.alias and not alias:
+            self.stats.bump("topic_alias_refused_by_server")
+        props = v5_props(1 if alias else 0) if v5 else b""
+        first = publish_prefix(self.topic, self.qos, PAYLOAD, props)
+        pre = publish_prefix("", self.qos, PAYLOAD, props) if alias else first
         pack = HDR.pack
         idx = self.index
         seq = 0
@@ -181,16 +203,18 @@ class Publisher:
                 parts = []
                 for s in range(seq, seq + k):
                     pid = pid % 65535 + 1
-                    parts.append(pre + pid.to_bytes(2, "big") + pack(ts, idx, s) + PAD)
+                    parts.append((pre if s else first) + pid.to_bytes(2, "big") + props + pack(ts, idx, s) + PAD)
                 self.inflight += k
             else:
                 ts = now_ns()
-                parts = [pre + pack(ts, idx, s) + PAD for s in range(seq, seq + k)]
+                parts = [(pre if s else first) + props + pack(ts, idx, s) + PAD for s in range(seq, seq + k)]
             conn.write(b"".join(parts))
             seq += k
             st.sent += k
             await asyncio.sleep(0)
         st.last_send = max(st.last_send, now_ns())
+        if alias:
+            st.bump("published_with_topic_alias", max(0, seq - 1))
         while self.qos and self.acked < seq and not conn.closed.done():
             self.wake.clear()
             await self.wake.wait()
@@ -381,6 +405,7 @@ class Worker:
         self.subs: list[Subscriber] = []
         self.pubs: list[Publisher] = []
         self.ims: list[ImClient] = []
+        self.groups: dict[str, Seen] = {}
         self.lines: asyncio.StreamReader | None = None
 
     def emit(self, doc: dict[str, Any]) -> None:
@@ -403,11 +428,18 @@ class Worker:
             await conn.subscribe([(f"roost/resp/{im.cid}", 1), (f"roost/inbox/{im.user}", 1)])
             self.ims.append(im)
             return conn
-        sub = Subscriber(c, self.stats) if c.get("subs") else None
+        seen = None
+        if c.get("subs") and c.get("group"):
+            # Members of one shared subscription: one record of what arrived, for them all.
+            seen = self.groups.get(c["group"])
+            if seen is None:
+                seen = self.groups[c["group"]] = Seen(int(c.get("expect", 0)), int(c.get("seq_space", 1 << 20)))
+        sub = Subscriber(c, self.stats, seen) if c.get("subs") else None
         pub = Publisher(c, self.stats) if c.get("pub") else None
         conn = await connect(self.host, self.port, c["cid"], c.get("user"), c.get("pw"),
                              on_message=sub.on_message if sub else None,
-                             on_puback=pub.on_puback if pub else None, source=c.get("src"))
+                             on_puback=pub.on_puback if pub else None, source=c.get("src"),
+                             version=5 if c.get("v5") else 4)
         if sub is not None:
             sub.conn = conn
             await conn.subscribe([(f, int(q)) for f, q in c["subs"]])
@@ -490,7 +522,8 @@ class Worker:
             st = self.stats
             result.update(
                 timed_out=timed_out, sent=st.sent, acked=st.acked, received=st.received, dups=st.dups,
-                expected=sum(s.expect for s in self.subs) + sum(i.expect for i in self.ims),
+                expected=sum(seen.expect for seen in {id(s.seen): s.seen for s in self.subs}.values())
+                + sum(i.expect for i in self.ims),
                 first_recv=st.first_recv, last_recv=st.last_recv, last_ack=st.last_ack, t0=t0,
                 lat_us=st.lat_us.tolist(), answer_us=st.answer_us.tolist(), errors=st.errors, extra=st.extra,
                 cpu_s=cpu_seconds() - cpu0,

@@ -1,7 +1,9 @@
-"""A minimal raw MQTT 3.1.1 client for load generation (asyncio.Protocol, no paho).
+"""A minimal raw MQTT 3.1.1 / 5 client for load generation (asyncio.Protocol, no paho).
 
 Only what the benchmark needs: CONNECT, SUBSCRIBE, PUBLISH QoS 0/1, PUBACK,
-DISCONNECT. Packets are encoded once where possible; incoming bytes are parsed
+DISCONNECT; with `version=5` the same packets in their MQTT 5 form (empty
+property lists, except a publisher's Topic Alias), and the CONNACK's Topic Alias
+Maximum is kept so a publisher knows whether it may use an alias. Packets are encoded once where possible; incoming bytes are parsed
 in one pass per `data_received` call and the PUBACKs that call owes are written
 back in a single `transport.write`, so the generator stays cheap per message.
 """
@@ -41,7 +43,7 @@ def _str(s: str | bytes) -> bytes:
 
 
 def connect_packet(client_id: str, username: str | None = None, password: str | None = None,
-                   keepalive: int = 600, clean: bool = True) -> bytes:
+                   keepalive: int = 600, clean: bool = True, version: int = 4) -> bytes:
     flags = 0x02 if clean else 0
     payload = _str(client_id)
     if username is not None:
@@ -50,24 +52,81 @@ def connect_packet(client_id: str, username: str | None = None, password: str | 
         if password is not None:
             flags |= 0x40
             payload += _str(password)
-    var = _str("MQTT") + bytes([4, flags]) + keepalive.to_bytes(2, "big")
+    var = _str("MQTT") + bytes([version, flags]) + keepalive.to_bytes(2, "big")
+    if version == 5:
+        var += b"\x00"    # no CONNECT properties (so the server sends us no topic aliases)
     body = var + payload
     return b"\x10" + varint(len(body)) + body
 
 
-def subscribe_packet(pid: int, filters: list[tuple[str, int]]) -> bytes:
-    body = pid.to_bytes(2, "big") + b"".join(_str(f) + bytes([q]) for f, q in filters)
+def subscribe_packet(pid: int, filters: list[tuple[str, int]], version: int = 4) -> bytes:
+    props = b"\x00" if version == 5 else b""
+    body = pid.to_bytes(2, "big") + props + b"".join(_str(f) + bytes([q]) for f, q in filters)
     return b"\x82" + varint(len(body)) + body
 
 
-def publish_prefix(topic: str, qos: int, payload_len: int) -> bytes:
+def publish_prefix(topic: str, qos: int, payload_len: int, props: bytes = b"") -> bytes:
     """Fixed header + topic of a PUBLISH whose payload is `payload_len` bytes.
 
-    For QoS 1 the 2-byte packet id goes right after this prefix, then the payload.
+    For QoS 1 the 2-byte packet id goes right after this prefix, then `props` (MQTT 5:
+    the encoded property list, see `v5_props`; MQTT 3.1.1: empty), then the payload.
     """
     t = _str(topic)
-    rl = len(t) + (2 if qos else 0) + payload_len
+    rl = len(t) + (2 if qos else 0) + len(props) + payload_len
     return bytes([0x30 | (qos << 1)]) + varint(rl) + t
+
+
+TOPIC_ALIAS = 0x23
+TOPIC_ALIAS_MAXIMUM = 0x22
+
+
+def v5_props(topic_alias: int = 0) -> bytes:
+    """An MQTT 5 PUBLISH property list: empty, or one Topic Alias."""
+    if not topic_alias:
+        return b"\x00"
+    return b"\x03" + bytes([TOPIC_ALIAS]) + topic_alias.to_bytes(2, "big")
+
+
+def _props_span(buf: bytearray, i: int) -> tuple[int, int]:
+    """Where the properties of the MQTT 5 property list at `i` (its varint length first)
+    start and end."""
+    rl, mult = 0, 1
+    while True:
+        b = buf[i]
+        i += 1
+        rl += (b & 127) * mult
+        if b < 128:
+            return i, i + rl
+        mult *= 128
+
+
+def _props_end(buf: bytearray, i: int) -> int:
+    return _props_span(buf, i)[1]
+
+
+def _topic_alias_maximum(props: bytes) -> int:
+    """The Topic Alias Maximum of a CONNACK property list (0: absent, no aliases)."""
+    i = 0
+    while i < len(props):
+        pid = props[i]
+        i += 1
+        if pid == TOPIC_ALIAS_MAXIMUM:
+            return int.from_bytes(props[i:i + 2], "big")
+        # Skip the other CONNACK properties by their type (MQTT 5.0, 2.2.2.2).
+        if pid in (0x24, 0x25, 0x28, 0x29, 0x2A):            # byte
+            i += 1
+        elif pid in (0x13, 0x21):                            # two-byte integer
+            i += 2
+        elif pid in (0x11, 0x27):                            # four-byte integer
+            i += 4
+        elif pid in (0x12, 0x15, 0x16, 0x1A, 0x1C, 0x1F):    # string / binary
+            i += 2 + int.from_bytes(props[i:i + 2], "big")
+        elif pid == 0x26:                                    # user property: two strings
+            i += 2 + int.from_bytes(props[i:i + 2], "big")
+            i += 2 + int.from_bytes(props[i:i + 2], "big")
+        else:
+            raise MqttError(f"unknown CONNACK property 0x{pid:02x}")
+    return 0
 
 
 def publish_packet(topic: str, payload: bytes, qos: int = 0, pid: int = 0) -> bytes:
@@ -82,7 +141,10 @@ OnPuback = Callable[[int], None]
 class Conn(asyncio.Protocol):
     """One MQTT connection. Callbacks run inside data_received: keep them short."""
 
-    def __init__(self, on_message: OnMessage | None = None, on_puback: OnPuback | None = None) -> None:
+    def __init__(self, on_message: OnMessage | None = None, on_puback: OnPuback | None = None,
+                 version: int = 4) -> None:
+        self.version = version
+        self.topic_alias_maximum = 0     # MQTT 5: from the CONNACK
         self.on_message = on_message
         self.on_puback = on_puback
         self.transport: asyncio.Transport | None = None
@@ -126,6 +188,7 @@ class Conn(asyncio.Protocol):
         pos = 0
         acks: list[bytes] = []
         on_message = self.on_message
+        v5 = self.version == 5
         while n - pos >= 2:
             h = buf[pos]
             i = pos + 1
@@ -152,6 +215,8 @@ class Conn(asyncio.Protocol):
                     ps = te + 2
                 else:
                     ps = te
+                if v5:
+                    ps = _props_end(buf, ps)
                 self.received += 1
                 if on_message is not None:
                     on_message(bytes(buf[i + 2:te]), bytes(buf[ps:end]), t)
@@ -160,11 +225,19 @@ class Conn(asyncio.Protocol):
                     self.on_puback((buf[i] << 8) | buf[i + 1])
             elif kind == 2:
                 if not self.connack.done():
+                    if v5 and end > i + 2:
+                        try:
+                            start, stop = _props_span(buf, i + 2)
+                            self.topic_alias_maximum = _topic_alias_maximum(bytes(buf[start:stop]))
+                        except MqttError as exc:
+                            self.connack.set_exception(exc)
+                            pos = end
+                            continue
                     self.connack.set_result(buf[i + 1])
             elif kind == 9:
                 fut = self.subacks.pop((buf[i] << 8) | buf[i + 1], None)
                 if fut is not None and not fut.done():
-                    fut.set_result(bytes(buf[i + 2:end]))
+                    fut.set_result(bytes(buf[_props_end(buf, i + 2) if v5 else i + 2:end]))
             pos = end
         if pos:
             del buf[:pos]
@@ -179,9 +252,9 @@ class Conn(asyncio.Protocol):
     async def subscribe(self, filters: list[tuple[str, int]], pid: int = 1, timeout: float = 10.0) -> bytes:
         fut = asyncio.get_running_loop().create_future()
         self.subacks[pid] = fut
-        self.write(subscribe_packet(pid, filters))
+        self.write(subscribe_packet(pid, filters, self.version))
         codes = await asyncio.wait_for(fut, timeout)
-        if any(c == 0x80 for c in codes):
+        if any(c >= 0x80 for c in codes):
             raise MqttError(f"subscription refused: {filters} -> {codes!r}")
         return codes
 
@@ -196,16 +269,16 @@ class Conn(asyncio.Protocol):
 async def connect(host: str, port: int, client_id: str, username: str | None = None,
                   password: str | None = None, *, on_message: OnMessage | None = None,
                   on_puback: OnPuback | None = None, keepalive: int = 600, clean: bool = True,
-                  timeout: float = 10.0, source: str | None = None) -> Conn:
+                  timeout: float = 10.0, source: str | None = None, version: int = 4) -> Conn:
     """Open a TCP connection (from address `source` when given: many clients need more
     than one source address's ephemeral ports), send CONNECT, wait for CONNACK 0 (else MqttError)."""
     loop = asyncio.get_running_loop()
     transport, conn = await asyncio.wait_for(
-        loop.create_connection(lambda: Conn(on_message, on_puback), host, port,
+        loop.create_connection(lambda: Conn(on_message, on_puback, version), host, port,
                                local_addr=(source, 0) if source else None), timeout)
     if conn.transport is None:  # uvloop may return before calling connection_made
         conn.connection_made(transport)
-    conn.write(connect_packet(client_id, username, password, keepalive, clean))
+    conn.write(connect_packet(client_id, username, password, keepalive, clean, version))
     try:
         code = await asyncio.wait_for(conn.connack, timeout)
     except BaseException:

@@ -41,7 +41,8 @@ class Row:
     fmt: str = "{:,.0f}"
 
 
-NO_RATIO = {"lost", "dup", "connected", "events", "paced_msg_s", "half_rate", "rss_idle_mb"}
+NO_RATIO = {"lost", "dup", "connected", "events", "paced_msg_s", "half_rate", "rss_idle_mb", "members_used",
+            "busiest_share"}
 
 ROWS = [
     Row("fanin_qos0", "fan-in QoS 0 (8 -> 1)", "msg_s"),
@@ -55,6 +56,21 @@ ROWS = [
     Row("p2p", "  paced: p50 ms", "paced_p50_ms", False, "{:,.1f}"),
     Row("p2p", "  paced: p99 ms", "paced_p99_ms", False, "{:,.1f}"),
     Row("p2p", "  lost", "lost", False),
+    Row("p2p_v5_alias", "p2p QoS 1, MQTT 5 + topic alias", "msg_s"),
+    Row("p2p_v5_alias", "  p50 ms", "p50_ms", False, "{:,.1f}"),
+    Row("p2p_v5_alias", "  p99 ms", "p99_ms", False, "{:,.1f}"),
+    Row("p2p_v5_alias", "  paced at 1,000 msg/s: achieved", "paced_msg_s"),
+    Row("p2p_v5_alias", "  paced: p50 ms", "paced_p50_ms", False, "{:,.1f}"),
+    Row("p2p_v5_alias", "  paced: p99 ms", "paced_p99_ms", False, "{:,.1f}"),
+    Row("p2p_v5_alias", "  lost", "lost", False),
+    Row("p2p_v5_alias", "  duplicated", "dup", False),
+    Row("shared_v5", "shared sub fan-in, MQTT 5 (4 pubs -> 4 workers)", "msg_s"),
+    Row("shared_v5", "  p50 ms", "p50_ms", False, "{:,.1f}"),
+    Row("shared_v5", "  p99 ms", "p99_ms", False, "{:,.1f}"),
+    Row("shared_v5", "  workers that got messages", "members_used"),
+    Row("shared_v5", "  busiest worker's share", "busiest_share", False, "{:.0%}"),
+    Row("shared_v5", "  lost", "lost", False),
+    Row("shared_v5", "  duplicated (reached 2 workers)", "dup", False),
     Row("fanout", "fan-out QoS 1 deliveries/s", "deliveries_s"),
     Row("fanout", "  lost", "lost", False),
     Row("im", "IM send->msg->ack msg/s", "msg_s"),

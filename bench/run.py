@@ -30,11 +30,12 @@ from bench.loadgen import raise_nofile
 from bench.mqtt import now_ns
 from bench.report import NPROC, Outcome, machine_info, pct, render_notes, render_table, render_targets, render_targets16, results_md
 
-SCENARIOS = ("fanin_qos0", "fanin_qos1", "p2p", "fanout", "im", "im_paced", "rss_start", "hold", "hold_many",
-             "restart")
+SCENARIOS = ("fanin_qos0", "fanin_qos1", "p2p", "p2p_v5_alias", "shared_v5", "fanout", "im", "im_paced",
+             "rss_start", "hold", "hold_many", "restart")
 ROOST_ONLY = {"im", "im_paced", "restart"}
 # Issue 16's rows compare Roost with Mosquitto; stock amqtt would spend minutes on 20,000 connects.
-NOT_AMQTT = {"hold_many"}
+# amqtt 0.12.1 speaks MQTT 3.1.1 only: the MQTT 5 rows compare Roost with Mosquitto.
+NOT_AMQTT = {"hold_many", "p2p_v5_alias", "shared_v5"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,8 @@ class Sizes:
     restart_events: int
     timeout: float       # hard limit of one scenario's load phase, seconds
     idle: float          # a worker stops after this long without progress
+    shared_pubs: int = 4         # `shared_v5`: publishers into the 4 members of one shared subscription
+    shared_per_pub: int = 10_000
 
 
 # Sized so that Roost's phases last about a second (CPU shares need that), which
@@ -66,14 +69,15 @@ FULL = Sizes(fanin0_per_pub=40_000, fanin_per_pub=16_000, p2p_pairs=50, p2p_per_
 QUICK = Sizes(fanin0_per_pub=300, fanin_per_pub=300, p2p_pairs=50, p2p_per_pair=10, fanout_subs=100, fanout_msgs=20,
               im_pairs=4, im_per_pair=50, im_half_s=1.0, hold=200, hold_many=400,
               im_paced_rate=40.0, im_paced_s=1.0, restart_events=5_000,
-              timeout=15.0, idle=3.0)
+              timeout=15.0, idle=3.0, shared_per_pub=200)
 
 
 # msg/s of the paced point-to-point phase: well below what stock amqtt sustains here
 # (about 3,000), so its latency is a broker's own, not a queue's.
 P2P_PACED_RATE = 1000.0
 
-HEADLINE = {"fanin_qos0": "msg_s", "fanin_qos1": "msg_s", "p2p": "msg_s", "fanout": "deliveries_s",
+HEADLINE = {"fanin_qos0": "msg_s", "fanin_qos1": "msg_s", "p2p": "msg_s", "p2p_v5_alias": "msg_s",
+            "shared_v5": "msg_s", "fanout": "deliveries_s",
             "im": "msg_s", "im_paced": "p99_ms", "rss_start": "rss_start_mb", "hold": "connects_per_s",
             "hold_many": "rss_mb", "restart": "serve_s"}
 
@@ -299,7 +303,9 @@ class Runner:
         self.usage_notes(results, usage, out)
         return out
 
-    def p2p_specs(self, broker: BrokerProcess, per_pair: int, rate: float) -> list[dict[str, Any]]:
+    def p2p_specs(self, broker: BrokerProcess, per_pair: int, rate: float, v5: bool = False) -> list[dict[str, Any]]:
+        """`v5`: every client speaks MQTT 5 and the publishers use a topic alias after their
+        first publish (when the broker's CONNACK allows one)."""
         subs, pubs = [], []
         for i in range(self.sizes.p2p_pairs):
             # Two people per pair: the sender publishes on the recipient's own topic.
@@ -307,15 +313,17 @@ class Runner:
             a = broker.user_client(f"p2pr{i}", "sub")
             b = broker.user_client(f"p2ps{i}", "pub")
             subs.append({"cid": a.client_id, "user": a.username, "pw": a.password, "subs": [[topic, 1]],
-                         "expect": per_pair, "seq_space": per_pair})
-            pubs.append({"cid": b.client_id, "user": b.username, "pw": b.password,
+                         "expect": per_pair, "seq_space": per_pair, "v5": v5})
+            pubs.append({"cid": b.client_id, "user": b.username, "pw": b.password, "v5": v5,
                          "pub": {"topic": topic, "qos": 1, "count": per_pair, "window": 10, "index": i,
-                                 "rate": rate, "phase": i / (rate * self.sizes.p2p_pairs) if rate else 0.0}})
+                                 "rate": rate, "phase": i / (rate * self.sizes.p2p_pairs) if rate else 0.0,
+                                 "alias": v5}})
         return [{"mode": "mqtt", "clients": subs}, {"mode": "mqtt", "clients": pubs}]
 
-    async def p2p(self, broker: BrokerProcess) -> Outcome:
+    async def p2p(self, broker: BrokerProcess, v5: bool = False) -> Outcome:
         s = self.sizes
-        results, usage = await self.run_workers(broker, self.p2p_specs(broker, s.p2p_per_pair, 0.0), "p2p")
+        name = "p2p5" if v5 else "p2p"
+        results, usage = await self.run_workers(broker, self.p2p_specs(broker, s.p2p_per_pair, 0.0, v5), name)
         out = Outcome()
         self.delivery(results, out, "msg_s")
         self.usage_notes(results, usage, out)
@@ -323,7 +331,8 @@ class Runner:
         await asyncio.sleep(1.0)
         per_pair_rate = P2P_PACED_RATE / s.p2p_pairs
         per_pair = max(1, int(per_pair_rate * s.im_half_s))
-        results2, _ = await self.run_workers(broker, self.p2p_specs(broker, per_pair, per_pair_rate), "p2p-paced")
+        results2, _ = await self.run_workers(broker, self.p2p_specs(broker, per_pair, per_pair_rate, v5),
+                                             f"{name}-paced")
         paced = Outcome()
         self.delivery(results2, paced, "msg_s")
         out.metrics["paced_msg_s"] = paced.metrics["msg_s"]
@@ -332,6 +341,48 @@ class Runner:
         out.metrics["lost"] = (out.metrics["lost"] or 0) + (paced.metrics["lost"] or 0)
         out.metrics["dup"] = (out.metrics["dup"] or 0) + (paced.metrics["dup"] or 0)
         out.notes.extend(f"paced: {n}" for n in paced.notes)
+        if v5:
+            self.counters(results + results2, out)
+        return out
+
+    @staticmethod
+    def counters(results: list[dict[str, Any]], out: Outcome) -> dict[str, int]:
+        extra: dict[str, int] = {}
+        for r in results:
+            for k, v in r.get("extra", {}).items():
+                extra[k] = extra.get(k, 0) + v
+        out.notes.append(f"counters {extra}")
+        return extra
+
+    async def shared(self, broker: BrokerProcess) -> Outcome:
+        """MQTT 5 shared subscription: 4 members of `$share/workers/bench/jobs/#` in one
+        group, `shared_pubs` publishers on `bench/jobs/<i>`, QoS 1. Every message must
+        reach exactly one member: the members share one record of what arrived, so a
+        message given to two members counts as duplicated, one given to none as lost."""
+        s = self.sizes
+        members = []
+        for k in range(4):
+            c = broker.plain_client(f"shared-w{k}")
+            members.append({"cid": c.client_id, "user": c.username, "pw": c.password, "v5": True,
+                            "subs": [["$share/workers/bench/jobs/#", 1]], "group": "workers",
+                            "group_member": f"w{k}", "expect": s.shared_pubs * s.shared_per_pub,
+                            "seq_space": s.shared_per_pub})
+        pubs = []
+        for i in range(s.shared_pubs):
+            c = broker.plain_client(f"shared-p{i}")
+            pubs.append({"cid": c.client_id, "user": c.username, "pw": c.password, "v5": True,
+                         "pub": {"topic": f"bench/jobs/{i}", "qos": 1, "count": s.shared_per_pub,
+                                 "window": 64, "index": i}})
+        results, usage = await self.run_workers(broker, [{"mode": "mqtt", "clients": members},
+                                                         {"mode": "mqtt", "clients": pubs}], "shared5")
+        out = Outcome()
+        self.delivery(results, out, "msg_s")
+        self.usage_notes(results, usage, out)
+        extra = self.counters(results, out)
+        shares = [extra.get(f"received_by_w{k}", 0) for k in range(4)]
+        out.metrics["members_used"] = float(sum(1 for n in shares if n))
+        total = sum(shares)
+        out.metrics["busiest_share"] = max(shares) / total if total else None
         return out
 
     async def fanout(self, broker: BrokerProcess) -> Outcome:
@@ -547,6 +598,10 @@ class Runner:
                 return await self.fanin(broker, 1)
             if name == "p2p":
                 return await self.p2p(broker)
+            if name == "p2p_v5_alias":
+                return await self.p2p(broker, v5=True)
+            if name == "shared_v5":
+                return await self.shared(broker)
             if name == "fanout":
                 return await self.fanout(broker)
             if name == "im":

@@ -102,6 +102,38 @@ def test_issue16_rows_run_on_their_own(tmp_path: Path) -> None:
     assert _children_of(os.getpid()) == []
 
 
+@pytest.mark.timeout(60)
+def test_mqtt5_rows_run_on_their_own(tmp_path: Path) -> None:
+    """Issue 13's rows, tiny sizes: p2p QoS 1 over MQTT 5 with the publishers on a topic
+    alias after their first publish, and a shared subscription of 4 workers where every
+    message reaches exactly one of them (Roost and, when installed, Mosquitto)."""
+    raw = tmp_path / "bench.json"
+    brokers = "roost,mosquitto" if Mosquitto.binary() else "roost"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--brokers", brokers, "--json", str(raw),
+         "--scenarios", "p2p_v5_alias,shared_v5"],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=55, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+    for label in ("p2p QoS 1, MQTT 5 + topic alias", "shared sub fan-in, MQTT 5 (4 pubs -> 4 workers)",
+                  "duplicated (reached 2 workers)"):
+        assert label in res.stdout, f"row {label!r} missing from:\n{res.stdout}"
+    if "mosquitto" in brokers:
+        assert "roost/mosquitto" in res.stdout
+    doc = json.loads(raw.read_text())
+    for broker, scenarios in doc["results"].items():
+        for name, outcome in scenarios.items():
+            assert outcome["error"] is None, f"{broker} {name}: {outcome['error']}"
+            assert not [n for n in outcome["notes"] if "errors:" in n], f"{broker} {name}: {outcome['notes']}"
+            m = outcome["metrics"]
+            assert m["lost"] == 0 and m["dup"] == 0, f"{broker} {name}: {m}"
+        alias_notes = " ".join(scenarios["p2p_v5_alias"]["notes"])
+        # Every publish after each publisher's first went out with only the alias.
+        assert "published_with_topic_alias" in alias_notes, alias_notes
+        assert "topic_alias_refused_by_server" not in alias_notes, alias_notes
+        assert scenarios["shared_v5"]["metrics"]["members_used"] == 4, scenarios["shared_v5"]
+    assert _children_of(os.getpid()) == []
+
+
 # Loss the benchmark found and that is being fixed, as {(broker, scenario): why}:
 # reported as XFAIL (not hidden), and the test passes on its own once it is gone.
 # (Roost's QoS 1 fan-in drops, found here, were fixed by slowing the publishers down.)
