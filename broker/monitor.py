@@ -28,6 +28,7 @@ from broker.services.events import MailboxAppended
 from broker.services.opstats import Histogram, RequestStats
 from broker.services.sysinfo import (
     LOGIN_REFUSALS,
+    ClusterFigures,
     ListenerFigures,
     Snapshot,
     StoreFigures,
@@ -208,6 +209,11 @@ class Monitor:
             refused["ha_command"] = ha.get("commands_refused", 0)
         if services.files is not None:   # uploads refused or abandoned (their bytes dropped)
             refused["file_upload"] = services.files.stats.refused
+        cluster_node = getattr(broker, "cluster", None)
+        cluster: ClusterFigures | None = cluster_node.figures() if cluster_node is not None else None
+        if cluster is not None:   # the NATS link's bounded queues: what overflowed
+            dropped["cluster_queue_full"] = cluster.dropped
+            dropped["cluster_slow_consumer"] = cluster.slow_consumer
         logins = {LOGIN_REFUSALS.get(code, f"code_{code}"): n for code, n in eng.logins_refused.items()}
         bound = broker.bound_ports()
         listeners = tuple(ListenerFigures(name, lst.type, lst.ssl, lst.bind, name in bound,
@@ -239,4 +245,5 @@ class Monitor:
             dropped=dropped, refused=refused, logins_refused=logins, requests=self.requests.counts(),
             mailbox_events=dict(self.mailbox_events),
             mailbox_pruned=messaging.discarded if messaging is not None else 0,
-            telemetry=telemetry, store=store, sessions_expired=stats.get("sessions_expired", 0), limits=limits)
+            telemetry=telemetry, store=store, sessions_expired=stats.get("sessions_expired", 0), limits=limits,
+            cluster=cluster)

@@ -110,6 +110,17 @@ def render(doc: dict[str, Any]) -> str:
     if st.get("pending_writes"):
         store += f", {st['pending_writes']} writes waiting"
     lines.append(f"  store        {store}")
+    cl = doc.get("cluster")
+    if cl:
+        peers = ", ".join(cl["peers"]) or "none"
+        nats = "NATS connected" if cl["nats_connected"] else "NATS NOT CONNECTED"
+        lines.append(f"  cluster      node {cl['node']}, {cl['nodes_alive']} nodes alive (others: {peers}); {nats}, "
+                     f"{cl['nats_reconnects']} reconnects")
+        lines.append(f"               {cl['sent']} sent, {cl['received']} received over NATS; "
+                     f"{_bytes(cl['queued_bytes'])} queued, {cl['dropped']} dropped "
+                     f"({_bytes(cl['dropped_bytes'])}), {cl['slow_consumer']} slow-consumer losses")
+        lines.append(f"               {cl['nodes_dead']} dead nodes, {cl['wills_published']} wills published "
+                     f"for them, {cl['sessions_adopted']} sessions adopted")
     recent = doc.get("recent_refusals", {})
     counts = recent.get("counts", {})
     window = _duration(recent.get("window", 0))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import secrets
 import time
@@ -36,6 +37,7 @@ from broker.config import ClusterConfig
 from broker.mqtt.hooks import DisconnectReason
 from broker.mqtt.session import Message
 from broker.services.events import RetainedChanged
+from broker.services.sysinfo import ClusterFigures
 from contract import topics
 
 log = logging.getLogger("roost.cluster")
@@ -132,7 +134,8 @@ class ClusterNode:
 
     async def stop(self) -> None:
         log.info("cluster: node %s stopping: %s", self.name,
-                 ", ".join(f"{k} {v}" for k, v in self.figures().items() if k not in ("node", "peers")))
+                 ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(self.figures()).items()
+                           if k not in ("node", "peers")))
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
@@ -144,16 +147,17 @@ class ClusterNode:
             self.peers.check()
             await asyncio.sleep(self.heartbeat_interval)
 
-    def figures(self) -> dict[str, Any]:
-        link = self.link
-        return {"node": self.name, "nats_connected": link.connected.is_set(), "peers": self.peers.alive(),
-                "forwarded": self.forwarded, "from_peers": self.from_peers, "sent": link.sent,
-                "received": link.received, "dropped": link.dropped, "dropped_bytes": link.dropped_bytes,
-                "queued_bytes": link.queued_bytes, "slow_consumer": link.slow_consumer,
-                "nats_outages": link.outages, "resyncs": self.peers.resyncs, "deaths": self.peers.deaths,
-                "wills_published": self.wills_published, "taken_over": self.taken_over,
-                "sessions_handed": self.sessions_handed, "sessions_adopted": self.sessions_adopted,
-                "events_shared": self._bus.shared, "events_received": self._bus.received}
+    def figures(self) -> ClusterFigures:
+        """This node's figures for the monitor ($SYS, /metrics, `roost status`)."""
+        link, peers = self.link, self.peers
+        return ClusterFigures(
+            node=self.name, peers=tuple(peers.alive()), nats_connected=link.connected.is_set(),
+            nats_outages=link.outages, sent=link.sent, received=link.received, queued_bytes=link.queued_bytes,
+            dropped=link.dropped, dropped_bytes=link.dropped_bytes, slow_consumer=link.slow_consumer,
+            forwarded=self.forwarded, from_peers=self.from_peers, nodes_dead=peers.crashes,
+            nodes_left=peers.deaths - peers.crashes, resyncs=peers.resyncs,
+            wills_published=self.wills_published, taken_over=self.taken_over,
+            sessions_handed=self.sessions_handed, sessions_adopted=self.sessions_adopted)
 
     # ---- plain MQTT publishes ----------------------------------------------------------
 
@@ -321,6 +325,7 @@ class ClusterNode:
         except Exception:  # noqa: BLE001 - the rows stay; a restart of the node takes them back
             log.exception("cluster: taking over the persistent sessions of node %s failed", node)
             return
+        self.sessions_adopted += adopted
         if adopted:
             log.info("cluster: took over %d persistent session(s) of node %s", adopted, node)
 

@@ -148,7 +148,8 @@ class Peers:
         self._watching_since: float | None = None     # NATS up since; None: down
         self._gone: set[str] = set()          # incarnations that left cleanly: their late messages are ignored
         self.resyncs = 0
-        self.deaths = 0
+        self.deaths = 0          # nodes gone: left cleanly or timed out
+        self.crashes = 0         # of those, found dead by silence (or by a restart under a new incarnation)
 
     # ---- NATS up or down: failure detection only while we can hear ---------------------
 
@@ -309,6 +310,8 @@ class Peers:
     def _dead(self, peer: Peer, *, crashed: bool) -> None:
         self.peers.pop(peer.name, None)
         self.deaths += 1
+        if crashed:
+            self.crashes += 1
         for f in peer.filters:
             self.interest.remove(f, peer.name)
         self._on_dead(peer, crashed)

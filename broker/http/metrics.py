@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 
 from broker.monitor import Monitor
 from broker.services.opstats import Histogram
+from broker.services.sysinfo import ClusterFigures
 
 
 class HasFigures(Protocol):
@@ -156,11 +157,62 @@ class RoostCollector(Collector):
         commit.add_metric([], _buckets(m.commit_seconds), m.commit_seconds.sum)
         yield commit
 
+        if s.cluster is not None:
+            yield from _cluster_metrics(s.cluster)
+
         limits = GaugeMetricFamily("roost_limit", "Limits in force (config limits.* and mailbox.*)",
                                    labels=["name"])
         for name, value in s.limits.items():
             limits.add_metric([name], float(value))
         yield limits
+
+
+def _cluster_metrics(c: ClusterFigures) -> Iterator[Metric]:
+    """roost_cluster_*: this node of a cluster, its NATS link and its peers."""
+    info = GaugeMetricFamily("roost_cluster_node_info", "This node's cluster.node (always 1)", labels=["node"])
+    info.add_metric([c.node], 1)
+    yield info
+    yield GaugeMetricFamily("roost_cluster_nodes_alive", "Nodes alive as this one sees them, itself included",
+                            value=len(c.peers) + 1)
+    peer = GaugeMetricFamily("roost_cluster_peer_up", "1 for each other node alive", labels=["node"])
+    for name in c.peers:
+        peer.add_metric([name], 1)
+    yield peer
+    yield CounterMetricFamily("roost_cluster_nodes_dead", "Other nodes found dead (silent for node_timeout)",
+                              value=c.nodes_dead)
+    yield CounterMetricFamily("roost_cluster_nodes_left", "Other nodes that left cleanly", value=c.nodes_left)
+    yield GaugeMetricFamily("roost_cluster_nats_connected", "1 while connected to NATS",
+                            value=1 if c.nats_connected else 0)
+    yield CounterMetricFamily("roost_cluster_nats_reconnects", "NATS connection lost (then retried)",
+                              value=c.nats_outages)
+    yield CounterMetricFamily("roost_cluster_messages_sent", "Messages sent over NATS", value=c.sent)
+    yield CounterMetricFamily("roost_cluster_messages_received", "Messages received over NATS",
+                              value=c.received)
+    yield GaugeMetricFamily("roost_cluster_queued_bytes",
+                            "Bytes waiting to go to NATS (bounded by cluster.max_pending_bytes)",
+                            value=c.queued_bytes)
+    yield CounterMetricFamily("roost_cluster_dropped_messages", "Outgoing NATS messages dropped (queue full)",
+                              value=c.dropped)
+    yield CounterMetricFamily("roost_cluster_dropped_bytes", "Bytes of outgoing NATS messages dropped",
+                              value=c.dropped_bytes)
+    yield CounterMetricFamily("roost_cluster_slow_consumer",
+                              "Incoming NATS backlog over its bound (NATS dropped messages for this node)",
+                              value=c.slow_consumer)
+    yield CounterMetricFamily("roost_cluster_publishes_forwarded", "MQTT publishes sent to interested nodes",
+                              value=c.forwarded)
+    yield CounterMetricFamily("roost_cluster_publishes_from_peers", "MQTT publishes routed here from other nodes",
+                              value=c.from_peers)
+    yield CounterMetricFamily("roost_cluster_resyncs", "Snapshots asked after a gap in a node's changes",
+                              value=c.resyncs)
+    yield CounterMetricFamily("roost_cluster_wills_published", "Wills of dead nodes' clients published here",
+                              value=c.wills_published)
+    yield CounterMetricFamily("roost_cluster_clients_taken_over",
+                              "Connections here closed by the same client id on another node", value=c.taken_over)
+    yield CounterMetricFamily("roost_cluster_sessions_handed", "Persistent sessions handed to another node",
+                              value=c.sessions_handed)
+    yield CounterMetricFamily("roost_cluster_sessions_adopted",
+                              "Persistent sessions taken over from another node (moved or dead)",
+                              value=c.sessions_adopted)
 
 
 class WebCollector(Collector):

@@ -46,6 +46,30 @@ class StoreFigures:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterFigures:
+    """This node of a cluster (broker/cluster/node.py `ClusterNode.figures`)."""
+    node: str                   # cluster.node
+    peers: tuple[str, ...]      # the other nodes alive, by name
+    nats_connected: bool
+    nats_outages: int           # NATS connection lost (each followed by reconnecting)
+    sent: int                   # NATS messages sent
+    received: int               # NATS messages received
+    queued_bytes: int           # waiting in the outgoing queue (cluster.max_pending_bytes)
+    dropped: int                # outgoing messages dropped (queue full, or NATS refused them)
+    dropped_bytes: int
+    slow_consumer: int          # incoming backlog over its bound: NATS dropped messages for us
+    forwarded: int              # MQTT publishes sent to interested nodes
+    from_peers: int             # MQTT publishes routed here from other nodes
+    nodes_dead: int             # other nodes found dead (no heartbeat for cluster.node_timeout)
+    nodes_left: int             # other nodes that left cleanly
+    resyncs: int                # snapshots asked after a gap in a node's changes
+    wills_published: int        # wills of dead nodes' clients published here
+    taken_over: int             # connections here closed by the same client id on another node
+    sessions_handed: int        # persistent sessions handed to another node
+    sessions_adopted: int       # persistent sessions taken from another node (hand-over or dead node)
+
+
+@dataclass(frozen=True, slots=True)
 class Snapshot:
     version: str
     now: float                              # wall clock of the snapshot
@@ -80,6 +104,7 @@ class Snapshot:
     store: StoreFigures
     sessions_expired: int = 0               # persistent sessions discarded after 7 days unused
     limits: Mapping[str, float] = field(default_factory=dict)
+    cluster: ClusterFigures | None = None   # None: not in a cluster
 
     @property
     def publish_dropped(self) -> int:
@@ -189,13 +214,51 @@ def sys_topics(s: Snapshot, loads: LoadAverages | None = None) -> dict[str, str]
         t[f"{r}telemetry/{_topic_part(name)}"] = str(n)
     t[r + "store/bytes"] = str(s.store.bytes)
     t[r + "store/writable"] = "1" if s.store.writable else "0"
+    if s.cluster is not None:
+        t.update(cluster_topics(s.cluster))
     return t
+
+
+def cluster_topics(c: ClusterFigures) -> dict[str, str]:
+    """`$SYS/broker/cluster/...`: this node's view of its cluster."""
+    p = SYS + "cluster/"
+    return {
+        p + "node": c.node,
+        p + "nodes/alive": str(len(c.peers) + 1),
+        p + "nodes/dead": str(c.nodes_dead),
+        p + "nodes/left": str(c.nodes_left),
+        p + "nats/connected": "1" if c.nats_connected else "0",
+        p + "nats/reconnects": str(c.nats_outages),
+        p + "nats/messages/sent": str(c.sent),
+        p + "nats/messages/received": str(c.received),
+        p + "nats/queued/bytes": str(c.queued_bytes),
+        p + "nats/dropped/messages": str(c.dropped),
+        p + "nats/dropped/bytes": str(c.dropped_bytes),
+        p + "nats/slow_consumer": str(c.slow_consumer),
+        p + "publish/forwarded": str(c.forwarded),
+        p + "publish/from_peers": str(c.from_peers),
+        p + "wills/published": str(c.wills_published),
+        p + "sessions/adopted": str(c.sessions_adopted),
+        p + "sessions/handed": str(c.sessions_handed),
+        p + "clients/taken_over": str(c.taken_over),
+    }
+
+
+def cluster_document(c: ClusterFigures) -> dict[str, object]:
+    return {"node": c.node, "peers": list(c.peers), "nodes_alive": len(c.peers) + 1,
+            "nats_connected": c.nats_connected, "nats_reconnects": c.nats_outages,
+            "sent": c.sent, "received": c.received, "queued_bytes": c.queued_bytes,
+            "dropped": c.dropped, "dropped_bytes": c.dropped_bytes, "slow_consumer": c.slow_consumer,
+            "forwarded": c.forwarded, "from_peers": c.from_peers, "nodes_dead": c.nodes_dead,
+            "nodes_left": c.nodes_left, "resyncs": c.resyncs, "wills_published": c.wills_published,
+            "taken_over": c.taken_over, "sessions_handed": c.sessions_handed,
+            "sessions_adopted": c.sessions_adopted}
 
 
 def status_document(s: Snapshot, recent_refusals: Mapping[str, int], recent_window: float) -> dict[str, object]:
     """What `roost status` shows (and /status.json serves): for a person, no
     client ids or principal names."""
-    return {
+    doc: dict[str, object] = {
         "version": s.version,
         "uptime": round(s.uptime, 1),
         "time": s.now,
@@ -219,3 +282,6 @@ def status_document(s: Snapshot, recent_refusals: Mapping[str, int], recent_wind
         "telemetry": dict(s.telemetry),
         "mailbox": {"events": dict(s.mailbox_events), "pruned": s.mailbox_pruned},
     }
+    if s.cluster is not None:
+        doc["cluster"] = cluster_document(s.cluster)
+    return doc
