@@ -89,6 +89,7 @@ class WebApp:
         gateway = services.gateway
         assert gateway is not None, "broker.app.build_services builds the gateway"
         self._services = services
+        self.files = services.files      # the files service the file routes serve from (None: no files)
         self._gateway: Gateway = gateway
         self.sessions = sessions or WebSessions()
         self.hub = WebHub(services, self.sessions)

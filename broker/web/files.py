@@ -25,7 +25,7 @@ from contract.bodies import IMAGE_TYPES
 from contract.errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
-    from broker.services.runtime import Services
+    from broker.services.files import FileService
     from broker.web.sessions import WebSession
 
 READ_CHUNK = 256 * 1024           # bytes read from the blob store per write to the socket
@@ -37,7 +37,7 @@ FILE_CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; sandb
 class WebAppSeam(Protocol):
     """What this module needs of broker/web/app.py's WebApp."""
 
-    _services: Services
+    files: FileService | None
 
     def session_of(self, request: web.Request) -> WebSession | None: ...
 
@@ -53,7 +53,7 @@ def routes(app: WebAppSeam) -> list[web.RouteDef]:
         session = app.session_of(request)
         if session is None:
             return web.json_response({"error": "not signed in"}, status=401)
-        files = app._services.files   # noqa: SLF001 - the WebApp's container, as its own routes use it
+        files = app.files
         if files is None:
             return web.json_response({"error": "not found"}, status=404)
         try:
