@@ -238,7 +238,10 @@ def decode_connect(flags: int, body: bytes, read_props: PropsReader | None = Non
     return Connect(client_id, clean, keep_alive, username, password, will, password_bytes, level, props)
 
 
-def decode_publish(flags: int, body: bytes) -> Publish:
+def split_publish(flags: int, body: bytes) -> tuple[str, int, int, int]:
+    """PUBLISH's fixed-header flags and variable header, the same in every protocol
+    version: (topic, qos, packet id, offset of what follows: MQTT 5's properties,
+    or the payload)."""
     qos = (flags >> 1) & 0x03
     if qos == 3:
         raise ProtocolViolation("PUBLISH QoS 3")
@@ -260,8 +263,13 @@ def decode_publish(flags: int, body: bytes) -> Publish:
             raise ProtocolViolation("truncated PUBLISH packet id")
         pid = (body[end] << 8) | body[end + 1]
         if pid == 0:
-            raise ProtocolViolation("packet id 0")
+            raise ProtocolViolation("packet id 0", PROTOCOL_ERROR)
         end += 2
+    return topic, qos, pid, end
+
+
+def decode_publish(flags: int, body: bytes) -> Publish:
+    topic, qos, pid, end = split_publish(flags, body)
     return Publish(topic, qos, pid, bool(flags & 0x01), bool(flags & 0x08), body[end:])
 
 

@@ -61,29 +61,7 @@ def decode_connect(flags: int, body: bytes) -> codec.Connect:
 
 def decode_publish(flags: int, body: bytes) -> tuple[codec.Publish, P.Props]:
     """PUBLISH: the packet (topic may be "" when a Topic Alias stands for it) and its properties."""
-    qos = (flags >> 1) & 0x03
-    if qos == 3:
-        raise ProtocolViolation("PUBLISH QoS 3")
-    if qos == 0 and flags & 0x08:
-        raise ProtocolViolation("PUBLISH QoS 0 with DUP set")
-    if len(body) < 2:
-        raise ProtocolViolation("truncated PUBLISH")
-    n = (body[0] << 8) | body[1]
-    end = 2 + n
-    if end > len(body):
-        raise ProtocolViolation("truncated PUBLISH topic")
-    try:
-        topic = body[2:end].decode("utf-8")
-    except UnicodeDecodeError:
-        raise ProtocolViolation("topic is not valid UTF-8") from None
-    pid = 0
-    if qos:
-        if end + 2 > len(body):
-            raise ProtocolViolation("truncated PUBLISH packet id")
-        pid = (body[end] << 8) | body[end + 1]
-        if pid == 0:
-            raise ProtocolViolation("packet id 0", PROTOCOL_ERROR)
-        end += 2
+    topic, qos, pid, end = codec.split_publish(flags, body)
     props, end = P.decode(body, end, P.PUBLISH_PROPS)
     if P.SUBSCRIPTION_ID in props:
         raise ProtocolViolation("Subscription Identifier in a client's PUBLISH", PROTOCOL_ERROR)
