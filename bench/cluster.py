@@ -6,11 +6,18 @@ in the same run.
     .venv/bin/python -m bench.cluster            # about 40 s
     .venv/bin/python -m bench.cluster --pairs 20 --rate 1000 --seconds 5 --count 20000
     .venv/bin/python -m bench.cluster --im       # also the IM path on a private PostgreSQL (1 vs 2 nodes)
+    .venv/bin/python -m bench.cluster --im --im-count 4000 --json out.json
 
 Figures per setup: latency p50/p99 at `--rate` msg/s in all (paced), then
 throughput (`--count` messages, 10 un-acked per publisher), lost messages,
 and for the cluster the NATS messages per publish (from the nats-server's
 /varz: in_msgs over messages published).
+
+With `--im`, the IM path on one private PostgreSQL (pg_stat_statements loaded),
+1 node against 2 nodes with sender and recipient on different nodes: send ->
+`msg` latency p50/p99 paced at `--im-rate`, then throughput (`--im-count`
+sends, 16 unanswered per sender), broker CPU per message, and PostgreSQL's work
+per message: write transactions, statements by kind and rows, WAL bytes.
 """
 
 from __future__ import annotations
@@ -226,42 +233,169 @@ async def p2p(setup: Setup, pairs: int, rate: float, seconds: float, count: int,
                                            "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}}
 
 
-async def im_path(setup: Setup, pairs: int, rate: float, seconds: float) -> dict[str, Any]:
-    """`send` from s<i> (first node) to r<i> (last node), paced at `rate` in all:
-    send -> `msg` event on the recipient's inbox, latency p50/p99, lost."""
+class PgWrites:
+    """What PostgreSQL did for one database during a phase: write transactions (next
+    transaction id: only a transaction that writes takes one), WAL bytes, and per
+    statement kind the calls and rows (pg_stat_statements, reset at the start)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.xid0 = 0
+        self.lsn0 = 0
+
+    async def _fetch(self, sql: str) -> list[Any]:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            return list(await conn.fetch(sql))
+        finally:
+            await conn.close()
+
+    async def begin(self) -> None:
+        (row,) = await self._fetch(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xid, "
+            "pg_current_wal_insert_lsn() - '0/0'::pg_lsn AS lsn")
+        await self._fetch("SELECT pg_stat_statements_reset()")
+        self.xid0, self.lsn0 = int(row["xid"]), int(row["lsn"])
+
+    async def end(self, messages: int) -> dict[str, float]:
+        (row,) = await self._fetch(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xid, "
+            "pg_current_wal_insert_lsn() - '0/0'::pg_lsn AS lsn")
+        rows = await self._fetch(
+            "SELECT upper(substring(query FROM '^\\s*(\\w+)')) AS kind, sum(calls) AS calls, sum(rows) AS rows "
+            "FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%pg_current_snapshot%' GROUP BY 1")
+        n = max(1, messages)
+        # The probe's own read (begin/end) takes no transaction id: nothing to subtract.
+        out = {"write_xacts": (int(row["xid"]) - self.xid0) / n, "wal_bytes": (int(row["lsn"]) - self.lsn0) / n}
+        for r in rows:
+            kind = r["kind"]
+            if kind in ("INSERT", "UPDATE", "DELETE", "SELECT", "COMMIT", "WITH"):
+                out[f"{kind.lower()}_statements"] = int(r["calls"]) / n
+            if kind in ("INSERT", "UPDATE", "DELETE", "WITH"):
+                out[f"{kind.lower()}_rows"] = int(r["rows"]) / n
+        return out
+
+    async def statements(self, messages: int, top: int = 12) -> list[tuple[float, float, str]]:
+        """The most called statements of the phase: (calls per message, rows per message, text)."""
+        rows = await self._fetch(
+            "SELECT calls, rows, regexp_replace(query, '\\s+', ' ', 'g') AS q FROM pg_stat_statements "
+            "WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "AND query NOT LIKE '%pg_stat_statements%' AND query NOT LIKE '%pg_current_snapshot%' "
+            f"ORDER BY calls DESC LIMIT {int(top)}")
+        n = max(1, messages)
+        return [(int(r["calls"]) / n, int(r["rows"]) / n, str(r["q"])[:160]) for r in rows]
+
+
+async def im_path(setup: Setup, pairs: int, rate: float, seconds: float, count: int,
+                  pg: PgWrites | None = None) -> dict[str, Any]:
+    """`send` from s<i> (first node) to r<i> (last node): paced at `rate` in all for
+    `seconds` (send -> `msg` event on the recipient's inbox, p50/p99), then `count`
+    sends with 16 unanswered per sender (throughput, and PostgreSQL's work per message).
+    Recipients do not `ack`: the figures are of the send and its push alone."""
     latencies: list[int] = []
-    got = [0]
+    seen: set[str] = set()
+    dups = [0]
+    answered = [0]
+    errors: dict[str, int] = {}
+    last_msg = [0]
+    outstanding = [0] * pairs
+    wake = asyncio.Event()
 
     def on_event(topic: bytes, payload: bytes, t: int) -> None:
         doc = json.loads(payload)
         if doc.get("kind") == "msg":
-            got[0] += 1
+            if doc.get("cmid") in seen:
+                dups[0] += 1
+                return
+            seen.add(doc.get("cmid"))
+            last_msg[0] = t
             latencies.append(t - int(doc["body"]["text"]))
+
+    def on_answer(i: int) -> Any:
+        def answer(topic: bytes, payload: bytes, t: int) -> None:
+            doc = json.loads(payload)
+            answered[0] += 1
+            outstanding[i] -= 1
+            if not doc.get("ok"):
+                code = str(doc.get("error", {}).get("code"))
+                errors[code] = errors.get(code, 0) + 1
+            wake.set()
+        return answer
 
     recv = []
     for i in range(pairs):
         c = await connect("127.0.0.1", setup.ports[-1], f"r{i}.b", f"r{i}", f"pw-r{i}-123", on_message=on_event)
         await c.subscribe([(f"roost/inbox/r{i}", 1)])
         recv.append(c)
-    senders = [await connect("127.0.0.1", setup.ports[0], f"s{i}.b", f"s{i}", f"pw-s{i}-123") for i in range(pairs)]
+    senders = []
+    for i in range(pairs):
+        c = await connect("127.0.0.1", setup.ports[0], f"s{i}.b", f"s{i}", f"pw-s{i}-123", on_message=on_answer(i))
+        await c.subscribe([(f"roost/resp/s{i}.b", 1)])
+        senders.append(c)
     await asyncio.sleep(1.0)      # the recipients' nodes are known (a shared store: every node pushes)
     sent = 0
+
+    def send(i: int, k: int) -> None:
+        req = {"id": f"q{k}", "op": "send", "to": f"r{i}", "cmid": f"c{k}",
+               "body": {"type": "text", "text": str(time.monotonic_ns())}}
+        senders[i].write(publish_packet(f"roost/req/s{i}.b", json.dumps(req).encode(), 0))
+        outstanding[i] += 1
+
+    async def all_arrived(n: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while len(seen) < n and time.monotonic() < deadline:  # noqa: ASYNC110 - the end of a run, polled
+            await asyncio.sleep(0.05)
+
     start = time.monotonic()
     while time.monotonic() - start < seconds:
         due = int((time.monotonic() - start) * rate)
         while sent < due:
-            i = sent % pairs
-            req = {"id": f"q{sent}", "op": "send", "to": f"r{i}", "cmid": f"c{sent}",
-                   "body": {"type": "text", "text": str(time.monotonic_ns())}}
-            senders[i].write(publish_packet(f"roost/req/s{i}.b", json.dumps(req).encode(), 0))
+            send(sent % pairs, sent)
             sent += 1
         await asyncio.sleep(0.001)
-    deadline = time.monotonic() + 15
-    while got[0] < sent and time.monotonic() < deadline:  # noqa: ASYNC110 - the end of a paced run, polled
-        await asyncio.sleep(0.05)
+    await all_arrived(sent, 15)
+    paced = {"sent": sent, "lost": sent - len(seen), "dup": dups[0],
+             "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+
+    # throughput: `count` more sends, 16 unanswered per sender at most
+    await asyncio.sleep(0.5)
+    latencies.clear()
+    got_before, first = len(seen), sent
+    if pg is not None:
+        await pg.begin()
+    cpu_before = setup.broker_cpu_seconds()
+    start = time.monotonic()
+    t0 = time.monotonic_ns()
+    while sent < first + count:
+        progressed = False
+        for i in range(pairs):
+            while outstanding[i] < 16 and sent < first + count:
+                send(i, sent)
+                sent += 1
+                progressed = True
+        if not progressed:
+            wake.clear()
+            try:
+                await asyncio.wait_for(wake.wait(), 5)
+            except TimeoutError:
+                break
+    await all_arrived(sent, 30)
+    got = len(seen) - got_before
+    elapsed = (last_msg[0] - t0) / 1e9 if got else 0.0
+    cpu_us = (setup.broker_cpu_seconds() - cpu_before) * 1e6 / max(1, got)
+    throughput: dict[str, Any] = {
+        "sent": sent - first, "lost": sent - first - got, "dup": dups[0] - paced["dup"],
+        "msg_s": got / elapsed if elapsed > 0 else 0.0, "broker_cpu_us_per_msg": cpu_us,
+        "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "errors": errors}
+    if pg is not None:
+        throughput["pg_per_msg"] = await pg.end(got)
+        throughput["pg_statements"] = await pg.statements(got)
     for c in (*recv, *senders):
         c.close()
-    return {"sent": sent, "lost": sent - got[0], "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99)}
+    return {"paced": paced, "throughput": throughput}
 
 
 async def run_im(args: argparse.Namespace) -> dict[str, Any]:
@@ -271,12 +405,17 @@ async def run_im(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {}
     users = tuple(f"{k}{i}" for i in range(args.im_pairs) for k in ("s", "r"))
     try:
+        # pg_stat_statements counts the statements per message (loaded at server start).
+        pg.psql("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+        pg.restart()
         for name, nodes in (("1 node (PostgreSQL)", 1), ("2 nodes, sender and recipient on different nodes", 2)):
             db = f"bench{nodes}"
             pg.create_database(db)
+            pg.psql("CREATE EXTENSION pg_stat_statements", db)
             setup = Setup(nodes, pg.dsn(db), users)
             try:
-                results[name] = await im_path(setup, args.im_pairs, args.im_rate, args.seconds)
+                results[name] = await im_path(setup, args.im_pairs, args.im_rate, args.seconds, args.im_count,
+                                              PgWrites(pg.dsn(db)))
             finally:
                 setup.close()
     finally:
@@ -309,6 +448,8 @@ def main() -> None:
     parser.add_argument("--im", action="store_true", help="also the IM path on PostgreSQL (1 node, 2 nodes)")
     parser.add_argument("--im-pairs", type=int, default=8)
     parser.add_argument("--im-rate", type=float, default=200.0, help="paced sends/s in all")
+    parser.add_argument("--im-count", type=int, default=4000, help="sends of the IM throughput run")
+    parser.add_argument("--json", default="", help="also write the raw results as JSON to this file")
     args = parser.parse_args()
     results = asyncio.run(run(args))
     print(f"p2p QoS 1, {args.pairs} pairs, {os.cpu_count()} cores")
@@ -321,13 +462,35 @@ def main() -> None:
         print(f"| {name} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['lost']} | {t['msg_s']:.0f} | {t['lost']} "
               f"| {t['broker_cpu_us_per_msg']:.0f} | {nats} |")
 
+    im_results: dict[str, Any] = {}
     if args.im:
         im_results = asyncio.run(run_im(args))
-        print(f"\nIM send -> msg, {args.im_pairs} pairs, {args.im_rate:.0f} sends/s paced")
-        print("| setup | p50 ms | p99 ms | sent | lost |")
-        print("|---|---|---|---|---|")
+        print(f"\nIM send -> msg, {args.im_pairs} pairs: paced at {args.im_rate:.0f} sends/s for {args.seconds:.0f} s, "
+              f"then {args.im_count} sends with 16 unanswered per sender (recipients do not ack)")
+        print("| setup | paced p50 ms | paced p99 ms | lost | throughput sends/s | p50 ms | p99 ms | lost | dup "
+              "| broker CPU µs/msg (all nodes) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for name, r in im_results.items():
-            print(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['sent']} | {r['lost']} |")
+            p, t = r["paced"], r["throughput"]
+            print(f"| {name} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['lost']} | {t['msg_s']:.0f} "
+                  f"| {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['lost']} | {t['dup'] + p['dup']} "
+                  f"| {t['broker_cpu_us_per_msg']:.0f} |")
+            if t["errors"]:
+                print(f"  errors answered: {t['errors']}")
+        print("\nPostgreSQL per IM message (throughput run; write transactions from transaction ids, "
+              "statements from pg_stat_statements, WAL from the insert LSN)")
+        keys = sorted({k for r in im_results.values() for k in r["throughput"].get("pg_per_msg", {})})
+        print("| setup | " + " | ".join(keys) + " |")
+        print("|---|" + "---|" * len(keys))
+        for name, r in im_results.items():
+            per = r["throughput"].get("pg_per_msg", {})
+            print(f"| {name} | " + " | ".join(f"{per[k]:.2f}" if k in per else "-" for k in keys) + " |")
+        for name, r in im_results.items():
+            print(f"\nMost called statements per IM message, {name} (calls/msg, rows/msg, statement):")
+            for calls, rows, text in r["throughput"].get("pg_statements", []):
+                print(f"  {calls:5.2f} {rows:5.2f}  {text}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"p2p": results, "im": im_results}, indent=1))
 
 
 if __name__ == "__main__":
