@@ -2,8 +2,8 @@
 
 `Monitor` reads the engine, the services and the store when asked (a snapshot
 costs one pass over the sessions: fine every few seconds, never per message).
-Its one task, every `sys_interval` seconds (10 when $SYS is off), measures the
-store's size off the event loop, keeps the samples that "recent refusals" are
+Its one task, every `sys_interval` seconds (10 when $SYS is off), asks the
+store its size (StoreHealth.size, never blocking the loop), keeps the samples that "recent refusals" are
 computed from, and publishes `$SYS` (broker/sys_publisher.py).
 
 Counters it owns: store commit latency (the writer thread calls
@@ -19,7 +19,6 @@ import logging
 import time
 from collections import deque
 from importlib import metadata
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from broker.config import RoostConfig
@@ -55,17 +54,6 @@ def roost_version() -> str:
         return "unknown"
 
 
-def _file_bytes(path: Path) -> int:
-    """The database and its WAL (blocking: run in an executor)."""
-    total = 0
-    for p in (path, path.with_name(path.name + "-wal")):
-        try:
-            total += p.stat().st_size
-        except OSError:
-            pass
-    return total
-
-
 class Monitor:
     def __init__(self, config: RoostConfig, services: Services) -> None:
         self._config = config
@@ -78,7 +66,7 @@ class Monitor:
         self.mailbox_events: dict[str, int] = {}
         self.tick = config.sys_interval if config.sys_interval > 0 else IDLE_TICK
         self._health: StoreHealth = services.store.health
-        self._store_bytes = 0
+        self._store_bytes: int | None = 0
         self._samples: deque[tuple[float, dict[str, int]]] = deque(maxlen=int(RECENT_WINDOW / SAMPLE_EVERY) + 2)
         self._task: asyncio.Task[None] | None = None
         self.started = False
@@ -122,7 +110,7 @@ class Monitor:
                 log.exception("refreshing the broker's figures failed")
 
     async def _refresh(self) -> None:
-        self._store_bytes = await asyncio.get_running_loop().run_in_executor(None, _file_bytes, self._health.path)
+        self._store_bytes = await self._health.size()
         snap = self.snapshot()
         now = time.monotonic()
         if not self._samples or now - self._samples[-1][0] >= SAMPLE_EVERY:
@@ -221,7 +209,7 @@ class Monitor:
                           for name, lst in self._config.listeners.items())
         health = self._health
         store = StoreFigures(
-            path=str(health.path), bytes=self._store_bytes, writable=health.unavailable_since is None,
+            engine=health.engine, location=health.location, bytes=self._store_bytes, writable=health.unavailable_since is None,
             unavailable_since=health.unavailable_since, commits=health.commits,
             write_failures=health.write_failures, pending_writes=health.pending_writes)
         c = eng.counters

@@ -106,7 +106,11 @@ def render(doc: dict[str, Any]) -> str:
     lines.append(f"  messages     {msg['received']} received, {msg['sent']} sent; {msg['inflight']} in flight, "
                  f"{msg['queued']} queued ({_bytes(msg['queued_bytes'])} held)")
     lines.append(f"  retained     {ret['count']} ({_bytes(ret['bytes'])})")
-    store = f"{st['path']}, {_bytes(st['bytes'])}, " + ("writable" if st["writable"] else "CANNOT WRITE")
+    engine = st.get("engine", "sqlite")
+    store = st["path"] if engine == "sqlite" else f"{engine} {st['location']}"   # SQLite: the file alone
+    if st.get("bytes") is not None:
+        store += f", {_bytes(st['bytes'])}"
+    store += ", " + ("writable" if st["writable"] else "CANNOT WRITE")
     if st.get("pending_writes"):
         store += f", {st['pending_writes']} writes waiting"
     lines.append(f"  store        {store}")

@@ -103,8 +103,29 @@ def test_sys_topics_and_status_lines_of_the_cluster() -> None:
            "retained": {"count": 0, "bytes": 0},
            "store": {"path": "/x/roost.db", "bytes": 0, "writable": True}, "cluster": cluster_document(FIGURES)}
     lines = render(doc).splitlines()
+    assert "  store        /x/roost.db, 0 B, writable" in lines     # SQLite: as before PostgreSQL
     cl = [i for i, line in enumerate(lines) if line.startswith("  cluster ")]
     assert len(cl) == 1
     assert lines[cl[0]] == "  cluster      node n1, 3 nodes alive (others: n2, n3); NATS NOT CONNECTED, 2 reconnects"
     assert "3 dropped (300 B), 1 slow-consumer losses" in lines[cl[0] + 1]
     assert "1 dead nodes, 2 wills published for them, 1 sessions adopted" in lines[cl[0] + 2]
+
+
+def test_status_names_a_postgres_store_by_its_dsn_without_password(tmp_path: Path, postgres_dsn: str) -> None:
+    dsn = postgres_dsn.replace("roost@", "roost:s3cret@", 1)   # trust auth: the password is ignored, not shown
+    assert "s3cret" in dsn
+    node = RoostProcess(tmp_path / "pg", {"storage": {"backend": "postgres", "dsn": dsn},
+                                          "listeners": {"web": {"type": "http", "bind": f"127.0.0.1:{free_port()}"}},
+                                          "sys_interval": 0}).start()
+    try:
+        shown = postgres_dsn   # postgresql://roost@127.0.0.1:PORT/DB
+        text = node.cli("status").stdout
+        line = next(line for line in text.splitlines() if line.startswith("  store "))
+        assert line.startswith(f"  store        postgres {shown}, ") and line.endswith(", writable"), line
+        assert "s3cret" not in text
+        doc = json.loads(node.cli("status", "--json").stdout)["store"]
+        assert (doc["engine"], doc["location"]) == ("postgres", shown)
+        assert doc["bytes"] > 0                                        # pg_database_size
+        assert scrape(node)[("roost_store_bytes", ())] > 0
+    finally:
+        node.kill()

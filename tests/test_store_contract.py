@@ -192,8 +192,8 @@ def test_every_store_member_is_covered() -> None:
 
 # ---- lifecycle and health ------------------------------------------------------------
 
-@covers("open", "close", "health.path", "health.commits", "health.write_failures", "health.pending_writes",
-        "health.unavailable_since", "health.on_commit")
+@covers("open", "close", "health.engine", "health.location", "health.size", "health.commits",
+        "health.write_failures", "health.pending_writes", "health.unavailable_since", "health.on_commit")
 def test_open_close_reopen_and_health(store: OpenStore) -> None:
     async def main() -> None:
         async with store() as s:
@@ -204,7 +204,13 @@ def test_open_close_reopen_and_health(store: OpenStore) -> None:
             assert s.health.commits > before and commits and all(c >= 0 for c in commits)
             assert s.health.write_failures == 0 and s.health.unavailable_since is None
             assert s.health.pending_writes == 0
-            assert isinstance(s.health.path, Path)
+            assert s.health.engine in ("sqlite", "postgres")
+            location = s.health.location
+            assert isinstance(location, str) and location
+            if s.health.engine == "postgres":   # the dsn without its password
+                assert location.startswith("postgresql://") and ":" not in location.split("@")[0][13:]
+            size = await s.health.size()
+            assert isinstance(size, int) and size > 0
             s.health.on_commit = None
             held = s
         with pytest.raises(StoreClosed):

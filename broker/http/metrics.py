@@ -146,7 +146,9 @@ class RoostCollector(Collector):
         st = s.store
         yield GaugeMetricFamily("roost_store_writable", "0 while store commits fail (disk full, read-only)",
                                 value=1 if st.writable else 0)
-        yield GaugeMetricFamily("roost_store_bytes", "Database and WAL size, as last measured", value=st.bytes)
+        if st.bytes is not None:
+            yield GaugeMetricFamily("roost_store_bytes", "Database size (SQLite: file and WAL), as last measured",
+                                    value=st.bytes)
         yield GaugeMetricFamily("roost_store_pending_writes", "Jobs waiting for the store's writer",
                                 value=st.pending_writes)
         yield CounterMetricFamily("roost_store_commits", "Group commits", value=st.commits)

@@ -36,13 +36,14 @@ class ListenerFigures:
 
 @dataclass(frozen=True, slots=True)
 class StoreFigures:
-    path: str
-    bytes: int              # database file + WAL, as last measured
+    location: str           # the SQLite file; the PostgreSQL dsn without its password
+    bytes: int | None       # SQLite: file + WAL; PostgreSQL: pg_database_size; as last measured (None: unknown)
     writable: bool          # False while commits fail (disk full, read-only, I/O errors)
     unavailable_since: float | None
     commits: int
     write_failures: int     # batches whose commit failed
     pending_writes: int     # jobs queued for the writer thread
+    engine: str = "sqlite"  # or postgres
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,7 +213,8 @@ def sys_topics(s: Snapshot, loads: LoadAverages | None = None) -> dict[str, str]
     t[r + "mailbox/pruned"] = str(s.mailbox_pruned)
     for name, n in s.telemetry.items():
         t[f"{r}telemetry/{_topic_part(name)}"] = str(n)
-    t[r + "store/bytes"] = str(s.store.bytes)
+    if s.store.bytes is not None:
+        t[r + "store/bytes"] = str(s.store.bytes)
     t[r + "store/writable"] = "1" if s.store.writable else "0"
     if s.cluster is not None:
         t.update(cluster_topics(s.cluster))
@@ -271,7 +273,9 @@ def status_document(s: Snapshot, recent_refusals: Mapping[str, int], recent_wind
         "messages": {"received": sum(s.publish_received), "sent": sum(s.publish_sent),
                      "inflight": s.inflight, "queued": s.queued, "queued_bytes": s.queued_bytes},
         "retained": {"count": s.retained, "bytes": s.retained_bytes},
-        "store": {"path": s.store.path, "bytes": s.store.bytes, "writable": s.store.writable,
+        "store": {"engine": s.store.engine, "location": s.store.location,
+                  "path": s.store.location,    # the name before PostgreSQL (kept for readers of it)
+                  "bytes": s.store.bytes, "writable": s.store.writable,
                   "unavailable_since": s.store.unavailable_since, "pending_writes": s.store.pending_writes,
                   "write_failures": s.store.write_failures},
         "limits": dict(s.limits),

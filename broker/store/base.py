@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 # ---- errors ------------------------------------------------------------------
@@ -563,8 +562,17 @@ class StoreHealth(Protocol):
     `roost status`). Plain figures, updated by the store itself."""
 
     @property
-    def path(self) -> Path:
-        """Where the store keeps its data (the monitor reports its size)."""
+    def engine(self) -> str:
+        """`sqlite` or `postgres` (how `roost status` names the store)."""
+
+    @property
+    def location(self) -> str:
+        """Where the data is: the SQLite file, or the PostgreSQL dsn without its password."""
+
+    async def size(self) -> int | None:
+        """Bytes the data takes now (SQLite: the file and its WAL; PostgreSQL:
+        pg_database_size), None when that cannot be told (server unreachable).
+        Cheap and quick: the monitor asks every few seconds."""
 
     @property
     def unavailable_since(self) -> float | None:

@@ -33,7 +33,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -51,6 +50,7 @@ _UNAVAILABLE_CLASSES = ("08", "53", "57", "58", "XX")   # connection, resources,
 _UNAVAILABLE_CODES = {"25006"}                           # read-only transaction (a standby, or default_transaction_read_only)
 _DISK_FULL = "53100"
 _TOO_MANY_CONNECTIONS = "53300"
+SIZE_TIMEOUT = 2.0                                       # seconds for the monitor's pg_database_size
 _RETRYABLE = {"40001", "40P01"}                          # serialization failure, deadlock: run the transaction again
 
 
@@ -60,7 +60,7 @@ class _Retryable(StoreBusy):
 
 
 def redacted_dsn(dsn: str) -> str:
-    """The dsn without its password (for logs, errors and StoreHealth.path)."""
+    """The dsn without its password (for logs, errors and StoreHealth.location)."""
     try:
         parts = urlsplit(dsn)
     except ValueError:
@@ -147,9 +147,25 @@ class PgDatabase:
 
     # ---- StoreHealth -------------------------------------------------------
     @property
-    def path(self) -> Path:
-        """The server and database (no password): there is no file whose size means anything."""
-        return Path(redacted_dsn(self.dsn))
+    def engine(self) -> str:
+        return "postgres"
+
+    @property
+    def location(self) -> str:
+        """The server and database (no password)."""
+        return redacted_dsn(self.dsn)
+
+    async def size(self) -> int | None:
+        """pg_database_size of this database (a stat of its files on the server);
+        None while the server cannot answer within SIZE_TIMEOUT."""
+        if self._pool is None:
+            return None
+        try:
+            async with self._pool.acquire(timeout=SIZE_TIMEOUT) as conn:
+                size = await conn.fetchval("SELECT pg_database_size(current_database())", timeout=SIZE_TIMEOUT)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            return None
+        return int(size)
 
     @property
     def pending_writes(self) -> int:

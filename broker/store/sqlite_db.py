@@ -114,6 +114,19 @@ class Database:
         self._checkpoint_done_at = 0     # commit count before the last checkpoint that ran
         self._checkpoint_failing = False
 
+    # ---- StoreHealth (with the counters above) ---------------------------
+    @property
+    def engine(self) -> str:
+        return "sqlite"
+
+    @property
+    def location(self) -> str:
+        return str(self.path)
+
+    async def size(self) -> int:
+        """The database file and its WAL (a stat each, off the event loop)."""
+        return await asyncio.get_running_loop().run_in_executor(None, _file_bytes, self.path)
+
     # ---- lifecycle -------------------------------------------------------
     def open_sync(self, migrations: Sequence[Migration]) -> None:
         """Open, apply pending migrations, start the writer. Blocking: call before
@@ -326,6 +339,16 @@ class Database:
             return fn(self._rconn)
         finally:
             self._rconn.execute("COMMIT")
+
+
+def _file_bytes(path: Path) -> int:
+    total = 0
+    for p in (path, path.with_name(path.name + "-wal")):
+        try:
+            total += p.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 def prepare_private_file(path: Path) -> None:
