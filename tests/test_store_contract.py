@@ -306,6 +306,15 @@ def test_retained_set_replace_clear(store: OpenStore) -> None:
             await s.retained.put(RetainedMessage("home/a", b"2", 2))   # replaces
             got = sorted(await s.retained.load_all(), key=lambda m: m.topic)
             assert got == [RetainedMessage("home/a", b"2", 2), RetainedMessage("home/b", b"\x00\xffbinary", 1)]
+            # MQTT 5: forwarded properties and the message expiry deadline kept as given; replaced with the rest
+            v5 = RetainedMessage("home/c", b"3", 1, b"\x03\x00\x04text\x00", TS + 60.5)
+            await s.retained.put(RetainedMessage("home/c", b"old", 0, b"\x01\x01", TS))
+            await s.retained.put(v5)
+            await s.retained.put(RetainedMessage("home/d", b"4", 0, None, TS))
+            got = sorted(await s.retained.load_all(), key=lambda m: m.topic)
+            assert got[2:] == [v5, RetainedMessage("home/d", b"4", 0, None, TS)]
+            await s.retained.delete("home/c")
+            await s.retained.delete("home/d")
             await s.retained.delete("home/a")
             await s.retained.delete("home/none")   # nothing there: no error
         async with store() as s:
@@ -327,6 +336,9 @@ def test_sessions_journal_and_saved_state(store: OpenStore) -> None:
                 MessageKept("c1", SavedMessage(2, "a/y", b"two", 2, retain=True)),
                 SessionUpsert("c2", None, None, {"b": 0}, 0.0),
                 MessageKept("c2", SavedMessage(1, "b", payload, 1)),
+                # MQTT 5: session expiry, subscription options and identifier, message properties and expiry
+                SessionUpsert("c5", "dave", "user", {"v/#": 1}, 0.0, 30.0, {"v/#": (0x05, 7)}),
+                MessageKept("c5", SavedMessage(1, "v/x", payload, 1, properties=b"\x01\x01", expires_at=TS + 9.25)),
             ])
             await s.sessions.apply([MessageDone("c1", 1), SessionUpsert("c1", "alice", "user", {"a/#": 2, "z": 0}, TS)])
             by_id = {x.client_id: x for x in await s.sessions.load_sessions()}
@@ -334,6 +346,14 @@ def test_sessions_journal_and_saved_state(store: OpenStore) -> None:
             assert (c1.principal, c1.kind, c1.subscriptions, c1.disconnected_at) == ("alice", "user", {"a/#": 2, "z": 0}, TS)
             assert c1.messages == [SavedMessage(2, "a/y", b"two", 2, retain=True)]
             assert (c2.principal, c2.kind, c2.messages) == (None, None, [SavedMessage(1, "b", payload, 1)])
+            assert (c1.expiry, c1.subscription_options, c2.expiry, c2.subscription_options) == (None, {}, None, {})
+            c5 = by_id["c5"]
+            assert (c5.expiry, c5.subscription_options) == (30.0, {"v/#": (0x05, 7)})
+            assert c5.messages == [SavedMessage(1, "v/x", payload, 1, properties=b"\x01\x01", expires_at=TS + 9.25)]
+            await s.sessions.apply([SessionUpsert("c5", "dave", "user", {"v/#": 1}, TS, 0xFFFFFFFF, {"v/#": (0x0D, 0)})])
+            c5 = {x.client_id: x for x in await s.sessions.load_sessions()}["c5"]
+            assert (c5.expiry, c5.subscription_options) == (0xFFFFFFFF, {"v/#": (0x0D, 0)})
+            await s.sessions.apply([SessionDrop("c5")])
 
             await s.sessions.apply([SessionDrop("c2")])
             assert [x.client_id for x in await s.sessions.load_sessions()] == ["c1"]
@@ -345,6 +365,10 @@ def test_sessions_journal_and_saved_state(store: OpenStore) -> None:
                               SavedMessage(9, "t", b"q", 2)],
                              [3, 4], 8, TS),
                 SavedSession("c4", "carol", "user", {}, [], [], 0, TS + 1),
+                SavedSession("c6", "erin", "user", {"e/+": 2, "$share/g/e/#": 1},
+                             [SavedMessage(2, "e/1", b"v5", 2, pid=3, properties=b"\x09\x00\x02id", expires_at=TS + 5),
+                              SavedMessage(4, "e/2", b"v5q", 1, properties=b"", expires_at=None)],
+                             [], 3, TS + 2, 120.0, {"e/+": (0x2A, 268435455), "$share/g/e/#": (0x01, 0)}),
             ]
             await s.sessions.save_sessions(exact)
         async with store() as s:

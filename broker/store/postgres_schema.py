@@ -51,6 +51,7 @@ MIGRATIONS: list[PgMigration] = [
     (2, "messaging and social", MESSAGING_DDL),
     (3, "telemetry history and files", postgres_telemetry.HISTORY_DDL + postgres_files.DDL),
     (4, "file contents kept when their uploaders are removed", postgres_files.CONTENTS_DDL),
+    (5, "mqtt 5 session expiry, subscription options, message properties and expiry", postgres_sessions.MQTT5_DDL),
 ]
 
 # For `roost migrate` (broker/store/postgres_import.py): tables the DDL fills

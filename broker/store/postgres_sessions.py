@@ -26,6 +26,7 @@ from broker.store.base import (
     SessionUpsert,
 )
 from broker.store.postgres_db import PgDatabase
+from broker.store.sqlite_sessions import options_json, options_of
 
 DDL = """
 CREATE TABLE mqtt_sessions (
@@ -57,6 +58,20 @@ CREATE TABLE mqtt_session_messages (
 CREATE INDEX mqtt_session_messages_payload ON mqtt_session_messages (payload_id);
 """
 
+# MQTT 5 across a restart (migration 5; the SQLite engine's 0113, same columns):
+# a session's Session Expiry Interval (NULL: limits.session_expiry) and
+# subscription options/identifiers (JSON filter -> [options byte, identifier]);
+# a kept or retained message's forwarded properties (encoded) and the end of its
+# Message Expiry Interval (epoch s).
+MQTT5_DDL = """
+ALTER TABLE mqtt_sessions ADD COLUMN session_expiry double precision;
+ALTER TABLE mqtt_sessions ADD COLUMN subscription_options text NOT NULL DEFAULT '{}';
+ALTER TABLE mqtt_session_messages ADD COLUMN properties bytea;
+ALTER TABLE mqtt_session_messages ADD COLUMN expires_at double precision;
+ALTER TABLE retained ADD COLUMN properties bytea;
+ALTER TABLE retained ADD COLUMN expires_at double precision;
+"""
+
 
 
 def payload_digest(payload: bytes) -> bytes:
@@ -66,9 +81,11 @@ def payload_digest(payload: bytes) -> bytes:
 
 
 _UPSERT = ("INSERT INTO mqtt_sessions(client_id, principal, kind, subscriptions, incoming_qos2, last_pid, "
-           "disconnected_at) VALUES ($1,$2,$3,$4,'[]',0,$5) ON CONFLICT (client_id) DO UPDATE SET "
+           "disconnected_at, session_expiry, subscription_options) VALUES ($1,$2,$3,$4,'[]',0,$5,$6,$7) "
+           "ON CONFLICT (client_id) DO UPDATE SET "
            "principal=excluded.principal, kind=excluded.kind, subscriptions=excluded.subscriptions, "
-           "disconnected_at=excluded.disconnected_at")
+           "disconnected_at=excluded.disconnected_at, session_expiry=excluded.session_expiry, "
+           "subscription_options=excluded.subscription_options")
 _REF = ("INSERT INTO mqtt_payloads(digest, payload, refs) SELECT * FROM unnest($1::bytea[], $2::bytea[], $3::int[]) "
         "ON CONFLICT (digest) DO UPDATE SET refs = mqtt_payloads.refs + excluded.refs RETURNING id, digest")
 _UNREF = ("UPDATE mqtt_payloads p SET refs = p.refs - d.c "
@@ -76,9 +93,10 @@ _UNREF = ("UPDATE mqtt_payloads p SET refs = p.refs - d.c "
 _UNREF_GONE = "DELETE FROM mqtt_payloads WHERE id = ANY($1::bigint[]) AND refs <= 0"
 _DELETE_MESSAGES = ("DELETE FROM mqtt_session_messages m USING unnest($1::text[], $2::bigint[]) AS k(client_id, seq) "
                     "WHERE m.client_id = k.client_id AND m.seq = k.seq RETURNING m.payload_id")
-_INSERT_MESSAGES = ("INSERT INTO mqtt_session_messages(client_id, seq, topic, payload_id, qos, retain, pid, stage) "
+_INSERT_MESSAGES = ("INSERT INTO mqtt_session_messages(client_id, seq, topic, payload_id, qos, retain, pid, stage, "
+                    "properties, expires_at) "
                     "SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[], $5::int[], "
-                    "$6::boolean[], $7::int[], $8::int[])")
+                    "$6::boolean[], $7::int[], $8::int[], $9::bytea[], $10::float8[])")
 
 
 async def _unref(conn: Connection, payload_ids: Iterable[int | None]) -> None:
@@ -116,7 +134,8 @@ async def _keep(conn: Connection, kept: list[tuple[str, SavedMessage]]) -> None:
     ms = list(by_key.values())
     await conn.execute(_INSERT_MESSAGES, client_ids, seqs, [m.topic for m in ms],
                        [ids[d] if d is not None else None for d in keyed], [m.qos for m in ms],
-                       [m.retain for m in ms], [m.pid for m in ms], [m.stage for m in ms])
+                       [m.retain for m in ms], [m.pid for m in ms], [m.stage for m in ms],
+                       [m.properties for m in ms], [m.expires_at for m in ms])
     await _unref(conn, (r[0] for r in old))
 
 
@@ -161,7 +180,8 @@ class PgSessionStore:
                     await _done(conn, [op for op in run if isinstance(op, MessageDone)])
                 elif isinstance(first, SessionUpsert):
                     await conn.executemany(_UPSERT, [
-                        (op.client_id, op.principal, op.kind, json.dumps(op.subscriptions), op.disconnected_at)
+                        (op.client_id, op.principal, op.kind, json.dumps(op.subscriptions), op.disconnected_at,
+                         op.expiry, options_json(op.subscription_options))
                         for op in run if isinstance(op, SessionUpsert)])
                 elif isinstance(first, SessionDrop):
                     await _drop(conn, [op.client_id for op in run])
@@ -176,9 +196,10 @@ class PgSessionStore:
             if sessions:
                 await conn.executemany(
                     "INSERT INTO mqtt_sessions(client_id, principal, kind, subscriptions, incoming_qos2, last_pid, "
-                    "disconnected_at) VALUES ($1,$2,$3,$4,$5,$6,$7)",
+                    "disconnected_at, session_expiry, subscription_options) VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9)",
                     [(s.client_id, s.principal, s.kind, json.dumps(s.subscriptions), json.dumps(s.incoming_qos2),
-                      s.last_pid, s.disconnected_at) for s in sessions])
+                      s.last_pid, s.disconnected_at, s.expiry, options_json(s.subscription_options))
+                     for s in sessions])
             kept = [(s.client_id, m) for s in sessions for m in s.messages]
             if kept:
                 await _keep(conn, kept)
@@ -190,16 +211,19 @@ class PgSessionStore:
             # each payload read once: the sessions that share it share one bytes object
             payloads = {int(r[0]): bytes(r[1]) for r in await conn.fetch("SELECT id, payload FROM mqtt_payloads")}
             messages: dict[str, list[SavedMessage]] = {}
-            for r in await conn.fetch("SELECT client_id, seq, topic, payload_id, qos, retain, pid, stage "
-                                      "FROM mqtt_session_messages ORDER BY client_id, seq"):
+            for r in await conn.fetch("SELECT client_id, seq, topic, payload_id, qos, retain, pid, stage, "
+                                      "properties, expires_at FROM mqtt_session_messages ORDER BY client_id, seq"):
                 payload = payloads.get(int(r[3]), b"") if r[3] is not None else b""
                 messages.setdefault(r[0], []).append(
-                    SavedMessage(int(r[1]), r[2], payload, int(r[4]), bool(r[5]), r[6], int(r[7])))
+                    SavedMessage(int(r[1]), r[2], payload, int(r[4]), bool(r[5]), r[6], int(r[7]),
+                                 None if r[8] is None else bytes(r[8]), None if r[9] is None else float(r[9])))
             out = []
             for r in await conn.fetch("SELECT client_id, principal, kind, subscriptions, incoming_qos2, last_pid, "
-                                      "disconnected_at FROM mqtt_sessions ORDER BY client_id"):
+                                      "disconnected_at, session_expiry, subscription_options "
+                                      "FROM mqtt_sessions ORDER BY client_id"):
                 out.append(SavedSession(r[0], r[1], r[2], dict(json.loads(r[3])), messages.get(r[0], []),
-                                        list(json.loads(r[4])), int(r[5]), float(r[6])))
+                                        list(json.loads(r[4])), int(r[5]), float(r[6]),
+                                        None if r[7] is None else float(r[7]), options_of(r[8])))
             return out
 
         return await self._db.read(job, snapshot=True)

@@ -173,15 +173,19 @@ class SqliteRetainedStore:
         self._db = db
 
     async def load_all(self) -> list[RetainedMessage]:
-        rows = await self._db.read(lambda conn: conn.execute("SELECT topic, payload, qos FROM retained").fetchall())
-        return [RetainedMessage(t, bytes(p), q) for t, p, q in rows]
+        # properties and expires_at: MQTT 5 (columns added by sqlite_sessions' 0113)
+        rows = await self._db.read(lambda conn: conn.execute(
+            "SELECT topic, payload, qos, properties, expires_at FROM retained").fetchall())
+        return [RetainedMessage(t, bytes(p), q, None if props is None else bytes(props), exp)
+                for t, p, q, props, exp in rows]
 
     async def put(self, msg: RetainedMessage) -> None:
         await self._db.write(
             lambda conn: conn.execute(
-                "INSERT INTO retained(topic, payload, qos) VALUES (?,?,?) "
-                "ON CONFLICT(topic) DO UPDATE SET payload=excluded.payload, qos=excluded.qos",
-                (msg.topic, msg.payload, msg.qos),
+                "INSERT INTO retained(topic, payload, qos, properties, expires_at) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(topic) DO UPDATE SET payload=excluded.payload, qos=excluded.qos, "
+                "properties=excluded.properties, expires_at=excluded.expires_at",
+                (msg.topic, msg.payload, msg.qos, msg.properties, msg.expires_at),
             )
         )
 

@@ -98,13 +98,35 @@ MIGRATIONS: list[Migration] = [
         ALTER TABLE mqtt_session_messages_v2 RENAME TO mqtt_session_messages;
         CREATE INDEX mqtt_session_messages_payload ON mqtt_session_messages(payload_id)
     """),
+    # MQTT 5 across a restart: a session's Session Expiry Interval (NULL:
+    # limits.session_expiry) and subscription options/identifiers (JSON filter ->
+    # [options byte, identifier]); a kept or retained message's forwarded
+    # properties (encoded) and the end of its Message Expiry Interval (epoch s).
+    ("0113_mqtt5_session_fields", """
+        ALTER TABLE mqtt_sessions ADD COLUMN session_expiry REAL;
+        ALTER TABLE mqtt_sessions ADD COLUMN subscription_options TEXT NOT NULL DEFAULT '{}';
+        ALTER TABLE mqtt_session_messages ADD COLUMN properties BLOB;
+        ALTER TABLE mqtt_session_messages ADD COLUMN expires_at REAL;
+        ALTER TABLE retained ADD COLUMN properties BLOB;
+        ALTER TABLE retained ADD COLUMN expires_at REAL
+    """),
 ]
 
 _UPSERT = ("INSERT INTO mqtt_sessions(client_id, principal, kind, subscriptions, incoming_qos2, last_pid, "
-           "disconnected_at) VALUES (?,?,?,?,'[]',0,?) ON CONFLICT(client_id) DO UPDATE SET principal=excluded.principal, "
-           "kind=excluded.kind, subscriptions=excluded.subscriptions, disconnected_at=excluded.disconnected_at")
-_KEEP = ("INSERT OR REPLACE INTO mqtt_session_messages(client_id, seq, topic, payload_id, qos, retain, pid, stage) "
-         "VALUES (?,?,?,?,?,?,?,?)")
+           "disconnected_at, session_expiry, subscription_options) VALUES (?,?,?,?,'[]',0,?,?,?) "
+           "ON CONFLICT(client_id) DO UPDATE SET principal=excluded.principal, "
+           "kind=excluded.kind, subscriptions=excluded.subscriptions, disconnected_at=excluded.disconnected_at, "
+           "session_expiry=excluded.session_expiry, subscription_options=excluded.subscription_options")
+_KEEP = ("INSERT OR REPLACE INTO mqtt_session_messages(client_id, seq, topic, payload_id, qos, retain, pid, stage, "
+         "properties, expires_at) VALUES (?,?,?,?,?,?,?,?,?,?)")
+
+
+def options_json(options: dict[str, tuple[int, int]]) -> str:
+    return json.dumps({f: [o, sid] for f, (o, sid) in options.items()})
+
+
+def options_of(text: str) -> dict[str, tuple[int, int]]:
+    return {str(f): (int(v[0]), int(v[1])) for f, v in json.loads(text).items()}
 
 
 def _payload_ref(conn: sqlite3.Connection, payload: bytes) -> int | None:
@@ -131,7 +153,8 @@ def _keep(conn: sqlite3.Connection, client_id: str, m: SavedMessage) -> None:
     old = conn.execute("SELECT payload_id FROM mqtt_session_messages WHERE client_id=? AND seq=?",
                        (client_id, m.seq)).fetchone()
     payload_id = _payload_ref(conn, m.payload)
-    conn.execute(_KEEP, (client_id, m.seq, m.topic, payload_id, m.qos, int(m.retain), m.pid, m.stage))
+    conn.execute(_KEEP, (client_id, m.seq, m.topic, payload_id, m.qos, int(m.retain), m.pid, m.stage,
+                         m.properties, m.expires_at))
     if old is not None:
         _payload_unref(conn, old[0])
 
@@ -152,7 +175,7 @@ class SqliteSessionStore:
                         _payload_unref(conn, payload_id)
                 elif isinstance(op, SessionUpsert):
                     conn.execute(_UPSERT, (op.client_id, op.principal, op.kind, json.dumps(op.subscriptions),
-                                           op.disconnected_at))
+                                           op.disconnected_at, op.expiry, options_json(op.subscription_options)))
                 elif isinstance(op, SessionDrop):
                     for (payload_id,) in conn.execute("DELETE FROM mqtt_session_messages WHERE client_id=? "
                                                       "RETURNING payload_id", (op.client_id,)).fetchall():
@@ -168,9 +191,9 @@ class SqliteSessionStore:
             conn.execute("DELETE FROM mqtt_sessions")
             conn.executemany(
                 "INSERT INTO mqtt_sessions(client_id, principal, kind, subscriptions, incoming_qos2, last_pid, "
-                "disconnected_at) VALUES (?,?,?,?,?,?,?)",
+                "disconnected_at, session_expiry, subscription_options) VALUES (?,?,?,?,?,?,?,?,?)",
                 [(s.client_id, s.principal, s.kind, json.dumps(s.subscriptions), json.dumps(s.incoming_qos2),
-                  s.last_pid, s.disconnected_at) for s in sessions])
+                  s.last_pid, s.disconnected_at, s.expiry, options_json(s.subscription_options)) for s in sessions])
             for s in sessions:
                 for m in s.messages:
                     _keep(conn, s.client_id, m)
@@ -182,17 +205,18 @@ class SqliteSessionStore:
             # each payload read once: the sessions that share it share one bytes object
             payloads = {pid_: bytes(p) for pid_, p in conn.execute("SELECT id, payload FROM mqtt_payloads")}
             messages: dict[str, list[SavedMessage]] = {}
-            for cid, seq, topic, payload_id, qos, retain, pid, stage in conn.execute(
-                    "SELECT client_id, seq, topic, payload_id, qos, retain, pid, stage FROM mqtt_session_messages "
-                    "ORDER BY client_id, seq"):
+            for cid, seq, topic, payload_id, qos, retain, pid, stage, props, expires_at in conn.execute(
+                    "SELECT client_id, seq, topic, payload_id, qos, retain, pid, stage, properties, expires_at "
+                    "FROM mqtt_session_messages ORDER BY client_id, seq"):
                 payload = payloads.get(payload_id, b"") if payload_id is not None else b""
-                messages.setdefault(cid, []).append(SavedMessage(seq, topic, payload, qos, bool(retain), pid, stage))
+                messages.setdefault(cid, []).append(SavedMessage(seq, topic, payload, qos, bool(retain), pid, stage,
+                                                                 None if props is None else bytes(props), expires_at))
             out = []
-            for cid, principal, kind, subs, qos2, last_pid, at in conn.execute(
-                    "SELECT client_id, principal, kind, subscriptions, incoming_qos2, last_pid, disconnected_at "
-                    "FROM mqtt_sessions ORDER BY client_id"):
+            for cid, principal, kind, subs, qos2, last_pid, at, expiry, options in conn.execute(
+                    "SELECT client_id, principal, kind, subscriptions, incoming_qos2, last_pid, disconnected_at, "
+                    "session_expiry, subscription_options FROM mqtt_sessions ORDER BY client_id"):
                 out.append(SavedSession(cid, principal, kind, dict(json.loads(subs)), messages.get(cid, []),
-                                        list(json.loads(qos2)), last_pid, at))
+                                        list(json.loads(qos2)), last_pid, at, expiry, options_of(options)))
             return out
 
         return await self._db.read(job)
