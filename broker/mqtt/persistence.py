@@ -2,7 +2,9 @@
 session journal (journal.py) and when, the exact state saved at a clean stop,
 and the sessions of the last run brought back at start.
 
-The journal holds a session's subscriptions and departure time (`note`), and
+The journal holds a session's subscriptions (MQTT 5: with their options and
+identifiers, and the session's Session Expiry Interval) and departure time
+(`note`), and
 every QoS 1/2 message owed to it from the moment it is kept until the client
 acknowledges it (SessionState writes those itself). Clean sessions are never
 journaled: they end with their connection anyway.
@@ -10,12 +12,16 @@ journaled: they end with their connection anyway.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from broker.mqtt import properties as P
+from broker.mqtt.codec import encode_varint
 from broker.mqtt.journal import SessionJournal
+from broker.mqtt.properties import MsgProps
 from broker.mqtt.session import ClientInfo, Message, SessionHost, SessionState, client_id_of_key
 from broker.store.base import SavedMessage, SavedSession, SessionDrop, SessionUpsert
 
@@ -27,6 +33,28 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.mqtt")
 
 SESSION_EXPIRY = 7 * 86400.0     # seconds a disconnected persistent session is kept
+
+
+def stored_props(props: MsgProps | None, loop_now: float) -> tuple[bytes | None, float | None]:
+    """A message's MQTT 5 properties as stored: the forwarded ones (encoded) and
+    the end of its Message Expiry Interval turned from loop time into epoch s,
+    so the time left keeps counting while the broker is down."""
+    if props is None:
+        return None, None
+    expires_at = None if props.expires_at is None else time.time() + (props.expires_at - loop_now)
+    return props.forwarded, expires_at
+
+
+def props_of_stored(forwarded: bytes | None, expires_at: float | None, loop_now: float) -> MsgProps | None:
+    """The MsgProps of a stored message (`stored_props` undone); the publisher
+    (for No Local) is not known any more."""
+    if forwarded is None and expires_at is None:
+        return None
+    raw = forwarded or b""
+    decoded, _ = P.decode(encode_varint(len(raw)) + raw, 0, P.PUBLISH_PROPS)
+    return MsgProps(raw, None if expires_at is None else loop_now + (expires_at - time.time()), None,
+                    decoded.get(P.PAYLOAD_FORMAT) == 1, decoded.get(P.RESPONSE_TOPIC),
+                    decoded.get(P.CORRELATION_DATA))
 
 
 class SessionPersistence:
@@ -48,7 +76,7 @@ class SessionPersistence:
         st.unjournaled = self._unsaved_prefixes
         info = st.info
         journal.append(SessionUpsert(st.client_id, info.principal, info.kind, dict(st.subs),
-                                     st.disconnected_at or time.time()))
+                                     st.disconnected_at or time.time(), st.expiry, dict(st.sub_opts)))
 
     def dropped(self, st: SessionState) -> None:
         """The session was discarded: it is not journaled any more."""
@@ -63,18 +91,22 @@ class SessionPersistence:
         for st in sessions.values():
             if st.clean or st.discarded:
                 continue
+            now = st.host.loop.time()
             messages = []
             for pid, (msg, qos, stage, seq) in st.inflight.items():
                 if msg is None:           # QoS 2 past PUBREC: only the PUBREL is owed
                     messages.append(SavedMessage(seq, "", b"", qos, False, pid, stage))
                 elif seq:
-                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, msg.retain, pid, stage))
+                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, msg.retain, pid, stage,
+                                                 *stored_props(msg.props, now)))
             for msg, qos, seq in st.queue:
                 if seq:
-                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, msg.retain))
+                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, msg.retain, None, 0,
+                                                 *stored_props(msg.props, now)))
             info = st.info
             out.append(SavedSession(st.client_id, info.principal, info.kind, dict(st.subs), messages,
-                                    sorted(st.incoming_qos2), st._pid, st.disconnected_at or time.time()))
+                                    sorted(st.incoming_qos2), st._pid, st.disconnected_at or time.time(),
+                                    st.expiry, dict(st.sub_opts)))
         return out
 
     def restore(self, saved: SavedSession, *, host: SessionHost, registry: SessionRegistry, router: Router,
@@ -84,7 +116,7 @@ class SessionPersistence:
         loader passes one that hands out one object per distinct message, so a
         message kept for 40 sessions is held once in memory, as before the restart."""
         if shared is None:
-            shared = _new_message
+            shared = functools.partial(_new_message, loop_now=host.loop.time())
         info = ClientInfo(client_id=client_id_of_key(saved.client_id), username=saved.principal, password=None,
                           remote_address="", remote_port=0, clean_session=False, keep_alive=0,
                           listener_name="")
@@ -92,6 +124,8 @@ class SessionPersistence:
         info.session_key = saved.client_id
         st = SessionState(saved.client_id, False, info, host)
         st.disconnected_at = saved.disconnected_at
+        st.expiry = saved.expiry
+        st.sub_opts.update(saved.subscription_options)
         st._pid = saved.last_pid
         st.incoming_qos2.update(saved.incoming_qos2)
         st.journal = self.journal
@@ -119,17 +153,18 @@ class SessionPersistence:
             return
         kept = 0
         now = time.time()
-        seen: dict[tuple[str, bytes, int, bool], Message] = {}
+        loop_now = host.loop.time()
+        seen: dict[tuple[str, bytes, int, bool, bytes | None, float | None], Message] = {}
 
         def interner(m: SavedMessage) -> Message:
-            key = (m.topic, m.payload, m.qos, m.retain)
+            key = (m.topic, m.payload, m.qos, m.retain, m.properties, m.expires_at)
             msg = seen.get(key)
             if msg is None:
-                msg = seen[key] = _new_message(m)
+                msg = seen[key] = _new_message(m, loop_now)
             return msg
 
         for saved in await self._store.load_sessions():
-            if now - saved.disconnected_at > SESSION_EXPIRY or not keep(saved):
+            if now - saved.disconnected_at > registry.keep_for(saved.expiry) or not keep(saved):
                 self.journal.append(SessionDrop(saved.client_id))
                 continue
             self.restore(saved, host=host, registry=registry, router=router, budgets=budgets, shared=interner)
@@ -155,5 +190,5 @@ class SessionPersistence:
             log.info("saved %d persistent sessions (%d messages)", len(saved), sum(len(s.messages) for s in saved))
 
 
-def _new_message(m: SavedMessage) -> Message:
-    return Message(m.topic, m.payload, m.qos, m.retain)
+def _new_message(m: SavedMessage, loop_now: float) -> Message:
+    return Message(m.topic, m.payload, m.qos, m.retain, props_of_stored(m.properties, m.expires_at, loop_now))

@@ -77,9 +77,14 @@ class SessionRegistry:
     def expiry_of(self, st: SessionState) -> float:
         """Seconds `st` is kept once disconnected: its MQTT 5 Session Expiry
         Interval (0xFFFFFFFF: for ever), else limits.session_expiry."""
-        if st.expiry is None:
+        return self.keep_for(st.expiry)
+
+    def keep_for(self, expiry: float | None) -> float:
+        """Seconds a disconnected session with this Session Expiry Interval (None:
+        not given, a 3.1.1 session) is kept; also for a saved one at start."""
+        if expiry is None:
             return float(getattr(self._limits, "session_expiry", SESSION_EXPIRY))
-        return float("inf") if st.expiry >= 0xFFFFFFFF else st.expiry
+        return float("inf") if expiry >= 0xFFFFFFFF else expiry
 
     def expired(self, st: SessionState, now: float) -> bool:
         return st.conn is None and not st.clean and now - st.disconnected_at > self.expiry_of(st)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.mqtt.journal import RETRY_FIRST, RETRY_MAX
+from broker.mqtt.persistence import props_of_stored, stored_props
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import RetainedMessage, StoreUnavailable
 
@@ -44,7 +45,7 @@ class Retained:
     payload: bytes
     qos: int
     owner: str | None     # the principal charged for it (None: anonymous, the broker, loaded at start)
-    props: Any = None     # MQTT 5 properties.MsgProps it was published with (memory only, not stored)
+    props: Any = None     # MQTT 5 properties.MsgProps it was published with (stored: forwarded ones, expiry)
 
 
 @dataclass(slots=True)
@@ -210,7 +211,7 @@ class RetainedMessages:
         self._on_stored = on_stored
         self.persisted = store is not None
         self._refused_log = RateLimitedLog(log)
-        self._dirty: dict[str, tuple[bytes, int] | None] = {}
+        self._dirty: dict[str, tuple[bytes, int, Any] | None] = {}   # topic -> (payload, qos, props)
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
         self._unavailable_since: float | None = None
@@ -231,7 +232,7 @@ class RetainedMessages:
                 self._refused_log.warning("not retaining %s: %s (%d refused so far)", topic, exc,
                                           self._stats["retained_refused"])
                 return False
-            self._dirty[topic] = (payload, qos)
+            self._dirty[topic] = (payload, qos, props)
         if topic[0] == "$":
             # the broker's own ($SYS): published again every sys_interval, never stored
             self._dirty.pop(topic, None)
@@ -245,9 +246,11 @@ class RetainedMessages:
         if self._store is None:
             return
         refused = 0
+        loop_now = asyncio.get_running_loop().time()
         for m in await self._store.load_all():
             try:
-                self.index.put(m.topic, bytes(m.payload), m.qos, None)
+                self.index.put(m.topic, bytes(m.payload), m.qos, None,
+                               props_of_stored(m.properties, m.expires_at, loop_now))
             except Refused:
                 refused += 1
         log.info("loaded %d retained messages (%d bytes)", len(self.index), self.index.bytes)
@@ -283,7 +286,7 @@ class RetainedMessages:
                     if v is None:
                         await self._store.delete(topic)
                     else:
-                        await self._store.put(RetainedMessage(topic, v[0], v[1]))
+                        await self._store.put(RetainedMessage(topic, v[0], v[1], *stored_props(v[2], loop.time())))
                 except StoreUnavailable as exc:
                     self._stats["retained_write_errors"] += 1
                     if self._unavailable_since is None:
