@@ -12,10 +12,12 @@ import pytest
 
 from broker.services.sysinfo import ClusterFigures, cluster_document, cluster_topics
 from client.cli_status import render
+from tests.clients import MqttClient
 from tests.harness import RoostProcess, free_port
 from tests.nats import NatsServer, wait_until
 from tests.test_cluster_routing import node_config, wait_until_formed
 from tests.test_metrics import base_url, get, scrape
+from tests.test_sys_topics import Figures
 
 
 def start_nodes(root: Path, nats_url: str) -> dict[str, RoostProcess]:
@@ -23,6 +25,7 @@ def start_nodes(root: Path, nats_url: str) -> dict[str, RoostProcess]:
     for name in ("n1", "n2"):
         cfg = node_config(name, nats_url)
         cfg["listeners"] = {"web": {"type": "http", "bind": f"127.0.0.1:{free_port()}"}}
+        cfg["sys_interval"] = 0.5 if name == "n1" else 0
         nodes[name] = RoostProcess(root / name, cfg).start()
     wait_until_formed(nodes)
     return nodes
@@ -60,12 +63,20 @@ def test_figures_show_the_other_node_then_nats_gone(two_nodes: dict[str, RoostPr
     assert doc["cluster"]["nats_connected"] is True and doc["cluster"]["nodes_alive"] == 2
     text = n1.cli("status").stdout
     assert "cluster      node n1, 2 nodes alive (others: n2); NATS connected" in text, text
+    svc = MqttClient("ha").connect(n1.host, n1.port, username="ha", password=n1.add_service("ha"))
+    assert svc.subscribe("$SYS/broker/cluster/#", 0) == [0]
+    sys = Figures(svc)
+    assert sys.wait("$SYS/broker/cluster/node") == "n1"
+    assert sys.wait("$SYS/broker/cluster/nodes/alive") == "2"
+    assert sys.wait("$SYS/broker/cluster/nats/connected") == "1"
 
     nats_server.stop()
     wait_until(lambda: cluster_metric(n1, "nats_connected") == 0, what="n1 seeing NATS gone")
     assert cluster_metric(n1, "nats_reconnects_total") == 1
     assert "NATS NOT CONNECTED" in n1.cli("status").stdout
     assert json.loads(get(base_url(n1) + "/status.json")[1])["cluster"]["nats_connected"] is False
+    sys.wait("$SYS/broker/cluster/nats/connected", lambda v: v == "0")
+    svc.disconnect()
 
 
 def test_not_in_a_cluster_no_cluster_figures(tmp_path: Path) -> None:
