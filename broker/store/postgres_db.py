@@ -96,6 +96,11 @@ def as_store_error(exc: BaseException) -> BaseException:
         if "closed" in text or "lost" in text or "connection" in text:
             return _wrap(StoreUnavailable, f"store unavailable: {_one_line(exc)}", exc)
         return unchanged
+    if isinstance(exc, asyncpg.InternalClientError):
+        # asyncpg's protocol state after the server died under a statement
+        # ("cannot switch to state ...; another operation is in progress"): the
+        # connection is broken, not the request; seen when PostgreSQL is killed
+        return _wrap(StoreUnavailable, f"store unavailable: {_one_line(exc)}", exc)
     if isinstance(exc, (OSError, TimeoutError, ConnectionError, EOFError)):
         return _wrap(StoreUnavailable, f"store unavailable: {_one_line(exc) or type(exc).__name__}", exc)
     return exc
