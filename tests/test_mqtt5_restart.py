@@ -148,3 +148,24 @@ def test_v5_session_subscriptions_and_message_properties_survive_a_restart(roost
     short = V5Client(roost, "alice.short", pw, clean_start=False, session_expiry=2)
     assert short.session_present is False
     short.close()
+
+
+def test_a_queued_v5_message_keeps_its_properties_through_a_crash(roost):
+    """The journal (what a SIGKILL leaves) carries the properties and the expiry
+    too, not only the clean stop's save."""
+    pw = roost.add_user("alice")
+    kept = V5Client(roost, "alice.kept", pw, clean_start=False, session_expiry=3600)
+    assert kept.sub("v5/c/#", sub_id=7) == [1]
+    kept.close()
+    pub = V5Client(roost, "alice.pub", pw)
+    pub.pub("v5/c/q", b"queued", MessageExpiryInterval=3600, **PROPS)   # PUBACK follows the journal's commit
+    pub.close()
+    roost.kill()
+    roost.start()
+    kept = V5Client(roost, "alice.kept", pw, clean_start=False, session_expiry=3600)
+    assert kept.session_present is True
+    m = kept.next()
+    assert (m.topic, m.payload, m.properties.SubscriptionIdentifier) == ("v5/c/q", b"queued", [7])
+    assert_props(m)
+    assert 3500 < m.properties.MessageExpiryInterval <= 3600
+    kept.close()

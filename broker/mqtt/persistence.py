@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from broker.mqtt import properties as P
 from broker.mqtt.codec import encode_varint
 from broker.mqtt.journal import SessionJournal
-from broker.mqtt.properties import MsgProps
+from broker.mqtt.properties import MsgProps, stored_props
 from broker.mqtt.session import ClientInfo, Message, SessionHost, SessionState, client_id_of_key
 from broker.store.base import SavedMessage, SavedSession, SessionDrop, SessionUpsert
 
@@ -33,16 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.mqtt")
 
 SESSION_EXPIRY = 7 * 86400.0     # seconds a disconnected persistent session is kept
-
-
-def stored_props(props: MsgProps | None, loop_now: float) -> tuple[bytes | None, float | None]:
-    """A message's MQTT 5 properties as stored: the forwarded ones (encoded) and
-    the end of its Message Expiry Interval turned from loop time into epoch s,
-    so the time left keeps counting while the broker is down."""
-    if props is None:
-        return None, None
-    expires_at = None if props.expires_at is None else time.time() + (props.expires_at - loop_now)
-    return props.forwarded, expires_at
 
 
 def props_of_stored(forwarded: bytes | None, expires_at: float | None, loop_now: float) -> MsgProps | None:

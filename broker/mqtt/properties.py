@@ -10,6 +10,7 @@ is a protocol error (reason 0x82); bytes that cannot be parsed are malformed
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,3 +235,13 @@ def message_props(props: Props, now: float, origin: Any) -> MsgProps | None:
         return None
     return MsgProps(encode_items(items), None if expiry is None else now + expiry, origin,
                     props.get(PAYLOAD_FORMAT) == 1, props.get(RESPONSE_TOPIC), props.get(CORRELATION_DATA))
+
+
+def stored_props(props: MsgProps | None, loop_now: float) -> tuple[bytes | None, float | None]:
+    """A message's MQTT 5 properties as stored: the forwarded ones (encoded) and
+    the end of its Message Expiry Interval turned from loop time into epoch s,
+    so the time left keeps counting while the broker is down."""
+    if props is None:
+        return None, None
+    expires_at = None if props.expires_at is None else time.time() + (props.expires_at - loop_now)
+    return props.forwarded, expires_at

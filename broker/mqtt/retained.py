@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.mqtt.journal import RETRY_FIRST, RETRY_MAX
-from broker.mqtt.persistence import props_of_stored, stored_props
+from broker.mqtt.persistence import props_of_stored
+from broker.mqtt.properties import stored_props
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import RetainedMessage, StoreUnavailable
 

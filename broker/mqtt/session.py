@@ -12,7 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.mqtt import codec, codec5
-from broker.mqtt.properties import MsgProps
+from broker.mqtt.properties import MsgProps, stored_props
 from broker.mqtt.topics import matches
 from broker.store.base import MessageDone, MessageKept, SavedMessage
 from contract.ids import principal_of_client_id
@@ -235,8 +235,13 @@ class SessionState:
             return 0
         self._seq += 1
         journal.append(MessageKept(self.client_id, SavedMessage(self._seq, msg.topic, msg.payload, qos,
-                                                                msg.retain, pid if qos == 2 else None)))
+                                                                msg.retain, pid if qos == 2 else None,
+                                                                0, *self._stored_props(msg))))
         return self._seq
+
+    def _stored_props(self, msg: Message) -> tuple[bytes | None, float | None]:
+        """An MQTT 5 message's properties and expiry as journaled, so they survive a crash too."""
+        return (None, None) if msg.props is None else stored_props(msg.props, self.host.loop.time())
 
     def _sent(self, msg: Message, pid: int, seq: int) -> None:
         """A journaled QoS 2 message went out under `pid`: journal the id, so after
@@ -244,7 +249,7 @@ class SessionState:
         as a new message, and the id is not reused while the client holds it."""
         if self.journal is not None:
             self.journal.append(MessageKept(self.client_id, SavedMessage(seq, msg.topic, msg.payload, 2,
-                                                                         msg.retain, pid)))
+                                                                         msg.retain, pid, 0, *self._stored_props(msg))))
 
     def _done(self, seq: int) -> None:
         if seq and self.journal is not None:
