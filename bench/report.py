@@ -44,25 +44,26 @@ class Row:
 NO_RATIO = {"lost", "dup", "connected", "events", "paced_msg_s", "half_rate", "rss_idle_mb", "members_used",
             "busiest_share"}
 
+def p2p_rows(scenario: str, title: str) -> list[Row]:
+    """The rows of a p2p load (saturated, then paced), the same for every protocol version."""
+    return [
+        Row(scenario, title, "msg_s"),
+        Row(scenario, "  p50 ms", "p50_ms", False, "{:,.1f}"),
+        Row(scenario, "  p99 ms", "p99_ms", False, "{:,.1f}"),
+        Row(scenario, "  paced at 1,000 msg/s: achieved", "paced_msg_s"),
+        Row(scenario, "  paced: p50 ms", "paced_p50_ms", False, "{:,.1f}"),
+        Row(scenario, "  paced: p99 ms", "paced_p99_ms", False, "{:,.1f}"),
+        Row(scenario, "  lost", "lost", False),
+    ]
+
+
 ROWS = [
     Row("fanin_qos0", "fan-in QoS 0 (8 -> 1)", "msg_s"),
     Row("fanin_qos0", "  lost", "lost", False),
     Row("fanin_qos1", "fan-in QoS 1 (8 -> 1)", "msg_s"),
     Row("fanin_qos1", "  lost", "lost", False),
-    Row("p2p", "p2p QoS 1 (pairs)", "msg_s"),
-    Row("p2p", "  p50 ms", "p50_ms", False, "{:,.1f}"),
-    Row("p2p", "  p99 ms", "p99_ms", False, "{:,.1f}"),
-    Row("p2p", "  paced at 1,000 msg/s: achieved", "paced_msg_s"),
-    Row("p2p", "  paced: p50 ms", "paced_p50_ms", False, "{:,.1f}"),
-    Row("p2p", "  paced: p99 ms", "paced_p99_ms", False, "{:,.1f}"),
-    Row("p2p", "  lost", "lost", False),
-    Row("p2p_v5_alias", "p2p QoS 1, MQTT 5 + topic alias", "msg_s"),
-    Row("p2p_v5_alias", "  p50 ms", "p50_ms", False, "{:,.1f}"),
-    Row("p2p_v5_alias", "  p99 ms", "p99_ms", False, "{:,.1f}"),
-    Row("p2p_v5_alias", "  paced at 1,000 msg/s: achieved", "paced_msg_s"),
-    Row("p2p_v5_alias", "  paced: p50 ms", "paced_p50_ms", False, "{:,.1f}"),
-    Row("p2p_v5_alias", "  paced: p99 ms", "paced_p99_ms", False, "{:,.1f}"),
-    Row("p2p_v5_alias", "  lost", "lost", False),
+    *p2p_rows("p2p", "p2p QoS 1 (pairs)"),
+    *p2p_rows("p2p_v5_alias", "p2p QoS 1, MQTT 5 + topic alias"),
     Row("p2p_v5_alias", "  duplicated", "dup", False),
     Row("shared_v5", "shared sub fan-in, MQTT 5 (4 pubs -> 4 workers)", "msg_s"),
     Row("shared_v5", "  p50 ms", "p50_ms", False, "{:,.1f}"),
