@@ -288,14 +288,20 @@ def decode_ack(ptype: int, flags: int, body: bytes) -> Ack:
     return Ack(decode_packet_id(body))
 
 
-def decode_subscribe(flags: int, body: bytes) -> Subscribe:
+def subscribe_packet_id(flags: int, body: bytes) -> int:
+    """SUBSCRIBE's fixed-header flags and packet id, the same in every protocol version."""
     if flags != 0x02:
         raise ProtocolViolation("SUBSCRIBE flags must be 0010")
     if len(body) < 2:
         raise ProtocolViolation("truncated SUBSCRIBE")
     pid = (body[0] << 8) | body[1]
     if pid == 0:
-        raise ProtocolViolation("packet id 0")
+        raise ProtocolViolation("packet id 0", PROTOCOL_ERROR)
+    return pid
+
+
+def decode_subscribe(flags: int, body: bytes) -> Subscribe:
+    pid = subscribe_packet_id(flags, body)
     pos = 2
     out: list[Subscription] = []
     while pos < len(body):

@@ -81,13 +81,7 @@ def decode_ack(ptype: int, flags: int, body: bytes) -> codec.Ack:
 
 
 def decode_subscribe(flags: int, body: bytes) -> codec.Subscribe:
-    if flags != 0x02:
-        raise ProtocolViolation("SUBSCRIBE flags must be 0010")
-    if len(body) < 2:
-        raise ProtocolViolation("truncated SUBSCRIBE")
-    pid = (body[0] << 8) | body[1]
-    if pid == 0:
-        raise ProtocolViolation("packet id 0", PROTOCOL_ERROR)
+    pid = codec.subscribe_packet_id(flags, body)
     props, pos = P.decode(body, 2, P.SUBSCRIBE_PROPS)
     if len(props.get(P.SUBSCRIPTION_ID, ())) > 1:
         raise ProtocolViolation("more than one Subscription Identifier", PROTOCOL_ERROR)
