@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 from typing import TYPE_CHECKING, Any
 
@@ -167,6 +168,29 @@ async def stop(broker: Any, services: Services) -> None:
         cluster.leave()   # after its connections closed: the others heard each one go
         await cluster.stop()
     await services.store.close()
+
+
+EVENT_LOOP_ENV = "ROOST_EVENT_LOOP"   # "asyncio": the standard library's loop even with uvloop installed
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """The broker's loop: uvloop when installed (its transports are C objects, about
+    half the memory per idle connection of asyncio's, and its loop turn is cheaper;
+    bench/RESULTS.md), asyncio's own with ROOST_EVENT_LOOP=asyncio or without uvloop."""
+    if os.environ.get(EVENT_LOOP_ENV, "uvloop") != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def run(config: RoostConfig) -> None:
+    """`roost serve`: serve(config) on new_event_loop() until SIGINT/SIGTERM."""
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(serve(config))
 
 
 async def serve(config: RoostConfig, ready: asyncio.Event | None = None) -> None:

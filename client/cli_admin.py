@@ -97,11 +97,11 @@ def serve(config_path: str | None, log_level: str | None) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # amqtt's state machine library logs every transition at INFO.
     logging.getLogger("transitions").setLevel(logging.WARNING)
-    from broker.app import serve as run_broker
+    from broker.app import run as run_broker
     from broker.startup import StartupError
 
     try:
-        asyncio.run(run_broker(cfg))
+        run_broker(cfg)
     except StartupError as exc:  # one line: which address, file or store, and what is wrong
         raise CliError(str(exc)) from None
     except OSError as exc:  # e.g. address already in use
