@@ -194,17 +194,32 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.state == CLOSED:
             return
-        self.last_recv = self.engine.loop.time()
-        self.engine.counters.bytes_received += len(data)
-        self.buf += data
-        if not self.blockers:
-            self._parse()
-        self.engine.read_done()
+        engine = self.engine
+        self.last_recv = engine.loop.time()
+        engine.counters.bytes_received += len(data)
+        if self.buf or self.blockers:
+            self.buf += data
+            if not self.blockers:
+                self._parse()
+        else:
+            # nothing left over (the usual case): parse the bytes as received, without
+            # copying them into the buffer first; only an incomplete rest is kept
+            pos = self._parse_in(data)
+            if pos >= 0 and pos < len(data):
+                self.buf += memoryview(data)[pos:]
+        engine.read_done()
 
     def _parse(self) -> None:
         """Handle every complete packet in the buffer, stopping early while a
         subscriber we publish to is congested (backpressure: `block()`)."""
         buf = self.buf
+        pos = self._parse_in(buf)
+        if pos > 0:
+            del buf[:pos]
+
+    def _parse_in(self, buf: bytes | bytearray) -> int:
+        """Handle the complete packets in `buf`; how many bytes of it were handled,
+        or -1 when the connection closed (nothing more is to be kept)."""
         pos = 0
         end_buf = len(buf)
         try:
@@ -249,14 +264,13 @@ class Connection(asyncio.Protocol):
                     pos = end
                     self._packet(first >> 4, first & 0x0F, body)
                 if self.state == CLOSED:
-                    return
+                    return -1
                 if self.blockers:
                     break
         except ProtocolViolation as exc:
             self.violation(str(exc), exc.code)
-            return
-        if pos:
-            del buf[:pos]
+            return -1
+        return pos
 
     # ---- backpressure ----------------------------------------------------------------
 
