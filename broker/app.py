@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from broker.config import RoostConfig
 from broker.services.identity import IdentityService
 from broker.services.runtime import Services
-from broker.startup import StoreLock, open_store
+from broker.startup import StoreLock, open_store, release_free_heap
 
 if TYPE_CHECKING:
     from broker.server import Listening
@@ -220,6 +220,7 @@ async def _serve(config: RoostConfig, listening: dict[str, Listening], ready: as
         log.warning("the store is empty: add the first principal with "
                     "`roost user add alice --password-stdin` (see README, 'First steps')")
     log.info("roost is serving")
+    release_free_heap()
     stop_event = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

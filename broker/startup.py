@@ -101,6 +101,20 @@ def _make_store_folder(folder: Path) -> None:
         raise StartupError(f"cannot create store folder {folder}: {os_reason(exc)}") from None
 
 
+def release_free_heap() -> None:
+    """Give the C heap's free pages back to the system once started (glibc's
+    malloc_trim): what the imports and opening the store freed stays in RSS
+    otherwise, ~0.7 MB of a started broker's ~42 (issue 16: RSS before the first
+    client). Elsewhere (musl, macOS) there is nothing to call."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim   # the C library the interpreter runs on
+    except (OSError, AttributeError):
+        return
+    trim(0)
+
+
 async def open_store(path: Path, storage: StorageConfig | None = None) -> Store:
     """The opened, migrated store at `path` (resolved `storage.path`), built by
     broker.store.factory, or StartupError("cannot open store <path>: ..."). With
