@@ -2,63 +2,39 @@
 home server's 20,000 idle clients, almost all of them empty all their life.
 
 An empty `deque()` costs ~760 bytes (it always holds one 64-slot block) and an
-empty `set()` 216; these cost one slotted object (~48 bytes) until used, and
-give the storage back when emptied. They offer exactly what the engine calls.
+empty `set()` 216. A session's outgoing queue is the shared NO_QUEUE until its
+first message is queued (a real deque from then on: its hot loops stay at C
+speed); its QoS 2 ids are a LazySet, one slotted object (~48 bytes) until used.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Final, Generic, Self, TypeVar
 
 T = TypeVar("T")
 
 
-class LazyDeque(Generic[T]):
-    """A FIFO (`append` at the right, `popleft`) whose deque exists only while it
-    holds something."""
+class _SharedEmptyDeque(deque[Any]):
+    """NO_QUEUE: reads (len, truth, iteration, [0]) are a deque's own, at C speed;
+    adding to it raises, so a session that forgot own_queue() fails loudly instead
+    of queueing into every idle session's queue."""
 
-    __slots__ = ("_items",)
+    __slots__ = ()
 
-    def __init__(self) -> None:
-        self._items: deque[T] | None = None
+    def _refuse(self, *_args: object) -> None:
+        raise TypeError("NO_QUEUE is shared by every idle session: add to SessionState.own_queue()")
 
-    def append(self, item: T) -> None:
-        items = self._items
-        if items is None:
-            items = self._items = deque()
-        items.append(item)
+    append = appendleft = extend = extendleft = insert = _refuse  # type: ignore[assignment]
 
-    def extend(self, items: Iterable[T]) -> None:
-        for item in items:
-            self.append(item)
+    def __iadd__(self, _other: Iterable[Any]) -> Self:
+        raise TypeError("NO_QUEUE is shared by every idle session: add to SessionState.own_queue()")
 
-    def popleft(self) -> T:
-        items = self._items
-        if items is None:
-            raise IndexError("pop from an empty deque")
-        item = items.popleft()
-        if not items:
-            self._items = None
-        return item
 
-    def clear(self) -> None:
-        self._items = None
-
-    def __getitem__(self, index: int) -> T:
-        if self._items is None:
-            raise IndexError("deque index out of range")
-        return self._items[index]
-
-    def __len__(self) -> int:
-        return 0 if self._items is None else len(self._items)
-
-    def __bool__(self) -> bool:
-        return self._items is not None
-
-    def __iter__(self) -> Iterator[T]:
-        return iter(()) if self._items is None else iter(self._items)
+# The outgoing queue of every session that has never queued a message: an empty
+# deque() is ~760 bytes (it always holds one 64-slot block) per idle session.
+NO_QUEUE: Final[deque[Any]] = _SharedEmptyDeque()
 
 
 class LazySet(Generic[T]):

@@ -129,7 +129,7 @@ class SessionPersistence:
                 st.inflight[m.pid] = [msg, m.qos, m.stage, m.seq]
             else:    # after a crash: sent again as new messages (at least once)
                 msg = shared(m)
-                st.queue.append((msg, m.qos, m.seq))
+                st.own_queue().append((msg, m.qos, m.seq))
             if msg is not None:
                 # already accepted once: accounted, never refused (budgets may have shrunk)
                 budgets.account(st, len(msg.payload))

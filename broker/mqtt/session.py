@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.mqtt import codec, codec5
-from broker.mqtt.lazy import LazyDeque, LazySet
+from broker.mqtt.lazy import NO_QUEUE, LazySet
 from broker.mqtt.properties import MsgProps, stored_props
 from broker.mqtt.topics import matches
 from broker.store.base import MessageDone, MessageKept, SavedMessage
@@ -182,8 +183,9 @@ class SessionState:
         self.host = host
         self.subs: dict[str, int] = {}
         self.conn: Connection | None = None
-        # lazy: an idle session's empty deque and set were ~1 KB of its ~4.5 (lazy.py)
-        self.queue: LazyDeque[tuple[Message, int, int]] = LazyDeque()
+        # An idle session's empty deque and set were ~1 KB of its ~4.5 (lazy.py): the
+        # queue is the shared NO_QUEUE until the first message is queued (own_queue()).
+        self.queue: deque[tuple[Message, int, int]] = NO_QUEUE
         self.inflight: dict[int, list[Any]] = {}
         self._pid = 0
         self.incoming_qos2: LazySet[int] = LazySet()
@@ -215,6 +217,14 @@ class SessionState:
         self.sub_opts: dict[str, tuple[int, int]] = {}
         self.expiry: float | None = None
         self.will_timer: Any = None
+
+    def own_queue(self) -> deque[tuple[Message, int, int]]:
+        """This session's own queue, made at the first message queued (NO_QUEUE
+        refuses additions)."""
+        queue = self.queue
+        if queue is NO_QUEUE:
+            queue = self.queue = deque()
+        return queue
 
     def __repr__(self) -> str:
         return f"<SessionState {self.client_id} subs={len(self.subs)} queued={len(self.queue)} inflight={len(self.inflight)}>"
@@ -281,7 +291,7 @@ class SessionState:
             return False
         if not self.host.charge(self, len(msg.payload)):
             return False
-        self.queue.append((msg, qos, self._keep(msg, qos) if self.journal is not None else 0))
+        self.own_queue().append((msg, qos, self._keep(msg, qos) if self.journal is not None else 0))
         return True
 
     def full(self) -> bool:
@@ -500,7 +510,7 @@ class SessionState5(SessionState):
             return False
         if not self.host.charge(self, len(msg.payload)):
             return False
-        self.queue.append((msg, qos, self._keep(msg, qos) if self.journal is not None else 0))
+        self.own_queue().append((msg, qos, self._keep(msg, qos) if self.journal is not None else 0))
         return True
 
     def pump(self) -> None:
