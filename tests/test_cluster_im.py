@@ -6,13 +6,15 @@ group get gap-free seqs."""
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
 
 from tests.clients import ImClient
-from tests.harness import RoostProcess
+from tests.harness import RoostProcess, free_port
 from tests.test_cluster_routing import node_config, wait_until_formed
+from tests.test_metrics import base_url, get
 
 
 def pg_nodes(root: Path, nats_url: str, dsn: str, names: list[str],
@@ -78,6 +80,88 @@ def test_im_across_nodes(tmp_path, nats_server, postgres_dsn) -> None:
         for t in threads:
             t.join(60)
         assert sorted(seqs) == list(range(min(seqs), min(seqs) + 80))
+    finally:
+        for node in nodes.values():
+            node.kill()
+
+
+def figures(node: RoostProcess) -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(get(base_url(node) + "/status.json")[1])["cluster"]
+    return doc
+
+
+def msg_seqs(events: list[dict[str, Any]], conv: str) -> list[int]:
+    return [e["seq"] for e in events if e.get("kind") == "msg" and e.get("conv") == conv]
+
+
+def test_mailbox_events_only_to_nodes_with_the_principals_clients(tmp_path, nats_server, postgres_dsn) -> None:
+    """Mailbox events go only to the nodes holding the recipients' clients, and a
+    client connecting on a node while messages stream to its principal misses
+    none (what its node was not yet sent, its node reads from the store once
+    every node knows of it)."""
+    names = ["n1", "n2", "n3"]
+    nodes = {}
+    for name in names:
+        cfg: dict[str, Any] = node_config(name, nats_server.url)
+        cfg["storage"] = {"backend": "postgres", "dsn": postgres_dsn, "path": str(tmp_path / name / "roost.db")}
+        cfg["messaging"] = {"allow_dm_without_contact": True}
+        cfg["listeners"] = {"web": {"type": "http", "bind": f"127.0.0.1:{free_port()}"}}
+        nodes[name] = RoostProcess(tmp_path / name, cfg)
+    for user in ("alice", "bob", "carol"):
+        nodes["n1"].cli("user", "add", user, "--password-stdin", input=f"pw-{user}-123\n")
+    for node in nodes.values():
+        node.start()
+    wait_until_formed(nodes)
+    try:
+        bob = im(nodes["n1"], "bob", "phone")
+        laptop = im(nodes["n2"], "alice", "laptop")
+        carol = im(nodes["n3"], "carol", "tv")      # n3 holds clients, none of alice's or bob's
+        conv = bob.call("send", to="alice", cmid="m1", body={"type": "text", "text": "1"})["conv"]
+        for k in range(2, 21):
+            bob.call("send", conv=conv, cmid=f"m{k}", body={"type": "text", "text": str(k)})
+        assert msg_seqs([laptop.wait_event("msg", conv=conv, seq=20)], conv) == [20]
+        assert msg_seqs(laptop.events, conv) == list(range(1, 21))     # every one, in order
+        assert figures(nodes["n3"])["mailbox_received"] == 0
+        assert figures(nodes["n2"])["mailbox_received"] >= 20
+        assert figures(nodes["n1"])["mailbox_sent"] == figures(nodes["n2"])["mailbox_received"]
+        carol.disconnect()
+
+        # a phone connecting on n3 while bob's messages stream to alice
+        total, started = 160, threading.Event()
+        failures: list[BaseException] = []
+
+        def stream() -> None:
+            try:
+                for k in range(21, total + 1):
+                    bob.call("send", conv=conv, cmid=f"m{k}", body={"type": "text", "text": str(k)})
+                    if k == 60:
+                        started.set()
+            except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+                failures.append(exc)
+                started.set()
+
+        sender = threading.Thread(target=stream)
+        sender.start()
+        assert started.wait(30)
+        phone = im(nodes["n3"], "alice", "phone")
+        synced: list[dict[str, Any]] = []
+        after = 0
+        while True:
+            page = phone.call("sync", after=after)
+            synced += page["events"]
+            after = page["last"]
+            if not page["more"]:
+                break
+        sender.join(60)
+        assert not failures, failures
+        phone.wait_event("msg", conv=conv, seq=total, timeout=15)
+        pushed = msg_seqs(phone.events, conv)
+        assert pushed == sorted(pushed), "pushed out of order"
+        seen = set(msg_seqs(synced, conv)) | set(pushed)
+        assert seen == set(range(1, total + 1)), sorted(set(range(1, total + 1)) - seen)
+        laptop.wait_event("msg", conv=conv, seq=total)
+        assert msg_seqs(laptop.events, conv) == list(range(1, total + 1))
+        assert figures(nodes["n3"])["mailbox_received"] > 0     # alice is watched there now
     finally:
         for node in nodes.values():
             node.kill()

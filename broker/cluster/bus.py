@@ -9,7 +9,9 @@ Which events are shared, and why the others are not:
   DeviceUnshared) and MailboxAppended: every node keeps relations in memory
   and pushes mailbox events to its own clients. Shared only when the nodes
   share one store (`storage.backend: postgres`): with a store per node these
-  facts are about another node's data.
+  facts are about another node's data. Once the node targets them (`target`),
+  a MailboxAppended goes only to the nodes with pushers of its principals, each
+  with only those principals' events (node.py says how none is missed).
 * PrincipalAdded/Removed, SecretChanged: every node polls the shared admin log
   and makes them itself.
 * PresenceChanged, RetainedChanged, TelemetryReceived: the MQTT publishes they
@@ -19,7 +21,7 @@ Which events are shared, and why the others are not:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from broker.cluster import wire
@@ -41,6 +43,11 @@ log = logging.getLogger("roost.cluster")
 
 SHARED: dict[str, type[Any]] = {cls.__name__: cls for cls in (
     MailboxAppended, ContactChanged, BlockChanged, GroupChanged, DeviceShared, DeviceUnshared)}
+
+
+def mailbox_subject(node: str) -> str:
+    """Where a node hears the mailbox events sent to it alone."""
+    return f"{wire.EVENT}.mailbox.{node}"
 
 
 def encode_event(event: Event) -> bytes:
@@ -72,6 +79,11 @@ class ClusterBus:
         self._send: Callable[[bytes], object] | None = None     # set by the node once its link exists
         self.shared = 0
         self.received = 0
+        # (node, frame) and principal -> nodes with its pushers, once targeted
+        self._send_to: Callable[[str, bytes], object] | None = None
+        self._nodes_of: Callable[[str], Iterable[str]] | None = None
+        self.mailbox_sent = 0        # mailbox events sent to other nodes (one per node it went to)
+        self.mailbox_received = 0    # mailbox events received from other nodes
 
     # the InProcessBus figures the monitor reads
     @property
@@ -84,6 +96,10 @@ class ClusterBus:
 
     def attach(self, send: Callable[[bytes], object]) -> None:
         self._send = send
+
+    def target(self, send_to: Callable[[str, bytes], object], nodes_of: Callable[[str], Iterable[str]]) -> None:
+        """Send mailbox events only to the nodes `nodes_of` their principals."""
+        self._send_to, self._nodes_of = send_to, nodes_of
 
     def subscribe(self, event_type: type[E], handler: Handler[E]) -> None:
         self.local.subscribe(event_type, handler)
@@ -110,9 +126,27 @@ class ClusterBus:
             log.warning("cluster: an undecodable event from another node: %s", exc)
             return
         self.received += 1
+        if isinstance(event, MailboxAppended):
+            self.mailbox_received += len(event.events)
         await self.local.publish(event)
 
     def _out(self, event: Event) -> None:
-        if self.share and self._send is not None and type(event).__name__ in SHARED:
-            self.shared += 1
-            self._send(encode_event(event))
+        if not (self.share and self._send is not None and type(event).__name__ in SHARED):
+            return
+        self.shared += 1
+        if isinstance(event, MailboxAppended):
+            if self._send_to is not None and self._nodes_of is not None:
+                self._send_targeted(event, self._send_to, self._nodes_of)
+                return
+            self.mailbox_sent += len(event.events)
+        self._send(encode_event(event))
+
+    def _send_targeted(self, event: MailboxAppended, send_to: Callable[[str, bytes], object],
+                       nodes_of: Callable[[str], Iterable[str]]) -> None:
+        by_node: dict[str, list[MailboxEvent]] = {}
+        for e in event.events:
+            for node in nodes_of(e.principal):
+                by_node.setdefault(node, []).append(e)
+        for node, events in by_node.items():
+            self.mailbox_sent += len(events)
+            send_to(node, encode_event(MailboxAppended(tuple(events))))

@@ -11,6 +11,14 @@
 * Take-over: a client id connecting here closes its connection on any other
   node (no will), after this node's connection was counted (presence never
   drops to zero in between).
+* Mailbox events (MailboxAppended, with a shared store) go only to the nodes
+  with pushers of one of their principals (bus.py), as each node announces
+  them. A principal's first pusher here could miss an event committed
+  elsewhere before that node applied the announcement, so once every live node
+  has said in a heartbeat that it applied it (a barrier), the principal's
+  pushers here read the store once more: what was committed before is read,
+  what is committed after is sent here. A node joining, or NATS coming back,
+  does the same for every principal watched here.
 * Wills: every node knows the wills of every other node's connected clients.
   When a node dies (SIGKILL, no heartbeat for `cluster.node_timeout`) the first
   surviving node by name publishes them.
@@ -29,7 +37,7 @@ from collections.abc import Callable
 from typing import Any
 
 from broker.cluster import wire
-from broker.cluster.bus import ClusterBus
+from broker.cluster.bus import ClusterBus, mailbox_subject
 from broker.cluster.link import NatsLink
 from broker.cluster.peers import LocalState, Peer, Peers
 from broker.cluster.sessions import NodeSessions
@@ -45,6 +53,7 @@ log = logging.getLogger("roost.cluster")
 MAX_ECHOES = 10000       # retained changes from peers awaiting their own commit here
 MAX_STAMPS = 100_000     # topics whose last retained change is remembered (to order concurrent ones)
 START_WAIT = 3.0         # seconds a starting node waits for NATS before serving without it
+MAX_BARRIERS = 1000      # mailbox barriers pending at once; beyond, they are merged into one
 RELEASE_WAIT = 2.0       # seconds a connecting persistent client waits for the other nodes' answers
 NO_WILL = {DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN}
 
@@ -65,9 +74,15 @@ class ClusterNode:
                              max_pending_bytes=config.max_pending_bytes)
         self.state = LocalState(self.name, self.inc, self._send_state)
         self.peers = Peers(me=self.name, timeout=config.node_timeout, clock=clock, ask_sync=self._ask_sync,
-                           on_dead=self._peer_dead, on_conns=self._peer_conns)
+                           on_dead=self._peer_dead, on_conns=self._peer_conns,
+                           on_seen=self._peer_seen, on_mailbox=self._peer_mailbox)
         self._bus = bus
         bus.attach(lambda data: self.link.send(wire.EVENT, data))
+        # Mailbox targeting (watch_mailboxes): barriers awaiting the peers' heartbeats
+        self.on_mailbox_caught_up: Callable[[str], None] | None = None
+        self._barriers: list[_Barrier] = []
+        self._prompt_heartbeat: asyncio.Handle | None = None
+        self._peer_incs: dict[str, str] = {}
         self._broker: Any = None
         self._engine: Any = None
         self._echoes: dict[str, bytes] = {}
@@ -95,11 +110,12 @@ class ClusterNode:
         link.subscribe(wire.pub_subject(self.name), self._on_publish)
         link.subscribe(wire.RETAINED, self._on_retained)
         link.subscribe(wire.EVENT, self._on_event)
+        link.subscribe(mailbox_subject(self.name), self._on_event)
         link.subscribe(wire.BYE, self._on_bye)
         link.subscribe(wire.RELEASE, self._on_release)
         link.subscribe(wire.released_subject(self.name), self._on_released)
         link.subscribe(wire.ADOPTED, self._on_adopted)
-        link.on_connected = self.peers.link_up
+        link.on_connected = self._link_up
         link.on_disconnected = self.peers.link_down
 
     # ---- wiring and lifecycle ----------------------------------------------------------
@@ -143,7 +159,7 @@ class ClusterNode:
 
     async def _tick(self) -> None:
         while True:
-            self.state.heartbeat()
+            self.state.heartbeat(self.peers.applied())
             self.peers.check()
             await asyncio.sleep(self.heartbeat_interval)
 
@@ -157,7 +173,8 @@ class ClusterNode:
             forwarded=self.forwarded, from_peers=self.from_peers, nodes_dead=peers.crashes,
             nodes_left=peers.deaths - peers.crashes, resyncs=peers.resyncs,
             wills_published=self.wills_published, taken_over=self.taken_over,
-            sessions_handed=self.sessions_handed, sessions_adopted=self.sessions_adopted)
+            sessions_handed=self.sessions_handed, sessions_adopted=self.sessions_adopted,
+            mailbox_sent=self._bus.mailbox_sent, mailbox_received=self._bus.mailbox_received)
 
     # ---- plain MQTT publishes ----------------------------------------------------------
 
@@ -242,6 +259,13 @@ class ClusterNode:
             if doc.get("clean") and st is not None:
                 self._engine.registry.discard(st)    # a clean session there ends the old one here
         self.peers.on_state(doc)
+        if doc["node"] != self.name:
+            incs = {p.name: p.inc for p in self.peers.peers.values()}
+            if incs != self._peer_incs:
+                joined = any(self._peer_incs.get(n) != i for n, i in incs.items())
+                self._peer_incs = incs
+                if joined:
+                    self._rebarrier()     # a node that did not know this one's pushers yet
 
     async def _on_sync(self, subject: str, data: bytes) -> None:
         asker = str(wire.decode(data)["node"])
@@ -276,6 +300,66 @@ class ClusterNode:
         """After the engine published the connection's will (or had none to publish)."""
         self.state.will_cleared(_will_key(info))
 
+    # ---- mailbox events: sent only where they are pushed ----------------------------------
+
+    def watch_mailboxes(self, inboxes: Any) -> None:
+        """Target mailbox events (with a shared store): `inboxes`
+        (broker/services/inbox.py Inboxes) tells which principals have pushers
+        here, and re-reads the store for a principal once every node knows."""
+        self._bus.target(lambda node, data: self.link.send(mailbox_subject(node), data),
+                         lambda principal: self.peers.mailbox_nodes.get(principal, ()))
+        inboxes.on_watch = self._mailbox_watched
+        self.on_mailbox_caught_up = inboxes.catch_up
+
+    def _mailbox_watched(self, principal: str, on: bool) -> None:
+        seq = self.state.mailbox_watched(principal, on)
+        if on:
+            self._barrier({principal}, seq)
+
+    def _barrier(self, principals: set[str], seq: int) -> None:
+        barrier = _Barrier(seq, principals, set(self.peers.alive()))
+        if len(self._barriers) >= MAX_BARRIERS:        # merged: one wait for all
+            for old in self._barriers:
+                barrier.principals |= old.principals
+            self._barriers.clear()
+        self._barriers.append(barrier)
+        self._barriers_check()
+
+    def _rebarrier(self) -> None:
+        if self.on_mailbox_caught_up is not None and self.state.mailboxes:
+            self._barrier(set(self.state.mailboxes), self.state.seq)
+
+    def _link_up(self) -> None:
+        self.peers.link_up()
+        self._rebarrier()       # what the others sent here while NATS was away is lost
+
+    def _peer_seen(self, peer: Peer) -> None:
+        applied = peer.seen.get(self.inc, -1)
+        for barrier in self._barriers:
+            if applied >= barrier.seq:
+                barrier.waiting.discard(peer.name)
+        self._barriers_check()
+
+    def _barriers_check(self) -> None:
+        alive = set(self.peers.peers)
+        done = [b for b in self._barriers if not (b.waiting & alive)]
+        if not done:
+            return
+        self._barriers = [b for b in self._barriers if b.waiting & alive]
+        caught_up = self.on_mailbox_caught_up
+        if caught_up is not None:
+            for principal in set().union(*(b.principals for b in done)):
+                caught_up(principal)
+
+    def _peer_mailbox(self, peer: Peer) -> None:
+        """A peer's mailbox change applied here: a heartbeat tells it so now
+        (its barrier waits for it), one for a burst of changes."""
+        if self._prompt_heartbeat is None:
+            def beat() -> None:
+                self._prompt_heartbeat = None
+                self.state.heartbeat(self.peers.applied())
+            self._prompt_heartbeat = asyncio.get_running_loop().call_soon(beat)
+
     # ---- other nodes ---------------------------------------------------------------------
 
     def _peer_conns(self, peer: Peer, changes: dict[str, int]) -> None:
@@ -288,6 +372,7 @@ class ClusterNode:
         return min([self.name, *self.peers.alive()]) == self.name
 
     def _peer_dead(self, peer: Peer, crashed: bool) -> None:
+        self._barriers_check()
         mine = self._survivor()
         if self.on_remote_conns is not None:
             for principal, n in peer.conns.items():
@@ -413,6 +498,15 @@ class ClusterNode:
         key = str(doc["key"])
         if doc["from"] == self.name and self._sessions is not None and key not in self._engine.sessions:
             await self._sessions.drop(key)      # with one shared store: already moved, a no-op
+
+
+@dataclasses.dataclass
+class _Barrier:
+    """Principals whose pushers read the store again once every node in
+    `waiting` has applied this node's change `seq`."""
+    seq: int
+    principals: set[str]
+    waiting: set[str]
 
 
 class _Release:

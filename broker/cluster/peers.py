@@ -39,13 +39,26 @@ class LocalState:
         self.filters: dict[str, int] = {}      # filter -> sessions here holding it
         self.wills: dict[str, Will] = {}       # session key -> will of its connected client
         self.conns: dict[str, int] = {}        # principal -> counted connections here
+        self.mailboxes: set[str] = set()       # principals with inbox pushers here (their events come here)
 
     def _change(self, op: str, **fields: Any) -> None:
         self.seq += 1
         self._send({"op": op, "node": self.node, "inc": self.inc, "seq": self.seq, **fields})
 
-    def heartbeat(self) -> None:
-        self._send({"op": "hb", "node": self.node, "inc": self.inc, "seq": self.seq})
+    def heartbeat(self, seen: dict[str, int] | None = None) -> None:
+        """`seen`: the change number of every other node applied here (the
+        mailbox barrier of node.py waits for them)."""
+        self._send({"op": "hb", "node": self.node, "inc": self.inc, "seq": self.seq, "seen": seen or {}})
+
+    def mailbox_watched(self, principal: str, on: bool) -> int:
+        """A principal gained its first pusher here (on) or lost its last: the
+        others send its mailbox events here from the change numbered the result."""
+        if on:
+            self.mailboxes.add(principal)
+        else:
+            self.mailboxes.discard(principal)
+        self._change("mbox", principal=principal, on=on)
+        return self.seq
 
     def filter_changed(self, f: str, gained: bool) -> None:
         n = self.filters.get(f, 0) + (1 if gained else -1)
@@ -86,13 +99,13 @@ class LocalState:
     def snapshot(self) -> list[dict[str, Any]]:
         """The whole state, in parts of at most ~SNAPSHOT_PART_BYTES."""
         parts: list[dict[str, Any]] = []
-        part: dict[str, Any] = {"filters": [], "wills": [], "conns": {}}
+        part: dict[str, Any] = {"filters": [], "wills": [], "conns": {}, "mailboxes": []}
         size = 0
 
         def cut() -> None:
             nonlocal part, size
             parts.append(part)
-            part = {"filters": [], "wills": [], "conns": {}}
+            part = {"filters": [], "wills": [], "conns": {}, "mailboxes": []}
             size = 0
 
         for f in self.filters:
@@ -108,6 +121,11 @@ class LocalState:
         for principal, n in self.conns.items():
             part["conns"][principal] = n
             size += len(principal) + 8
+            if size > SNAPSHOT_PART_BYTES:
+                cut()
+        for principal in self.mailboxes:
+            part["mailboxes"].append(principal)
+            size += len(principal) + 4
             if size > SNAPSHOT_PART_BYTES:
                 cut()
         parts.append(part)
@@ -129,6 +147,8 @@ class Peer:
     filters: set[str] = field(default_factory=set)
     wills: dict[str, Will] = field(default_factory=dict)
     conns: dict[str, int] = field(default_factory=dict)
+    mailboxes: set[str] = field(default_factory=set)
+    seen: dict[str, int] = field(default_factory=dict)   # its last heartbeat: incarnation -> change applied
     timed_out: bool = False          # dead by silence (not restarted, not left)
 
 
@@ -136,7 +156,9 @@ class Peers:
     def __init__(self, *, me: str, timeout: float, clock: Callable[[], float],
                  ask_sync: Callable[[str], None],
                  on_dead: Callable[[Peer, bool], None],
-                 on_conns: Callable[[Peer, dict[str, int]], None]) -> None:
+                 on_conns: Callable[[Peer, dict[str, int]], None],
+                 on_seen: Callable[[Peer], None] | None = None,
+                 on_mailbox: Callable[[Peer], None] | None = None) -> None:
         self._me = me
         self._timeout = timeout
         self._clock = clock
@@ -145,6 +167,9 @@ class Peers:
         self._on_conns = on_conns        # (peer, {principal: change}) after its connections changed
         self.peers: dict[str, Peer] = {}
         self.interest: SubscriptionIndex[str] = SubscriptionIndex()
+        self._on_seen = on_seen          # (peer) after a heartbeat told what it applied
+        self._on_mailbox = on_mailbox    # (peer) after it applied a mailbox change of that peer
+        self.mailbox_nodes: dict[str, set[str]] = {}     # principal -> other nodes with its pushers
         self._watching_since: float | None = None     # NATS up since; None: down
         self._gone: set[str] = set()          # incarnations that left cleanly: their late messages are ignored
         self.resyncs = 0
@@ -197,8 +222,11 @@ class Peers:
                     self._ask(peer, now)
             return
         if op == "hb":
+            peer.seen = {str(k): int(v) for k, v in doc.get("seen", {}).items()}
             if seq != peer.seq:
                 self._gap(peer, now)
+            if self._on_seen is not None:
+                self._on_seen(peer)
             return
         if seq <= peer.seq:
             return
@@ -223,6 +251,7 @@ class Peers:
         for f in peer.filters:
             self.interest.remove(f, name)
         old_conns = peer.conns
+        self._unindex_mailboxes(peer)
         peer.filters, peer.wills, peer.conns = set(), {}, {}
         for part in parts:
             for f in part["filters"]:
@@ -233,6 +262,9 @@ class Peers:
                 peer.wills[will.key] = will
             for principal, n in part["conns"].items():
                 peer.conns[principal] = int(n)
+            for principal in part.get("mailboxes", ()):
+                peer.mailboxes.add(principal)
+                self.mailbox_nodes.setdefault(principal, set()).add(name)
         peer.seq = int(doc["seq"])
         peer.synced = True
         changed = {p: peer.conns.get(p, 0) - old_conns.get(p, 0)
@@ -240,6 +272,8 @@ class Peers:
         changed = {p: d for p, d in changed.items() if d}
         if changed:
             self._on_conns(peer, changed)
+        if self._on_mailbox is not None:
+            self._on_mailbox(peer)
         held, peer.held = sorted(peer.held, key=lambda d: int(d["seq"])), []
         for change in held:
             if int(change["seq"]) <= peer.seq:
@@ -296,6 +330,33 @@ class Peers:
             else:
                 peer.conns.pop(principal, None)
             self._on_conns(peer, {principal: 1 if op == "up" else -1})
+        elif op == "mbox":
+            principal = doc["principal"]
+            if doc["on"]:
+                peer.mailboxes.add(principal)
+                self.mailbox_nodes.setdefault(principal, set()).add(peer.name)
+            else:
+                peer.mailboxes.discard(principal)
+                self._unindex_mailbox(principal, peer.name)
+            if self._on_mailbox is not None:
+                self._on_mailbox(peer)
+
+    def _unindex_mailbox(self, principal: str, node: str) -> None:
+        nodes = self.mailbox_nodes.get(principal)
+        if nodes is not None:
+            nodes.discard(node)
+            if not nodes:
+                del self.mailbox_nodes[principal]
+
+    def _unindex_mailboxes(self, peer: Peer) -> None:
+        for principal in peer.mailboxes:
+            self._unindex_mailbox(principal, peer.name)
+        peer.mailboxes = set()
+
+    def applied(self) -> dict[str, int]:
+        """The change number applied here of every other node in step, by
+        incarnation (a node restarted under its name starts counting anew)."""
+        return {p.inc: p.seq for p in self.peers.values() if p.synced}
 
     def _gap(self, peer: Peer, now: float) -> None:
         self.resyncs += 1
@@ -314,4 +375,5 @@ class Peers:
             self.crashes += 1
         for f in peer.filters:
             self.interest.remove(f, peer.name)
+        self._unindex_mailboxes(peer)
         self._on_dead(peer, crashed)

@@ -215,6 +215,11 @@ def _cluster_metrics(c: ClusterFigures) -> Iterator[Metric]:
     yield CounterMetricFamily("roost_cluster_sessions_adopted",
                               "Persistent sessions taken over from another node (moved or dead)",
                               value=c.sessions_adopted)
+    yield CounterMetricFamily("roost_cluster_mailbox_events_sent",
+                              "Mailbox events sent to other nodes (only to those with the principal's pushers)",
+                              value=c.mailbox_sent)
+    yield CounterMetricFamily("roost_cluster_mailbox_events_received", "Mailbox events received from other nodes",
+                              value=c.mailbox_received)
 
 
 class WebCollector(Collector):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from broker.services.base import Publisher
@@ -59,8 +59,13 @@ def describe_failure(exc: BaseException) -> tuple[str, bool]:
 
 class InboxPusher:
     def __init__(self, *, client_id: str, principal: str, persistent: bool, store: MessagingStore,
-                 publisher: Publisher, on_exit: Any) -> None:
+                 publisher: Publisher, on_exit: Any, start_after: int | None = None) -> None:
         self.client_id = client_id
+        # A clean session's start when offers may be missing (a cluster whose other
+        # nodes may not know yet of this node's interest): right after the mailbox
+        # head read before the pusher was registered, instead of the first offer.
+        self._start_after = start_after
+        self._refresh = False
         self.principal = principal
         self.persistent = persistent
         self._store = store
@@ -104,6 +109,12 @@ class InboxPusher:
 
     def nudge(self) -> None:
         self._nudge.set()
+
+    def refresh(self) -> None:
+        """Read the mailbox head from the store once more: events committed
+        elsewhere may not have been offered here (see Inboxes.catch_up)."""
+        self._refresh = True
+        self._wake.set()
 
     def offer(self, event: MailboxEvent) -> None:
         """A committed event of this principal (called in commit order)."""
@@ -153,13 +164,20 @@ class InboxPusher:
                 # first offer. (Not at the store's head + 1: an event committed after
                 # registration can be in that head before its offer arrives, and would
                 # be skipped.)
-                while self._first_offered is None:
+                while self._first_offered is None and self._start_after is None:
                     self._wake.clear()
                     await self._wake.wait()
-                self._next_n = self._first_offered
+                if self._start_after is not None:
+                    self._next_n = self._start_after + 1
+                else:
+                    assert self._first_offered is not None
+                    self._next_n = self._first_offered
             self._known_head = max(self._known_head, head)
             while True:
                 self._wake.clear()
+                if self._refresh:
+                    self._refresh = False
+                    self._known_head = max(self._known_head, (await self._start_position())[1])
                 if self._next_n > self._known_head:
                     self._idle = True
                     try:
@@ -251,6 +269,21 @@ class Inboxes:
         self._unsaved: OrderedDict[str, tuple[str, bool]] = OrderedDict()
         self._sub_retry: asyncio.Task[None] | None = None
         self._sub_log = RateLimitedLog(log, interval=30.0)
+        # A cluster that sends a principal's mailbox events only to the nodes with its
+        # pushers (broker/cluster): told when a principal gains its first pusher here
+        # or loses its last; with it, clean pushers start after a head read (their
+        # first offer may come late), and catch_up re-reads the store.
+        self.on_watch: Callable[[str, bool], None] | None = None
+
+    def watched(self) -> list[str]:
+        """The principals with a pusher here."""
+        return list(self._by_principal)
+
+    def catch_up(self, principal: str) -> None:
+        """Every node now sends this principal's events here: its pushers read
+        the store once more for any committed before that."""
+        for p in self._by_principal.get(principal, {}).values():
+            p.refresh()
 
     def start(self, publisher: Publisher) -> None:
         self._publisher = publisher
@@ -306,7 +339,12 @@ class Inboxes:
         self._remember_filter(client_id, topic_filter, clean_session)
         existing = self.pusher(client_id, principal)
         if existing is None:
-            self._start(client_id, principal, persistent=not clean_session, sink=sink)
+            start_after = None
+            if self.on_watch is not None and clean_session:
+                _cursor, _subscribed, start_after = await self._store.client_cursor(client_id, principal)
+                if self.pusher(client_id, principal) is not None:   # started meanwhile
+                    return
+            self._start(client_id, principal, persistent=not clean_session, sink=sink, start_after=start_after)
         else:
             existing.nudge()
         if not clean_session:
@@ -419,20 +457,29 @@ class Inboxes:
             self._filters.move_to_end(client_id)
         filters.add(topic_filter)
 
-    def _start(self, client_id: str, principal: str, *, persistent: bool, sink: Publisher | None = None) -> None:
+    def _start(self, client_id: str, principal: str, *, persistent: bool, sink: Publisher | None = None,
+               start_after: int | None = None) -> None:
         publisher = sink if sink is not None else self._publisher
         if publisher is None:
             return
         p = InboxPusher(client_id=client_id, principal=principal, persistent=persistent, store=self._store,
-                        publisher=publisher, on_exit=self._exited)
+                        publisher=publisher, on_exit=self._exited, start_after=start_after)
+        first = principal not in self._by_principal
         self._by_principal.setdefault(principal, {})[client_id] = p
+        if first and self.on_watch is not None:
+            self.on_watch(principal, True)
         p.start()
+
+    def _unwatched(self, principal: str) -> None:
+        if self.on_watch is not None:
+            self.on_watch(principal, False)
 
     async def _drop(self, client_id: str, principal: str) -> None:
         group = self._by_principal.get(principal)
         p = group.pop(client_id, None) if group else None
         if group is not None and not group:
             self._by_principal.pop(principal, None)
+            self._unwatched(principal)
         if p is not None:
             await p.stop()
 
@@ -442,3 +489,4 @@ class Inboxes:
             del group[p.client_id]
             if not group:
                 del self._by_principal[p.principal]
+                self._unwatched(p.principal)

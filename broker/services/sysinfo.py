@@ -68,6 +68,8 @@ class ClusterFigures:
     taken_over: int             # connections here closed by the same client id on another node
     sessions_handed: int        # persistent sessions handed to another node
     sessions_adopted: int       # persistent sessions taken from another node (hand-over or dead node)
+    mailbox_sent: int = 0       # mailbox events sent to other nodes (only those with the principal's pushers)
+    mailbox_received: int = 0   # mailbox events received from other nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +245,8 @@ def cluster_topics(c: ClusterFigures) -> dict[str, str]:
         p + "sessions/adopted": str(c.sessions_adopted),
         p + "sessions/handed": str(c.sessions_handed),
         p + "clients/taken_over": str(c.taken_over),
+        p + "mailbox/sent": str(c.mailbox_sent),
+        p + "mailbox/received": str(c.mailbox_received),
     }
 
 
@@ -254,7 +258,8 @@ def cluster_document(c: ClusterFigures) -> dict[str, object]:
             "forwarded": c.forwarded, "from_peers": c.from_peers, "nodes_dead": c.nodes_dead,
             "nodes_left": c.nodes_left, "resyncs": c.resyncs, "wills_published": c.wills_published,
             "taken_over": c.taken_over, "sessions_handed": c.sessions_handed,
-            "sessions_adopted": c.sessions_adopted}
+            "sessions_adopted": c.sessions_adopted, "mailbox_sent": c.mailbox_sent,
+            "mailbox_received": c.mailbox_received}
 
 
 def status_document(s: Snapshot, recent_refusals: Mapping[str, int], recent_window: float) -> dict[str, object]:
