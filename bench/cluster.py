@@ -8,6 +8,9 @@ in the same run.
     .venv/bin/python -m bench.cluster --im       # also the IM path on a private PostgreSQL (1 vs 2 nodes)
     .venv/bin/python -m bench.cluster --im --im-count 4000 --json out.json
 
+Each table has a row "2 nodes / 1 node" with the ratios of the two setups'
+figures, measured in the same run.
+
 Figures per setup: latency p50/p99 at `--rate` msg/s in all (paced), then
 throughput (`--count` messages, 10 un-acked per publisher), lost messages,
 and for the cluster the NATS messages per publish (from the nats-server's
@@ -335,7 +338,7 @@ async def im_path(setup: Setup, pairs: int, rate: float, seconds: float, count: 
         c = await connect("127.0.0.1", setup.ports[0], f"s{i}.b", f"s{i}", f"pw-s{i}-123", on_message=on_answer(i))
         await c.subscribe([(f"roost/resp/s{i}.b", 1)])
         senders.append(c)
-    await asyncio.sleep(1.0)      # the recipients' nodes are known (a shared store: every node pushes)
+    await asyncio.sleep(1.0)      # the sender's node knows the recipients' pushers (targeted mailbox events)
     sent = 0
 
     def send(i: int, k: int) -> None:
@@ -439,6 +442,20 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
+def ratio_row(results: dict[str, Any], cells: list[tuple[str, str]]) -> str | None:
+    """`| 2 nodes / 1 node | ... |`: the cluster's figure over the single node's,
+    for each (phase, figure) in `cells`; None unless both setups ran."""
+    if len(results) != 2:
+        return None
+    one, two = results.values()
+
+    def fmt(phase: str, key: str) -> str:
+        a, b = one[phase].get(key), two[phase].get(key)
+        return f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
+
+    return "| 2 nodes / 1 node | " + " | ".join(fmt(phase, key) for phase, key in cells) + " |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=20)
@@ -447,6 +464,8 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20000, help="messages of the throughput run")
     parser.add_argument("--im", action="store_true", help="also the IM path on PostgreSQL (1 node, 2 nodes)")
     parser.add_argument("--im-pairs", type=int, default=8)
+    # 200, not --rate's 1,000: one PostgreSQL, the nodes and the load generator on 2 cores
+    # take ~800 durable sends/s at most, and a pace above that measures a backlog
     parser.add_argument("--im-rate", type=float, default=200.0, help="paced sends/s in all")
     parser.add_argument("--im-count", type=int, default=4000, help="sends of the IM throughput run")
     parser.add_argument("--json", default="", help="also write the raw results as JSON to this file")
@@ -461,6 +480,10 @@ def main() -> None:
         nats = f"{r['nats_msgs_per_publish']:.2f}" if "nats_msgs_per_publish" in r else "-"
         print(f"| {name} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['lost']} | {t['msg_s']:.0f} | {t['lost']} "
               f"| {t['broker_cpu_us_per_msg']:.0f} | {nats} |")
+    row = ratio_row(results, [("paced", "p50_ms"), ("paced", "p99_ms"), ("paced", "-"), ("throughput", "msg_s"),
+                              ("throughput", "-"), ("throughput", "broker_cpu_us_per_msg"), ("throughput", "-")])
+    if row:
+        print(row)
 
     im_results: dict[str, Any] = {}
     if args.im:
@@ -477,6 +500,12 @@ def main() -> None:
                   f"| {t['broker_cpu_us_per_msg']:.0f} |")
             if t["errors"]:
                 print(f"  errors answered: {t['errors']}")
+        row = ratio_row(im_results, [("paced", "p50_ms"), ("paced", "p99_ms"), ("paced", "-"),
+                                     ("throughput", "msg_s"), ("throughput", "p50_ms"), ("throughput", "p99_ms"),
+                                     ("throughput", "-"), ("throughput", "-"),
+                                     ("throughput", "broker_cpu_us_per_msg")])
+        if row:
+            print(row)
         print("\nPostgreSQL per IM message (throughput run; write transactions from transaction ids, "
               "statements from pg_stat_statements, WAL from the insert LSN)")
         keys = sorted({k for r in im_results.values() for k in r["throughput"].get("pg_per_msg", {})})
