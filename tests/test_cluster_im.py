@@ -13,6 +13,7 @@ from typing import Any
 
 from tests.clients import ImClient
 from tests.harness import RoostProcess, free_port
+from tests.nats import wait_until
 from tests.test_cluster_routing import node_config, wait_until_formed
 from tests.test_metrics import base_url, get
 
@@ -94,24 +95,29 @@ def msg_seqs(events: list[dict[str, Any]], conv: str) -> list[int]:
     return [e["seq"] for e in events if e.get("kind") == "msg" and e.get("conv") == conv]
 
 
+def web_pg_nodes(root: Path, nats_url: str, dsn: str, names: list[str]) -> dict[str, RoostProcess]:
+    """Nodes on one PostgreSQL with an HTTP listener each (their figures in /status.json)."""
+    nodes = {}
+    for name in names:
+        cfg: dict[str, Any] = node_config(name, nats_url)
+        cfg["storage"] = {"backend": "postgres", "dsn": dsn, "path": str(root / name / "roost.db")}
+        cfg["messaging"] = {"allow_dm_without_contact": True}
+        cfg["listeners"] = {"web": {"type": "http", "bind": f"127.0.0.1:{free_port()}"}}
+        nodes[name] = RoostProcess(root / name, cfg)
+    for user in ("alice", "bob", "carol"):
+        nodes[names[0]].cli("user", "add", user, "--password-stdin", input=f"pw-{user}-123\n")
+    for node in nodes.values():
+        node.start()
+    wait_until_formed(nodes)
+    return nodes
+
+
 def test_mailbox_events_only_to_nodes_with_the_principals_clients(tmp_path, nats_server, postgres_dsn) -> None:
     """Mailbox events go only to the nodes holding the recipients' clients, and a
     client connecting on a node while messages stream to its principal misses
     none (what its node was not yet sent, its node reads from the store once
     every node knows of it)."""
-    names = ["n1", "n2", "n3"]
-    nodes = {}
-    for name in names:
-        cfg: dict[str, Any] = node_config(name, nats_server.url)
-        cfg["storage"] = {"backend": "postgres", "dsn": postgres_dsn, "path": str(tmp_path / name / "roost.db")}
-        cfg["messaging"] = {"allow_dm_without_contact": True}
-        cfg["listeners"] = {"web": {"type": "http", "bind": f"127.0.0.1:{free_port()}"}}
-        nodes[name] = RoostProcess(tmp_path / name, cfg)
-    for user in ("alice", "bob", "carol"):
-        nodes["n1"].cli("user", "add", user, "--password-stdin", input=f"pw-{user}-123\n")
-    for node in nodes.values():
-        node.start()
-    wait_until_formed(nodes)
+    nodes = web_pg_nodes(tmp_path, nats_server.url, postgres_dsn, ["n1", "n2", "n3"])
     try:
         bob = im(nodes["n1"], "bob", "phone")
         laptop = im(nodes["n2"], "alice", "laptop")
@@ -162,6 +168,30 @@ def test_mailbox_events_only_to_nodes_with_the_principals_clients(tmp_path, nats
         laptop.wait_event("msg", conv=conv, seq=total)
         assert msg_seqs(laptop.events, conv) == list(range(1, total + 1))
         assert figures(nodes["n3"])["mailbox_received"] > 0     # alice is watched there now
+    finally:
+        for node in nodes.values():
+            node.kill()
+
+
+def test_a_client_connecting_during_a_nats_outage_is_pushed_what_was_committed_meanwhile(
+        tmp_path, nats_server, postgres_dsn) -> None:
+    """The catch-up, in the one window wide enough to test: alice's phone connects
+    on n2 while NATS is down (n1 cannot hear of it) and bob's message is committed
+    on n1 after the phone's sync. Once NATS is back every node has applied n2's
+    announcement, and n2's pusher reads the store again: the message is pushed,
+    though nothing was sent to n2 for it and no later message follows."""
+    nodes = web_pg_nodes(tmp_path, nats_server.url, postgres_dsn, ["n1", "n2"])
+    try:
+        bob = im(nodes["n1"], "bob", "phone")
+        conv = bob.call("send", to="alice", cmid="m1", body={"type": "text", "text": "1"})["conv"]
+        nats_server.kill()
+        for node in nodes.values():
+            wait_until(lambda node=node: figures(node)["nats_connected"] is False, what="NATS gone")
+        phone = im(nodes["n2"], "alice", "phone")
+        assert msg_seqs(phone.call("sync", after=0)["events"], conv) == [1]
+        assert bob.call("send", conv=conv, cmid="m2", body={"type": "text", "text": "2"})["seq"] == 2
+        nats_server.start()
+        assert phone.wait_event("msg", conv=conv, seq=2, timeout=20)["cmid"] == "m2"
     finally:
         for node in nodes.values():
             node.kill()
