@@ -137,7 +137,8 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
             if services.presence is not None:
                 broker.cluster.on_remote_conns = services.presence.clients_elsewhere
             if services.bus.share and services.messaging is not None:   # mailbox events: only to their pushers
-                broker.cluster.watch_mailboxes(services.messaging.inboxes)
+                broker.cluster.watch_mailboxes(services.messaging.inboxes, always=(
+                    (config.homeassistant.service_account,) if config.homeassistant.enabled else ()))
             # on NATS before the engine loads retained messages from the store: a change
             # another node commits meanwhile is applied here, none falls in between
             await broker.cluster.start()

@@ -83,6 +83,7 @@ class ClusterNode:
         self._barriers: list[_Barrier] = []
         self._prompt_heartbeat: asyncio.Handle | None = None
         self._peer_incs: dict[str, str] = {}
+        self._always: frozenset[str] = frozenset()
         self._broker: Any = None
         self._engine: Any = None
         self._echoes: dict[str, bytes] = {}
@@ -259,13 +260,12 @@ class ClusterNode:
             if doc.get("clean") and st is not None:
                 self._engine.registry.discard(st)    # a clean session there ends the old one here
         self.peers.on_state(doc)
-        if doc["node"] != self.name:
-            incs = {p.name: p.inc for p in self.peers.peers.values()}
-            if incs != self._peer_incs:
-                joined = any(self._peer_incs.get(n) != i for n, i in incs.items())
-                self._peer_incs = incs
-                if joined:
-                    self._rebarrier()     # a node that did not know this one's pushers yet
+        node = str(doc["node"])
+        if node != self.name and self._peer_incs.get(node) != doc.get("inc"):
+            peer = self.peers.peers.get(node)
+            if peer is not None and peer.inc == doc.get("inc"):
+                self._peer_incs[node] = peer.inc
+                self._rebarrier()     # a node (or its new incarnation) that did not know this one's pushers
 
     async def _on_sync(self, subject: str, data: bytes) -> None:
         asker = str(wire.decode(data)["node"])
@@ -302,16 +302,25 @@ class ClusterNode:
 
     # ---- mailbox events: sent only where they are pushed ----------------------------------
 
-    def watch_mailboxes(self, inboxes: Any) -> None:
+    def watch_mailboxes(self, inboxes: Any, always: tuple[str, ...] = ()) -> None:
         """Target mailbox events (with a shared store): `inboxes`
         (broker/services/inbox.py Inboxes) tells which principals have pushers
-        here, and re-reads the store for a principal once every node knows."""
+        here, and re-reads the store for a principal once every node knows.
+        `always`: principals whose events a service here hears without a pusher
+        (the Home Assistant integration's service account)."""
         self._bus.target(lambda node, data: self.link.send(mailbox_subject(node), data),
                          lambda principal: self.peers.mailbox_nodes.get(principal, ()))
         inboxes.on_watch = self._mailbox_watched
         self.on_mailbox_caught_up = inboxes.catch_up
+        self._always = frozenset(always)
+        for principal in self._always:
+            self.state.mailbox_watched(principal, True)
 
     def _mailbox_watched(self, principal: str, on: bool) -> None:
+        if principal in self._always:
+            if on:
+                self._barrier({principal}, self.state.seq)   # its new pusher catches up all the same
+            return
         seq = self.state.mailbox_watched(principal, on)
         if on:
             self._barrier({principal}, seq)
