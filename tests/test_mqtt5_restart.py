@@ -169,3 +169,38 @@ def test_a_queued_v5_message_keeps_its_properties_through_a_crash(roost):
     assert_props(m)
     assert 3500 < m.properties.MessageExpiryInterval <= 3600
     kept.close()
+
+
+def test_retain_as_published_applies_to_messages_restored_after_a_stop_and_a_crash(roost):
+    """A queued message is saved with the RETAIN flag its subscription gives it:
+    set for a Retain As Published filter (the publisher set it), clear for another."""
+    pw = roost.add_user("alice")
+    kept = V5Client(roost, "alice.rap", pw, clean_start=False, session_expiry=3600)
+    assert kept.sub("v5/rap/as/#", retainAsPublished=True) == [1]
+    assert kept.sub("v5/rap/plain/#") == [1]
+    kept.close()
+
+    def queue_and_restart(suffix: str, restart: Any) -> dict[str, int]:
+        pub = V5Client(roost, "alice.pub", pw)
+        for topic in (f"v5/rap/as/{suffix}", f"v5/rap/plain/{suffix}", f"v5/rap/as/live-{suffix}"):
+            pub.pub(topic, b"x", retain=not topic.endswith(f"live-{suffix}"))
+        pub.close()
+        restart()
+        kept = V5Client(roost, "alice.rap", pw, clean_start=False, session_expiry=3600)
+        assert kept.session_present is True
+        got = {m.topic: m.retain for m in (kept.next(), kept.next(), kept.next())}
+        kept.close()
+        return got
+
+    def stop_and_start() -> None:
+        roost.stop()
+        roost.start()
+
+    def kill_and_start() -> None:
+        roost.kill()
+        roost.start()
+
+    assert queue_and_restart("stop", stop_and_start) == {
+        "v5/rap/as/stop": 1, "v5/rap/plain/stop": 0, "v5/rap/as/live-stop": 0}
+    assert queue_and_restart("crash", kill_and_start) == {     # the journal's copy (what a SIGKILL leaves)
+        "v5/rap/as/crash": 1, "v5/rap/plain/crash": 0, "v5/rap/as/live-crash": 0}

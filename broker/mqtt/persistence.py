@@ -87,11 +87,11 @@ class SessionPersistence:
                 if msg is None:           # QoS 2 past PUBREC: only the PUBREL is owed
                     messages.append(SavedMessage(seq, "", b"", qos, False, pid, stage))
                 elif seq:
-                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, msg.retain, pid, stage,
+                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, st.retain_as_kept(msg), pid, stage,
                                                  *stored_props(msg.props, now)))
             for msg, qos, seq in st.queue:
                 if seq:
-                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, msg.retain, None, 0,
+                    messages.append(SavedMessage(seq, msg.topic, msg.payload, qos, st.retain_as_kept(msg), None, 0,
                                                  *stored_props(msg.props, now)))
             info = st.info
             out.append(SavedSession(st.client_id, info.principal, info.kind, dict(st.subs), messages,

@@ -246,9 +246,22 @@ class SessionState:
             return 0
         self._seq += 1
         journal.append(MessageKept(self.client_id, SavedMessage(self._seq, msg.topic, msg.payload, qos,
-                                                                msg.retain, pid if qos == 2 else None,
+                                                                self.retain_as_kept(msg), pid if qos == 2 else None,
                                                                 0, *self._stored_props(msg))))
         return self._seq
+
+    def retain_as_kept(self, msg: Message) -> bool:
+        """The RETAIN flag `msg` is saved with for this session: the publisher's
+        flag (pub_retain) is not saved, so Retain As Published (an MQTT 5
+        subscription option) is applied here, as _wire would send it."""
+        if msg.retain or not msg.pub_retain or not self.sub_opts:
+            return msg.retain
+        group = msg.group
+        for f, (o, _) in self.sub_opts.items():
+            if o & 0x08 and (f == group.key if group is not None
+                             else not f.startswith("$share/") and matches(msg.topic, f)):
+                return True
+        return False
 
     def _stored_props(self, msg: Message) -> tuple[bytes | None, float | None]:
         """An MQTT 5 message's properties and expiry as journaled, so they survive a crash too."""
@@ -260,7 +273,8 @@ class SessionState:
         as a new message, and the id is not reused while the client holds it."""
         if self.journal is not None:
             self.journal.append(MessageKept(self.client_id, SavedMessage(seq, msg.topic, msg.payload, 2,
-                                                                         msg.retain, pid, 0, *self._stored_props(msg))))
+                                                                         self.retain_as_kept(msg), pid, 0,
+                                                                         *self._stored_props(msg))))
 
     def _done(self, seq: int) -> None:
         if seq and self.journal is not None:
