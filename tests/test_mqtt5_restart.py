@@ -21,7 +21,7 @@ class V5Client:
     """paho-mqtt speaking MQTT 5 to a RoostProcess, as a user."""
 
     def __init__(self, roost: Any, client_id: str, password: str, *, clean_start: bool = True,
-                 session_expiry: int | None = None) -> None:
+                 session_expiry: int | None = None, connect_timeout: float = 5) -> None:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                              reconnect_on_failure=False)
         self.c.username_pw_set("alice", password)
@@ -39,7 +39,7 @@ class V5Client:
             props.SessionExpiryInterval = session_expiry
         self.c.connect(roost.host, roost.port, clean_start=clean_start, properties=props)
         self.c.loop_start()
-        rc, self.session_present = connected.get(timeout=5)
+        rc, self.session_present = connected.get(timeout=connect_timeout)
         assert rc == 0
 
     def sub(self, topic_filter: str, *, sub_id: int | None = None, **options: Any) -> list[int]:

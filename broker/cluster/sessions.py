@@ -37,7 +37,7 @@ def _renamed(op: JournalOp, name: str) -> JournalOp:
 def journal_of(saved: SavedSession, name: str) -> list[JournalOp]:
     """The journal operations that make `saved` exist under `name`."""
     ops: list[JournalOp] = [SessionUpsert(name, saved.principal, saved.kind, dict(saved.subscriptions),
-                                          saved.disconnected_at)]
+                                          saved.disconnected_at, saved.expiry, dict(saved.subscription_options))]
     ops += [MessageKept(name, m) for m in saved.messages]
     return ops
 

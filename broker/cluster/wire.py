@@ -126,27 +126,40 @@ SESSION_PART_BYTES = 256 * 1024
 
 
 def session_parts(saved: SavedSession) -> list[dict[str, Any]]:
-    """`saved` as documents of at most ~SESSION_PART_BYTES each (messages split)."""
+    """`saved` as documents of at most ~SESSION_PART_BYTES each (messages split),
+    its MQTT 5 state included: Session Expiry Interval, subscription options and
+    identifiers, each message's forwarded properties and expiry (epoch s, so the
+    time left keeps counting)."""
     head = {"client_id": saved.client_id, "principal": saved.principal, "kind": saved.kind,
             "subscriptions": saved.subscriptions, "incoming_qos2": saved.incoming_qos2,
-            "last_pid": saved.last_pid, "disconnected_at": saved.disconnected_at}
+            "last_pid": saved.last_pid, "disconnected_at": saved.disconnected_at,
+            "expiry": saved.expiry, "sub_opts": {f: list(o) for f, o in saved.subscription_options.items()}}
     parts: list[dict[str, Any]] = [{"head": head, "messages": []}]
     size = 0
     for m in saved.messages:
         if size > SESSION_PART_BYTES:
             parts.append({"messages": []})
             size = 0
-        parts[-1]["messages"].append([m.seq, m.topic, b64(m.payload), m.qos, m.retain, m.pid, m.stage])
-        size += len(m.topic) + len(m.payload) * 4 // 3 + 40
+        props = None if m.properties is None else b64(m.properties)
+        parts[-1]["messages"].append([m.seq, m.topic, b64(m.payload), m.qos, m.retain, m.pid, m.stage,
+                                      props, m.expires_at])
+        size += len(m.topic) + (len(m.payload) + len(m.properties or b"")) * 4 // 3 + 60
     return parts
+
+
+def _saved_message(row: list[Any]) -> SavedMessage:
+    seq, topic, payload, qos, retain, pid, stage, props, expires_at = row
+    return SavedMessage(int(seq), str(topic), unb64(payload), int(qos), bool(retain),
+                        None if pid is None else int(pid), int(stage),
+                        None if props is None else unb64(props), None if expires_at is None else float(expires_at))
 
 
 def session_from_parts(parts: list[dict[str, Any]]) -> SavedSession:
     head = parts[0]["head"]
-    messages = [SavedMessage(int(seq), str(topic), unb64(payload), int(qos), bool(retain),
-                             None if pid is None else int(pid), int(stage))
-                for part in parts for seq, topic, payload, qos, retain, pid, stage in part["messages"]]
+    messages = [_saved_message(row) for part in parts for row in part["messages"]]
+    expiry = head["expiry"]
     return SavedSession(str(head["client_id"]), head["principal"], head["kind"],
                         {str(f): int(q) for f, q in head["subscriptions"].items()}, messages,
                         [int(p) for p in head["incoming_qos2"]], int(head["last_pid"]),
-                        float(head["disconnected_at"]))
+                        float(head["disconnected_at"]), None if expiry is None else float(expiry),
+                        {str(f): (int(o), int(sid)) for f, (o, sid) in head["sub_opts"].items()})
