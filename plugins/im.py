@@ -13,7 +13,9 @@ another client.
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +31,30 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.im")
 
 STOP_GRACE = 5.0
+
+# An IM error code -> the MQTT 5 PUBACK/PUBREC reason code of a request refused
+# before it ran (only the codes MQTT 5 allows on PUBACK, 3.4.2.1)
+PUBACK_REASONS: dict[str, int] = {
+    ErrorCode.UNAUTHORIZED.value: 0x87,     # Not authorized
+    ErrorCode.FORBIDDEN.value: 0x87,
+    ErrorCode.RATE_LIMITED.value: 0x97,     # Quota exceeded
+    ErrorCode.QUOTA_EXCEEDED.value: 0x97,
+    ErrorCode.TOO_LARGE.value: 0x97,        # (0x95 Packet too large is not a PUBACK code)
+    ErrorCode.BAD_REQUEST.value: 0x99,      # Payload format invalid: not a request envelope
+    ErrorCode.NOT_FOUND.value: 0x83,        # Implementation specific error
+    ErrorCode.CONFLICT.value: 0x83,
+    ErrorCode.UNAVAILABLE.value: 0x80,      # Unspecified error
+    ErrorCode.INTERNAL.value: 0x80,
+}
+
+
+def puback_reason(error_envelope: bytes) -> int:
+    """The reason code for an error answer (error_response's JSON)."""
+    try:
+        code = json.loads(error_envelope)["error"]["code"]
+    except (ValueError, KeyError, TypeError):
+        return 0x80
+    return PUBACK_REASONS.get(code, 0x80)
 
 
 class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
@@ -71,10 +97,27 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         props = getattr(session, "publish_properties", None)     # an MQTT 5 request's (engine)
         response_topic = getattr(props, "response_topic", None)
         reply = self._reply_to(client_id, response_topic, getattr(props, "correlation_data", None))
+        if not qos or getattr(session, "protocol_level", 4) != 5:
+            try:
+                self._accept(session, client_id, topic, bytes(payload), reply)
+            except Exception:  # noqa: BLE001 - never let a request escape into the engine
+                self._gateway().failed(reply, "request", client_id)
+            return True
+        # MQTT 5 QoS 1/2: a request refused before it runs (the gateway's refusals
+        # build their answer synchronously) is also acked with a reason code. A
+        # request that runs is acked 0x00 at once, whatever its answer.
+        refusals: list[bytes] = []
+        answer = reply
+
+        def noting_refusal(payload: bytes) -> Coroutine[Any, Any, None]:
+            refusals.append(payload)
+            return answer(payload)
         try:
-            self._accept(session, client_id, topic, bytes(payload), reply)
+            self._accept(session, client_id, topic, bytes(payload), noting_refusal)
         except Exception:  # noqa: BLE001 - never let a request escape into the engine
-            self._gateway().failed(reply, "request", client_id)
+            self._gateway().failed(noting_refusal, "request", client_id)
+        if refusals:
+            session.publish_refused = puback_reason(refusals[0])
         return True
 
     def _accept(self, session: Any, client_id: str, topic: str, payload: bytes, reply: Reply) -> None:

@@ -81,3 +81,50 @@ def test_device_sdk_keeps_its_mqtt5_session_while_offline(roost):
         assert seen == [0, 1, 2]
     finally:
         dev.stop()
+
+
+def test_refused_request_is_acked_with_a_reason_code_and_answered(roost):
+    """A v5 QoS 1 request refused before it runs gets PUBACK with the reason code
+    (and its error envelope all the same); one that runs gets 0x00; a 3.1.1 client a plain ack."""
+    pw = roost.add_user("carol")
+    got: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+    acks: queue.Queue[tuple[int, int]] = queue.Queue()
+    subacks: queue.Queue[object] = queue.Queue()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="carol.v5", protocol=mqtt.MQTTv5)
+    c.username_pw_set("carol", pw)
+    c.on_message = lambda cl, u, m: got.put(m)
+    c.on_subscribe = lambda cl, u, mid, rcs, p: subacks.put(rcs)
+    c.on_publish = lambda cl, u, mid, rc, p: acks.put((mid, rc.value))
+    c.connect("127.0.0.1", roost.port)
+    c.loop_start()
+    try:
+        c.subscribe("roost/resp/carol.v5", 1)
+        subacks.get(timeout=5)
+        cases = [(b"not json", 0x99, "bad_request"),
+                 (json.dumps({"id": "u1", "op": "no.such.op"}).encode(), 0x99, "bad_request"),
+                 (json.dumps({"id": "ok1", "op": "convs"}).encode(), 0x00, None)]
+        for payload, reason, error in cases:
+            mid = c.publish("roost/req/carol.v5", payload, qos=1).mid
+            assert acks.get(timeout=5) == (mid, reason)
+            answer = json.loads(got.get(timeout=10).payload)
+            assert (answer.get("error") or {}).get("code") == error
+        mid = c.publish("roost/req/carol.v5", json.dumps({"id": "q2", "op": "nope"}), qos=2).mid
+        # PUBREC 0x99 ends the QoS 2 flow; paho sends a PUBREL all the same and reports
+        # that PUBCOMP's 0x92 (packet id not found): either way a failure, never 0x00
+        got_mid, rc = acks.get(timeout=5)
+        assert got_mid == mid and rc >= 0x80
+        assert json.loads(got.get(timeout=10).payload)["error"]["code"] == "bad_request"
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    c3 = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="carol.v3", protocol=mqtt.MQTTv311)
+    c3.username_pw_set("carol", pw)
+    c3.on_publish = lambda cl, u, mid, rc, p: acks.put((mid, rc.value))
+    c3.connect("127.0.0.1", roost.port)
+    c3.loop_start()
+    try:
+        mid = c3.publish("roost/req/carol.v3", b"not json", qos=1).mid
+        assert acks.get(timeout=5) == (mid, 0)
+    finally:
+        c3.disconnect()
+        c3.loop_stop()

@@ -31,6 +31,9 @@ Engine -> plugin calls (all optional; found with getattr at broker start):
   For an MQTT 5 publish, `session.publish_properties` holds during the call its
   `properties.MsgProps` (`response_topic`, `correlation_data`; None for 3.1.1):
   plugins/im.py answers a request on its Response Topic.
+  An interceptor consuming an MQTT 5 QoS 1/2 publish it refuses may set
+  `session.publish_refused` to a PUBACK reason code (>= 0x80) during the call: the
+  engine acks with it (a 3.1.1 client still gets a plain ack).
   Optionally also a synchronous `on_client_publish_nowait(...)` with the same
   arguments and meaning: the engine calls it instead of on_client_publish for a
   non-retained publish, and when every interceptor matching one has it, inside

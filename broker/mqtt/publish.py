@@ -110,7 +110,8 @@ class Publishing:
             if consumed is None:
                 return self._publish_later(conn, st, info, pkt, True)
             if consumed:
-                return self._acknowledge(conn, st, pkt)
+                refused, info.publish_refused = info.publish_refused, 0
+                return self._acknowledge(conn, st, pkt, refused=refused)
         journal = self._journal
         mark = journal.appended if journal is not None else 0    # _journal_mark(), inline
         msg = Message(topic, pkt.payload, qos, False, pkt.properties)
@@ -135,6 +136,7 @@ class Publishing:
         if allowed:
             mark = self._journal_mark()
             await self._intercept_and_route(info, topic, pkt.payload, pkt.qos, pkt.retain, conn, pkt.properties)
+            refused, info.publish_refused = info.publish_refused, 0   # an interceptor's refusal
         else:
             self._stats["publish_denied"] += 1
             refused = codec5.NOT_AUTHORIZED

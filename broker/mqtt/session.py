@@ -80,6 +80,9 @@ class ClientInfo:
         # While an interceptor (hooks.py) is called for an MQTT 5 publish: its
         # properties.MsgProps (response_topic, correlation_data); None otherwise
         self.publish_properties: MsgProps | None = None
+        # Set by an interceptor during that call: the MQTT 5 reason code of the PUBACK/PUBREC
+        # for a publish it consumed but refused (0: a plain ack); the engine reads and clears it
+        self.publish_refused = 0
         self.attributes: dict[str, Any] = {}   # plugin-owned, like amqtt's Session.attributes
         self.last_activity: float | None = None  # set when the connection ends: last packet received
         # epoch seconds when the login ends (a JWT's exp): the engine closes the connection then
