@@ -4,21 +4,25 @@ paho-mqtt v5 clients): handed over to the node its client connects to, and
 taken over from the store by a survivor after its node was SIGKILLed. The
 state: Session Expiry Interval, subscription options (No Local, Retain As
 Published) and identifiers, queued messages' properties and the time left of
-their Message Expiry Interval (it keeps counting)."""
+their Message Expiry Interval (it keeps counting). And a client reconnecting
+to another node before its killed node is declared dead waits for its
+session instead of getting a fresh one."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from broker.cluster import wire
 from broker.cluster.sessions import NodeSessions
 from broker.config import StorageConfig
 from broker.store.base import SavedMessage, SavedSession
 from broker.store.factory import open_store
+from tests.clients import MqttClient
 from tests.nats import wait_until
 from tests.test_cluster_im import pg_nodes
-from tests.test_cluster_routing import NODE_TIMEOUT
+from tests.test_cluster_routing import NODE_TIMEOUT, client
 from tests.test_mqtt5_restart import PROPS, V5Client, assert_props
 
 PW = "pw-alice-123"
@@ -113,3 +117,39 @@ def test_a_moved_session_keeps_its_mqtt5_state_in_the_shared_store(postgres_dsn)
             await store.close()
 
     asyncio.run(run())
+
+
+def test_a_client_back_before_its_killed_node_is_declared_dead_resumes_its_session(
+        tmp_path, nats_server, postgres_dsn) -> None:
+    """Both clients reach another node while n1 is silent, not yet dead: each
+    CONNACK waits until n1 is declared dead and n2 (the survivor) took n1's
+    sessions over from the store; meter on n3 then has it handed over from n2."""
+    nodes = pg_nodes(tmp_path, nats_server.url, postgres_dsn, ["n1", "n2", "n3"], users=())
+    n1 = nodes["n1"]
+    try:
+        for cid in ("meter", "meter2"):
+            dev = MqttClient(cid, clean_session=False).connect(n1.host, n1.port)
+            dev.subscribe(f"{cid}/#", qos=1)
+            dev.disconnect()
+        pub = client(n1, "qpub")
+        for i in range(3):
+            for cid in ("meter", "meter2"):
+                pub.publish(f"{cid}/r", str(i), qos=1)    # PUBACK once kept in the store
+        pub.paho.loop_stop()
+        n1.kill()
+        killed = time.monotonic()
+
+        def back(cid: str, node) -> MqttClient:
+            return MqttClient(cid, clean_session=False).connect(node.host, node.port, timeout=NODE_TIMEOUT + 10)
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = {cid: pool.submit(back, cid, nodes[name]) for cid, name in (("meter", "n3"), ("meter2", "n2"))}
+            clients = {cid: f.result() for cid, f in futures.items()}
+        assert time.monotonic() - killed < NODE_TIMEOUT + 8
+        for cid, c in clients.items():
+            assert c.session_present, cid
+            assert [c.wait_message(f"{cid}/r").payload for _ in range(3)] == [b"0", b"1", b"2"]
+            c.disconnect()
+    finally:
+        for node in nodes.values():
+            node.kill()

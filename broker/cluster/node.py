@@ -55,6 +55,7 @@ MAX_STAMPS = 100_000     # topics whose last retained change is remembered (to o
 START_WAIT = 3.0         # seconds a starting node waits for NATS before serving without it
 MAX_BARRIERS = 1000      # mailbox barriers pending at once; beyond, they are merged into one
 RELEASE_WAIT = 2.0       # seconds a connecting persistent client waits for the other nodes' answers
+MAX_ADOPTIONS = 64       # dead nodes' session take-overs remembered (a connecting client may wait for one)
 NO_WILL = {DisconnectReason.DISCONNECT, DisconnectReason.TAKEN_OVER, DisconnectReason.SHUTDOWN}
 
 
@@ -92,6 +93,8 @@ class ClusterNode:
         self._stamps: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._sessions: NodeSessions | None = None
         self._releases: dict[str, _Release] = {}
+        # (dead node, its incarnation) -> set once a survivor took its sessions over from the store
+        self._adoptions: OrderedDict[tuple[str, str], asyncio.Event] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._ticker: asyncio.Task[None] | None = None
         # Presence across nodes (set by the composition root when presence runs):
@@ -390,19 +393,38 @@ class ClusterNode:
         if crashed and mine and peer.wills:
             log.info("cluster: publishing %d will(s) of node %s's clients", len(peer.wills), peer.name)
             self._background(self._publish_wills(list(peer.wills.values())))
-        if peer.timed_out and mine and self._bus.share and self._sessions is not None:
+        if peer.timed_out and self._bus.share and self._sessions is not None:
             # (a node restarted under its name loaded them itself)
-            self._background(self._adopt_sessions_of(peer.name))
+            self._adoption(peer.name, peer.inc)      # a client waiting for its session waits for this
+            if mine:
+                self._background(self._adopt_sessions_of(peer.name, peer.inc))
 
     def _background(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _adopt_sessions_of(self, node: str) -> None:
+    async def _adopt_sessions_of(self, node: str, inc: str) -> None:
         """A dead node's persistent sessions in the shared store become this
         node's, offline, with what they were owed: their clients resume them on
-        any node (a client connecting elsewhere gets it handed over from here)."""
+        any node (a client connecting elsewhere gets it handed over from here).
+        Then every node hears that it is done (a client that connected elsewhere
+        meanwhile is waiting for it, _before_establish)."""
+        try:
+            await self._adopt_from_store(node)
+        finally:
+            self._adoption(node, inc).set()
+            self.link.send(wire.ADOPTED, wire.encode({"node": self.name, "from": node, "inc": inc, "all": True}))
+
+    def _adoption(self, node: str, inc: str) -> asyncio.Event:
+        done = self._adoptions.get((node, inc))
+        if done is None:
+            done = self._adoptions[(node, inc)] = asyncio.Event()
+            if len(self._adoptions) > MAX_ADOPTIONS:
+                self._adoptions.popitem(last=False)
+        return done
+
+    async def _adopt_from_store(self, node: str) -> None:
         sessions, engine = self._sessions, self._engine
         assert sessions is not None
         try:
@@ -437,20 +459,21 @@ class ClusterNode:
 
     async def _before_establish(self, info: Any, clean_start: bool) -> None:
         """A persistent session's client connects here: a node holding its session
-        hands it over (exact state: subscriptions, queued and in-flight QoS 1/2)."""
+        hands it over (exact state: subscriptions and their MQTT 5 options,
+        queued and in-flight QoS 1/2, the Session Expiry Interval). A node that
+        does not answer is waited for until it answers or is declared dead (at
+        most `node_timeout`: a killed node's client may reconnect here before);
+        a dead node's sessions are taken over from the shared store by the
+        survivor, which is then asked again (or is this node)."""
         key = info.session_key
-        peers = self.peers.alive()
-        if clean_start or not peers or key in self._engine.sessions or not self.link.connected.is_set():
+        if clean_start or not self.peers.alive() or key in self._engine.sessions or not self.link.connected.is_set():
             return
-        rid = secrets.token_hex(8)
-        release = self._releases[rid] = _Release(set(peers))
-        self.link.send(wire.RELEASE, wire.encode({"id": rid, "node": self.name, "key": key}))
-        try:
-            await asyncio.wait_for(release.done.wait(), RELEASE_WAIT)
-        except TimeoutError:
-            log.warning("cluster: %s: no answer from %s about its session", key, ", ".join(sorted(release.waiting)))
-        finally:
-            del self._releases[rid]
+        release = await self._ask_release(key, wait_for_silent=True)
+        if release.saved is None and release.dead:
+            await self._adopted(release.dead)
+            if key in self._engine.sessions:
+                return      # this node was the survivor: it took the session over itself
+            release = await self._ask_release(key, wait_for_silent=False)
         if release.saved is None or key in self._engine.sessions or self._sessions is None:
             return
         saved, holder = release.saved, release.holder
@@ -462,6 +485,48 @@ class ClusterNode:
         log.info("cluster: %s resumes here its session from node %s (%d messages owed)", key, holder,
                  len(saved.messages))
         self.link.send(wire.ADOPTED, wire.encode({"node": self.name, "from": holder, "key": key}))
+
+    async def _ask_release(self, key: str, *, wait_for_silent: bool) -> _Release:
+        """Ask every node for `key`'s session (RELEASE_WAIT for the answers); with
+        `wait_for_silent` and a shared store, then wait for the nodes that did not
+        answer, until they do or are declared dead (`release.dead`)."""
+        rid = secrets.token_hex(8)
+        release = self._releases[rid] = _Release({name: peer.inc for name, peer in self.peers.peers.items()})
+        self.link.send(wire.RELEASE, wire.encode({"id": rid, "node": self.name, "key": key}))
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.done.wait(), RELEASE_WAIT)
+            if release.saved is None and release.waiting and wait_for_silent and self._bus.share:
+                await self._wait_for_silent(key, release)
+        finally:
+            del self._releases[rid]
+        if release.saved is None and release.waiting:
+            log.warning("cluster: %s: no answer from %s about its session", key, ", ".join(sorted(release.waiting)))
+        return release
+
+    async def _wait_for_silent(self, key: str, release: _Release) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout + self.heartbeat_interval
+        log.info("cluster: %s: waiting for %s to answer about its session or be declared dead", key,
+                 ", ".join(sorted(release.waiting)))
+        while release.saved is None and loop.time() < deadline:
+            if not any(self._same_peer(name, inc) for name, inc in release.waiting.items()):
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.done.wait(), self.heartbeat_interval)   # death is seen per tick
+        release.dead = [(name, inc) for name, inc in release.waiting.items() if not self._same_peer(name, inc)]
+
+    def _same_peer(self, name: str, inc: str) -> bool:
+        peer = self.peers.peers.get(name)
+        return peer is not None and peer.inc == inc
+
+    async def _adopted(self, dead: list[tuple[str, str]]) -> None:
+        """Until the survivor took over the sessions of these dead nodes (a node
+        that restarted or left cleanly has its sessions back itself: no wait)."""
+        waits = [done.wait() for node in dead if (done := self._adoptions.get(node)) is not None]
+        if waits:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waits), self.heartbeat_interval * 2 + RELEASE_WAIT)
 
     async def _on_release(self, subject: str, data: bytes) -> None:
         doc = wire.decode(data)
@@ -498,12 +563,15 @@ class ClusterNode:
             if not doc["last"]:
                 return
             release.saved, release.holder = wire.session_from_parts(release.parts), node
-        release.waiting.discard(node)
+        release.waiting.pop(node, None)
         if not release.waiting or release.saved is not None:
             release.done.set()
 
     async def _on_adopted(self, subject: str, data: bytes) -> None:
         doc = wire.decode(data)
+        if doc.get("all"):        # a survivor took over every session of a dead node
+            self._adoption(str(doc["from"]), str(doc["inc"])).set()
+            return
         key = str(doc["key"])
         if doc["from"] == self.name and self._sessions is not None and key not in self._engine.sessions:
             await self._sessions.drop(key)      # with one shared store: already moved, a no-op
@@ -519,11 +587,13 @@ class _Barrier:
 
 
 class _Release:
-    """The answers to one hand-over request."""
+    """The answers to one hand-over request: `waiting` the nodes (name ->
+    incarnation asked) yet to answer, `dead` those of them found dead since."""
 
-    def __init__(self, waiting: set[str]) -> None:
+    def __init__(self, waiting: dict[str, str]) -> None:
         self.waiting = waiting
         self.done = asyncio.Event()
         self.parts: list[dict[str, Any]] = []
         self.saved: Any = None
         self.holder = ""
+        self.dead: list[tuple[str, str]] = []
