@@ -12,7 +12,9 @@ Subjects (every node subscribes to the broadcast ones and to its own):
     roost.bye             a node leaving cleanly {"node", "inc"}
     roost.release         a persistent session's client connects on "node": whoever holds "key" hands it over
     roost.released.<node> the answers, each node's: {"id", "node", "held", session parts (session_parts)}
-    roost.adopted         "node" took over "key" from "from": "from" forgets its rows of it
+    roost.adopted         "node" took over "key" from "from": "from" forgets its rows of it;
+                          with "all": true and "inc", "node" finished taking over every session
+                          of dead node "from" (incarnation "inc"): clients waiting for it ask again
 
 `inc` (incarnation) is random per process start: a node restarted under the same
 name is a new incarnation, and the old one is dead. `seq` counts the state
