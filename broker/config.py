@@ -200,6 +200,9 @@ class ClusterConfig:
     nats: NatsConfig = field(default_factory=NatsConfig)
     node_timeout: float = 15.0          # a node not heard from for this long is dead
     max_pending_bytes: int = 8 * 1024 * 1024   # bytes waiting for NATS; beyond that dropped, counted
+    # per destination node: publishes sent to it kept until it acks them (resent if lost); beyond, the oldest
+    # is given up, counted (roost_dropped_total{reason="cluster_resend_full"})
+    resend_buffer_bytes: int = 8 * 1024 * 1024
 
 
 @dataclass
@@ -331,6 +334,8 @@ def _check_cluster(cluster: ClusterConfig) -> None:
         raise ConfigError("cluster.node_timeout", "must be at least 1s")
     if cluster.max_pending_bytes < 65536:
         raise ConfigError("cluster.max_pending_bytes", "must be at least 65536")
+    if cluster.resend_buffer_bytes < 65536:
+        raise ConfigError("cluster.resend_buffer_bytes", "must be at least 65536")
 
 
 def _check(cfg: RoostConfig) -> None:
