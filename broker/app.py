@@ -83,7 +83,7 @@ async def build_services(config: RoostConfig) -> Services:
     from broker.services.presence import PresenceService
     from broker.services.social import SocialService
     from broker.services.telemetry import TelemetryService
-    from broker.store.blobs import FsBlobStore
+    from broker.store.factory import create_blob_store
 
     # Built in this order because bus handlers run in the order they subscribed:
     # the gateway (a removed principal loses its access and connections) before
@@ -95,7 +95,7 @@ async def build_services(config: RoostConfig) -> Services:
     services.presence = PresenceService(services)
     services.devices = DeviceService(services)
     services.telemetry = TelemetryService(services)
-    services.files = FileService(services, FsBlobStore(config.files_dir()))
+    services.files = FileService(services, create_blob_store(config.storage, store, config.files_dir()))
     if config.homeassistant.enabled:
         from broker.services.homeassistant import HomeAssistantService
 

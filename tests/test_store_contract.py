@@ -45,6 +45,7 @@ from broker.store.base import (
     SessionUpsert,
     Store,
     StoreClosed,
+    WebSessionRecord,
 )
 from broker.store.factory import open_store
 
@@ -62,6 +63,7 @@ DOMAINS: dict[str, type] = {
     "presence": base.PresenceStore,
     "telemetry": base.TelemetryStore,
     "files": base.FileStore,
+    "web_sessions": base.WebSessionStore,
     "health": base.StoreHealth,
 }
 
@@ -880,4 +882,46 @@ def test_file_uploads_quota_dedup_and_conversations(store: OpenStore) -> None:
             assert await s.files.find(a.id) == FileRecord(a.id, "", "", 100, "image/png", TS)
             assert await s.files.find(big.id) is None and await s.files.convs_of(a.id) == ["dm:alice:bob",
                                                                                           "grp:0123456789abcdef"]
+    run(main())
+
+
+@covers("web_sessions.create", "web_sessions.get", "web_sessions.touch", "web_sessions.delete",
+        "web_sessions.delete_principal", "web_sessions.expire", "web_sessions.count")
+def test_web_sessions_bounded_least_recently_used_first_and_ended_with_their_principal(store: OpenStore) -> None:
+    def rec(key: str, principal: str, at: float, expires_at: float | None = None) -> WebSessionRecord:
+        return WebSessionRecord(key * 64, principal, "user", f"csrf-{key}", at, at, expires_at)
+
+    async def main() -> None:
+        async with store() as s:
+            await add_users(s, "alice", "bob")
+            a = rec("a", "alice", TS)
+            assert await s.web_sessions.create(a, max_sessions=3) == (1, 0)
+            assert await s.web_sessions.get(a.key) == a and await s.web_sessions.get("f" * 64) is None
+            with pytest.raises(NotFoundError):
+                await s.web_sessions.create(rec("9", "nobody", TS), max_sessions=3)
+            assert await s.web_sessions.create(rec("b", "bob", TS + 1), max_sessions=3) == (2, 0)
+            assert await s.web_sessions.create(rec("c", "alice", TS + 2), max_sessions=3) == (3, 0)
+            await s.web_sessions.touch(a.key, TS + 10)          # a is now the most recently used
+            await s.web_sessions.touch(a.key, TS + 5)           # never back in time
+            assert (await s.web_sessions.get(a.key)) == WebSessionRecord(a.key, "alice", "user", "csrf-a",
+                                                                         TS, TS + 10, None)
+            await s.web_sessions.touch("e" * 64, TS)            # a session that is gone: nothing
+            assert await s.web_sessions.create(rec("d", "bob", TS + 3), max_sessions=3) == (3, 1)
+            assert await s.web_sessions.get("b" * 64) is None   # the least recently used went
+            assert await s.web_sessions.count() == 3
+            assert await s.web_sessions.delete("d" * 64) and not await s.web_sessions.delete("d" * 64)
+            assert await s.web_sessions.delete_principal("alice") == 2 and await s.web_sessions.count() == 0
+        async with store() as s:   # kept across a reopen (another node, a restart); expiry by each rule
+            await add_users(s, "carol")
+            await s.web_sessions.create(rec("1", "bob", TS), max_sessions=10)           # idle
+            await s.web_sessions.create(rec("2", "bob", TS + 100), max_sessions=10)     # too old
+            await s.web_sessions.touch("2" * 64, TS + 1000)
+            await s.web_sessions.create(rec("3", "carol", TS + 900, expires_at=TS + 950), max_sessions=10)
+            await s.web_sessions.create(rec("4", "carol", TS + 900, expires_at=TS + 2000), max_sessions=10)
+        async with store() as s:
+            assert await s.web_sessions.count() == 4
+            assert await s.web_sessions.expire(used_before=TS + 500, created_before=TS + 200, now=TS + 1000) == 3
+            assert (await s.web_sessions.get("4" * 64)) is not None
+            await s.identity.remove_principal("carol")        # a removed principal's sessions end with it
+            assert await s.web_sessions.count() == 0
     run(main())

@@ -2,8 +2,8 @@
 
 Services, plugins, the engine and the CLI depend on these Protocols and errors
 only. `Store` (at the end) is the whole store: one repository object per domain
-(identity, retained, sessions, messaging, social, devices, presence, telemetry, files),
-so the domains can grow independently. `broker/store/sqlite.py` implements it on
+(identity, retained, sessions, messaging, social, devices, presence, telemetry, files,
+web sessions), so the domains can grow independently. `broker/store/sqlite.py` implements it on
 SQLite; another engine (PostgreSQL) implements the same Protocols, passes
 tests/test_store_contract.py and is chosen in `broker/store/factory.py`.
 
@@ -333,8 +333,10 @@ class FileStore(Protocol):
 
 class BlobStore(Protocol):
     """The bytes of files, by content hash (broker/store/blobs.py keeps them in a
-    folder; a cluster's object store later). Uploads in progress are staged under
-    an upload id until `commit` makes them a blob, atomically."""
+    folder, beside SQLite; broker/store/postgres_files.py in PostgreSQL, where
+    every node reads them). Uploads in progress are staged under an upload id
+    until `commit` makes them a blob, atomically. broker/store/factory.py
+    `create_blob_store` picks the one that goes with the store."""
 
     async def begin(self, upload: str) -> None:
         """An empty staging area for `upload` (an id of [0-9a-f])."""
@@ -354,7 +356,50 @@ class BlobStore(Protocol):
         """Up to `length` bytes from `offset`; NotFoundError when there is no such blob."""
 
     async def clear_staging(self) -> int:
-        """Drop every staged upload (at start: uploads of a previous run are abandoned)."""
+        """Drop the staged uploads no one can still be writing (at start: uploads of a
+        previous run are abandoned): in a folder of this node's, every one; in a
+        store shared by nodes, those untouched for a day."""
+
+
+# ---- web sign-in sessions (issue 12: shared by every node) -----------------------
+
+@dataclass(frozen=True, slots=True)
+class WebSessionRecord:
+    """A browser signed in to the web app (broker/web/sessions.py). `key` is the
+    SHA-256 (hex) of the cookie's token, never the token: these rows alone do not
+    let anyone act as the person. Times are epoch seconds."""
+
+    key: str
+    principal: str
+    kind: str
+    csrf: str                      # the page sends it with every state-changing request
+    created: float
+    used: float                    # written at most about once a minute (WebSessions.touch_every)
+    expires_at: float | None = None   # the end of a sign-in by token (a JWT's exp)
+
+
+class WebSessionStore(Protocol):
+    async def create(self, rec: WebSessionRecord, *, max_sessions: int) -> tuple[int, int]:
+        """Add `rec`, then evict the least recently used sessions beyond
+        `max_sessions`, in one transaction; returns (sessions now, evicted).
+        NotFoundError when the principal does not exist. A principal's removal
+        ends its sessions with it."""
+
+    async def get(self, key: str) -> WebSessionRecord | None: ...
+
+    async def touch(self, key: str, used: float) -> None:
+        """Note a use (nothing if the session is gone)."""
+
+    async def delete(self, key: str) -> bool: ...
+
+    async def delete_principal(self, principal: str) -> int:
+        """End every session of `principal` (signed out everywhere); how many."""
+
+    async def expire(self, *, used_before: float, created_before: float, now: float) -> int:
+        """Delete sessions last used before `used_before`, created before
+        `created_before`, or whose `expires_at` is at or before `now`; how many."""
+
+    async def count(self) -> int: ...
 
 
 # ---- messaging (conversations, messages, mailboxes) --------------------------
@@ -625,6 +670,9 @@ class Store(Protocol):
 
     @property
     def files(self) -> FileStore: ...
+
+    @property
+    def web_sessions(self) -> WebSessionStore: ...
 
     @property
     def health(self) -> StoreHealth: ...

@@ -1,9 +1,11 @@
 """Files' bytes in a folder, by content hash: `<root>/ab/cdef...` (SHA-256 hex).
 
 A blob is written once and never changed: staged under `<root>/staging/<upload>`,
-fsynced, then renamed into place and its folder fsynced, so a crash leaves either
-no blob or the whole one, never a part. The same content uploaded twice is one
-blob. Every call runs on a worker thread: file I/O never blocks the event loop.
+fsynced, then linked into place (only if no blob of that name exists) and its
+folder fsynced, so a crash leaves either no blob or the whole one, never a part.
+The same content uploaded twice is one blob. Every call runs on a worker thread:
+file I/O never blocks the event loop. The SQLite store's blobs; with
+`storage.backend: postgres` they are in the database (broker/store/postgres_files.py).
 """
 
 from __future__ import annotations
@@ -59,7 +61,12 @@ class FsBlobStore:
             with staged.open("rb+") as f:
                 os.fsync(f.fileno())
             blob.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.replace(staged, blob)
+            try:   # a hard link is created only if the name is free: two commits of one content make one blob
+                os.link(staged, blob)
+            except FileExistsError:
+                staged.unlink(missing_ok=True)
+                return False
+            staged.unlink()
             _fsync_dir(blob.parent)
             return True
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from broker.store.base import Store
+from broker.store.base import BlobStore, Store
 
 
 class StorageSettings(Protocol):
@@ -49,6 +49,19 @@ def create_store(storage: StorageSettings, resolve: Callable[[str], Path] = Path
     from broker.store.sqlite import SqliteStore
 
     return SqliteStore(resolve(storage.path))   # returned as a Store: mypy checks it implements every member
+
+
+def create_blob_store(storage: StorageSettings, store: Store, files_dir: Path) -> BlobStore:
+    """Where files' bytes go: with postgres, in the database (every node serves every
+    file, whatever disk it has); with sqlite, the folder `files_dir`."""
+    if storage.backend == "postgres":
+        from broker.store.postgres import PgStore
+
+        assert isinstance(store, PgStore), "create_store made it"
+        return store.blobs
+    from broker.store.blobs import FsBlobStore
+
+    return FsBlobStore(files_dir)
 
 
 async def open_store(storage: StorageSettings, resolve: Callable[[str], Path] = Path) -> Store:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from broker.store.postgres_db import PgDatabase
 from broker.store.postgres_devices import PgDeviceStore
-from broker.store.postgres_files import PgFileStore
+from broker.store.postgres_files import PgBlobStore, PgFileStore
 from broker.store.postgres_identity import PgIdentityStore
 from broker.store.postgres_messaging import PgMessagingStore
 from broker.store.postgres_messaging import purge_principal as purge_messaging
@@ -20,6 +20,7 @@ from broker.store.postgres_sessions import PgSessionStore
 from broker.store.postgres_social import PgSocialStore
 from broker.store.postgres_social import purge_principal as purge_social
 from broker.store.postgres_telemetry import PgTelemetryStore
+from broker.store.postgres_websessions import PgWebSessionStore
 
 
 class PgStore:
@@ -36,6 +37,8 @@ class PgStore:
         self.presence = PgPresenceStore(self.db)
         self.telemetry = PgTelemetryStore(self.db)
         self.files = PgFileStore(self.db)
+        self.web_sessions = PgWebSessionStore(self.db)
+        self.blobs = PgBlobStore(self.db)   # not part of Store: factory.create_blob_store hands it out
         self.messaging = PgMessagingStore(self.db)
         self.social = PgSocialStore(self.db)
 

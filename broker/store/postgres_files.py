@@ -1,14 +1,25 @@
-"""PostgreSQL implementation of FileStore: who uploaded which content, and where it was sent.
+"""PostgreSQL implementations of FileStore (who uploaded which content, and where
+it was sent) and of BlobStore (the bytes themselves).
 
-The bytes are not here (broker/store/blobs.py keeps them by content hash); the
-rows are one per (content, uploader), counted against that uploader's quota
-once per distinct content, and one per (content, conversation) it was sent in.
+FileStore's rows are one per (content, uploader), counted against that
+uploader's quota once per distinct content, and one per (content, conversation)
+it was sent in.
+
+BlobStore keeps the bytes in the database too, so a file uploaded through one
+node is served by every node (they need not share a disk): `file_blobs` has a
+row per content (by SHA-256) or per upload in progress (by upload id, `staged`),
+and `file_blob_chunks` its bytes, one row per appended chunk (at most
+contract.ops.FILE_CHUNK bytes each) at its offset. A read fetches only the
+chunks it covers, so a big file is streamed, never loaded whole. Committing an
+upload renames its row to the digest (the chunks follow by ON UPDATE CASCADE;
+PostgreSQL keeps their out-of-line bytes as they are), in one transaction.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 from asyncpg import Connection
 
 from broker.store.base import FileRecord, NotFoundError
@@ -44,6 +55,29 @@ CREATE TABLE file_contents (
 INSERT INTO file_contents(id, size, type, created_at)
     SELECT DISTINCT ON (id) id, size, type, created_at FROM file_uploads ORDER BY id, created_at;
 """
+
+# A later migration still: the bytes (see the module's docstring). Chunks are
+# images and archives, mostly compressed already: stored out of line, uncompressed.
+BLOBS_DDL = """
+CREATE TABLE file_blobs (
+    id text COLLATE "C" PRIMARY KEY,
+    staged boolean NOT NULL,
+    size bigint NOT NULL,
+    touched double precision NOT NULL
+);
+CREATE TABLE file_blob_chunks (
+    blob text COLLATE "C" NOT NULL REFERENCES file_blobs(id) ON DELETE CASCADE ON UPDATE CASCADE,
+    off bigint NOT NULL,
+    data bytea NOT NULL,
+    PRIMARY KEY (blob, off)
+);
+ALTER TABLE file_blob_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+"""
+
+# An upload in progress untouched this long belongs to no live node (each node
+# drops its own idle ones after files.upload_ttl): clear_staging deletes it.
+STALE_STAGING = 24 * 3600.0
+_NOW = "extract(epoch from clock_timestamp())"   # the database's clock: the same for every node
 
 _COLUMNS = "id, owner, name, size, type, created_at"
 
@@ -100,3 +134,84 @@ class PgFileStore:
         rows = await self._db.read(lambda conn: conn.fetch(
             "SELECT conv FROM file_convs WHERE id=$1 ORDER BY conv", file_id))
         return [r[0] for r in rows]
+
+
+class PgBlobStore:
+    """Implements broker.store.base's `BlobStore` in the database (see the module docstring)."""
+
+    def __init__(self, db: PgDatabase, *, stale_staging: float = STALE_STAGING) -> None:
+        self._db = db
+        self._stale = stale_staging
+
+    async def begin(self, upload: str) -> None:
+        async def job(conn: Connection) -> None:
+            await conn.execute("DELETE FROM file_blobs WHERE id=$1 AND staged", upload)
+            await conn.execute(f"INSERT INTO file_blobs(id, staged, size, touched) VALUES ($1, true, 0, {_NOW})",
+                               upload)
+
+        await self._db.write(job)
+
+    async def append(self, upload: str, data: bytes) -> None:
+        async def job(conn: Connection) -> str:
+            return str(await conn.execute(
+                "WITH b AS (UPDATE file_blobs SET size = size + length($2::bytea), "
+                f"touched = {_NOW} WHERE id=$1 AND staged RETURNING size - length($2::bytea) AS off) "
+                "INSERT INTO file_blob_chunks(blob, off, data) SELECT $1, off, $2 FROM b", upload, data))
+
+        if (await self._db.autocommit(job)).endswith(" 0"):
+            raise NotFoundError(upload)
+
+    async def commit(self, upload: str, digest: str) -> bool:
+        async def job(conn: Connection) -> bool:
+            if await conn.fetchval("SELECT 1 FROM file_blobs WHERE id=$1 AND NOT staged", digest):
+                await conn.execute("DELETE FROM file_blobs WHERE id=$1 AND staged", upload)
+                return False
+            try:
+                async with conn.transaction():   # a savepoint: another node may commit the same content now
+                    renamed = await conn.execute(
+                        "UPDATE file_blobs SET id=$2, staged=false, touched=" + _NOW + " WHERE id=$1 AND staged",
+                        upload, digest)
+            except asyncpg.UniqueViolationError:
+                await conn.execute("DELETE FROM file_blobs WHERE id=$1 AND staged", upload)
+                return False
+            if renamed.endswith(" 0"):
+                raise NotFoundError(upload)
+            return True
+
+        return await self._db.write(job)
+
+    async def discard(self, upload: str) -> None:
+        async def job(conn: Connection) -> None:
+            await conn.execute("DELETE FROM file_blobs WHERE id=$1 AND staged", upload)
+
+        await self._db.autocommit(job)
+
+    async def delete(self, digest: str) -> None:
+        async def job(conn: Connection) -> None:
+            await conn.execute("DELETE FROM file_blobs WHERE id=$1 AND NOT staged", digest)
+
+        await self._db.autocommit(job)
+
+    async def read(self, digest: str, offset: int, length: int) -> bytes:
+        end = offset + max(0, length)
+
+        async def job(conn: Connection) -> bytes:
+            # the chunk holding `offset` (the last one starting at or before it) and those after it up to `end`
+            rows = await conn.fetch(
+                "SELECT off, data FROM file_blob_chunks WHERE blob=$1 AND off < $3 AND off >= COALESCE("
+                "(SELECT max(off) FROM file_blob_chunks WHERE blob=$1 AND off <= $2), 0) ORDER BY off",
+                digest, offset, end)
+            if not rows and not await conn.fetchval("SELECT 1 FROM file_blobs WHERE id=$1 AND NOT staged", digest):
+                raise NotFoundError(digest)
+            parts = [bytes(r[1])[max(0, offset - r[0]):end - r[0]] for r in rows]
+            return b"".join(parts)
+
+        return await self._db.read(job, snapshot=True)
+
+    async def clear_staging(self) -> int:
+        # Not "every staged upload", as on a node's own disk: other nodes may be receiving theirs now.
+        async def job(conn: Connection) -> int:
+            status = await conn.execute(f"DELETE FROM file_blobs WHERE staged AND touched < {_NOW} - $1", self._stale)
+            return int(str(status).rsplit(" ", 1)[-1])
+
+        return await self._db.autocommit(job)

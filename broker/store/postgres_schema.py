@@ -28,6 +28,7 @@ from broker.store import (
     postgres_retained,
     postgres_sessions,
     postgres_telemetry,
+    postgres_websessions,
 )
 from broker.store.base import StoreCannotOpen
 from broker.store.postgres_db import PgDatabase
@@ -52,6 +53,8 @@ MIGRATIONS: list[PgMigration] = [
     (3, "telemetry history and files", postgres_telemetry.HISTORY_DDL + postgres_files.DDL),
     (4, "file contents kept when their uploaders are removed", postgres_files.CONTENTS_DDL),
     (5, "mqtt 5 session expiry, subscription options, message properties and expiry", postgres_sessions.MQTT5_DDL),
+    (6, "web sign-in sessions, shared by every node", postgres_websessions.DDL),
+    (7, "files' bytes, so every node serves every file", postgres_files.BLOBS_DDL),
 ]
 
 # For `roost migrate` (broker/store/postgres_import.py): tables the DDL fills

@@ -13,6 +13,7 @@ from broker.store import (
     sqlite_sessions,
     sqlite_social,
     sqlite_telemetry,
+    sqlite_websessions,
 )
 from broker.store.base import StoreCannotOpen
 from broker.store.sqlite_db import Database, Migration
@@ -27,6 +28,7 @@ MIGRATIONS: list[Migration] = [
     *sqlite_telemetry.MIGRATIONS,
     *sqlite_sessions.MIGRATIONS,
     *sqlite_files.MIGRATIONS,
+    *sqlite_websessions.MIGRATIONS,
 ]
 
 
@@ -46,6 +48,7 @@ class SqliteStore:
         self.telemetry = sqlite_telemetry.SqliteTelemetryStore(self.db)
         self.sessions = sqlite_sessions.SqliteSessionStore(self.db)
         self.files = sqlite_files.SqliteFileStore(self.db)
+        self.web_sessions = sqlite_websessions.SqliteWebSessionStore(self.db)
 
     @property
     def health(self) -> Database:
