@@ -58,6 +58,11 @@ class NatsLink:
     def queued_bytes(self) -> int:
         return self._queued_bytes
 
+    @property
+    def up(self) -> bool:
+        """Connected to NATS now."""
+        return self.connected.is_set()
+
     def subscribe(self, subject: str, handler: Handler) -> None:
         """Before start(): `handler(subject, data)` for each message on `subject`."""
         self._handlers[subject] = handler

@@ -40,6 +40,7 @@ from broker.cluster import wire
 from broker.cluster.bus import ClusterBus, mailbox_subject
 from broker.cluster.link import NatsLink
 from broker.cluster.peers import LocalState, Peer, Peers
+from broker.cluster.reliable import ReliableLinks
 from broker.cluster.sessions import NodeSessions
 from broker.config import ClusterConfig
 from broker.mqtt.hooks import DisconnectReason
@@ -73,6 +74,9 @@ class ClusterNode:
         self.heartbeat_interval = max(0.2, min(2.0, config.node_timeout / 5))
         self.link = NatsLink(config.nats.servers, name=f"roost-{self.name}",
                              max_pending_bytes=config.max_pending_bytes)
+        # cross-node publishes: numbered, acked, resent (at-least-once, in order, no duplicates)
+        self.reliable = ReliableLinks(self.link, name=self.name, inc=self.inc,
+                                      window_bytes=config.resend_buffer_bytes)
         self.state = LocalState(self.name, self.inc, self._send_state)
         self.peers = Peers(me=self.name, timeout=config.node_timeout, clock=clock, ask_sync=self._ask_sync,
                            on_dead=self._peer_dead, on_conns=self._peer_conns,
@@ -111,7 +115,7 @@ class ClusterNode:
         link.subscribe(wire.STATE, self._on_state)
         link.subscribe(wire.sync_subject(self.name), self._on_sync)
         link.subscribe(wire.snap_subject(self.name), self._on_snapshot)
-        link.subscribe(wire.pub_subject(self.name), self._on_publish)
+        link.subscribe(wire.pub_subject(self.name), self.reliable.receiving(self._on_publish))
         link.subscribe(wire.RETAINED, self._on_retained)
         link.subscribe(wire.EVENT, self._on_event)
         link.subscribe(mailbox_subject(self.name), self._on_event)
@@ -144,6 +148,7 @@ class ClusterNode:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.link.connected.wait(), START_WAIT)
         self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="cluster-tick")
+        self.reliable.start()
         log.info("cluster: node %s (heartbeat every %.1fs, dead after %.0fs)", self.name,
                  self.heartbeat_interval, self.timeout)
 
@@ -159,6 +164,7 @@ class ClusterNode:
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+        await self.reliable.stop()
         await self.link.stop()
 
     async def _tick(self) -> None:
@@ -190,9 +196,9 @@ class ClusterNode:
         if not nodes:
             return
         frame = wire.encode_publish(topic, msg.payload, msg.qos)
-        send = self.link.send
+        send = self.reliable.send
         for node in nodes:
-            send(wire.pub_subject(node), frame)
+            send(node, frame)
         self.forwarded += 1
 
     async def _on_publish(self, subject: str, data: bytes) -> None:
@@ -343,6 +349,7 @@ class ClusterNode:
 
     def _link_up(self) -> None:
         self.peers.link_up()
+        self.reliable.link_up()     # publishes NATS lost meanwhile are resent
         self._rebarrier()       # what the others sent here while NATS was away is lost
 
     def _peer_seen(self, peer: Peer) -> None:
@@ -384,6 +391,7 @@ class ClusterNode:
         return min([self.name, *self.peers.alive()]) == self.name
 
     def _peer_dead(self, peer: Peer, crashed: bool) -> None:
+        self.reliable.forget(peer.name)
         self._barriers_check()
         mine = self._survivor()
         if self.on_remote_conns is not None:

@@ -1,0 +1,342 @@
+"""At-least-once delivery of plain MQTT publishes between nodes.
+
+NatsLink (link.py) is at-most-once: what nats-py had taken just before a
+connection broke, what nats-server holds when it restarts, what it drops for a
+slow consumer, and what arrives while the receiving node has not resubscribed
+yet after an outage, is gone. A publish is acknowledged to its publisher once
+routed on its node, so these losses were losses of acknowledged messages.
+`ReliableLinks` wraps the publish frames (node.py `_routed` / `_on_publish`)
+so that every frame sent to a node reaches it, once, in order, unless that
+node dies, restarts, or falls further behind than the resend window.
+
+The design, the simplest correct one:
+
+* **Sender, one stream per destination node.** Each frame gets the stream's
+  next sequence number and carries the sender's name and incarnation (`inc`,
+  peers.py) and the stream's `base`: the oldest number the sender can still
+  resend. It is kept in the stream's resend window until acknowledged. The
+  window is bounded in bytes (`cluster.resend_buffer_bytes`, per destination):
+  beyond, the oldest frame is given up, counted (`dropped`,
+  `roost_dropped_total{reason="cluster_resend_full"}`) and logged at a limited
+  rate; `base` moves past it, so the receiver does not wait for it.
+* **Receiver, in order only.** Per origin node it keeps the next number it
+  expects (from the first frame's `base` on; a frame's `base` beyond it moves
+  it there). A frame below it is a duplicate: dropped. A frame above it means
+  one was lost: dropped too, and the receiver asks for a resend from the one
+  it expects (once per RESEND_AFTER for the same number). NATS keeps one
+  connection's messages in order, so frames only come out of order after a
+  loss, and then the sender resends them all from the gap anyway (go-back-N):
+  a reorder buffer would only hold copies of what is coming again.
+* **Acks** are cumulative (the next number expected, so everything below it
+  was routed here: an ack is sent only after the frame's handler finished),
+  batched: after ACK_EVERY frames or ACK_DELAY after the first one not yet
+  acked, on `roost.ack.<origin>`.
+* **Resend** of the whole window from the receiver's number: when the
+  receiver asks (a gap, or NATS came back: it then tells every origin where it
+  is), and when the window has made no progress for RESEND_AFTER while NATS is
+  up (a lost tail that no later frame reveals, a lost ack). At most once per
+  RESEND_AFTER per stream for the same number.
+* **A peer dead, left or restarted** (node.py `_peer_dead`): both directions'
+  state for it is dropped. The sender's numbers keep counting (a node found
+  dead by silence may come back under the same incarnation: its receiver still
+  expects the next number).
+
+Cost per frame: one struct pack and two concatenations on the sender, a small
+parse on the receiver; one ack per ACK_EVERY frames.
+
+Wire: frame = 0x01, len(name), name, len(inc), inc, seq (u64), base (u64),
+the publish frame (wire.encode_publish). Ack (on `roost.ack.<origin>`) = 0x01,
+len(name), name, len(inc), inc of the acking node, len(inc), the origin's inc,
+next seq (u64), flags (u8: 1 = resend from there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+from broker.cluster.wire import PREFIX, pub_subject
+
+log = logging.getLogger("roost.cluster")
+
+VERSION = 1
+ACK_EVERY = 64            # frames routed before an ack goes at once
+ACK_DELAY = 0.02          # seconds an ack waits for more frames at most
+RESEND_AFTER = 1.0        # seconds without progress before the window is resent
+TICK = 0.25               # seconds between checks for streams without progress
+ENTRY_BYTES = 64          # what one kept frame costs beyond its own bytes (tuple, deque slot)
+RESEND = 1                # ack flag: resend from this number
+
+_NUMBERS = struct.Struct("!QQ")     # seq, base
+_ACK_TAIL = struct.Struct("!QB")    # next expected, flags
+
+Handler = Callable[[str, bytes], Awaitable[None]]
+
+
+class Link(Protocol):
+    """What this needs of NatsLink."""
+
+    def send(self, subject: str, data: bytes) -> bool: ...
+
+    def subscribe(self, subject: str, handler: Handler) -> None: ...
+
+    @property
+    def up(self) -> bool: ...
+
+
+def ack_subject(node: str) -> str:
+    return f"{PREFIX}.ack.{node}"
+
+
+def _pstr(text: str) -> bytes:
+    raw = text.encode()
+    if len(raw) > 255:
+        raise ValueError(f"{text!r} is too long for a frame header")
+    return bytes((len(raw),)) + raw
+
+
+def _read_pstr(data: bytes, at: int) -> tuple[bytes, int]:
+    n = data[at]
+    end = at + 1 + n
+    if end > len(data):
+        raise ValueError("truncated frame header")
+    return data[at + 1:end], end
+
+
+class _Outgoing:
+    """Frames sent to one node and not yet acknowledged."""
+    __slots__ = ("subject", "next_seq", "window", "bytes", "progress_at", "resent_at", "resent_from")
+
+    def __init__(self, subject: str, next_seq: int, now: float) -> None:
+        self.subject = subject
+        self.next_seq = next_seq
+        self.window: deque[tuple[int, bytes]] = deque()
+        self.bytes = 0
+        self.progress_at = now      # last ack that freed something (or the window's first frame)
+        self.resent_at = 0.0
+        self.resent_from = 0
+
+    @property
+    def base(self) -> int:
+        return self.window[0][0] if self.window else self.next_seq
+
+
+class _Incoming:
+    """One origin node's stream as received here."""
+    __slots__ = ("inc", "expected", "done", "unacked", "asked_for", "asked_at")
+
+    def __init__(self, inc: bytes, expected: int) -> None:
+        self.inc = inc
+        self.expected = expected    # next number accepted
+        self.done = expected        # every number below was routed here
+        self.unacked = 0
+        self.asked_for = -1
+        self.asked_at = 0.0
+
+
+class ReliableLinks:
+    def __init__(self, link: Link, *, name: str, inc: str, window_bytes: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._link = link
+        self._name = name
+        self._inc = inc.encode()
+        self._max = window_bytes
+        self._clock = clock
+        self._prefix = bytes((VERSION,)) + _pstr(name) + _pstr(inc)
+        self._out: dict[str, _Outgoing] = {}
+        self._in: dict[str, _Incoming] = {}
+        self._next_seqs: dict[str, int] = {}        # a forgotten stream's next number (numbers never repeat)
+        self._dirty: dict[str, _Incoming] = {}      # streams with frames routed but not acked
+        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        # figures
+        self.dropped = 0            # frames given up: the window was full (cluster_resend_full)
+        self.dropped_bytes = 0
+        self.resent = 0             # frames sent again
+        self.duplicates = 0         # frames received twice (dropped here)
+        self.gaps = 0               # resends asked after a lost frame
+        link.subscribe(ack_subject(name), self._on_ack)
+
+    def start(self) -> None:
+        self._ticker = asyncio.get_running_loop().create_task(self._tick(), name="cluster-resend")
+
+    async def stop(self) -> None:
+        self._flush_acks()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ticker
+
+    @property
+    def window_bytes(self) -> int:
+        return sum(out.bytes for out in self._out.values())
+
+    # ---- sending -----------------------------------------------------------------------
+
+    def send(self, node: str, frame: bytes) -> None:
+        """Send publish `frame` to `node`, kept until `node` acknowledges it."""
+        out = self._out.get(node)
+        if out is None:
+            out = self._out[node] = _Outgoing(pub_subject(node), self._next_seqs.pop(node, 1), self._clock())
+        seq = out.next_seq
+        out.next_seq = seq + 1
+        window = out.window
+        if not window:
+            out.progress_at = self._clock()
+        window.append((seq, frame))
+        out.bytes += len(frame) + ENTRY_BYTES
+        if out.bytes > self._max:
+            self._overflow(node, out)
+        self._link.send(out.subject, self._prefix + _NUMBERS.pack(seq, window[0][0]) + frame)
+
+    def _overflow(self, node: str, out: _Outgoing) -> None:
+        window = out.window
+        while out.bytes > self._max and len(window) > 1:     # the newest always stays (base <= its seq)
+            _, old = window.popleft()
+            out.bytes -= len(old) + ENTRY_BYTES
+            self.dropped += 1
+            self.dropped_bytes += len(old)
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("cluster: node %s has not acknowledged %d bytes of publishes "
+                            "(cluster.resend_buffer_bytes): the oldest can no longer be resent (%d so far)",
+                            node, out.bytes, self.dropped)
+
+    def _resend(self, out: _Outgoing, start: int, now: float) -> None:
+        if out.resent_from == start and now - out.resent_at < RESEND_AFTER:
+            return      # just did (the receiver asks again for every frame past the gap)
+        out.resent_from, out.resent_at = start, now
+        base = out.base
+        send, subject, prefix, pack = self._link.send, out.subject, self._prefix, _NUMBERS.pack
+        for seq, frame in out.window:
+            if seq < start:
+                continue
+            if not send(subject, prefix + pack(seq, base) + frame):
+                break       # the outgoing queue is full: the rest at the next round
+            self.resent += 1
+
+    async def _on_ack(self, subject: str, data: bytes) -> None:
+        if data[0] != VERSION:
+            return
+        name, at = _read_pstr(data, 1)
+        _, at = _read_pstr(data, at)           # the acking node's incarnation
+        origin_inc, at = _read_pstr(data, at)
+        if origin_inc != self._inc:
+            return      # meant for an earlier incarnation of this node
+        nxt, flags = _ACK_TAIL.unpack_from(data, at)
+        out = self._out.get(name.decode())
+        if out is None:
+            return
+        window = out.window
+        now = self._clock()
+        if window and window[0][0] < nxt:
+            while window and window[0][0] < nxt:
+                _, frame = window.popleft()
+                out.bytes -= len(frame) + ENTRY_BYTES
+            out.progress_at = now
+        if flags & RESEND and window:
+            self._resend(out, nxt, now)
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            if not self._link.up:
+                continue
+            now = self._clock()
+            for out in self._out.values():
+                if out.window and now - out.progress_at > RESEND_AFTER and now - out.resent_at > RESEND_AFTER:
+                    self._resend(out, out.window[0][0], now)
+
+    # ---- receiving ---------------------------------------------------------------------
+
+    def receiving(self, handler: Handler) -> Handler:
+        """The handler for this node's publish subject: `handler(subject, frame)`
+        gets each frame once, in order; acks follow once it returned."""
+        async def on_frame(subject: str, data: bytes) -> None:
+            accepted = self._accept(data)
+            if accepted is None:
+                return
+            origin, stream, frame = accepted
+            try:
+                await handler(subject, frame)
+            finally:   # a frame its handler refused is not asked for again
+                stream.done = max(stream.done, stream.expected)
+                stream.unacked += 1
+                self._dirty[origin] = stream
+                if stream.unacked >= ACK_EVERY:
+                    self._flush_acks()
+                elif self._ack_timer is None:
+                    self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._flush_acks)
+        return on_frame
+
+    def _accept(self, data: bytes) -> tuple[str, _Incoming, bytes] | None:
+        if data[0] != VERSION:
+            raise ValueError(f"unknown publish frame version {data[0]}")
+        raw_name, at = _read_pstr(data, 1)
+        inc, at = _read_pstr(data, at)
+        seq, base = _NUMBERS.unpack_from(data, at)
+        origin = raw_name.decode()
+        stream = self._in.get(origin)
+        if stream is None or stream.inc != inc:
+            stream = self._in[origin] = _Incoming(inc, base)     # a new node, or its new incarnation
+        if base > stream.expected:      # given up by the sender (its window overflowed, or it forgot us)
+            stream.expected = stream.done = base
+        if seq < stream.expected:
+            self.duplicates += 1
+            stream.unacked += 1          # the ack stops the resending
+            self._dirty[origin] = stream
+            if self._ack_timer is None:
+                self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._flush_acks)
+            return None
+        if seq > stream.expected:
+            now = self._clock()
+            if stream.asked_for != stream.expected or now - stream.asked_at > RESEND_AFTER:
+                stream.asked_for, stream.asked_at = stream.expected, now
+                self.gaps += 1
+                self._send_ack(origin, stream, RESEND)
+            return None
+        stream.expected = seq + 1
+        return origin, stream, data[at + _NUMBERS.size:]
+
+    def _flush_acks(self) -> None:
+        self._ack_timer = None
+        dirty, self._dirty = self._dirty, {}
+        for origin, stream in dirty.items():
+            self._send_ack(origin, stream, 0)
+
+    def _send_ack(self, origin: str, stream: _Incoming, flags: int) -> None:
+        stream.unacked = 0
+        nxt = stream.expected if flags & RESEND else stream.done
+        self._link.send(ack_subject(origin), self._prefix + _pstr_raw(stream.inc) + _ACK_TAIL.pack(nxt, flags))
+
+    # ---- NATS and peers ----------------------------------------------------------------
+
+    def link_up(self) -> None:
+        """NATS is back: every origin hears where its stream stands here (it
+        resends what was lost meanwhile); the senders' clocks start again."""
+        now = self._clock()
+        for out in self._out.values():
+            out.progress_at = max(out.progress_at, now)
+        for origin, stream in self._in.items():
+            stream.asked_for, stream.asked_at = stream.expected, now
+            self._send_ack(origin, stream, RESEND)
+
+    def forget(self, node: str) -> None:
+        """`node` is dead, left or restarted: what was kept for it and what was
+        known of its stream go."""
+        out = self._out.pop(node, None)
+        if out is not None:
+            self._next_seqs[node] = out.next_seq
+        self._in.pop(node, None)
+        self._dirty.pop(node, None)
+
+
+def _pstr_raw(raw: bytes) -> bytes:
+    return bytes((len(raw),)) + raw
