@@ -356,24 +356,51 @@ def test_a_new_password_signs_the_person_out_and_devices_cannot_sign_in(roost_fa
     run(body)
 
 
-def test_sessions_are_bounded_and_expire() -> None:
+def test_sessions_are_bounded_and_expire(tmp_path: Path) -> None:
+    from broker.store.base import Principal
+    from broker.store.sqlite import SqliteStore
     from broker.web.sessions import WebSessions
 
-    now = [1000.0]
-    sessions = WebSessions(clock=lambda: now[0], max_sessions=3, idle_ttl=60, max_age=300)
-    token, s = sessions.create("alice", "user")
-    assert sessions.get(token) is s and sessions.get("x" + token) is None and sessions.get(None) is None
-    for _ in range(5):                       # used every 50 s: idle never reached, but max_age is
-        now[0] += 50
-        assert sessions.alive(s)
-    now[0] += 51
-    assert sessions.get(token) is None and not sessions.alive(s)          # over 300 s after sign-in
-    t2, s2 = sessions.create("bob", "user")
-    now[0] += 61
-    assert sessions.get(t2) is None                                       # idle too long
-    made = [sessions.create("carol", "user") for _ in range(5)]
-    assert len(sessions) == 3 and sessions.evicted == 2                   # oldest went first
-    assert sessions.get(made[0][0]) is None and sessions.get(made[-1][0]) is made[-1][1]
-    assert sessions.end_principal("carol") == 3 and len(sessions) == 0
-    t3, s3 = sessions.create("dave", "user", expires_at=time.time() - 1)  # a JWT sign-in past its exp
-    assert sessions.get(t3) is None
+    async def main() -> None:
+        store = SqliteStore(tmp_path / "roost.db")   # the sessions live in the store (every node's)
+        await store.open()
+        try:
+            for pid in ("alice", "bob", "carol", "dave"):
+                await store.identity.add_principal(Principal(pid, "user", pid, "", "hash", 0.0))
+            now = [1000.0]
+            sessions = WebSessions(store.web_sessions, clock=lambda: now[0], max_sessions=3, idle_ttl=60,
+                                   max_age=300, touch_every=20, recheck=5)
+            token, s = await sessions.create("alice", "user")
+            got = await sessions.get(token)
+            assert got is not None and got.key == s.key and got.csrf == s.csrf
+            assert await sessions.get("x" + token) is None and await sessions.get(None) is None
+            for _ in range(5):                       # used every 50 s: idle never reached, but max_age is
+                now[0] += 50
+                assert await sessions.alive(s)
+            assert (await store.web_sessions.get(s.key)).used == now[0]   # type: ignore[union-attr]
+            now[0] += 51
+            assert await sessions.get(token) is None and not await sessions.alive(s)   # over 300 s after sign-in
+            t2, s2 = await sessions.create("bob", "user")
+            now[0] += 10
+            assert await sessions.get(t2) is not None                          # a use, not written (< 20 s)
+            assert (await store.web_sessions.get(s2.key)).used == now[0] - 10  # type: ignore[union-attr]
+            now[0] += 61
+            assert await sessions.get(t2) is None                             # idle too long
+            made = [await sessions.create("carol", "user") for _ in range(5)]
+            assert len(sessions) == 3 and sessions.evicted == 2               # oldest went first
+            assert await sessions.get(made[0][0]) is None and await sessions.get(made[-1][0]) is not None
+            await sessions.end(made[-1][1])                                   # signed out (by any node)
+            assert await sessions.get(made[-1][0]) is None and len(sessions) == 2
+            assert await sessions.end_principal("carol") == 2 and len(sessions) == 0
+            t3, s3 = await sessions.create("dave", "user", expires_at=now[0] - 1)   # a JWT sign-in past its exp
+            assert await sessions.get(t3) is None
+            t4, s4 = await sessions.create("dave", "user")
+            other = WebSessions(store.web_sessions, clock=lambda: now[0], recheck=5)   # another node
+            assert await other.end_principal("dave") == 1
+            assert await sessions.alive(s4)          # trusted for `recheck` seconds...
+            now[0] += 5
+            assert not await sessions.alive(s4)      # ...then read again: gone
+        finally:
+            await store.close()
+
+    asyncio.run(main())

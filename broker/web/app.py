@@ -33,6 +33,7 @@ from aiohttp import WSMsgType, web
 
 from broker.services.gateway import ENVELOPE_SLACK
 from broker.services.identity import LoginBusy
+from broker.store.base import NotFoundError, StoreUnavailable
 from broker.web.hub import WebHub
 from broker.web.sessions import WebSession, WebSessions, new_token, same_token
 from broker.web.socket import WsConnection, frame
@@ -91,7 +92,7 @@ class WebApp:
         self._services = services
         self.files = services.files      # the files service the file routes serve from (None: no files)
         self._gateway: Gateway = gateway
-        self.sessions = sessions or WebSessions()
+        self.sessions = sessions or WebSessions(services.store.web_sessions)
         self.hub = WebHub(services, self.sessions)
         self._static: dict[str, bytes] = {}
         self._max_frame = services.config.limits.max_body * 6 + ENVELOPE_SLACK
@@ -126,6 +127,8 @@ class WebApp:
                 response = await handler(request)
             except web.HTTPException as exc:
                 response = exc
+            except StoreUnavailable:   # sessions are in the store: a PostgreSQL outage, say
+                response = _error(503, "the store is unavailable, try again in a moment")
         for name, value in SECURITY_HEADERS.items():
             response.headers.setdefault(name, value)
         return response
@@ -133,9 +136,9 @@ class WebApp:
     async def on_shutdown(self, app: web.Application) -> None:
         await self.hub.close_all("the broker is stopping")
 
-    def session_of(self, request: web.Request) -> WebSession | None:
+    async def session_of(self, request: web.Request) -> WebSession | None:
         """The signed-in session of this request's cookie, or None (for the file routes too)."""
-        return self.sessions.get(request.cookies.get(SESSION_COOKIE))
+        return await self.sessions.get(request.cookies.get(SESSION_COOKIE))
 
     def csrf_ok(self, request: web.Request, session: WebSession) -> bool:
         """A state-changing request of `session` carries its CSRF token."""
@@ -171,7 +174,7 @@ class WebApp:
 
     # ---- sign-in -----------------------------------------------------------------
     async def session_info(self, request: web.Request) -> web.Response:
-        session = self.session_of(request)
+        session = await self.session_of(request)
         if session is not None:
             p = self._services.identity.get_cached(session.principal)
             return web.json_response({"user": session.principal, "name": p.name if p else session.principal,
@@ -214,7 +217,10 @@ class WebApp:
         except LoginBusy as exc:
             return _error(503, f"too many sign-ins at once, try again in a moment ({exc})")
         p = login.principal
-        token, session = self.sessions.create(p.id, p.kind, expires_at=login.expires_at)
+        try:
+            token, session = await self.sessions.create(p.id, p.kind, expires_at=login.expires_at)
+        except NotFoundError:   # removed while signing in
+            return _error(401, "wrong user or password")
         response = web.json_response({"user": p.id, "name": p.name, "csrf": session.csrf})
         self._cookie(response, request, SESSION_COOKIE, token)
         response.del_cookie(PRE_COOKIE, path="/")
@@ -222,12 +228,12 @@ class WebApp:
         return response
 
     async def logout(self, request: web.Request) -> web.Response:
-        session = self.session_of(request)
+        session = await self.session_of(request)
         if session is None:
             return _error(401, "not signed in")
         if not self.csrf_ok(request, session):
             return _error(403, "missing or wrong CSRF token (reload the page)")
-        self.sessions.end(session)
+        await self.sessions.end(session)
         await self.hub.close_session(session, "signed out")
         response = web.json_response({"user": None})
         response.del_cookie(SESSION_COOKIE, path="/")
@@ -235,7 +241,7 @@ class WebApp:
 
     # ---- the WebSocket adapter -------------------------------------------------------
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        session = self.session_of(request)
+        session = await self.session_of(request)
         if session is None:
             return _error(401, "not signed in")
         # A WebSocket is a GET that can act as the person: same origin and the CSRF token.
@@ -269,7 +275,7 @@ class WebApp:
                 await conn.send(frame(resp_topic, payload))
 
             async for msg in conn.ws:
-                if not self.sessions.alive(conn.session):   # signed out, or expired (a token's exp)
+                if not await self.sessions.alive(conn.session):   # signed out, or expired (a token's exp)
                     reason = "signed out"
                     await conn.close("signed out")
                     break

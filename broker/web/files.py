@@ -39,7 +39,7 @@ class WebAppSeam(Protocol):
 
     files: FileService | None
 
-    def session_of(self, request: web.Request) -> WebSession | None: ...
+    async def session_of(self, request: web.Request) -> WebSession | None: ...
 
 
 def content_disposition(name: str, inline: bool) -> str:
@@ -50,7 +50,7 @@ def content_disposition(name: str, inline: bool) -> str:
 
 def routes(app: WebAppSeam) -> list[web.RouteDef]:
     async def get_file(request: web.Request) -> web.StreamResponse:
-        session = app.session_of(request)
+        session = await app.session_of(request)
         if session is None:
             return web.json_response({"error": "not signed in"}, status=401)
         files = app.files

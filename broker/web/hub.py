@@ -20,6 +20,7 @@ from broker.services.events import (
     SecretChanged,
     TelemetryReceived,
 )
+from broker.store.base import StoreUnavailable
 from broker.store.jsonutil import compact_json
 from broker.web.sessions import WebSession, WebSessions
 from broker.web.socket import WsConnection
@@ -66,7 +67,7 @@ class WebHub:
         return self._dropped_before + sum(c.dropped for group in self._by_principal.values() for c in group)
 
     async def close_session(self, session: WebSession, why: str) -> None:
-        for conn in [c for c in self._by_principal.get(session.principal, ()) if c.session is session]:
+        for conn in [c for c in self._by_principal.get(session.principal, ()) if c.session.key == session.key]:
             await conn.close(why)
 
     async def close_all(self, why: str) -> None:
@@ -107,7 +108,11 @@ class WebHub:
             conn.notice(DEVICES_NOTICE, payload)
 
     async def _sign_out(self, principal: str, why: str) -> None:
-        ended = self._sessions.end_principal(principal)
+        try:
+            ended = await self._sessions.end_principal(principal)
+        except StoreUnavailable:   # its pages still close; a removed principal's rows go with it in the store
+            log.warning("web: could not end the sessions of %s (%s): the store is unavailable", principal, why)
+            ended = 0
         conns = list(self._by_principal.get(principal, ()))
         for conn in conns:
             await conn.close(why)

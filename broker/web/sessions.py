@@ -1,7 +1,18 @@
 """Server-side sign-in sessions: the browser holds only a random token in an
-HttpOnly cookie; its principal, CSRF token and times stay here, in memory (a
-broker restart signs everyone out). Tokens are kept as their SHA-256, so this
-table alone does not let anyone act as a signed-in person."""
+HttpOnly cookie; its principal, CSRF token and times are in the store
+(broker.store.base.WebSessionStore), so a cookie made through one node works on
+every node that shares the store, and a restart signs no one out. Tokens are
+kept as their SHA-256, so the table alone does not let anyone act as a
+signed-in person.
+
+Every HTTP request reads its session from the store (one indexed row); the
+"used" time is written at most once per `touch_every` (not on every request).
+An open page's WebSocket re-reads its session at most once per `recheck`, so a
+sign-out through another node closes it at its next request after that. The
+table is bounded: beyond `max_sessions` the least recently used go first
+(counted in `evicted`); idle, too old and past-exp sessions are deleted when
+met and by a sweep every `sweep_every` seconds.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +20,17 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from broker.store.base import StoreUnavailable, WebSessionRecord, WebSessionStore
 
 MAX_SESSIONS = 10000          # signed-in browsers remembered; the least recently used go first
 IDLE_TTL = 7 * 24 * 3600.0    # a session unused this long ends
 MAX_AGE = 30 * 24 * 3600.0    # and every session ends this long after sign-in
+TOUCH_EVERY = 60.0            # seconds between writes of a session's "used" time
+RECHECK = 2.0                 # seconds an open page's session is trusted before it is read again
+SWEEP_EVERY = 600.0           # seconds between deletions of every expired session
 
 
 def _digest(token: str) -> str:
@@ -39,60 +54,99 @@ class WebSession:
     created: float
     used: float
     expires_at: float | None = None   # wall-clock end of a sign-in by token (a JWT's exp)
+    checked: float = 0.0      # when this node last read it from the store (not stored)
+
+
+def _session(rec: WebSessionRecord, now: float) -> WebSession:
+    return WebSession(rec.key, rec.principal, rec.kind, rec.csrf, rec.created, rec.used, rec.expires_at, now)
 
 
 class WebSessions:
-    def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_sessions: int = MAX_SESSIONS,
-                 idle_ttl: float = IDLE_TTL, max_age: float = MAX_AGE) -> None:
+    def __init__(self, store: WebSessionStore, *, clock: Callable[[], float] = time.time,
+                 max_sessions: int = MAX_SESSIONS, idle_ttl: float = IDLE_TTL, max_age: float = MAX_AGE,
+                 touch_every: float = TOUCH_EVERY, recheck: float = RECHECK,
+                 sweep_every: float = SWEEP_EVERY) -> None:
+        self._store = store
         self._clock = clock
         self._max = max(1, max_sessions)
         self._idle_ttl = idle_ttl
         self._max_age = max_age
-        self._by_key: OrderedDict[str, WebSession] = OrderedDict()
-        self.evicted = 0
+        self._touch_every = touch_every
+        self._recheck = recheck
+        self._sweep_every = sweep_every
+        self._swept = clock()
+        self._count = 0           # sessions in the store, as of this node's last sign-in or sweep
+        self.evicted = 0          # sessions this node evicted to make room (least recently used)
 
     def __len__(self) -> int:
-        return len(self._by_key)
+        return self._count
 
-    def create(self, principal: str, kind: str, *, expires_at: float | None = None) -> tuple[str, WebSession]:
-        """A new session; returns (cookie token, session)."""
+    def _expired(self, s: WebSession | WebSessionRecord, now: float) -> bool:
+        return (now - s.used > self._idle_ttl or now - s.created > self._max_age
+                or (s.expires_at is not None and now >= s.expires_at))
+
+    async def create(self, principal: str, kind: str, *, expires_at: float | None = None) -> tuple[str, WebSession]:
+        """A new session; returns (cookie token, session). NotFoundError when the
+        principal was removed meanwhile."""
         token = new_token()
         now = self._clock()
-        session = WebSession(key=_digest(token), principal=principal, kind=kind, csrf=new_token(),
-                             created=now, used=now, expires_at=expires_at)
-        self._by_key[session.key] = session
-        while len(self._by_key) > self._max:
-            self._by_key.popitem(last=False)
-            self.evicted += 1
-        return token, session
+        rec = WebSessionRecord(_digest(token), principal, kind, new_token(), now, now, expires_at)
+        if now - self._swept >= self._sweep_every:
+            await self._sweep(now)
+        self._count, evicted = await self._store.create(rec, max_sessions=self._max)
+        self.evicted += evicted
+        return token, _session(rec, now)
 
-    def get(self, token: str | None) -> WebSession | None:
+    async def get(self, token: str | None) -> WebSession | None:
         """The live session of a cookie token (its use noted), or None."""
         if not token or len(token) > 128:
             return None
-        session = self._by_key.get(_digest(token))
-        return session if session is not None and self.alive(session) else None
-
-    def alive(self, session: WebSession) -> bool:
-        """Still signed in (not ended, not expired); a use that keeps it so (an open
-        page's every request counts as one)."""
-        if self._by_key.get(session.key) is not session:
-            return False
         now = self._clock()
-        if (now - session.used > self._idle_ttl or now - session.created > self._max_age
-                or (session.expires_at is not None and time.time() >= session.expires_at)):
-            del self._by_key[session.key]
+        if now - self._swept >= self._sweep_every:
+            await self._sweep(now)
+        rec = await self._store.get(_digest(token))
+        if rec is None:
+            return None
+        session = _session(rec, now)
+        return session if await self._still_alive(session, now) else None
+
+    async def alive(self, session: WebSession) -> bool:
+        """Still signed in (not ended on any node, not expired); a use that keeps it
+        so (an open page's every request counts as one). Read again from the store
+        at most once per `recheck`; while the store is unreachable the page stays."""
+        now = self._clock()
+        if now - session.checked < self._recheck:
+            return not self._expired(session, now)
+        try:
+            rec = await self._store.get(session.key)
+        except StoreUnavailable:
+            return not self._expired(session, now)
+        if rec is None:
             return False
-        session.used = now
-        self._by_key.move_to_end(session.key)
+        session.used = max(session.used, rec.used)
+        session.checked = now
+        return await self._still_alive(session, now)
+
+    async def _still_alive(self, session: WebSession, now: float) -> bool:
+        if self._expired(session, now):
+            await self._store.delete(session.key)
+            return False
+        if now - session.used >= self._touch_every:
+            await self._store.touch(session.key, now)
+            session.used = now
         return True
 
-    def end(self, session: WebSession) -> None:
-        self._by_key.pop(session.key, None)
+    async def end(self, session: WebSession) -> None:
+        if await self._store.delete(session.key):
+            self._count = max(0, self._count - 1)
 
-    def end_principal(self, principal: str) -> int:
+    async def end_principal(self, principal: str) -> int:
         """Sign a principal out everywhere (removed, or its password changed)."""
-        keys = [k for k, s in self._by_key.items() if s.principal == principal]
-        for k in keys:
-            del self._by_key[k]
-        return len(keys)
+        ended = await self._store.delete_principal(principal)
+        self._count = max(0, self._count - ended)
+        return ended
+
+    async def _sweep(self, now: float) -> None:
+        self._swept = now
+        await self._store.expire(used_before=now - self._idle_ttl, created_before=now - self._max_age, now=now)
+        self._count = await self._store.count()
