@@ -5,7 +5,10 @@
   the nodes whose subscription filters match its topic, and only to them: each
   node announces the filters its sessions hold (peers.py) and the wildcards are
   matched here. The receiving node routes it to its own sessions with its own
-  ACL, at min(publish QoS, granted QoS), as on one node.
+  ACL, at min(publish QoS, granted QoS), as on one node. An MQTT 5 publish keeps
+  its properties, the time left of its Message Expiry Interval and the
+  publisher's retain flag (Retain As Published); Subscription Identifiers are
+  the receiving node's own.
 * Retained messages: a change committed on one node is applied on every other
   (and written to its store; with one shared store that write is the same row).
 * Take-over: a client id connecting here closes its connection on any other
@@ -195,16 +198,27 @@ class ClusterNode:
         nodes = self.peers.interest.match(topic)
         if not nodes:
             return
-        frame = wire.encode_publish(topic, msg.payload, msg.qos)
+        frame = self._frame(msg)
         send = self.reliable.send
         for node in nodes:
             send(node, frame)
         self.forwarded += 1
 
+    def _frame(self, msg: Message) -> bytes:
+        props = msg.props
+        if props is None:
+            return wire.encode_publish(msg.topic, msg.payload, msg.qos, msg.pub_retain)
+        expires_at = props.expires_at
+        return wire.encode_publish(msg.topic, msg.payload, msg.qos, msg.pub_retain, props.forwarded,
+                                   None if expires_at is None else expires_at - self._engine.loop.time())
+
     async def _on_publish(self, subject: str, data: bytes) -> None:
-        topic, payload, qos = wire.decode_publish(data)
+        pub = wire.decode_publish(data)
         self.from_peers += 1
-        await self._engine.route_from_peer(topic, payload, qos)
+        if pub.expires_in is not None and pub.expires_in <= 0:
+            return        # its Message Expiry Interval passed on the way
+        await self._engine.route_from_peer(pub.topic, pub.payload, pub.qos, pub.retain, pub.forwarded,
+                                           pub.expires_in)
 
     # ---- retained messages -------------------------------------------------------------
 

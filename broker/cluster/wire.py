@@ -80,22 +80,83 @@ def unb64(text: str) -> bytes:
     return base64.b64decode(text)
 
 
-# ---- a routed publish: qos (1 byte), topic length (2 bytes), topic, payload ----------
+# ---- a routed publish ------------------------------------------------------------------
+#
+#   flags (1 byte: QoS in bits 0-1, then the RETAIN, PROPS and EXPIRY bits),
+#   topic length (2 bytes), topic,
+#   [PROPS:  length (4 bytes), the MQTT 5 properties forwarded unchanged (properties.MsgProps.forwarded)]
+#   [EXPIRY: seconds left of the Message Expiry Interval (8-byte float)]
+#   payload (the rest)
+#
+# A 3.1.1 publish sets none of the bits: the frame is the flags byte, the topic and
+# the payload, as before MQTT 5. RETAIN is the publisher's retain flag (for Retain
+# As Published; the retained message itself travels on roost.retained).
 
 _HEAD = struct.Struct("!BH")
+_LEN = struct.Struct("!I")
+_EXPIRY = struct.Struct("!d")
+PUB_RETAIN = 0x04
+PUB_PROPS = 0x08
+PUB_EXPIRY = 0x10
+_PUB_KNOWN = 0x03 | PUB_RETAIN | PUB_PROPS | PUB_EXPIRY
 
 
-def encode_publish(topic: str, payload: bytes, qos: int) -> bytes:
+@dataclass(frozen=True, slots=True)
+class RoutedPublish:
+    """A publish from another node, as decode_publish reads it."""
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool = False                 # the publisher's retain flag
+    forwarded: bytes | None = None       # MQTT 5 properties passed on unchanged (encoded)
+    expires_in: float | None = None      # seconds left of its Message Expiry Interval (None: none)
+
+
+def encode_publish(topic: str, payload: bytes, qos: int, retain: bool = False, forwarded: bytes | None = None,
+                   expires_in: float | None = None) -> bytes:
     t = topic.encode()
-    return _HEAD.pack(qos, len(t)) + t + payload
+    if not (retain or forwarded or expires_in is not None):
+        return _HEAD.pack(qos, len(t)) + t + payload
+    flags = qos | (PUB_RETAIN if retain else 0)
+    parts = [b"", t]
+    if forwarded:
+        flags |= PUB_PROPS
+        parts += (_LEN.pack(len(forwarded)), forwarded)
+    if expires_in is not None:
+        flags |= PUB_EXPIRY
+        parts.append(_EXPIRY.pack(expires_in))
+    parts[0] = _HEAD.pack(flags, len(t))
+    parts.append(payload)
+    return b"".join(parts)
 
 
-def decode_publish(data: bytes) -> tuple[str, bytes, int]:
-    qos, n = _HEAD.unpack_from(data)
-    start = _HEAD.size
-    if qos > 2 or start + n > len(data):
+def decode_publish(data: bytes) -> RoutedPublish:
+    if len(data) < _HEAD.size:
+        raise ValueError("malformed publish frame: too short")
+    flags, n = _HEAD.unpack_from(data)
+    pos = _HEAD.size + n
+    qos = flags & 0x03
+    if qos > 2 or flags & ~_PUB_KNOWN or pos > len(data):
         raise ValueError("malformed publish frame")
-    return data[start:start + n].decode(), bytes(data[start + n:]), qos
+    topic = data[_HEAD.size:pos].decode()
+    if flags == qos:
+        return RoutedPublish(topic, bytes(data[pos:]), qos)
+    try:
+        forwarded = None
+        if flags & PUB_PROPS:
+            (size,) = _LEN.unpack_from(data, pos)
+            pos += _LEN.size
+            forwarded = bytes(data[pos:pos + size])
+            pos += size
+        expires_in = None
+        if flags & PUB_EXPIRY:
+            (expires_in,) = _EXPIRY.unpack_from(data, pos)
+            pos += _EXPIRY.size
+    except struct.error:
+        raise ValueError("malformed publish frame: truncated") from None
+    if pos > len(data):
+        raise ValueError("malformed publish frame: truncated")
+    return RoutedPublish(topic, bytes(data[pos:]), qos, bool(flags & PUB_RETAIN), forwarded, expires_in)
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,6 +56,7 @@ from broker.mqtt.hooks import DisconnectReason
 from broker.mqtt.lifecycle import ClientLifecycle
 from broker.mqtt.persistence import SessionPersistence
 from broker.mqtt.plugins import PluginHooks
+from broker.mqtt.properties import MsgProps
 from broker.mqtt.publish import Publishing
 from broker.mqtt.registry import SessionRegistry
 from broker.mqtt.retained import RetainedMessages
@@ -253,10 +254,18 @@ class Engine:
 
     # ---- the cluster (broker/cluster/) -------------------------------------------------------
 
-    def route_from_peer(self, topic: str, payload: bytes, qos: int) -> Awaitable[int]:
+    def route_from_peer(self, topic: str, payload: bytes, qos: int, retain: bool = False,
+                        forwarded: bytes | None = None, expires_in: float | None = None) -> Awaitable[int]:
         """Route a publish another node received (retained there already) to the
-        sessions here, without sharing it back out."""
-        return self.router.route_awaited(Message(topic, payload, qos), share=False)
+        sessions here, without sharing it back out: `retain` the publisher's flag
+        (Retain As Published), `forwarded` its MQTT 5 properties passed on,
+        `expires_in` the seconds left of its Message Expiry Interval."""
+        props = None
+        if forwarded is not None or expires_in is not None:
+            props = MsgProps(forwarded or b"", None if expires_in is None else self.loop.time() + expires_in, None)
+        msg = Message(topic, payload, qos, False, props)
+        msg.pub_retain = retain
+        return self.router.route_awaited(msg, share=False)
 
     def take_over_here(self, key: str) -> bool:
         """A client with session key `key` connected on another node: close its
