@@ -215,6 +215,12 @@ def test_mosquitto_v5_properties_pass_through(broker, subs):
 
 @needs_mosquitto
 def test_mosquitto_message_expiry(broker, subs):
+    """Retained and queued messages: the time left is sent, an expired one is dropped."""
+    keeper = ("-u", "alice", "-P", "alice-pw", "-i", "alice.keep", "-c", "-x", "60")    # a persistent v5 session
+    subs(["exp/q/#"], extra=keeper).subscribed().close()
+    for name, expiry in (("short", "1"), ("long", "60"), ("plain", None)):     # queued while it is away
+        props = ("-D", "publish", "message-expiry-interval", expiry) if expiry else ()
+        mosquitto_pub(broker.port, f"exp/q/{name}", "-q", "1", *props, message=name)
     live = subs(["exp/#"]).subscribed()
     mosquitto_pub(broker.port, "exp/kept", "-r", "-q", "1", "-D", "publish", "message-expiry-interval", "60",
                   message="for a minute")
@@ -240,8 +246,35 @@ def test_mosquitto_message_expiry(broker, subs):
         assert int(now["exp/gone"].expiry) <= 1
         assert time.monotonic() < deadline, "a retained message with a 1 s expiry is still kept after 10 s"
     assert "exp/kept" in now
+    # exp/q/short was queued before exp/gone was kept: it has expired too
+    back = subs(["exp/q/#"], extra=keeper)
+    back.wait_for(lambda: any(m.topic == "exp/q/plain" for m in back.messages), "the queued messages")
+    assert [m.topic for m in back.messages] == ["exp/q/long", "exp/q/plain"]
+    assert 0 < int(back.messages[0].expiry) <= 60 and back.messages[1].expiry == ""
     for topic in ("exp/kept", "exp/sentinel"):
         mosquitto_pub(broker.port, topic, "-r", "-n", message=None)
+
+
+@needs_mosquitto
+def test_mosquitto_v5_connection_features(broker, subs):
+    # an empty client id is assigned one of Roost's form, <principal>.<label>
+    assigned = subs(["feat/#"], extra=("-u", "alice", "-P", "alice-pw"), qos=1).subscribed()
+    assert any(re.match(r"Client alice\.auto-[0-9a-f]+ received CONNACK", line) for line in assigned.output), \
+        assigned.output
+    # a filter the ACL denies: SUBACK 0x87 (3.1.1: 0x80, the only failure code it has)
+    assert subs(["roost/resp/anon.x"], version="mqttv5").subscribed().granted == [0x87]
+    assert subs(["roost/resp/anon.x"], version="mqttv311").subscribed().granted == [0x80]
+    # Maximum Packet Size: a larger message is not sent to the client
+    small = subs(["feat/#"], extra=("-D", "connect", "maximum-packet-size", "200")).subscribed()
+    # Retain As Published: a live retained message keeps its flag
+    rap = subs(["feat/#"], extra=("--retain-as-published",)).subscribed()
+    mosquitto_pub(broker.port, "feat/big", "-q", "1", message="x" * 500)
+    mosquitto_pub(broker.port, "feat/kept", "-q", "1", "-r", message="kept")
+    assert [(m.topic, m.retain) for m in assigned.receive(2)] == [("feat/big", False), ("feat/kept", False)]
+    assert [(m.topic, m.retain) for m in rap.receive(2)] == [("feat/big", False), ("feat/kept", True)]
+    small.wait_for(lambda: any(m.topic == "feat/kept" for m in small.messages), "feat/kept")
+    assert [m.topic for m in small.messages] == ["feat/kept"]
+    mosquitto_pub(broker.port, "feat/kept", "-r", "-n", message=None)
 
 
 @needs_mosquitto
