@@ -1,6 +1,7 @@
 """Cluster (issue 12 item 2, issue 13): live publishes between nodes keep what
-MQTT 5 gives them. Two real broker processes (SQLite each) on a private
-nats-server, paho-mqtt v5 clients."""
+MQTT 5 gives them, and a shared subscription group spread over nodes gets each
+message once in the whole cluster. Two real broker processes (SQLite each) on a
+private nats-server, paho-mqtt clients (v5, and 3.1.1 for the group members)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.clients import MqttClient
 from tests.harness import RoostProcess
-from tests.nats import NatsServer
-from tests.test_cluster_routing import node_config, wait_until_formed
+from tests.nats import NatsServer, wait_until
+from tests.test_cluster_routing import NODE_TIMEOUT, client, node_config, wait_until_formed
 from tests.test_mqtt5_restart import PROPS, V5Client, assert_props
 
 PW = "pw-alice-123"
@@ -89,3 +91,64 @@ def test_v5_properties_expiry_and_retain_as_published_cross_nodes(two_nodes) -> 
     finally:
         pub.close()
         sub.close()
+
+
+def _received(member: MqttClient, into: list[int]) -> None:
+    while True:
+        try:
+            into.append(int(member.messages.get_nowait().payload))
+        except queue.Empty:
+            return
+
+
+def test_a_shared_group_on_two_nodes_gets_each_message_once(two_nodes) -> None:
+    """Members on n1 and n2, the publisher on n1: each message goes to one of
+    them, both get some, a plain subscriber gets all. Then n2 is killed: once
+    it is declared dead its share goes to the member on n1. (Last in the module:
+    it kills n2.)"""
+    n1, n2 = two_nodes["n1"], two_nodes["n2"]
+    m1 = client(n1, "member1")
+    m2 = client(n2, "member2")
+    plain = client(n2, "plain")
+    pub = client(n1, "shpub")
+    assert m1.subscribe("$share/workers/sh/#") == [1]
+    assert m2.subscribe("$share/workers/sh/#") == [1]
+    assert plain.subscribe("sh/#") == [1]
+    assert plain.subscribe("shprobe") == [1]     # announced after m2's membership: n1 knows both once it routes
+    deadline = time.monotonic() + 10
+    while True:
+        pub.publish("shprobe", b"probe", qos=1)
+        if not plain.no_message("shprobe", wait=0.2):
+            break
+        assert time.monotonic() < deadline, "n1 never learnt n2's interest"
+
+    n = 40
+    for i in range(n):
+        pub.publish("sh/job", str(i), qos=1)
+    got1: list[int] = []
+    got2: list[int] = []
+
+    def all_in() -> bool:
+        _received(m1, got1)
+        _received(m2, got2)
+        return len(got1) + len(got2) >= n
+
+    wait_until(all_in, what="every message at one member")
+    assert [int(plain.wait_message("sh/#").payload) for _ in range(n)] == list(range(n))
+    time.sleep(0.5)          # any duplicate would arrive by now
+    _received(m1, got1)
+    _received(m2, got2)
+    assert sorted(got1 + got2) == list(range(n)), (got1, got2)
+    assert len(got1) >= n // 4 and len(got2) >= n // 4, (got1, got2)   # weighted round-robin: 20 each
+
+    # n2 dies: its member's share goes to n1's member once n2 is declared dead
+    n2.kill()
+    wait_until(lambda: "node n2 not heard from" in n1.log_path.read_text(errors="replace"),
+               NODE_TIMEOUT + 10, "n1 declaring n2 dead")
+    got1.clear()
+    for i in range(10):
+        pub.publish("sh/job", str(i), qos=1)
+    wait_until(lambda: _received(m1, got1) or len(got1) >= 10, what="the survivor's member getting all")
+    assert sorted(got1) == list(range(10))
+    for c in (m1, pub):
+        c.disconnect()

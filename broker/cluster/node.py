@@ -9,6 +9,10 @@
   its properties, the time left of its Message Expiry Interval and the
   publisher's retain flag (Retain As Published); Subscription Identifiers are
   the receiving node's own.
+* Shared subscriptions: each node announces its members of each group; for a
+  message, this node picks one node per matching group (peers.ShareGroups,
+  weighted by members) and tells each destination which groups it serves, so
+  a group spread over nodes gets each message once in the whole cluster.
 * Retained messages: a change committed on one node is applied on every other
   (and written to its store; with one shared store that write is the same row).
 * Take-over: a client id connecting here closes its connection on any other
@@ -36,13 +40,13 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from broker.cluster import wire
 from broker.cluster.bus import ClusterBus, mailbox_subject
 from broker.cluster.link import NatsLink
-from broker.cluster.peers import LocalState, Peer, Peers
+from broker.cluster.peers import LocalState, Peer, Peers, ShareGroups
 from broker.cluster.reliable import ReliableLinks
 from broker.cluster.sessions import NodeSessions
 from broker.config import ClusterConfig
@@ -80,10 +84,11 @@ class ClusterNode:
         # cross-node publishes: numbered, acked, resent (at-least-once, in order, no duplicates)
         self.reliable = ReliableLinks(self.link, name=self.name, inc=self.inc,
                                       window_bytes=config.resend_buffer_bytes)
-        self.state = LocalState(self.name, self.inc, self._send_state)
+        self.share_groups = ShareGroups()       # every node's shared subscription members, this one's too
+        self.state = LocalState(self.name, self.inc, self._send_state, self.share_groups)
         self.peers = Peers(me=self.name, timeout=config.node_timeout, clock=clock, ask_sync=self._ask_sync,
                            on_dead=self._peer_dead, on_conns=self._peer_conns,
-                           on_seen=self._peer_seen, on_mailbox=self._peer_mailbox)
+                           on_seen=self._peer_seen, on_mailbox=self._peer_mailbox, groups=self.share_groups)
         self._bus = bus
         bus.attach(lambda data: self.link.send(wire.EVENT, data))
         # Mailbox targeting (watch_mailboxes): barriers awaiting the peers' heartbeats
@@ -191,26 +196,37 @@ class ClusterNode:
 
     # ---- plain MQTT publishes ----------------------------------------------------------
 
-    def _routed(self, msg: Message) -> None:
+    def _routed(self, msg: Message) -> Collection[str] | None:
+        """Send `msg` to the nodes that want it; the keys of the shared
+        subscription groups this node serves it to (None: no group anywhere)."""
         topic = msg.topic
         if topic[0] == "$":
-            return
-        nodes = self.peers.interest.match(topic)
+            return None
+        nodes: Collection[str] = self.peers.interest.match(topic)
+        picked = self.share_groups.pick(topic)
+        here: Collection[str] | None = None
+        if picked is not None:
+            here = picked.pop(self.name, ())
+            if picked:
+                nodes = picked.keys() | nodes
         if not nodes:
-            return
+            return here
         frame = self._frame(msg)
         send = self.reliable.send
         for node in nodes:
-            send(node, frame)
+            groups = picked.get(node) if picked else None
+            send(node, frame if groups is None else self._frame(msg, groups))
         self.forwarded += 1
+        return here
 
-    def _frame(self, msg: Message) -> bytes:
+    def _frame(self, msg: Message, groups: list[str] | None = None) -> bytes:
         props = msg.props
         if props is None:
-            return wire.encode_publish(msg.topic, msg.payload, msg.qos, msg.pub_retain)
+            return wire.encode_publish(msg.topic, msg.payload, msg.qos, msg.pub_retain, groups=groups or ())
         expires_at = props.expires_at
         return wire.encode_publish(msg.topic, msg.payload, msg.qos, msg.pub_retain, props.forwarded,
-                                   None if expires_at is None else expires_at - self._engine.loop.time())
+                                   None if expires_at is None else expires_at - self._engine.loop.time(),
+                                   groups or ())
 
     async def _on_publish(self, subject: str, data: bytes) -> None:
         pub = wire.decode_publish(data)
@@ -218,7 +234,7 @@ class ClusterNode:
         if pub.expires_in is not None and pub.expires_in <= 0:
             return        # its Message Expiry Interval passed on the way
         await self._engine.route_from_peer(pub.topic, pub.payload, pub.qos, pub.retain, pub.forwarded,
-                                           pub.expires_in)
+                                           pub.expires_in, pub.groups)
 
     # ---- retained messages -------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.cluster.wire import Will
+from broker.mqtt.routing import shared_filter
 from broker.mqtt.topics import SubscriptionIndex
 
 log = logging.getLogger("roost.cluster")
@@ -30,13 +31,82 @@ SYNC_RETRY = 2.0                     # seconds before a snapshot request is repe
 MAX_HELD_CHANGES = 100_000           # changes held while a snapshot is awaited; beyond: ask again
 
 
+class ShareGroups:
+    """Shared subscription groups (`$share/<group>/<filter>`) across the cluster:
+    how many members each node has in each group, this node's own included, and
+    for a message the node that serves each group matching it, so that a group
+    gets each message once in the whole cluster (the serving node gives it to one
+    of its members, routing.ShareGroup.pick).
+
+    The pick is a weighted round-robin of the publishing node, per group: a node
+    is picked in proportion to its members (turn `t` goes to the node holding
+    member number `t mod total`, nodes in name order), so every member gets about
+    the same share wherever it is, as on one node. A local member is not
+    preferred: with one publisher (a common fan-in) it would take every message.
+    A node's groups leave the count when its interest is removed (unsubscribe, or
+    the node dead or gone), so its share goes to the others from then on."""
+
+    def __init__(self) -> None:
+        self.index: SubscriptionIndex[str] = SubscriptionIndex()      # <filter> -> group keys
+        self.members: dict[str, dict[str, int]] = {}                  # group key -> {node: members there}
+        self._turn: dict[str, int] = {}
+
+    def set(self, key: str, node: str, n: int) -> None:
+        """`node` has `n` members of group `key` now (0: none)."""
+        nodes = self.members.get(key)
+        if n > 0:
+            if nodes is None:
+                shared = shared_filter(key)
+                if shared is None:
+                    return
+                nodes = self.members[key] = {}
+                self.index.add(shared[1], key, 0)
+            nodes[node] = n
+        elif nodes is not None and nodes.pop(node, None) is not None and not nodes:
+            del self.members[key]
+            self._turn.pop(key, None)
+            shared = shared_filter(key)
+            assert shared is not None
+            self.index.remove(shared[1], key)
+
+    def drop_node(self, node: str) -> None:
+        for key in [k for k, nodes in self.members.items() if node in nodes]:
+            self.set(key, node, 0)
+
+    def pick(self, topic: str) -> dict[str, list[str]] | None:
+        """node -> the keys of the groups matching `topic` it serves; None when
+        there is no group in the cluster at all."""
+        if not self.members:
+            return None
+        picked: dict[str, list[str]] = {}
+        for key in self.index.match(topic):
+            nodes = self.members[key]
+            node = next(iter(nodes)) if len(nodes) == 1 else self._next(key, nodes)
+            picked.setdefault(node, []).append(key)
+        return picked
+
+    def _next(self, key: str, nodes: dict[str, int]) -> str:
+        turn = self._turn.get(key, 0)
+        self._turn[key] = turn + 1
+        left = turn % sum(nodes.values())
+        ordered = sorted(nodes.items())
+        for name, members in ordered:
+            left -= members
+            if left < 0:
+                return name
+        return ordered[-1][0]
+
+
 class LocalState:
-    def __init__(self, node: str, inc: str, send: Callable[[dict[str, Any]], None]) -> None:
+    def __init__(self, node: str, inc: str, send: Callable[[dict[str, Any]], None],
+                 groups: ShareGroups | None = None) -> None:
         self.node = node
         self.inc = inc
         self._send = send
+        self._groups = groups
         self.seq = 0
         self.filters: dict[str, int] = {}      # filter -> sessions here holding it
+        self.shares: dict[str, int] = {}       # `$share/<group>/<filter>` -> members here
         self.wills: dict[str, Will] = {}       # session key -> will of its connected client
         self.conns: dict[str, int] = {}        # principal -> counted connections here
         self.mailboxes: set[str] = set()       # principals with inbox pushers here (their events come here)
@@ -61,6 +131,19 @@ class LocalState:
         return self.seq
 
     def filter_changed(self, f: str, gained: bool) -> None:
+        """`f` gained (or lost) by one session here; a shared subscription's
+        member count is announced on every change ("share"), for the others'
+        weighted pick (ShareGroups)."""
+        if f.startswith("$share/"):
+            members = max(0, self.shares.get(f, 0) + (1 if gained else -1))
+            if members:
+                self.shares[f] = members
+            else:
+                self.shares.pop(f, None)
+            if self._groups is not None:
+                self._groups.set(f, self.node, members)
+            self._change("share", f=f, n=members)
+            return
         n = self.filters.get(f, 0) + (1 if gained else -1)
         if n > 0:
             self.filters[f] = n
@@ -99,18 +182,23 @@ class LocalState:
     def snapshot(self) -> list[dict[str, Any]]:
         """The whole state, in parts of at most ~SNAPSHOT_PART_BYTES."""
         parts: list[dict[str, Any]] = []
-        part: dict[str, Any] = {"filters": [], "wills": [], "conns": {}, "mailboxes": []}
+        part: dict[str, Any] = {"filters": [], "shares": {}, "wills": [], "conns": {}, "mailboxes": []}
         size = 0
 
         def cut() -> None:
             nonlocal part, size
             parts.append(part)
-            part = {"filters": [], "wills": [], "conns": {}, "mailboxes": []}
+            part = {"filters": [], "shares": {}, "wills": [], "conns": {}, "mailboxes": []}
             size = 0
 
         for f in self.filters:
             part["filters"].append(f)
             size += len(f) + 4
+            if size > SNAPSHOT_PART_BYTES:
+                cut()
+        for key, members in self.shares.items():
+            part["shares"][key] = members
+            size += len(key) + 8
             if size > SNAPSHOT_PART_BYTES:
                 cut()
         for will in self.wills.values():
@@ -145,6 +233,7 @@ class Peer:
     held: list[dict[str, Any]] = field(default_factory=list)
     parts: list[dict[str, Any]] = field(default_factory=list)
     filters: set[str] = field(default_factory=set)
+    shares: dict[str, int] = field(default_factory=dict)   # `$share/<group>/<filter>` -> members there
     wills: dict[str, Will] = field(default_factory=dict)
     conns: dict[str, int] = field(default_factory=dict)
     mailboxes: set[str] = field(default_factory=set)
@@ -158,7 +247,8 @@ class Peers:
                  on_dead: Callable[[Peer, bool], None],
                  on_conns: Callable[[Peer, dict[str, int]], None],
                  on_seen: Callable[[Peer], None] | None = None,
-                 on_mailbox: Callable[[Peer], None] | None = None) -> None:
+                 on_mailbox: Callable[[Peer], None] | None = None,
+                 groups: ShareGroups | None = None) -> None:
         self._me = me
         self._timeout = timeout
         self._clock = clock
@@ -167,6 +257,7 @@ class Peers:
         self._on_conns = on_conns        # (peer, {principal: change}) after its connections changed
         self.peers: dict[str, Peer] = {}
         self.interest: SubscriptionIndex[str] = SubscriptionIndex()
+        self.groups = groups if groups is not None else ShareGroups()   # this node's own members too
         self._on_seen = on_seen          # (peer) after a heartbeat told what it applied
         self._on_mailbox = on_mailbox    # (peer) after it applied a mailbox change of that peer
         self.mailbox_nodes: dict[str, set[str]] = {}     # principal -> other nodes with its pushers
@@ -250,13 +341,17 @@ class Peers:
         parts, peer.parts = peer.parts, []
         for f in peer.filters:
             self.interest.remove(f, name)
+        self.groups.drop_node(name)
         old_conns = peer.conns
         self._unindex_mailboxes(peer)
-        peer.filters, peer.wills, peer.conns = set(), {}, {}
+        peer.filters, peer.shares, peer.wills, peer.conns = set(), {}, {}, {}
         for part in parts:
             for f in part["filters"]:
                 peer.filters.add(f)
                 self.interest.add(f, name, 0)
+            for key, members in part.get("shares", {}).items():
+                peer.shares[key] = int(members)
+                self.groups.set(key, name, int(members))
             for w in part["wills"]:
                 will = Will.from_doc(w)
                 peer.wills[will.key] = will
@@ -317,6 +412,13 @@ class Peers:
         elif op == "unsub":
             peer.filters.discard(doc["f"])
             self.interest.remove(doc["f"], peer.name)
+        elif op == "share":
+            key, members = str(doc["f"]), int(doc["n"])
+            if members > 0:
+                peer.shares[key] = members
+            else:
+                peer.shares.pop(key, None)
+            self.groups.set(key, peer.name, members)
         elif op == "will":
             will = Will.from_doc(doc["will"])
             peer.wills[will.key] = will
@@ -375,5 +477,6 @@ class Peers:
             self.crashes += 1
         for f in peer.filters:
             self.interest.remove(f, peer.name)
+        self.groups.drop_node(peer.name)       # its groups' share goes to the other nodes
         self._unindex_mailboxes(peer)
         self._on_dead(peer, crashed)

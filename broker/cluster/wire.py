@@ -21,7 +21,8 @@ name is a new incarnation, and the old one is dead. `seq` counts the state
 changes of one incarnation; a receiver that sees a gap asks for a snapshot.
 
 State ops: "sub"/"unsub" (a filter gained by the first / lost by the last
-session on that node), "will"/"unwill" (a connected client's will, by session
+session on that node), "share" (`f` a `$share/<group>/<filter>`, `n` its
+members on that node now; 0: none), "will"/"unwill" (a connected client's will, by session
 key), "up"/"down" (a counted connection of a principal, for presence).
 """
 
@@ -82,23 +83,28 @@ def unb64(text: str) -> bytes:
 
 # ---- a routed publish ------------------------------------------------------------------
 #
-#   flags (1 byte: QoS in bits 0-1, then the RETAIN, PROPS and EXPIRY bits),
+#   flags (1 byte: QoS in bits 0-1, then the RETAIN, PROPS, EXPIRY and GROUPS bits),
 #   topic length (2 bytes), topic,
 #   [PROPS:  length (4 bytes), the MQTT 5 properties forwarded unchanged (properties.MsgProps.forwarded)]
 #   [EXPIRY: seconds left of the Message Expiry Interval (8-byte float)]
+#   [GROUPS: count (2 bytes), then each: length (2 bytes), `$share/<group>/<filter>`]
 #   payload (the rest)
 #
 # A 3.1.1 publish sets none of the bits: the frame is the flags byte, the topic and
 # the payload, as before MQTT 5. RETAIN is the publisher's retain flag (for Retain
-# As Published; the retained message itself travels on roost.retained).
+# As Published; the retained message itself travels on roost.retained). GROUPS: the
+# shared subscription groups the receiving node serves this message to (the
+# publishing node picked it for them, peers.ShareGroups); it serves no other group.
 
 _HEAD = struct.Struct("!BH")
 _LEN = struct.Struct("!I")
 _EXPIRY = struct.Struct("!d")
+_COUNT = struct.Struct("!H")
 PUB_RETAIN = 0x04
 PUB_PROPS = 0x08
 PUB_EXPIRY = 0x10
-_PUB_KNOWN = 0x03 | PUB_RETAIN | PUB_PROPS | PUB_EXPIRY
+PUB_GROUPS = 0x20
+_PUB_KNOWN = 0x03 | PUB_RETAIN | PUB_PROPS | PUB_EXPIRY | PUB_GROUPS
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,12 +116,13 @@ class RoutedPublish:
     retain: bool = False                 # the publisher's retain flag
     forwarded: bytes | None = None       # MQTT 5 properties passed on unchanged (encoded)
     expires_in: float | None = None      # seconds left of its Message Expiry Interval (None: none)
+    groups: tuple[str, ...] = ()         # the shared subscription groups served here
 
 
 def encode_publish(topic: str, payload: bytes, qos: int, retain: bool = False, forwarded: bytes | None = None,
-                   expires_in: float | None = None) -> bytes:
+                   expires_in: float | None = None, groups: tuple[str, ...] | list[str] = ()) -> bytes:
     t = topic.encode()
-    if not (retain or forwarded or expires_in is not None):
+    if not (retain or forwarded or expires_in is not None or groups):
         return _HEAD.pack(qos, len(t)) + t + payload
     flags = qos | (PUB_RETAIN if retain else 0)
     parts = [b"", t]
@@ -125,6 +132,12 @@ def encode_publish(topic: str, payload: bytes, qos: int, retain: bool = False, f
     if expires_in is not None:
         flags |= PUB_EXPIRY
         parts.append(_EXPIRY.pack(expires_in))
+    if groups:
+        flags |= PUB_GROUPS
+        parts.append(_COUNT.pack(len(groups)))
+        for key in groups:
+            k = key.encode()
+            parts += (_COUNT.pack(len(k)), k)
     parts[0] = _HEAD.pack(flags, len(t))
     parts.append(payload)
     return b"".join(parts)
@@ -152,11 +165,21 @@ def decode_publish(data: bytes) -> RoutedPublish:
         if flags & PUB_EXPIRY:
             (expires_in,) = _EXPIRY.unpack_from(data, pos)
             pos += _EXPIRY.size
+        groups: list[str] = []
+        if flags & PUB_GROUPS:
+            (count,) = _COUNT.unpack_from(data, pos)
+            pos += _COUNT.size
+            for _ in range(count):
+                (size,) = _COUNT.unpack_from(data, pos)
+                pos += _COUNT.size
+                groups.append(data[pos:pos + size].decode())
+                pos += size
     except struct.error:
         raise ValueError("malformed publish frame: truncated") from None
     if pos > len(data):
         raise ValueError("malformed publish frame: truncated")
-    return RoutedPublish(topic, bytes(data[pos:]), qos, bool(flags & PUB_RETAIN), forwarded, expires_in)
+    return RoutedPublish(topic, bytes(data[pos:]), qos, bool(flags & PUB_RETAIN), forwarded, expires_in,
+                         tuple(groups))
 
 
 @dataclass(frozen=True, slots=True)

@@ -255,17 +255,19 @@ class Engine:
     # ---- the cluster (broker/cluster/) -------------------------------------------------------
 
     def route_from_peer(self, topic: str, payload: bytes, qos: int, retain: bool = False,
-                        forwarded: bytes | None = None, expires_in: float | None = None) -> Awaitable[int]:
+                        forwarded: bytes | None = None, expires_in: float | None = None,
+                        groups: tuple[str, ...] = ()) -> Awaitable[int]:
         """Route a publish another node received (retained there already) to the
         sessions here, without sharing it back out: `retain` the publisher's flag
         (Retain As Published), `forwarded` its MQTT 5 properties passed on,
-        `expires_in` the seconds left of its Message Expiry Interval."""
+        `expires_in` the seconds left of its Message Expiry Interval, `groups`
+        the shared subscription groups served here (that node picked this one)."""
         props = None
         if forwarded is not None or expires_in is not None:
             props = MsgProps(forwarded or b"", None if expires_in is None else self.loop.time() + expires_in, None)
         msg = Message(topic, payload, qos, False, props)
         msg.pub_retain = retain
-        return self.router.route_awaited(msg, share=False)
+        return self.router.route_awaited(msg, share=False, served=groups)
 
     def take_over_here(self, key: str) -> bool:
         """A client with session key `key` connected on another node: close its

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import TYPE_CHECKING
 
 from broker.mqtt.acl import RECEIVE_ALLOWED, RECEIVE_DENIED, AccessControl
@@ -50,9 +50,12 @@ class Router:
         self._loop = loop
         self.congested: set[SessionState] = set()
         # The cluster (broker/cluster/) shares publishes and interest with other nodes:
-        # on_routed sees every message routed here (not those from a peer),
-        # on_interest a filter gained (True) or lost (False) by one session.
-        self.on_routed: Callable[[Message], None] | None = None
+        # on_routed sees every message routed here (not those from a peer) and answers
+        # the keys of the shared subscription groups this node serves it to (the
+        # cluster picks one node per group; None: every group here), on_interest a
+        # filter gained (True) or lost (False) by one session (a shared subscription
+        # as `$share/<group>/<filter>`: the cluster counts each group's members).
+        self.on_routed: Callable[[Message], Collection[str] | None] | None = None
         self.on_interest: Callable[[str, bool], None] | None = None
 
     # ---- subscriptions ---------------------------------------------------------------
@@ -63,7 +66,7 @@ class Router:
         if f not in st.subs:
             self._budgets.subscribed(f)
             if self.on_interest is not None:
-                self.on_interest(f if shared is None else shared[1], True)
+                self.on_interest(f, True)
         st.subs[f] = qos
         if shared is None:
             self.index.add(f, st, qos)
@@ -98,23 +101,26 @@ class Router:
                 self.shared_index.remove(group.filter, group)
         self._budgets.unsubscribed(f)
         if self.on_interest is not None:
-            self.on_interest(f if group is None else group.filter, False)
+            self.on_interest(f, False)
 
     # ---- routing ---------------------------------------------------------------------
 
     def route(self, msg: Message, src: Connection | None = None,
-              undecided: list[tuple[SessionState, int]] | None = None, *, share: bool = True) -> int:
+              undecided: list[tuple[SessionState, int]] | None = None, *, share: bool = True,
+              served: Collection[str] | None = None) -> int:
         """Queue `msg` for every matching session the ACL lets receive it; the
         number queued. `src`, the publishing connection, is held while a target
         session is congested. Targets whose RECEIVE decision must be awaited (an
         async ACL plugin) go to `undecided` (use route_awaited, which passes it).
-        `share` False: a message from another node (not shared again)."""
+        `share` False: a message from another node (not shared again), given to
+        the shared subscription groups in `served` only (the keys that node picked
+        this one for); None: every matching group here."""
         if share and self.on_routed is not None:
-            self.on_routed(msg)
+            served = self.on_routed(msg)
         targets = self.index.match(msg.topic)
         if not targets:
-            return self._route_shared(msg, src) if self.groups else 0
-        n = self._route_shared(msg, src) if self.groups else 0
+            return self._route_shared(msg, src, served) if self.groups else 0
+        n = self._route_shared(msg, src, served) if self.groups else 0
         topic = msg.topic
         mq = msg.qos
         check = self._acl.enabled
@@ -137,12 +143,15 @@ class Router:
                 self.hold(st, src)
         return n
 
-    def _route_shared(self, msg: Message, src: Connection | None) -> int:
-        """One member of each shared subscription group matching `msg`: the next
-        connected one (round-robin) the ACL lets receive it, else an offline
-        persistent one. (A member whose RECEIVE decision must be awaited is passed over.)"""
+    def _route_shared(self, msg: Message, src: Connection | None, served: Collection[str] | None = None) -> int:
+        """One member of each shared subscription group matching `msg` (of those
+        in `served`, unless None): the next connected one (round-robin) the ACL
+        lets receive it, else an offline persistent one. (A member whose RECEIVE
+        decision must be awaited is passed over.)"""
         n = 0
         for group in self.shared_index.match(msg.topic):
+            if served is not None and group.key not in served:
+                continue       # another node serves this group this message (the cluster picked it)
             picked = group.pick(lambda st: self._acl.may_receive_now(st, msg.topic) is True)
             if picked is None:
                 continue
@@ -186,12 +195,13 @@ class Router:
                      st.client_id, len(moved), n)
         return n
 
-    async def route_awaited(self, msg: Message, src: Connection | None = None, *, share: bool = True) -> int:
+    async def route_awaited(self, msg: Message, src: Connection | None = None, *, share: bool = True,
+                            served: Collection[str] | None = None) -> int:
         """`route`, awaiting the RECEIVE decisions that need it."""
         if not self._acl.is_async:
-            return self.route(msg, src, share=share)
+            return self.route(msg, src, share=share, served=served)
         undecided: list[tuple[SessionState, int]] = []
-        n = self.route(msg, src, undecided, share=share)
+        n = self.route(msg, src, undecided, share=share, served=served)
         for st, q in undecided:
             if st.discarded or not await self._acl.may_receive(st, msg.topic):
                 continue
