@@ -356,6 +356,27 @@ def test_a_new_password_signs_the_person_out_and_devices_cannot_sign_in(roost_fa
     run(body)
 
 
+def test_a_restart_keeps_sign_ins_and_a_password_set_meanwhile_ends_them(roost_factory) -> None:
+    broker = roost_factory(web_config())
+    broker.add_user("alice", "alice-pw")
+
+    async def body() -> None:
+        web = WebClient(broker)
+        try:
+            assert (await web.login("alice", "alice-pw")).status == 200
+            await asyncio.to_thread(broker.stop)
+            await asyncio.to_thread(broker.start)
+            assert (await web.session())["user"] == "alice"     # the session is in the store, not in memory
+            await asyncio.to_thread(broker.stop)                # a new password while no broker runs
+            await asyncio.to_thread(broker.cli, "user", "passwd", "alice", "--password-stdin", input="new-pw\n")
+            await asyncio.to_thread(broker.start)
+            assert (await web.session())["user"] is None
+        finally:
+            await web.close()
+
+    run(body)
+
+
 def test_sessions_are_bounded_and_expire(tmp_path: Path) -> None:
     from broker.store.base import Principal
     from broker.store.sqlite import SqliteStore
@@ -386,7 +407,10 @@ def test_sessions_are_bounded_and_expire(tmp_path: Path) -> None:
             assert (await store.web_sessions.get(s2.key)).used == now[0] - 10  # type: ignore[union-attr]
             now[0] += 61
             assert await sessions.get(t2) is None                             # idle too long
-            made = [await sessions.create("carol", "user") for _ in range(5)]
+            made = []
+            for _ in range(5):
+                now[0] += 1
+                made.append(await sessions.create("carol", "user"))
             assert len(sessions) == 3 and sessions.evicted == 2               # oldest went first
             assert await sessions.get(made[0][0]) is None and await sessions.get(made[-1][0]) is not None
             await sessions.end(made[-1][1])                                   # signed out (by any node)

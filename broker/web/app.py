@@ -92,7 +92,7 @@ class WebApp:
         self._services = services
         self.files = services.files      # the files service the file routes serve from (None: no files)
         self._gateway: Gateway = gateway
-        self.sessions = sessions or WebSessions(services.store.web_sessions)
+        self.sessions = sessions or WebSessions(services.store.web_sessions, secret_set_at=self._secret_set_at)
         self.hub = WebHub(services, self.sessions)
         self._static: dict[str, bytes] = {}
         self._max_frame = services.config.limits.max_body * 6 + ENVELOPE_SLACK
@@ -135,6 +135,10 @@ class WebApp:
 
     async def on_shutdown(self, app: web.Application) -> None:
         await self.hub.close_all("the broker is stopping")
+
+    async def _secret_set_at(self, principal: str) -> float | None:
+        p = await self._services.identity.get(principal)
+        return p.secret_set_at if p is not None else None
 
     async def session_of(self, request: web.Request) -> WebSession | None:
         """The signed-in session of this request's cookie, or None (for the file routes too)."""

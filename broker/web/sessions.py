@@ -11,7 +11,9 @@ An open page's WebSocket re-reads its session at most once per `recheck`, so a
 sign-out through another node closes it at its next request after that. The
 table is bounded: beyond `max_sessions` the least recently used go first
 (counted in `evicted`); idle, too old and past-exp sessions are deleted when
-met and by a sweep every `sweep_every` seconds.
+met and by a sweep every `sweep_every` seconds. A session made before its
+principal's secret was last set (`roost user passwd`, even while no broker ran)
+is void, and so is one whose principal is gone.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from broker.store.base import StoreUnavailable, WebSessionRecord, WebSessionStore
@@ -65,8 +67,11 @@ class WebSessions:
     def __init__(self, store: WebSessionStore, *, clock: Callable[[], float] = time.time,
                  max_sessions: int = MAX_SESSIONS, idle_ttl: float = IDLE_TTL, max_age: float = MAX_AGE,
                  touch_every: float = TOUCH_EVERY, recheck: float = RECHECK,
-                 sweep_every: float = SWEEP_EVERY) -> None:
+                 sweep_every: float = SWEEP_EVERY,
+                 secret_set_at: Callable[[str], Awaitable[float | None]] | None = None) -> None:
+        """`secret_set_at(principal)`: when its secret was last set, None when it does not exist."""
         self._store = store
+        self._secret_set_at = secret_set_at
         self._clock = clock
         self._max = max(1, max_sessions)
         self._idle_ttl = idle_ttl
@@ -127,8 +132,14 @@ class WebSessions:
         session.checked = now
         return await self._still_alive(session, now)
 
+    async def _void(self, session: WebSession) -> bool:
+        if self._secret_set_at is None:
+            return False
+        set_at = await self._secret_set_at(session.principal)
+        return set_at is None or session.created < set_at
+
     async def _still_alive(self, session: WebSession, now: float) -> bool:
-        if self._expired(session, now):
+        if self._expired(session, now) or await self._void(session):
             await self._store.delete(session.key)
             return False
         if now - session.used >= self._touch_every:
