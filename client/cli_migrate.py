@@ -51,7 +51,7 @@ def migrate(config_path: str | None, dsn: str) -> None:
         # to the schema this Roost copies from.
         store = await open_store(path)
         await store.close()
-        return await import_sqlite(path, dsn)
+        return await import_sqlite(path, dsn, files_dir=cfg.files_dir())   # files' bytes go into PostgreSQL too
 
     try:
         with StoreLock(path):   # no broker writes while we copy

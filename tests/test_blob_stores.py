@@ -87,3 +87,40 @@ def test_two_uploads_of_one_content_at_once_make_one_blob(blobs: OpenBlobs) -> N
             assert await b.read(digest, 0, len(content) + 1) == content
 
     asyncio.run(main())
+
+
+def test_roost_migrate_copies_the_files_bytes_into_postgresql(tmp_path: Path, postgres_dsn: str) -> None:
+    from broker.store.base import FileRecord, Principal
+    from broker.store.blobs import FsBlobStore
+    from broker.store.postgres_import import import_sqlite
+
+    content = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 600     # more than one chunk row
+    digest = hashlib.sha256(content).hexdigest()
+    home = StorageConfig(path=str(tmp_path / "home" / "roost.db"))
+    folder = tmp_path / "home" / "files"
+
+    async def main() -> None:
+        store = await open_store(home)
+        try:
+            await store.identity.add_principal(Principal("alice", "user", "Alice", "", "hash", 1.0))
+            assert await store.files.add_upload(FileRecord(digest, "alice", "a.png", len(content), "image/png", 1.0),
+                                                quota=10 ** 9)
+            await store.files.add_upload(FileRecord("ab" * 32, "alice", "lost.png", 5, "image/png", 1.0), quota=10 ** 9)
+        finally:
+            await store.close()
+        disk = FsBlobStore(folder)
+        await disk.begin("01")
+        await disk.append("01", content)
+        assert await disk.commit("01", digest)
+        copied = await import_sqlite(Path(home.path), postgres_dsn, files_dir=folder)
+        assert copied["file_blobs"] == 1            # the record whose bytes were missing stays without them
+        cluster = StorageConfig(backend="postgres", dsn=postgres_dsn)
+        pg = await open_store(cluster)
+        try:
+            blobs = create_blob_store(cluster, pg, tmp_path / "elsewhere")
+            assert await blobs.read(digest, 0, len(content) + 1) == content
+            assert await blobs.read(digest, 50_000, 10) == content[50_000:50_010]
+        finally:
+            await pg.close()
+
+    asyncio.run(main())

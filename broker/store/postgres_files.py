@@ -17,12 +17,15 @@ PostgreSQL keeps their out-of-line bytes as they are), in one transaction.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 from asyncpg import Connection
 
 from broker.store.base import FileRecord, NotFoundError
+from broker.store.blobs import FsBlobStore
 from broker.store.postgres_db import PgDatabase
 
 DDL = """
@@ -78,6 +81,7 @@ ALTER TABLE file_blob_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
 # drops its own idle ones after files.upload_ttl): clear_staging deletes it.
 STALE_STAGING = 24 * 3600.0
 _NOW = "extract(epoch from clock_timestamp())"   # the database's clock: the same for every node
+IMPORT_CHUNK = 48 * 1024   # bytes per chunk row of a blob copied in (the protocol's file.chunk size)
 
 _COLUMNS = "id, owner, name, size, type, created_at"
 
@@ -215,3 +219,33 @@ class PgBlobStore:
             return int(str(status).rsplit(" ", 1)[-1])
 
         return await self._db.autocommit(job)
+
+
+async def import_blobs(conn: Connection, files_dir: Path) -> tuple[int, int]:
+    """`roost migrate`: copy the bytes of every content the (just copied) file
+    records name from a SQLite home's blob folder into the database, inside the
+    caller's transaction, a chunk at a time. Returns (blobs copied, recorded
+    contents whose bytes were missing from the folder: they stay unreadable, as
+    they were)."""
+    folder = FsBlobStore(files_dir)
+    copied = missing = 0
+    for row in await conn.fetch("SELECT id, size FROM file_contents ORDER BY id"):
+        digest, size = str(row[0]), int(row[1])
+        try:
+            first = await folder.read(digest, 0, IMPORT_CHUNK)
+        except NotFoundError:
+            missing += 1
+            continue
+
+        async def chunks(digest: str = digest, first: bytes = first) -> AsyncIterator[tuple[str, int, bytes]]:
+            data, offset = first, 0
+            while data:
+                yield digest, offset, data
+                offset += len(data)
+                data = await folder.read(digest, offset, IMPORT_CHUNK) if len(data) == IMPORT_CHUNK else b""
+
+        await conn.execute(f"INSERT INTO file_blobs(id, staged, size, touched) VALUES ($1, false, $2, {_NOW})",
+                           digest, size)
+        await conn.copy_records_to_table("file_blob_chunks", records=chunks(), columns=["blob", "off", "data"])
+        copied += 1
+    return copied, missing

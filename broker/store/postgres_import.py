@@ -25,6 +25,7 @@ from typing import Any
 from asyncpg import Connection
 
 from broker.store.postgres_db import PgDatabase, redacted_dsn
+from broker.store.postgres_files import import_blobs
 from broker.store.postgres_schema import AFTER_IMPORT, SEEDED_TABLES, migrate
 
 CHUNK_ROWS = 5000
@@ -128,11 +129,13 @@ async def _check_empty(conn: Connection, tables: list[str]) -> None:
 
 
 async def import_sqlite(sqlite_path: Path, dsn: str, *,
-                        on_table: Callable[[str, int], None] | None = None) -> dict[str, int]:
+                        on_table: Callable[[str, int], None] | None = None,
+                        files_dir: Path | None = None) -> dict[str, int]:
     """Copy the (already opened once, so migrated) SQLite store at `sqlite_path` into
     the PostgreSQL database at `dsn`, which gets Roost's schema if it has none and
-    must hold no rows. Returns {table: rows copied}. Raises ImportRefused, or
-    StoreCannotOpen / StoreUnavailable for the server."""
+    must hold no rows; with `files_dir` (the home's blob folder), the files' bytes
+    too (PostgreSQL keeps them: postgres_files.import_blobs). Returns {table: rows
+    copied}. Raises ImportRefused, or StoreCannotOpen / StoreUnavailable for the server."""
     loop = asyncio.get_running_loop()
     reader = _SqliteReader(sqlite_path)
     await loop.run_in_executor(None, reader.open)
@@ -185,6 +188,8 @@ async def import_sqlite(sqlite_path: Path, dsn: str, *,
                                    "false)", sequence)
             for statement in AFTER_IMPORT:
                 await conn.execute(statement)
+            if files_dir is not None:
+                copied["file_blobs"], _missing = await import_blobs(conn, files_dir)
         return copied
     finally:
         await db.close()
