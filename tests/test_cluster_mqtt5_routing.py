@@ -16,6 +16,7 @@ from tests.harness import RoostProcess
 from tests.nats import NatsServer, wait_until
 from tests.test_cluster_routing import NODE_TIMEOUT, client, node_config, wait_until_formed
 from tests.test_mqtt5_restart import PROPS, V5Client, assert_props
+from tests.test_mqtt_helpers import RawClient
 
 PW = "pw-alice-123"
 
@@ -99,6 +100,50 @@ def _received(member: MqttClient, into: list[int]) -> None:
             into.append(int(member.messages.get_nowait().payload))
         except queue.Empty:
             return
+
+
+def test_a_member_leaving_with_unacknowledged_messages_hands_them_to_a_member_on_another_node(two_nodes) -> None:
+    """The group's only member on n2 leaves holding its share unacknowledged
+    (QoS 1 not acked): n2 gives those messages to the member on n1."""
+    n1, n2 = two_nodes["n1"], two_nodes["n2"]
+    m1 = client(n1, "keeper1")
+    pub = client(n1, "rdpub")
+    assert m1.subscribe("$share/rd/rd/#") == [1]
+    leaver = RawClient(n2.port)
+    leaver.connect("leaver2", username=None, password=None)
+    assert leaver.subscribe("$share/rd/rd/#", 1) == [1]
+    assert leaver.subscribe("rdprobe", 0, pid=2) == [0]     # announced after its membership
+    leaver.s.settimeout(0.2)
+    deadline = time.monotonic() + 10
+    while True:
+        pub.publish("rdprobe", b"probe", qos=1)
+        try:
+            assert leaver.read_publish()[0] == "rdprobe"
+            break
+        except TimeoutError:
+            assert time.monotonic() < deadline, "n1 never learnt n2's membership"
+    leaver.s.settimeout(5)
+    n = 20
+    for i in range(n):
+        pub.publish("rd/job", str(i), qos=1)
+    got1: list[int] = []
+    unacked: list[int] = []
+    while len(got1) + len(unacked) < n:
+        _received(m1, got1)
+        leaver.s.settimeout(0.2)
+        try:
+            topic, payload, qos, _pid, _dup, _retain = leaver.read_publish()
+        except TimeoutError:
+            continue
+        if topic == "rd/job":
+            assert qos == 1
+            unacked.append(int(payload))       # never acknowledged
+    assert unacked and got1, (got1, unacked)
+    leaver.s.close()             # leaves with them: they go to keeper1 on n1
+    wait_until(lambda: _received(m1, got1) or len(got1) >= n, what="the unacknowledged ones at keeper1")
+    assert sorted(got1) == list(range(n)), (got1, unacked)
+    m1.disconnect()
+    pub.disconnect()
 
 
 def test_a_shared_group_on_two_nodes_gets_each_message_once(two_nodes) -> None:

@@ -147,6 +147,7 @@ class ClusterNode:
         router = self._engine.router
         router.on_routed = self._routed
         router.on_interest = self.state.filter_changed
+        router.on_unserved = self._unserved
         self._bus.subscribe(RetainedChanged, self._retained_committed)
 
     async def start(self) -> None:
@@ -227,6 +228,16 @@ class ClusterNode:
         return wire.encode_publish(msg.topic, msg.payload, msg.qos, msg.pub_retain, props.forwarded,
                                    None if expires_at is None else expires_at - self._engine.loop.time(),
                                    groups or ())
+
+    def _unserved(self, msg: Message, key: str) -> bool:
+        """A message of shared group `key` whose member here left with it
+        unacknowledged, and no other member here: to a node with members of it."""
+        node = None if msg.topic[0] == "$" else self.share_groups.elsewhere(key, self.name)
+        if node is None:
+            return False
+        self.reliable.send(node, self._frame(msg, [key]))
+        self.forwarded += 1
+        return True
 
     async def _on_publish(self, subject: str, data: bytes) -> None:
         pub = wire.decode_publish(data)

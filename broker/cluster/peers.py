@@ -85,6 +85,13 @@ class ShareGroups:
             picked.setdefault(node, []).append(key)
         return picked
 
+    def elsewhere(self, key: str, me: str) -> str | None:
+        """A node other than `me` with members of group `key` (the same weighted
+        round-robin); None if there is none."""
+        nodes = self.members.get(key)
+        others = {name: n for name, n in nodes.items() if name != me} if nodes else None
+        return self._next(key, others) if others else None
+
     def _next(self, key: str, nodes: dict[str, int]) -> str:
         turn = self._turn.get(key, 0)
         self._turn[key] = turn + 1

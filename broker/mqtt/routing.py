@@ -57,6 +57,10 @@ class Router:
         # as `$share/<group>/<filter>`: the cluster counts each group's members).
         self.on_routed: Callable[[Message], Collection[str] | None] | None = None
         self.on_interest: Callable[[str, bool], None] | None = None
+        # on_unserved: a message of shared group `key` that no member here can take
+        # any more (its member left with it unacknowledged): the cluster gives it to
+        # a member of the group on another node; True if it did.
+        self.on_unserved: Callable[[Message, str], bool] | None = None
 
     # ---- subscriptions ---------------------------------------------------------------
 
@@ -164,7 +168,9 @@ class Router:
 
     def redeliver_shared(self, st: SessionState) -> int:
         """`st` left: the messages a shared subscription gave it that it has not
-        acknowledged (sent, or still queued) go to another member of their group."""
+        acknowledged (sent, or still queued) go to another connected member of
+        their group, here or (the cluster) on another node; with neither, a
+        persistent `st` keeps them for its return."""
         moved: list[tuple[Message, int]] = []
         for pid, entry in list(st.inflight.items()):
             msg, qos, stage, seq = entry
@@ -184,15 +190,20 @@ class Router:
                     st._done(seq)
             st.queue.clear()
             st.queue.extend(kept)
-        n = 0
+        n = returned = 0
+        persistent = not st.clean and st.expiry != 0
         for msg, qos in moved:
             group = msg.group
-            picked = group.pick(lambda other: other is not st and other.conn is not None) if group else None
+            picked = group.pick(lambda other: other is not st and other.conn is not None)
             if picked is not None and picked[0].enqueue(msg.copy_for(group), qos):
                 n += 1
+            elif self.on_unserved is not None and self.on_unserved(msg, group.key):
+                n += 1
+            elif persistent and st.enqueue(msg, qos):
+                returned += 1
         if moved:
-            log.info("%s left with %d unacknowledged shared-subscription messages: %d given to other members",
-                     st.client_id, len(moved), n)
+            log.info("%s left with %d unacknowledged shared-subscription messages: %d given to other members, "
+                     "%d kept for its return", st.client_id, len(moved), n, returned)
         return n
 
     async def route_awaited(self, msg: Message, src: Connection | None = None, *, share: bool = True,
