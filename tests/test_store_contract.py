@@ -885,7 +885,7 @@ def test_file_uploads_quota_dedup_and_conversations(store: OpenStore) -> None:
     run(main())
 
 
-@covers("web_sessions.create", "web_sessions.get", "web_sessions.touch", "web_sessions.delete",
+@covers("web_sessions.create", "web_sessions.get", "web_sessions.existing", "web_sessions.touch", "web_sessions.delete",
         "web_sessions.delete_principal", "web_sessions.expire", "web_sessions.count")
 def test_web_sessions_bounded_least_recently_used_first_and_ended_with_their_principal(store: OpenStore) -> None:
     def rec(key: str, principal: str, at: float, expires_at: float | None = None) -> WebSessionRecord:
@@ -909,6 +909,8 @@ def test_web_sessions_bounded_least_recently_used_first_and_ended_with_their_pri
             assert await s.web_sessions.create(rec("d", "bob", TS + 3), max_sessions=3) == (3, 1)
             assert await s.web_sessions.get("b" * 64) is None   # the least recently used went
             assert await s.web_sessions.count() == 3
+            assert await s.web_sessions.existing(["a" * 64, "b" * 64, "d" * 64, "z"]) == {"a" * 64, "d" * 64}
+            assert await s.web_sessions.existing([]) == set()
             assert await s.web_sessions.delete("d" * 64) and not await s.web_sessions.delete("d" * 64)
             assert await s.web_sessions.delete_principal("alice") == 2 and await s.web_sessions.count() == 0
         async with store() as s:   # kept across a reopen (another node, a restart); expiry by each rule

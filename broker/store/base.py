@@ -387,6 +387,9 @@ class WebSessionStore(Protocol):
 
     async def get(self, key: str) -> WebSessionRecord | None: ...
 
+    async def existing(self, keys: Sequence[str]) -> set[str]:
+        """Which of `keys` are still sessions (one read for a node's open pages)."""
+
     async def touch(self, key: str, used: float) -> None:
         """Note a use (nothing if the session is gone)."""
 

@@ -7,6 +7,7 @@ migrate` copies it as it is.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import asyncpg
@@ -71,6 +72,11 @@ class PgWebSessionStore:
     async def get(self, key: str) -> WebSessionRecord | None:
         return _record(await self._db.read(lambda conn: conn.fetchrow(
             f"SELECT {_COLUMNS} FROM web_sessions WHERE key=$1", key)))
+
+    async def existing(self, keys: Sequence[str]) -> set[str]:
+        rows = await self._db.read(lambda conn: conn.fetch(
+            "SELECT key FROM web_sessions WHERE key = ANY($1::text[])", list(keys)))
+        return {r[0] for r in rows}
 
     async def touch(self, key: str, used: float) -> None:
         async def job(conn: Connection) -> None:

@@ -8,6 +8,7 @@ least recently used go first when the table is full, and idle ones expire.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Sequence
 
 from broker.store.base import NotFoundError, WebSessionRecord
 from broker.store.sqlite_db import Database, Migration
@@ -30,6 +31,7 @@ MIGRATIONS: list[Migration] = [
 ]
 
 _COLUMNS = "key, principal, kind, csrf, created, used, expires_at"
+_BATCH = 500   # keys per IN (...) of `existing`, well under SQLite's limit of bound parameters
 
 Row = tuple[str, str, str, str, float, float, float | None]
 
@@ -68,6 +70,17 @@ class SqliteWebSessionStore:
     async def get(self, key: str) -> WebSessionRecord | None:
         return await self._db.read(lambda conn: _record(conn.execute(
             f"SELECT {_COLUMNS} FROM web_sessions WHERE key=?", (key,)).fetchone()))
+
+    async def existing(self, keys: Sequence[str]) -> set[str]:
+        def job(conn: sqlite3.Connection) -> set[str]:
+            found: set[str] = set()
+            for i in range(0, len(keys), _BATCH):
+                part = list(keys[i:i + _BATCH])
+                marks = ",".join("?" * len(part))
+                found.update(r[0] for r in conn.execute(f"SELECT key FROM web_sessions WHERE key IN ({marks})", part))
+            return found
+
+        return await self._db.read(job)
 
     async def touch(self, key: str, used: float) -> None:
         await self._db.write(lambda conn: conn.execute(

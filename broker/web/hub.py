@@ -9,6 +9,8 @@ shared with or unshared from someone tells that person's pages (DEVICES_NOTICE).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -40,6 +42,7 @@ class WebHub:
         self._sessions = sessions
         self._by_principal: dict[str, set[WsConnection]] = {}
         self._dropped_before = 0   # frames dropped by pages that have closed since
+        self._checker: asyncio.Task[None] | None = None   # closes pages whose session ended on another node
         bus = services.bus
         bus.subscribe(PresenceChanged, self._presence_changed)
         bus.subscribe(TelemetryReceived, self._telemetry_received)
@@ -53,6 +56,8 @@ class WebHub:
 
     def add(self, conn: WsConnection) -> None:
         self._by_principal.setdefault(conn.principal, set()).add(conn)
+        if self._checker is None:   # started with the first page (on the running loop), stopped by close_all
+            self._checker = asyncio.get_running_loop().create_task(self._check_sessions(), name="roost-web-sessions")
 
     def discard(self, conn: WsConnection) -> None:
         group = self._by_principal.get(conn.principal)
@@ -71,8 +76,24 @@ class WebHub:
             await conn.close(why)
 
     async def close_all(self, why: str) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
+            self._checker = None
         for conn in [c for group in self._by_principal.values() for c in group]:
             await conn.close(why)
+
+    async def _check_sessions(self) -> None:
+        """Every `recheck` seconds: close the open pages whose session ended
+        elsewhere (signed out through another node, or expired)."""
+        while True:
+            await asyncio.sleep(self._sessions.recheck)
+            conns = [c for group in self._by_principal.values() for c in group]
+            ended = await self._sessions.ended(c.session for c in conns)
+            for conn in conns:
+                if conn.session.key in ended:
+                    await conn.close("signed out")
 
     # ---- bus ---------------------------------------------------------------------
     def _presence_changed(self, event: PresenceChanged) -> None:

@@ -7,8 +7,10 @@ signed-in person.
 
 Every HTTP request reads its session from the store (one indexed row); the
 "used" time is written at most once per `touch_every` (not on every request).
-An open page's WebSocket re-reads its session at most once per `recheck`, so a
-sign-out through another node closes it at its next request after that. The
+An open page's WebSocket re-reads its session at most once per `recheck`, and
+the hub asks the store every `recheck` which of its open pages' sessions still
+exist (one read for all of them, `ended`), so a sign-out through another node
+closes this node's pages of that session within about `recheck` seconds. The
 table is bounded: beyond `max_sessions` the least recently used go first
 (counted in `evicted`); idle, too old and past-exp sessions are deleted when
 met and by a sweep every `sweep_every` seconds. A session made before its
@@ -22,10 +24,10 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from broker.store.base import StoreUnavailable, WebSessionRecord, WebSessionStore
+from broker.store.base import StoreClosed, StoreUnavailable, WebSessionRecord, WebSessionStore
 
 MAX_SESSIONS = 10000          # signed-in browsers remembered; the least recently used go first
 IDLE_TTL = 7 * 24 * 3600.0    # a session unused this long ends
@@ -146,6 +148,26 @@ class WebSessions:
             await self._store.touch(session.key, now)
             session.used = now
         return True
+
+    @property
+    def recheck(self) -> float:
+        return self._recheck
+
+    async def ended(self, open_sessions: Iterable[WebSession]) -> set[str]:
+        """The keys of those of `open_sessions` (the open pages') that ended on any
+        node or reached their end of life; one store read for all. None ended
+        while the store is unavailable or closing (the pages stay)."""
+        now = self._clock()
+        sessions = {s.key: s for s in open_sessions}
+        if not sessions:
+            return set()
+        try:
+            live = await self._store.existing(list(sessions))
+        except (StoreUnavailable, StoreClosed):
+            return set()
+        # not idleness: this node's `used` does not see other nodes' uses
+        return {k for k, s in sessions.items() if k not in live or now - s.created > self._max_age
+                or (s.expires_at is not None and now >= s.expires_at)}
 
     async def end(self, session: WebSession) -> None:
         if await self._store.delete(session.key):
