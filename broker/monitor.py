@@ -202,6 +202,7 @@ class Monitor:
         if cluster is not None:   # the NATS link's bounded queues: what overflowed
             dropped["cluster_queue_full"] = cluster.dropped
             dropped["cluster_slow_consumer"] = cluster.slow_consumer
+            dropped["cluster_resend_full"] = cluster.resend_dropped
         logins = {LOGIN_REFUSALS.get(code, f"code_{code}"): n for code, n in eng.logins_refused.items()}
         bound = broker.bound_ports()
         listeners = tuple(ListenerFigures(name, lst.type, lst.ssl, lst.bind, name in bound,

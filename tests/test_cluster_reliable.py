@@ -21,7 +21,9 @@ from broker.cluster.wire import pub_subject
 from tests.clients import MqttClient
 from tests.harness import RoostProcess
 from tests.nats import wait_until
-from tests.test_cluster_routing import start_nodes, until_routed
+from tests.test_cluster_metrics import start_nodes
+from tests.test_cluster_routing import until_routed
+from tests.test_metrics import scrape
 
 STREAM = 1000
 
@@ -31,7 +33,7 @@ def reconnects(node: RoostProcess) -> int:
 
 
 def test_nats_restart_mid_stream_loses_no_acknowledged_publish(tmp_path, nats_server) -> None:
-    nodes = start_nodes(tmp_path, nats_server.url, ["n1", "n2"])
+    nodes = start_nodes(tmp_path, nats_server.url)       # n1, n2 with /metrics
     try:
         far = MqttClient("far", clean_session=False).connect(nodes["n2"].host, nodes["n2"].port)
         far.subscribe("stream/#", qos=1)
@@ -60,6 +62,13 @@ def test_nats_restart_mid_stream_loses_no_acknowledged_publish(tmp_path, nats_se
         got = [far.wait_message("stream/data", timeout=20).payload for _ in range(STREAM)]
         assert got == [str(i).encode() for i in range(STREAM)]
         assert far.no_message("stream/data", wait=1.5)        # no duplicates, even after a resend
+        # reported: what was resent, nothing given up (the window held it all)
+        wait_until(lambda: scrape(nodes["n1"])[("roost_cluster_resend_window_bytes", ())] == 0,
+                   what="n1's publishes all acknowledged by n2")
+        m1, m2 = scrape(nodes["n1"]), scrape(nodes["n2"])
+        assert m1[("roost_dropped_total", (("reason", "cluster_resend_full"),))] == 0
+        assert ("roost_cluster_publishes_resent_total", ()) in m1
+        assert ("roost_cluster_publishes_duplicates_total", ()) in m2
         far.disconnect()
         pub.disconnect()
     finally:

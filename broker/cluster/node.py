@@ -193,7 +193,9 @@ class ClusterNode:
             nodes_left=peers.deaths - peers.crashes, resyncs=peers.resyncs,
             wills_published=self.wills_published, taken_over=self.taken_over,
             sessions_handed=self.sessions_handed, sessions_adopted=self.sessions_adopted,
-            mailbox_sent=self._bus.mailbox_sent, mailbox_received=self._bus.mailbox_received)
+            mailbox_sent=self._bus.mailbox_sent, mailbox_received=self._bus.mailbox_received,
+            resend_window_bytes=self.reliable.window_bytes, resend_dropped=self.reliable.dropped,
+            resent=self.reliable.resent, duplicates=self.reliable.duplicates)
 
     # ---- plain MQTT publishes ----------------------------------------------------------
 

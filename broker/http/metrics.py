@@ -220,6 +220,13 @@ def _cluster_metrics(c: ClusterFigures) -> Iterator[Metric]:
                               value=c.mailbox_sent)
     yield CounterMetricFamily("roost_cluster_mailbox_events_received", "Mailbox events received from other nodes",
                               value=c.mailbox_received)
+    yield GaugeMetricFamily("roost_cluster_resend_window_bytes",
+                            "Publishes sent to other nodes, kept until acked (cluster.resend_buffer_bytes per node)",
+                            value=c.resend_window_bytes)
+    yield CounterMetricFamily("roost_cluster_publishes_resent",
+                              "Publishes sent to a node again (NATS lost them or their ack)", value=c.resent)
+    yield CounterMetricFamily("roost_cluster_publishes_duplicates",
+                              "Publishes received twice from a node (dropped)", value=c.duplicates)
 
 
 class WebCollector(Collector):

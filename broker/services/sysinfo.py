@@ -70,6 +70,10 @@ class ClusterFigures:
     sessions_adopted: int       # persistent sessions taken from another node (hand-over or dead node)
     mailbox_sent: int = 0       # mailbox events sent to other nodes (only those with the principal's pushers)
     mailbox_received: int = 0   # mailbox events received from other nodes
+    resend_window_bytes: int = 0    # publishes sent to other nodes and not yet acked (cluster.resend_buffer_bytes)
+    resend_dropped: int = 0     # of those, given up unacked: a node's window was full (cluster_resend_full)
+    resent: int = 0             # publishes sent to a node again (NATS lost them or their ack)
+    duplicates: int = 0         # publishes received twice from a node (dropped here)
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +251,9 @@ def cluster_topics(c: ClusterFigures) -> dict[str, str]:
         p + "clients/taken_over": str(c.taken_over),
         p + "mailbox/sent": str(c.mailbox_sent),
         p + "mailbox/received": str(c.mailbox_received),
+        p + "publish/resent": str(c.resent),
+        p + "publish/resend_dropped": str(c.resend_dropped),
+        p + "publish/duplicates": str(c.duplicates),
     }
 
 
@@ -259,7 +266,8 @@ def cluster_document(c: ClusterFigures) -> dict[str, object]:
             "nodes_left": c.nodes_left, "resyncs": c.resyncs, "wills_published": c.wills_published,
             "taken_over": c.taken_over, "sessions_handed": c.sessions_handed,
             "sessions_adopted": c.sessions_adopted, "mailbox_sent": c.mailbox_sent,
-            "mailbox_received": c.mailbox_received}
+            "mailbox_received": c.mailbox_received, "resend_window_bytes": c.resend_window_bytes,
+            "resend_dropped": c.resend_dropped, "resent": c.resent, "duplicates": c.duplicates}
 
 
 def status_document(s: Snapshot, recent_refusals: Mapping[str, int], recent_window: float) -> dict[str, object]:
