@@ -148,9 +148,10 @@ def test_a_member_leaving_with_unacknowledged_messages_hands_them_to_a_member_on
 
 def test_a_shared_group_on_two_nodes_gets_each_message_once(two_nodes) -> None:
     """Members on n1 and n2, the publisher on n1: each message goes to one of
-    them, both get some, a plain subscriber gets all. Then n2 is killed: once
-    it is declared dead its share goes to the member on n1. (Last in the module:
-    it kills n2.)"""
+    them, both get some, a plain subscriber gets all. Then n2's only member is
+    an offline persistent one: the connected member on n1 gets all. Then n2 is
+    killed with a connected member: once it is declared dead its share goes to
+    the member on n1. (Last in the module: it kills n2.)"""
     n1, n2 = two_nodes["n1"], two_nodes["n2"]
     m1 = client(n1, "member1")
     m2 = client(n2, "member2")
@@ -186,7 +187,26 @@ def test_a_shared_group_on_two_nodes_gets_each_message_once(two_nodes) -> None:
     assert sorted(got1 + got2) == list(range(n)), (got1, got2)
     assert len(got1) >= n // 4 and len(got2) >= n // 4, (got1, got2)   # weighted round-robin: 20 each
 
-    # n2 dies: its member's share goes to n1's member once n2 is declared dead
+    # n2's members now: only a persistent one, offline; the connected member on n1 gets every message
+    m3 = MqttClient("member3", clean_session=False).connect(n2.host, n2.port)
+    assert m3.subscribe("$share/workers/sh/#") == [1]
+    m3.disconnect()
+    m2.disconnect()
+    assert plain.subscribe("shprobe2") == [1]    # announced after those: n1 knows them once it routes
+    while plain.no_message("shprobe2", wait=0.2):
+        pub.publish("shprobe2", b"probe", qos=1)
+    got1.clear()
+    for i in range(10):
+        pub.publish("sh/job", str(i), qos=1)
+    wait_until(lambda: _received(m1, got1) or len(got1) >= 10, what="the connected member getting all")
+    assert sorted(got1) == list(range(10))
+
+    # n2, with a connected member again, dies: its share goes to n1's member once n2 is declared dead
+    m4 = client(n2, "member4")
+    assert m4.subscribe("$share/workers/sh/#") == [1]
+    assert plain.subscribe("shprobe3") == [1]
+    while plain.no_message("shprobe3", wait=0.2):
+        pub.publish("shprobe3", b"probe", qos=1)
     n2.kill()
     wait_until(lambda: "node n2 not heard from" in n1.log_path.read_text(errors="replace"),
                NODE_TIMEOUT + 10, "n1 declaring n2 dead")

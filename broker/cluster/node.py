@@ -146,7 +146,7 @@ class ClusterNode:
             self._engine.lifecycle.before_establish = self._before_establish
         router = self._engine.router
         router.on_routed = self._routed
-        router.on_interest = self.state.filter_changed
+        router.on_interest = self._interest
         router.on_unserved = self._unserved
         self._bus.subscribe(RetainedChanged, self._retained_committed)
 
@@ -332,7 +332,25 @@ class ClusterNode:
 
     # ---- clients (plugin.py reports the engine's online/offline hooks) ---------------------
 
+    def _interest(self, f: str, gained: bool) -> None:
+        if f.startswith("$share/"):
+            self.state.share_changed(f, *self._engine.router.share_counts(f))
+        else:
+            self.state.filter_changed(f, gained)
+
+    def _members_online(self, info: Any, leaving: bool) -> None:
+        """A client connected or is leaving: the connected counts of its
+        session's shared subscription groups (the others pick by them)."""
+        router = self._engine.router
+        st = self._engine.sessions.get(info.session_key) if router.groups else None
+        if st is None or (leaving and st.conn is not None and st.conn.info is not info):
+            return       # (taken over here: the session stays connected)
+        for f in st.subs:
+            if f.startswith("$share/"):
+                self.state.share_changed(f, *router.share_counts(f, st if leaving else None))
+
     def client_online(self, info: Any, counted: str | None) -> None:
+        self._members_online(info, leaving=False)
         if counted:
             self.state.conn_up(counted)
         # after the connection counted here, so presence sees 1 -> 2 -> 1
@@ -345,6 +363,7 @@ class ClusterNode:
         if reason in NO_WILL:
             self.state.will_cleared(_will_key(info))
         # else this node publishes the will itself; the others forget it after that (client_gone)
+        self._members_online(info, leaving=True)
         if counted:
             self.state.conn_down(counted)
 

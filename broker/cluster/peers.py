@@ -33,35 +33,38 @@ MAX_HELD_CHANGES = 100_000           # changes held while a snapshot is awaited;
 
 class ShareGroups:
     """Shared subscription groups (`$share/<group>/<filter>`) across the cluster:
-    how many members each node has in each group, this node's own included, and
-    for a message the node that serves each group matching it, so that a group
-    gets each message once in the whole cluster (the serving node gives it to one
-    of its members, routing.ShareGroup.pick).
+    how many members each node has in each group, and how many of them are
+    connected, this node's own included; and for a message the node that serves
+    each group matching it, so that a group gets each message once in the whole
+    cluster (the serving node gives it to one of its members, routing.ShareGroup.pick).
 
     The pick is a weighted round-robin of the publishing node, per group: a node
-    is picked in proportion to its members (turn `t` goes to the node holding
-    member number `t mod total`, nodes in name order), so every member gets about
-    the same share wherever it is, as on one node. A local member is not
+    is picked in proportion to its connected members (turn `t` goes to the node
+    holding member number `t mod total`, nodes in name order), so every
+    connected member gets about the same share wherever it is, as on one node;
+    only when no member is connected anywhere are the offline (persistent) ones
+    counted, and the message queues for one of them. A local member is not
     preferred: with one publisher (a common fan-in) it would take every message.
     A node's groups leave the count when its interest is removed (unsubscribe, or
     the node dead or gone), so its share goes to the others from then on."""
 
     def __init__(self) -> None:
-        self.index: SubscriptionIndex[str] = SubscriptionIndex()      # <filter> -> group keys
-        self.members: dict[str, dict[str, int]] = {}                  # group key -> {node: members there}
+        self.index: SubscriptionIndex[str] = SubscriptionIndex()       # <filter> -> group keys
+        # group key -> {node: (members there, of them connected)}
+        self.members: dict[str, dict[str, tuple[int, int]]] = {}
         self._turn: dict[str, int] = {}
 
-    def set(self, key: str, node: str, n: int) -> None:
-        """`node` has `n` members of group `key` now (0: none)."""
+    def set(self, key: str, node: str, members: int, online: int) -> None:
+        """`node` has `members` members of group `key` now (0: none), `online` of them connected."""
         nodes = self.members.get(key)
-        if n > 0:
+        if members > 0:
             if nodes is None:
                 shared = shared_filter(key)
                 if shared is None:
                     return
                 nodes = self.members[key] = {}
                 self.index.add(shared[1], key, 0)
-            nodes[node] = n
+            nodes[node] = (members, min(online, members))
         elif nodes is not None and nodes.pop(node, None) is not None and not nodes:
             del self.members[key]
             self._turn.pop(key, None)
@@ -71,7 +74,7 @@ class ShareGroups:
 
     def drop_node(self, node: str) -> None:
         for key in [k for k, nodes in self.members.items() if node in nodes]:
-            self.set(key, node, 0)
+            self.set(key, node, 0, 0)
 
     def pick(self, topic: str) -> dict[str, list[str]] | None:
         """node -> the keys of the groups matching `topic` it serves; None when
@@ -92,16 +95,17 @@ class ShareGroups:
         others = {name: n for name, n in nodes.items() if name != me} if nodes else None
         return self._next(key, others) if others else None
 
-    def _next(self, key: str, nodes: dict[str, int]) -> str:
+    def _next(self, key: str, nodes: dict[str, tuple[int, int]]) -> str:
+        weights = sorted((name, online) for name, (_members, online) in nodes.items() if online) \
+            or sorted((name, members) for name, (members, _online) in nodes.items())
         turn = self._turn.get(key, 0)
         self._turn[key] = turn + 1
-        left = turn % sum(nodes.values())
-        ordered = sorted(nodes.items())
-        for name, members in ordered:
-            left -= members
+        left = turn % sum(w for _name, w in weights)
+        for name, weight in weights:
+            left -= weight
             if left < 0:
                 return name
-        return ordered[-1][0]
+        return weights[-1][0]
 
 
 class LocalState:
@@ -113,7 +117,7 @@ class LocalState:
         self._groups = groups
         self.seq = 0
         self.filters: dict[str, int] = {}      # filter -> sessions here holding it
-        self.shares: dict[str, int] = {}       # `$share/<group>/<filter>` -> members here
+        self.shares: dict[str, tuple[int, int]] = {}   # `$share/<group>/<filter>` -> (members here, connected)
         self.wills: dict[str, Will] = {}       # session key -> will of its connected client
         self.conns: dict[str, int] = {}        # principal -> counted connections here
         self.mailboxes: set[str] = set()       # principals with inbox pushers here (their events come here)
@@ -137,20 +141,22 @@ class LocalState:
         self._change("mbox", principal=principal, on=on)
         return self.seq
 
-    def filter_changed(self, f: str, gained: bool) -> None:
-        """`f` gained (or lost) by one session here; a shared subscription's
-        member count is announced on every change ("share"), for the others'
+    def share_changed(self, key: str, members: int, online: int) -> None:
+        """Shared subscription `key` has `members` members here now, `online` of
+        them connected: announced when it changes ("share"), for every node's
         weighted pick (ShareGroups)."""
-        if f.startswith("$share/"):
-            members = max(0, self.shares.get(f, 0) + (1 if gained else -1))
-            if members:
-                self.shares[f] = members
-            else:
-                self.shares.pop(f, None)
-            if self._groups is not None:
-                self._groups.set(f, self.node, members)
-            self._change("share", f=f, n=members)
+        now = (members, online) if members > 0 else (0, 0)
+        if self.shares.get(key, (0, 0)) == now:
             return
+        if members > 0:
+            self.shares[key] = now
+        else:
+            self.shares.pop(key, None)
+        if self._groups is not None:
+            self._groups.set(key, self.node, *now)
+        self._change("share", f=key, n=now[0], on=now[1])
+
+    def filter_changed(self, f: str, gained: bool) -> None:
         n = self.filters.get(f, 0) + (1 if gained else -1)
         if n > 0:
             self.filters[f] = n
@@ -203,8 +209,8 @@ class LocalState:
             size += len(f) + 4
             if size > SNAPSHOT_PART_BYTES:
                 cut()
-        for key, members in self.shares.items():
-            part["shares"][key] = members
+        for key, (members, online) in self.shares.items():
+            part["shares"][key] = [members, online]
             size += len(key) + 8
             if size > SNAPSHOT_PART_BYTES:
                 cut()
@@ -240,7 +246,7 @@ class Peer:
     held: list[dict[str, Any]] = field(default_factory=list)
     parts: list[dict[str, Any]] = field(default_factory=list)
     filters: set[str] = field(default_factory=set)
-    shares: dict[str, int] = field(default_factory=dict)   # `$share/<group>/<filter>` -> members there
+    shares: dict[str, tuple[int, int]] = field(default_factory=dict)   # group key -> (members there, connected)
     wills: dict[str, Will] = field(default_factory=dict)
     conns: dict[str, int] = field(default_factory=dict)
     mailboxes: set[str] = field(default_factory=set)
@@ -356,9 +362,9 @@ class Peers:
             for f in part["filters"]:
                 peer.filters.add(f)
                 self.interest.add(f, name, 0)
-            for key, members in part.get("shares", {}).items():
-                peer.shares[key] = int(members)
-                self.groups.set(key, name, int(members))
+            for key, (members, online) in part.get("shares", {}).items():
+                peer.shares[key] = (int(members), int(online))
+                self.groups.set(key, name, int(members), int(online))
             for w in part["wills"]:
                 will = Will.from_doc(w)
                 peer.wills[will.key] = will
@@ -420,12 +426,12 @@ class Peers:
             peer.filters.discard(doc["f"])
             self.interest.remove(doc["f"], peer.name)
         elif op == "share":
-            key, members = str(doc["f"]), int(doc["n"])
+            key, members, online = str(doc["f"]), int(doc["n"]), int(doc.get("on", 0))
             if members > 0:
-                peer.shares[key] = members
+                peer.shares[key] = (members, online)
             else:
                 peer.shares.pop(key, None)
-            self.groups.set(key, peer.name, members)
+            self.groups.set(key, peer.name, members, online)
         elif op == "will":
             will = Will.from_doc(doc["will"])
             peer.wills[will.key] = will

@@ -67,19 +67,20 @@ class Router:
     def subscribe(self, st: SessionState, f: str, qos: int) -> None:
         """`f` may be a shared subscription `$share/<group>/<filter>` (shared_filter)."""
         shared = shared_filter(f)
-        if f not in st.subs:
+        new = f not in st.subs
+        if new:
             self._budgets.subscribed(f)
-            if self.on_interest is not None:
-                self.on_interest(f, True)
         st.subs[f] = qos
         if shared is None:
             self.index.add(f, st, qos)
-            return
-        group = self.groups.get(f)
-        if group is None:
-            group = self.groups[f] = ShareGroup(f, shared[1])
-            self.shared_index.add(shared[1], group, 0)
-        group.members[st] = qos
+        else:
+            group = self.groups.get(f)
+            if group is None:
+                group = self.groups[f] = ShareGroup(f, shared[1])
+                self.shared_index.add(shared[1], group, 0)
+            group.members[st] = qos
+        if new and self.on_interest is not None:
+            self.on_interest(f, True)      # after the group counts the member (share_counts)
 
     def unsubscribe(self, st: SessionState, f: str) -> bool:
         if st.subs.pop(f, None) is None:
@@ -106,6 +107,15 @@ class Router:
         self._budgets.unsubscribed(f)
         if self.on_interest is not None:
             self.on_interest(f, False)
+
+    def share_counts(self, key: str, leaving: SessionState | None = None) -> tuple[int, int]:
+        """(members, connected members) of shared subscription `key` here;
+        `leaving` (a member whose connection is closing) counts as not connected."""
+        group = self.groups.get(key)
+        if group is None:
+            return 0, 0
+        online = sum(1 for st in group.members if st.conn is not None and st is not leaving and not st.discarded)
+        return len(group.members), online
 
     # ---- routing ---------------------------------------------------------------------
 
