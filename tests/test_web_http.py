@@ -294,7 +294,7 @@ def test_websocket_speaks_the_protocol_with_mqtt_beside_it(roost_factory) -> Non
                 text = await r.text()
             assert "roost_web_sessions 2.0" in text and "roost_web_pages 2.0" in text, text[-600:]
             async with alice.http.get(alice.base + "/status.json") as r:
-                assert (await r.json())["web"] == {"sessions": 2, "pages": 2, "dropped": 0}
+                assert (await r.json())["web"] == {"sessions": 2, "pages": 2, "dropped": 0, "sessions_evicted": 0}
         finally:
             bob_phone.disconnect()
             await alice.close()

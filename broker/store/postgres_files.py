@@ -210,7 +210,7 @@ class PgBlobStore:
             parts = [bytes(r[1])[max(0, offset - r[0]):end - r[0]] for r in rows]
             return b"".join(parts)
 
-        return await self._db.read(job, snapshot=True)
+        return await self._db.read(job)
 
     async def clear_staging(self) -> int:
         # Not "every staged upload", as on a node's own disk: other nodes may be receiving theirs now.

@@ -303,4 +303,5 @@ class WebApp:
                 await conn.ws.close()
 
     def figures(self) -> dict[str, Any]:
-        return {"sessions": len(self.sessions), "pages": len(self.hub), "dropped": self.hub.dropped()}
+        return {"sessions": len(self.sessions), "pages": len(self.hub), "dropped": self.hub.dropped(),
+                "sessions_evicted": self.sessions.evicted}
