@@ -89,6 +89,22 @@ def test_v5_properties_expiry_and_retain_as_published_cross_nodes(two_nodes) -> 
         with pytest.raises(queue.Empty):
             later.messages.get(timeout=0.5)
         later.close()
+
+        # the retained message reached n2 with its properties and the time left of its expiry
+        def retained_on_n2():
+            fresh = V5Client(n2, "alice.fresh", PW)
+            try:
+                fresh.sub("m5/rap/a")
+                return fresh.messages.get(timeout=0.5)
+            except queue.Empty:
+                return None
+            finally:
+                fresh.close()
+
+        m = wait_until(retained_on_n2, what="the retained message on n2")
+        assert (m.payload, m.retain) == (b"a", 1)
+        assert_props(m)
+        assert 3590 < m.properties.MessageExpiryInterval <= 3598
     finally:
         pub.close()
         sub.close()

@@ -51,6 +51,7 @@ from broker.cluster.reliable import ReliableLinks
 from broker.cluster.sessions import NodeSessions
 from broker.config import ClusterConfig
 from broker.mqtt.hooks import DisconnectReason
+from broker.mqtt.properties import MsgProps
 from broker.mqtt.session import Message
 from broker.services.events import RetainedChanged
 from broker.services.sysinfo import ClusterFigures
@@ -260,8 +261,15 @@ class ClusterNode:
         owner = kept.owner if kept is not None else None
         at = time.time()
         self._stamp(event.topic, (at, self.name))
-        self.link.send(wire.RETAINED, wire.encode({"node": self.name, "topic": event.topic, "qos": qos, "at": at,
-                                                   "owner": owner, "payload": wire.b64(event.payload)}))
+        doc = {"node": self.name, "topic": event.topic, "qos": qos, "at": at, "owner": owner,
+               "payload": wire.b64(event.payload)}
+        props = kept.props if kept is not None else None
+        if props is not None:          # MQTT 5: forwarded properties, seconds left of its expiry
+            if props.forwarded:
+                doc["props"] = wire.b64(props.forwarded)
+            if props.expires_at is not None:
+                doc["left"] = props.expires_at - self._engine.loop.time()
+        self.link.send(wire.RETAINED, wire.encode(doc))
 
     def _stamp(self, topic: str, stamp: tuple[float, str]) -> None:
         self._stamps[topic] = stamp
@@ -285,7 +293,12 @@ class ClusterNode:
         if len(self._echoes) >= MAX_ECHOES:
             self._echoes.clear()
         self._echoes[topic] = payload
-        if not self._engine.set_retained(topic, payload, int(doc["qos"]), doc.get("owner")):
+        forwarded, left = doc.get("props"), doc.get("left")
+        props = None
+        if forwarded is not None or left is not None:
+            props = MsgProps(wire.unb64(forwarded) if forwarded else b"",
+                             None if left is None else self._engine.loop.time() + float(left), None)
+        if not self._engine.set_retained(topic, payload, int(doc["qos"]), doc.get("owner"), props):
             self._echoes.pop(topic, None)
 
     # ---- domain events -----------------------------------------------------------------

@@ -8,6 +8,7 @@ Subjects (every node subscribes to the broadcast ones and to its own):
     roost.snap.<node>     a state snapshot for <node>, in parts: {"node", "inc", "seq", "part", "last", ...}
     roost.pub.<node>      a publish routed to <node> (binary: see encode_publish)
     roost.retained        a retained message committed on a node  (broadcast)
+                          {"node", "topic", "qos", "at", "owner", "payload"; MQTT 5: "props", "left"}
     roost.event           a shared domain event (broadcast, bus.py)
     roost.bye             a node leaving cleanly {"node", "inc"}
     roost.release         a persistent session's client connects on "node": whoever holds "key" hands it over
