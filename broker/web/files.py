@@ -20,6 +20,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
+from broker.store.base import StoreUnavailable
 from broker.web.app import SECURITY_HEADERS
 from contract.bodies import IMAGE_TYPES
 from contract.errors import ErrorCode, ProtocolError
@@ -84,8 +85,8 @@ def routes(app: WebAppSeam) -> list[web.RouteDef]:
         while offset < rec.size:
             try:
                 data = await files.read(rec, offset, READ_CHUNK)
-            except ProtocolError:
-                break   # logged by the service; the short body tells the browser it failed
+            except (ProtocolError, StoreUnavailable):
+                break   # the short body tells the browser it failed (a missing blob is logged by the service)
             if not data:
                 break
             await response.write(data)

@@ -20,6 +20,7 @@ is void, and so is one whose principal is gone.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import secrets
@@ -141,12 +142,16 @@ class WebSessions:
         return set_at is None or session.created < set_at
 
     async def _still_alive(self, session: WebSession, now: float) -> bool:
+        # The writes here are housekeeping: a store that reads but cannot write now
+        # (full, read-only) neither signs anyone in nor out because of them.
         if self._expired(session, now) or await self._void(session):
-            await self._store.delete(session.key)
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.delete(session.key)
             return False
         if now - session.used >= self._touch_every:
-            await self._store.touch(session.key, now)
-            session.used = now
+            with contextlib.suppress(StoreUnavailable):
+                await self._store.touch(session.key, now)
+                session.used = now
         return True
 
     @property
