@@ -207,7 +207,7 @@ class ClusterNode:
         if topic[0] == "$":
             return None
         nodes: Collection[str] = self.peers.interest.match(topic)
-        picked = self.share_groups.pick(topic)
+        picked = self.share_groups.pick(topic) if self.share_groups.members else None
         here: Collection[str] | None = None
         if picked is not None:
             here = picked.pop(self.name, ())
@@ -215,7 +215,8 @@ class ClusterNode:
                 nodes = picked.keys() | nodes
         if not nodes:
             return here
-        frame = self._frame(msg)
+        frame = wire.encode_publish(topic, msg.payload, msg.qos, msg.pub_retain) if msg.props is None \
+            else self._frame(msg)
         send = self.reliable.send
         for node in nodes:
             groups = picked.get(node) if picked else None
@@ -243,12 +244,11 @@ class ClusterNode:
         return True
 
     async def _on_publish(self, subject: str, data: bytes) -> None:
-        pub = wire.decode_publish(data)
+        topic, payload, qos, retain, forwarded, expires_in, groups = wire.decode_publish(data)
         self.from_peers += 1
-        if pub.expires_in is not None and pub.expires_in <= 0:
+        if expires_in is not None and expires_in <= 0:
             return        # its Message Expiry Interval passed on the way
-        await self._engine.route_from_peer(pub.topic, pub.payload, pub.qos, pub.retain, pub.forwarded,
-                                           pub.expires_in, pub.groups)
+        await self._engine.route_from_peer(topic, payload, qos, retain, forwarded, expires_in, groups)
 
     # ---- retained messages -------------------------------------------------------------
 
