@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from broker.cluster import wire
+from broker.cluster.peers import ShareGroups
 from tests.clients import MqttClient
 from tests.harness import RoostProcess
 from tests.nats import NatsServer, wait_until
@@ -233,3 +235,37 @@ def test_a_shared_group_on_two_nodes_gets_each_message_once(two_nodes) -> None:
     assert sorted(got1) == list(range(10))
     for c in (m1, pub):
         c.disconnect()
+
+
+def test_the_publish_frame_is_compact_and_checked() -> None:
+    """In process: a 3.1.1 publish's frame is the QoS byte, topic and payload
+    (as before MQTT 5); the optional parts round-trip; a cut frame is refused."""
+    assert wire.encode_publish("a/b", b"hi", 1) == b"\x01\x00\x03a/bhi"
+    assert wire.decode_publish(b"\x01\x00\x03a/bhi") == ("a/b", b"hi", 1, False, None, None, ())
+    full = wire.encode_publish("a/b", b"hi", 2, True, b"\x03\x00\x01x", 12.5, ["$share/g/a/#"])
+    assert wire.decode_publish(full) == ("a/b", b"hi", 2, True, b"\x03\x00\x01x", 12.5, ("$share/g/a/#",))
+    for cut in range(len(full) - len(b"hi")):
+        with pytest.raises(ValueError):
+            wire.decode_publish(full[:cut])
+    with pytest.raises(ValueError):
+        wire.decode_publish(b"\x83\x00\x01a")       # unknown flag bit
+
+
+def test_share_groups_pick_by_connected_members() -> None:
+    """In process: turns in proportion to connected members; offline ones only
+    when nobody is connected; a node gone leaves the count."""
+    groups = ShareGroups()
+    groups.set("$share/g/t/#", "n1", 1, 1)
+    groups.set("$share/g/t/#", "n2", 3, 2)
+    turns = [next(iter(groups.pick("t/x") or {})) for _ in range(30)]
+    assert (turns.count("n1"), turns.count("n2")) == (10, 20)
+    assert groups.pick("other") == {}
+    groups.set("$share/g/t/#", "n2", 3, 0)
+    assert {next(iter(groups.pick("t/x") or {})) for _ in range(5)} == {"n1"}
+    groups.set("$share/g/t/#", "n1", 1, 0)            # nobody connected: by members
+    turns = [next(iter(groups.pick("t/x") or {})) for _ in range(8)]
+    assert (turns.count("n1"), turns.count("n2")) == (2, 6)
+    assert groups.elsewhere("$share/g/t/#", "n2") == "n1"
+    groups.drop_node("n1")
+    groups.drop_node("n2")
+    assert groups.pick("t/x") is None and groups.elsewhere("$share/g/t/#", "n1") is None
