@@ -31,11 +31,14 @@ The design, the simplest correct one:
   was routed here: an ack is sent only after the frame's handler finished),
   batched: after ACK_EVERY frames or ACK_DELAY after the first one not yet
   acked, on `roost.ack.<origin>`.
-* **Resend** of the whole window from the receiver's number: when the
+* **Resend** of the whole window from the receiver's number when the
   receiver asks (a gap, or NATS came back: it then tells every origin where it
-  is), and when the window has made no progress for RESEND_AFTER while NATS is
-  up (a lost tail that no later frame reveals, a lost ack). At most once per
-  RESEND_AFTER per stream for the same number.
+  is), at most once per RESEND_AFTER per stream for the same number. When the
+  window has made no progress for RESEND_AFTER while NATS is up (a lost tail
+  that no later frame reveals, a lost ack or resend request), the newest frame
+  alone goes again as a probe: a receiver that lost anything before it asks,
+  one merely behind (busy, a backlog in NATS) drops it as a duplicate, so a
+  slow receiver is not flooded with copies of the window.
 * **A peer dead, left or restarted** (node.py `_peer_dead`): both directions'
   state for it is dropped. The sender's numbers keep counting (a node found
   dead by silence may come back under the same incarnation: its receiver still
@@ -252,7 +255,17 @@ class ReliableLinks:
             now = self._clock()
             for out in self._out.values():
                 if out.window and now - out.progress_at > RESEND_AFTER and now - out.resent_at > RESEND_AFTER:
-                    self._resend(out, out.window[0][0], now)
+                    self._probe(out, now)
+
+    def _probe(self, out: _Outgoing, now: float) -> None:
+        """No ack for a while: the newest frame again, alone. A receiver that lost
+        any before it sees the gap and asks (then the window goes again, from
+        there); one that is only behind finds it a duplicate and acks. A slow
+        receiver so costs one frame per RESEND_AFTER, not the whole window."""
+        out.resent_at = now
+        seq, frame = out.window[-1]
+        if self._link.send(out.subject, self._prefix + _NUMBERS.pack(seq, out.base) + frame):
+            self.resent += 1
 
     # ---- receiving ---------------------------------------------------------------------
 
