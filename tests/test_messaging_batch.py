@@ -9,7 +9,8 @@ import asyncio
 import json
 import sqlite3
 
-from broker.store.base import NotMember, Principal
+from broker.store.base import MailboxEvent, NotMember, Principal
+from broker.store.jsonutil import compact_json
 from broker.store.sqlite import SqliteStore
 
 TS = 1764000000.123
@@ -35,6 +36,12 @@ def dm(a: str, b: str) -> tuple[str, tuple[str, str]]:
 def send(store: SqliteStore, sender: str, to: str, cmid: str, *, now: float = TS, text: str = "hi"):  # noqa: ANN201
     conv, members = dm(sender, to)
     return store.messaging.send(sender=sender, conv=conv, dm_members=members, cmid=cmid, body=body(text), now=now)
+
+
+def assert_wire_is_doc(events: list[MailboxEvent]) -> None:
+    """The bytes pushed for an event (built by the batch, once per message) are its document's encoding."""
+    for e in events:
+        assert e.wire == compact_json(e.doc).encode()
 
 
 async def mailbox(store: SqliteStore, principal: str) -> list[dict]:
@@ -120,6 +127,7 @@ def test_acks_in_the_same_group_as_the_sends_they_acknowledge(tmp_path):
         assert out[1][0] == head and out[2][0] == head + 2 and out[3][0] == head + 2   # never back
         delivered = [e.doc for o in out[1:] for e in o[1]]
         assert [(d["seq"], d["to"]) for d in delivered] == [(1, "bob"), (2, "bob")]
+        assert_wire_is_doc([e for o in out[1:] for e in o[1]] + out[0].events + first.events)
         alice = await mailbox(store, "alice")
         assert [e["kind"] for e in alice] == ["msg", "msg", "delivered", "delivered"]
         assert [e["n"] for e in alice] == [1, 2, 3, 4]
@@ -148,6 +156,7 @@ def test_odd_text_and_floats_are_stored_and_answered_exactly(tmp_path):
         stored = await mailbox(store, "bob")
         answered = sorted((e for o in outs for e in o.events if e.principal == "bob"), key=lambda e: e.n)
         assert [e.doc for e in answered] == stored
+        assert_wire_is_doc([e for o in outs for e in o.events])
         await store.close()
 
     asyncio.run(main())

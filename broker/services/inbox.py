@@ -49,6 +49,11 @@ def encode_event(doc: dict[str, Any]) -> bytes:
     return compact_json(doc).encode()
 
 
+def event_payload(event: MailboxEvent) -> bytes:
+    """What is pushed for `event`: the store's own encoding when it made one."""
+    return event.wire if event.wire is not None else encode_event(event.doc)
+
+
 def describe_failure(exc: BaseException) -> tuple[str, bool]:
     """(one line, whether a traceback helps): the store being unable to write or
     read is an outage to report in a line, anything else a bug worth its traceback."""
@@ -126,7 +131,7 @@ class InboxPusher:
             # this loop iteration). Anything but a plain success goes the task's way,
             # which waits and retries; next_n moves only on success (no gap).
             try:
-                done = self._publisher.deliver_nowait(self.client_id, self._topic, encode_event(event.doc), 1)
+                done = self._publisher.deliver_nowait(self.client_id, self._topic, event_payload(event), 1)
             except Exception:  # noqa: BLE001 - the task's path retries and logs
                 done = None
             if done:
@@ -216,7 +221,7 @@ class InboxPusher:
         A refusal while connected means a full queue (the engine already waited)
         or a subscription not yet (re)made: skipping the event would leave a gap,
         so it is retried with backoff. False once the client is gone."""
-        payload = encode_event(event.doc)
+        payload = event_payload(event)
         delay = RETRY_MIN
         while True:
             try:

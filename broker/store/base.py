@@ -428,6 +428,9 @@ class MailboxEvent:
     principal: str
     n: int
     doc: dict[str, Any]              # the wire event: {"n", "kind", "ts", ...}
+    # `doc` as compact JSON bytes, when the store built them already (SQLite's send
+    # batch encodes a message once for all its members' events); None: encode `doc`
+    wire: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

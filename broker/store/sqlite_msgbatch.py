@@ -138,6 +138,13 @@ def _settle(g: _Group, dbfut: asyncio.Future[Any]) -> None:
 # one by one). Rows are written with executemany: cheaper in CPU than json_each
 # for inserts, measured, and one statement per table per group.
 
+def _data_event_wire(n: int, kind: str, ts_json: str, data_json: str) -> bytes:
+    """compact_json({"n": n, "kind": kind, "ts": ts, **data}) from the JSON of ts and
+    of data (already encoded for the row): no second encoding of the same document."""
+    rest = data_json[1:] if data_json == "{}" else "," + data_json[1:]
+    return f'{{"n":{n},"kind":"{kind}","ts":{ts_json}{rest}'.encode()
+
+
 def _j(i: int) -> str:
     return f"json_extract(j.value, '$[{i}]')"
 
@@ -354,22 +361,31 @@ class _GroupRun:
         self.sent[key] = msg
         self.msg_rows.append((op.conv, seq, op.sender, op.cmid, ts, op.body))
         wire = {"conv": op.conv, "seq": seq, "from": op.sender, "cmid": op.cmid, "ts": ts, "body": wire_body}
+        # Every member's `msg` event is the same JSON but for its "n": encoded once
+        # here (the body is the sender's compact JSON as given), not once per push.
+        ts_json = compact_json(ts)
+        msg_tail = (f',"kind":"msg","ts":{ts_json},"conv":{compact_json(op.conv)},"seq":{seq},'
+                    f'"from":{compact_json(op.sender)},"cmid":{compact_json(op.cmid)},"body":{op.body}}}')
         events: list[MailboxEvent] = []
         rows = self.event_rows
         for p in c.members:
             if p == op.sender:
                 n = self.allocate(p, 1)
                 rows.append((p, n, ts, "msg", op.conv, seq, None))
-                events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
+                events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire},
+                                           wire=f'{{"n":{n}{msg_tail}'.encode()))
             elif p not in op.skip:
                 # Each recipient's count moves with the message, announced right after it.
                 count, total = self.bump_unread(op.conv, p)
                 n = self.allocate(p, 2)
                 unread = {"conv": op.conv, "count": count, "total": total}
+                unread_json = compact_json(unread)
                 rows.append((p, n, ts, "msg", op.conv, seq, None))
-                rows.append((p, n + 1, ts, "unread", None, None, compact_json(unread)))
-                events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
-                events.append(MailboxEvent(principal=p, n=n + 1, doc={"n": n + 1, "kind": "unread", "ts": ts, **unread}))
+                rows.append((p, n + 1, ts, "unread", None, None, unread_json))
+                events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire},
+                                           wire=f'{{"n":{n}{msg_tail}'.encode()))
+                events.append(MailboxEvent(principal=p, n=n + 1, doc={"n": n + 1, "kind": "unread", "ts": ts, **unread},
+                                           wire=_data_event_wire(n + 1, "unread", ts_json, unread_json)))
         return SendOutcome(message=msg, dup=False, events=events)
 
     def ack(self, op: AckOp) -> tuple[int, list[MailboxEvent]]:
@@ -395,13 +411,16 @@ class _GroupRun:
             by_sender: dict[str, list[dict[str, Any]]] = {}
             for _n, conv, seq, sender in found:
                 by_sender.setdefault(sender, []).append({"conv": conv, "seq": seq, "to": op.principal})
+            now_json = compact_json(op.now)
             for sender, datas in by_sender.items():
                 first = self.allocate(sender, len(datas))
                 for i, data in enumerate(datas):
                     n = first + i
-                    self.event_rows.append((sender, n, op.now, "delivered", None, None, compact_json(data)))
+                    data_json = compact_json(data)
+                    self.event_rows.append((sender, n, op.now, "delivered", None, None, data_json))
                     events.append(MailboxEvent(principal=sender, n=n,
-                                               doc={"n": n, "kind": "delivered", "ts": op.now, **data}))
+                                               doc={"n": n, "kind": "delivered", "ts": op.now, **data},
+                                               wire=_data_event_wire(n, "delivered", now_json, data_json)))
         return new_cursor, events
 
     # ---- writing back --------------------------------------------------------------
