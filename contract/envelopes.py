@@ -44,8 +44,13 @@ def parse_request(payload: bytes) -> Request:
     try:
         # Strict UTF-8 first: json.loads(bytes) would decode with 'surrogatepass'
         # (and guess UTF-16/32), letting encoded surrogates through.
-        doc = json.loads(payload.decode("utf-8"), parse_constant=lambda text: _non_finite(non_finite, text),
-                         parse_float=lambda text: _finite_float(non_finite, text))
+        text = payload.decode("utf-8")
+        try:
+            doc = _DECODER.decode(text)   # every request: one decoder, built once
+        except _NonFinite:
+            # read again, noting the numbers, so the error can name the request's id
+            doc = json.loads(text, parse_constant=lambda t: _non_finite(non_finite, t),
+                             parse_float=lambda t: _finite_float(non_finite, t))
     except (UnicodeDecodeError, ValueError):
         raise _bad(None, "payload is not JSON") from None
     if not isinstance(doc, dict):
@@ -82,6 +87,25 @@ def _param_with_nul(params: dict[str, Any]) -> str | None:
         if isinstance(value, list) and any(isinstance(v, str) and "\0" in v for v in value):
             return key
     return None
+
+
+class _NonFinite(ValueError):
+    """A number that is not a finite JSON number: the request is read again to say so."""
+
+
+def _refuse_non_finite(text: str) -> float:
+    raise _NonFinite(text)
+
+
+def _strict_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):     # 1e999
+        raise _NonFinite(text)
+    return value
+
+
+# Built once (json.loads with hooks builds a decoder and its scanner per call); stateless.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_non_finite, parse_float=_strict_float)
 
 
 def _non_finite(found: list[str], text: str) -> float:
