@@ -208,4 +208,10 @@ def test_the_window_is_bounded_in_bytes_and_its_overflow_counted() -> None:
         await net.run()
         assert got[-1] == b"after" and receiver.duplicates == 0
 
+        # n1 restarted (a new incarnation, numbering from 1 again): a new stream for n2
+        reborn = ReliableLinks(_Link(net), name="n1", inc="cccc", window_bytes=2000)
+        reborn.send("n2", b"reborn")
+        await net.run()
+        assert got[-1] == b"reborn" and reborn.window_bytes == 0 and receiver.duplicates == 0
+
     asyncio.run(main())

@@ -132,9 +132,12 @@ class _Outgoing:
 
 class _Incoming:
     """One origin node's stream as received here."""
-    __slots__ = ("inc", "expected", "done", "unacked", "asked_for", "asked_at")
+    __slots__ = ("origin", "header", "ack_subject", "inc", "expected", "done", "unacked", "asked_for", "asked_at")
 
-    def __init__(self, inc: bytes, expected: int) -> None:
+    def __init__(self, origin: str, header: bytes, inc: bytes, expected: int) -> None:
+        self.origin = origin
+        self.header = header
+        self.ack_subject = ack_subject(origin)
         self.inc = inc
         self.expected = expected    # next number accepted
         self.done = expected        # every number below was routed here
@@ -153,7 +156,8 @@ class ReliableLinks:
         self._clock = clock
         self._prefix = bytes((VERSION,)) + _pstr(name) + _pstr(inc)
         self._out: dict[str, _Outgoing] = {}
-        self._in: dict[str, _Incoming] = {}
+        self._in: dict[str, _Incoming] = {}         # by origin node
+        self._by_header: dict[bytes, _Incoming] = {}     # by the frames' origin and incarnation bytes
         self._next_seqs: dict[str, int] = {}        # a forgotten stream's next number (numbers never repeat)
         self._dirty: dict[str, _Incoming] = {}      # streams with frames routed but not acked
         self._ack_timer: asyncio.TimerHandle | None = None
@@ -272,62 +276,77 @@ class ReliableLinks:
     def receiving(self, handler: Handler) -> Handler:
         """The handler for this node's publish subject: `handler(subject, frame)`
         gets each frame once, in order; acks follow once it returned."""
+        unpack, streams = _NUMBERS.unpack_from, self._by_header
+
         async def on_frame(subject: str, data: bytes) -> None:
-            accepted = self._accept(data)
-            if accepted is None:
-                return
-            origin, stream, frame = accepted
+            if data[0] != VERSION:
+                raise ValueError(f"unknown publish frame version {data[0]}")
+            n = data[1]
+            at = 3 + n + data[2 + n]            # past the origin's name and incarnation
+            seq, base = unpack(data, at)
+            stream = streams.get(data[1:at])
+            if stream is None:
+                stream = self._new_stream(data[1:at], base)
+            if seq != stream.expected or base > stream.expected:
+                if not self._out_of_order(stream, seq, base):
+                    return
+            stream.expected = seq + 1
             try:
-                await handler(subject, frame)
+                await handler(subject, data[at + 16:])
             finally:   # a frame its handler refused is not asked for again
-                stream.done = max(stream.done, stream.expected)
+                stream.done = seq + 1
                 stream.unacked += 1
-                self._dirty[origin] = stream
                 if stream.unacked >= ACK_EVERY:
-                    self._flush_acks()
-                elif self._ack_timer is None:
-                    self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._flush_acks)
+                    self._send_ack(stream, 0)
+                    self._dirty.pop(stream.origin, None)
+                else:
+                    self._dirty[stream.origin] = stream
+                    if self._ack_timer is None:
+                        self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._flush_acks)
         return on_frame
 
-    def _accept(self, data: bytes) -> tuple[str, _Incoming, bytes] | None:
-        if data[0] != VERSION:
-            raise ValueError(f"unknown publish frame version {data[0]}")
-        raw_name, at = _read_pstr(data, 1)
-        inc, at = _read_pstr(data, at)
-        seq, base = _NUMBERS.unpack_from(data, at)
+    def _new_stream(self, header: bytes, base: int) -> _Incoming:
+        """The first frame of a node here, or of its new incarnation."""
+        raw_name, at = _read_pstr(header, 0)
+        inc, _ = _read_pstr(header, at)
         origin = raw_name.decode()
-        stream = self._in.get(origin)
-        if stream is None or stream.inc != inc:
-            stream = self._in[origin] = _Incoming(inc, base)     # a new node, or its new incarnation
+        old = self._in.get(origin)
+        if old is not None:
+            self._by_header.pop(old.header, None)
+        stream = self._in[origin] = self._by_header[header] = _Incoming(origin, header, inc, base)
+        return stream
+
+    def _out_of_order(self, stream: _Incoming, seq: int, base: int) -> bool:
+        """Whether frame `seq` is the one to route after all (the sender gave up
+        the ones before it); a duplicate is acked, a gap asks for a resend."""
         if base > stream.expected:      # given up by the sender (its window overflowed, or it forgot us)
             stream.expected = stream.done = base
+        if seq == stream.expected:
+            return True
         if seq < stream.expected:
             self.duplicates += 1
             stream.unacked += 1          # the ack stops the resending
-            self._dirty[origin] = stream
+            self._dirty[stream.origin] = stream
             if self._ack_timer is None:
                 self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._flush_acks)
-            return None
-        if seq > stream.expected:
-            now = self._clock()
-            if stream.asked_for != stream.expected or now - stream.asked_at > RESEND_AFTER:
-                stream.asked_for, stream.asked_at = stream.expected, now
-                self.gaps += 1
-                self._send_ack(origin, stream, RESEND)
-            return None
-        stream.expected = seq + 1
-        return origin, stream, data[at + _NUMBERS.size:]
+            return False
+        now = self._clock()
+        if stream.asked_for != stream.expected or now - stream.asked_at > RESEND_AFTER:
+            stream.asked_for, stream.asked_at = stream.expected, now
+            self.gaps += 1
+            self._send_ack(stream, RESEND)
+        return False
 
     def _flush_acks(self) -> None:
         self._ack_timer = None
         dirty, self._dirty = self._dirty, {}
-        for origin, stream in dirty.items():
-            self._send_ack(origin, stream, 0)
+        for stream in dirty.values():
+            self._send_ack(stream, 0)
 
-    def _send_ack(self, origin: str, stream: _Incoming, flags: int) -> None:
+    def _send_ack(self, stream: _Incoming, flags: int) -> None:
         stream.unacked = 0
         nxt = stream.expected if flags & RESEND else stream.done
-        self._link.send(ack_subject(origin), self._prefix + _pstr_raw(stream.inc) + _ACK_TAIL.pack(nxt, flags))
+        self._link.send(stream.ack_subject, self._prefix + _pstr_raw(stream.inc) + _ACK_TAIL.pack(nxt, flags))
 
     # ---- NATS and peers ----------------------------------------------------------------
 
@@ -337,9 +356,9 @@ class ReliableLinks:
         now = self._clock()
         for out in self._out.values():
             out.progress_at = max(out.progress_at, now)
-        for origin, stream in self._in.items():
+        for stream in self._in.values():
             stream.asked_for, stream.asked_at = stream.expected, now
-            self._send_ack(origin, stream, RESEND)
+            self._send_ack(stream, RESEND)
 
     def forget(self, node: str) -> None:
         """`node` is dead, left or restarted: what was kept for it and what was
@@ -347,7 +366,9 @@ class ReliableLinks:
         out = self._out.pop(node, None)
         if out is not None:
             self._next_seqs[node] = out.next_seq
-        self._in.pop(node, None)
+        stream = self._in.pop(node, None)
+        if stream is not None:
+            self._by_header.pop(stream.header, None)
         self._dirty.pop(node, None)
 
 
