@@ -466,7 +466,7 @@ class ClusterNode:
         return min([self.name, *self.peers.alive()]) == self.name
 
     def _peer_dead(self, peer: Peer, crashed: bool) -> None:
-        self.reliable.forget(peer.name)
+        self.reliable.forget(peer.name, peer.inc)
         self._barriers_check()
         mine = self._survivor()
         if self.on_remote_conns is not None:

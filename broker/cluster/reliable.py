@@ -360,16 +360,18 @@ class ReliableLinks:
             stream.asked_for, stream.asked_at = stream.expected, now
             self._send_ack(stream, RESEND)
 
-    def forget(self, node: str) -> None:
-        """`node` is dead, left or restarted: what was kept for it and what was
-        known of its stream go."""
+    def forget(self, node: str, inc: str | None = None) -> None:
+        """`node` (incarnation `inc`) is dead, left or restarted: what was kept
+        for it goes, and what was known of that incarnation's stream (a newer
+        one's frames may have come first: they are another stream)."""
         out = self._out.pop(node, None)
         if out is not None:
             self._next_seqs[node] = out.next_seq
-        stream = self._in.pop(node, None)
-        if stream is not None:
+        stream = self._in.get(node)
+        if stream is not None and (inc is None or stream.inc == inc.encode()):
+            del self._in[node]
             self._by_header.pop(stream.header, None)
-        self._dirty.pop(node, None)
+            self._dirty.pop(node, None)
 
 
 def _pstr_raw(raw: bytes) -> bytes:
