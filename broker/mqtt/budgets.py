@@ -30,6 +30,10 @@ class Budgets:
         self.queued_bytes = 0                              # held by every session together
         self.queued_bytes_of: dict[str | None, int] = {}   # by principal
         self.subscription_bytes = 0
+        # Every session's backpressure marks (session.py): (high, low) queued messages
+        # and (high, low) payload bytes held, from limits.max_queued and max_queued_bytes
+        self.queue_marks = (max(1, limits.max_queued // 2), limits.max_queued // 4,
+                            max(1, limits.max_queued_bytes // 2), limits.max_queued_bytes // 4)
 
     # ---- session queues and in-flight windows --------------------------------------
 

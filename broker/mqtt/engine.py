@@ -112,6 +112,7 @@ class Engine:
         self._ticker = Ticker(lifecycle=self.lifecycle, registry=self.registry, router=self.router, loop=self.loop)
         # What sessions (SessionHost) and connections call, bound once: no extra hop per message.
         self.charge = self.budgets.charge
+        self.queue_marks = self.budgets.queue_marks
         self.uncharge = self.budgets.uncharge
         self.count_drop = self.budgets.count_drop
         self.release = self.router.release

@@ -35,6 +35,8 @@ class SessionHost(Protocol):
     limits: Any
     loop: asyncio.AbstractEventLoop
     counters: TrafficCounters
+    queue_marks: tuple[int, int, int, int]   # Budgets.queue_marks
+
 
     def charge(self, st: SessionState, n: int) -> bool: ...
     def uncharge(self, st: SessionState, n: int) -> None: ...
@@ -200,13 +202,11 @@ class SessionState:
         self.max_inflight = host.limits.max_inflight
         self.max_queued = host.limits.max_queued
         # Backpressure: at `high` queued messages the publishers feeding this
-        # session are paused (`blocked`) until the queue is down to `low`.
-        self.high = max(1, self.max_queued // 2)
-        self.low = self.max_queued // 4
-        # The same in payload bytes held (queue + in flight), against limits.max_queued_bytes.
+        # session are paused (`blocked`) until the queue is down to `low`; the same
+        # in payload bytes held (queue + in flight), against limits.max_queued_bytes.
+        # The same for every session: the host's int objects, not ~100 bytes of copies each.
+        self.high, self.low, self.high_bytes, self.low_bytes = host.queue_marks
         self.bytes = 0
-        self.high_bytes = max(1, host.limits.max_queued_bytes // 2)
-        self.low_bytes = host.limits.max_queued_bytes // 4
         self.blocked: set[Connection] | None = None
         self.progress_at = 0.0
         self.stalled = False     # congested without progress: publishers are no longer held for it
