@@ -26,9 +26,16 @@
   pushers here read the store once more: what was committed before is read,
   what is committed after is sent here. A node joining, or NATS coming back,
   does the same for every principal watched here.
-* Wills: every node knows the wills of every other node's connected clients.
-  When a node dies (SIGKILL, no heartbeat for `cluster.node_timeout`) the first
-  surviving node by name publishes them.
+* Wills: every node knows the wills of every other node's connected clients,
+  with their MQTT 5 properties and delay (wire.Will). When a node dies (SIGKILL,
+  no heartbeat for `cluster.node_timeout`) the first surviving node by name
+  publishes them, after it took over the dead node's persistent sessions (their
+  subscriptions get them too). A will with a Will Delay Interval is published
+  that long after the death was noticed (at the latest when its session would
+  expire) by whichever node is the first alive then, unless its client
+  connected again somewhere in the cluster meanwhile (its "takeover": as on one
+  node, a new connection to the session cancels the will). A client whose
+  delayed will is pending on its own node keeps it announced until then.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection
 from typing import Any
+
+from amqtt.contexts import Action
 
 from broker.cluster import wire
 from broker.cluster.bus import ClusterBus, mailbox_subject
@@ -109,6 +118,10 @@ class ClusterNode:
         # (dead node, its incarnation) -> set once a survivor took its sessions over from the store
         self._adoptions: OrderedDict[tuple[str, str], asyncio.Event] = OrderedDict()
         self._tasks: set[asyncio.Task[Any]] = set()
+        # dead nodes' wills waiting for their Will Delay Interval, by session key
+        self._pending_wills: dict[str, tuple[asyncio.TimerHandle, wire.Will]] = {}
+        # this node's own lost clients whose delayed will is pending here: session key -> will key
+        self._lingering: dict[str, str] = {}
         self._ticker: asyncio.Task[None] | None = None
         # Presence across nodes (set by the composition root when presence runs):
         # (principal, change in connections elsewhere, announce the result here)
@@ -174,6 +187,9 @@ class ClusterNode:
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
+        for timer, _will in self._pending_wills.values():
+            timer.cancel()
+        self._pending_wills.clear()
         await self.reliable.stop()
         await self.link.stop()
 
@@ -316,7 +332,10 @@ class ClusterNode:
 
     async def _on_state(self, subject: str, data: bytes) -> None:
         doc = wire.decode(data)
+        if doc.get("op") == "takeover":
+            self._reconnected(str(doc["key"]), str(doc["node"]))
         if doc.get("op") == "takeover" and doc["node"] != self.name:
+            self._will_void_here(doc["key"])
             if self._engine.take_over_here(doc["key"]):
                 self.taken_over += 1
                 log.info("cluster: %s connected on node %s: its connection here is closed",
@@ -368,9 +387,31 @@ class ClusterNode:
             self.state.conn_up(counted)
         # after the connection counted here, so presence sees 1 -> 2 -> 1
         self.state.takeover(info.session_key, bool(info.clean_session))
-        if info.will_flag and info.will_topic and not info.will_topic.startswith("$"):
-            self.state.will_set(wire.Will(_will_key(info), info.principal, info.client_id, info.will_topic,
-                                          bytes(info.will_message or b""), info.will_qos, bool(info.will_retain)))
+        self._reconnected(info.session_key, self.name)
+        lingering = self._lingering.pop(info.session_key, None)
+        if lingering is not None:        # its delayed will here was cancelled by this connection
+            self.state.will_cleared(lingering)
+        will = self._will_of(info)
+        if will is not None:
+            self.state.will_set(will)
+
+    def _will_of(self, info: Any) -> wire.Will | None:
+        """The will a survivor publishes if this node dies: its MQTT 5
+        properties, and its delay (0 for a session that ends with its connection:
+        published at once, as here). Not announced when the ACL here denies it."""
+        topic = info.will_topic
+        if not info.will_flag or not topic or topic[0] == "$":
+            return None
+        if self._engine.acl.decide_now(info, topic, Action.PUBLISH) is False:
+            return None
+        props = info.will_props
+        delay = 0.0
+        st = self._engine.sessions.get(info.session_key)
+        if info.will_delay and st is not None and not st.clean:
+            delay = min(info.will_delay, self._engine.registry.expiry_of(st))
+        forwarded, expiry = (props.forwarded or None, props.expires_at) if props is not None else (None, None)
+        return wire.Will(_will_key(info), info.principal, info.client_id, topic, bytes(info.will_message or b""),
+                         info.will_qos, bool(info.will_retain), forwarded, expiry, delay)
 
     def client_offline(self, info: Any, reason: str, counted: str | None) -> None:
         if reason in NO_WILL:
@@ -381,8 +422,34 @@ class ClusterNode:
             self.state.conn_down(counted)
 
     def client_gone(self, info: Any) -> None:
-        """After the engine published the connection's will (or had none to publish)."""
-        self.state.will_cleared(_will_key(info))
+        """After the engine published the connection's will (or had none to
+        publish). A will waiting here for its Will Delay Interval stays announced
+        until then: should this node die meanwhile, a survivor publishes it."""
+        key = _will_key(info)
+        st = self._engine.sessions.get(info.session_key)
+        timer = st.will_timer if st is not None and st.conn is None else None
+        if timer is None or key not in self.state.wills:
+            self.state.will_cleared(key)
+            return
+        self._lingering[info.session_key] = key
+        self._engine.loop.call_at(timer.when() + self.heartbeat_interval, self._linger_ended, info.session_key, key)
+
+    def _will_void_here(self, session_key: str) -> None:
+        """Its client connects on another node: the will of its lost connection
+        here, waiting for its Will Delay Interval, is cancelled (as a new
+        connection here would)."""
+        st = self._engine.sessions.get(session_key)
+        if st is not None and st.will_timer is not None:
+            st.will_timer.cancel()
+            st.will_timer = None
+        lingering = self._lingering.pop(session_key, None)
+        if lingering is not None:
+            self.state.will_cleared(lingering)
+
+    def _linger_ended(self, session_key: str, key: str) -> None:
+        if self._lingering.get(session_key) == key:
+            del self._lingering[session_key]
+        self.state.will_cleared(key)       # published here by now, or cancelled by a new connection
 
     # ---- mailbox events: sent only where they are pushed ----------------------------------
 
@@ -473,14 +540,50 @@ class ClusterNode:
             for principal, n in peer.conns.items():
                 # a node that left cleanly announced its clients going itself
                 self.on_remote_conns(principal, -n, mine and crashed)
-        if crashed and mine and peer.wills:
-            log.info("cluster: publishing %d will(s) of node %s's clients", len(peer.wills), peer.name)
-            self._background(self._publish_wills(list(peer.wills.values())))
-        if peer.timed_out and self._bus.share and self._sessions is not None:
+        now = [w for w in peer.wills.values() if not w.delay] if crashed else []
+        if crashed:
+            for will in peer.wills.values():
+                if will.delay:     # every node waits: the first alive then publishes it
+                    self._will_later(will)
+        adopting = peer.timed_out and self._bus.share and self._sessions is not None
+        if adopting:
             # (a node restarted under its name loaded them itself)
             self._adoption(peer.name, peer.inc)      # a client waiting for its session waits for this
-            if mine:
-                self._background(self._adopt_sessions_of(peer.name, peer.inc))
+        if mine and (adopting or now):
+            self._background(self._after_death(peer.name, peer.inc, adopting, now))
+
+    async def _after_death(self, node: str, inc: str, adopting: bool, wills: list[wire.Will]) -> None:
+        """The survivor's part: the dead node's persistent sessions first, so
+        that those subscribed to its clients' wills get them too, then the wills."""
+        if adopting:
+            await self._adopt_sessions_of(node, inc)
+        if wills:
+            log.info("cluster: publishing %d will(s) of node %s's clients", len(wills), node)
+            await self._publish_wills(wills)
+
+    def _will_later(self, will: wire.Will) -> None:
+        key = will.session_key
+        old = self._pending_wills.pop(key, None)
+        if old is not None:
+            old[0].cancel()
+        timer = asyncio.get_running_loop().call_later(will.delay, self._will_due, key)
+        self._pending_wills[key] = (timer, will)
+
+    def _will_due(self, key: str) -> None:
+        _timer, will = self._pending_wills.pop(key)
+        if self._survivor():
+            log.info("cluster: publishing the delayed will of %s", will.client_id)
+            self._background(self._publish_wills([will]))
+
+    def _reconnected(self, key: str, node: str) -> None:
+        """A client with session key `key` connected on `node`: wills of its
+        earlier connections on other nodes are cancelled, dead nodes' too
+        (pending or not yet noticed dead), as a new connection cancels them on one node."""
+        pending = self._pending_wills.pop(key, None)
+        if pending is not None:
+            pending[0].cancel()
+            log.info("cluster: %s connected again on node %s: no will", pending[1].client_id, node)
+        self.peers.reconnected(key, node)
 
     def _background(self, work: Any) -> None:
         task = asyncio.get_running_loop().create_task(work)
@@ -529,11 +632,15 @@ class ClusterNode:
             log.info("cluster: took over %d persistent session(s) of node %s", adopted, node)
 
     async def _publish_wills(self, wills: list[wire.Will]) -> None:
+        publish = self._engine.publishing.publish_will_of
         for will in wills:
             if will.topic.startswith(topics.ROOT):
                 continue     # Roost's own topics are answered by their services, not routed
+            props = None
+            if will.props is not None or will.expiry is not None:
+                props = MsgProps(will.props or b"", will.expiry, None)
             try:
-                await self._broker.publish(will.topic, will.payload, will.qos, will.retain)
+                await publish(will.principal, will.topic, will.payload, will.qos, will.retain, props)
                 self.wills_published += 1
             except Exception:  # noqa: BLE001 - the other wills still go out
                 log.exception("cluster: publishing the will of %s failed", will.client_id)
@@ -624,6 +731,7 @@ class ClusterNode:
             self.link.send(wire.released_subject(asker), wire.encode(answer))
             return
         engine.take_over_here(key)
+        self._will_void_here(key)
         saved = engine.persistence.saved_sessions({key: st})[0]
         st.journal = None          # its rows stay until the new node took them (adopted)
         engine.registry.discard(st)

@@ -248,10 +248,20 @@ class Peer:
     filters: set[str] = field(default_factory=set)
     shares: dict[str, tuple[int, int]] = field(default_factory=dict)   # group key -> (members there, connected)
     wills: dict[str, Will] = field(default_factory=dict)
+    will_of: dict[str, str] = field(default_factory=dict)    # session key -> its latest will's key
     conns: dict[str, int] = field(default_factory=dict)
     mailboxes: set[str] = field(default_factory=set)
     seen: dict[str, int] = field(default_factory=dict)   # its last heartbeat: incarnation -> change applied
     timed_out: bool = False          # dead by silence (not restarted, not left)
+
+    def add_will(self, will: Will) -> None:
+        self.wills[will.key] = will
+        self.will_of[will.session_key] = will.key
+
+    def drop_will(self, key: str) -> None:
+        will = self.wills.pop(key, None)
+        if will is not None and self.will_of.get(will.session_key) == key:
+            del self.will_of[will.session_key]
 
 
 class Peers:
@@ -295,6 +305,16 @@ class Peers:
 
     def alive(self) -> list[str]:
         return sorted(self.peers)
+
+    def reconnected(self, session_key: str, node: str) -> None:
+        """A client of `session_key` connected on `node`: the other nodes' will of
+        it is void (one that is alive closes that connection as taken over and
+        announces it; one that died before it was noticed cannot)."""
+        for peer in self.peers.values():
+            if peer.name != node:
+                key = peer.will_of.get(session_key)
+                if key is not None:
+                    peer.drop_will(key)
 
     # ---- incoming --------------------------------------------------------------------
 
@@ -357,7 +377,7 @@ class Peers:
         self.groups.drop_node(name)
         old_conns = peer.conns
         self._unindex_mailboxes(peer)
-        peer.filters, peer.shares, peer.wills, peer.conns = set(), {}, {}, {}
+        peer.filters, peer.shares, peer.wills, peer.will_of, peer.conns = set(), {}, {}, {}, {}
         for part in parts:
             for f in part["filters"]:
                 peer.filters.add(f)
@@ -366,8 +386,7 @@ class Peers:
                 peer.shares[key] = (int(members), int(online))
                 self.groups.set(key, name, int(members), int(online))
             for w in part["wills"]:
-                will = Will.from_doc(w)
-                peer.wills[will.key] = will
+                peer.add_will(Will.from_doc(w))
             for principal, n in part["conns"].items():
                 peer.conns[principal] = int(n)
             for principal in part.get("mailboxes", ()):
@@ -433,10 +452,9 @@ class Peers:
                 peer.shares.pop(key, None)
             self.groups.set(key, peer.name, members, online)
         elif op == "will":
-            will = Will.from_doc(doc["will"])
-            peer.wills[will.key] = will
+            peer.add_will(Will.from_doc(doc["will"]))
         elif op == "unwill":
-            peer.wills.pop(doc["key"], None)
+            peer.drop_will(doc["key"])
         elif op in ("up", "down"):
             principal = doc["principal"]
             n = peer.conns.get(principal, 0) + (1 if op == "up" else -1)

@@ -24,7 +24,8 @@ changes of one incarnation; a receiver that sees a gap asks for a snapshot.
 State ops: "sub"/"unsub" (a filter gained by the first / lost by the last
 session on that node), "share" (`f` a `$share/<group>/<filter>`, `n` its
 members on that node now; 0: none), "will"/"unwill" (a connected client's will, by session
-key), "up"/"down" (a counted connection of a principal, for presence).
+key and connection: Will.to_doc, with its MQTT 5 properties and delay), "up"/"down" (a
+counted connection of a principal, for presence).
 """
 
 from __future__ import annotations
@@ -182,26 +183,50 @@ def decode_publish(data: bytes) -> RoutedPublish:
 
 @dataclass(frozen=True, slots=True)
 class Will:
-    """A connected client's will, kept by every node so a survivor can publish it."""
-    key: str                 # session key (principal and client id)
+    """A connected client's will, kept by every node so a survivor can publish it.
+    MQTT 5: `props` its forwarded properties (properties.MsgProps.forwarded: User
+    Properties, Content Type, Response Topic, Correlation Data, Payload Format
+    Indicator), `expiry` its Message Expiry Interval (s, runs from its publication),
+    `delay` how long after the connection is lost it is published (the Will Delay
+    Interval, or the Session Expiry Interval when shorter; 0: at once). In the
+    document only when set ("props", "exp", "delay"): a 3.1.1 will is as before."""
+    key: str                 # session key and connection ("<session key>#<connection>")
     principal: str | None
     client_id: str
     topic: str
     payload: bytes
     qos: int
     retain: bool
+    props: bytes | None = None
+    expiry: float | None = None
+    delay: float = 0.0
+
+    @property
+    def session_key(self) -> str:
+        return self.key.rpartition("#")[0] or self.key
 
     def size(self) -> int:
-        return len(self.key) + len(self.topic) + len(self.payload) + 64
+        return len(self.key) + len(self.topic) + len(self.payload) + len(self.props or b"") + 96
 
     def to_doc(self) -> dict[str, Any]:
-        return {"key": self.key, "principal": self.principal, "client_id": self.client_id, "topic": self.topic,
-                "payload": b64(self.payload), "qos": self.qos, "retain": self.retain}
+        doc: dict[str, Any] = {"key": self.key, "principal": self.principal, "client_id": self.client_id,
+                               "topic": self.topic, "payload": b64(self.payload), "qos": self.qos,
+                               "retain": self.retain}
+        if self.props:
+            doc["props"] = b64(self.props)
+        if self.expiry is not None:
+            doc["exp"] = self.expiry
+        if self.delay:
+            doc["delay"] = self.delay
+        return doc
 
     @staticmethod
     def from_doc(doc: dict[str, Any]) -> Will:
+        props, expiry = doc.get("props"), doc.get("exp")
         return Will(str(doc["key"]), doc.get("principal"), str(doc["client_id"]), str(doc["topic"]),
-                    unb64(doc["payload"]), int(doc["qos"]), bool(doc["retain"]))
+                    unb64(doc["payload"]), int(doc["qos"]), bool(doc["retain"]),
+                    unb64(props) if props else None, None if expiry is None else float(expiry),
+                    max(0.0, float(doc.get("delay", 0.0))))
 
 
 # ---- a persistent session handed to another node, in parts ----------------------------

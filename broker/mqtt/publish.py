@@ -195,10 +195,14 @@ class Publishing:
                     return
             finally:
                 info.publish_properties = None
+        await self._retain_and_route(topic, payload, qos, retain, info.principal, props, src)
+
+    async def _retain_and_route(self, topic: str, payload: bytes, qos: int, retain: bool, owner: str | None,
+                                props: MsgProps | None, src: Connection | None = None) -> None:
         msg = Message(topic, payload, qos, False, props)
         if retain:
             msg.pub_retain = True
-            self._retained.set(topic, payload, qos, info.principal, props)
+            self._retained.set(topic, payload, qos, owner, props)
         await self._router.route_awaited(msg, src)
 
     # ---- wills and the broker's own ---------------------------------------------------------
@@ -210,12 +214,17 @@ class Publishing:
         if not await self._acl.decide(info, topic, Action.PUBLISH):
             log.info("will of %s on %s denied by ACL", info.client_id, topic)
             return
-        props = info.will_props
-        if props is not None and props.expires_at is not None:
-            # its Message Expiry Interval (kept relative since the CONNECT) runs from now
-            props = dataclasses.replace(props, expires_at=asyncio.get_running_loop().time() + props.expires_at)
         await self._intercept_and_route(info, topic, info.will_message or b"", info.will_qos, info.will_retain,
-                                        props=props)
+                                        props=_will_started(info.will_props))
+
+    async def publish_will_of(self, owner: str | None, topic: str, payload: bytes, qos: int, retain: bool,
+                              props: MsgProps | None) -> None:
+        """The will of a client whose node died, published by a surviving node
+        (broker/cluster/node.py), as publish_will would have: retained charged to
+        `owner`, the retain flag kept for Retain As Published, the Message Expiry
+        Interval (relative in `props`) running from now. Its ACL was checked on the
+        client's node when it was announced; Roost's own topics are not routed."""
+        await self._retain_and_route(topic, payload, qos, retain, owner, _will_started(props))
 
     async def publish_own(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False,
                           correlation_data: bytes | None = None) -> int:
@@ -232,3 +241,11 @@ class Publishing:
         if retain:
             self._retained.set(topic, payload, qos, None, props)
         return await self._router.route_awaited(Message(topic, payload, qos, False, props))
+
+
+def _will_started(props: MsgProps | None) -> MsgProps | None:
+    """A will's properties as published now: its Message Expiry Interval (kept
+    relative since the CONNECT) runs from its publication."""
+    if props is None or props.expires_at is None:
+        return props
+    return dataclasses.replace(props, expires_at=asyncio.get_running_loop().time() + props.expires_at)

@@ -1,0 +1,188 @@
+"""Cluster (issue 12 item 4, issue 13): the MQTT 5 will of a client whose node is
+SIGKILLed, published by a surviving node as its own node would have: with its
+properties (User Property, Content Type, Message Expiry Interval), after its Will
+Delay Interval, and not at all when the client connected again within the delay
+on another node. Three real broker processes (SQLite each) on a private
+nats-server, paho-mqtt v5 clients.
+
+When the survivor noticed the death is read from a canary: a 3.1.1 client on the
+same node whose will has no delay (published the moment the death is noticed)."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from tests.clients import MqttClient
+from tests.harness import RoostProcess
+from tests.nats import NatsServer
+from tests.test_cluster_routing import node_config, wait_until_formed
+from tests.test_mqtt5_restart import V5Client
+
+PW = "pw-alice-123"
+NODE_TIMEOUT = 1.5
+DELAY = 2
+
+
+@pytest.fixture(scope="module")
+def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, RoostProcess]]:
+    root = tmp_path_factory.mktemp("cluster_wills")
+    (root / "nats").mkdir()
+    server = NatsServer(root / "nats").start()
+    nodes = {}
+    for name in ("n1", "n2", "n3"):
+        config = node_config(name, server.url)
+        config["cluster"]["node_timeout"] = NODE_TIMEOUT
+        nodes[name] = RoostProcess(root / name, config)
+    for node in nodes.values():
+        node.add_user("alice", PW)
+        node.start()
+    wait_until_formed(nodes)
+    yield nodes
+    for node in nodes.values():
+        node.kill()
+    server.remove()
+
+
+class WillClient:
+    """A paho v5 client of alice with a persistent session (so its will may wait)
+    and a will carrying properties and a Will Delay Interval."""
+
+    def __init__(self, node: RoostProcess, client_id: str, topic: str) -> None:
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
+                             reconnect_on_failure=False)
+        self.c.username_pw_set("alice", PW)
+        will = Properties(PacketTypes.WILLMESSAGE)
+        will.WillDelayInterval = DELAY
+        will.UserProperty = [("why", "node-lost")]
+        will.ContentType = "text/plain"
+        will.MessageExpiryInterval = 600
+        self.c.will_set(topic, b"offline", qos=1, retain=True, properties=will)
+        self.acks: queue.Queue[int] = queue.Queue()
+        self.c.on_publish = lambda c, u, mid, rc, p: self.acks.put(rc.value)
+        connected: queue.Queue[int] = queue.Queue()
+        self.c.on_connect = lambda c, u, f, rc, p: connected.put(rc.value)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.c.connect(node.host, node.port, clean_start=False, properties=props)
+        self.c.loop_start()
+        assert connected.get(timeout=5) == 0
+
+    def pub(self, topic: str, payload: bytes) -> None:
+        self.c.publish(topic, payload, qos=1)
+        assert self.acks.get(timeout=5) == 0
+
+
+class Seen:
+    """Every message a V5Client got, kept: waiting for one topic skips none of the others."""
+
+    def __init__(self, sub: V5Client) -> None:
+        self.sub = sub
+        self.got: list[mqtt.MQTTMessage] = []
+
+    def _on(self, topic: str) -> list[mqtt.MQTTMessage]:
+        return [m for m in self.got if m.topic == topic]
+
+    def first(self, topic: str, timeout: float) -> mqtt.MQTTMessage:
+        """The first message on `topic`, or AssertionError."""
+        deadline = time.monotonic() + timeout
+        while not self._on(topic):
+            try:
+                self.got.append(self.sub.messages.get(timeout=max(0.01, deadline - time.monotonic())))
+            except queue.Empty:
+                raise AssertionError(f"nothing on {topic} within {timeout}s") from None
+        return self._on(topic)[0]
+
+    def count(self, topic: str, until: float) -> int:
+        """How many messages on `topic` came by `until` (monotonic)."""
+        while (left := until - time.monotonic()) > 0:
+            try:
+                self.got.append(self.sub.messages.get(timeout=left))
+            except queue.Empty:
+                break
+        return len(self._on(topic))
+
+
+def _known_everywhere(victim: WillClient, sub: V5Client) -> None:
+    """The victim's node state (its wills) reached the subscriber's node: its
+    publishes do (state travels first)."""
+    deadline = time.monotonic() + 10
+    while True:
+        victim.pub("status/probe", b"probe")
+        try:
+            sub.messages.get(timeout=0.3)
+            break
+        except queue.Empty:
+            assert time.monotonic() < deadline, "the victim's node never reached the subscriber's"
+    while True:        # the probes still on their way
+        try:
+            sub.messages.get(timeout=0.3)
+        except queue.Empty:
+            return
+
+
+def _canary(node: RoostProcess, name: str) -> MqttClient:
+    canary = MqttClient(name)
+    canary.connect(node.host, node.port, will=(f"status/{name}", b"gone", 1, False))
+    return canary
+
+
+def _kill(node: RoostProcess, *clients: Any) -> float:
+    killed_at = time.monotonic()
+    node.kill()
+    for c in clients:       # they would try to reconnect to it
+        getattr(c, "paho", getattr(c, "c", None)).loop_stop()
+    return killed_at
+
+
+def test_a_client_connecting_again_elsewhere_within_the_will_delay_has_no_will(three_nodes) -> None:
+    n1, n2, n3 = three_nodes["n1"], three_nodes["n2"], three_nodes["n3"]
+    sub = V5Client(n1, "alice.watch1", PW)
+    sub.sub("status/#")
+    lamp = WillClient(n3, "alice.lamp3", "status/lamp3")
+    canary = _canary(n3, "canary3")
+    _known_everywhere(lamp, sub)
+    _kill(n3, lamp, canary)
+    seen = Seen(sub)
+    noticed = seen.first("status/canary3", NODE_TIMEOUT + 5).timestamp    # n1 (the survivor) noticed
+    # within the delay it connects again, on n2: the pending will is cancelled everywhere
+    back = V5Client(n2, "alice.lamp3", PW)
+    assert time.monotonic() < noticed + DELAY - 0.5, "reconnected too late to test anything"
+    assert seen.count("status/lamp3", noticed + DELAY + 1.0) == 0, "the will was published though its client came back"
+    back.close()
+    sub.close()
+
+
+def test_a_dead_nodes_v5_will_keeps_its_properties_and_waits_for_its_delay(three_nodes) -> None:
+    n1, n2 = three_nodes["n1"], three_nodes["n2"]
+    sub = V5Client(n1, "alice.watch2", PW)
+    sub.sub("status/#")
+    lamp = WillClient(n2, "alice.lamp2", "status/lamp2")
+    canary = _canary(n2, "canary2")
+    _known_everywhere(lamp, sub)
+    killed_at = _kill(n2, lamp, canary)
+    seen = Seen(sub)
+    noticed = seen.first("status/canary2", NODE_TIMEOUT + 5).timestamp
+    m = seen.first("status/lamp2", DELAY + 5)
+    assert m.timestamp - killed_at >= DELAY
+    assert m.timestamp - noticed >= DELAY - 0.1, "published before its Will Delay Interval"
+    p: Any = m.properties
+    assert (m.payload, m.qos) == (b"offline", 1)
+    assert (p.UserProperty, p.ContentType) == ([("why", "node-lost")], "text/plain")
+    assert 0 < p.MessageExpiryInterval <= 600
+    assert seen.count("status/lamp2", time.monotonic() + 0.5) == 1, "published twice"
+    sub.close()
+    # retained with its properties
+    late = V5Client(n1, "alice.late", PW)
+    late.sub("status/lamp2")
+    r = Seen(late).first("status/lamp2", 5)
+    assert r.retain and r.payload == b"offline"
+    assert (r.properties.UserProperty, r.properties.ContentType) == ([("why", "node-lost")], "text/plain")
+    late.close()
