@@ -111,7 +111,7 @@ class Connection(asyncio.Protocol):
         self.max_packet = engine.max_packet
         # Decodes and handles one packet: engine.handle, or engine.handle5 once an
         # MQTT 5 CONNECT arrived (the protocol is chosen once per connection).
-        self.handle = engine.handle
+        self.handle = engine.handle3
         self.v5 = False
         # alias_in / alias_out: the MQTT 5 topic aliases the client set, and those we set
         # (up to the client's maximum): dicts made at an MQTT 5 CONNECT only (lifecycle.py)
