@@ -20,6 +20,8 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from broker.cluster import wire
+from broker.cluster.peers import Peers
 from tests.clients import MqttClient
 from tests.harness import RoostProcess
 from tests.nats import NatsServer
@@ -186,3 +188,22 @@ def test_a_dead_nodes_v5_will_keeps_its_properties_and_waits_for_its_delay(three
     assert r.retain and r.payload == b"offline"
     assert (r.properties.UserProperty, r.properties.ContentType) == ([("why", "node-lost")], "text/plain")
     late.close()
+
+
+def test_the_will_announcement_carries_mqtt5_only_when_set_and_a_reconnect_voids_it() -> None:
+    plain = wire.Will("dev1#a1", None, "dev1", "status/dev1", b"gone", 1, False)
+    assert set(plain.to_doc()) == {"key", "principal", "client_id", "topic", "payload", "qos", "retain"}
+    v5 = wire.Will("alice.lamp#b2", "alice", "alice.lamp", "status/lamp", b"off", 1, True, b"\x03\x00\x01x", 60.0, 2.0)
+    assert wire.Will.from_doc(wire.decode(wire.encode(v5.to_doc()))) == v5
+    assert v5.session_key == "alice.lamp" and v5.size() > plain.size()
+    peers = Peers(me="n1", timeout=3, clock=time.monotonic, ask_sync=lambda node: None,
+                  on_dead=lambda peer, crashed: None, on_conns=lambda peer, changes: None)
+    for name, will in (("n2", v5), ("n3", plain)):
+        peers.on_state({"op": "hb", "node": name, "inc": name, "seq": 0})
+        peers.on_snapshot({"node": name, "inc": name, "seq": 0, "part": 0, "last": True, "filters": [],
+                           "wills": [will.to_doc()], "conns": {}})
+    peers.reconnected("alice.lamp", "n2")        # again on its own node: that node's business
+    assert "alice.lamp#b2" in peers.peers["n2"].wills
+    peers.reconnected("alice.lamp", "n3")        # elsewhere: void
+    peers.reconnected("dev1", "n1")
+    assert not peers.peers["n2"].wills and not peers.peers["n3"].wills

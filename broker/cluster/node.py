@@ -414,7 +414,8 @@ class ClusterNode:
                          info.will_qos, bool(info.will_retain), forwarded, expiry, delay)
 
     def client_offline(self, info: Any, reason: str, counted: str | None) -> None:
-        if reason in NO_WILL:
+        if reason in NO_WILL and not (reason == DisconnectReason.DISCONNECT and info.will_flag):
+            # (an MQTT 5 DISCONNECT 0x04 keeps its will: published here, perhaps delayed)
             self.state.will_cleared(_will_key(info))
         # else this node publishes the will itself; the others forget it after that (client_gone)
         self._members_online(info, leaving=True)
