@@ -57,12 +57,13 @@ class WillClient:
     """A paho v5 client of alice with a persistent session (so its will may wait)
     and a will carrying properties and a Will Delay Interval."""
 
-    def __init__(self, node: RoostProcess, client_id: str, topic: str) -> None:
+    def __init__(self, node: RoostProcess, client_id: str, topic: str, *, delay: int = DELAY,
+                 session_expiry: int = 3600) -> None:
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5,
                              reconnect_on_failure=False)
         self.c.username_pw_set("alice", PW)
         will = Properties(PacketTypes.WILLMESSAGE)
-        will.WillDelayInterval = DELAY
+        will.WillDelayInterval = delay
         will.UserProperty = [("why", "node-lost")]
         will.ContentType = "text/plain"
         will.MessageExpiryInterval = 600
@@ -72,7 +73,7 @@ class WillClient:
         connected: queue.Queue[int] = queue.Queue()
         self.c.on_connect = lambda c, u, f, rc, p: connected.put(rc.value)
         props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600
+        props.SessionExpiryInterval = session_expiry
         self.c.connect(node.host, node.port, clean_start=False, properties=props)
         self.c.loop_start()
         assert connected.get(timeout=5) == 0
@@ -167,11 +168,14 @@ def test_a_dead_nodes_v5_will_keeps_its_properties_and_waits_for_its_delay(three
     sub = V5Client(n1, "alice.watch2", PW)
     sub.sub("status/#")
     lamp = WillClient(n2, "alice.lamp2", "status/lamp2")
+    # its session ends 1 s after the connection: its will then, not after its delay
+    short = WillClient(n2, "alice.short2", "status/short2", delay=600, session_expiry=1)
     canary = _canary(n2, "canary2")
     _known_everywhere(lamp, sub)
-    killed_at = _kill(n2, lamp, canary)
+    killed_at = _kill(n2, lamp, short, canary)
     seen = Seen(sub)
     noticed = seen.first("status/canary2", NODE_TIMEOUT + 5).timestamp
+    assert 1 - 0.1 <= seen.first("status/short2", 5).timestamp - noticed < DELAY
     m = seen.first("status/lamp2", DELAY + 5)
     assert m.timestamp - killed_at >= DELAY
     assert m.timestamp - noticed >= DELAY - 0.1, "published before its Will Delay Interval"
