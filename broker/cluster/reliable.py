@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import struct
 import time
@@ -73,7 +74,7 @@ ACK_EVERY = 64            # frames routed before an ack goes at once
 ACK_DELAY = 0.02          # seconds an ack waits for more frames at most
 RESEND_AFTER = 1.0        # seconds without progress before the window is resent
 TICK = 0.25               # seconds between checks for streams without progress
-ENTRY_BYTES = 64          # what one kept frame costs beyond its own bytes (tuple, deque slot)
+ENTRY_BYTES = 48          # what one kept frame costs beyond its own bytes (bytes header, deque slot)
 RESEND = 1                # ack flag: resend from this number
 
 _NUMBERS = struct.Struct("!QQ")     # seq, base
@@ -119,7 +120,7 @@ class _Outgoing:
     def __init__(self, subject: str, next_seq: int, now: float) -> None:
         self.subject = subject
         self.next_seq = next_seq
-        self.window: deque[tuple[int, bytes]] = deque()
+        self.window: deque[bytes] = deque()     # numbers base .. next_seq - 1, contiguous
         self.bytes = 0
         self.progress_at = now      # last ack that freed something (or the window's first frame)
         self.resent_at = 0.0
@@ -127,7 +128,8 @@ class _Outgoing:
 
     @property
     def base(self) -> int:
-        return self.window[0][0] if self.window else self.next_seq
+        """The number of the oldest frame kept (next_seq when none is)."""
+        return self.next_seq - len(self.window)
 
 
 class _Incoming:
@@ -198,16 +200,16 @@ class ReliableLinks:
         window = out.window
         if not window:
             out.progress_at = self._clock()
-        window.append((seq, frame))
+        window.append(frame)
         out.bytes += len(frame) + ENTRY_BYTES
         if out.bytes > self._max:
             self._overflow(node, out)
-        self._link.send(out.subject, self._prefix + _NUMBERS.pack(seq, window[0][0]) + frame)
+        self._link.send(out.subject, self._prefix + _NUMBERS.pack(seq, seq + 1 - len(window)) + frame)
 
     def _overflow(self, node: str, out: _Outgoing) -> None:
         window = out.window
         while out.bytes > self._max and len(window) > 1:     # the newest always stays (base <= its seq)
-            _, old = window.popleft()
+            old = window.popleft()
             out.bytes -= len(old) + ENTRY_BYTES
             self.dropped += 1
             self.dropped_bytes += len(old)
@@ -222,9 +224,8 @@ class ReliableLinks:
         out.resent_from, out.resent_at = start, now
         base = out.base
         send, subject, prefix, pack = self._link.send, out.subject, self._prefix, _NUMBERS.pack
-        for seq, frame in out.window:
-            if seq < start:
-                continue
+        first = max(start, base)
+        for seq, frame in enumerate(itertools.islice(out.window, first - base, None), first):
             if not send(subject, prefix + pack(seq, base) + frame):
                 break       # the outgoing queue is full: the rest at the next round
             self.resent += 1
@@ -243,10 +244,10 @@ class ReliableLinks:
             return
         window = out.window
         now = self._clock()
-        if window and window[0][0] < nxt:
-            while window and window[0][0] < nxt:
-                _, frame = window.popleft()
-                out.bytes -= len(frame) + ENTRY_BYTES
+        acked = min(nxt - out.base, len(window))
+        if acked > 0:
+            for _ in range(acked):
+                out.bytes -= len(window.popleft()) + ENTRY_BYTES
             out.progress_at = now
         if flags & RESEND and window:
             self._resend(out, nxt, now)
@@ -267,8 +268,8 @@ class ReliableLinks:
         there); one that is only behind finds it a duplicate and acks. A slow
         receiver so costs one frame per RESEND_AFTER, not the whole window."""
         out.resent_at = now
-        seq, frame = out.window[-1]
-        if self._link.send(out.subject, self._prefix + _NUMBERS.pack(seq, out.base) + frame):
+        frame = out.window[-1]
+        if self._link.send(out.subject, self._prefix + _NUMBERS.pack(out.next_seq - 1, out.base) + frame):
             self.resent += 1
 
     # ---- receiving ---------------------------------------------------------------------
