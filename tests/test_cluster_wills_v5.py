@@ -19,12 +19,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from broker.cluster import wire
 from broker.cluster.peers import Peers
 from tests.clients import MqttClient
 from tests.harness import RoostProcess
-from tests.nats import NatsServer
+from tests.nats import NatsServer, wait_until
 from tests.test_cluster_routing import node_config, wait_until_formed
 from tests.test_mqtt5_restart import V5Client
 
@@ -170,15 +171,21 @@ def test_a_dead_nodes_v5_will_keeps_its_properties_and_waits_for_its_delay(three
     lamp = WillClient(n2, "alice.lamp2", "status/lamp2")
     # its session ends 1 s after the connection: its will then, not after its delay
     short = WillClient(n2, "alice.short2", "status/short2", delay=600, session_expiry=1)
+    # gone with DISCONNECT 0x04 (will all the same): its will waits on n2, which dies meanwhile
+    bye = WillClient(n2, "alice.bye2", "status/bye2")
     canary = _canary(n2, "canary2")
     _known_everywhere(lamp, sub)
-    killed_at = _kill(n2, lamp, short, canary)
+    bye.c.disconnect(reasoncode=ReasonCode(PacketTypes.DISCONNECT, "Disconnect with will message"))
+    wait_until(lambda: "will of alice.bye2 waits here" in n2.log_path.read_text(errors="replace"), 5,
+               "n2 holding the will of alice.bye2")
+    killed_at = _kill(n2, lamp, short, bye, canary)
     seen = Seen(sub)
     noticed = seen.first("status/canary2", NODE_TIMEOUT + 5).timestamp
     assert 1 - 0.1 <= seen.first("status/short2", 5).timestamp - noticed < DELAY
     m = seen.first("status/lamp2", DELAY + 5)
     assert m.timestamp - killed_at >= DELAY
     assert m.timestamp - noticed >= DELAY - 0.1, "published before its Will Delay Interval"
+    assert seen.first("status/bye2", 5).timestamp - noticed >= DELAY - 0.1
     p: Any = m.properties
     assert (m.payload, m.qos) == (b"offline", 1)
     assert (p.UserProperty, p.ContentType) == ([("why", "node-lost")], "text/plain")

@@ -433,6 +433,7 @@ class ClusterNode:
             self.state.will_cleared(key)
             return
         self._lingering[info.session_key] = key
+        log.info("cluster: the will of %s waits here for its delay; announced until then", info.client_id)
         self._engine.loop.call_at(timer.when() + self.heartbeat_interval, self._linger_ended, info.session_key, key)
 
     def _will_void_here(self, session_key: str) -> None:
