@@ -70,7 +70,7 @@ from broker.cluster.wire import PREFIX, pub_subject
 log = logging.getLogger("roost.cluster")
 
 VERSION = 1
-ACK_EVERY = 64            # frames routed before an ack goes at once
+ACK_EVERY = 256           # frames routed before an ack goes at once
 ACK_DELAY = 0.02          # seconds an ack waits for more frames at most
 RESEND_AFTER = 1.0        # seconds without progress before the window is resent
 TICK = 0.25               # seconds between checks for streams without progress
