@@ -27,7 +27,7 @@ import asyncio
 import json
 import sqlite3
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
 
@@ -187,10 +187,11 @@ class _Rows:
     head: str       # up to VALUES
     width: int      # columns per row
     tail: str = ""  # after the rows (ON CONFLICT ...)
+    texts: dict[int, str] = field(init=False, compare=False, repr=False)   # chunk size -> statement
 
-    def statement(self, count: int) -> str:
+    def __post_init__(self) -> None:
         row = "(" + ",".join("?" * self.width) + ")"
-        return self.head + ",".join([row] * count) + self.tail
+        object.__setattr__(self, "texts", {n: self.head + ",".join([row] * n) + self.tail for n in _CHUNKS})
 
 
 # Chunk sizes: a group's rows go in as the fewest chunks of these sizes, so each
@@ -458,7 +459,7 @@ class _GroupRun:
         while left:
             size = next(c for c in _CHUNKS if c <= left)
             chunk = rows[start:start + size]
-            self.conn.execute(table.statement(size), tuple(chain.from_iterable(chunk)))
+            self.conn.execute(table.texts[size], tuple(chain.from_iterable(chunk)))
             start += size
             left -= size
 
