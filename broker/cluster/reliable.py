@@ -38,7 +38,9 @@ The design, the simplest correct one:
   that no later frame reveals, a lost ack or resend request), the newest frame
   alone goes again as a probe: a receiver that lost anything before it asks,
   one merely behind (busy, a backlog in NATS) drops it as a duplicate, so a
-  slow receiver is not flooded with copies of the window.
+  slow receiver is not flooded with copies of the window. The sender probes
+  at once when NATS comes back too (the receiver's word may have come before
+  the sender had resubscribed).
 * **A peer dead, left or restarted** (node.py `_peer_dead`): both directions'
   state for it is dropped. The sender's numbers keep counting (a node found
   dead by silence may come back under the same incarnation: its receiver still
@@ -353,10 +355,14 @@ class ReliableLinks:
 
     def link_up(self) -> None:
         """NATS is back: every origin hears where its stream stands here (it
-        resends what was lost meanwhile); the senders' clocks start again."""
+        resends what was lost meanwhile), every destination with frames not
+        acked gets a probe (it asks for what it lacks, in case this node's
+        subscription missed its word); the senders' clocks start again."""
         now = self._clock()
         for out in self._out.values():
             out.progress_at = max(out.progress_at, now)
+            if out.window:
+                self._probe(out, now)
         for stream in self._in.values():
             stream.asked_for, stream.asked_at = stream.expected, now
             self._send_ack(stream, RESEND)
