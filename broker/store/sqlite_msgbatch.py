@@ -27,6 +27,7 @@ import asyncio
 import json
 import sqlite3
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -158,10 +159,12 @@ _SELECT_TOTAL = "SELECT COALESCE(SUM(unread), 0) FROM conv_members WHERE princip
 _SELECT_BOX = "SELECT last_n, delivered_n FROM mailbox_state WHERE principal=?"
 _SELECT_CURSOR = "SELECT principal, n FROM cursors WHERE client_id=?"
 _SELECT_ACTIVITY = "SELECT COALESCE(MAX(activity), 0) FROM conversations"
-_UNDELIVERED = ("SELECT json_group_array(json_array(mb.n, m.conv, m.seq, m.sender)) FROM mailbox mb JOIN messages m "
-                "ON m.conv = mb.conv AND m.seq = mb.seq "
-                "WHERE mb.principal=? AND mb.n>? AND mb.n<=? AND mb.kind='msg' AND m.sender!=?")
-
+# The `msg` events of others' messages in (lo, hi] of each [principal, lo, hi]: what
+# the group's acks may acknowledge for the first time, read once for all of them.
+_BULK_UNDELIVERED = (f"SELECT json_group_array(json_array(mb.principal, mb.n, m.conv, m.seq, m.sender)) "
+                     f"FROM json_each(?) AS j JOIN mailbox mb ON mb.principal = {_j(0)} AND mb.n > {_j(1)} "
+                     f"AND mb.n <= {_j(2)} AND mb.kind = 'msg' JOIN messages m "
+                     f"ON m.conv = mb.conv AND m.seq = mb.seq AND m.sender != mb.principal")
 _BULK_SENT = (f"SELECT json_group_array(json_array(m.sender, m.cmid)) FROM json_each(?) AS j JOIN messages m "
               f"ON m.sender = {_j(0)} AND m.cmid = {_j(1)} AND m.retired = 0")
 _BULK_CONVS = "SELECT conv, last_seq, last_ts FROM conversations WHERE conv IN (SELECT value FROM json_each(?))"
@@ -242,7 +245,10 @@ class _GroupRun:
         self.joins: list[tuple[str, str, float, int, int]] = []
         self.msg_rows: list[tuple[Any, ...]] = []
         self.event_rows: list[tuple[Any, ...]] = []
-        self.unwritten_boxes: set[str] = set()      # principals with events not yet inserted
+        # principal (of an ack in the group) -> its not yet delivered `msg` events of
+        # others' messages, (n, conv, seq, sender) in n order: read up front, then
+        # this group's own appended as they are numbered
+        self.undelivered: dict[str, deque[tuple[int, str, int, str]]] = {}
 
     def run(self, ops: list[SendOp | AckOp]) -> list[tuple[bool, Any]]:
         self.prefetch(ops)
@@ -290,12 +296,27 @@ class _GroupRun:
             if sends:
                 self.totals = {p: 0 for p in keys}
                 self.totals.update((p, total) for p, total in self._json_rows(_BULK_TOTALS, keys))
+        self.prefetch_undelivered(acks)
         clients = list({op.client_id for op in acks if "\0" not in op.client_id})
         if clients:
             for cid, p, n in self._json_rows(_BULK_CURSORS, clients):
                 self.cursors[cid] = [p, n, False]
             for cid in clients:
                 self.cursors.setdefault(cid, [None, 0, False])
+
+    def prefetch_undelivered(self, acks: list[AckOp]) -> None:
+        highest: dict[str, int] = {}
+        for op in acks:
+            highest[op.principal] = max(op.n, highest.get(op.principal, 0))
+        ranges = []
+        for p, n in highest.items():
+            b = self.box(p)
+            self.undelivered[p] = deque()
+            if min(n, b[0]) > b[1]:
+                ranges.append([p, b[1], min(n, b[0])])
+        if ranges:
+            for p, n, conv, seq, sender in sorted(self._json_rows(_BULK_UNDELIVERED, ranges)):
+                self.undelivered[p].append((n, conv, seq, sender))
 
     def conv(self, conv: str) -> _Conv | None:
         if conv in self.convs:
@@ -322,7 +343,6 @@ class _GroupRun:
         first: int = b[0] + 1
         b[0] += count
         b[2] = True
-        self.unwritten_boxes.add(principal)
         return first
 
     def bump_unread(self, conv: str, principal: str) -> tuple[int, int]:
@@ -404,6 +424,9 @@ class _GroupRun:
                 unread_json = compact_json(unread)
                 rows.append((p, n, ts, "msg", op.conv, seq, None))
                 rows.append((p, n + 1, ts, "unread", None, None, unread_json))
+                waiting = self.undelivered.get(p)
+                if waiting is not None:   # an ack of p follows in this group
+                    waiting.append((n, op.conv, seq, op.sender))
                 events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire},
                                            wire=f'{{"n":{n}{msg_tail}'.encode()))
                 events.append(MailboxEvent(principal=p, n=n + 1, doc={"n": n + 1, "kind": "unread", "ts": ts, **unread},
@@ -422,10 +445,12 @@ class _GroupRun:
         cur[0], cur[1], cur[2] = op.principal, new_cursor, True
         events: list[MailboxEvent] = []
         if op.n > b[1]:
-            if op.principal in self.unwritten_boxes:
-                self.write_rows()   # the query below must see this group's own events
-            found = json.loads(self.conn.execute(_UNDELIVERED, (op.principal, b[1], op.n, op.principal)).fetchone()[0])
-            found.sort()            # mailbox order
+            waiting = self.undelivered[op.principal]   # read by prefetch for every ack's principal
+            found = []
+            while waiting and waiting[0][0] <= op.n:
+                event = waiting.popleft()
+                if event[0] > b[1]:
+                    found.append(event)
             b[1] = op.n
             b[2] = True
             # The first ack of a `msg` event by any client of the principal: a
@@ -468,7 +493,6 @@ class _GroupRun:
         self.msg_rows = []
         self._write_chunks(_INSERT_EVENTS, self.event_rows)
         self.event_rows = []
-        self.unwritten_boxes.clear()
 
     def write_all(self) -> None:
         self._write(_INSERT_CONV, [(conv, c.created_by, c.created_at, c.last_seq, c.last_ts, c.activity)
