@@ -16,8 +16,11 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import pytest
+
 from broker.cluster.reliable import ENTRY_BYTES, ReliableLinks
 from broker.cluster.wire import pub_subject
+from broker.config import ConfigError, config_from_dict
 from tests.clients import MqttClient
 from tests.harness import RoostProcess
 from tests.nats import wait_until
@@ -216,3 +219,11 @@ def test_the_window_is_bounded_in_bytes_and_its_overflow_counted() -> None:
         assert got[-1] == b"reborn" and reborn.window_bytes == 0 and receiver.duplicates == 0
 
     asyncio.run(main())
+
+
+def test_the_window_bound_is_configured_and_checked() -> None:
+    cluster = {"node": "n1", "nats": {"servers": ["nats://127.0.0.1:4222"]}}
+    assert config_from_dict({"cluster": cluster}).cluster.resend_buffer_bytes == 8 * 1024 * 1024
+    assert config_from_dict({"cluster": {**cluster, "resend_buffer_bytes": 65536}}).cluster.resend_buffer_bytes == 65536
+    with pytest.raises(ConfigError, match="cluster.resend_buffer_bytes"):
+        config_from_dict({"cluster": {**cluster, "resend_buffer_bytes": 100}})
