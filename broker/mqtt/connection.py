@@ -9,7 +9,8 @@ and then every packet queued behind it, so packets of one connection are
 always processed in order.
 
 Outgoing bytes are collected per connection and written with one
-`transport.write` per loop iteration (the engine flushes all dirty connections).
+`transport.write` per loop iteration (the engine flushes all dirty connections),
+or at the end of the read that made them when the loop is idle (engine.py).
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ class Connection(asyncio.Protocol):
         engine = self.engine
         self.last_recv = engine.loop.time()
         engine.counters.bytes_received += len(data)
+        engine.read_started()
         buf = self.buf
         if buf or self.blockers:
             if buf:

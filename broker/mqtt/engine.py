@@ -132,6 +132,8 @@ class Engine:
         self._publish_in = self.publishing.publish
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
+        self.reads_in_turn = 0      # read callbacks since the last flush (see read_started)
+        self.quiet = True           # the last turn had at most one
         self._tasks_bg: list[asyncio.Task[None]] = []
 
     # ---- figures and views others read (monitor.py, server.py, tests) --------------------
@@ -219,7 +221,24 @@ class Engine:
             raise ProtocolViolation(f"unexpected packet type {ptype}")
         return DONE
 
-    # ---- output batching: one transport.write per connection and loop turn -----------------
+    # ---- output batching: write at once when the loop is idle, coalesce under load --------
+    #
+    # Every read callback counts itself (reads_in_turn) and makes sure a flush runs
+    # once this loop turn's callbacks are done (_flush, through call_soon). A turn
+    # with one read and after a turn of at most one (`quiet`: paced traffic) writes
+    # its output at the end of that read, one loop turn earlier; under load (several
+    # connections readable per turn) the output of all of them goes out in the one
+    # flush: a single transport.write per connection and turn.
+
+    def read_started(self) -> None:
+        self.reads_in_turn += 1
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self._flush)
+
+    def read_done(self) -> None:
+        if self._dirty and self.quiet and self.reads_in_turn == 1:
+            self._write_out()
 
     def mark_dirty(self, conn: Connection) -> None:
         self._dirty.append(conn)
@@ -229,23 +248,14 @@ class Engine:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        self.quiet = self.reads_in_turn <= 1
+        self.reads_in_turn = 0
         self._write_out()
 
     def _write_out(self) -> None:
         dirty, self._dirty = self._dirty, []
         for conn in dirty:
             conn.flush()
-
-    def read_done(self) -> None:
-        """A read callback ended. When nothing else waits to run in this loop turn but
-        the flush it scheduled (an idle loop: paced traffic), write now rather than
-        after the next poll: one loop turn and one epoll_wait less per message. Under
-        load other callbacks are queued and the scheduled flush still coalesces their
-        output. (`_ready` is asyncio's run queue; on a loop without it, always coalesce.)"""
-        if self._dirty:
-            ready = getattr(self.loop, "_ready", None)
-            if ready is not None and len(ready) <= 1:
-                self._write_out()
 
     # ---- BrokerApi calls that reach several rooms -------------------------------------------
 
