@@ -7,6 +7,8 @@ Subjects (every node subscribes to the broadcast ones and to its own):
     roost.sync.<node>     ask <node> for its whole state: {"node": asker}
     roost.snap.<node>     a state snapshot for <node>, in parts: {"node", "inc", "seq", "part", "last", ...}
     roost.pub.<node>      a publish routed to <node> (binary: see encode_publish)
+                          inside reliable.py's numbered frame (per-destination seq)
+    roost.ack.<node>      reliable.py's cumulative acks and resend requests for <node>'s streams
     roost.retained        a retained message committed on a node  (broadcast)
                           {"node", "topic", "qos", "at", "owner", "payload"; MQTT 5: "props", "left"}
     roost.event           a shared domain event (broadcast, bus.py)
