@@ -141,6 +141,13 @@ def _settle(g: _Group, dbfut: asyncio.Future[Any]) -> None:
 # many rows of messages, mailbox events, mailbox heads and cursors as multi-row
 # statements: one step per chunk instead of executemany's one per row.
 
+def _json_str(text: str) -> str:
+    """compact_json(text), quoting plain ASCII itself (ids, most cmids): nothing to escape."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return compact_json(text)
+
+
 def _data_event_wire(n: int, kind: str, ts_json: str, data_json: str) -> bytes:
     """compact_json({"n": n, "kind": kind, "ts": ts, **data}) from the JSON of ts and
     of data (already encoded for the row): no second encoding of the same document."""
@@ -406,8 +413,9 @@ class _GroupRun:
         # Every member's `msg` event is the same JSON but for its "n": encoded once
         # here (the body is the sender's compact JSON as given), not once per push.
         ts_json = compact_json(ts)
-        msg_tail = (f',"kind":"msg","ts":{ts_json},"conv":{compact_json(op.conv)},"seq":{seq},'
-                    f'"from":{compact_json(op.sender)},"cmid":{compact_json(op.cmid)},"body":{op.body}}}')
+        conv_json = _json_str(op.conv)
+        msg_tail = (f',"kind":"msg","ts":{ts_json},"conv":{conv_json},"seq":{seq},'
+                    f'"from":{_json_str(op.sender)},"cmid":{_json_str(op.cmid)},"body":{op.body}}}')
         events: list[MailboxEvent] = []
         rows = self.event_rows
         for p in c.members:
@@ -421,7 +429,8 @@ class _GroupRun:
                 count, total = self.bump_unread(op.conv, p)
                 n = self.allocate(p, 2)
                 unread = {"conv": op.conv, "count": count, "total": total}
-                unread_json = compact_json(unread)
+                # compact_json(unread), without encoding the dict (ids and integers)
+                unread_json = f'{{"conv":{conv_json},"count":{count},"total":{total}}}'
                 rows.append((p, n, ts, "msg", op.conv, seq, None))
                 rows.append((p, n + 1, ts, "unread", None, None, unread_json))
                 waiting = self.undelivered.get(p)
@@ -459,11 +468,13 @@ class _GroupRun:
             for _n, conv, seq, sender in found:
                 by_sender.setdefault(sender, []).append({"conv": conv, "seq": seq, "to": op.principal})
             now_json = compact_json(op.now)
+            to_json = _json_str(op.principal)
             for sender, datas in by_sender.items():
                 first = self.allocate(sender, len(datas))
                 for i, data in enumerate(datas):
                     n = first + i
-                    data_json = compact_json(data)
+                    # compact_json(data), without encoding the dict
+                    data_json = f'{{"conv":{_json_str(data["conv"])},"seq":{data["seq"]},"to":{to_json}}}'
                     self.event_rows.append((sender, n, op.now, "delivered", None, None, data_json))
                     events.append(MailboxEvent(principal=sender, n=n,
                                                doc={"n": n, "kind": "delivered", "ts": op.now, **data},
