@@ -143,6 +143,8 @@ DISCONNECTED: Final = Disconnect()
 # ---- decoders -----------------------------------------------------------------
 
 def encode_varint(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))     # one byte: most packets (per message on the hot path)
     out = bytearray()
     while True:
         b = n & 0x7F

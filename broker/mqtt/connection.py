@@ -235,6 +235,7 @@ class Connection(asyncio.Protocol):
         or -1 when the connection closed (nothing more is to be kept)."""
         pos = 0
         end_buf = len(buf)
+        acked: SessionState | None = None   # its PUBACKs freed room: after_acks() once at the end
         try:
             while end_buf - pos >= 2:
                 # remaining length: 1..4 bytes, 7 bits each
@@ -271,8 +272,13 @@ class Connection(asyncio.Protocol):
                     pos = end
                     session = self.session
                     assert session is not None   # set once CONNECTED
-                    session.on_puback((buf[start] << 8) | buf[start + 1])
+                    if session.release_puback((buf[start] << 8) | buf[start + 1]):
+                        acked = session
                 else:
+                    if acked is not None:
+                        # what follows is handled with the window's room already used
+                        acked.after_acks()
+                        acked = None
                     body = bytes(buf[start:end])
                     pos = end
                     self._packet(first >> 4, first & 0x0F, body)
@@ -283,6 +289,8 @@ class Connection(asyncio.Protocol):
         except ProtocolViolation as exc:
             self.violation(str(exc), exc.code)
             return -1
+        if acked is not None and self.state != CLOSED:
+            acked.after_acks()
         return pos
 
     # ---- backpressure ----------------------------------------------------------------

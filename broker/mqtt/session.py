@@ -405,16 +405,29 @@ class SessionState:
         self.pump()
 
     def on_puback(self, pid: int) -> None:
+        if self.release_puback(pid):
+            self.after_acks()
+
+    def release_puback(self, pid: int) -> bool:
+        """A PUBACK's bookkeeping, without moving the queue: True when it freed a
+        QoS 1 message of the window. A connection handling a read's PUBACKs calls
+        after_acks() once for them all (one pump, not one per ack)."""
         entry = self.inflight.get(pid)
-        if entry is not None and entry[1] == 1:
-            del self.inflight[pid]
-            self.host.uncharge(self, len(entry[0].payload))
-            if entry[3]:
-                self._done(entry[3])
-            if self.queue:
-                self.pump()
-            elif self.blocked is not None or self.waiters:
-                self._after_ack()
+        if entry is None or entry[1] != 1:
+            return False
+        del self.inflight[pid]
+        self.host.uncharge(self, len(entry[0].payload))
+        if entry[3]:
+            self._done(entry[3])
+        return True
+
+    def after_acks(self) -> None:
+        """Room was freed in the window: send what is queued, or let held
+        publishers and waiting deliver() calls go on."""
+        if self.queue:
+            self.pump()
+        elif self.blocked is not None or self.waiters:
+            self._after_ack()
 
     def on_pubrec(self, pid: int) -> None:
         entry = self.inflight.get(pid)
