@@ -19,8 +19,9 @@ MAX_TOPIC_BYTES = 65535
 
 def valid_topic_name(topic: str) -> bool:
     """A PUBLISH topic: non-empty, no wildcards, no NUL (MQTT-4.7.3)."""
+    # (at most 4 UTF-8 bytes a character: a topic of up to 16,383 is never encoded to count)
     return bool(topic) and "+" not in topic and "#" not in topic and "\x00" not in topic \
-        and len(topic.encode("utf-8")) <= MAX_TOPIC_BYTES
+        and (len(topic) <= MAX_TOPIC_BYTES // 4 or len(topic.encode("utf-8")) <= MAX_TOPIC_BYTES)
 
 
 def valid_topic_filter(f: str) -> bool:
