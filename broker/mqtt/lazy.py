@@ -1,5 +1,6 @@
 """Containers that allocate nothing until the first item: one per session of a
 home server's 20,000 idle clients, almost all of them empty all their life.
+NO_DICT is the same as NO_QUEUE for a dict.
 
 An empty `deque()` costs ~760 bytes (it always holds one 64-slot block) and an
 empty `set()` 216. A session's outgoing queue is the shared NO_QUEUE until its
@@ -35,6 +36,23 @@ class _SharedEmptyDeque(deque[Any]):
 # The outgoing queue of every session that has never queued a message: an empty
 # deque() is ~760 bytes (it always holds one 64-slot block) per idle session.
 NO_QUEUE: Final[deque[Any]] = _SharedEmptyDeque()
+
+
+class _SharedEmptyDict(dict[Any, Any]):
+    """NO_DICT: reads (get, in, len, items, pop of a missing key, clear) are a dict's
+    own; adding to it raises, like NO_QUEUE's."""
+
+    __slots__ = ()
+
+    def _refuse(self, *_args: object, **_kw: object) -> Any:
+        raise TypeError("NO_DICT is shared by every idle session: add to the session's own dict (own_...())")
+
+    __setitem__ = setdefault = update = __ior__ = _refuse  # type: ignore[assignment]
+
+
+# A session's in-flight window and MQTT 5 subscription options until their first
+# entry: an empty dict is 64 bytes per idle session.
+NO_DICT: Final[dict[Any, Any]] = _SharedEmptyDict()
 
 
 class LazySet(Generic[T]):

@@ -115,7 +115,8 @@ class SessionPersistence:
         st = SessionState(saved.client_id, False, info, host)
         st.disconnected_at = saved.disconnected_at
         st.expiry = saved.expiry
-        st.sub_opts.update(saved.subscription_options)
+        if saved.subscription_options:
+            st.own_sub_opts().update(saved.subscription_options)
         st._pid = saved.last_pid
         st.incoming_qos2.update(saved.incoming_qos2)
         st.journal = self.journal
@@ -126,7 +127,7 @@ class SessionPersistence:
             st._seq = max(st._seq, m.seq)
             if m.pid is not None and m.pid not in st.inflight:
                 msg = None if m.stage else shared(m)
-                st.inflight[m.pid] = [msg, m.qos, m.stage, m.seq]
+                st.own_inflight()[m.pid] = [msg, m.qos, m.stage, m.seq]
             else:    # after a crash: sent again as new messages (at least once)
                 msg = shared(m)
                 st.own_queue().append((msg, m.qos, m.seq))

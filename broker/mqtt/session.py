@@ -12,7 +12,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.mqtt import codec, codec5
-from broker.mqtt.lazy import NO_QUEUE, LazySet
+from broker.mqtt.lazy import NO_DICT, NO_QUEUE, LazySet
 from broker.mqtt.properties import MsgProps, stored_props
 from broker.mqtt.topics import matches
 from broker.store.base import MessageDone, MessageKept, SavedMessage
@@ -207,7 +207,7 @@ class SessionState:
         # An idle session's empty deque and set were ~1 KB of its ~4.5 (lazy.py): the
         # queue is the shared NO_QUEUE until the first message is queued (own_queue()).
         self.queue: deque[tuple[Message, int, int]] = NO_QUEUE
-        self.inflight: dict[int, list[Any]] = {}
+        self.inflight: dict[int, list[Any]] = NO_DICT     # until the first send: own_inflight()
         self._pid = 0
         self.incoming_qos2: LazySet[int] = LazySet()
         self.disconnected_at = 0.0
@@ -233,9 +233,21 @@ class SessionState:
         self.unjournaled: tuple[str, ...] = ()
         # MQTT 5: filter -> (subscription options byte, subscription identifier or 0),
         # the Session Expiry Interval (None: limits.session_expiry), a pending delayed will
-        self.sub_opts: dict[str, tuple[int, int]] = {}
+        self.sub_opts: dict[str, tuple[int, int]] = NO_DICT   # own_sub_opts() to add
         self.expiry: float | None = None
         self.will_timer: Any = None
+
+    def own_inflight(self) -> dict[int, list[Any]]:
+        """This session's own in-flight dict (NO_DICT until the first message sent)."""
+        if self.inflight is NO_DICT:
+            self.inflight = {}
+        return self.inflight
+
+    def own_sub_opts(self) -> dict[str, tuple[int, int]]:
+        """This session's own MQTT 5 subscription options (NO_DICT until the first)."""
+        if self.sub_opts is NO_DICT:
+            self.sub_opts = {}
+        return self.sub_opts
 
     def own_queue(self) -> deque[tuple[Message, int, int]]:
         """This session's own queue, made at the first message queued (NO_QUEUE
@@ -312,6 +324,8 @@ class SessionState:
                 if not self.host.charge(self, len(msg.payload)):
                     return False
                 pid = self._next_pid()
+                if self.inflight is NO_DICT:
+                    self.inflight = {}
                 self.inflight[pid] = [msg, qos, 0, self._keep(msg, qos, pid) if self.journal is not None else 0]
                 conn.write(msg.packet(qos, pid))
                 self.host.counters.sent_qos[qos] += 1
@@ -360,6 +374,8 @@ class SessionState:
                     break
                 queue.popleft()
                 pid = self._next_pid()
+                if self.inflight is NO_DICT:
+                    self.inflight = {}
                 self.inflight[pid] = [msg, qos, 0, seq]
                 if seq and qos == 2:
                     self._sent(msg, pid, seq)
@@ -545,6 +561,8 @@ class SessionState5(SessionState):
                 if data is None:
                     self.host.uncharge(self, len(msg.payload))
                     return False
+                if self.inflight is NO_DICT:
+                    self.inflight = {}
                 self.inflight[pid] = [msg, qos, 0, self._keep(msg, qos, pid) if self.journal is not None else 0]
                 conn.write(data)
                 self.host.counters.sent_qos[qos] += 1
@@ -577,6 +595,8 @@ class SessionState5(SessionState):
                     self.host.uncharge(self, len(msg.payload))
                     self._done(seq)
                     continue
+                if self.inflight is NO_DICT:
+                    self.inflight = {}
                 self.inflight[pid] = [msg, qos, 0, seq]
                 if seq and qos == 2:
                     self._sent(msg, pid, seq)

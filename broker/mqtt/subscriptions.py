@@ -140,7 +140,7 @@ class Subscriptions:
             self._router.subscribe(st, f, q)
             if v5:
                 if sub.options & 0x0C or sub_id:
-                    st.sub_opts[f] = (sub.options, sub_id)
+                    st.own_sub_opts()[f] = (sub.options, sub_id)
                 else:
                     st.sub_opts.pop(f, None)
             handling = (sub.options >> 4) & 0x03
