@@ -101,7 +101,7 @@ class AccessControl:
         ok = self._cached_now(st, topic, action, allowed, denied)
         if ok is None:
             ok = await self.decide(st.info, topic, action)
-            _remember(st.acl_cache, topic, allowed if ok else denied)
+            _remember(st.own_acl_cache(), topic, allowed if ok else denied)
         return ok
 
     def _cached_now(self, st: SessionState, topic: str, action: Action, allowed: int, denied: int) -> bool | None:
@@ -114,7 +114,7 @@ class AccessControl:
             return False
         ok = self.decide_now(st.info, topic, action)
         if ok is not None:
-            _remember(st.acl_cache, topic, allowed if ok else denied)
+            _remember(st.own_acl_cache(), topic, allowed if ok else denied)
         return ok
 
     @staticmethod

@@ -212,7 +212,7 @@ class SessionState:
         self.incoming_qos2: LazySet[int] = LazySet()
         self.disconnected_at = 0.0
         self.dropped = 0
-        self.acl_cache: dict[str, int] = {}   # topic -> ACL decisions known (acl.py)
+        self.acl_cache: dict[str, int] = NO_DICT   # topic -> ACL decisions known (acl.py; own_acl_cache())
         self.waiters: list[Any] = []
         self.discarded = False
         self.max_inflight = host.limits.max_inflight
@@ -242,6 +242,12 @@ class SessionState:
         if self.inflight is NO_DICT:
             self.inflight = {}
         return self.inflight
+
+    def own_acl_cache(self) -> dict[str, int]:
+        """This session's own ACL decision cache (NO_DICT until the first decision)."""
+        if self.acl_cache is NO_DICT:
+            self.acl_cache = {}
+        return self.acl_cache
 
     def own_sub_opts(self) -> dict[str, tuple[int, int]]:
         """This session's own MQTT 5 subscription options (NO_DICT until the first)."""
