@@ -335,8 +335,10 @@ class BlobStore(Protocol):
     """The bytes of files, by content hash (broker/store/blobs.py keeps them in a
     folder, beside SQLite; broker/store/postgres_files.py in PostgreSQL, where
     every node reads them). Uploads in progress are staged under an upload id
-    until `commit` makes them a blob, atomically. broker/store/factory.py
-    `create_blob_store` picks the one that goes with the store."""
+    until `commit` makes them a blob, atomically. A blob is never deleted: another
+    upload of the same content, on any node, may be recording it at any moment
+    (broker/services/files.py records first, commits the bytes second).
+    broker/store/factory.py `create_blob_store` picks the one that goes with the store."""
 
     async def begin(self, upload: str) -> None:
         """An empty staging area for `upload` (an id of [0-9a-f])."""
@@ -349,8 +351,6 @@ class BlobStore(Protocol):
 
     async def discard(self, upload: str) -> None:
         """Drop a staged upload (nothing if there is none)."""
-
-    async def delete(self, digest: str) -> None: ...
 
     async def read(self, digest: str, offset: int, length: int) -> bytes:
         """Up to `length` bytes from `offset`; NotFoundError when there is no such blob."""

@@ -3,7 +3,8 @@
 A blob is written once and never changed: staged under `<root>/staging/<upload>`,
 fsynced, then linked into place (only if no blob of that name exists) and its
 folder fsynced, so a crash leaves either no blob or the whole one, never a part.
-The same content uploaded twice is one blob. Every call runs on a worker thread:
+The same content uploaded twice is one blob, and none is ever deleted
+(broker/store/base.py BlobStore says why). Every call runs on a worker thread:
 file I/O never blocks the event loop. The SQLite store's blobs; with
 `storage.backend: postgres` they are in the database (broker/store/postgres_files.py).
 """
@@ -74,9 +75,6 @@ class FsBlobStore:
 
     async def discard(self, upload: str) -> None:
         await asyncio.to_thread(lambda: self._staged(upload).unlink(missing_ok=True))
-
-    async def delete(self, digest: str) -> None:
-        await asyncio.to_thread(lambda: self._blob(digest).unlink(missing_ok=True))
 
     async def read(self, digest: str, offset: int, length: int) -> bytes:
         def job() -> bytes:

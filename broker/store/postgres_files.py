@@ -190,12 +190,6 @@ class PgBlobStore:
 
         await self._db.autocommit(job)
 
-    async def delete(self, digest: str) -> None:
-        async def job(conn: Connection) -> None:
-            await conn.execute("DELETE FROM file_blobs WHERE id=$1 AND NOT staged", digest)
-
-        await self._db.autocommit(job)
-
     async def read(self, digest: str, offset: int, length: int) -> bytes:
         end = offset + max(0, length)
 
