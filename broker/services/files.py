@@ -4,10 +4,10 @@ An upload goes through the gateway like every request, so the CLI, devices and
 the web page have one way: `file.upload` (name, media type, size) opens it,
 `file.chunk` appends base64 chunks at the offset the server expects (hashing
 as it goes, SHA-256), `file.finish` checks the size and the content against
-the media type, stores the blob (content-addressed, deduplicated) and the
-uploader's record (quota checked in the same transaction), and answers the
-reference a `file` body carries: {id, name, size, media_type}. Refused input
-stores nothing.
+the media type, stores the uploader's record (quota checked in the same
+transaction) and then the blob (content-addressed, deduplicated), and answers
+the reference a `file` body carries: {id, name, size, media_type}. Refused input
+stores nothing, and a blob once stored is never deleted (see _store_upload).
 
 Uploads in progress are bounded: their bytes count against the uploader's
 quota and against `files.max_uploading` for everyone, each principal has at
@@ -223,21 +223,23 @@ class FileService:
                 raise
 
     async def _store_upload(self, upload: Upload) -> dict[str, Any]:
+        # The record first, then the bytes. A refused upload (over its quota, its uploader
+        # removed) has committed nothing, so it never deletes a blob: deleting one after the
+        # fact could take the bytes of another upload of the same content (on this node or
+        # another) that is recording them now. A failure between the two steps leaves a
+        # record of an upload never answered; its retry (the same content) commits the bytes.
         if not content_matches(upload.media_type, upload.head):
             raise bad(f"the content is not {upload.media_type}")
         digest = upload.hasher.hexdigest()
         rec = FileRecord(digest, upload.owner, upload.name, upload.size, upload.media_type, self._clock())
-        known = await self._store.find(digest) is not None
-        created = await self._blobs.commit(upload.id, digest)
         try:
             accepted = await self._store.add_upload(rec, quota=self._cfg.quota)
         except NotFoundError:
             accepted = False   # the uploader was removed meanwhile
         if not accepted:
-            if created and not known and await self._store.find(digest) is None:
-                await self._blobs.delete(digest)   # nothing refers to it: refused means nothing stored
             raise ProtocolError(ErrorCode.QUOTA_EXCEEDED,
                                 f"your files would take more than your quota of {self._cfg.quota} bytes")
+        created = await self._blobs.commit(upload.id, digest)
         self.stats.files_stored += 1
         self.stats.blobs_written += int(created)
         stored = await self._store.get_upload(digest, upload.owner) or rec
