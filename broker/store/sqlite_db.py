@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from broker.store.base import StoreBusy, StoreClosed, StoreFull, StoreUnavailable
 
@@ -31,6 +31,16 @@ log = logging.getLogger("roost.store")
 
 T = TypeVar("T")
 Job = Callable[[sqlite3.Connection], Any]
+
+
+class ResultSink(Protocol):
+    """Where a job's outcome goes, on its event loop, after COMMIT: an asyncio.Future,
+    or (submit_to) an object that answers its own waiters without a future's extra
+    turn of the loop (the messaging batch)."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
 
 # A migration is (unique name, SQL script). Names are recorded once applied.
 # A step that needs Python (hashing existing rows) is a function of the
@@ -92,7 +102,7 @@ class Database:
         self.path = Path(path)
         self._queue_size = queue_size
         self._batch_max = batch_max
-        self._jobs: queue.Queue[tuple[Job, asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = queue.Queue(queue_size)
+        self._jobs: queue.Queue[tuple[Job, ResultSink, asyncio.AbstractEventLoop] | None] = queue.Queue(queue_size)
         self._writer: threading.Thread | None = None
         self._wconn: sqlite3.Connection | None = None
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roost-sqlite-read")
@@ -178,16 +188,20 @@ class Database:
     def submit(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
         """Queue `fn` now (from the event loop) and return the future that `write`
         awaits: settled after COMMIT. Raises StoreBusy/StoreClosed at once."""
+        fut: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self.submit_to(fn, fut)
+        return fut
+
+    def submit_to(self, fn: Job, sink: ResultSink) -> None:
+        """Queue `fn` now (from the event loop); `sink` gets its outcome on this loop
+        after COMMIT. Raises StoreBusy/StoreClosed at once."""
         if self._closed:
             raise StoreClosed("store is closed")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[T] = loop.create_future()
         try:
-            self._jobs.put_nowait((fn, fut, loop))
+            self._jobs.put_nowait((fn, sink, asyncio.get_running_loop()))
         except queue.Full:
             raise StoreBusy("storage writer queue is full") from None
         self.submitted += 1
-        return fut
 
     @property
     def pending_writes(self) -> int:
@@ -276,11 +290,11 @@ class Database:
                 item[2].call_soon_threadsafe(_settle, item[1], False, StoreClosed("store is closed"))
 
     @staticmethod
-    def _settle_batch(batch: list[tuple[Job, asyncio.Future[Any], asyncio.AbstractEventLoop]],
+    def _settle_batch(batch: list[tuple[Job, ResultSink, asyncio.AbstractEventLoop]],
                       outcomes: list[tuple[bool, Any]]) -> None:
         # One wake-up per event loop per batch, not one per job: each
         # call_soon_threadsafe writes to the loop's self-pipe (a syscall).
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], bool, Any]]] = {}
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[ResultSink, bool, Any]]] = {}
         for (ok, value), (_fn, fut, loop) in zip(outcomes, batch):
             settled = by_loop.get(loop)
             if settled is None:
@@ -389,12 +403,12 @@ def prepare_private_file(path: Path) -> None:
             pass
 
 
-def _settle_all(settled: list[tuple[asyncio.Future[Any], bool, Any]]) -> None:
+def _settle_all(settled: list[tuple[ResultSink, bool, Any]]) -> None:
     for fut, ok, value in settled:
         _settle(fut, ok, value)
 
 
-def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+def _settle(fut: ResultSink, ok: bool, value: Any) -> None:
     if fut.done():
         return
     if ok:

@@ -59,14 +59,38 @@ class AckOp:
 
 
 class _Group:
-    __slots__ = ("futures", "loop", "mark", "ops", "started")
+    """The ops of one store job, and (as the job's ResultSink) their answers: the
+    writer's wake-up of the loop answers every caller, no future in between."""
+    __slots__ = ("futures", "loop", "mark", "ops", "settled", "started")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.ops: list[SendOp | AckOp] = []
         self.futures: list[asyncio.Future[Any]] = []
         self.started = False
+        self.settled = False
         self.mark = -1
+
+    def done(self) -> bool:
+        return self.settled
+
+    def set_result(self, outcomes: list[tuple[bool, Any]]) -> None:
+        """After COMMIT: each op's own answer (a refused op gets its error)."""
+        self.settled = True
+        for fut, (ok, value) in zip(self.futures, outcomes):
+            if fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def set_exception(self, exception: BaseException) -> None:
+        """The group failed (or its commit did): every op gets that error."""
+        self.settled = True
+        for fut in self.futures:
+            if not fut.done():
+                fut.set_exception(exception)
 
 
 class OpBatcher:
@@ -93,12 +117,11 @@ class OpBatcher:
         g = _Group(loop)
         g.ops.append(op)
         g.futures.append(fut)
-        dbfut = self._db.submit(lambda conn: self._run(conn, g))   # raises StoreBusy/StoreClosed
+        self._db.submit_to(lambda conn: self._run(conn, g), g)   # raises StoreBusy/StoreClosed
         g.mark = self._db.submitted
         self._open = g
         self.groups += 1
         self.ops += 1
-        dbfut.add_done_callback(lambda f: _settle(g, f))
         return fut
 
     def _run(self, conn: sqlite3.Connection, g: _Group) -> list[tuple[bool, Any]]:
@@ -106,26 +129,6 @@ class OpBatcher:
             g.started = True
             ops = list(g.ops)
         return _GroupRun(conn).run(ops)
-
-
-def _settle(g: _Group, dbfut: asyncio.Future[Any]) -> None:
-    """On the loop, after COMMIT (or the group's failure): answer every caller."""
-    if dbfut.cancelled():
-        exc: BaseException | None = asyncio.CancelledError()
-    else:
-        exc = dbfut.exception()
-    if exc is not None:
-        for fut in g.futures:
-            if not fut.done():
-                fut.set_exception(exc)
-        return
-    for fut, (ok, value) in zip(g.futures, dbfut.result()):
-        if fut.done():
-            continue
-        if ok:
-            fut.set_result(value)
-        else:
-            fut.set_exception(value)
 
 
 # ---- the group, on the writer thread --------------------------------------------
