@@ -16,11 +16,18 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
+from broker.config import StorageConfig, config_from_dict
+from broker.services.base import Caller
 from broker.services.events import PrincipalRemoved
 from broker.services.files import FileService
+from broker.services.identity import IdentityService
+from broker.services.runtime import Services
+from broker.store.base import BlobStore
 from broker.store.blobs import FsBlobStore
+from broker.store.factory import create_blob_store, open_store
 from client.cli import main as roost_main
 from contract.errors import ErrorCode, ProtocolError
+from contract.ops import FILE_CHUNK
 from contract.sdkcore import files as sdkfiles
 from tests.clients import ImClient
 from tests.messaging_env import Env, FakeClock, close_env, open_env
@@ -169,6 +176,109 @@ def test_refused_uploads_store_nothing(tmp_path):
             assert len(stored_files(tmp_path / "files")) == 1 and files.uploading_bytes() == 0
         finally:
             await close_env(env)
+
+    run(main())
+
+
+# ---- two nodes on one store: an upload refused while another of the same content records it ---------
+
+class PausedAfterCommit:
+    """The real blob store of one node, passed through; `hold()` makes the next
+    commit stop right after it returns until `release()`, so a test can place
+    another node's steps in that gap."""
+
+    def __init__(self, inner: BlobStore) -> None:
+        self._inner = inner
+        self.committed = asyncio.Event()
+        self._resume = asyncio.Event()
+        self._resume.set()
+
+    def hold(self) -> None:
+        self.committed.clear()
+        self._resume.clear()
+
+    def release(self) -> None:
+        self._resume.set()
+
+    async def commit(self, upload: str, digest: str) -> bool:
+        made = await self._inner.commit(upload, digest)
+        self.committed.set()
+        await self._resume.wait()
+        return made
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+async def paused_or_done(blobs: PausedAfterCommit, task: asyncio.Task[Any]) -> None:
+    waiter = asyncio.ensure_future(blobs.committed.wait())
+    await asyncio.wait([waiter, task], timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    assert blobs.committed.is_set() or task.done(), "neither paused after its commit nor finished"
+
+
+async def started(files: FileService, caller: Caller, data: bytes, name: str) -> str:
+    """An upload of `data`, every byte sent, not finished."""
+    up = (await files.op_upload(caller, {"name": name, "media_type": "image/png", "size": len(data)}))["upload"]
+    for offset in range(0, len(data), FILE_CHUNK):
+        await files.op_chunk(caller, {"upload": up, "offset": offset,
+                                      "data": base64.b64encode(data[offset:offset + FILE_CHUNK]).decode()})
+    return up
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_an_upload_refused_on_one_node_never_takes_the_bytes_another_node_records(
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """alice's upload of PNG on node 1 is refused at its finish (her other upload, on
+    node 2, filled her quota meanwhile) while bob's upload of the same PNG on node 2
+    is finishing: in the worst order (alice's bytes committed, bob's commit finding
+    them, alice refused, then bob recorded) bob's file must still download whole.
+    Before the fix, alice's refusal deleted the blob it had made and bob's record
+    pointed at nothing."""
+    storage = (StorageConfig(backend="postgres", dsn=request.getfixturevalue("postgres_dsn")) if backend == "postgres"
+               else StorageConfig(path=str(tmp_path / "roost.db")))
+    other = b"\x89PNG\r\n\x1a\n" + bytes(range(255, -1, -1)) * 300     # as big as PNG, another content
+    cfg = config_from_dict({"files": {"quota": len(PNG) + len(other) // 2}})
+
+    async def main() -> None:
+        store = await open_store(storage)
+        try:
+            identity = IdentityService(store.identity)
+            await identity.load()
+            for who in ("alice", "bob"):
+                await identity.add(who, "user", secret="pw", name=who)
+            # two nodes: their own services and blob store objects on the one store (and folder)
+            blobs1, blobs2 = (PausedAfterCommit(create_blob_store(storage, store, tmp_path / "files"))
+                              for _ in range(2))
+            files1, files2 = (FileService(Services(config=cfg, store=store, identity=identity), b)
+                              for b in (blobs1, blobs2))
+            await files1.load()
+            alice, bob = Caller("alice", "user", "alice.phone"), Caller("bob", "user", "bob.laptop")
+            alice_png = await started(files1, alice, PNG, "cat.png")
+            alice_other = await started(files2, alice, other, "other.png")     # within quota: nothing stored yet
+            await files2.op_finish(alice, {"upload": alice_other})              # now PNG no longer fits
+            bob_png = await started(files2, bob, PNG, "same.png")
+
+            blobs1.hold()
+            blobs2.hold()
+            refused_finish = asyncio.create_task(files1.op_finish(alice, {"upload": alice_png}))
+            await paused_or_done(blobs1, refused_finish)      # (before the fix: its bytes committed, paused)
+            bob_finish = asyncio.create_task(files2.op_finish(bob, {"upload": bob_png}))
+            await paused_or_done(blobs2, bob_finish)          # bob's commit found the blob, or made it
+            blobs1.release()
+            await refused(ErrorCode.QUOTA_EXCEEDED, refused_finish)
+            blobs2.release()
+            ref = await bob_finish
+            assert ref["id"] == hashlib.sha256(PNG).hexdigest()
+            assert await store.files.get_upload(ref["id"], "alice") is None    # refused: nothing recorded
+            for node in (files1, files2):      # whole, from either node
+                out = b""
+                while len(out) < len(PNG):
+                    answer = await node.op_download(bob, {"file": ref["id"], "offset": len(out)})
+                    out += base64.b64decode(answer["data"])
+                assert out == PNG
+        finally:
+            await store.close()
 
     run(main())
 
