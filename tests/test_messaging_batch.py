@@ -199,3 +199,16 @@ def test_everything_answered_is_committed(tmp_path):
         assert last_n == 100
 
     asyncio.run(main())
+
+
+def test_a_large_group_fits_an_old_sqlite_parameter_limit(tmp_path):
+    async def main() -> None:
+        store = await open_store(tmp_path)
+        # SQLite before 3.32: at most 999 parameters per statement (the multi-row INSERTs)
+        await store.db.write(lambda conn: conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999))
+        outs = await asyncio.gather(*(send(store, "alice", "bob", f"m{i}") for i in range(200)))
+        assert sorted(o.message.seq for o in outs) == list(range(1, 201))
+        assert len(await mailbox(store, "bob")) == 400
+        await store.close()
+
+    asyncio.run(main())

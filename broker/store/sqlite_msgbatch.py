@@ -494,9 +494,11 @@ class _GroupRun:
         # step: with the event loop busy, each row then waits for the GIL to come
         # back (measured: 1.4 s of 2.1 s in executemany waiting). A multi-row
         # statement steps once per chunk.
+        # SQLite before 3.32 allows 999 parameters per statement, later ones 32766
+        most = self.conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // table.width
         start, left = 0, len(rows)
         while left:
-            size = next(c for c in _CHUNKS if c <= left)
+            size = next(c for c in _CHUNKS if c <= left and c <= most)
             chunk = rows[start:start + size]
             self.conn.execute(table.texts[size], tuple(chain.from_iterable(chunk)))
             start += size
