@@ -16,7 +16,7 @@ from broker.cluster.peers import ShareGroups
 from tests.clients import MqttClient
 from tests.harness import RoostProcess
 from tests.nats import NatsServer, wait_until
-from tests.test_cluster_routing import NODE_TIMEOUT, client, node_config, wait_until_formed
+from tests.test_cluster_routing import NODE_TIMEOUT, client, start_nodes
 from tests.test_mqtt5_restart import PROPS, V5Client, assert_props
 from tests.test_mqtt_helpers import RawClient
 
@@ -28,11 +28,7 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Ro
     root = tmp_path_factory.mktemp("cluster5")
     (root / "nats").mkdir()
     server = NatsServer(root / "nats").start()
-    nodes = {name: RoostProcess(root / name, node_config(name, server.url)) for name in ("n1", "n2")}
-    for node in nodes.values():
-        node.add_user("alice", PW)
-        node.start()
-    wait_until_formed(nodes)
+    nodes = start_nodes(root, server.url, ["n1", "n2"], users={"alice": PW})
     yield nodes
     for node in nodes.values():
         node.kill()

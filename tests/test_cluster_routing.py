@@ -29,9 +29,17 @@ def node_config(name: str, nats_url: str) -> dict[str, Any]:
             "auth": {"allow_anonymous": True}, "sys_interval": 0}
 
 
-def start_nodes(root: Path, nats_url: str, names: list[str]) -> dict[str, RoostProcess]:
-    nodes = {name: RoostProcess(root / name, node_config(name, nats_url)) for name in names}
+def start_nodes(root: Path, nats_url: str, names: list[str], *, users: dict[str, str] | None = None,
+                node_timeout: float = NODE_TIMEOUT) -> dict[str, RoostProcess]:
+    """A formed cluster of `names`, each node with its own store holding `users` (name: password)."""
+    nodes = {}
+    for name in names:
+        config = node_config(name, nats_url)
+        config["cluster"]["node_timeout"] = node_timeout
+        nodes[name] = RoostProcess(root / name, config)
     for node in nodes.values():
+        for user, password in (users or {}).items():
+            node.add_user(user, password)
         node.start()
     wait_until_formed(nodes)
     return nodes

@@ -26,7 +26,7 @@ from broker.cluster.peers import Peers
 from tests.clients import MqttClient
 from tests.harness import RoostProcess
 from tests.nats import NatsServer, wait_until
-from tests.test_cluster_routing import node_config, wait_until_formed
+from tests.test_cluster_routing import start_nodes
 from tests.test_mqtt5_restart import V5Client
 
 PW = "pw-alice-123"
@@ -39,15 +39,7 @@ def three_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
     root = tmp_path_factory.mktemp("cluster_wills")
     (root / "nats").mkdir()
     server = NatsServer(root / "nats").start()
-    nodes = {}
-    for name in ("n1", "n2", "n3"):
-        config = node_config(name, server.url)
-        config["cluster"]["node_timeout"] = NODE_TIMEOUT
-        nodes[name] = RoostProcess(root / name, config)
-    for node in nodes.values():
-        node.add_user("alice", PW)
-        node.start()
-    wait_until_formed(nodes)
+    nodes = start_nodes(root, server.url, ["n1", "n2", "n3"], users={"alice": PW}, node_timeout=NODE_TIMEOUT)
     yield nodes
     for node in nodes.values():
         node.kill()
