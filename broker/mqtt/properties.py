@@ -221,6 +221,9 @@ class MsgProps:
 
 def message_props(props: Props, now: float, origin: Any) -> MsgProps | None:
     """MsgProps of a publish or will; None when it carries nothing to forward."""
+    if not props or (len(props) == 1 and TOPIC_ALIAS in props):
+        # the usual publish (none, or a Topic Alias alone): nothing to look up or encode
+        return None if origin is None else MsgProps(b"", None, origin)
     items: list[tuple[int, Any]] = []
     for pid in _FORWARDED:
         value = props.get(pid)
