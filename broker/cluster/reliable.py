@@ -104,6 +104,10 @@ def _pstr(text: str) -> bytes:
     raw = text.encode()
     if len(raw) > 255:
         raise ValueError(f"{text!r} is too long for a frame header")
+    return _pstr_raw(raw)
+
+
+def _pstr_raw(raw: bytes) -> bytes:
     return bytes((len(raw),)) + raw
 
 
@@ -303,10 +307,14 @@ class ReliableLinks:
                     self._send_ack(stream, 0)
                     self._dirty.pop(stream.origin, None)
                 else:
-                    self._dirty[stream.origin] = stream
-                    if self._ack_timer is None:
-                        self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._flush_acks)
+                    self._ack_later(stream)
         return on_frame
+
+    def _ack_later(self, stream: _Incoming) -> None:
+        """Ack `stream` with the next batch (within ACK_DELAY)."""
+        self._dirty[stream.origin] = stream
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._flush_acks)
 
     def _new_stream(self, header: bytes, base: int) -> _Incoming:
         """The first frame of a node here, or of its new incarnation."""
@@ -329,9 +337,7 @@ class ReliableLinks:
         if seq < stream.expected:
             self.duplicates += 1
             stream.unacked += 1          # the ack stops the resending
-            self._dirty[stream.origin] = stream
-            if self._ack_timer is None:
-                self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._flush_acks)
+            self._ack_later(stream)
             return False
         now = self._clock()
         if stream.asked_for != stream.expected or now - stream.asked_at > RESEND_AFTER:
@@ -380,6 +386,3 @@ class ReliableLinks:
             self._by_header.pop(stream.header, None)
             self._dirty.pop(node, None)
 
-
-def _pstr_raw(raw: bytes) -> bytes:
-    return bytes((len(raw),)) + raw
