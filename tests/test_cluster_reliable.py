@@ -227,3 +227,55 @@ def test_the_window_bound_is_configured_and_checked() -> None:
     assert config_from_dict({"cluster": {**cluster, "resend_buffer_bytes": 65536}}).cluster.resend_buffer_bytes == 65536
     with pytest.raises(ConfigError, match="cluster.resend_buffer_bytes"):
         config_from_dict({"cluster": {**cluster, "resend_buffer_bytes": 100}})
+
+
+def test_a_publisher_waits_for_the_nodes_it_went_to_and_for_their_commit() -> None:
+    """The confirmation a publisher's PUBACK waits on (publish.py `Message.remote`):
+    done once every destination acked the frame; a receiver acks a frame whose
+    handler left something to commit only after that commit, and the frames
+    behind it with it. NATS down, a dead node or a full window end the wait,
+    counted as unconfirmed."""
+    async def main() -> None:
+        net = _Net()
+        sender = ReliableLinks(_Link(net), name="n1", inc="aaaa", window_bytes=1 << 20)
+        receivers = {n: ReliableLinks(_Link(net), name=n, inc=n * 2, window_bytes=1 << 20) for n in ("n2", "n3")}
+        commit: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        got: list[bytes] = []
+
+        async def deliver(subject: str, frame: bytes) -> asyncio.Future[None] | None:
+            got.append(frame)
+            return commit if frame == b"kept" else None    # "kept": left for a persistent session
+
+        for n, r in receivers.items():
+            net.handlers[pub_subject(n)] = r.receiving(deliver)
+
+        both = sender.confirmation([("n2", sender.send("n2", b"a")), ("n3", sender.send("n3", b"a"))])
+        assert both is not None and not both.done()
+        await net.run()
+        assert both.done() and sender.window_bytes == 0
+
+        kept = sender.confirmation([("n2", sender.send("n2", b"kept"))])
+        after = sender.confirmation([("n2", sender.send("n2", b"after"))])
+        assert kept is not None and after is not None
+        await net.run()
+        assert got[-2:] == [b"kept", b"after"]
+        assert not kept.done() and not after.done()        # routed there, not committed yet
+        commit.set_result(None)
+        await net.run()
+        assert kept.done() and after.done() and sender.unconfirmed == 0
+
+        # what cannot be waited for: NATS down, the node dead, the frame given up
+        net.lose = lambda subject, data: True
+        waiting = sender.confirmation([("n2", sender.send("n2", b"lost"))])
+        assert waiting is not None and not waiting.done()
+        sender.release_all()                               # NATS lost
+        assert waiting.done() and sender.unconfirmed == 1
+        sender._link.up = False                            # type: ignore[attr-defined]
+        assert sender.confirmation([("n2", sender.send("n2", b"down"))]) is None and sender.unconfirmed == 2
+        sender._link.up = True                             # type: ignore[attr-defined]
+        waiting = sender.confirmation([("n3", sender.send("n3", b"dead"))])
+        assert waiting is not None
+        sender.forget("n3")
+        assert waiting.done() and sender.unconfirmed == 3
+
+    asyncio.run(main())

@@ -47,7 +47,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from amqtt.contexts import Action
@@ -93,7 +93,7 @@ class ClusterNode:
                              max_pending_bytes=config.max_pending_bytes)
         # cross-node publishes: numbered, acked, resent (at-least-once, in order, no duplicates)
         self.reliable = ReliableLinks(self.link, name=self.name, inc=self.inc,
-                                      window_bytes=config.resend_buffer_bytes)
+                                      window_bytes=config.resend_buffer_bytes, confirm_within=config.node_timeout)
         self.share_groups = ShareGroups()       # every node's shared subscription members, this one's too
         self.state = LocalState(self.name, self.inc, self._send_state, self.share_groups)
         self.peers = Peers(me=self.name, timeout=config.node_timeout, clock=clock, ask_sync=self._ask_sync,
@@ -146,7 +146,7 @@ class ClusterNode:
         link.subscribe(wire.released_subject(self.name), self._on_released)
         link.subscribe(wire.ADOPTED, self._on_adopted)
         link.on_connected = self._link_up
-        link.on_disconnected = self.peers.link_down
+        link.on_disconnected = self._link_down
 
     # ---- wiring and lifecycle ----------------------------------------------------------
 
@@ -212,7 +212,8 @@ class ClusterNode:
             sessions_handed=self.sessions_handed, sessions_adopted=self.sessions_adopted,
             mailbox_sent=self._bus.mailbox_sent, mailbox_received=self._bus.mailbox_received,
             resend_window_bytes=self.reliable.window_bytes, resend_dropped=self.reliable.dropped,
-            resent=self.reliable.resent, duplicates=self.reliable.duplicates)
+            resent=self.reliable.resent, duplicates=self.reliable.duplicates,
+            unconfirmed=self.reliable.unconfirmed)
 
     # ---- plain MQTT publishes ----------------------------------------------------------
 
@@ -233,10 +234,18 @@ class ClusterNode:
             return here
         frame = wire.encode_publish(topic, msg.payload, msg.qos, msg.pub_retain) if msg.props is None \
             else self._frame(msg)
-        send = self.reliable.send
-        for node in nodes:
-            groups = picked.get(node) if picked else None
-            send(node, frame if groups is None else self._frame(msg, groups))
+        reliable = self.reliable
+        send = reliable.send
+        if not msg.qos:
+            for node in nodes:
+                groups = picked.get(node) if picked else None
+                send(node, frame if groups is None else self._frame(msg, groups))
+        else:   # its publisher's ack waits for these nodes' (publish.py)
+            sent = []
+            for node in nodes:
+                groups = picked.get(node) if picked else None
+                sent.append((node, send(node, frame if groups is None else self._frame(msg, groups))))
+            msg.remote = reliable.confirmation(sent)
         self.forwarded += 1
         return here
 
@@ -259,12 +268,19 @@ class ClusterNode:
         self.forwarded += 1
         return True
 
-    async def _on_publish(self, subject: str, data: bytes) -> None:
+    async def _on_publish(self, subject: str, data: bytes) -> Awaitable[None] | None:
+        """Route a publish from another node here; what must commit before its
+        frame is acked (what it left for persistent sessions), or None."""
         topic, payload, qos, retain, forwarded, expires_in, groups = wire.decode_publish(data)
         self.from_peers += 1
         if expires_in is not None and expires_in <= 0:
-            return        # its Message Expiry Interval passed on the way
+            return None       # its Message Expiry Interval passed on the way
+        journal = self._engine.journal
+        mark = journal.appended if journal is not None else 0
         await self._engine.route_from_peer(topic, payload, qos, retain, forwarded, expires_in, groups)
+        if journal is not None and journal.appended != mark:
+            return journal.durable()
+        return None
 
     # ---- retained messages -------------------------------------------------------------
 
@@ -490,6 +506,10 @@ class ClusterNode:
     def _rebarrier(self) -> None:
         if self.on_mailbox_caught_up is not None and self.state.mailboxes:
             self._barrier(set(self.state.mailboxes), self.state.seq)
+
+    def _link_down(self) -> None:
+        self.peers.link_down()
+        self.reliable.release_all()     # no publisher waits for a node it cannot reach now
 
     def _link_up(self) -> None:
         self.peers.link_up()

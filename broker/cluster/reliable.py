@@ -28,9 +28,12 @@ The design, the simplest correct one:
   loss, and then the sender resends them all from the gap anyway (go-back-N):
   a reorder buffer would only hold copies of what is coming again.
 * **Acks** are cumulative (the next number expected, so everything below it
-  was routed here: an ack is sent only after the frame's handler finished),
-  batched: after ACK_EVERY frames or ACK_DELAY after the first one not yet
-  acked, on `roost.ack.<origin>`.
+  was routed here: an ack is sent only after the frame's handler finished and
+  what it must keep is committed: a handler may answer an awaitable, the
+  commit, and later frames are acked only after it), sent at the end of the
+  loop turn that finished a frame (every frame of one read of NATS in one
+  ack), or at once after ACK_EVERY frames, on `roost.ack.<origin>`: a
+  publisher waits for them.
 * **Resend** of the whole window from the receiver's number when the
   receiver asks (a gap, or NATS came back: it then tells every origin where it
   is), at most once per RESEND_AFTER per stream for the same number. When the
@@ -41,6 +44,18 @@ The design, the simplest correct one:
   slow receiver is not flooded with copies of the window. The sender probes
   at once when NATS comes back too (the receiver's word may have come before
   the sender had resubscribed).
+* **Confirmations.** A QoS 1/2 publish sent to other nodes gets its
+  PUBACK/PUBREC only once every one of them acknowledged its frame
+  (`confirmation`, awaited by broker/mqtt/publish.py): the frame then is
+  routed there, and kept in its store when a persistent session took it (the
+  receiver acks a frame only after its journal committed what the frame left
+  there). So a publisher's ack never outruns the nodes that must keep its
+  message, and a node that dies with frames in its window has acknowledged none
+  of them. While NATS is down, or a destination is dead or has given the frame
+  up (window full), waiting cannot help: the publish is acknowledged with its
+  frame in the window (resent when NATS is back) and counted in `unconfirmed`:
+  a node dying during a NATS outage loses those (the double fault, documented
+  in docs/CLUSTER.md), and local delivery never stalls on NATS.
 * **A peer dead, left or restarted** (node.py `_peer_dead`): both directions'
   state for it is dropped. The sender's numbers keep counting (a node found
   dead by silence may come back under the same incarnation: its receiver still
@@ -72,8 +87,7 @@ from broker.cluster.wire import PREFIX, pub_subject
 log = logging.getLogger("roost.cluster")
 
 VERSION = 1
-ACK_EVERY = 256           # frames routed before an ack goes at once
-ACK_DELAY = 0.02          # seconds an ack waits for more frames at most
+ACK_EVERY = 256           # frames routed before an ack goes at once (otherwise at the end of the loop turn)
 RESEND_AFTER = 1.0        # seconds without progress before the window is resent
 TICK = 0.25               # seconds between checks for streams without progress
 ENTRY_BYTES = 48          # what one kept frame costs beyond its own bytes (bytes header, deque slot)
@@ -83,6 +97,9 @@ _NUMBERS = struct.Struct("!QQ")     # seq, base
 _ACK_TAIL = struct.Struct("!QB")    # next expected, flags
 
 Handler = Callable[[str, bytes], Awaitable[None]]
+# A publish frame's handler: None, or what must complete before the frame is acked
+# (the commit of what it left for persistent sessions).
+FrameHandler = Callable[[str, bytes], Awaitable[Awaitable[None] | None]]
 
 
 class Link(Protocol):
@@ -119,9 +136,23 @@ def _read_pstr(data: bytes, at: int) -> tuple[bytes, int]:
     return data[at + 1:end], end
 
 
+class _Confirmation:
+    """A publish's frames not yet acknowledged by every node they went to."""
+    __slots__ = ("left", "future")
+
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.left = 0
+        self.future = future
+
+    def one_done(self) -> None:
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(None)
+
+
 class _Outgoing:
     """Frames sent to one node and not yet acknowledged."""
-    __slots__ = ("subject", "next_seq", "window", "bytes", "progress_at", "resent_at", "resent_from")
+    __slots__ = ("subject", "next_seq", "window", "bytes", "progress_at", "resent_at", "resent_from", "waiting")
 
     def __init__(self, subject: str, next_seq: int, now: float) -> None:
         self.subject = subject
@@ -131,6 +162,7 @@ class _Outgoing:
         self.progress_at = now      # last ack that freed something (or the window's first frame)
         self.resent_at = 0.0
         self.resent_from = 0
+        self.waiting: deque[tuple[int, _Confirmation]] = deque()    # by frame number, ascending
 
     @property
     def base(self) -> int:
@@ -140,7 +172,8 @@ class _Outgoing:
 
 class _Incoming:
     """One origin node's stream as received here."""
-    __slots__ = ("origin", "header", "ack_subject", "inc", "expected", "done", "unacked", "asked_for", "asked_at")
+    __slots__ = ("origin", "header", "ack_subject", "inc", "expected", "done", "routed", "committing", "unacked",
+                 "asked_for", "asked_at")
 
     def __init__(self, origin: str, header: bytes, inc: bytes, expected: int) -> None:
         self.origin = origin
@@ -148,16 +181,21 @@ class _Incoming:
         self.ack_subject = ack_subject(origin)
         self.inc = inc
         self.expected = expected    # next number accepted
-        self.done = expected        # every number below was routed here
+        self.done = expected        # every number below was routed here, and committed where it must be
+        self.routed = expected      # every number below was routed here
+        self.committing = 0         # frames whose commit is awaited
         self.unacked = 0
         self.asked_for = -1
         self.asked_at = 0.0
 
 
 class ReliableLinks:
-    def __init__(self, link: Link, *, name: str, inc: str, window_bytes: int,
+    def __init__(self, link: Link, *, name: str, inc: str, window_bytes: int, confirm_within: float = 15.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """`confirm_within`: seconds a publish waits at most for a node that is
+        alive but acknowledges nothing (cluster.node_timeout: by then it is dead)."""
         self._link = link
+        self._confirm_within = confirm_within
         self._name = name
         self._inc = inc.encode()
         self._max = window_bytes
@@ -168,7 +206,7 @@ class ReliableLinks:
         self._by_header: dict[bytes, _Incoming] = {}     # by the frames' origin and incarnation bytes
         self._next_seqs: dict[str, int] = {}        # a forgotten stream's next number (numbers never repeat)
         self._dirty: dict[str, _Incoming] = {}      # streams with frames routed but not acked
-        self._ack_timer: asyncio.TimerHandle | None = None
+        self._ack_timer: asyncio.Handle | None = None
         self._ticker: asyncio.Task[None] | None = None
         # figures
         self.dropped = 0            # frames given up: the window was full (cluster_resend_full)
@@ -176,6 +214,7 @@ class ReliableLinks:
         self.resent = 0             # frames sent again
         self.duplicates = 0         # frames received twice (dropped here)
         self.gaps = 0               # resends asked after a lost frame
+        self.unconfirmed = 0        # publishes acknowledged without every node's ack (NATS down, node dead)
         link.subscribe(ack_subject(name), self._on_ack)
 
     def start(self) -> None:
@@ -183,6 +222,7 @@ class ReliableLinks:
 
     async def stop(self) -> None:
         self._flush_acks()
+        self.release_all()
         if self._ack_timer is not None:
             self._ack_timer.cancel()
         if self._ticker is not None:
@@ -196,8 +236,8 @@ class ReliableLinks:
 
     # ---- sending -----------------------------------------------------------------------
 
-    def send(self, node: str, frame: bytes) -> None:
-        """Send publish `frame` to `node`, kept until `node` acknowledges it."""
+    def send(self, node: str, frame: bytes) -> int:
+        """Send publish `frame` to `node`, kept until `node` acknowledges it; its number."""
         out = self._out.get(node)
         if out is None:
             out = self._out[node] = _Outgoing(pub_subject(node), self._next_seqs.pop(node, 1), self._clock())
@@ -211,6 +251,40 @@ class ReliableLinks:
         if out.bytes > self._max:
             self._overflow(node, out)
         self._link.send(out.subject, self._prefix + _NUMBERS.pack(seq, seq + 1 - len(window)) + frame)
+        return seq
+
+    def confirmation(self, sent: list[tuple[str, int]]) -> asyncio.Future[None] | None:
+        """Done once every (node, frame number) in `sent` is acknowledged (or can
+        no longer be: see the module docstring); None when there is nothing to
+        wait for."""
+        if not self._link.up:
+            self.unconfirmed += 1
+            return None
+        conf = None
+        for node, seq in sent:
+            out = self._out.get(node)
+            if out is None or seq < out.base:
+                continue
+            if conf is None:
+                conf = _Confirmation(asyncio.get_running_loop().create_future())
+            conf.left += 1
+            out.waiting.append((seq, conf))
+        return conf.future if conf is not None else None
+
+    def _settle(self, out: _Outgoing, below: int, *, acked: bool) -> None:
+        """The waits on `out`'s frames numbered below `below` are over: `acked`
+        by the node, or given up (counted when that was a publish's last wait)."""
+        waiting = out.waiting
+        while waiting and waiting[0][0] < below:
+            conf = waiting.popleft()[1]
+            if not acked and conf.left == 1:
+                self.unconfirmed += 1
+            conf.one_done()
+
+    def release_all(self) -> None:
+        """NATS is down (or this node stops): no publish waits for another node."""
+        for out in self._out.values():
+            self._settle(out, out.next_seq, acked=False)
 
     def _overflow(self, node: str, out: _Outgoing) -> None:
         window = out.window
@@ -223,6 +297,7 @@ class ReliableLinks:
                 log.warning("cluster: node %s has not acknowledged %d bytes of publishes "
                             "(cluster.resend_buffer_bytes): the oldest can no longer be resent (%d so far)",
                             node, out.bytes, self.dropped)
+        self._settle(out, out.base, acked=False)     # given up: their publishers wait no longer
 
     def _resend(self, out: _Outgoing, start: int, now: float) -> None:
         if out.resent_from == start and now - out.resent_at < RESEND_AFTER:
@@ -255,6 +330,8 @@ class ReliableLinks:
             for _ in range(acked):
                 out.bytes -= len(window.popleft()) + ENTRY_BYTES
             out.progress_at = now
+            if out.waiting:
+                self._settle(out, out.base, acked=True)
         if flags & RESEND and window:
             self._resend(out, nxt, now)
 
@@ -267,6 +344,8 @@ class ReliableLinks:
             for out in self._out.values():
                 if out.window and now - out.progress_at > RESEND_AFTER and now - out.resent_at > RESEND_AFTER:
                     self._probe(out, now)
+                if out.waiting and now - out.progress_at > self._confirm_within:
+                    self._settle(out, out.next_seq, acked=False)
 
     def _probe(self, out: _Outgoing, now: float) -> None:
         """No ack for a while: the newest frame again, alone. A receiver that lost
@@ -280,9 +359,10 @@ class ReliableLinks:
 
     # ---- receiving ---------------------------------------------------------------------
 
-    def receiving(self, handler: Handler) -> Handler:
+    def receiving(self, handler: FrameHandler) -> Handler:
         """The handler for this node's publish subject: `handler(subject, frame)`
-        gets each frame once, in order; acks follow once it returned."""
+        gets each frame once, in order; acks follow once it returned and what it
+        answered (None, or an awaitable: the commit) completed."""
         unpack, streams = _NUMBERS.unpack_from, self._by_header
 
         async def on_frame(subject: str, data: bytes) -> None:
@@ -298,23 +378,47 @@ class ReliableLinks:
                 if not self._out_of_order(stream, seq, base):
                     return
             stream.expected = seq + 1
+            commit = None
             try:
-                await handler(subject, data[at + 16:])
+                commit = await handler(subject, data[at + 16:])
             finally:   # a frame its handler refused is not asked for again
-                stream.done = seq + 1
-                stream.unacked += 1
-                if stream.unacked >= ACK_EVERY:
-                    self._send_ack(stream, 0)
-                    self._dirty.pop(stream.origin, None)
-                else:
-                    self._ack_later(stream)
+                stream.routed = seq + 1
+                if commit is not None:
+                    stream.committing += 1
+                    asyncio.get_running_loop().create_task(self._ack_after(stream, seq, commit))
+                elif not stream.committing:
+                    stream.done = seq + 1
+                    self._count_ack(stream)
         return on_frame
 
+    async def _ack_after(self, stream: _Incoming, seq: int, commit: Awaitable[None]) -> None:
+        """Frame `seq`, and those routed after it that had nothing to commit, are
+        acked once its commit is done (commits complete in the order asked)."""
+        try:
+            await commit
+        except Exception:   # noqa: BLE001 - the store gave up (stopping): not acked, resent to the next node
+            log.warning("cluster: a publish from %s could not be kept here; not acknowledged", stream.origin)
+            return
+        finally:
+            stream.committing -= 1
+        if self._in.get(stream.origin) is not stream:
+            return      # that incarnation is forgotten meanwhile
+        stream.done = max(stream.done, stream.routed if not stream.committing else seq + 1)
+        self._count_ack(stream)
+
+    def _count_ack(self, stream: _Incoming) -> None:
+        stream.unacked += 1
+        if stream.unacked >= ACK_EVERY:
+            self._send_ack(stream, 0)
+            self._dirty.pop(stream.origin, None)
+        else:
+            self._ack_later(stream)
+
     def _ack_later(self, stream: _Incoming) -> None:
-        """Ack `stream` with the next batch (within ACK_DELAY)."""
+        """Ack `stream` with the others at the end of this loop turn."""
         self._dirty[stream.origin] = stream
         if self._ack_timer is None:
-            self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._flush_acks)
+            self._ack_timer = asyncio.get_running_loop().call_soon(self._flush_acks)
 
     def _new_stream(self, header: bytes, base: int) -> _Incoming:
         """The first frame of a node here, or of its new incarnation."""
@@ -331,7 +435,9 @@ class ReliableLinks:
         """Whether frame `seq` is the one to route after all (the sender gave up
         the ones before it); a duplicate is acked, a gap asks for a resend."""
         if base > stream.expected:      # given up by the sender (its window overflowed, or it forgot us)
-            stream.expected = stream.done = base
+            stream.expected = stream.routed = base
+            if not stream.committing:
+                stream.done = base
         if seq == stream.expected:
             return True
         if seq < stream.expected:
@@ -380,6 +486,7 @@ class ReliableLinks:
         out = self._out.pop(node, None)
         if out is not None:
             self._next_seqs[node] = out.next_seq
+            self._settle(out, out.next_seq, acked=False)
         stream = self._in.get(node)
         if stream is not None and (inc is None or stream.inc == inc.encode()):
             del self._in[node]

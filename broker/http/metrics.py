@@ -227,6 +227,9 @@ def _cluster_metrics(c: ClusterFigures) -> Iterator[Metric]:
                               "Publishes sent to a node again (NATS lost them or their ack)", value=c.resent)
     yield CounterMetricFamily("roost_cluster_publishes_duplicates",
                               "Publishes received twice from a node (dropped)", value=c.duplicates)
+    yield CounterMetricFamily("roost_cluster_publishes_unconfirmed",
+                              "QoS 1/2 publishes acknowledged without every node's ack (NATS down, node dead, "
+                              "window full)", value=c.unconfirmed)
 
 
 class WebCollector(Collector):

@@ -9,8 +9,9 @@ which the connection awaits in order with the packets behind it.
 
 Nothing is acknowledged that is not stored: a QoS 1/2 publish that changed a
 retained message or was kept for a persistent session is acknowledged once the
-store committed it (retained.py, journal.py); until then the client's later
-packets wait behind it.
+store committed it (retained.py, journal.py), and one the cluster sent to other
+nodes once they have it (`Message.remote`, broker/cluster/reliable.py); until
+then the client's later packets wait behind it.
 """
 
 from __future__ import annotations
@@ -119,11 +120,11 @@ class Publishing:
             msg.pub_retain = True
             if not self._retained.set(topic, pkt.payload, qos, info.principal, pkt.properties) and qos:
                 self._router.route(msg, conn)
-                return self._acknowledge(conn, st, pkt, mark, refused=codec5.QUOTA_EXCEEDED)
+                return self._acknowledge(conn, st, pkt, mark, refused=codec5.QUOTA_EXCEEDED, remote=msg.remote)
         self._router.route(msg, conn)
         if not qos:
             return DONE
-        return self._acknowledge(conn, st, pkt, mark)
+        return self._acknowledge(conn, st, pkt, mark, remote=msg.remote)
 
     async def _publish_later(self, conn: Connection, st: SessionState, info: ClientInfo, pkt: codec.Publish,
                              allowed: bool | None) -> None:
@@ -133,9 +134,11 @@ class Publishing:
             allowed = await self._acl.may_publish(st, topic)
         mark = None
         refused = 0
+        remote = None
         if allowed:
             mark = self._journal_mark()
-            await self._intercept_and_route(info, topic, pkt.payload, pkt.qos, pkt.retain, conn, pkt.properties)
+            remote = await self._intercept_and_route(info, topic, pkt.payload, pkt.qos, pkt.retain, conn,
+                                                     pkt.properties)
             refused, info.publish_refused = info.publish_refused, 0   # an interceptor's refusal
         else:
             self._stats["publish_denied"] += 1
@@ -144,7 +147,7 @@ class Publishing:
             if pkt.qos == 2 and not refused:
                 st.incoming_qos2.add(pkt.packet_id)
             return
-        await self._acknowledge(conn, st, pkt, mark, refused=refused)
+        await self._acknowledge(conn, st, pkt, mark, refused=refused, remote=remote)
 
     def _journal_mark(self) -> int:
         """Compared after routing: did it keep the message for a persistent session?"""
@@ -152,12 +155,13 @@ class Publishing:
         return journal.appended if journal is not None else 0
 
     def _acknowledge(self, conn: Connection, st: SessionState, pkt: codec.Publish,
-                     mark: int | None = None, refused: int = 0) -> Awaitable[None]:
+                     mark: int | None = None, refused: int = 0, remote: Awaitable[None] | None = None
+                     ) -> Awaitable[None]:
         """PUBACK/PUBREC, at once or once stored what must survive a SIGKILL right
         after it (see the module docstring). `mark`: _journal_mark() before the
         message was retained and routed; None when it was not (denied, consumed).
         `refused`: the MQTT 5 reason code of a refusal (3.1.1 has no negative ack:
-        its client gets a plain ack)."""
+        its client gets a plain ack). `remote`: the routed message's `remote`."""
         qos = pkt.qos
         if not qos:
             return DONE
@@ -170,40 +174,47 @@ class Publishing:
         journal = self._journal
         kept = mark is not None and journal is not None and journal.appended != mark
         retained = mark is not None and pkt.retain and self._retained.persisted
-        if kept or retained:
-            return self._ack_when_stored(conn, qos, pkt.packet_id, retained=retained, kept=kept)
+        if kept or retained or remote is not None:
+            return self._ack_when_stored(conn, qos, pkt.packet_id, retained=retained, kept=kept, remote=remote)
         conn.write(codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pkt.packet_id))
         return DONE
 
-    async def _ack_when_stored(self, conn: Connection, qos: int, pid: int, *, retained: bool, kept: bool) -> None:
+    async def _ack_when_stored(self, conn: Connection, qos: int, pid: int, *, retained: bool, kept: bool,
+                               remote: Awaitable[None] | None) -> None:
         if retained:
             await self._retained.flush()
         if kept and self._journal is not None:
             await self._journal.durable()
+        if remote is not None:
+            await remote
         if conn.state == CLOSED:
             return
         conn.write(codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pid))
 
     async def _intercept_and_route(self, info: ClientInfo, topic: str, payload: bytes, qos: int, retain: bool,
-                                   src: Connection | None = None, props: MsgProps | None = None) -> None:
-        """A publish that passed the PUBLISH ACL: interception, then retain + routing."""
+                                   src: Connection | None = None, props: MsgProps | None = None
+                                   ) -> Awaitable[None] | None:
+        """A publish that passed the PUBLISH ACL: interception, then retain + routing;
+        the routed message's `remote` (None when intercepted)."""
         prefixes = self._plugins.prefixes
         if prefixes and topic.startswith(prefixes):
             info.publish_properties = props
             try:
                 if await self._plugins.intercept(info, topic, payload, qos, retain):
-                    return
+                    return None
             finally:
                 info.publish_properties = None
-        await self._retain_and_route(topic, payload, qos, retain, info.principal, props, src)
+        return await self._retain_and_route(topic, payload, qos, retain, info.principal, props, src)
 
     async def _retain_and_route(self, topic: str, payload: bytes, qos: int, retain: bool, owner: str | None,
-                                props: MsgProps | None, src: Connection | None = None) -> None:
+                                props: MsgProps | None, src: Connection | None = None) -> Awaitable[None] | None:
+        """The routed message's `remote`."""
         msg = Message(topic, payload, qos, False, props)
         if retain:
             msg.pub_retain = True
             self._retained.set(topic, payload, qos, owner, props)
         await self._router.route_awaited(msg, src)
+        return msg.remote
 
     # ---- wills and the broker's own ---------------------------------------------------------
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from broker.mqtt import codec, codec5
@@ -142,7 +143,7 @@ class Message:
     """An application message as routed; its PUBLISH encodings are built once and
     shared by every subscriber."""
 
-    __slots__ = ("topic", "payload", "qos", "retain", "_tb", "_p0", "_rlq", "props", "pub_retain", "group")
+    __slots__ = ("topic", "payload", "qos", "retain", "_tb", "_p0", "_rlq", "props", "pub_retain", "group", "remote")
 
     def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False, props: MsgProps | None = None) -> None:
         self.topic = topic
@@ -152,6 +153,9 @@ class Message:
         self.props = props          # MQTT 5 properties (None: a 3.1.1 publish, or none given)
         self.pub_retain = False     # the publisher's retain flag (Retain As Published)
         self.group: Any = None      # the shared subscription group it was given to (routing.ShareGroup)
+        # Set by the cluster when routing sent it to other nodes (QoS 1/2): done once
+        # they all have it; its publisher's PUBACK/PUBREC waits for it (publish.py)
+        self.remote: Awaitable[None] | None = None
         t = topic.encode("utf-8")
         self._tb = len(t).to_bytes(2, "big") + t
         self._p0: bytes | None = None

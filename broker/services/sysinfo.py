@@ -74,6 +74,7 @@ class ClusterFigures:
     resend_dropped: int = 0     # of those, given up unacked: a node's window was full (cluster_resend_full)
     resent: int = 0             # publishes sent to a node again (NATS lost them or their ack)
     duplicates: int = 0         # publishes received twice from a node (dropped here)
+    unconfirmed: int = 0        # QoS 1/2 publishes acknowledged without every node's ack (NATS down, node dead)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,6 +255,7 @@ def cluster_topics(c: ClusterFigures) -> dict[str, str]:
         p + "publish/resent": str(c.resent),
         p + "publish/resend_dropped": str(c.resend_dropped),
         p + "publish/duplicates": str(c.duplicates),
+        p + "publish/unconfirmed": str(c.unconfirmed),
     }
 
 
@@ -267,7 +269,8 @@ def cluster_document(c: ClusterFigures) -> dict[str, object]:
             "taken_over": c.taken_over, "sessions_handed": c.sessions_handed,
             "sessions_adopted": c.sessions_adopted, "mailbox_sent": c.mailbox_sent,
             "mailbox_received": c.mailbox_received, "resend_window_bytes": c.resend_window_bytes,
-            "resend_dropped": c.resend_dropped, "resent": c.resent, "duplicates": c.duplicates}
+            "resend_dropped": c.resend_dropped, "resent": c.resent, "duplicates": c.duplicates,
+            "unconfirmed": c.unconfirmed}
 
 
 def status_document(s: Snapshot, recent_refusals: Mapping[str, int], recent_window: float) -> dict[str, object]:
