@@ -3,10 +3,14 @@
 Packets are handled synchronously inside `data_received` whenever possible
 (PUBLISH with a synchronous ACL and no interception, acks, PINGREQ): then
 `engine.handle()` returns `DONE`. A packet that needs to await something
-(CONNECT/auth, SUBSCRIBE, intercepted PUBLISH, async ACL, an ack that waits
-for the store) returns the awaitable rest of its handling: one task awaits it
-and then every packet queued behind it, so packets of one connection are
-always processed in order.
+(CONNECT/auth, SUBSCRIBE, intercepted PUBLISH, async ACL) returns the awaitable
+rest of its handling: one task awaits it and then every packet queued behind
+it, so packets of one connection are always processed in order. A PUBACK or
+PUBREC that waits for the store or for other nodes (publish.py) does not hold
+the packets behind it: it goes into the connection's ack queue (`ack_later`),
+written in the order of the publishes (MQTT-4.6.0-2..4), so a publisher's
+stream keeps being routed while its acks wait; beyond ACKS_HIGH waiting acks
+the publisher is held back until they are out.
 
 Outgoing bytes are collected per connection and written with one
 `transport.write` per loop iteration (the engine flushes all dirty connections),
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from collections import deque
 from collections.abc import Awaitable, Generator
 from typing import TYPE_CHECKING, Any, Final
 
@@ -38,6 +43,9 @@ NEW, CONNECTED, CLOSED = 0, 1, 2
 # Packets waiting behind an awaited one; beyond this we stop reading the socket.
 PENDING_HIGH = 256
 PENDING_LOW = 32
+# PUBACK/PUBREC waiting in order for commits (ack_later); beyond this the client's next
+# packets wait until they are written.
+ACKS_HIGH = 256
 CLOSE_GRACE = 5.0   # seconds a closing transport may take to flush before it is aborted
 DISCONNECT_LINGER = 1.0   # seconds an MQTT 5 client has to read the DISCONNECT we sent before we close
 NOT_PAUSED: Final[frozenset[str]] = frozenset()   # the reasons reading is paused, while it is not
@@ -66,7 +74,7 @@ DONE: Final = _Done()
 class Connection(asyncio.Protocol):
     # One per client, 20,000 idle ones on a home server: slots save ~1.2 KB each
     # (an instance dict); a new attribute needs its name here.
-    __slots__ = ("_eof", "_lost", "_out", "_pending", "_pending_bytes", "_pending_full", "_read_paused_by",
+    __slots__ = ("_acks", "_acks_task", "_eof", "_lost", "_out", "_pending", "_pending_bytes", "_pending_full", "_read_paused_by",
                  "_write_paused", "alias_in", "alias_out", "alias_out_max", "announced", "blockers", "buf",
                  "client_max_packet", "counted", "created", "disconnect_sent", "dollar_publish_logged", "engine",
                  "handle", "info", "keep_alive", "last_recv", "listener_name", "max_packet", "max_pending_bytes",
@@ -103,6 +111,9 @@ class Connection(asyncio.Protocol):
         self._pending: list[tuple[int, int, bytes]] | None = None
         self._pending_bytes = 0
         self._pending_full = False      # reading and parsing stopped until the pending packets drain
+        # PUBACK/PUBREC waiting for what they must follow, in order (ack_later); None: none
+        self._acks: deque[tuple[Awaitable[None] | None, bytes]] | None = None
+        self._acks_task: asyncio.Task[None] | None = None
         self.max_pending_bytes = engine.limits.max_pending_bytes
         self.task: asyncio.Task[None] | None = None
         self.dollar_publish_logged = False
@@ -319,7 +330,7 @@ class Connection(asyncio.Protocol):
         """The peer half-closed (shutdown(SHUT_WR)) after sending its packets. With
         some still being handled, keep our side open so their answers (CONNACK,
         PUBACK) reach it; _run closes when it is done. Otherwise close now."""
-        if self.task is not None and self.state != CLOSED:
+        if (self.task is not None or self._acks is not None) and self.state != CLOSED:
             self._eof = True
             return True
         return None
@@ -382,7 +393,58 @@ class Connection(asyncio.Protocol):
             elif self.state == CLOSED:
                 self._pending = None
                 self._pending_bytes = 0
-            elif self._eof:
+            elif self._eof and self._acks is None:
+                self.close(DisconnectReason.LOST)    # all it sent is handled and answered
+
+    # ---- acks in order --------------------------------------------------------------
+
+    def write_ack(self, packet: bytes) -> None:
+        """A PUBACK/PUBREC due now: written at once, or behind the acks still waiting."""
+        acks = self._acks
+        if acks is None:
+            self.write(packet)
+        else:
+            acks.append((None, packet))
+
+    def ack_later(self, done: Awaitable[None], packet: bytes) -> Awaitable[None]:
+        """Write PUBACK/PUBREC `packet` once `done` completed and the acks queued
+        before it are written; the client's next packets are handled meanwhile.
+        Answers DONE, or, with ACKS_HIGH acks waiting, what the caller awaits so
+        that the client is held back until they are out."""
+        acks = self._acks
+        if acks is None:
+            acks = self._acks = deque()
+            self._acks_task = self.engine.loop.create_task(self._write_acks(acks))
+        acks.append((done, packet))
+        if len(acks) < ACKS_HIGH:
+            return DONE
+        task = self._acks_task
+        assert task is not None
+        return asyncio.shield(task)
+
+    async def _write_acks(self, acks: deque[tuple[Awaitable[None] | None, bytes]]) -> None:
+        try:
+            while acks:
+                done, packet = acks[0]
+                if done is not None:
+                    await done
+                acks.popleft()
+                if self.state != CLOSED:
+                    self.write(packet)
+        except JournalFailed:
+            # what this client sent is not durable: closing without the ack makes it resend
+            log.warning("closing %s unacknowledged: the store refused its session journal", self.client_id)
+            self.close(DisconnectReason.KICKED)
+        except Exception:  # noqa: BLE001 - one broken connection must not hurt others
+            log.exception("error acknowledging publishes of %s", self.client_id)
+            self.close(DisconnectReason.KICKED)
+        finally:
+            for done, _packet in acks:      # not to be acknowledged now: never started
+                if asyncio.iscoroutine(done):
+                    done.close()
+            self._acks = None
+            self._acks_task = None
+            if self._eof and self.task is None and self.state != CLOSED:
                 self.close(DisconnectReason.LOST)    # all it sent is handled and answered
 
     # ---- output --------------------------------------------------------------------

@@ -79,7 +79,7 @@ class Publishing:
         info = conn.info
         assert st is not None and info is not None   # set once CONNECTED
         if qos == 2 and pkt.packet_id in st.incoming_qos2:
-            conn.write(codec.ack(codec.PUBREC, pkt.packet_id))  # duplicate: already routed
+            conn.write_ack(codec.ack(codec.PUBREC, pkt.packet_id))  # duplicate: already routed
             return DONE
         if topic[0] == "$":
             # MQTT 3.1.1 has no negative PUBACK: the message is acknowledged and not
@@ -167,29 +167,29 @@ class Publishing:
             return DONE
         if refused and conn.v5:
             log.debug("%s: publish to %s refused: %s", conn.client_id, pkt.topic, _REFUSALS.get(refused))
-            conn.write(codec5.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pkt.packet_id, refused))
+            conn.write_ack(codec5.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pkt.packet_id, refused))
             return DONE
         if qos == 2:
             st.incoming_qos2.add(pkt.packet_id)
         journal = self._journal
         kept = mark is not None and journal is not None and journal.appended != mark
         retained = mark is not None and pkt.retain and self._retained.persisted
+        ack = codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pkt.packet_id)
         if kept or retained or remote is not None:
-            return self._ack_when_stored(conn, qos, pkt.packet_id, retained=retained, kept=kept, remote=remote)
-        conn.write(codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pkt.packet_id))
+            return conn.ack_later(self._stored(retained=retained, kept=kept, remote=remote), ack)
+        conn.write_ack(ack)
         return DONE
 
-    async def _ack_when_stored(self, conn: Connection, qos: int, pid: int, *, retained: bool, kept: bool,
-                               remote: Awaitable[None] | None) -> None:
+    async def _stored(self, *, retained: bool, kept: bool, remote: Awaitable[None] | None) -> None:
+        """Done once what a publish's ack must follow is: its retained change and
+        what it left for persistent sessions committed, the other nodes it went to
+        having it."""
         if retained:
             await self._retained.flush()
         if kept and self._journal is not None:
             await self._journal.durable()
         if remote is not None:
             await remote
-        if conn.state == CLOSED:
-            return
-        conn.write(codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pid))
 
     async def _intercept_and_route(self, info: ClientInfo, topic: str, payload: bytes, qos: int, retain: bool,
                                    src: Connection | None = None, props: MsgProps | None = None

@@ -113,7 +113,7 @@ class V5Packets:
             except UnicodeDecodeError:
                 if pkt.qos:
                     reason = codec5.PAYLOAD_FORMAT_INVALID
-                    conn.write(codec5.ack(codec.PUBACK if pkt.qos == 1 else codec.PUBREC, pkt.packet_id, reason))
+                    conn.write_ack(codec5.ack(codec.PUBACK if pkt.qos == 1 else codec.PUBREC, pkt.packet_id, reason))
                 return DONE
         pkt.properties = msg_props
         return self._publish(conn, pkt)
