@@ -175,8 +175,10 @@ class Publishing:
         kept = mark is not None and journal is not None and journal.appended != mark
         retained = mark is not None and pkt.retain and self._retained.persisted
         ack = codec.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pkt.packet_id)
-        if kept or retained or remote is not None:
+        if kept or retained:
             return conn.ack_later(self._stored(retained=retained, kept=kept, remote=remote), ack)
+        if remote is not None:      # sent to other nodes only: their acks' future itself
+            return conn.ack_later(remote, ack)
         conn.write_ack(ack)
         return DONE
 
