@@ -70,7 +70,7 @@ class Router:
         new = f not in st.subs
         if new:
             self._budgets.subscribed(f)
-        st.subs[f] = qos
+        st.own_subs()[f] = qos
         if shared is None:
             self.index.add(f, st, qos)
         else:
@@ -275,6 +275,8 @@ class Router:
             if remaining <= 0:
                 return False
             fut = loop.create_future()
+            if st.waiters is None:
+                st.waiters = []
             st.waiters.append(fut)
             try:
                 await asyncio.wait_for(fut, remaining)

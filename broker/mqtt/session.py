@@ -206,7 +206,7 @@ class SessionState:
         self.clean = clean
         self.info = info
         self.host = host
-        self.subs: dict[str, int] = {}
+        self.subs: dict[str, int] = NO_DICT      # filter -> QoS; own_subs() to add (idle sessions share NO_DICT)
         self.conn: Connection | None = None
         # An idle session's empty deque and set were ~1 KB of its ~4.5 (lazy.py): the
         # queue is the shared NO_QUEUE until the first message is queued (own_queue()).
@@ -217,7 +217,7 @@ class SessionState:
         self.disconnected_at = 0.0
         self.dropped = 0
         self.acl_cache: dict[str, int] = NO_DICT   # topic -> ACL decisions known (acl.py; own_acl_cache())
-        self.waiters: list[Any] = []
+        self.waiters: list[Any] | None = None    # deliver() calls waiting for room (routing.py); made at first
         self.discarded = False
         self.max_inflight = host.limits.max_inflight
         self.max_queued = host.limits.max_queued
@@ -246,6 +246,12 @@ class SessionState:
         if self.inflight is NO_DICT:
             self.inflight = {}
         return self.inflight
+
+    def own_subs(self) -> dict[str, int]:
+        """This session's own subscriptions dict (NO_DICT until the first)."""
+        if self.subs is NO_DICT:
+            self.subs = {}
+        return self.subs
 
     def own_acl_cache(self) -> dict[str, int]:
         """This session's own ACL decision cache (NO_DICT until the first decision)."""
@@ -411,8 +417,8 @@ class SessionState:
         self._check_release()
 
     def wake(self) -> None:
-        waiters, self.waiters = self.waiters, []
-        for fut in waiters:
+        waiters, self.waiters = self.waiters, None
+        for fut in waiters or ():
             if not fut.done():
                 fut.set_result(None)
 
