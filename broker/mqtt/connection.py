@@ -372,13 +372,8 @@ class Connection(asyncio.Protocol):
                     await work
         except ProtocolViolation as exc:
             self.violation(str(exc), exc.code)
-        except JournalFailed:
-            # what this client sent is not durable: closing without the ack makes it resend
-            log.warning("closing %s unacknowledged: the store refused its session journal", self.client_id)
-            self.close(DisconnectReason.KICKED)
-        except Exception:  # noqa: BLE001 - one broken connection must not hurt others
-            log.exception("error handling packets of %s", self.client_id)
-            self.close(DisconnectReason.KICKED)
+        except Exception as exc:  # noqa: BLE001 - one broken connection must not hurt others
+            self._failed(exc, "handling packets")
         finally:
             self.task = None
             if self._pending_full:
@@ -395,6 +390,15 @@ class Connection(asyncio.Protocol):
                 self._pending_bytes = 0
             elif self._eof and self._acks is None:
                 self.close(DisconnectReason.LOST)    # all it sent is handled and answered
+
+    def _failed(self, exc: Exception, doing: str) -> None:
+        """Handling this client's packets failed: close it (logged)."""
+        if isinstance(exc, JournalFailed):
+            # what this client sent is not durable: closing without the ack makes it resend
+            log.warning("closing %s unacknowledged: the store refused its session journal", self.client_id)
+        else:
+            log.error("error %s of %s", doing, self.client_id, exc_info=exc)
+        self.close(DisconnectReason.KICKED)
 
     # ---- acks in order --------------------------------------------------------------
 
@@ -431,13 +435,8 @@ class Connection(asyncio.Protocol):
                 acks.popleft()
                 if self.state != CLOSED:
                     self.write(packet)
-        except JournalFailed:
-            # what this client sent is not durable: closing without the ack makes it resend
-            log.warning("closing %s unacknowledged: the store refused its session journal", self.client_id)
-            self.close(DisconnectReason.KICKED)
-        except Exception:  # noqa: BLE001 - one broken connection must not hurt others
-            log.exception("error acknowledging publishes of %s", self.client_id)
-            self.close(DisconnectReason.KICKED)
+        except Exception as exc:  # noqa: BLE001 - one broken connection must not hurt others
+            self._failed(exc, "acknowledging publishes")
         finally:
             for done, _packet in acks:      # not to be acknowledged now: never started
                 if asyncio.iscoroutine(done):
