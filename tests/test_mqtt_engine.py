@@ -154,6 +154,31 @@ def test_retained_survive_restart(fresh, tmp_path):
     s.none(0.4)
 
 
+def test_acks_that_wait_for_a_commit_keep_the_publish_order(fresh, tmp_path):
+    """A PUBACK that waits for the journal commit (a message kept for a persistent
+    session) does not hold the publisher's next packets, and the acks still go out
+    in the order of the publishes (MQTT-4.6.0-2): the ack of a publish kept for no
+    one, which could go at once, waits behind the one before it."""
+    x = fresh(db_path=tmp_path / "roost.db")
+    away = Client(x.port, "ord-away", clean=False)
+    away.sub("ord/kept", 1)
+    away.disconnect()          # its messages are kept in the store from now on
+    raw = RawClient(x.port)
+    raw.connect("ord-pub")
+    topics = ["ord/kept", "ord/none", "ord/kept", "ord/none", "ord/none"]
+    raw.send(b"".join(codec.encode_publish(t, b"m%d" % pid, 1, False, pid) for pid, t in enumerate(topics, 1)))
+    acks = []
+    for _ in topics:
+        ptype, _flags, body = raw.read()
+        assert ptype == codec.PUBACK
+        acks.append(int.from_bytes(body[:2], "big"))
+    assert acks == [1, 2, 3, 4, 5]
+    raw.close()
+    back = Client(x.port, "ord-away", clean=False)
+    assert [back.get().payload for _ in range(2)] == [b"m1", b"m3"]
+    back.disconnect()
+
+
 # ---- $ topics, topic validation ---------------------------------------------------
 
 def test_dollar_topics(b):
