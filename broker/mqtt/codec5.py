@@ -62,9 +62,20 @@ def decode_connect(flags: int, body: bytes) -> codec.Connect:
 def decode_publish(flags: int, body: bytes) -> tuple[codec.Publish, P.Props]:
     """PUBLISH: the packet (topic may be "" when a Topic Alias stands for it) and its properties."""
     topic, qos, pid, end = codec.split_publish(flags, body)
-    props, end = P.decode(body, end, P.PUBLISH_PROPS)
-    if P.SUBSCRIPTION_ID in props:
-        raise ProtocolViolation("Subscription Identifier in a client's PUBLISH", PROTOCOL_ERROR)
+    # The usual v5 publishes, read without the general decoder: no properties, or a
+    # Topic Alias alone (the rest of a publisher's stream once the alias is set)
+    size = len(body)
+    first = body[end] if end < size else -1
+    if first == 0:
+        props: P.Props = {}
+        end += 1
+    elif first == 3 and end + 4 <= size and body[end + 1] == P.TOPIC_ALIAS:
+        props = {P.TOPIC_ALIAS: (body[end + 2] << 8) | body[end + 3]}
+        end += 4
+    else:
+        props, end = P.decode(body, end, P.PUBLISH_PROPS)
+        if P.SUBSCRIPTION_ID in props:
+            raise ProtocolViolation("Subscription Identifier in a client's PUBLISH", PROTOCOL_ERROR)
     return codec.Publish(topic, qos, pid, bool(flags & 0x01), bool(flags & 0x08), body[end:]), props
 
 
