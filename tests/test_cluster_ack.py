@@ -8,7 +8,10 @@ its publisher had been told was taken.
 The stall is a SIGSTOPped nats-server: node 1 still believes the link is up
 (its pings go unanswered for ~10 s before it calls it an outage), so it must
 hold the PUBACK; once NATS runs again, node 2 gets the frame, acks it, and the
-PUBACK follows."""
+PUBACK follows. When the other node dies instead (found dead after
+cluster.node_timeout), the publisher is closed without its PUBACK: it sends
+the message again, and is never told that a message was taken which no node
+has."""
 
 from __future__ import annotations
 
@@ -18,7 +21,8 @@ import signal
 from tests.clients import MqttClient
 from tests.nats import wait_until
 from tests.test_cluster_metrics import start_nodes
-from tests.test_cluster_routing import until_routed
+from tests.test_cluster_routing import client, until_routed
+from tests.test_cluster_routing import start_nodes as start_named_nodes
 from tests.test_metrics import scrape
 
 WINDOW = ("roost_cluster_resend_window_bytes", ())
@@ -59,4 +63,29 @@ def test_puback_waits_until_the_other_node_has_the_message(tmp_path, nats_server
         if stopped and nats_server.proc is not None:
             os.kill(nats_server.proc.pid, signal.SIGCONT)
         for node in nodes.values():
+            node.kill()
+
+
+def test_a_publish_for_a_node_that_dies_is_not_acknowledged(tmp_path, nats_server) -> None:
+    nodes = start_named_nodes(tmp_path, nats_server.url, ["n1", "n2"], node_timeout=3.0)
+    n1, n2 = nodes["n1"], nodes["n2"]
+    try:
+        far = client(n2, "far-gone", clean_session=False)
+        far.subscribe("gone/#", qos=1)
+        pub = client(n1, "pub-gone")
+        until_routed(pub, far, "gone/probe")
+        assert n2.proc is not None
+        os.kill(n2.proc.pid, signal.SIGSTOP)     # alive to the kernel, silent to the cluster
+        pub.paho.publish("gone/x", b"1", qos=1)
+        try:
+            wait_until(lambda: "closing pub-gone unacknowledged: node n2 is gone"
+                       in n1.log_path.read_text(errors="replace"), timeout=20,
+                       what="n1 closing the publisher without the ack once n2 is found dead")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; n1's log:\n{n1.log_path.read_text(errors='replace')[-3000:]}") from None
+        pub.disconnect()
+    finally:
+        for node in nodes.values():
+            if node.proc is not None and node.proc.poll() is None:
+                os.kill(node.proc.pid, signal.SIGCONT)
             node.kill()

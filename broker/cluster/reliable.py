@@ -51,11 +51,14 @@ The design, the simplest correct one:
   receiver acks a frame only after its journal committed what the frame left
   there). So a publisher's ack never outruns the nodes that must keep its
   message, and a node that dies with frames in its window has acknowledged none
-  of them. While NATS is down, or a destination is dead or has given the frame
-  up (window full), waiting cannot help: the publish is acknowledged with its
-  frame in the window (resent when NATS is back) and counted in `unconfirmed`:
-  a node dying during a NATS outage loses those (the double fault, documented
-  in docs/CLUSTER.md), and local delivery never stalls on NATS.
+  of them. A destination found dead, or a frame the window gave up, fails the
+  wait (NotAcknowledged): the publisher is closed without its ack and sends the
+  message again (by then the dead node's sessions are adopted elsewhere). While
+  NATS is down, or after `confirm_within` without an ack from a node still
+  alive, waiting cannot help and the frame is still in the window (resent): the
+  publish is acknowledged and counted in `unconfirmed`; a node dying during a
+  NATS outage loses those (the double fault, documented in docs/CLUSTER.md),
+  and local delivery never stalls on NATS.
 * **A peer dead, left or restarted** (node.py `_peer_dead`): both directions'
   state for it is dropped. The sender's numbers keep counting (a node found
   dead by silence may come back under the same incarnation: its receiver still
@@ -83,6 +86,7 @@ from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from broker.cluster.wire import PREFIX, pub_subject
+from broker.mqtt.hooks import NotAcknowledged
 
 log = logging.getLogger("roost.cluster")
 
@@ -148,6 +152,11 @@ class _Confirmation:
         self.left -= 1
         if not self.left and not self.future.done():
             self.future.set_result(None)
+
+    def failed(self, why: str) -> None:
+        if not self.future.done():
+            self.future.set_exception(NotAcknowledged(why))
+            self.future.exception()     # a will's or the broker's own publish has no one waiting: not logged
 
 
 class _Outgoing:
@@ -273,13 +282,21 @@ class ReliableLinks:
 
     def _settle(self, out: _Outgoing, below: int, *, acked: bool) -> None:
         """The waits on `out`'s frames numbered below `below` are over: `acked`
-        by the node, or given up (counted when that was a publish's last wait)."""
+        by the node, or released (the frames stay in the window: counted when
+        that was a publish's last wait)."""
         waiting = out.waiting
         while waiting and waiting[0][0] < below:
             conf = waiting.popleft()[1]
             if not acked and conf.left == 1:
                 self.unconfirmed += 1
             conf.one_done()
+
+    def _fail(self, out: _Outgoing, below: int, why: str) -> None:
+        """The frames numbered below `below` will never reach `out`'s node: their
+        publishers are not acknowledged (closed, they send them again)."""
+        waiting = out.waiting
+        while waiting and waiting[0][0] < below:
+            waiting.popleft()[1].failed(why)
 
     def release_all(self) -> None:
         """NATS is down (or this node stops): no publish waits for another node."""
@@ -297,7 +314,7 @@ class ReliableLinks:
                 log.warning("cluster: node %s has not acknowledged %d bytes of publishes "
                             "(cluster.resend_buffer_bytes): the oldest can no longer be resent (%d so far)",
                             node, out.bytes, self.dropped)
-        self._settle(out, out.base, acked=False)     # given up: their publishers wait no longer
+        self._fail(out, out.base, f"its publish was given up for node {node} (cluster.resend_buffer_bytes)")
 
     def _resend(self, out: _Outgoing, start: int, now: float) -> None:
         if out.resent_from == start and now - out.resent_at < RESEND_AFTER:
@@ -486,7 +503,7 @@ class ReliableLinks:
         out = self._out.pop(node, None)
         if out is not None:
             self._next_seqs[node] = out.next_seq
-            self._settle(out, out.next_seq, acked=False)
+            self._fail(out, out.next_seq, f"node {node} is gone before it had its publish")
         stream = self._in.get(node)
         if stream is not None and (inc is None or stream.inc == inc.encode()):
             del self._in[node]

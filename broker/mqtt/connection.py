@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 from broker.mqtt import codec, codec5
 from broker.mqtt.codec import MALFORMED, ProtocolViolation
 from broker.mqtt.codec5 import PACKET_TOO_LARGE
-from broker.mqtt.hooks import DisconnectReason
-from broker.mqtt.journal import JournalFailed
+from broker.mqtt.hooks import DisconnectReason, NotAcknowledged
 from broker.mqtt.session import loggable
 
 if TYPE_CHECKING:
@@ -393,9 +392,9 @@ class Connection(asyncio.Protocol):
 
     def _failed(self, exc: Exception, doing: str) -> None:
         """Handling this client's packets failed: close it (logged)."""
-        if isinstance(exc, JournalFailed):
-            # what this client sent is not durable: closing without the ack makes it resend
-            log.warning("closing %s unacknowledged: the store refused its session journal", self.client_id)
+        if isinstance(exc, NotAcknowledged):
+            # what this client sent is not kept: closing without the ack makes it resend
+            log.warning("closing %s unacknowledged: %s", self.client_id, exc)
         else:
             log.error("error %s of %s", doing, self.client_id, exc_info=exc)
         self.close(DisconnectReason.KICKED)

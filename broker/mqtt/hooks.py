@@ -82,6 +82,13 @@ class DisconnectReason(StrEnum):
     SHUTDOWN = "shutdown"          # broker stopping
 
 
+class NotAcknowledged(Exception):
+    """What a client's publish needed before its PUBACK/PUBREC cannot be had (the
+    store refused its journal, the cluster node it went to died without it): the
+    engine closes the connection without the ack, so the client sends it again.
+    The message says why, in one line."""
+
+
 class ConnectRefused(Exception):
     """Raised by an auth plugin to refuse a CONNECT with a specific return code."""
 

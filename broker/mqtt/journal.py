@@ -14,6 +14,7 @@ import asyncio
 import logging
 from typing import Any
 
+from broker.mqtt.hooks import NotAcknowledged
 from broker.services.base import cancel_and_wait
 from broker.store.base import JournalOp, StoreUnavailable
 
@@ -24,7 +25,7 @@ RETRY_FIRST = 0.05     # seconds before the first retry of a batch the store cou
 RETRY_MAX = 2.0        # longest wait between retries while the store stays unavailable
 
 
-class JournalFailed(Exception):
+class JournalFailed(NotAcknowledged):
     """The store refused the journal's batch for a reason other than being
     unavailable (a bug, a corrupt file): what was waiting is not durable. The
     engine closes the connection instead of acknowledging, so the client resends."""

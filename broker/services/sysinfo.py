@@ -74,7 +74,7 @@ class ClusterFigures:
     resend_dropped: int = 0     # of those, given up unacked: a node's window was full (cluster_resend_full)
     resent: int = 0             # publishes sent to a node again (NATS lost them or their ack)
     duplicates: int = 0         # publishes received twice from a node (dropped here)
-    unconfirmed: int = 0        # QoS 1/2 publishes acknowledged without every node's ack (NATS down, node dead)
+    unconfirmed: int = 0        # QoS 1/2 publishes acknowledged without every node's ack (NATS down, a silent node)
 
 
 @dataclass(frozen=True, slots=True)
