@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -250,7 +251,10 @@ class ClientLifecycle:
         # MQTT 5: the session outlives the connection only with a Session Expiry
         # Interval; Clean Start only says whether an old session is resumed
         clean_start = pkt.clean_session
-        info = ClientInfo(client_id=cid, username=pkt.username, password=pkt.password,
+        # The username interned: a principal's clients (a person's phone and laptop, a
+        # hub's devices) share one string, not ~60 bytes each for as long as they are held
+        username = sys.intern(pkt.username) if pkt.username else pkt.username
+        info = ClientInfo(client_id=cid, username=username, password=pkt.password,
                           remote_address=conn.remote[0], remote_port=conn.remote[1],
                           clean_session=pkt.clean_session if not v5 else not expiry, keep_alive=keep_alive,
                           listener_name=conn.listener_name, client_id_generated=generated)

@@ -197,8 +197,8 @@ class SessionState:
 
     __slots__ = ("client_id", "clean", "subs", "conn", "info", "queue", "inflight", "_pid",
                  "incoming_qos2", "disconnected_at", "dropped", "acl_cache", "waiters", "host",
-                 "discarded", "max_inflight", "max_queued", "high", "low", "blocked", "progress_at",
-                 "stalled", "journal", "_seq", "unjournaled", "bytes", "high_bytes", "low_bytes",
+                 "discarded", "max_inflight", "max_queued", "marks", "blocked", "progress_at",
+                 "stalled", "journal", "_seq", "unjournaled", "bytes",
                  "sub_opts", "expiry", "will_timer", "__weakref__")
 
     def __init__(self, client_id: str, clean: bool, info: ClientInfo, host: SessionHost) -> None:
@@ -224,8 +224,9 @@ class SessionState:
         # Backpressure: at `high` queued messages the publishers feeding this
         # session are paused (`blocked`) until the queue is down to `low`; the same
         # in payload bytes held (queue + in flight), against limits.max_queued_bytes.
-        # The same for every session: the host's int objects, not ~100 bytes of copies each.
-        self.high, self.low, self.high_bytes, self.low_bytes = host.queue_marks
+        # The same for every session: the host's tuple (high, low, high_bytes, low_bytes),
+        # one slot, not four (nor ~100 bytes of int copies) each.
+        self.marks = host.queue_marks
         self.bytes = 0
         self.blocked: set[Connection] | None = None
         self.progress_at = 0.0
@@ -362,10 +363,11 @@ class SessionState:
         return len(self.queue) >= self.max_queued or self.bytes >= self.host.limits.max_queued_bytes
 
     def congested(self) -> bool:
-        return len(self.queue) >= self.high or self.bytes >= self.high_bytes
+        high, _low, high_bytes, _low_bytes = self.marks
+        return len(self.queue) >= high or self.bytes >= high_bytes
 
     def _check_release(self) -> None:
-        if len(self.queue) <= self.low and self.bytes <= self.low_bytes:
+        if len(self.queue) <= self.marks[1] and self.bytes <= self.marks[3]:
             self.stalled = False
             if self.blocked is not None:
                 self.host.release(self)
@@ -404,7 +406,7 @@ class SessionState:
                 self.host.counters.sent_qos[0] += 1
         if self.waiters and not self.full():
             self.wake()
-        if len(queue) <= self.low and self.bytes <= self.low_bytes:
+        if len(queue) <= self.marks[1] and self.bytes <= self.marks[3]:
             self._check_release()
         elif self.blocked is not None and len(queue) < before:
             self.progress_at = self.host.loop.time()
@@ -627,7 +629,7 @@ class SessionState5(SessionState):
                     self.host.counters.sent_qos[0] += 1
         if self.waiters and not self.full():
             self.wake()
-        if len(queue) <= self.low and self.bytes <= self.low_bytes:
+        if len(queue) <= self.marks[1] and self.bytes <= self.marks[3]:
             self._check_release()
         elif self.blocked is not None and len(queue) < before:
             self.progress_at = self.host.loop.time()
