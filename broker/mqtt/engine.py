@@ -69,6 +69,10 @@ from broker.store.base import SavedSession
 
 log = logging.getLogger("roost.mqtt")
 
+# A loop turn that handled at most this many packets is light load: each read's output
+# is written at the end of that read instead of with the turn's flush (see read_started)
+QUIET_PACKETS = 8
+
 
 class Engine:
     def __init__(self, *, limits: Any, plugins: list[Any], plugins_manager: Any = None,
@@ -132,8 +136,8 @@ class Engine:
         self._publish_in = self.publishing.publish
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
-        self.reads_in_turn = 0      # read callbacks since the last flush (see read_started)
-        self.quiet = True           # the last turn had at most one
+        self._turn_start = 0        # counters.packets_received at the last flush (see read_started)
+        self.quiet = True           # the last turn handled at most QUIET_PACKETS packets
         self._tasks_bg: list[asyncio.Task[None]] = []
 
     # ---- figures and views others read (monitor.py, server.py, tests) --------------------
@@ -223,21 +227,21 @@ class Engine:
 
     # ---- output batching: write at once when the loop is idle, coalesce under load --------
     #
-    # Every read callback counts itself (reads_in_turn) and makes sure a flush runs
-    # once this loop turn's callbacks are done (_flush, through call_soon). A turn
-    # with one read and after a turn of at most one (`quiet`: paced traffic) writes
-    # its output at the end of that read, one loop turn earlier; under load (several
-    # connections readable per turn) the output of all of them goes out in the one
-    # flush: a single transport.write per connection and turn.
+    # Every read callback makes sure a flush runs once this loop turn's callbacks are
+    # done (_flush, through call_soon). While the load is light (this turn and the last
+    # one handled at most QUIET_PACKETS packets: paced traffic, where a turn often has
+    # two or three small reads) each read's output is written at the end of that read,
+    # so a message does not wait for the other reads of its turn; under load (many
+    # packets per turn) the output of all of them goes out in the one flush: a single
+    # transport.write per connection and turn.
 
     def read_started(self) -> None:
-        self.reads_in_turn += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
 
     def read_done(self) -> None:
-        if self._dirty and self.quiet and self.reads_in_turn == 1:
+        if self._dirty and self.quiet and self.counters.packets_received - self._turn_start <= QUIET_PACKETS:
             self._write_out()
 
     def mark_dirty(self, conn: Connection) -> None:
@@ -248,8 +252,9 @@ class Engine:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self.quiet = self.reads_in_turn <= 1
-        self.reads_in_turn = 0
+        handled = self.counters.packets_received
+        self.quiet = handled - self._turn_start <= QUIET_PACKETS
+        self._turn_start = handled
         self._write_out()
 
     def _write_out(self) -> None:
