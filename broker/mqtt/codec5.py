@@ -59,24 +59,27 @@ def decode_connect(flags: int, body: bytes) -> codec.Connect:
     return codec.decode_connect(flags, body, _read_props)
 
 
-def decode_publish(flags: int, body: bytes) -> tuple[codec.Publish, P.Props]:
-    """PUBLISH: the packet (topic may be "" when a Topic Alias stands for it) and its properties."""
+def decode_publish(flags: int, body: bytes) -> tuple[codec.Publish, P.Props | None, int | None]:
+    """PUBLISH: the packet (topic may be "" when a Topic Alias stands for it), its
+    properties (None when it has none but perhaps a Topic Alias: the usual v5
+    publish, read without the general decoder and without a dict) and its Topic
+    Alias (None: none given)."""
     topic, qos, pid, end = codec.split_publish(flags, body)
-    # The usual v5 publishes, read without the general decoder: no properties, or a
-    # Topic Alias alone (the rest of a publisher's stream once the alias is set)
     size = len(body)
     first = body[end] if end < size else -1
+    props: P.Props | None
     if first == 0:
-        props: P.Props = {}
+        props, alias = None, None
         end += 1
     elif first == 3 and end + 4 <= size and body[end + 1] == P.TOPIC_ALIAS:
-        props = {P.TOPIC_ALIAS: (body[end + 2] << 8) | body[end + 3]}
+        props, alias = None, (body[end + 2] << 8) | body[end + 3]
         end += 4
     else:
         props, end = P.decode(body, end, P.PUBLISH_PROPS)
         if P.SUBSCRIPTION_ID in props:
             raise ProtocolViolation("Subscription Identifier in a client's PUBLISH", PROTOCOL_ERROR)
-    return codec.Publish(topic, qos, pid, bool(flags & 0x01), bool(flags & 0x08), body[end:]), props
+        alias = props.get(P.TOPIC_ALIAS)
+    return codec.Publish(topic, qos, pid, bool(flags & 0x01), bool(flags & 0x08), body[end:]), props, alias
 
 
 def decode_ack(ptype: int, flags: int, body: bytes) -> codec.Ack:
@@ -172,13 +175,14 @@ def publish(topic_bytes: bytes, payload: bytes, qos: int, retain: bool, pid: int
             props: bytes) -> bytes:
     """A PUBLISH: `topic_bytes` length-prefixed already, `props` without its length."""
     first = 0x30 | (qos << 1) | (1 if retain else 0) | (0x08 if dup else 0)
-    plen = encode_varint(len(props))
-    rl = len(topic_bytes) + (2 if qos else 0) + len(plen) + len(props) + len(payload)
-    parts = [bytes((first,)), encode_varint(rl), topic_bytes]
+    n = len(props)
+    plen = bytes((n,)) if n < 0x80 else encode_varint(n)
     if qos:
-        parts.append(pid.to_bytes(2, "big"))
-    parts += (plen, props, payload)
-    return b"".join(parts)
+        rl = len(topic_bytes) + 2 + len(plen) + n + len(payload)
+        return b"".join((bytes((first,)), encode_varint(rl), topic_bytes, pid.to_bytes(2, "big"), plen, props,
+                         payload))
+    rl = len(topic_bytes) + len(plen) + n + len(payload)
+    return b"".join((bytes((first,)), encode_varint(rl), topic_bytes, plen, props, payload))
 
 
 def encode_connect(client_id: str, *, clean: bool = True, keep_alive: int = 60,

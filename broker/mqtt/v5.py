@@ -86,10 +86,9 @@ class V5Packets:
         return DONE
 
     def publish(self, conn: Connection, flags: int, body: bytes) -> Awaitable[None]:
-        pkt, props = codec5.decode_publish(flags, body)
+        pkt, props, alias = codec5.decode_publish(flags, body)
         st = conn.session
         assert st is not None
-        alias = props.get(P.TOPIC_ALIAS)
         if alias is not None:
             if alias == 0 or alias > self._alias_max:
                 raise ProtocolViolation(f"topic alias {alias} (the maximum is {self._alias_max})",
@@ -106,6 +105,11 @@ class V5Packets:
         if pkt.qos == 2 and pkt.packet_id not in st.incoming_qos2 and len(st.incoming_qos2) >= self._receive_max:
             raise ProtocolViolation("more QoS 2 publishes unreleased than Receive Maximum",
                                     codec5.RECEIVE_MAXIMUM_EXCEEDED)
+        if props is None:
+            # the usual publish (no properties, or a Topic Alias alone): nothing to
+            # look up or encode; its origin is kept for No Local
+            pkt.properties = P.MsgProps(b"", None, st)
+            return self._publish(conn, pkt)
         msg_props = P.message_props(props, self._loop.time(), st)
         if msg_props is not None and msg_props.payload_utf8:
             try:
