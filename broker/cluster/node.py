@@ -93,7 +93,10 @@ class ClusterNode:
                              max_pending_bytes=config.max_pending_bytes)
         # cross-node publishes: numbered, acked, resent (at-least-once, in order, no duplicates)
         self.reliable = ReliableLinks(self.link, name=self.name, inc=self.inc,
-                                      window_bytes=config.resend_buffer_bytes, confirm_within=config.node_timeout)
+                                      window_bytes=config.resend_buffer_bytes,
+                                      # past the time a silent node is found dead in: a dead
+                                      # node's publishes are refused (forget), never waited out
+                                      confirm_within=2 * config.node_timeout)
         self.share_groups = ShareGroups()       # every node's shared subscription members, this one's too
         self.state = LocalState(self.name, self.inc, self._send_state, self.share_groups)
         self.peers = Peers(me=self.name, timeout=config.node_timeout, clock=clock, ask_sync=self._ask_sync,

@@ -199,10 +199,11 @@ class _Incoming:
 
 
 class ReliableLinks:
-    def __init__(self, link: Link, *, name: str, inc: str, window_bytes: int, confirm_within: float = 15.0,
+    def __init__(self, link: Link, *, name: str, inc: str, window_bytes: int, confirm_within: float = 30.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         """`confirm_within`: seconds a publish waits at most for a node that is
-        alive but acknowledges nothing (cluster.node_timeout: by then it is dead)."""
+        alive but acknowledges nothing (longer than a silent node takes to be found
+        dead: twice cluster.node_timeout)."""
         self._link = link
         self._confirm_within = confirm_within
         self._name = name

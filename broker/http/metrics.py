@@ -229,7 +229,7 @@ def _cluster_metrics(c: ClusterFigures) -> Iterator[Metric]:
                               "Publishes received twice from a node (dropped)", value=c.duplicates)
     yield CounterMetricFamily("roost_cluster_publishes_unconfirmed",
                               "QoS 1/2 publishes acknowledged without every node's ack (NATS down, or a "
-                              "live node silent for cluster.node_timeout)", value=c.unconfirmed)
+                              "live node silent for twice cluster.node_timeout)", value=c.unconfirmed)
 
 
 class WebCollector(Collector):
