@@ -14,7 +14,8 @@ the publisher is held back until they are out.
 
 Outgoing bytes are collected per connection and written with one
 `transport.write` per loop iteration (the engine flushes all dirty connections),
-or at the end of the read that made them when the loop is idle (engine.py).
+or at the end of the read that made them while the load is light (at most
+QUIET_PACKETS packets per loop turn, engine.py).
 """
 
 from __future__ import annotations
