@@ -10,7 +10,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from broker.mqtt import codec, codec5
 from broker.mqtt.lazy import NO_DICT, NO_QUEUE, LazySet
@@ -63,6 +63,33 @@ class WillMessage:
 # The will of every client that has none: read, never written (ClientInfo._set_will)
 NO_WILL = WillMessage()
 
+T = TypeVar("T")
+
+
+class _WillField(Generic[T]):
+    """`ClientInfo.will_<name>`: that field of the client's WillMessage. The first
+    value other than the default gives the client a will of its own."""
+
+    __slots__ = ("_name",)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name.removeprefix("will_")
+
+    @overload
+    def __get__(self, info: None, owner: type) -> _WillField[T]: ...
+
+    @overload
+    def __get__(self, info: ClientInfo, owner: type) -> T: ...
+
+    def __get__(self, info: ClientInfo | None, owner: type) -> T | _WillField[T]:
+        if info is None:
+            return self
+        value: T = getattr(info._will, self._name)
+        return value
+
+    def __set__(self, info: ClientInfo, value: T) -> None:
+        info._set_will(self._name, value)
+
 
 class ClientInfo:
     """One connection's identity, passed to plugins as `session` (see hooks.ClientSession).
@@ -113,71 +140,22 @@ class ClientInfo:
         # epoch seconds when the login ends (a JWT's exp): the engine closes the connection then
         self.expires_at: float | None = None
 
+    # The will, as plugins and the engine see it (hooks.ClientSession): one WillMessage field each
+    will_flag: _WillField[bool] = _WillField()
+    will_topic: _WillField[str | None] = _WillField()
+    will_message: _WillField[bytes | None] = _WillField()
+    will_qos: _WillField[int] = _WillField()
+    will_retain: _WillField[bool] = _WillField()
+    will_props: _WillField[MsgProps | None] = _WillField()   # MQTT 5 will properties (forwarded with the will)
+    will_delay: _WillField[float] = _WillField()             # MQTT 5 Will Delay Interval, seconds
+
     def _set_will(self, name: str, value: Any) -> None:
         will = self._will
         if will is NO_WILL:
-            if value is getattr(NO_WILL, name) or value == getattr(NO_WILL, name):
+            if value == getattr(NO_WILL, name):
                 return   # the default again (will_flag = False on a clean DISCONNECT): nothing to own
             will = self._will = WillMessage()
         setattr(will, name, value)
-
-    @property
-    def will_flag(self) -> bool:
-        return self._will.flag
-
-    @will_flag.setter
-    def will_flag(self, value: bool) -> None:
-        self._set_will("flag", value)
-
-    @property
-    def will_topic(self) -> str | None:
-        return self._will.topic
-
-    @will_topic.setter
-    def will_topic(self, value: str | None) -> None:
-        self._set_will("topic", value)
-
-    @property
-    def will_message(self) -> bytes | None:
-        return self._will.message
-
-    @will_message.setter
-    def will_message(self, value: bytes | None) -> None:
-        self._set_will("message", value)
-
-    @property
-    def will_qos(self) -> int:
-        return self._will.qos
-
-    @will_qos.setter
-    def will_qos(self, value: int) -> None:
-        self._set_will("qos", value)
-
-    @property
-    def will_retain(self) -> bool:
-        return self._will.retain
-
-    @will_retain.setter
-    def will_retain(self, value: bool) -> None:
-        self._set_will("retain", value)
-
-    @property
-    def will_props(self) -> MsgProps | None:
-        """MQTT 5 will properties (forwarded with the will)."""
-        return self._will.props
-
-    @will_props.setter
-    def will_props(self, value: MsgProps | None) -> None:
-        self._set_will("props", value)
-
-    @property
-    def will_delay(self) -> float:
-        """MQTT 5 Will Delay Interval, seconds."""
-        return self._will.delay
-
-    @will_delay.setter
-    def will_delay(self, value: float) -> None:
-        self._set_will("delay", value)
 
     @property
     def attributes(self) -> dict[str, Any]:
