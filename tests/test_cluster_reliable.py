@@ -92,7 +92,7 @@ class _Net:
         self.lose: Callable[[str, bytes], bool] = lambda subject, data: False
 
     async def run(self) -> None:
-        for _ in range(20):          # acks wait ACK_DELAY for company: let them come
+        for _ in range(20):          # acks and resends come in later loop turns: let them come
             while self.queue:
                 subject, data = self.queue.popleft()
                 handler = self.handlers.get(subject)

@@ -224,7 +224,7 @@ class ReliableLinks:
         self.resent = 0             # frames sent again
         self.duplicates = 0         # frames received twice (dropped here)
         self.gaps = 0               # resends asked after a lost frame
-        self.unconfirmed = 0        # publishes acknowledged without every node's ack (NATS down, node dead)
+        self.unconfirmed = 0        # publishes acknowledged without every node's ack (NATS down, a silent node)
         link.subscribe(ack_subject(name), self._on_ack)
 
     def start(self) -> None:
@@ -281,23 +281,20 @@ class ReliableLinks:
             out.waiting.append((seq, conf))
         return conf.future if conf is not None else None
 
-    def _settle(self, out: _Outgoing, below: int, *, acked: bool) -> None:
-        """The waits on `out`'s frames numbered below `below` are over: `acked`
-        by the node, or released (the frames stay in the window: counted when
-        that was a publish's last wait)."""
+    def _settle(self, out: _Outgoing, below: int, *, acked: bool = False, lost: str | None = None) -> None:
+        """The waits on `out`'s frames numbered below `below` are over: `acked` by
+        the node; `lost`: why they will never reach it (their publishers are not
+        acknowledged: closed, they send them again); otherwise released (the
+        frames stay in the window; counted when that was a publish's last wait)."""
         waiting = out.waiting
         while waiting and waiting[0][0] < below:
             conf = waiting.popleft()[1]
+            if lost is not None:
+                conf.failed(lost)
+                continue
             if not acked and conf.left == 1:
                 self.unconfirmed += 1
             conf.one_done()
-
-    def _fail(self, out: _Outgoing, below: int, why: str) -> None:
-        """The frames numbered below `below` will never reach `out`'s node: their
-        publishers are not acknowledged (closed, they send them again)."""
-        waiting = out.waiting
-        while waiting and waiting[0][0] < below:
-            waiting.popleft()[1].failed(why)
 
     def release_all(self) -> None:
         """NATS is down (or this node stops): no publish waits for another node."""
@@ -315,7 +312,7 @@ class ReliableLinks:
                 log.warning("cluster: node %s has not acknowledged %d bytes of publishes "
                             "(cluster.resend_buffer_bytes): the oldest can no longer be resent (%d so far)",
                             node, out.bytes, self.dropped)
-        self._fail(out, out.base, f"its publish was given up for node {node} (cluster.resend_buffer_bytes)")
+        self._settle(out, out.base, lost=f"its publish was given up for node {node} (cluster.resend_buffer_bytes)")
 
     def _resend(self, out: _Outgoing, start: int, now: float) -> None:
         if out.resent_from == start and now - out.resent_at < RESEND_AFTER:
@@ -504,7 +501,7 @@ class ReliableLinks:
         out = self._out.pop(node, None)
         if out is not None:
             self._next_seqs[node] = out.next_seq
-            self._fail(out, out.next_seq, f"node {node} is gone before it had its publish")
+            self._settle(out, out.next_seq, lost=f"node {node} is gone before it had its publish")
         stream = self._in.get(node)
         if stream is not None and (inc is None or stream.inc == inc.encode()):
             del self._in[node]
