@@ -10,8 +10,9 @@ which the connection awaits in order with the packets behind it.
 Nothing is acknowledged that is not stored: a QoS 1/2 publish that changed a
 retained message or was kept for a persistent session is acknowledged once the
 store committed it (retained.py, journal.py), and one the cluster sent to other
-nodes once they have it (`Message.remote`, broker/cluster/reliable.py); until
-then the client's later packets wait behind it.
+nodes once they have it (`Message.remote`, broker/cluster/reliable.py). Such an
+ack waits in the connection's ack queue (`Connection.ack_later`): the client's
+later packets are handled meanwhile, and its acks leave in publish order.
 """
 
 from __future__ import annotations
