@@ -23,6 +23,12 @@ index decides between nodes; a retry finds the first message and answers `dup`.
 
 A `msg` mailbox event stores only (conv, seq); its content is joined from
 `messages` when read, so a group message is stored once, not once per member.
+
+A send, the hot path, is one statement: the server-side function `roost_send`
+(schema migration 8, broker/store/postgres_messaging_schema.py) takes the same
+locks in the same order and writes the same rows as the other writes here do
+with `Boxes`, inside the database, so it costs one round trip and no BEGIN or
+COMMIT (a single statement is its own transaction) instead of seven.
 """
 
 from __future__ import annotations
@@ -52,26 +58,36 @@ from broker.store.postgres_db import PgDatabase
 _MSG_COLUMNS = "conv, seq, sender, cmid, ts, body"
 _SELECT_SENT = f"SELECT {_MSG_COLUMNS} FROM messages WHERE sender=$1 AND cmid=$2 AND NOT retired"
 _CMID_INDEX = "messages_sender_cmid"
-# A send, under its conversation's lock: the first message with this cmid (if any) and the members, ...
-_SENT_AND_MEMBERS = (
-    "SELECT m.conv, m.seq, m.sender, m.cmid, m.ts, m.body, "
-    "ARRAY(SELECT principal FROM conv_members WHERE conv=$3 ORDER BY principal) "
-    "FROM (VALUES (1)) AS one(x) LEFT JOIN messages m ON m.sender=$1 AND m.cmid=$2 AND NOT m.retired")
-# ... then, its recipients' mailboxes locked, the conversation's new seq, the message and
-# each recipient's unread count and total, in one statement. Its parts all see the state
-# before it, so a total is the sum before plus this message.
-_STORE_MESSAGE = (
-    "WITH conv AS (UPDATE conversations SET last_seq=$2, last_ts=$3, activity=nextval('conversation_activity') "
-    "WHERE conv=$1), "
-    f"msg AS (INSERT INTO messages({_MSG_COLUMNS}) VALUES ($1,$2,$4,$5,$3,$6)), "
-    "counts AS (UPDATE conv_members SET unread = unread + 1 WHERE conv=$1 AND principal = ANY($7::text[]) "
-    "RETURNING principal, unread) "
-    "SELECT c.principal, c.unread, (SELECT sum(t.unread) FROM conv_members t WHERE t.principal = c.principal) + 1 "
-    "FROM counts c")
+# A send: the whole of it in the database's roost_send (migration 8,
+# broker/store/postgres_messaging_schema.py), one statement and one round trip.
+_SEND = ("SELECT status, m_conv, m_seq, m_ts, m_body, receivers, first_n, counts, totals "
+         "FROM roost_send($1, $2, $3::text[], $4, $5, $6, $7::text[])")
 
 
 def _message(row: Any) -> StoredMessage:
     return StoredMessage(row[0], int(row[1]), row[2], row[3], float(row[4]), row[5])
+
+
+def _send_outcome(row: Any, conv: str, sender: str, cmid: str, body: str, wire_body: Any) -> SendOutcome:
+    """roost_send's row as the outcome: the events in the order and shape Boxes.add_msg
+    and Boxes.add give them (each receiver's `msg`, then a recipient's `unread`)."""
+    status = row[0]
+    if status == "not_member":
+        raise NotMember(conv)
+    if status == "dup":   # the first message of (sender, cmid), maybe in another conversation
+        return SendOutcome(message=StoredMessage(row[1], int(row[2]), sender, cmid, float(row[3]), row[4]),
+                           dup=True, events=[])
+    message = StoredMessage(conv, int(row[2]), sender, cmid, float(row[3]), body)
+    ts = message.ts
+    wire = {"conv": conv, "seq": message.seq, "from": sender, "cmid": cmid, "ts": ts, "body": wire_body}
+    events: list[MailboxEvent] = []
+    for p, n, count, total in zip(row[5], row[6], row[7], row[8], strict=True):
+        n = int(n)
+        events.append(MailboxEvent(principal=p, n=n, doc={"n": n, "kind": "msg", "ts": ts, **wire}))
+        if p != sender:
+            data = {"conv": conv, "count": int(count), "total": int(total)}
+            events.append(MailboxEvent(principal=p, n=n + 1, doc={"n": n + 1, "kind": "unread", "ts": ts, **data}))
+    return SendOutcome(message=message, dup=False, events=events)
 
 
 # ---- mailboxes: locked, numbered in memory, written back (also used by postgres_social) ----
@@ -328,66 +344,24 @@ class PgMessagingStore:
         first message with `dup`."""
         wire_body = json.loads(body)   # parsed once, for every member's event
         cmid.encode()                  # a lone surrogate is refused before anything changes
+        args = (sender, conv, list(dm_members) if dm_members is not None else None, cmid, body, now, sorted(skip))
 
         async def job(conn: Connection) -> SendOutcome:
-            lock_conv = "SELECT last_seq, last_ts FROM conversations WHERE conv=$1 FOR UPDATE"
-            row = await conn.fetchrow(lock_conv, conv)
-            if row is None:
-                if dm_members is None or sender not in dm_members:
-                    raise NotMember(conv)
-                # Created by whichever node comes first; the other waits for it, then locks it.
-                await conn.execute("INSERT INTO conversations(conv, kind, name, created_by, created_at, activity) "
-                                   "VALUES ($1, 'dm', '', $2, $3, 0) ON CONFLICT DO NOTHING", conv, sender, now)
-                row = await conn.fetchrow(lock_conv, conv)
-            # Checked under the conversation's lock (a statement after it): a concurrent
-            # identical send has committed by now.
-            found = await conn.fetchrow(_SENT_AND_MEMBERS, sender, cmid, conv)
-            if found[0] is not None:
-                return SendOutcome(message=_message(found), dup=True, events=[])
-            members: list[str] = list(found[6])
-            if sender not in members and (dm_members is None or sender not in dm_members):
-                raise NotMember(conv)
-            last_seq, last_ts = int(row[0]), float(row[1])
-            if dm_members is not None:
-                # New conversation, or a member dropped by purge_principal whose id was
-                # registered again: the new owner's view starts after what is there.
-                joins = [p for p in dm_members if p not in members]
-                if joins:
-                    await conn.execute(
-                        "INSERT INTO conv_members(conv, principal, joined_at, read_seq, since_seq, unread) "
-                        "SELECT $1, p, $2, $3, $3, 0 FROM unnest($4::text[]) AS u(p)", conv, now, last_seq, joins)
-                    members = sorted({*members, *joins})
-            seq = last_seq + 1
-            ts = max(now, last_ts)   # commit order and time order agree within a conversation
-            receivers = [p for p in members if p == sender or p not in skip]
-            recipients = [p for p in receivers if p != sender]
-            boxes = Boxes(conn)
-            await boxes.lock(receivers)   # before any of their unread counters changes
-            counts: dict[str, int] = {}
-            totals: dict[str, int] = {}
             try:
-                # Each recipient's count moves with the message, announced right after it.
-                for r in await conn.fetch(_STORE_MESSAGE, conv, seq, ts, sender, cmid, body, recipients):
-                    counts[r[0]], totals[r[0]] = int(r[1]), int(r[2])
+                row = await conn.fetchrow(_SEND, *args)
             except asyncpg.UniqueViolationError as exc:
                 if getattr(exc, "constraint_name", None) == _CMID_INDEX:
-                    # The same cmid in another conversation, committed meanwhile: this
-                    # transaction rolls back whole and the first message is the answer.
+                    # The same cmid in another conversation, committed meanwhile: the
+                    # statement rolled back whole and the first message is the answer.
                     raise _Duplicate() from None
                 raise
-            wire = {"conv": conv, "seq": seq, "from": sender, "cmid": cmid, "ts": ts, "body": wire_body}
-            events: list[MailboxEvent] = []
-            for p in receivers:
-                events.append(boxes.add_msg(p, ts, conv, seq, wire))
-                if p != sender:
-                    events.append(boxes.add(p, "unread", ts, {"conv": conv, "count": counts[p], "total": totals[p]}))
-            await boxes.flush()
-            return SendOutcome(message=StoredMessage(conv, seq, sender, cmid, ts, body), dup=False, events=events)
+            return _send_outcome(row, conv, sender, cmid, body, wire_body)
 
         async with self._conv_locks.hold(conv):
             for _attempt in range(3):
                 try:
-                    return await self._db.write(job)
+                    # One statement, atomic by itself: no BEGIN and COMMIT round trips.
+                    return await self._db.autocommit(job)
                 except _Duplicate:
                     found = await self.find_sent(sender, cmid)
                     if found is not None:

@@ -55,6 +55,7 @@ MIGRATIONS: list[PgMigration] = [
     (5, "mqtt 5 session expiry, subscription options, message properties and expiry", postgres_sessions.MQTT5_DDL),
     (6, "web sign-in sessions, shared by every node", postgres_websessions.DDL),
     (7, "files' bytes, so every node serves every file", postgres_files.BLOBS_DDL),
+    (8, "messaging: a send in one server-side function (one round trip)", postgres_messaging_schema.SEND_FUNCTION_DDL),
 ]
 
 # For `roost migrate` (broker/store/postgres_import.py): tables the DDL fills
