@@ -11,7 +11,9 @@
   nothing, and sends from both continue its numbers without a gap, an old cmid
   still answered `dup`;
 * a member purged while a send waits for its mailbox's lock: the send runs
-  again on the members as they are.
+  again on the members as they are;
+* the same cmid committed in another conversation while the send's INSERT
+  waits: `dup` of that message, nothing of the send kept.
 """
 
 from __future__ import annotations
@@ -192,5 +194,42 @@ def test_a_member_purged_while_the_send_waits_for_its_mailbox_is_left_out(postgr
             assert (await store.messaging.sync("bob", 0, 100))[1] == 1   # only the group's creation
         finally:
             await purge.close()
+            await store.close()
+    asyncio.run(main())
+
+
+def test_the_same_cmid_committed_in_another_conversation_during_the_send_answers_dup(postgres_dsn: str) -> None:
+    """The (sender, cmid) index refuses the function's INSERT (another transaction
+    stored the cmid in another conversation while this send waited for it): the
+    unique violation leaves roost_send with its constraint's name, the send
+    changes nothing and answers the first message as `dup`."""
+    async def main() -> None:
+        store = PgStore(postgres_dsn, pool_size=3)
+        await store.open()
+        other = await asyncpg.connect(postgres_dsn)
+        try:
+            for pid in ("alice", "bob", "carol"):
+                await store.identity.add_principal(user(pid))
+            await store.messaging.create_group("g:1", "G", "alice", ["bob", "carol"], TS)
+            tx = other.transaction()
+            await tx.start()
+            await other.execute("UPDATE conversations SET last_seq = 1 WHERE conv = 'g:1'")
+            await other.execute("INSERT INTO messages(conv, seq, sender, cmid, ts, body) "
+                                "VALUES ('g:1', 1, 'alice', 'x', $1, $2)", TS, body("first"))
+            sending = asyncio.create_task(store.messaging.send(
+                sender="alice", conv="dm:alice:bob", dm_members=DM, cmid="x", body=body("again"), now=TS + 1))
+            while not await other.fetchval(   # the send's INSERT waits for the uncommitted one
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name='roost' AND wait_event_type='Lock'"):
+                assert not sending.done()
+                await asyncio.sleep(0.01)
+            await tx.commit()
+            out = await sending
+            assert out.dup and out.events == []
+            assert (out.message.conv, out.message.seq, out.message.body) == ("g:1", 1, body("first"))
+            # the whole statement rolled back: no direct conversation, no event
+            assert await other.fetchval("SELECT count(*) FROM conversations WHERE conv = 'dm:alice:bob'") == 0
+            assert await other.fetchval("SELECT count(*) FROM mailbox WHERE conv = 'dm:alice:bob'") == 0
+        finally:
+            await other.close()
             await store.close()
     asyncio.run(main())
