@@ -191,19 +191,19 @@ _INSERT_CONV = ("INSERT INTO conversations(conv, kind, name, created_by, created
                 "VALUES (?, 'dm', '', ?, ?, ?, ?, ?)")
 _INSERT_MEMBER = ("INSERT INTO conv_members(conv, principal, joined_at, read_seq, since_seq, unread) "
                   "VALUES (?,?,?,?,?,0)")
-_UPDATE_CONV = "UPDATE conversations SET last_seq=?, last_ts=?, activity=? WHERE conv=?"
 
 
 @dataclass(frozen=True, slots=True)
 class _Rows:
     """An INSERT written as one statement per chunk of rows (`VALUES (...),(...)`)."""
     head: str       # up to VALUES
-    width: int      # columns per row
+    width: int      # parameters per row
     tail: str = ""  # after the rows (ON CONFLICT ...)
+    row: str = ""   # one row's values, when not `width` parameters alone
     texts: dict[int, str] = field(init=False, compare=False, repr=False)   # chunk size -> statement
 
     def __post_init__(self) -> None:
-        row = "(" + ",".join("?" * self.width) + ")"
+        row = self.row or "(" + ",".join("?" * self.width) + ")"
         object.__setattr__(self, "texts", {n: self.head + ",".join([row] * n) + self.tail for n in _CHUNKS})
 
 
@@ -215,12 +215,23 @@ _INSERT_MESSAGES = _Rows("INSERT INTO messages(conv, seq, sender, cmid, ts, body
 _INSERT_EVENTS = _Rows("INSERT INTO mailbox(principal, n, ts, kind, conv, seq, data) VALUES ", 7)
 _UPSERT_BOXES = _Rows("INSERT INTO mailbox_state(principal, last_n, delivered_n) VALUES ", 3,
                       " ON CONFLICT(principal) DO UPDATE SET last_n=excluded.last_n, delivered_n=excluded.delivered_n")
-_UPDATE_UNREAD = "UPDATE conv_members SET unread=? WHERE conv=? AND principal=?"
 # As a single ack did it: a cursor row left by an earlier owner of the client id starts over.
 _UPSERT_CURSORS = _Rows("INSERT INTO cursors(client_id, principal, n) VALUES ", 3,
                         " ON CONFLICT(client_id) DO UPDATE SET n=excluded.n, inbox_sub=CASE WHEN "
                         "cursors.principal=excluded.principal THEN cursors.inbox_sub ELSE 0 END, "
                         "principal=excluded.principal")
+# A group changes a row per conversation it sends in and per recipient's unread
+# counter: as UPDATE statements (executemany) that was one step, so one release
+# and re-acquisition of the GIL, per row. Written as multi-row upserts instead, one
+# step per chunk. Every row exists (the group read it, or inserted it above in
+# write_all: a conversation is created only by _INSERT_CONV, a member only by
+# _INSERT_MEMBER), so the INSERT half never applies: its values for the columns
+# not updated only satisfy NOT NULL and CHECK.
+_UPDATE_CONVS = _Rows("INSERT INTO conversations(conv, kind, created_by, created_at, last_seq, last_ts, activity) "
+                      "VALUES ", 4, " ON CONFLICT(conv) DO UPDATE SET last_seq=excluded.last_seq, "
+                      "last_ts=excluded.last_ts, activity=excluded.activity", row="(?,'dm','',0,?,?,?)")
+_UPDATE_UNREADS = _Rows("INSERT INTO conv_members(conv, principal, joined_at, unread) VALUES ", 3,
+                        " ON CONFLICT(conv, principal) DO UPDATE SET unread=excluded.unread", row="(?,?,0,?)")
 
 
 class _Conv:
@@ -299,10 +310,7 @@ class _GroupRun:
                 principals.update(op.dm_members or ())
         if principals:
             keys = list(principals)
-            for p, last_n, delivered_n in self._json_rows(_BULK_BOXES, keys):
-                self.boxes[p] = [last_n, delivered_n, False]
-            for p in keys:
-                self.boxes.setdefault(p, [0, 0, False])
+            self.load_boxes(keys)
             if sends:
                 self.totals = {p: 0 for p in keys}
                 self.totals.update((p, total) for p, total in self._json_rows(_BULK_TOTALS, keys))
@@ -325,8 +333,22 @@ class _GroupRun:
             if min(n, b[0]) > b[1]:
                 ranges.append([p, b[1], min(n, b[0])])
         if ranges:
+            senders = set()
             for p, n, conv, seq, sender in sorted(self._json_rows(_BULK_UNDELIVERED, ranges)):
                 self.undelivered[p].append((n, conv, seq, sender))
+                senders.add(sender)
+            # The senders' mailboxes get the `delivered` receipts: read in the same
+            # bulk way, not one SELECT each on first use.
+            self.load_boxes([p for p in senders if p not in self.boxes])
+
+    def load_boxes(self, keys: list[str]) -> None:
+        """Read the mailbox heads of `keys` (none loaded yet) in one query."""
+        if not keys:
+            return
+        for p, last_n, delivered_n in self._json_rows(_BULK_BOXES, keys):
+            self.boxes[p] = [last_n, delivered_n, False]
+        for p in keys:
+            self.boxes.setdefault(p, [0, 0, False])
 
     def conv(self, conv: str) -> _Conv | None:
         if conv in self.convs:
@@ -514,9 +536,9 @@ class _GroupRun:
         self._write(_INSERT_CONV, [(conv, c.created_by, c.created_at, c.last_seq, c.last_ts, c.activity)
                                    for conv, c in self.convs.items() if c is not None and c.new])
         self._write(_INSERT_MEMBER, self.joins)
-        self._write(_UPDATE_CONV, [(c.last_seq, c.last_ts, c.activity, conv)
-                                   for conv, c in self.convs.items() if c is not None and c.dirty and not c.new])
+        self._write_chunks(_UPDATE_CONVS, [(conv, c.last_seq, c.last_ts, c.activity)
+                                           for conv, c in self.convs.items() if c is not None and c.dirty and not c.new])
         self.write_rows()
         self._write_chunks(_UPSERT_BOXES, [(p, b[0], b[1]) for p, b in self.boxes.items() if b[2]])
-        self._write(_UPDATE_UNREAD, [(self.unread[k], k[0], k[1]) for k in self.unread_dirty])
+        self._write_chunks(_UPDATE_UNREADS, [(k[0], k[1], self.unread[k]) for k in self.unread_dirty])
         self._write_chunks(_UPSERT_CURSORS, [(cid, cur[0], cur[1]) for cid, cur in self.cursors.items() if cur[2]])
