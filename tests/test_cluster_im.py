@@ -19,12 +19,13 @@ from tests.test_metrics import base_url, get
 
 
 def pg_nodes(root: Path, nats_url: str, dsn: str, names: list[str],
-             users: tuple[str, ...] = ("alice", "bob", *[f"s{i}" for i in range(8)])) -> dict[str, RoostProcess]:
+             users: tuple[str, ...] = ("alice", "bob", *[f"s{i}" for i in range(8)]),
+             dm_without_contact: bool = True) -> dict[str, RoostProcess]:
     nodes = {}
     for name in names:
         cfg: dict[str, Any] = node_config(name, nats_url)
         cfg["storage"] = {"backend": "postgres", "dsn": dsn, "path": str(root / name / "roost.db")}
-        cfg["messaging"] = {"allow_dm_without_contact": True}
+        cfg["messaging"] = {"allow_dm_without_contact": dm_without_contact}
         nodes[name] = RoostProcess(root / name, cfg)
     first = next(iter(nodes.values()))
     for user in users:

@@ -6,8 +6,9 @@ from another node is never sent on again.
 
 Which events are shared, and why the others are not:
 * relations (ContactChanged, BlockChanged, GroupChanged, DeviceShared,
-  DeviceUnshared) and MailboxAppended: every node keeps relations in memory
-  and pushes mailbox events to its own clients. Shared only when the nodes
+  DeviceUnshared), ProfileChanged and MailboxAppended: every node keeps
+  relations and the principals' directory in memory (each service applies its
+  own events, events.py) and pushes mailbox events to its own clients. Shared only when the nodes
   share one store (`storage.backend: postgres`): with a store per node these
   facts are about another node's data. Once the node targets them (`target`),
   a MailboxAppended goes only to the nodes with pushers of its principals, each
@@ -36,13 +37,14 @@ from broker.services.events import (
     Handler,
     InProcessBus,
     MailboxAppended,
+    ProfileChanged,
 )
 from broker.store.base import MailboxEvent
 
 log = logging.getLogger("roost.cluster")
 
 SHARED: dict[str, type[Any]] = {cls.__name__: cls for cls in (
-    MailboxAppended, ContactChanged, BlockChanged, GroupChanged, DeviceShared, DeviceUnshared)}
+    MailboxAppended, ContactChanged, BlockChanged, GroupChanged, DeviceShared, DeviceUnshared, ProfileChanged)}
 
 
 def mailbox_subject(node: str) -> str:

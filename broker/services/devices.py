@@ -93,6 +93,9 @@ class DeviceService:
         self._services = services
         self._bus = services.bus
         self._bus.subscribe(PrincipalRemoved, self._principal_removed)
+        # Applied here for shares made on this node and on every other (events.py)
+        self._bus.subscribe(DeviceShared, self._apply_share)
+        self._bus.subscribe(DeviceUnshared, self._apply_unshare)
         self._store = services.store.devices
         self._identity = services.identity
         self._relations = services.relations
@@ -202,11 +205,13 @@ class DeviceService:
 
     async def _revoke(self, device: str, sharee: str) -> None:
         await self._store.remove_device_user(device, sharee)
-        users = self._users.get(device, {})
-        users.pop(sharee, None)
-        self._relations.set_device_users(device, set(users))
-        self._refresh_acl()
         self._bus.publish_nowait(DeviceUnshared(device, sharee))
+
+    def _apply_unshare(self, event: DeviceUnshared) -> None:
+        users = self._users.get(event.device, {})
+        users.pop(event.principal, None)
+        self._relations.set_device_users(event.device, set(users))
+        self._refresh_acl()
 
     async def contact_ended(self, a: str, b: str) -> int:
         """Shares follow contacts: a share needs one (see `share`), so when two people
@@ -275,11 +280,13 @@ class DeviceService:
             await self._store.put_device_user(du)
         except NotFoundError:
             raise ProtocolError(ErrorCode.NOT_FOUND, f"{principal!r} or {device!r} no longer exists") from None
-        users = self._users.setdefault(device, {})
-        users[principal] = du
-        self._relations.set_device_users(device, set(users))
+        self._bus.publish_nowait(DeviceShared(device, principal, role, granted_by, du.created_at))
+
+    def _apply_share(self, event: DeviceShared) -> None:
+        users = self._users.setdefault(event.device, {})
+        users[event.principal] = DeviceUser(event.device, event.principal, event.role, event.granted_by, event.since)
+        self._relations.set_device_users(event.device, set(users))
         self._refresh_acl()
-        self._bus.publish_nowait(DeviceShared(device, principal, role))
 
     def _failed(self, caller: str, device: str) -> None:
         self.claim_failures += 1

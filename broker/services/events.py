@@ -1,15 +1,18 @@
 """Committed domain events and the bus they travel on.
 
-Every state change that another service, another front end or (later) another
-node must learn about is published here as a typed, frozen event, *after* the
+Every state change that another service, another front end or another node
+must learn about is published here as a typed, frozen event, *after* the
 store committed it. Consumers subscribe by event type instead of calling each
 other, so a service never needs a reference to the one that reacts to it.
 
-The bus is the seam of the cluster issue: `EventBus` is the Protocol services
-see; `InProcessBus` is the single-process implementation used today. A
-distributed bus (NATS, one subject per event type) replaces it without touching
-producers or consumers: events are plain dataclasses of strings, numbers and
-tuples, so they serialise as they are.
+The bus is the seam of the cluster: `EventBus` is the Protocol services see;
+`InProcessBus` is the single-process implementation, and broker/cluster/bus.py
+also sends the relation events and mailbox events to the other nodes. Events
+are plain dataclasses of strings, numbers and tuples, so they serialise as they
+are. A relation event (contacts, blocks, groups, device shares) is applied to the
+in-memory indexes (relations.py, the blocks, the device users) by a handler of
+the service that owns them, the same on the node that made the change and on
+every other one: one path, so the nodes' indexes agree.
 
 Delivery rules (both implementations keep them):
 - handlers of one event type run in the order they subscribed (the composition
@@ -73,16 +76,27 @@ class GroupChanged:
 
 @dataclass(frozen=True, slots=True)
 class DeviceShared:
-    """`principal` may now use `device` as `role` (owner or sharee)."""
+    """`principal` may now use `device` as `role` (owner or sharee), shared by
+    `granted_by` (None: claimed with the pairing code) at `since`."""
     device: str
     principal: str
     role: str
+    granted_by: str | None = None
+    since: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class DeviceUnshared:
     device: str
     principal: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileChanged:
+    """`principal` set its profile: its `name` and `status` are now these."""
+    principal: str
+    name: str
+    status: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +147,7 @@ class TelemetryReceived:
 
 
 Event = (MailboxAppended | ContactChanged | BlockChanged | GroupChanged | DeviceShared | DeviceUnshared
-         | PrincipalAdded | PrincipalRemoved | SecretChanged | PresenceChanged | RetainedChanged
+         | ProfileChanged | PrincipalAdded | PrincipalRemoved | SecretChanged | PresenceChanged | RetainedChanged
          | TelemetryReceived)
 
 E = TypeVar("E")

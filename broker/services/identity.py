@@ -30,7 +30,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from pwdlib import PasswordHash
@@ -484,10 +484,14 @@ class IdentityService:
         return code
 
     async def set_profile(self, principal_id: str, *, name: str | None, status: str | None) -> Principal | None:
-        p = await self._store.set_profile(principal_id, name=name, status=status)
+        """Stored; the directory learns it from the ProfileChanged event (profile_changed)."""
+        return await self._store.set_profile(principal_id, name=name, status=status)
+
+    def profile_changed(self, principal_id: str, name: str, status: str) -> None:
+        """A profile set on this node or another: the directory's copy follows."""
+        p = self._directory.get(principal_id)
         if p is not None:
-            self._directory[p.id] = p
-        return p
+            self._directory[principal_id] = replace(p, name=name, status=status)
 
     async def list(self, kind: str | None = None) -> list[Principal]:
         return await self._store.list_principals(kind)

@@ -73,6 +73,7 @@ class MessagingService:
         # The pushers are the first to hear of committed mailbox events.
         self._bus.subscribe(MailboxAppended, lambda event: self.inboxes.notify(event.events))
         self._bus.subscribe(PrincipalRemoved, self._principal_removed)
+        self._bus.subscribe(GroupChanged, self._apply_group)
 
     def _now(self) -> float:
         return round(self._clock(), 3)
@@ -337,11 +338,13 @@ class MessagingService:
                 raise forbidden(f"you may add only your contacts and your devices ({m!r} is neither)")
 
     def _groups_changed(self, conv: str, members: list[str]) -> None:
-        group_id = conv[len("grp:"):]
-        self._services.relations.set_group(group_id, set(members))
+        self._bus.publish_nowait(GroupChanged(conv[len("grp:"):], frozenset(members)))
+
+    def _apply_group(self, event: GroupChanged) -> None:
+        """A group's members changed, on this node or another (events.py)."""
+        self._services.relations.set_group(event.group_id, set(event.members))
         if self._publisher is not None:
             self._publisher.refresh_acl()
-        self._bus.publish_nowait(GroupChanged(group_id, frozenset(members)))
 
     async def op_group_create(self, caller: Caller, params: dict[str, Any]) -> dict[str, Any]:
         name = param_str(params, "name", max_len=MAX_GROUP_NAME)

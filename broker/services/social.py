@@ -5,8 +5,10 @@ shares (DeviceService). A block is private: the blocked principal's requests and
 messages are refused with `forbidden` exactly as a stranger's, and what it sees
 of the block is at most an ordinary `removed`.
 
-After every committed change the in-memory `Relations` index is updated and the
-ACL cache refreshed, so presence visibility follows contacts at once.
+After every committed change its event (ContactChanged, BlockChanged) goes on
+the bus, and this service's handler of it updates the in-memory `Relations`
+index and blocks and refreshes the ACL cache, on this node and on every other
+node of a cluster: presence visibility follows contacts at once, everywhere.
 
 Contact requests are what a stranger can put into someone's mailbox (groups and
 device shares need a contact first), so they are bounded: asking again while a
@@ -34,7 +36,7 @@ from broker.services.base import (
     cancel_and_wait,
     param_str,
 )
-from broker.services.events import BlockChanged, ContactChanged, MailboxAppended, PrincipalRemoved
+from broker.services.events import BlockChanged, ContactChanged, MailboxAppended, PrincipalRemoved, ProfileChanged
 from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import RateLimitedLog
 from broker.store.base import MailboxEvent, Principal, RequestLimits
@@ -84,6 +86,11 @@ class SocialService:
         self._clock = services.clock      # request times, cooldowns (tests inject one)
         self._bus = services.bus
         self._bus.subscribe(PrincipalRemoved, self._principal_removed)
+        # Applied here for changes made on this node and on every other (events.py)
+        self._bus.subscribe(ContactChanged, self._apply_contact)
+        self._bus.subscribe(BlockChanged, self._apply_block)
+        self._bus.subscribe(ProfileChanged, lambda e: self._services.identity.profile_changed(e.principal, e.name,
+                                                                                               e.status))
         self._publisher: Publisher | None = None
         self._blocked: dict[str, set[str]] = {}     # blocker -> blocked
         self._blocked_by: dict[str, set[str]] = {}  # blocked -> blockers
@@ -171,10 +178,18 @@ class SocialService:
             await self._bus.publish(MailboxAppended(tuple(events)))
 
     def _contact_changed(self, a: str, b: str, accepted: bool) -> None:
-        self._services.relations.set_contact(a, b, accepted)
+        self._bus.publish_nowait(ContactChanged(a, b, accepted))
+
+    def _apply_contact(self, event: ContactChanged) -> None:
+        self._services.relations.set_contact(event.a, event.b, event.accepted)
         if self._publisher is not None:
             self._publisher.refresh_acl()
-        self._bus.publish_nowait(ContactChanged(a, b, accepted))
+
+    def _apply_block(self, event: BlockChanged) -> None:
+        if event.blocked:
+            self._remember_block(event.blocker, event.target)
+        else:
+            self._forget_block(event.blocker, event.target)
 
     @staticmethod
     def _require_person(caller: Caller) -> None:
@@ -304,7 +319,6 @@ class SocialService:
         if self.is_blocked(caller.principal, other):
             return {}
         was_contact, events = await self._store.block(caller.principal, other, self._now())
-        self._remember_block(caller.principal, other)
         self._bus.publish_nowait(BlockChanged(caller.principal, other, True))
         await self._published(events)
         if was_contact:
@@ -319,7 +333,6 @@ class SocialService:
             events = await self._store.unblock(caller.principal, other, self._now())
         except KeyError:
             raise not_found(f"{other!r} is not blocked") from None
-        self._forget_block(caller.principal, other)
         self._bus.publish_nowait(BlockChanged(caller.principal, other, False))
         await self._published(events)
         return {}
@@ -399,4 +412,5 @@ class SocialService:
         p = await self._services.identity.set_profile(caller.principal, name=name, status=status)
         if p is None:
             raise not_found("your principal no longer exists")
+        self._bus.publish_nowait(ProfileChanged(p.id, p.name, p.status))
         return self._profile(p)
