@@ -1,5 +1,5 @@
 """Cluster (issue 12, items 2 and 3): what one node changes about contacts,
-blocks, groups, device shares and profiles is what every node acts on. Each
+blocks, groups, device shares, profiles and devices' latest readings is what every node acts on. Each
 node keeps these in memory (relations, blocks, the device users, the
 principals' directory) for its ACL and its checks; a change made through one
 node reaches the others as a domain event, which each node's service applies.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 
-from tests.clients import ImClient, RequestFailed
+from tests.clients import ImClient, MqttClient, RequestFailed
 from tests.nats import wait_until
 from tests.test_cluster_im import im, pg_nodes
 
@@ -29,7 +29,7 @@ def presence_granted(client: ImClient, principal: str) -> bool:
     return granted
 
 
-def test_contacts_blocks_groups_shares_and_profiles_agree_across_nodes(tmp_path, nats_server, postgres_dsn) -> None:
+def test_contacts_blocks_groups_shares_profiles_and_telemetry_agree_across_nodes(tmp_path, nats_server, postgres_dsn) -> None:
     nodes = pg_nodes(tmp_path, nats_server.url, postgres_dsn, ["n1", "n2"],
                      users=("alice", "bob", "carol"), dm_without_contact=False)
     n1, n2 = nodes["n1"], nodes["n2"]
@@ -62,6 +62,12 @@ def test_contacts_blocks_groups_shares_and_profiles_agree_across_nodes(tmp_path,
         wait_until(lambda: [d["id"] for d in bob.call("devices")["devices"]] == ["lamp1"], 5,
                    "n2 lists the lamp shared with bob")
         assert bob.call("devices")["devices"][0]["role"] == "sharee"
+        # Its telemetry, sent to n1, is its latest reading on n2 too (once saved there).
+        lamp = MqttClient("lamp1").connect(n1.host, n1.port, username="lamp1", password=added["secret"])
+        lamp.publish("roost/telemetry/lamp1", {"on": True, "brightness": 70}, qos=1)
+        wait_until(lambda: (bob.call("devices")["devices"][0]["last_telemetry"] or {}).get("brightness") == 70, 10,
+                   "n2 answers the lamp's latest reading")
+        lamp.disconnect()
         alice.call("device.unshare", device="lamp1", **{"with": "bob"})
         wait_until(lambda: bob.call("devices")["devices"] == [], 5, "n2 forgets the share")
 

@@ -6,9 +6,10 @@ from another node is never sent on again.
 
 Which events are shared, and why the others are not:
 * relations (ContactChanged, BlockChanged, GroupChanged, DeviceShared,
-  DeviceUnshared), ProfileChanged and MailboxAppended: every node keeps
-  relations and the principals' directory in memory (each service applies its
-  own events, events.py) and pushes mailbox events to its own clients. Shared only when the nodes
+  DeviceUnshared), ProfileChanged, TelemetrySaved and MailboxAppended: every
+  node keeps relations, the principals' directory and the devices' latest
+  readings in memory (each service applies its own events, events.py) and
+  pushes mailbox events to its own clients. Shared only when the nodes
   share one store (`storage.backend: postgres`): with a store per node these
   facts are about another node's data. Once the node targets them (`target`),
   a MailboxAppended goes only to the nodes with pushers of its principals, each
@@ -17,6 +18,9 @@ Which events are shared, and why the others are not:
   and makes them itself.
 * PresenceChanged, RetainedChanged, TelemetryReceived: the MQTT publishes they
   stand for are routed between nodes already (retained messages by node.py).
+  A TelemetryReceived is handled (Home Assistant state, the web app) on the
+  node the device is connected to; the readings reach the others once saved
+  (TelemetrySaved, batched by the write-behind flush).
 """
 
 from __future__ import annotations
@@ -38,13 +42,15 @@ from broker.services.events import (
     InProcessBus,
     MailboxAppended,
     ProfileChanged,
+    TelemetrySaved,
 )
-from broker.store.base import MailboxEvent
+from broker.store.base import LatestReading, MailboxEvent
 
 log = logging.getLogger("roost.cluster")
 
 SHARED: dict[str, type[Any]] = {cls.__name__: cls for cls in (
-    MailboxAppended, ContactChanged, BlockChanged, GroupChanged, DeviceShared, DeviceUnshared, ProfileChanged)}
+    MailboxAppended, ContactChanged, BlockChanged, GroupChanged, DeviceShared, DeviceUnshared, ProfileChanged,
+    TelemetrySaved)}
 
 
 def mailbox_subject(node: str) -> str:
@@ -57,6 +63,8 @@ def encode_event(event: Event) -> bytes:
         fields: dict[str, Any] = {"events": [{"principal": e.principal, "n": e.n, "doc": e.doc} for e in event.events]}
     elif isinstance(event, GroupChanged):
         fields = {"group_id": event.group_id, "members": sorted(event.members)}
+    elif isinstance(event, TelemetrySaved):
+        fields = {"readings": [{"device": r.device, "ts": r.ts, "fields": r.fields} for r in event.readings]}
     else:
         fields = {name: getattr(event, name) for name in type(event).__slots__}
     return wire.encode({"type": type(event).__name__, "fields": fields})
@@ -70,6 +78,9 @@ def decode_event(data: bytes) -> Event:
         return MailboxAppended(tuple(MailboxEvent(e["principal"], int(e["n"]), e["doc"]) for e in fields["events"]))
     if cls is GroupChanged:
         return GroupChanged(fields["group_id"], frozenset(fields["members"]))
+    if cls is TelemetrySaved:
+        return TelemetrySaved(tuple(LatestReading(str(r["device"]), float(r["ts"]), dict(r["fields"]))
+                                    for r in fields["readings"]))
     event: Event = cls(**fields)
     return event
 

@@ -37,7 +37,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from broker.store.base import MailboxEvent
+from broker.store.base import LatestReading, MailboxEvent
 
 log = logging.getLogger("roost.events")
 
@@ -146,9 +146,17 @@ class TelemetryReceived:
     latest: dict[str, Any]
 
 
+@dataclass(frozen=True, slots=True)
+class TelemetrySaved:
+    """Devices' newest readings were written to the store (the write-behind
+    flush of telemetry.py, about once a second): the other nodes' copies, which
+    answer `devices` there, follow."""
+    readings: tuple[LatestReading, ...]
+
+
 Event = (MailboxAppended | ContactChanged | BlockChanged | GroupChanged | DeviceShared | DeviceUnshared
          | ProfileChanged | PrincipalAdded | PrincipalRemoved | SecretChanged | PresenceChanged | RetainedChanged
-         | TelemetryReceived)
+         | TelemetryReceived | TelemetrySaved)
 
 E = TypeVar("E")
 Handler = Callable[[E], Awaitable[None] | None]

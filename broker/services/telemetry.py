@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from broker.services.base import Caller, Handler, bad, cancel_and_wait, param_int, param_str
-from broker.services.events import PrincipalRemoved, TelemetryReceived
+from broker.services.events import PrincipalRemoved, TelemetryReceived, TelemetrySaved
 from broker.services.inbox import describe_failure
 from broker.services.telemetry_influx import FieldValue, InfluxWriter, RateLimitedLog, line_protocol, seconds_to_ns
 from broker.store.base import HistoryPoint, LatestReading
@@ -55,6 +55,7 @@ MAX_STRING_VALUE = 1024
 MAX_FUTURE = 86400.0           # seconds a `ts` may be ahead of the broker's clock
 TAG_NAMES = ("device", "room", "owner")
 LATEST_FLUSH = 1.0             # seconds between write-behind flushes of latest readings
+SAVED_PER_EVENT = 100          # readings per TelemetrySaved event (one NATS message each in a cluster)
 REPORT_INTERVAL = 300.0        # seconds between counter lines in the log (only when they changed)
 
 class MalformedTelemetry(ValueError):
@@ -130,6 +131,7 @@ class TelemetryService:
         self._services = services
         self._bus = services.bus
         self._bus.subscribe(PrincipalRemoved, self._principal_removed)
+        self._bus.subscribe(TelemetrySaved, self._apply_saved)   # saved here or on another node
         cfg = services.config.telemetry
         self._max_fields = max(1, cfg.max_fields)
         self._store = services.store.telemetry
@@ -296,6 +298,7 @@ class TelemetryService:
         batch = [self._latest[d] for d in devices if d in self._latest]
         try:
             self._stats.latest_saved += await self._store.put_latest(batch)
+            self._saved(batch)
         except Exception as exc:  # noqa: BLE001 - retried with the next flush
             self._stats.latest_errors += 1
             line, not_the_store = describe_failure(exc)
@@ -368,6 +371,7 @@ class TelemetryService:
         for reading in batch:
             try:
                 self._stats.latest_saved += await self._store.put_latest([reading])
+                self._saved([reading])
             except Exception as exc:  # noqa: BLE001 - an outage is retried, a bad reading given up
                 line, trace = describe_failure(exc)
                 if trace:
@@ -376,6 +380,21 @@ class TelemetryService:
                 elif reading.device in self._latest:
                     self._dirty.add(reading.device)
                     self._dirty_event.set()
+
+    def _saved(self, batch: list[LatestReading]) -> None:
+        for i in range(0, len(batch), SAVED_PER_EVENT):
+            self._bus.publish_nowait(TelemetrySaved(tuple(batch[i:i + SAVED_PER_EVENT])))
+
+    def _apply_saved(self, event: TelemetrySaved) -> None:
+        """Readings another node saved (or this one: then nothing here is older)."""
+        for r in event.readings:
+            born = self._created_at(r.device)
+            if born is None:
+                continue
+            mine = self._latest.get(r.device)
+            if mine is None or self._born.get(r.device) != born or r.ts > mine.ts:
+                self._latest[r.device] = r
+                self._born[r.device] = born
 
     # ---- counters ----------------------------------------------------------------
     async def _report_loop(self) -> None:
