@@ -125,21 +125,26 @@ class InboxPusher:
         """A committed event of this principal (called in commit order)."""
         if self._first_offered is None:
             self._first_offered = event.n
-        if self._idle and event.n == self._next_n:
+        n = event.n
+        if self._idle and n == self._next_n:
             # Caught up and this is the very next event: push it now, without waking
             # the task (no task switch, and it leaves with the response written in
             # this loop iteration). Anything but a plain success goes the task's way,
             # which waits and retries; next_n moves only on success (no gap).
+            wire = event.wire
             try:
-                done = self._publisher.deliver_nowait(self.client_id, self._topic, event_payload(event), 1)
+                done = self._publisher.deliver_nowait(self.client_id, self._topic,
+                                                      wire if wire is not None else encode_event(event.doc), 1)
             except Exception:  # noqa: BLE001 - the task's path retries and logs
                 done = None
             if done:
-                self._next_n = event.n + 1
-                self._known_head = max(self._known_head, event.n)
+                self._next_n = n + 1
+                if n > self._known_head:
+                    self._known_head = n
                 self.pushed += 1
                 return
-        self._known_head = max(self._known_head, event.n)
+        if n > self._known_head:
+            self._known_head = n
         if len(self._buf) < BUFFER_MAX and (not self._buf or self._buf[-1].n + 1 == event.n):
             self._buf.append(event)
         # Otherwise it is skipped here and read back from the store (known_head says it exists).
@@ -319,8 +324,13 @@ class Inboxes:
         for event in events:
             group = by_principal.get(event.principal)
             if group:
-                for p in list(group.values()):
-                    p.offer(event)
+                if len(group) == 1:
+                    for p in group.values():   # one client (the usual case): no copy of the group
+                        p.offer(event)
+                        break
+                else:
+                    for p in list(group.values()):   # a push may end a pusher (the group changes)
+                        p.offer(event)
 
     # ---- client lifecycle (called by the gateway, broker/services/gateway.py) ----
     async def client_connected(self, client_id: str, principal: str, clean_session: bool) -> None:
