@@ -205,6 +205,15 @@ _BULK_SEND_STATE = (
     f"FROM conv_members WHERE principal IN {_PRINCIPALS} GROUP BY principal))), "
     f"json(({_BULK_CURSORS.replace('json_each(?)', 'json_each(?4)')})), "
     f"({_SELECT_ACTIVITY}))")
+# ... and, in the same row, the last seq and ts of each conversation sent in
+# (?5 on): columns, so the float is bound back exactly, and no step per row as a
+# query of rows takes. The conversations are padded to one of a few counts with
+# "" (no conversation has that id), so there are few statement texts; beyond
+# the largest count the rest are read as rows (_BULK_CONVS).
+_CONV_COUNTS = (1, 2, 4, 8, 16, 32)
+_SEND_STATE = {k: _BULK_SEND_STATE + "".join(
+    f", (SELECT last_seq FROM conversations WHERE conv=?{i}), (SELECT last_ts FROM conversations WHERE conv=?{i})"
+    for i in range(5, 5 + k)) for k in _CONV_COUNTS}
 # A group of acks only: mailbox heads of ?1, cursors of ?2.
 _BULK_ACK_STATE = (f"SELECT json_array(json(({_BULK_BOXES.replace('json_each(?)', 'json_each(?1)')})), "
                    f"json(({_BULK_CURSORS.replace('json_each(?)', 'json_each(?2)')})))")
@@ -322,10 +331,16 @@ class _GroupRun:
         if sends:
             sent_keys = list({(op.sender, op.cmid) for op in sends if "\0" not in op.cmid})
             convs = list({op.conv for op in sends})
-            # conversations as rows (last_ts is a float: JSON would round it), the rest in one
-            rows = self.conn.execute(_BULK_CONVS, (compact_json(convs),)).fetchall()
-            sent, member_rows, boxes, totals, cursors, self.activity = self._json_state(
-                _BULK_SEND_STATE, sent_keys, convs, list(principals), clients)
+            inline = convs[:_CONV_COUNTS[-1]]
+            k = next(n for n in _CONV_COUNTS if n >= len(inline))
+            state = self.conn.execute(_SEND_STATE[k], (
+                compact_json(sent_keys), compact_json(convs), compact_json(list(principals)), compact_json(clients),
+                *inline, *[""] * (k - len(inline)))).fetchone()
+            sent, member_rows, boxes, totals, cursors, self.activity = json.loads(state[0])
+            rows = [(conv, state[1 + 2 * i], state[2 + 2 * i]) for i, conv in enumerate(inline)
+                    if state[1 + 2 * i] is not None]
+            if len(convs) > len(inline):
+                rows += self.conn.execute(_BULK_CONVS, (compact_json(convs[len(inline):]),)).fetchall()
             found = {tuple(k) for k in sent}
             self.not_sent.update(k for k in sent_keys if k not in found)
             members: dict[str, list[str]] = {conv: [] for conv, _s, _t in rows}
