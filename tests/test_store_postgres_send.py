@@ -162,18 +162,32 @@ def test_a_version_7_database_with_messages_migrated_by_two_nodes_at_once(
     asyncio.run(main())
 
 
+async def group_and_a_second_connection(dsn: str) -> tuple[PgStore, asyncpg.Connection]:
+    """A store with alice, bob, carol and group g:1 of the three, and a connection
+    of its own for the concurrent transaction."""
+    store = PgStore(dsn, pool_size=3)
+    await store.open()
+    for pid in ("alice", "bob", "carol"):
+        await store.identity.add_principal(user(pid))
+    await store.messaging.create_group("g:1", "G", "alice", ["bob", "carol"], TS)
+    return store, await asyncpg.connect(dsn)
+
+
+async def wait_until_blocked(other: asyncpg.Connection, sending: asyncio.Task[object]) -> None:
+    """Until the send waits for a lock the other connection's transaction holds."""
+    while not await other.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name='roost' AND wait_event_type='Lock'"):
+        assert not sending.done()
+        await asyncio.sleep(0.01)
+
+
 def test_a_member_purged_while_the_send_waits_for_its_mailbox_is_left_out(postgres_dsn: str) -> None:
     """The send read the members, then waits for bob's mailbox row, locked by a purge
     of bob that deletes his membership and commits: the send runs again on the
     members as they are (no event, no count for bob), its numbers still gap-free."""
     async def main() -> None:
-        store = PgStore(postgres_dsn, pool_size=3)
-        await store.open()
-        purge = await asyncpg.connect(postgres_dsn)
+        store, purge = await group_and_a_second_connection(postgres_dsn)
         try:
-            for pid in ("alice", "bob", "carol"):
-                await store.identity.add_principal(user(pid))
-            await store.messaging.create_group("g:1", "G", "alice", ["bob", "carol"], TS)
             tx = purge.transaction()
             await tx.start()
             await purge.execute("SELECT 1 FROM mailbox_state WHERE principal='bob' FOR UPDATE")
@@ -181,10 +195,7 @@ def test_a_member_purged_while_the_send_waits_for_its_mailbox_is_left_out(postgr
             retries = store.db.retries
             sending = asyncio.create_task(store.messaging.send(
                 sender="alice", conv="g:1", dm_members=None, cmid="m1", body=body("m1"), now=TS + 1))
-            while not await purge.fetchval(   # the send waits for the purge's row lock
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name='roost' AND wait_event_type='Lock'"):
-                assert not sending.done()
-                await asyncio.sleep(0.01)
+            await wait_until_blocked(purge, sending)   # by the purge's row lock
             await tx.commit()
             out = await sending
             assert store.db.retries == retries + 1
@@ -204,13 +215,8 @@ def test_the_same_cmid_committed_in_another_conversation_during_the_send_answers
     unique violation leaves roost_send with its constraint's name, the send
     changes nothing and answers the first message as `dup`."""
     async def main() -> None:
-        store = PgStore(postgres_dsn, pool_size=3)
-        await store.open()
-        other = await asyncpg.connect(postgres_dsn)
+        store, other = await group_and_a_second_connection(postgres_dsn)
         try:
-            for pid in ("alice", "bob", "carol"):
-                await store.identity.add_principal(user(pid))
-            await store.messaging.create_group("g:1", "G", "alice", ["bob", "carol"], TS)
             tx = other.transaction()
             await tx.start()
             await other.execute("UPDATE conversations SET last_seq = 1 WHERE conv = 'g:1'")
@@ -218,10 +224,7 @@ def test_the_same_cmid_committed_in_another_conversation_during_the_send_answers
                                 "VALUES ('g:1', 1, 'alice', 'x', $1, $2)", TS, body("first"))
             sending = asyncio.create_task(store.messaging.send(
                 sender="alice", conv="dm:alice:bob", dm_members=DM, cmid="x", body=body("again"), now=TS + 1))
-            while not await other.fetchval(   # the send's INSERT waits for the uncommitted one
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name='roost' AND wait_event_type='Lock'"):
-                assert not sending.done()
-                await asyncio.sleep(0.01)
+            await wait_until_blocked(other, sending)   # its INSERT, by the uncommitted one
             await tx.commit()
             out = await sending
             assert out.dup and out.events == []
