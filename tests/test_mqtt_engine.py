@@ -525,6 +525,17 @@ def test_broker_api(b):
     assert b.call(api.deliver("apiuser.c", "api/only-a", b"d", 1)) is False   # no matching subscription
     assert b.call(api.deliver("nobody", "api/x", b"d", 1)) is False
     assert b.call(api.deliver("apiuser.a", "secret/x", b"d", 1)) is False     # ACL RECEIVE
+    # What a session's filters grant a topic is remembered per session until they change
+    c.sub("api/only-a", 2)
+    assert b.call(api.deliver("apiuser.c", "api/only-a", b"d2", 2)) is True
+    m = c.get()
+    assert (m.topic, m.payload, m.qos) == ("api/only-a", b"d2", 2)
+    a.unsub("api/#")
+    assert b.call(api.deliver("apiuser.a", "api/only-a", b"d3", 1)) is False
+    a.sub("api/only-a", 0)
+    assert b.call(api.deliver("apiuser.a", "api/only-a", b"d4", 1)) is True
+    m = a.get()
+    assert (m.topic, m.payload, m.qos) == ("api/only-a", b"d4", 0)
     with pytest.raises(ValueError):
         b.call(api.publish("api/+", b"bad"))
     assert b.call(api.kick_principal("apiuser")) == 2

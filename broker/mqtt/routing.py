@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from broker.mqtt.acl import RECEIVE_ALLOWED, RECEIVE_DENIED, AccessControl
 from broker.mqtt.budgets import Budgets
 from broker.mqtt.connection import CLOSED
+from broker.mqtt.lazy import NO_DICT
 from broker.mqtt.session import Message, SessionState
 from broker.mqtt.topics import SubscriptionIndex, matches, valid_topic_name
 
@@ -35,6 +36,7 @@ log = logging.getLogger("roost.mqtt")
 
 DELIVER_WAIT = 10.0              # seconds deliver() waits for room in a full queue
 STALL_TIMEOUT = 3.0              # a congested session without progress stops holding publishers
+GRANTS_KEPT = 16                 # topics a session remembers what its filters grant (SessionState.grants)
 
 
 class Router:
@@ -71,6 +73,7 @@ class Router:
         if new:
             self._budgets.subscribed(f)
         st.own_subs()[f] = qos
+        st.grants = NO_DICT
         if shared is None:
             self.index.add(f, st, qos)
         else:
@@ -85,6 +88,7 @@ class Router:
     def unsubscribe(self, st: SessionState, f: str) -> bool:
         if st.subs.pop(f, None) is None:
             return False
+        st.grants = NO_DICT
         st.sub_opts.pop(f, None)
         self._forget(st, f)
         return True
@@ -93,6 +97,7 @@ class Router:
         for f in st.subs:
             self._forget(st, f)
         st.subs.clear()
+        st.grants = NO_DICT
         st.sub_opts.clear()
 
     def _forget(self, st: SessionState, f: str) -> None:
@@ -240,9 +245,17 @@ class Router:
         session's queue is full, or an async ACL decision is not cached yet).
         Saves a coroutine per message for callers that push a stream (inbox pushers)."""
         st = self._sessions.get(client_id)
-        if st is None or st.discarded or not valid_topic_name(topic):
+        if st is None or st.discarded:
             return False
-        granted = granted_qos(st, topic)
+        granted = st.grants.get(topic)
+        if granted is None:
+            # Checked once per topic and subscription set, not per message: a pusher
+            # sends its whole stream on one topic, past every filter of the session.
+            granted = granted_qos(st, topic) if valid_topic_name(topic) else -1
+            grants = st.own_grants()
+            if len(grants) >= GRANTS_KEPT:
+                grants.clear()
+            grants[topic] = granted
         if granted < 0:
             return False
         ok = self._acl.may_receive_now(st, topic)

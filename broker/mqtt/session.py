@@ -257,7 +257,7 @@ class SessionState:
                  "incoming_qos2", "disconnected_at", "dropped", "acl_cache", "waiters", "host",
                  "discarded", "max_inflight", "max_queued", "marks", "blocked", "progress_at",
                  "stalled", "journal", "_seq", "unjournaled", "bytes",
-                 "sub_opts", "expiry", "will_timer", "__weakref__")
+                 "sub_opts", "expiry", "will_timer", "grants", "__weakref__")
 
     def __init__(self, client_id: str, clean: bool, info: ClientInfo, host: SessionHost) -> None:
         self.client_id = client_id
@@ -299,6 +299,10 @@ class SessionState:
         self.sub_opts: dict[str, tuple[int, int]] = NO_DICT   # own_sub_opts() to add
         self.expiry: float | None = None
         self.will_timer: Any = None
+        # topic -> the QoS its filters grant (-1: none, or not a valid topic name), for
+        # the broker's own deliveries to this one session (routing.deliver_nowait: an
+        # inbox pusher's stream, request responses); reset when the subscriptions change
+        self.grants: dict[str, int] = NO_DICT
 
     def own_inflight(self) -> dict[int, list[Any]]:
         """This session's own in-flight dict (NO_DICT until the first message sent)."""
@@ -311,6 +315,12 @@ class SessionState:
         if self.subs is NO_DICT:
             self.subs = {}
         return self.subs
+
+    def own_grants(self) -> dict[str, int]:
+        """This session's own grants cache (NO_DICT until the first direct delivery)."""
+        if self.grants is NO_DICT:
+            self.grants = {}
+        return self.grants
 
     def own_acl_cache(self) -> dict[str, int]:
         """This session's own ACL decision cache (NO_DICT until the first decision)."""
