@@ -7,6 +7,7 @@ in the same run.
     .venv/bin/python -m bench.cluster --pairs 20 --rate 1000 --seconds 5 --count 20000
     .venv/bin/python -m bench.cluster --im       # also the IM path on a private PostgreSQL (1 vs 2 nodes)
     .venv/bin/python -m bench.cluster --im --im-count 4000 --json out.json
+    .venv/bin/python -m bench.cluster --im-only --profile /tmp/prof   # py-spy each node (IM throughput run)
 
 Each table has a row "2 nodes / 1 node" with the ratios of the two setups'
 figures, measured in the same run.
@@ -20,7 +21,10 @@ With `--im`, the IM path on one private PostgreSQL (pg_stat_statements loaded),
 1 node against 2 nodes with sender and recipient on different nodes: send ->
 `msg` latency p50/p99 paced at `--im-rate`, then throughput (`--im-count`
 sends, 16 unanswered per sender), broker CPU per message, and PostgreSQL's work
-per message: write transactions, statements by kind and rows, WAL bytes.
+per message: write transactions, statements by kind and rows, WAL bytes; for
+the cluster, the NATS messages per message (nats-server's /varz in_msgs).
+With `--profile DIR`, py-spy records each node during the IM throughput run
+(DIR/im-<nodes>node-n<i>.top.txt: the functions with the most samples).
 """
 
 from __future__ import annotations
@@ -292,8 +296,30 @@ class PgWrites:
         return [(int(r["calls"]) / n, int(r["rows"]) / n, str(r["q"])[:160]) for r in rows]
 
 
+def spy_nodes(setup: Setup, profile: Path | None, label: str) -> list[Any]:
+    """py-spy on each broker node of `setup` (bench/profile.py), files under `profile`."""
+    if profile is None:
+        return []
+    from bench import profile as spy
+
+    exe = spy.binary()
+    if exe is None:
+        print("py-spy not found (pip install py-spy): not profiling", file=sys.stderr)
+        return []
+    profile.mkdir(parents=True, exist_ok=True)
+    spies = []
+    for i, proc in enumerate(setup.procs[-len(setup.ports):]):
+        base = profile / f"{label}-n{i}"
+        raw = base.with_suffix(".txt")
+        rec = subprocess.Popen([exe, "record", "--pid", str(proc.pid), "--rate", "200", "--format", "raw",
+                                "--output", str(raw), "--nonblocking"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        spies.append(spy.Spy(rec, raw, base))
+    return spies
+
+
 async def im_path(setup: Setup, pairs: int, rate: float, seconds: float, count: int,
-                  pg: PgWrites | None = None) -> dict[str, Any]:
+                  pg: PgWrites | None = None, profile: Path | None = None) -> dict[str, Any]:
     """`send` from s<i> (first node) to r<i> (last node): paced at `rate` in all for
     `seconds` (send -> `msg` event on the recipient's inbox, p50/p99), then `count`
     sends with 16 unanswered per sender (throughput, and PostgreSQL's work per message).
@@ -369,6 +395,8 @@ async def im_path(setup: Setup, pairs: int, rate: float, seconds: float, count: 
     got_before, first = len(seen), sent
     if pg is not None:
         await pg.begin()
+    spies = spy_nodes(setup, profile, f"im-{len(setup.ports)}node")
+    nats_before = setup.nats_in_msgs()
     cpu_before = setup.broker_cpu_seconds()
     start = time.monotonic()
     t0 = time.monotonic_ns()
@@ -389,10 +417,17 @@ async def im_path(setup: Setup, pairs: int, rate: float, seconds: float, count: 
     got = len(seen) - got_before
     elapsed = (last_msg[0] - t0) / 1e9 if got else 0.0
     cpu_us = (setup.broker_cpu_seconds() - cpu_before) * 1e6 / max(1, got)
+    nats_per_msg = (setup.nats_in_msgs() - nats_before) / max(1, got)
+    if spies:
+        from bench import profile as spy
+
+        for s in spies:
+            print(f"profile: {spy.finish(s)}", file=sys.stderr)
     throughput: dict[str, Any] = {
         "sent": sent - first, "lost": sent - first - got, "dup": dups[0] - paced["dup"],
         "msg_s": got / elapsed if elapsed > 0 else 0.0, "broker_cpu_us_per_msg": cpu_us,
-        "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "errors": errors}
+        "p50_ms": pct(latencies, 0.5), "p99_ms": pct(latencies, 0.99), "errors": errors,
+        "nats_msgs_per_msg": nats_per_msg}
     if pg is not None:
         throughput["pg_per_msg"] = await pg.end(got)
         throughput["pg_statements"] = await pg.statements(got)
@@ -418,7 +453,7 @@ async def run_im(args: argparse.Namespace) -> dict[str, Any]:
             setup = Setup(nodes, pg.dsn(db), users)
             try:
                 results[name] = await im_path(setup, args.im_pairs, args.im_rate, args.seconds, args.im_count,
-                                              PgWrites(pg.dsn(db)))
+                                              PgWrites(pg.dsn(db)), Path(args.profile) if args.profile else None)
             finally:
                 setup.close()
     finally:
@@ -468,22 +503,27 @@ def main() -> None:
     # take ~800 durable sends/s at most, and a pace above that measures a backlog
     parser.add_argument("--im-rate", type=float, default=200.0, help="paced sends/s in all")
     parser.add_argument("--im-count", type=int, default=4000, help="sends of the IM throughput run")
+    parser.add_argument("--im-only", action="store_true", help="only the IM path (implies --im)")
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="py-spy-record each node during the IM throughput run (DIR/im-<n>node-n<i>.top.txt)")
     parser.add_argument("--json", default="", help="also write the raw results as JSON to this file")
     args = parser.parse_args()
-    results = asyncio.run(run(args))
-    print(f"p2p QoS 1, {args.pairs} pairs, {os.cpu_count()} cores")
-    print(f"| setup | p50 ms at {args.rate:.0f} msg/s | p99 ms | lost | throughput msg/s | lost "
-          "| broker CPU µs/msg (all nodes) | NATS msgs/publish |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
-        p, t = r["paced"], r["throughput"]
-        nats = f"{r['nats_msgs_per_publish']:.2f}" if "nats_msgs_per_publish" in r else "-"
-        print(f"| {name} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['lost']} | {t['msg_s']:.0f} | {t['lost']} "
-              f"| {t['broker_cpu_us_per_msg']:.0f} | {nats} |")
-    row = ratio_row(results, [("paced", "p50_ms"), ("paced", "p99_ms"), ("paced", "-"), ("throughput", "msg_s"),
-                              ("throughput", "-"), ("throughput", "broker_cpu_us_per_msg"), ("throughput", "-")])
-    if row:
-        print(row)
+    args.im = args.im or args.im_only
+    results = {} if args.im_only else asyncio.run(run(args))
+    if results:
+        print(f"p2p QoS 1, {args.pairs} pairs, {os.cpu_count()} cores")
+        print(f"| setup | p50 ms at {args.rate:.0f} msg/s | p99 ms | lost | throughput msg/s | lost "
+              "| broker CPU µs/msg (all nodes) | NATS msgs/publish |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, r in results.items():
+            p, t = r["paced"], r["throughput"]
+            nats = f"{r['nats_msgs_per_publish']:.2f}" if "nats_msgs_per_publish" in r else "-"
+            print(f"| {name} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['lost']} | {t['msg_s']:.0f} | {t['lost']} "
+                  f"| {t['broker_cpu_us_per_msg']:.0f} | {nats} |")
+        row = ratio_row(results, [("paced", "p50_ms"), ("paced", "p99_ms"), ("paced", "-"), ("throughput", "msg_s"),
+                                  ("throughput", "-"), ("throughput", "broker_cpu_us_per_msg"), ("throughput", "-")])
+        if row:
+            print(row)
 
     im_results: dict[str, Any] = {}
     if args.im:
@@ -491,19 +531,19 @@ def main() -> None:
         print(f"\nIM send -> msg, {args.im_pairs} pairs: paced at {args.im_rate:.0f} sends/s for {args.seconds:.0f} s, "
               f"then {args.im_count} sends with 16 unanswered per sender (recipients do not ack)")
         print("| setup | paced p50 ms | paced p99 ms | lost | throughput sends/s | p50 ms | p99 ms | lost | dup "
-              "| broker CPU µs/msg (all nodes) |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+              "| broker CPU µs/msg (all nodes) | NATS msgs/msg |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for name, r in im_results.items():
             p, t = r["paced"], r["throughput"]
             print(f"| {name} | {p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['lost']} | {t['msg_s']:.0f} "
                   f"| {t['p50_ms']:.2f} | {t['p99_ms']:.2f} | {t['lost']} | {t['dup'] + p['dup']} "
-                  f"| {t['broker_cpu_us_per_msg']:.0f} |")
+                  f"| {t['broker_cpu_us_per_msg']:.0f} | {t['nats_msgs_per_msg']:.2f} |")
             if t["errors"]:
                 print(f"  errors answered: {t['errors']}")
         row = ratio_row(im_results, [("paced", "p50_ms"), ("paced", "p99_ms"), ("paced", "-"),
                                      ("throughput", "msg_s"), ("throughput", "p50_ms"), ("throughput", "p99_ms"),
                                      ("throughput", "-"), ("throughput", "-"),
-                                     ("throughput", "broker_cpu_us_per_msg")])
+                                     ("throughput", "broker_cpu_us_per_msg"), ("throughput", "-")])
         if row:
             print(row)
         print("\nPostgreSQL per IM message (throughput run; write transactions from transaction ids, "
