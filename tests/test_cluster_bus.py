@@ -8,7 +8,14 @@ import asyncio
 from typing import Any
 
 from broker.cluster import wire
-from broker.cluster.bus import ClusterBus, decode_event, encode_event
+from broker.cluster.bus import (
+    MAILBOX_FRAME,
+    ClusterBus,
+    decode_event,
+    decode_mailbox,
+    encode_event,
+    pack_mailbox_event,
+)
 from broker.cluster.link import NatsLink
 from broker.services.events import (
     BlockChanged,
@@ -35,6 +42,24 @@ SHARED_EXAMPLES: list[Any] = [
 def test_shared_events_survive_the_wire() -> None:
     for event in SHARED_EXAMPLES:
         assert decode_event(encode_event(event)) == event
+
+
+def test_a_mailbox_frame_carries_the_pushed_bytes_and_rejects_bad_ones() -> None:
+    from broker.services.inbox import encode_event as inbox_bytes
+
+    events = SHARED_EXAMPLES[0].events
+    frame = MAILBOX_FRAME + b"".join(pack_mailbox_event(e) for e in events)
+    back = decode_mailbox(frame)
+    assert back == events
+    # the receiving node pushes the committing node's bytes, not a new encoding
+    assert [e.wire for e in back] == [inbox_bytes(e.doc) for e in events]
+    for bad in (frame[:-1], frame[:5], b"{}", MAILBOX_FRAME + pack_mailbox_event(MailboxEvent("x", 1, {}))[:-2]
+                + b"[]"):
+        try:
+            decode_mailbox(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"accepted {bad!r}")
 
 
 def test_shared_events_reach_the_other_node_once_and_local_ones_stay(nats_server) -> None:

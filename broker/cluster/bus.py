@@ -25,7 +25,9 @@ Which events are shared, and why the others are not:
 
 from __future__ import annotations
 
+import json
 import logging
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -44,6 +46,7 @@ from broker.services.events import (
     ProfileChanged,
     TelemetrySaved,
 )
+from broker.services.inbox import event_payload
 from broker.store.base import LatestReading, MailboxEvent
 
 log = logging.getLogger("roost.cluster")
@@ -56,6 +59,50 @@ SHARED: dict[str, type[Any]] = {cls.__name__: cls for cls in (
 def mailbox_subject(node: str) -> str:
     """Where a node hears the mailbox events sent to it alone."""
     return f"{wire.EVENT}.mailbox.{node}"
+
+
+# ---- a targeted mailbox frame (mailbox_subject) -----------------------------------------
+#
+#   b"M", then per event: principal length (2 bytes), n (8 bytes), doc length (4 bytes),
+#   the principal, the doc as the compact JSON pushed to the clients (inbox.event_payload)
+#
+# The doc's bytes travel as they are pushed: encoded once on the committing node (for
+# every node it goes to) and never again on the receiving one, whose pushers send the
+# same bytes (MailboxEvent.wire). A frame starting with "{" is the older JSON encoding.
+
+MAILBOX_FRAME = b"M"
+_EV_HEAD = struct.Struct("!HqI")
+
+
+def pack_mailbox_event(e: MailboxEvent) -> bytes:
+    p = e.principal.encode()
+    doc = event_payload(e)
+    return _EV_HEAD.pack(len(p), e.n, len(doc)) + p + doc
+
+
+def decode_mailbox(data: bytes) -> tuple[MailboxEvent, ...]:
+    """The events of a mailbox frame (ValueError if malformed)."""
+    if data[:1] != MAILBOX_FRAME:
+        raise ValueError("not a mailbox frame")
+    events = []
+    pos, end, head = 1, len(data), _EV_HEAD.size
+    try:
+        while pos < end:
+            plen, n, dlen = _EV_HEAD.unpack_from(data, pos)
+            pos += head
+            principal = data[pos:pos + plen].decode()
+            pos += plen
+            doc_bytes = data[pos:pos + dlen]
+            pos += dlen
+            if pos > end:
+                raise ValueError("truncated mailbox frame")
+            doc = json.loads(doc_bytes)
+            if not isinstance(doc, dict):
+                raise ValueError("a mailbox event that is not a JSON object")
+            events.append(MailboxEvent(principal, n, doc, doc_bytes))
+    except struct.error:
+        raise ValueError("truncated mailbox frame") from None
+    return tuple(events)
 
 
 def encode_event(event: Event) -> bytes:
@@ -134,7 +181,7 @@ class ClusterBus:
     async def from_peer(self, data: bytes) -> None:
         """An event another node published: run the local handlers only."""
         try:
-            event = decode_event(data)
+            event = MailboxAppended(decode_mailbox(data)) if data[:1] == MAILBOX_FRAME else decode_event(data)
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("cluster: an undecodable event from another node: %s", exc)
             return
@@ -156,10 +203,16 @@ class ClusterBus:
 
     def _send_targeted(self, event: MailboxAppended, send_to: Callable[[str, bytes], object],
                        nodes_of: Callable[[str], Iterable[str]]) -> None:
-        by_node: dict[str, list[MailboxEvent]] = {}
+        by_node: dict[str, list[bytes]] = {}
         for e in event.events:
+            packed = None
             for node in nodes_of(e.principal):
-                by_node.setdefault(node, []).append(e)
-        for node, events in by_node.items():
-            self.mailbox_sent += len(events)
-            send_to(node, encode_event(MailboxAppended(tuple(events))))
+                if packed is None:       # once per event, whatever the number of nodes
+                    packed = pack_mailbox_event(e)
+                parts = by_node.get(node)
+                if parts is None:
+                    parts = by_node[node] = [MAILBOX_FRAME]
+                parts.append(packed)
+        for node, parts in by_node.items():
+            self.mailbox_sent += len(parts) - 1
+            send_to(node, b"".join(parts))
