@@ -93,3 +93,54 @@ def test_shared_events_reach_the_other_node_once_and_local_ones_stay(nats_server
             await link.stop()
 
     asyncio.run(run())
+
+
+def test_targeted_mailbox_events_of_one_loop_turn_travel_in_one_frame_in_order(nats_server) -> None:
+    """The events committed in one loop turn go to a node as one frame (a frame
+    over MAILBOX_FRAME_BYTES is split), in commit order, and only where targeted."""
+    from broker.cluster.bus import MAILBOX_FRAME_BYTES, mailbox_subject
+
+    async def run() -> None:
+        a, b = ClusterBus(share=True), ClusterBus(share=True)
+        link_a = NatsLink([nats_server.url], name="a", max_pending_bytes=1 << 24)
+        link_b = NatsLink([nats_server.url], name="b", max_pending_bytes=1 << 24)
+        link_b.subscribe(mailbox_subject("b"), lambda _s, data: b.from_peer(data))
+        a.attach(lambda data: link_a.send(wire.EVENT, data))
+        a.target(lambda node, data: link_a.send(mailbox_subject(node), data),
+                 lambda principal: ("b",) if principal.startswith("b") else ())
+        for link in (link_a, link_b):
+            await link.start()
+            await asyncio.wait_for(link.connected.wait(), 10)
+        got: list[MailboxEvent] = []
+        b.subscribe(MailboxAppended, lambda ev: got.extend(ev.events))
+
+        def burst(first: int, count: int, text: str = "x") -> list[MailboxEvent]:
+            out = []
+            for n in range(first, first + count):
+                mine = MailboxEvent(f"bob{n % 3}", n, {"n": n, "kind": "msg", "body": {"text": text}})
+                a.publish_nowait(MailboxAppended((mine, MailboxEvent("alice", n, {"n": n, "kind": "msg"}))))
+                out.append(mine)
+            return out
+
+        want = burst(1, 50)                         # one loop turn: one frame
+        await asyncio.sleep(0)
+        assert a.mailbox_frames == 1
+        big = "y" * 10_000
+        want += burst(51, 60, big)                 # ~600 kB in one turn: split, still in order
+        for _ in range(1000):
+            if len(got) >= len(want):
+                break
+            await asyncio.sleep(0.01)
+        assert got == want and [e.wire for e in got] == [e.wire or inbox_json(e.doc) for e in want]
+        assert a.mailbox_frames >= 1 + (60 * 10_000) // MAILBOX_FRAME_BYTES
+        assert (a.mailbox_sent, b.mailbox_received) == (110, 110)
+        for link in (link_a, link_b):
+            await link.stop()
+
+    asyncio.run(run())
+
+
+def inbox_json(doc: dict[str, Any]) -> bytes:
+    from broker.services.inbox import encode_event as inbox_bytes
+
+    return inbox_bytes(doc)

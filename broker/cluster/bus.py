@@ -25,6 +25,7 @@ Which events are shared, and why the others are not:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import struct
@@ -71,6 +72,7 @@ def mailbox_subject(node: str) -> str:
 # same bytes (MailboxEvent.wire). A frame starting with "{" is the older JSON encoding.
 
 MAILBOX_FRAME = b"M"
+MAILBOX_FRAME_BYTES = 256 * 1024   # a frame past this is sent at once (well below NATS's max payload)
 _EV_HEAD = struct.Struct("!HqI")
 
 
@@ -142,6 +144,12 @@ class ClusterBus:
         # (node, frame) and principal -> nodes with its pushers, once targeted
         self._send_to: Callable[[str, bytes], object] | None = None
         self._nodes_of: Callable[[str], Iterable[str]] | None = None
+        # Targeted mailbox events of this loop turn, by node: one frame per node per
+        # turn (the sends committed together travel together), sent when the turn ends
+        self._outbox: dict[str, list[bytes]] = {}
+        self._outbox_bytes: dict[str, int] = {}
+        self._flush_due: asyncio.Handle | None = None
+        self.mailbox_frames = 0      # mailbox frames sent (a frame holds the events of one loop turn)
         self.mailbox_sent = 0        # mailbox events sent to other nodes (one per node it went to)
         self.mailbox_received = 0    # mailbox events received from other nodes
 
@@ -196,23 +204,50 @@ class ClusterBus:
         self.shared += 1
         if isinstance(event, MailboxAppended):
             if self._send_to is not None and self._nodes_of is not None:
-                self._send_targeted(event, self._send_to, self._nodes_of)
+                self._send_targeted(event, self._nodes_of)
                 return
             self.mailbox_sent += len(event.events)
         self._send(encode_event(event))
 
-    def _send_targeted(self, event: MailboxAppended, send_to: Callable[[str, bytes], object],
-                       nodes_of: Callable[[str], Iterable[str]]) -> None:
-        by_node: dict[str, list[bytes]] = {}
+    def _send_targeted(self, event: MailboxAppended, nodes_of: Callable[[str], Iterable[str]]) -> None:
+        outbox, sizes = self._outbox, self._outbox_bytes
+        queued = False
         for e in event.events:
             packed = None
             for node in nodes_of(e.principal):
                 if packed is None:       # once per event, whatever the number of nodes
                     packed = pack_mailbox_event(e)
-                parts = by_node.get(node)
+                parts = outbox.get(node)
                 if parts is None:
-                    parts = by_node[node] = [MAILBOX_FRAME]
+                    parts = outbox[node] = [MAILBOX_FRAME]
+                    sizes[node] = 1
+                elif sizes[node] + len(packed) > MAILBOX_FRAME_BYTES:
+                    self._frame_to(node, parts)          # what came before goes first: in order
+                    parts = outbox[node] = [MAILBOX_FRAME]
+                    sizes[node] = 1
                 parts.append(packed)
-        for node, parts in by_node.items():
-            self.mailbox_sent += len(parts) - 1
-            send_to(node, b"".join(parts))
+                sizes[node] += len(packed)
+                self.mailbox_sent += 1
+                queued = True
+        if not queued or self._flush_due is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:     # no loop (a test driving the bus by hand): at once
+            self.flush_mailbox()
+            return
+        # Handlers of this turn's other commits run before it: their events join the frame.
+        # Where each event goes was decided above, at its commit (the barrier counts on that).
+        self._flush_due = loop.call_soon(self.flush_mailbox)
+
+    def flush_mailbox(self) -> None:
+        """Send the targeted mailbox events queued so far, one frame per node, in order."""
+        self._flush_due = None
+        outbox, self._outbox, self._outbox_bytes = self._outbox, {}, {}
+        for node, parts in outbox.items():
+            self._frame_to(node, parts)
+
+    def _frame_to(self, node: str, parts: list[bytes]) -> None:
+        if self._send_to is not None:
+            self.mailbox_frames += 1
+            self._send_to(node, b"".join(parts))
