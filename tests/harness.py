@@ -75,16 +75,29 @@ class RoostProcess:
             cwd=str(ROOT), stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
         deadline = time.monotonic() + timeout
+        waiting = self._listener_ports()
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"broker exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                with socket.create_connection((self.host, self.port), timeout=0.2):
+                with socket.create_connection((self.host, waiting[0]), timeout=0.2):
+                    waiting.pop(0)
+                if not waiting:
                     return self
             except OSError:
                 time.sleep(0.05)
         self.kill()
-        raise RuntimeError(f"broker did not listen within {timeout}s:\n{self.log_tail()}")
+        raise RuntimeError(f"broker did not listen on {waiting} within {timeout}s:\n{self.log_tail()}")
+
+    def _listener_ports(self) -> list[int]:
+        """The MQTT port first, then every other listener's (HTTP, WebSocket, TLS): the
+        broker binds them one after the other, and a test may use any of them at once."""
+        ports = [self.port]
+        for listener in self.config.get("listeners", {}).values():
+            port = int(str(listener.get("bind", "")).rpartition(":")[2] or 0)
+            if port and port not in ports:
+                ports.append(port)
+        return ports
 
     def stop(self, timeout: float = 15.0) -> int | None:
         """SIGTERM and wait: a clean shutdown."""
