@@ -79,8 +79,10 @@ def test_contacts_blocks_groups_shares_profiles_and_telemetry_agree_across_nodes
 
         # bob blocks alice on n2: n1 refuses her messages to him, his group gets nothing of hers.
         bob.call("contact.block", user="alice")
-        wait_until(lambda: refused(alice, "send", to="bob", cmid="c2", body={"type": "text", "text": "?"})
-                   == "forbidden", 5, "n1 refuses alice's messages to bob")
+        attempts = iter(range(1000))    # a new cmid each time: a repeated one would be answered dup
+        wait_until(lambda: refused(alice, "send", to="bob", cmid=f"c2-{next(attempts)}",
+                                   body={"type": "text", "text": "?"}) == "forbidden",
+                   5, "n1 refuses alice's messages to bob")
         carol.call("send", conv=conv, cmid="g1", body={"type": "text", "text": "from carol"})
         alice.call("send", conv=conv, cmid="g2", body={"type": "text", "text": "from alice"})
         carol.call("send", conv=conv, cmid="g3", body={"type": "text", "text": "carol again"})
