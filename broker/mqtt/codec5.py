@@ -177,12 +177,12 @@ def publish(topic_bytes: bytes, payload: bytes, qos: int, retain: bool, pid: int
     first = 0x30 | (qos << 1) | (1 if retain else 0) | (0x08 if dup else 0)
     n = len(props)
     plen = bytes((n,)) if n < 0x80 else encode_varint(n)
+    rl = len(topic_bytes) + len(plen) + n + len(payload) + (2 if qos else 0)
+    # a small message's fixed header is two bytes: made at once, without encode_varint
+    head = bytes((first, rl)) if rl < 0x80 else bytes((first,)) + encode_varint(rl)
     if qos:
-        rl = len(topic_bytes) + 2 + len(plen) + n + len(payload)
-        return b"".join((bytes((first,)), encode_varint(rl), topic_bytes, pid.to_bytes(2, "big"), plen, props,
-                         payload))
-    rl = len(topic_bytes) + len(plen) + n + len(payload)
-    return b"".join((bytes((first,)), encode_varint(rl), topic_bytes, plen, props, payload))
+        return b"".join((head, topic_bytes, pid.to_bytes(2, "big"), plen, props, payload))
+    return b"".join((head, topic_bytes, plen, props, payload))
 
 
 def encode_connect(client_id: str, *, clean: bool = True, keep_alive: int = 60,

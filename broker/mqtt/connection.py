@@ -35,6 +35,7 @@ from broker.mqtt.session import loggable
 
 if TYPE_CHECKING:
     from broker.mqtt.engine import Engine
+    from broker.mqtt.properties import MsgProps
     from broker.mqtt.session import ClientInfo, SessionState
 
 log = logging.getLogger("roost.mqtt")
@@ -79,7 +80,7 @@ class Connection(asyncio.Protocol):
                  "client_max_packet", "counted", "created", "disconnect_sent", "dollar_publish_logged", "engine",
                  "handle", "info", "keep_alive", "last_recv", "listener_name", "max_packet", "max_pending_bytes",
                  "paused_since", "problem_info", "reason", "remote", "session", "state", "taken_over", "task", "transport", "v5",
-                 "will_anyway", "writable", "written_in")
+                 "plain_props", "will_anyway", "writable", "written_in")
 
     def __init__(self, engine: Engine, listener_name: str) -> None:
         self.engine = engine
@@ -109,6 +110,7 @@ class Connection(asyncio.Protocol):
         # bytes each of 20,000 idle connections otherwise
         self._out: list[bytes] | None = None
         self.written_in = -1       # the engine's loop turn of this connection's last early write (engine.py)
+        self.plain_props: MsgProps | None = None   # MQTT 5: its publishes without properties (v5.py)
         self._pending: list[tuple[int, int, bytes]] | None = None
         self._pending_bytes = 0
         self._pending_full = False      # reading and parsing stopped until the pending packets drain

@@ -573,14 +573,17 @@ class SessionState5(SessionState):
         conn = self.conn
         assert conn is not None
         props = msg.props
-        extra: list[bytes] = []
+        # The properties, encoded: bytes concatenated, since the usual publish has at
+        # most a Topic Alias (a list and a join cost more than the message's own bytes)
+        extra = b""
         if props is not None:
             if props.expires_at is not None:
                 left = props.expires_at - self.host.loop.time()
                 if left <= 0 and live:
                     return None
-                extra.append(b"\x02" + max(1, int(left + 0.999)).to_bytes(4, "big"))
-            extra.append(props.forwarded)
+                extra = b"\x02" + max(1, int(left + 0.999)).to_bytes(4, "big")
+            if props.forwarded:
+                extra += props.forwarded
         retain = msg.retain
         topic = msg.topic
         if self.sub_opts:
@@ -593,7 +596,7 @@ class SessionState5(SessionState):
                 elif f.startswith("$share/") or (own and o & 0x04) or not matches(topic, f):
                     continue
                 if sid:
-                    extra.append(b"\x0b" + codec.encode_varint(sid))
+                    extra += b"\x0b" + codec.encode_varint(sid)
                 if o & 0x08 and msg.pub_retain:
                     retain = True
         tb = msg._tb
@@ -606,8 +609,8 @@ class SessionState5(SessionState):
                 alias = conn.alias_out[topic] = len(conn.alias_out) + 1
                 new_alias = True
             if alias is not None:
-                extra.append(b"\x23" + alias.to_bytes(2, "big"))
-        data = codec5.publish(tb, msg.payload, qos, retain, pid, dup, b"".join(extra))
+                extra += b"\x23" + alias.to_bytes(2, "big")
+        data = codec5.publish(tb, msg.payload, qos, retain, pid, dup, extra)
         if conn.client_max_packet and len(data) > conn.client_max_packet:
             if new_alias:
                 del conn.alias_out[topic]

@@ -107,8 +107,12 @@ class V5Packets:
                                     codec5.RECEIVE_MAXIMUM_EXCEEDED)
         if props is None:
             # the usual publish (no properties, or a Topic Alias alone): nothing to
-            # look up or encode; its origin is kept for No Local
-            pkt.properties = P.MsgProps(b"", None, st)
+            # look up or encode; its origin is kept for No Local, in one MsgProps the
+            # connection's plain publishes share (nothing changes a MsgProps once made)
+            plain = conn.plain_props
+            if plain is None or plain.origin is not st:
+                plain = conn.plain_props = P.MsgProps(b"", None, st)
+            pkt.properties = plain
             return self._publish(conn, pkt)
         msg_props = P.message_props(props, self._loop.time(), st)
         if msg_props is not None and msg_props.payload_utf8:
