@@ -231,11 +231,7 @@ class ClusterBus:
                 queued = True
         if not queued or self._flush_due is not None:
             return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:     # no loop (a test driving the bus by hand): at once
-            self.flush_mailbox()
-            return
+        loop = asyncio.get_running_loop()
         # Handlers of this turn's other commits run before it: their events join the frame.
         # Where each event goes was decided above, at its commit (the barrier counts on that).
         self._flush_due = loop.call_soon(self.flush_mailbox)

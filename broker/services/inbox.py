@@ -131,10 +131,8 @@ class InboxPusher:
             # the task (no task switch, and it leaves with the response written in
             # this loop iteration). Anything but a plain success goes the task's way,
             # which waits and retries; next_n moves only on success (no gap).
-            wire = event.wire
             try:
-                done = self._publisher.deliver_nowait(self.client_id, self._topic,
-                                                      wire if wire is not None else encode_event(event.doc), 1)
+                done = self._publisher.deliver_nowait(self.client_id, self._topic, event_payload(event), 1)
             except Exception:  # noqa: BLE001 - the task's path retries and logs
                 done = None
             if done:
@@ -324,13 +322,8 @@ class Inboxes:
         for event in events:
             group = by_principal.get(event.principal)
             if group:
-                if len(group) == 1:
-                    for p in group.values():   # one client (the usual case): no copy of the group
-                        p.offer(event)
-                        break
-                else:
-                    for p in list(group.values()):   # a push may end a pusher (the group changes)
-                        p.offer(event)
+                for p in list(group.values()):   # a push may end a pusher (the group changes)
+                    p.offer(event)
 
     # ---- client lifecycle (called by the gateway, broker/services/gateway.py) ----
     async def client_connected(self, client_id: str, principal: str, clean_session: bool) -> None:

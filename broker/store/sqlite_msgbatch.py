@@ -28,6 +28,7 @@ import json
 import sqlite3
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -358,10 +359,7 @@ class _GroupRun:
             boxes, cursors = self._json_state(_BULK_ACK_STATE, list(principals), clients)
         else:
             boxes, cursors = [], []
-        for p, last_n, delivered_n in boxes:
-            self.boxes[p] = [last_n, delivered_n, False]
-        for p in principals:
-            self.boxes.setdefault(p, [0, 0, False])
+        self._take_boxes(boxes, principals)
         for cid, p, n in cursors:
             self.cursors[cid] = [p, n, False]
         for cid in clients:
@@ -396,7 +394,11 @@ class _GroupRun:
         """Read the mailbox heads of `keys` (none loaded yet) in one query."""
         if not keys:
             return
-        for p, last_n, delivered_n in self._json_rows(_BULK_BOXES, keys):
+        self._take_boxes(self._json_rows(_BULK_BOXES, keys), keys)
+
+    def _take_boxes(self, rows: Iterable[Any], keys: Iterable[str]) -> None:
+        """Mailbox heads read (principal, last_n, delivered_n); a key without a row has none yet."""
+        for p, last_n, delivered_n in rows:
             self.boxes[p] = [last_n, delivered_n, False]
         for p in keys:
             self.boxes.setdefault(p, [0, 0, False])
