@@ -10,7 +10,7 @@ import logging
 
 import click
 
-from client.cli_common import RootGroup
+from client.cli_root import RootGroup
 
 
 class _RoostGroup(RootGroup):

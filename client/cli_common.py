@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from client import config as cfgmod
+from client.cli_root import OneLineCommand, OneLineGroup
 from client.config import ClientConfigError, Settings
 from client.output import (
     EXIT_CONNECT,
@@ -351,87 +352,6 @@ class ConnectionWatch:
     def reconnected(self) -> None:
         self.out.warn(f"reconnected to {self.client.server}; caught up")
         self.was_up = True
-
-
-# ---- one-line usage errors -------------------------------------------------------------
-
-class OneLineUsageError(click.UsageError):
-    """A usage error shown as one line (click's default is usage + hint + message)."""
-
-    exit_code = EXIT_USAGE
-
-    def __init__(self, error: click.UsageError) -> None:
-        super().__init__(error.format_message(), error.ctx)
-
-    def show(self, file: Any = None) -> None:
-        path = self.ctx.command_path if self.ctx is not None else "roost"
-        CliError(f"{self.format_message().rstrip('.')} (see `{path} --help`)", EXIT_USAGE).show(file)
-
-
-def _one_line(error: click.UsageError) -> click.UsageError:
-    no_args_help = getattr(click.exceptions, "NoArgsIsHelpError", ())
-    if isinstance(error, OneLineUsageError) or (no_args_help and isinstance(error, no_args_help)):
-        return error
-    return OneLineUsageError(error)
-
-
-class OneLineCommand(click.Command):
-    def make_context(self, *args: Any, **kw: Any) -> click.Context:
-        try:
-            return super().make_context(*args, **kw)
-        except click.UsageError as e:
-            raise _one_line(e) from None
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as e:
-            raise _one_line(e) from None
-
-
-class OneLineGroup(click.Group):
-    command_class = OneLineCommand
-
-    def make_context(self, *args: Any, **kw: Any) -> click.Context:
-        try:
-            return super().make_context(*args, **kw)
-        except click.UsageError as e:
-            raise _one_line(e) from None
-
-    def resolve_command(self, ctx: click.Context, args: list[str]) -> Any:
-        try:
-            return super().resolve_command(ctx, args)
-        except click.UsageError as e:
-            raise _one_line(e) from None
-
-
-class RootGroup(OneLineGroup):
-    """The `roost` group itself: every usage error below it (admin commands, `roost
-    nosuch`, `roost user nosuch`) is one line too, and Ctrl-C in a command that does
-    not handle it (admin commands, prompts) exits 130 instead of click's "Aborted!" 1."""
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except click.UsageError as e:
-            raise _one_line(e) from None
-        except CliError:
-            raise
-        except click.ClickException as e:   # click's own "Error: ..." form: ours instead
-            raise CliError(e.format_message(), e.exit_code) from None
-        except KeyboardInterrupt:
-            if _isatty(sys.stderr):
-                click.echo(file=sys.stderr)   # end the terminal's `^C` echo first
-            raise CliError("interrupted", EXIT_INTERRUPTED) from None
-        except click.Abort:   # a prompt interrupted (click already ended the line)
-            raise CliError("interrupted", EXIT_INTERRUPTED) from None
-
-
-def _isatty(stream: Any) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):
-        return False
 
 
 def command(*args: Any, **kw: Any) -> Callable[[Callable[..., Any]], click.Command]:
