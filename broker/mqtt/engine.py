@@ -144,7 +144,8 @@ class Engine:
     # ---- figures and views others read (monitor.py, server.py, tests) --------------------
 
     @property
-    def conns(self) -> set[Connection]:
+    def conns(self) -> dict[Connection, None]:
+        """Every open connection (the keys; iterate, len, `in`)."""
         return self.lifecycle.conns
 
     @property

@@ -62,7 +62,10 @@ class ClientLifecycle:
         self._persistence = persistence
         self._router = router
         self._publishing = publishing
-        self.conns: set[Connection] = set()
+        # Every open connection, as the keys of a dict: a set's table grows to 4x its
+        # entries (at 20,000 connections 131,072 slots of 16 bytes, ~105 bytes each),
+        # a dict's keeps 24 bytes an entry plus a 4-byte index (~33 bytes each)
+        self.conns: dict[Connection, None] = {}
         self.n_connected = 0
         self.per_listener: dict[str, int] = {}
         self.by_principal: dict[str, dict[str, Connection]] = {}
@@ -81,7 +84,7 @@ class ClientLifecycle:
             # far over the limit (most are not even CONNECTed yet): do not read a byte
             conn.abort(DisconnectReason.KICKED)
             return
-        self.conns.add(conn)
+        self.conns[conn] = None
 
     def _count_in(self, conn: Connection) -> None:
         conn.counted = True
@@ -122,7 +125,7 @@ class ClientLifecycle:
         self._count_out(conn)
 
     def connection_lost(self, conn: Connection) -> None:
-        self.conns.discard(conn)
+        self.conns.pop(conn, None)
         self._count_out(conn)
         st = conn.session
         if st is not None and st.conn is conn:
