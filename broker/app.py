@@ -135,8 +135,13 @@ async def start(config: RoostConfig, listening: dict[str, Listening] | None = No
             broker.cluster = ClusterNode(config.cluster, bus=services.bus)
             # before start: loaded sessions announce their filters
             broker.cluster.attach(broker, session_store)
-            if services.presence is not None:
-                broker.cluster.on_remote_conns = services.presence.clients_elsewhere
+            if services.presence is not None:   # one node publishes each principal's presence
+                from broker.services.presence import ClusterView
+
+                node = broker.cluster
+                services.presence.join_cluster(ClusterView(owns=node.owns_presence, retained=node.retained_presence))
+                node.on_remote_conns = services.presence.clients_elsewhere
+                node.on_presence_owners = services.presence.owners_changed
             if services.bus.share and services.messaging is not None:   # mailbox events: only to their pushers
                 broker.cluster.watch_mailboxes(services.messaging.inboxes, always=(
                     (config.homeassistant.service_account,) if config.homeassistant.enabled else ()))

@@ -26,6 +26,10 @@
   pushers here read the store once more: what was committed before is read,
   what is committed after is sent here. A node joining, or NATS coming back,
   does the same for every principal watched here.
+* Presence: every node counts every node's connections per principal (the
+  "up"/"down" changes, in order per node); one node, the principal's owner
+  (presence_owner), publishes its state, so the retained state follows one
+  in-order view however close together two nodes' clients come and go.
 * Wills: every node knows the wills of every other node's connected clients,
   with their MQTT 5 properties and delay (wire.Will). When a node dies (SIGKILL,
   no heartbeat for `cluster.node_timeout`) the first surviving node by name
@@ -43,6 +47,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import secrets
 import time
@@ -82,6 +87,14 @@ def _will_key(info: Any) -> str:
     return f"{info.session_key}#{id(info):x}"
 
 
+def presence_owner(principal: str, nodes: Collection[str]) -> str:
+    """The node that publishes `principal`'s presence: rendezvous hashing, so
+    every node that knows the same nodes alive picks the same one, and a node
+    joining or leaving moves only the principals it wins or held."""
+    key = b"\0" + principal.encode()
+    return max(nodes, key=lambda node: hashlib.blake2b(node.encode() + key, digest_size=8).digest())
+
+
 class ClusterNode:
     def __init__(self, config: ClusterConfig, *, bus: ClusterBus,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -101,7 +114,8 @@ class ClusterNode:
         self.state = LocalState(self.name, self.inc, self._send_state, self.share_groups)
         self.peers = Peers(me=self.name, timeout=config.node_timeout, clock=clock, ask_sync=self._ask_sync,
                            on_dead=self._peer_dead, on_conns=self._peer_conns,
-                           on_seen=self._peer_seen, on_mailbox=self._peer_mailbox, groups=self.share_groups)
+                           on_seen=self._peer_seen, on_mailbox=self._peer_mailbox, on_synced=self._peer_synced,
+                           groups=self.share_groups)
         self._bus = bus
         bus.attach(lambda data: self.link.send(wire.EVENT, data))
         # Mailbox targeting (watch_mailboxes): barriers awaiting the peers' heartbeats
@@ -127,8 +141,10 @@ class ClusterNode:
         self._lingering: dict[str, str] = {}
         self._ticker: asyncio.Task[None] | None = None
         # Presence across nodes (set by the composition root when presence runs):
-        # (principal, change in connections elsewhere, announce the result here)
-        self.on_remote_conns: Callable[[str, int, bool], None] | None = None
+        # (principal, change in its connections elsewhere), and the owners moved
+        self.on_remote_conns: Callable[[str, int], None] | None = None
+        self.on_presence_owners: Callable[[], None] | None = None
+        self._presence_settled = False       # the owners went over their principals since NATS came up
         # figures
         self.forwarded = 0
         self.from_peers = 0
@@ -200,6 +216,7 @@ class ClusterNode:
         while True:
             self.state.heartbeat(self.peers.applied())
             self.peers.check()
+            self._presence_settle()
             await asyncio.sleep(self.heartbeat_interval)
 
     def figures(self) -> ClusterFigures:
@@ -551,7 +568,36 @@ class ClusterNode:
     def _peer_conns(self, peer: Peer, changes: dict[str, int]) -> None:
         if self.on_remote_conns is not None:
             for principal, delta in changes.items():
-                self.on_remote_conns(principal, delta, False)
+                self.on_remote_conns(principal, delta)
+
+    def _peer_synced(self, peer: Peer) -> None:
+        """A peer's whole state is known here: once every peer's is, this node
+        owns its share of the principals' presence again."""
+        if self.on_presence_owners is not None and all(p.synced for p in self.peers.peers.values()):
+            self.on_presence_owners()
+
+    def _presence_settle(self) -> None:
+        """Once NATS has been up for a node timeout every node alive is known:
+        the owners go over their principals once (after a whole cluster was
+        killed, the retained `online` of those who were connected is corrected)."""
+        watching = self.peers.watching()
+        if watching and not self._presence_settled and self.on_presence_owners is not None:
+            self.on_presence_owners()
+        self._presence_settled = watching
+
+    def owns_presence(self, principal: str) -> bool:
+        """Whether this node publishes `principal`'s presence: the owner among
+        the nodes alive (presence_owner), and only while it knows every peer's
+        connections (a sweep catches up once it does: _peer_synced)."""
+        peers = self.peers.peers
+        if not all(p.synced for p in peers.values()):
+            return False
+        return presence_owner(principal, [self.name, *peers]) == self.name
+
+    def retained_presence(self, principal: str) -> bytes | None:
+        """The retained presence payload of `principal` held on this node."""
+        kept = self._engine.retained.get(topics.presence(principal))
+        return kept.payload if kept is not None else None
 
     def _survivor(self) -> bool:
         """Whether this node acts for the dead: the first alive node by name."""
@@ -563,8 +609,9 @@ class ClusterNode:
         mine = self._survivor()
         if self.on_remote_conns is not None:
             for principal, n in peer.conns.items():
-                # a node that left cleanly announced its clients going itself
-                self.on_remote_conns(principal, -n, mine and crashed)
+                self.on_remote_conns(principal, -n)
+        if self.on_presence_owners is not None:
+            self.on_presence_owners()      # its share of the principals has other owners now
         now = [w for w in peer.wills.values() if not w.delay] if crashed else []
         if crashed:
             for will in peer.wills.values():

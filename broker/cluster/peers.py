@@ -271,6 +271,7 @@ class Peers:
                  on_conns: Callable[[Peer, dict[str, int]], None],
                  on_seen: Callable[[Peer], None] | None = None,
                  on_mailbox: Callable[[Peer], None] | None = None,
+                 on_synced: Callable[[Peer], None] | None = None,
                  groups: ShareGroups | None = None) -> None:
         self._me = me
         self._timeout = timeout
@@ -283,6 +284,7 @@ class Peers:
         self.groups = groups if groups is not None else ShareGroups()   # this node's own members too
         self._on_seen = on_seen          # (peer) after a heartbeat told what it applied
         self._on_mailbox = on_mailbox    # (peer) after it applied a mailbox change of that peer
+        self._on_synced = on_synced      # (peer) after its snapshot and the changes held for it applied
         self.mailbox_nodes: dict[str, set[str]] = {}     # principal -> other nodes with its pushers
         self._watching_since: float | None = None     # NATS up since; None: down
         self._gone: set[str] = set()          # incarnations that left cleanly: their late messages are ignored
@@ -409,6 +411,8 @@ class Peers:
                 self._gap(peer, self._clock())
                 return
             self._apply(peer, change)
+        if self._on_synced is not None:
+            self._on_synced(peer)
 
     def on_bye(self, doc: dict[str, Any]) -> None:
         peer = self.peers.get(str(doc["node"]))
@@ -421,10 +425,15 @@ class Peers:
 
     # ---- the clock -------------------------------------------------------------------
 
+    def watching(self) -> bool:
+        """NATS has been up for a node timeout: every node alive has been heard
+        from (and a silent one is found dead)."""
+        since = self._watching_since
+        return since is not None and self._clock() - since >= self._timeout
+
     def check(self) -> None:
         now = self._clock()
-        since = self._watching_since
-        watching = since is not None and now - since >= self._timeout
+        watching = self.watching()
         for peer in list(self.peers.values()):
             if watching and now - peer.heard_at > self._timeout:
                 log.warning("cluster: node %s not heard from for %.1fs: dead", peer.name, now - peer.heard_at)

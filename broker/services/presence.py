@@ -15,6 +15,16 @@ overflows the transition is counted and logged, and the principal is marked so
 its *current* state is published once the backlog drains: the final retained
 state is always right.
 
+Cluster (broker/cluster/): every node counts every node's connections, but
+one node speaks for each principal: its owner (rendezvous hashing over the
+nodes alive, the same answer on each node once they have heard each other).
+The owner publishes a principal's state whenever its count changes there, so
+one publisher's in-order view decides the retained state even when clients
+come and go on two nodes within one NATS hop. When the owners move (a node
+joined, left, died, or the nodes resynchronised after a NATS outage), each
+node goes over the principals it now owns and publishes the state of those
+whose retained presence (held here) says otherwise.
+
 Persistence: the last known state is written behind (batched, at most every
 `flush_interval`) through the store's writer, and every `heartbeat` seconds the
 store records that the broker is still alive (one row). After a restart (clean
@@ -50,6 +60,42 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.presence")
 
 
+@dataclass(frozen=True, slots=True)
+class ClusterView:
+    """What presence needs of a cluster node (broker/cluster/node.py)."""
+    owns: Callable[[str], bool]               # this node publishes the principal's presence now
+    retained: Callable[[str], bytes | None]   # the principal's retained presence payload held here
+
+
+SWEEP_CHUNK = 1000   # principals looked at per loop turn when the owners moved
+
+
+def presence_doc(payload: bytes | None) -> dict[str, Any] | None:
+    """A retained presence payload's document, None if absent or unreadable."""
+    if not payload:
+        return None
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def said_of(payload: bytes | None) -> tuple[str, int] | None:
+    """(state, clients) of a retained presence payload, None if absent or unreadable."""
+    doc = presence_doc(payload)
+    if doc is None:
+        return None
+    state, clients = doc.get("state"), doc.get("clients")
+    if not isinstance(state, str) or not isinstance(clients, int):
+        return None
+    return state, clients
+
+
+def _seconds(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0.0
+
+
 @dataclass(slots=True)
 class _State:
     clients: int = 0
@@ -78,6 +124,9 @@ class PresenceService:
         self._overflowed: set[str] = set()       # principals whose latest state must be republished
         self._dirty: set[str] = set()            # principals whose record must be persisted
         self._elsewhere: dict[str, int] = {}     # a cluster's other nodes: their connections by principal
+        self._cluster: ClusterView | None = None
+        self._said: dict[str, tuple[str, int]] = {}   # cluster: (state, clients) this node last published
+        self._sweep: asyncio.Task[None] | None = None
         self._flush_interval = flush_interval
         self._heartbeat = heartbeat
         self._publisher: Publisher | None = None
@@ -95,9 +144,17 @@ class PresenceService:
     async def load(self) -> None:
         if self._services.config.cluster is not None:
             # One node of a cluster: who was online may still be, on another node, and a
-            # dead node's clients are announced by a survivor (broker/cluster/node.py).
+            # dead node's clients are published by their owners (broker/cluster/node.py).
             for rec in await self._store.load_presence():
                 self._states[rec.principal] = _State(since=rec.since, last_seen=rec.last_seen)
+            for msg in await self._services.store.retained.load_all():
+                # retained `online` but no record (both written behind): the owner's
+                # sweep looks at it once the nodes know each other (owners_changed)
+                principal = topics.tail(msg.topic, topics.PRESENCE)
+                doc = presence_doc(msg.payload)
+                if principal is not None and principal not in self._states and doc is not None:
+                    seen = _seconds(doc.get("last_seen"))
+                    self._states[principal] = _State(since=seen, last_seen=seen)
             return
         alive = await self._store.last_alive() or 0.0
         for rec in await self._store.load_presence():
@@ -120,13 +177,10 @@ class PresenceService:
         not explain (or for a principal removed meanwhile): correct it."""
         for msg in await self._services.store.retained.load_all():
             principal = topics.tail(msg.topic, topics.PRESENCE)
-            if principal is None or not msg.payload:
+            if principal is None:
                 continue
-            try:
-                doc = json.loads(msg.payload)
-            except ValueError:
-                doc = None
-            if not isinstance(doc, dict) or doc.get("state") != ONLINE:
+            doc = presence_doc(msg.payload)
+            if doc is None or doc.get("state") != ONLINE:
                 continue
             if self._services.identity.get_cached(principal) is None:
                 self._enqueue(principal, None)          # removed while the broker was down
@@ -135,8 +189,7 @@ class PresenceService:
             if st is not None and st.state == OFFLINE and any(p == principal for p, _ in self._queue):
                 continue                                 # already being corrected
             if st is None:
-                seen = doc.get("last_seen")
-                seen = float(seen) if isinstance(seen, (int, float)) and not isinstance(seen, bool) else 0.0
+                seen = _seconds(doc.get("last_seen"))
                 st = self._states[principal] = _State(state=OFFLINE, since=max(seen, alive),
                                                       last_seen=max(seen, alive))
                 self._dirty.add(principal)
@@ -156,19 +209,19 @@ class PresenceService:
             return
         now = self._clock()
         for principal, st in self._states.items():
-            if st.state == ONLINE and self._elsewhere.get(principal, 0) > 0:
-                st.clients = self._elsewhere[principal]     # still online on other nodes
-                st.last_seen = now
-                self._dirty.add(principal)
-                self._enqueue(principal, st.wire())
-            elif st.state == ONLINE:
-                st.clients = 0
+            if st.state != ONLINE:
+                continue
+            st.clients = self._elsewhere.get(principal, 0)   # > 0: still online on other nodes
+            st.last_seen = now
+            if not st.clients:
                 st.state = OFFLINE
                 st.since = now
-                st.last_seen = now
-                self._dirty.add(principal)
-                self._enqueue(principal, st.wire())
+            # (in a cluster the owners of the others hear this node leave and publish them)
+            self._changed(principal, st)
         self._stopped = True
+        if self._sweep is not None:
+            await cancel_and_wait(self._sweep)
+            self._sweep = None
         if self._publisher is None:
             await self._persist_once(alive_at=self._clock())
             return
@@ -194,8 +247,7 @@ class PresenceService:
         if st.state != ONLINE:
             st.state = ONLINE
             st.since = now
-        self._dirty.add(principal)
-        self._enqueue(principal, st.wire())
+        self._changed(principal, st)
 
     def client_disconnected(self, principal: str, reason: str = "", last_activity: float | None = None) -> None:
         """`last_activity`: when the client was last heard from, if the engine knows
@@ -217,14 +269,16 @@ class PresenceService:
             st.since = st.last_seen
         else:
             st.last_seen = now
-        self._dirty.add(principal)
-        self._enqueue(principal, st.wire())
+        self._changed(principal, st)
 
-    def clients_elsewhere(self, principal: str, delta: int, announce: bool) -> None:
-        """The cluster (broker/cluster/): `delta` connections of `principal` opened
-        (> 0) or closed (< 0) on other nodes. They count like local ones, but the
-        node where they changed publishes the state; `announce`: this node does
-        (a dead node's clients, announced by one survivor)."""
+    # ---- a cluster (broker/cluster/node.py) ---------------------------------
+    def join_cluster(self, view: ClusterView) -> None:
+        """From now on this node publishes only the principals it owns."""
+        self._cluster = view
+
+    def clients_elsewhere(self, principal: str, delta: int) -> None:
+        """`delta` connections of `principal` opened (> 0) or closed (< 0) on
+        other nodes (a dead node's all at once): they count like local ones."""
         if self._stopped:
             return
         n = self._elsewhere.get(principal, 0) + delta
@@ -242,9 +296,47 @@ class PresenceService:
         elif not st.clients and st.state == ONLINE:
             st.state = OFFLINE
             st.since = now
-        if announce:
-            self._dirty.add(principal)
-            self._enqueue(principal, st.wire())
+        self._changed(principal, st)
+
+    def owners_changed(self) -> None:
+        """The nodes alive changed, or they synchronised again: the principals
+        this node owns now are published where their retained state differs."""
+        if self._stopped or self._cluster is None:
+            return
+        if self._sweep is not None:
+            self._sweep.cancel()
+        self._sweep = asyncio.get_running_loop().create_task(self._sweep_owned(), name="presence-owners")
+
+    async def _sweep_owned(self) -> None:
+        assert self._cluster is not None
+        owns = self._cluster.owns
+        for i, principal in enumerate(list(self._states)):
+            if i % SWEEP_CHUNK == SWEEP_CHUNK - 1:
+                await asyncio.sleep(0)      # long work chunked: the loop serves clients meanwhile
+            st = self._states.get(principal)
+            if st is None:
+                continue
+            if not owns(principal):
+                self._said.pop(principal, None)    # another node speaks for it now
+            elif principal in self._said or st.state == ONLINE or said_of(self._cluster.retained(principal)):
+                self._changed(principal, st)
+        self._sweep = None
+
+    def _changed(self, principal: str, st: _State) -> None:
+        """`st` is the principal's new state: published and persisted, unless in a
+        cluster another node owns the principal or this one has said it already."""
+        if self._cluster is not None:
+            if not self._cluster.owns(principal):
+                return
+            now = (st.state, st.clients)
+            said = self._said.get(principal)
+            if said is None:
+                said = said_of(self._cluster.retained(principal))
+            if said == now:
+                return
+            self._said[principal] = now
+        self._dirty.add(principal)
+        self._enqueue(principal, st.wire())
 
     async def _principal_removed(self, event: PrincipalRemoved) -> None:
         self.forget(event.principal)
@@ -255,6 +347,7 @@ class PresenceService:
     def forget(self, principal: str) -> None:
         """The principal was removed: clear its retained presence."""
         self._states.pop(principal, None)
+        self._said.pop(principal, None)
         self._dirty.discard(principal)
         self._enqueue(principal, None)
 
