@@ -79,7 +79,8 @@ class Connection(asyncio.Protocol):
                  "_write_paused", "alias_in", "alias_out", "alias_out_max", "announced", "blockers", "buf",
                  "client_max_packet", "counted", "created", "disconnect_sent", "dollar_publish_logged", "engine",
                  "handle", "info", "keep_alive", "last_recv", "listener_name", "max_packet", "max_pending_bytes",
-                 "paused_since", "problem_info", "reason", "remote", "session", "state", "taken_over", "task", "transport", "v5",
+                 "paused_since", "problem_info", "reason", "remote_host", "remote_port", "session", "state",
+                 "taken_over", "task", "transport", "v5",
                  "plain_props", "will_anyway", "writable", "written_in")
 
     def __init__(self, engine: Engine, listener_name: str) -> None:
@@ -122,7 +123,9 @@ class Connection(asyncio.Protocol):
         self.dollar_publish_logged = False
         self._eof = False       # the peer half-closed while packets were being handled
         self._lost = False      # the transport is gone but received packets are still being handled
-        self.remote = ("", 0)
+        # the peer address: two slots, not a tuple (56 bytes) per connection
+        self.remote_host = ""
+        self.remote_port = 0
         self.max_packet = engine.max_packet
         # Decodes and handles one packet: engine.handle, or engine.handle5 once an
         # MQTT 5 CONNECT arrived (the protocol is chosen once per connection).
@@ -145,7 +148,8 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
             # interned: the clients of one host share their address string
-            self.remote = (sys.intern(str(peer[0])), int(peer[1]))
+            self.remote_host = sys.intern(str(peer[0]))
+            self.remote_port = int(peer[1])
         self.created = self.last_recv = self.engine.loop.time()
         self.engine.connection_made(self)
 
@@ -475,13 +479,21 @@ class Connection(asyncio.Protocol):
     def set_connected(self) -> None:
         self.state = CONNECTED
         self.writable = not self._write_paused
+        # only the CONNECT and auth timeouts read `created` (timers.py): a connected
+        # client's own float (24 bytes) is let go
+        self.created = 0.0
 
     # ---- closing -----------------------------------------------------------------
 
     @property
+    def remote(self) -> tuple[str, int]:
+        """The peer's (address, port); ("", 0) when the transport does not say."""
+        return (self.remote_host, self.remote_port)
+
+    @property
     def client_id(self) -> str:
         """For log lines: the client id made safe to print, else the peer address."""
-        return loggable(self.info.client_id) if self.info is not None else f"{self.remote[0]}:{self.remote[1]}"
+        return loggable(self.info.client_id) if self.info is not None else f"{self.remote_host}:{self.remote_port}"
 
     def violation(self, why: str, code: int = MALFORMED) -> None:
         log.info("closing %s: protocol violation: %s", self.client_id, why)

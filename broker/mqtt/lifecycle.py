@@ -68,6 +68,10 @@ class ClientLifecycle:
         self.conns: dict[Connection, None] = {}
         self.n_connected = 0
         self.per_listener: dict[str, int] = {}
+        # Keep Alive values as one int object each: a value above 256 decoded from each
+        # CONNECT is an int of its own (32 bytes) held as long as the client is, where
+        # a home's clients use a few values (at most 65,536 entries: a 16-bit field)
+        self._keep_alives: dict[int, int] = {}
         self.by_principal: dict[str, dict[str, Connection]] = {}
         # CONNECTs an auth plugin refused, by CONNACK code (4 bad credentials, 5 not authorized, ...)
         self.logins_refused: dict[int, int] = {}
@@ -236,7 +240,7 @@ class ClientLifecycle:
             suffix = "auto-" + secrets.token_hex(8)
             cid = f"{pkt.username}.{suffix}" if is_valid_principal_id(pkt.username) else suffix
             generated = True
-        keep_alive = pkt.keep_alive
+        keep_alive = self._keep_alives.setdefault(pkt.keep_alive, pkt.keep_alive)
         connack_props: list[tuple[int, Any]] = []
         expiry: float | None = None
         if v5:
@@ -258,7 +262,7 @@ class ClientLifecycle:
         # hub's devices) share one string, not ~60 bytes each for as long as they are held
         username = sys.intern(pkt.username) if pkt.username else pkt.username
         info = ClientInfo(client_id=cid, username=username, password=pkt.password,
-                          remote_address=conn.remote[0], remote_port=conn.remote[1],
+                          remote_address=conn.remote_host, remote_port=conn.remote_port,
                           clean_session=pkt.clean_session if not v5 else not expiry, keep_alive=keep_alive,
                           listener_name=conn.listener_name, client_id_generated=generated)
         info.protocol_level = pkt.level
