@@ -5,7 +5,8 @@ NO_DICT is the same as NO_QUEUE for a dict.
 An empty `deque()` costs ~760 bytes (it always holds one 64-slot block) and an
 empty `set()` 216. A session's outgoing queue is the shared NO_QUEUE until its
 first message is queued (a real deque from then on: its hot loops stay at C
-speed); its QoS 2 ids are a LazySet, one slotted object (~48 bytes) until used.
+speed); its QoS 2 ids are the shared NO_SET until the first, then a LazySet
+(one slotted object, 40 bytes, whose set exists only while it holds ids).
 """
 
 from __future__ import annotations
@@ -93,3 +94,21 @@ class LazySet(Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         return iter(()) if self._items is None else iter(self._items)
+
+
+class _SharedEmptyLazySet(LazySet[Any]):
+    """NO_SET: an empty LazySet whose reads (in, len, truth, iteration) and removals
+    (discard, clear: nothing to remove) work; adding raises, like NO_DICT's."""
+
+    __slots__ = ()
+
+    def add(self, item: Any) -> None:
+        raise TypeError("NO_SET is shared by every idle session: add to the session's own set (own_...())")
+
+    def update(self, items: Iterable[Any]) -> None:
+        for _ in items:
+            raise TypeError("NO_SET is shared by every idle session: add to the session's own set (own_...())")
+
+
+# A session's QoS 2 packet ids until its first: a LazySet is 40 bytes per idle session.
+NO_SET: Final[LazySet[Any]] = _SharedEmptyLazySet()

@@ -118,7 +118,8 @@ class SessionPersistence:
         if saved.subscription_options:
             st.own_sub_opts().update(saved.subscription_options)
         st._pid = saved.last_pid
-        st.incoming_qos2.update(saved.incoming_qos2)
+        if saved.incoming_qos2:
+            st.own_incoming_qos2().update(saved.incoming_qos2)
         st.journal = self.journal
         st.unjournaled = self._unsaved_prefixes
         for f, q in saved.subscriptions.items():

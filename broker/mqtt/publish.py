@@ -146,7 +146,7 @@ class Publishing:
             refused = codec5.NOT_AUTHORIZED
         if conn.state == CLOSED:    # no ack; a QoS 2 id is still known when the session resumes
             if pkt.qos == 2 and not refused:
-                st.incoming_qos2.add(pkt.packet_id)
+                st.own_incoming_qos2().add(pkt.packet_id)
             return
         await self._acknowledge(conn, st, pkt, mark, refused=refused, remote=remote)
 
@@ -171,7 +171,7 @@ class Publishing:
             conn.write_ack(codec5.ack(codec.PUBACK if qos == 1 else codec.PUBREC, pkt.packet_id, refused))
             return DONE
         if qos == 2:
-            st.incoming_qos2.add(pkt.packet_id)
+            st.own_incoming_qos2().add(pkt.packet_id)
         journal = self._journal
         kept = mark is not None and journal is not None and journal.appended != mark
         retained = mark is not None and pkt.retain and self._retained.persisted

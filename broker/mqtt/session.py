@@ -13,7 +13,7 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from broker.mqtt import codec, codec5
-from broker.mqtt.lazy import NO_DICT, NO_QUEUE, LazySet
+from broker.mqtt.lazy import NO_DICT, NO_QUEUE, NO_SET, LazySet
 from broker.mqtt.properties import MsgProps, stored_props
 from broker.mqtt.topics import matches
 from broker.store.base import MessageDone, MessageKept, SavedMessage
@@ -271,7 +271,7 @@ class SessionState:
         self.queue: deque[tuple[Message, int, int]] = NO_QUEUE
         self.inflight: dict[int, list[Any]] = NO_DICT     # until the first send: own_inflight()
         self._pid = 0
-        self.incoming_qos2: LazySet[int] = LazySet()
+        self.incoming_qos2: LazySet[int] = NO_SET   # own_incoming_qos2() to add (idle sessions share NO_SET)
         self.disconnected_at = 0.0
         self.dropped = 0
         self.acl_cache: dict[str, int] = NO_DICT   # topic -> ACL decisions known (acl.py; own_acl_cache())
@@ -333,6 +333,12 @@ class SessionState:
         if self.sub_opts is NO_DICT:
             self.sub_opts = {}
         return self.sub_opts
+
+    def own_incoming_qos2(self) -> LazySet[int]:
+        """This session's own QoS 2 packet ids (NO_SET until the first)."""
+        if self.incoming_qos2 is NO_SET:
+            self.incoming_qos2 = LazySet()
+        return self.incoming_qos2
 
     def own_queue(self) -> deque[tuple[Message, int, int]]:
         """This session's own queue, made at the first message queued (NO_QUEUE
