@@ -316,25 +316,32 @@ class PresenceService:
             st = self._states.get(principal)
             if st is None:
                 continue
-            if not owns(principal):
+            if owns(principal):
+                self._announce(principal, st)
+            else:
                 self._said.pop(principal, None)    # another node speaks for it now
-            elif principal in self._said or st.state == ONLINE or said_of(self._cluster.retained(principal)):
-                self._changed(principal, st)
         self._sweep = None
 
     def _changed(self, principal: str, st: _State) -> None:
         """`st` is the principal's new state: published and persisted, unless in a
-        cluster another node owns the principal or this one has said it already."""
-        if self._cluster is not None:
-            if not self._cluster.owns(principal):
-                return
-            now = (st.state, st.clients)
-            said = self._said.get(principal)
-            if said is None:
-                said = said_of(self._cluster.retained(principal))
-            if said == now:
-                return
-            self._said[principal] = now
+        cluster another node owns the principal."""
+        if self._cluster is None:
+            self._publish_state(principal, st)
+        elif self._cluster.owns(principal):
+            self._announce(principal, st)
+
+    def _announce(self, principal: str, st: _State) -> None:
+        """The owner's part: `st` is published unless it is what was said last
+        (by this node, else the retained state held here; nothing said reads as offline)."""
+        assert self._cluster is not None
+        now = (st.state, st.clients)
+        said = self._said.get(principal) or said_of(self._cluster.retained(principal)) or (OFFLINE, 0)
+        if said == now:
+            return
+        self._said[principal] = now
+        self._publish_state(principal, st)
+
+    def _publish_state(self, principal: str, st: _State) -> None:
         self._dirty.add(principal)
         self._enqueue(principal, st.wire())
 
