@@ -113,10 +113,17 @@ def retained(node: RoostProcess, principal: str) -> dict[str, Any] | None:
 
 
 def settles(nodes: dict[str, RoostProcess], principal: str, state: str, clients: int) -> None:
+    seen: list[str] = []
+
     def right() -> bool:
-        docs = [retained(node, principal) for node in nodes.values()]
-        return all(d is not None and d["state"] == state and d["clients"] == clients for d in docs)
-    wait_until(right, timeout=15, what=f"{principal} {state} with {clients} client(s) on every node", interval=0.2)
+        docs = {name: retained(node, principal) for name, node in nodes.items()}
+        seen[:] = [f"{name}: {d}" for name, d in docs.items()]
+        return all(d is not None and d["state"] == state and d["clients"] == clients for d in docs.values())
+    try:
+        wait_until(right, timeout=15, what=f"{principal} {state} with {clients} client(s) on every node",
+                   interval=0.2)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}; retained: {'; '.join(seen)}") from None
 
 
 def principals_owned_by(nodes: list[str]) -> list[str]:
