@@ -180,3 +180,31 @@ def test_a_retained_change_is_told_only_after_its_write_committed(tmp_path):
             await store.close()
 
     run(main())
+
+
+def test_a_retained_change_replaced_during_its_write_is_not_told(tmp_path):
+    """Of two changes of one topic, the first already being written when the second
+    comes, only the second is told: the event says the topic's current value (a
+    cluster node sends what it is told to its peers as this node's change)."""
+    from broker.config import LimitsConfig, StorageConfig
+    from broker.mqtt.figures import new_stats
+    from broker.mqtt.retained import RetainedMessages
+    from broker.store.factory import open_store
+
+    async def main() -> None:
+        store = await open_store(StorageConfig(path=str(tmp_path / "roost.db")))
+        told: list[tuple[str, bytes]] = []
+        try:
+            retained = RetainedMessages(limits=LimitsConfig(), store=store.retained, stats=new_stats(),
+                                        on_stored=lambda topic, payload: told.append((topic, payload)))
+            retained.set("home/a", b"1", 1)
+            writing = asyncio.get_running_loop().create_task(retained.flush())
+            await asyncio.sleep(0)                   # the flush's first step: it takes "1" and awaits its write
+            assert retained._lock.locked()
+            retained.set("home/a", b"2", 1)
+            assert await writing
+            assert told == [("home/a", b"2")]
+        finally:
+            await store.close()
+
+    run(main())

@@ -309,14 +309,6 @@ class ClusterNode:
             del self._echoes[event.topic]     # a peer's change, now committed here too
             return
         kept = self._engine.retained.get(event.topic)
-        if (kept.payload if kept is not None else b"") != event.payload:
-            # Superseded here before its write committed (retained writes coalesce):
-            # the change that replaced it speaks for the topic, broadcast when it
-            # commits if it is this node's, already everywhere if a peer's. Sent now,
-            # with a fresh stamp, it would overwrite the newer change on the peers
-            # (two quick changes from a peer: the first's commit is no echo of the
-            # second, and went back to the peers as this node's own, newest change).
-            return
         qos = kept.qos if kept is not None else 0
         owner = kept.owner if kept is not None else None
         at = time.time()

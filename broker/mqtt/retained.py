@@ -207,8 +207,9 @@ class RetainedMessages:
                                    max_topics=MAX_RETAINED)
         self._store = store
         self._stats = stats
-        # Told of each change once its write committed (topic, payload; b"" when
-        # cleared): the composition root publishes it on the event bus.
+        # Told of each change once its write committed, if it is still the topic's
+        # current value then (topic, payload; b"" when cleared): the composition
+        # root publishes it on the event bus.
         self._on_stored = on_stored
         self.persisted = store is not None
         self._refused_log = RateLimitedLog(log)
@@ -312,6 +313,8 @@ class RetainedMessages:
                     self._unavailable_since = None
                 if dirty.get(topic, 0) is v:
                     del dirty[topic]
-                if self._on_stored is not None:
-                    self._on_stored(topic, b"" if v is None else v[0])
+                    if self._on_stored is not None:
+                        self._on_stored(topic, b"" if v is None else v[0])
+                # else changed meanwhile: not told, the newer value is written (and told) next;
+                # told now, a cluster node would send its peers a value already replaced here
             return True

@@ -132,7 +132,8 @@ class RetainedChanged:
     """A retained message was set (`payload` non-empty) or cleared on `topic`,
     published once its store write committed (broker/mqtt/retained.py owns
     retained messages; broker/server.py puts its commits on the bus). Changes
-    of one topic coalesce before the write, so a consumer sees the latest."""
+    of one topic coalesce before the write, and one replaced while its write was
+    under way is not told: a consumer hears only what was the current value."""
     topic: str
     payload: bytes
 
