@@ -194,6 +194,14 @@ class StockAmqtt(BrokerProcess):
         return [sys.executable, "-m", "bench.stock_amqtt", str(self.port)]
 
 
+class Floor(BrokerProcess):
+    """bench/floor.py: the least a Python broker on uvloop can do (a reference column)."""
+    name = "floor"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "bench.floor", str(self.port)]
+
+
 class Mosquitto(BrokerProcess):
     name = "mosquitto"
 
@@ -334,7 +342,7 @@ class Roost(BrokerProcess):
 
 
 def make(name: str, workdir: Path) -> BrokerProcess:
-    classes = {"amqtt": StockAmqtt, "roost": Roost, "mosquitto": Mosquitto}
+    classes = {"amqtt": StockAmqtt, "roost": Roost, "mosquitto": Mosquitto, "floor": Floor}
     if name not in classes:
         raise ValueError(f"unknown broker {name!r} (known: {', '.join(classes)})")
     return classes[name](workdir / name)

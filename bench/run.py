@@ -1,4 +1,4 @@
-"""Benchmark orchestrator: `python -m bench [--quick] [--only S,...] [--brokers roost,amqtt,mosquitto]`.
+"""Benchmark orchestrator: `python -m bench [--quick] [--only S,...] [--brokers roost,amqtt,mosquitto,floor]`.
 
 Scenario by scenario, every broker in turn gets a freshly started subprocess on a
 free loopback port; the load comes from `bench.loadgen` worker processes. The
@@ -36,6 +36,9 @@ ROOST_ONLY = {"im", "im_paced", "restart"}
 # Issue 16's rows compare Roost with Mosquitto; stock amqtt would spend minutes on 20,000 connects.
 # amqtt 0.12.1 speaks MQTT 3.1.1 only: the MQTT 5 rows compare Roost with Mosquitto.
 NOT_AMQTT = {"hold_many", "p2p_v5_alias", "shared_v5"}
+# The floor relay (bench/floor.py) speaks MQTT 3.1.1 with exact topics and QoS 0/1 and
+# stores nothing: it serves these.
+FLOOR_SCENARIOS = {"fanin_qos0", "fanin_qos1", "p2p", "fanout", "rss_start", "hold", "hold_many"}
 
 
 @dataclass(frozen=True)
@@ -666,7 +669,8 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
         for name in scenarios:
             for rep in range(args.repeat):
                 for bname, broker in ready.items():
-                    if (name in ROOST_ONLY and bname != "roost") or (name in NOT_AMQTT and bname == "amqtt"):
+                    if (name in ROOST_ONLY and bname != "roost") or (name in NOT_AMQTT and bname == "amqtt") \
+                            or (bname == "floor" and name not in FLOOR_SCENARIOS):
                         continue
                     runner.log(f"{bname}: {name}{f' (run {rep + 1}/{args.repeat})' if args.repeat > 1 else ''} ...")
                     t = time.monotonic()
@@ -734,7 +738,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small counts: a smoke test (< 60 s)")
     ap.add_argument("--only", "--scenarios", dest="only", default="",
                     help=f"comma-separated scenarios ({', '.join(SCENARIOS)})")
-    ap.add_argument("--brokers", default="roost,amqtt,mosquitto", help="comma-separated: roost,amqtt,mosquitto")
+    ap.add_argument("--brokers", default="roost,amqtt,mosquitto",
+                    help="comma-separated: roost,amqtt,mosquitto,floor (bench/floor.py: the least a "
+                         "Python broker on uvloop can do, a reference column)")
     ap.add_argument("--repeat", type=int, default=1, metavar="N",
                     help="run every scenario N times per broker and show the median run (shared machines)")
     ap.add_argument("--json", default="", help="also write the raw results as JSON to this file")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bench.brokers import Mosquitto
+from bench.report import Outcome, render_targets16
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,6 +100,33 @@ def test_issue16_rows_run_on_their_own(tmp_path: Path) -> None:
         held = scenarios["hold_many"]["metrics"]
         assert held["connected"] == doc["sizes"]["hold_many"], f"{broker}: {scenarios['hold_many']}"
         assert held["kb_per_client"] is not None
+    assert _children_of(os.getpid()) == []
+
+
+@pytest.mark.timeout(60)
+def test_the_floor_relay_is_a_column_of_its_own_scenarios(tmp_path: Path) -> None:
+    """`--brokers roost,floor`: the floor relay (bench/floor.py) serves the plain rows it
+    can (p2p with its paced phase, RSS at start and with idle clients), loses nothing,
+    skips the rest, and the issue 16 checks quote its figures."""
+    raw = tmp_path / "bench.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--brokers", "roost,floor", "--json", str(raw),
+         "--scenarios", "p2p,rss_start,hold_many,im_paced"],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=55, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+    doc = json.loads(raw.read_text())
+    floor = doc["results"]["floor"]
+    assert sorted(floor) == ["hold_many", "p2p", "rss_start"], floor.keys()   # no IM: it has none
+    for name, outcome in floor.items():
+        assert outcome["error"] is None, f"floor {name}: {outcome['error']}"
+    p2p = floor["p2p"]["metrics"]
+    assert p2p["lost"] == 0 and p2p["paced_p50_ms"] > 0, p2p
+    assert floor["hold_many"]["metrics"]["connected"] == doc["sizes"]["hold_many"]
+    # (--quick prints no target checks: they are rendered here from the same figures)
+    results = {b: {name: Outcome(**o) for name, o in r.items()} for b, r in doc["results"].items()}
+    checks = render_targets16(results)
+    assert f"(floor relay: {p2p['paced_p50_ms']:.2f} ms)" in checks, checks
+    assert "not measured" in checks.split("1.5 x Mosquitto's")[1].splitlines()[0]   # no Mosquitto in this run
     assert _children_of(os.getpid()) == []
 
 
