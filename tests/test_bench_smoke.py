@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,21 +36,25 @@ def _children_of(pid: int) -> list[int]:
     return out
 
 
-@pytest.mark.timeout(90)
-def test_quick_bench_prints_table_and_loses_nothing(tmp_path: Path) -> None:
+def _quick_bench(tmp_path: Path, brokers: str, scenarios: str, timeout: float) -> tuple[str, dict[str, Any]]:
+    """`python -m bench --quick` on these brokers and scenarios: its table (stdout) and its JSON."""
     raw = tmp_path / "bench.json"
     res = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--brokers", "roost,amqtt", "--json", str(raw),
-         "--scenarios", "fanin_qos0,fanin_qos1,p2p,fanout,im,hold,restart"],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=80, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        [sys.executable, "-m", "bench", "--quick", "--brokers", brokers, "--json", str(raw), "--scenarios", scenarios],
+        cwd=str(ROOT), capture_output=True, text=True, timeout=timeout, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
-    out = res.stdout
+    doc: dict[str, Any] = json.loads(raw.read_text())
+    return res.stdout, doc
+
+
+@pytest.mark.timeout(90)
+def test_quick_bench_prints_table_and_loses_nothing(tmp_path: Path) -> None:
+    out, doc = _quick_bench(tmp_path, "roost,amqtt", "fanin_qos0,fanin_qos1,p2p,fanout,im,hold,restart", timeout=80)
     for label in ("fan-in QoS 0", "fan-in QoS 1", "p2p QoS 1", "fan-out QoS 1", "IM send->msg->ack",
                   "hold: connects/s", "broker RSS MB", "time to serve s"):
         assert label in out, f"row {label!r} missing from:\n{out}"
     assert "roost/amqtt" in out
 
-    doc = json.loads(raw.read_text())
     known: list[str] = []
     for broker, scenarios in doc["results"].items():
         for name, outcome in scenarios.items():
@@ -78,17 +83,11 @@ def test_issue16_rows_run_on_their_own(tmp_path: Path) -> None:
     """The rows issue 16 added, each selectable with --scenarios, tiny sizes: IM at a
     paced light load, RSS before the first client, many idle clients from several
     source addresses (Roost and, when installed, Mosquitto in the same run)."""
-    raw = tmp_path / "bench.json"
     brokers = "roost,mosquitto" if Mosquitto.binary() else "roost"
-    res = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--brokers", brokers, "--json", str(raw),
-         "--scenarios", "im_paced,rss_start,hold_many"],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=55, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+    out, doc = _quick_bench(tmp_path, brokers, "im_paced,rss_start,hold_many", timeout=55)
     for label in ("IM send->msg at 100 sends/s, paced: p50 ms", "RSS before the first client, MB",
                   "hold many: clients held", "KB per client"):
-        assert label in res.stdout, f"row {label!r} missing from:\n{res.stdout}"
-    doc = json.loads(raw.read_text())
+        assert label in out, f"row {label!r} missing from:\n{out}"
     roost = doc["results"]["roost"]
     for name, outcome in roost.items():
         assert outcome["error"] is None, f"roost {name}: {outcome['error']}"
@@ -108,13 +107,7 @@ def test_the_floor_relay_is_a_column_of_its_own_scenarios(tmp_path: Path) -> Non
     """`--brokers roost,floor`: the floor relay (bench/floor.py) serves the plain rows it
     can (p2p with its paced phase, RSS at start and with idle clients), loses nothing,
     skips the rest, and the issue 16 checks quote its figures."""
-    raw = tmp_path / "bench.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--brokers", "roost,floor", "--json", str(raw),
-         "--scenarios", "p2p,rss_start,hold_many,im_paced"],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=55, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
-    doc = json.loads(raw.read_text())
+    _table, doc = _quick_bench(tmp_path, "roost,floor", "p2p,rss_start,hold_many,im_paced", timeout=55)
     floor = doc["results"]["floor"]
     assert sorted(floor) == ["hold_many", "p2p", "rss_start"], floor.keys()   # no IM: it has none
     for name, outcome in floor.items():
@@ -135,19 +128,13 @@ def test_mqtt5_rows_run_on_their_own(tmp_path: Path) -> None:
     """Issue 13's rows, tiny sizes: p2p QoS 1 over MQTT 5 with the publishers on a topic
     alias after their first publish, and a shared subscription of 4 workers where every
     message reaches exactly one of them (Roost and, when installed, Mosquitto)."""
-    raw = tmp_path / "bench.json"
     brokers = "roost,mosquitto" if Mosquitto.binary() else "roost"
-    res = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--brokers", brokers, "--json", str(raw),
-         "--scenarios", "p2p_v5_alias,shared_v5"],
-        cwd=str(ROOT), capture_output=True, text=True, timeout=55, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+    out, doc = _quick_bench(tmp_path, brokers, "p2p_v5_alias,shared_v5", timeout=55)
     for label in ("p2p QoS 1, MQTT 5 + topic alias", "shared sub fan-in, MQTT 5 (4 pubs -> 4 workers)",
                   "duplicated (reached 2 workers)"):
-        assert label in res.stdout, f"row {label!r} missing from:\n{res.stdout}"
+        assert label in out, f"row {label!r} missing from:\n{out}"
     if "mosquitto" in brokers:
-        assert "roost/mosquitto" in res.stdout
-    doc = json.loads(raw.read_text())
+        assert "roost/mosquitto" in out
     for broker, scenarios in doc["results"].items():
         for name, outcome in scenarios.items():
             assert outcome["error"] is None, f"{broker} {name}: {outcome['error']}"
