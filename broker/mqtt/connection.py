@@ -13,9 +13,9 @@ stream keeps being routed while its acks wait; beyond ACKS_HIGH waiting acks
 the publisher is held back until they are out.
 
 Outgoing bytes are collected per connection and written with one
-`transport.write` per loop iteration (the engine flushes all dirty connections),
-or at the end of the read that made them while the load is light (at most
-QUIET_PACKETS packets per loop turn, engine.py).
+`transport.write` per loop iteration (the engine flushes all dirty connections);
+while the load is light (at most QUIET_PACKETS packets per loop turn, engine.py)
+a connection's first packet of the turn is written the moment it is made.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ class Connection(asyncio.Protocol):
         # behind an awaited one (None: none); lists only while they hold something, ~56
         # bytes each of 20,000 idle connections otherwise
         self._out: list[bytes] | None = None
-        self.written_in = -1       # the engine's loop turn of this connection's last early write (engine.py)
+        self.written_in = -1       # the engine's loop turn of this connection's last written-through packet
         self.plain_props: MsgProps | None = None   # MQTT 5: its publishes without properties (v5.py)
         self._pending: list[tuple[int, int, bytes]] | None = None
         self._pending_bytes = 0
@@ -456,14 +456,20 @@ class Connection(asyncio.Protocol):
     # ---- output --------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """One packet (counted for $SYS), sent with the others of this loop turn."""
-        self.engine.counters.packets_sent += 1
+        """One packet (counted for $SYS): written at once when it is this connection's
+        first of a light-load turn, else sent with the others of this loop turn (engine.py)."""
+        engine = self.engine
+        engine.counters.packets_sent += 1
         out = self._out
-        if out is None:
-            self._out = [data]
-            self.engine.mark_dirty(self)
-        else:
+        if out is not None:
             out.append(data)
+        elif engine.writing_through and self.written_in != engine.turn and self.transport is not None:
+            self.written_in = engine.turn
+            engine.counters.bytes_sent += len(data)
+            self.transport.write(data)
+        else:
+            self._out = [data]
+            engine.mark_dirty(self)
 
     def flush(self) -> None:
         out = self._out

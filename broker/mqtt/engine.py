@@ -69,8 +69,9 @@ from broker.store.base import SavedSession
 
 log = logging.getLogger("roost.mqtt")
 
-# A loop turn that handled at most this many packets is light load: a read's output is
-# written at the end of that read instead of with the turn's flush (see read_started)
+# A loop turn that handled at most this many packets is light load: during the next
+# turn's reads a connection's first packet is written at once, not with the turn's
+# flush (see read_started)
 QUIET_PACKETS = 8
 
 
@@ -137,8 +138,9 @@ class Engine:
         self._dirty: list[Connection] = []
         self._flush_scheduled = False
         self._turn_start = 0        # counters.packets_received at the last flush (see read_started)
-        self._turn = 0              # loop turns flushed so far (Connection.written_in)
+        self.turn = 0               # loop turns flushed so far (Connection.written_in)
         self.quiet = True           # the last turn handled at most QUIET_PACKETS packets
+        self.writing_through = False   # inside a read of a light-load turn (Connection.write)
         self._tasks_bg: list[asyncio.Task[None]] = []
 
     # ---- figures and views others read (monitor.py, server.py, tests) --------------------
@@ -230,31 +232,27 @@ class Engine:
     # ---- output batching: write at once when the loop is idle, coalesce under load --------
     #
     # Every read callback makes sure a flush runs once this loop turn's callbacks are
-    # done (_flush, through call_soon). While the load is light (this turn and the last
-    # one handled at most QUIET_PACKETS packets: paced traffic, where a turn often has
-    # two or three small reads) a read's output is written at the end of that read, so
-    # a message does not wait for the other reads of its turn: but only each
-    # connection's first output of the turn; what reaches it from later reads of the
-    # same turn waits for the turn's flush, so a subscriber fed by several publishers
-    # (fan-in) gets two writes a turn, not one per read (that cost fan-in QoS 1 ~15 %
-    # more CPU per message). Under load (many packets per turn) the output of all of
-    # them goes out in the one flush: a single transport.write per connection and turn.
+    # done (_flush, through call_soon). While the load is light (the last turn and this
+    # one so far handled at most QUIET_PACKETS packets: paced traffic, where a turn often
+    # has two or three small reads) a connection's first packet of the turn is written
+    # the moment it is made (Connection.write), so a message goes out before the rest of
+    # its read is handled (the publisher's PUBACK, the end of the parse): about 9 us of
+    # a paced message's 36 us in the broker (bench/RESULTS.md). Only the first: what
+    # reaches that connection later in the turn waits for the turn's flush, so a
+    # subscriber fed by several publishers (fan-in) gets two writes a turn, not one per
+    # packet (per-read writes cost fan-in QoS 1 ~15 % more CPU per message). Under load
+    # (many packets per turn) everything goes out in the one flush: a single
+    # transport.write per connection and turn.
 
     def read_started(self) -> None:
+        self.writing_through = self.quiet and self.counters.packets_received - self._turn_start <= QUIET_PACKETS
+
+    def read_done(self) -> None:
+        # scheduled here, not at the read's start: after its first packets are out
+        self.writing_through = False
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self.loop.call_soon(self._flush)
-
-    def read_done(self) -> None:
-        if self._dirty and self.quiet and self.counters.packets_received - self._turn_start <= QUIET_PACKETS:
-            turn = self._turn
-            dirty, self._dirty = self._dirty, []
-            for conn in dirty:
-                if conn.written_in == turn:
-                    self._dirty.append(conn)      # written early once this turn already
-                else:
-                    conn.written_in = turn
-                    conn.flush()
 
     def mark_dirty(self, conn: Connection) -> None:
         self._dirty.append(conn)
@@ -267,7 +265,7 @@ class Engine:
         handled = self.counters.packets_received
         self.quiet = handled - self._turn_start <= QUIET_PACKETS
         self._turn_start = handled
-        self._turn += 1
+        self.turn += 1
         self._write_out()
 
     def _write_out(self) -> None:
