@@ -41,6 +41,13 @@ NOT_AMQTT = {"hold_many", "p2p_v5_alias", "shared_v5"}
 FLOOR_SCENARIOS = {"fanin_qos0", "fanin_qos1", "p2p", "fanout", "rss_start", "hold", "hold_many"}
 
 
+def takes_part(broker: str, scenario: str) -> bool:
+    """Whether `broker` runs `scenario` (the sets above)."""
+    if broker == "floor":
+        return scenario in FLOOR_SCENARIOS
+    return (broker == "roost" or scenario not in ROOST_ONLY) and (broker != "amqtt" or scenario not in NOT_AMQTT)
+
+
 @dataclass(frozen=True)
 class Sizes:
     fanin0_per_pub: int
@@ -669,8 +676,7 @@ async def amain(args: argparse.Namespace, argv_used: list[str]) -> int:
         for name in scenarios:
             for rep in range(args.repeat):
                 for bname, broker in ready.items():
-                    if (name in ROOST_ONLY and bname != "roost") or (name in NOT_AMQTT and bname == "amqtt") \
-                            or (bname == "floor" and name not in FLOOR_SCENARIOS):
+                    if not takes_part(bname, name):
                         continue
                     runner.log(f"{bname}: {name}{f' (run {rep + 1}/{args.repeat})' if args.repeat > 1 else ''} ...")
                     t = time.monotonic()

@@ -222,21 +222,24 @@ class Connection(asyncio.Protocol):
         self.last_recv = engine.loop.time()
         engine.counters.bytes_received += len(data)
         engine.read_started()
-        buf = self.buf
-        if buf or self.blockers:
-            if buf:
-                buf += data     # a bytearray: in place
+        try:
+            buf = self.buf
+            if buf or self.blockers:
+                if buf:
+                    buf += data     # a bytearray: in place
+                else:
+                    self.buf = bytearray(data)
+                if not self.blockers:
+                    self._parse()
             else:
-                self.buf = bytearray(data)
-            if not self.blockers:
-                self._parse()
-        else:
-            # nothing left over (the usual case): parse the bytes as received, without
-            # copying them into the buffer first; only an incomplete rest is kept
-            pos = self._parse_in(data)
-            if pos >= 0 and pos < len(data):
-                self.buf = bytearray(memoryview(data)[pos:])
-        engine.read_done()
+                # nothing left over (the usual case): parse the bytes as received, without
+                # copying them into the buffer first; only an incomplete rest is kept
+                pos = self._parse_in(data)
+                if pos >= 0 and pos < len(data):
+                    self.buf = bytearray(memoryview(data)[pos:])
+        finally:
+            # even when handling failed: writing through ends with the read
+            engine.read_done()
 
     def _parse(self) -> None:
         """Handle every complete packet in the buffer, stopping early while a

@@ -236,8 +236,8 @@ class Engine:
     # one so far handled at most QUIET_PACKETS packets: paced traffic, where a turn often
     # has two or three small reads) a connection's first packet of the turn is written
     # the moment it is made (Connection.write), so a message goes out before the rest of
-    # its read is handled (the publisher's PUBACK, the end of the parse): about 9 us of
-    # a paced message's 36 us in the broker (bench/RESULTS.md). Only the first: what
+    # its read is handled (the publisher's PUBACK, the end of the parse): about 5 us of
+    # a paced message's ~35 us in the broker (bench/RESULTS.md). Only the first: what
     # reaches that connection later in the turn waits for the turn's flush, so a
     # subscriber fed by several publishers (fan-in) gets two writes a turn, not one per
     # packet (per-read writes cost fan-in QoS 1 ~15 % more CPU per message). Under load
