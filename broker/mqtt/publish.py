@@ -248,7 +248,8 @@ class Publishing:
             raise ValueError(f"invalid topic name {topic!r}")
         if qos not in (0, 1, 2):
             raise ValueError(f"invalid QoS {qos!r}")
-        payload = bytes(payload)
+        if type(payload) is not bytes:   # (bytes() of bytes costs a lookup of __bytes__ and __index__)
+            payload = bytes(payload)
         props = None
         if correlation_data is not None:
             props = P.message_props({P.CORRELATION_DATA: bytes(correlation_data)}, 0.0, None)

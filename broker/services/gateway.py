@@ -201,8 +201,8 @@ class Gateway:
         except RecursionError:  # JSON nested deeper than the parser goes
             self.refuse(reply, None, ErrorCode.BAD_REQUEST, "payload is nested too deeply")
             return
-        self.submit(Request(principal=principal, kind=kind, client_id=client_id, id=request.id, op=request.op,
-                            params=request.params), reply)
+        # positional: keywords cost a dict per request (Request's field order)
+        self.submit(Request(principal, kind, client_id, request.id, request.op, request.params), reply)
 
     def submit(self, request: Request, reply: Reply) -> None:
         """Take one request; `reply` is awaited exactly once with the response."""
@@ -225,7 +225,7 @@ class Gateway:
         if handler is None:
             self.refuse(reply, request.id, ErrorCode.BAD_REQUEST, f"unknown op {request.op!r}")
             return
-        caller = Caller(principal=request.principal, kind=request.kind or "user", client_id=request.client_id)
+        caller = Caller(request.principal, request.kind or "user", request.client_id)   # (principal, kind, client id)
         self._pending[request.client_id] = self._pending.get(request.client_id, 0) + 1
         self._spawn(self._process(caller, request.id, request.op, handler, request.params, reply))
 
