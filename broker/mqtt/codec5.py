@@ -176,10 +176,10 @@ def publish(topic_bytes: bytes, payload: bytes, qos: int, retain: bool, pid: int
     """A PUBLISH: `topic_bytes` length-prefixed already, `props` without its length."""
     first = 0x30 | (qos << 1) | (1 if retain else 0) | (0x08 if dup else 0)
     n = len(props)
-    plen = bytes((n,)) if n < 0x80 else encode_varint(n)
+    plen = codec.ONE_BYTE[n] if n < 0x80 else encode_varint(n)
     rl = len(topic_bytes) + len(plen) + n + len(payload) + (2 if qos else 0)
     # a small message's fixed header is two bytes: made at once, without encode_varint
-    head = bytes((first, rl)) if rl < 0x80 else bytes((first,)) + encode_varint(rl)
+    head = ((first << 8) | rl).to_bytes(2, "big") if rl < 0x80 else codec.ONE_BYTE[first] + encode_varint(rl)
     if qos:
         return b"".join((head, topic_bytes, pid.to_bytes(2, "big"), plen, props, payload))
     return b"".join((head, topic_bytes, plen, props, payload))

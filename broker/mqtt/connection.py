@@ -300,7 +300,9 @@ class Connection(asyncio.Protocol):
                         # what follows is handled with the window's room already used
                         acked.after_acks()
                         acked = None
-                    body = bytes(buf[start:end])
+                    # a slice of bytes is bytes already (bytes() of it would cost a
+                    # lookup of __bytes__ and __index__); a bytearray's is copied
+                    body = buf[start:end] if type(buf) is bytes else bytes(buf[start:end])
                     pos = end
                     self._packet(first >> 4, first & 0x0F, body)
                 if self.state == CLOSED:

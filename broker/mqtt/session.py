@@ -203,7 +203,8 @@ class Message:
 
     __slots__ = ("topic", "payload", "qos", "retain", "_tb", "_p0", "_rlq", "props", "pub_retain", "group", "remote")
 
-    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False, props: MsgProps | None = None) -> None:
+    def __init__(self, topic: str, payload: bytes, qos: int, retain: bool = False, props: MsgProps | None = None,
+                 topic_header: bytes | None = None) -> None:
         self.topic = topic
         self.payload = payload
         self.qos = qos
@@ -214,14 +215,16 @@ class Message:
         # Set by the cluster when routing sent it to other nodes (QoS 1/2): done once
         # they all have it; its publisher's PUBACK/PUBREC waits for it (publish.py)
         self.remote: Awaitable[None] | None = None
-        t = topic.encode("utf-8")
-        self._tb = len(t).to_bytes(2, "big") + t
+        if topic_header is None:    # the topic as PUBLISH carries it (given by copy_for)
+            t = topic.encode("utf-8")
+            topic_header = len(t).to_bytes(2, "big") + t
+        self._tb = topic_header
         self._p0: bytes | None = None
         self._rlq: bytes | None = None
 
     def copy_for(self, group: Any) -> Message:
         """This message as given to one member of a shared subscription group."""
-        msg = Message(self.topic, self.payload, self.qos, self.retain, self.props)
+        msg = Message(self.topic, self.payload, self.qos, self.retain, self.props, self._tb)
         msg.pub_retain = self.pub_retain
         msg.group = group
         return msg
@@ -231,7 +234,7 @@ class Message:
         p = self._p0
         if p is None:
             rl = len(self._tb) + len(self.payload)
-            p = self._p0 = b"".join((bytes((0x30 | (1 if self.retain else 0),)), codec.encode_varint(rl),
+            p = self._p0 = b"".join((codec.ONE_BYTE[0x30 | (1 if self.retain else 0)], codec.encode_varint(rl),
                                      self._tb, self.payload))
         return p
 
@@ -240,7 +243,7 @@ class Message:
         if rlq is None:
             rlq = self._rlq = codec.encode_varint(len(self._tb) + 2 + len(self.payload))
         first = 0x30 | (qos << 1) | (1 if self.retain else 0) | (0x08 if dup else 0)
-        return b"".join((bytes((first,)), rlq, self._tb, pid.to_bytes(2, "big"), self.payload))
+        return b"".join((codec.ONE_BYTE[first], rlq, self._tb, pid.to_bytes(2, "big"), self.payload))
 
 
 class SessionState:
