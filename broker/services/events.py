@@ -44,7 +44,7 @@ log = logging.getLogger("roost.events")
 
 # ---- the events -------------------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # published per message: not frozen, like the MailboxEvents it carries (store/base.py)
 class MailboxAppended:
     """Events were committed to mailboxes (a message, a receipt, a contact
     request, a `dropped` announcement...), in commit order."""

@@ -87,7 +87,7 @@ MAX_BUCKETS = 20000
 Reply = Callable[[bytes], Coroutine[Any, Any, None]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)   # one per request: not frozen (a frozen init sets each field through object.__setattr__)
 class Request:
     """One decoded request: who asks (principal None: not authenticated), from
     which client id, its id (echoed in the response), op and params (the request

@@ -407,7 +407,11 @@ class WebSessionStore(Protocol):
 
 # ---- messaging (conversations, messages, mailboxes) --------------------------
 
-@dataclass(frozen=True, slots=True)
+# The three value types below are made per message on the store's writer thread
+# (several per send): not frozen, since a frozen dataclass sets each field through
+# object.__setattr__ (measured: 6,100 instructions per object, 13 % of the
+# writer's work per durable send). Treat them as immutable all the same.
+@dataclass(slots=True, unsafe_hash=True)   # hashable by value, as a frozen one would be
 class StoredMessage:
     conv: str
     seq: int
@@ -423,7 +427,7 @@ class StoredMessage:
                 "ts": self.ts, "body": json.loads(self.body)}
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MailboxEvent:
     principal: str
     n: int
@@ -433,7 +437,7 @@ class MailboxEvent:
     wire: bytes | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SendOutcome:
     message: StoredMessage
     dup: bool
