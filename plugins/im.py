@@ -97,9 +97,11 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
         props = getattr(session, "publish_properties", None)     # an MQTT 5 request's (engine)
         response_topic = getattr(props, "response_topic", None)
         reply = self._reply_to(client_id, response_topic, getattr(props, "correlation_data", None))
+        if type(payload) is not bytes:   # (bytes() of bytes costs a lookup of __bytes__ and __index__)
+            payload = bytes(payload)
         if not qos or getattr(session, "protocol_level", 4) != 5:
             try:
-                self._accept(session, client_id, topic, bytes(payload), reply)
+                self._accept(session, client_id, topic, payload, reply)
             except Exception:  # noqa: BLE001 - never let a request escape into the engine
                 self._gateway().failed(reply, "request", client_id)
             return True
@@ -113,7 +115,7 @@ class RoostIMPlugin(BasePlugin):  # type: ignore[type-arg]
             refusals.append(payload)
             return answer(payload)
         try:
-            self._accept(session, client_id, topic, bytes(payload), noting_refusal)
+            self._accept(session, client_id, topic, payload, noting_refusal)
         except Exception:  # noqa: BLE001 - never let a request escape into the engine
             self._gateway().failed(noting_refusal, "request", client_id)
         if refusals:
