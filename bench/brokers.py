@@ -268,9 +268,16 @@ class Roost(BrokerProcess):
     cprofile_dir: Path | None = None
     cprofile_label = "roost"
 
+    # --instructions: the broker runs under callgrind, instrumentation off until
+    # bench/instructions.py turns it on (start-up at valgrind's plain speed)
+    callgrind_out: Path | None = None
+
     def command(self) -> list[str]:
         self.write_config()
         cmd = [*self.ROOST, "serve", "--config", str(self.config_path)]
+        if self.callgrind_out is not None:
+            return ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    f"--callgrind-out-file={self.callgrind_out}", *cmd]
         if self.cprofile_dir is not None:
             out = self.cprofile_dir / f"{self.cprofile_label}-{int(time.time() * 1000)}.prof"
             cmd = [sys.executable, "-m", "cProfile", "-o", str(out), "-m", *cmd[2:]]

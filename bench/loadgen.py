@@ -398,6 +398,7 @@ class Worker:
         self.host: str = spec["host"]
         self.port: int = int(spec["port"])
         self.timeout = float(spec.get("timeout", 60))
+        self.connect_timeout = float(spec.get("connect_timeout", 10))
         self.idle = float(spec.get("idle", 5))
         self.concurrency = int(spec.get("concurrency", 100))
         self.stats = Stats()
@@ -423,7 +424,7 @@ class Worker:
         if self.mode == "im":
             im = ImClient(c, self.stats)
             conn = await connect(self.host, self.port, c["cid"], c.get("user"), c.get("pw"),
-                                 on_message=im.on_message)
+                                 on_message=im.on_message, timeout=self.connect_timeout)
             im.conn = conn
             await conn.subscribe([(f"roost/resp/{im.cid}", 1), (f"roost/inbox/{im.user}", 1)])
             self.ims.append(im)
@@ -439,7 +440,7 @@ class Worker:
         conn = await connect(self.host, self.port, c["cid"], c.get("user"), c.get("pw"),
                              on_message=sub.on_message if sub else None,
                              on_puback=pub.on_puback if pub else None, source=c.get("src"),
-                             version=5 if c.get("v5") else 4)
+                             version=5 if c.get("v5") else 4, timeout=self.connect_timeout)
         if sub is not None:
             sub.conn = conn
             await conn.subscribe([(f, int(q)) for f, q in c["subs"]])

@@ -68,6 +68,7 @@ class Sizes:
     idle: float          # a worker stops after this long without progress
     shared_pubs: int = 4         # `shared_v5`: publishers into the 4 members of one shared subscription
     shared_per_pub: int = 10_000
+    connect_timeout: float = 10.0   # a client's CONNECT -> CONNACK (`--instructions`: the broker runs under valgrind)
 
 
 # Sized so that Roost's phases last about a second (CPU shares need that), which
@@ -176,7 +177,8 @@ class Runner:
         timeout = self.sizes.timeout
         try:
             for i, spec in enumerate(specs):
-                spec = dict(spec, host=broker.host, port=broker.port, timeout=timeout, idle=self.sizes.idle)
+                spec = dict(spec, host=broker.host, port=broker.port, timeout=timeout, idle=self.sizes.idle,
+                            connect_timeout=self.sizes.connect_timeout)
                 path = self.workdir / f"{broker.name}-{name}-{i}.json"
                 path.write_text(json.dumps(spec))
                 err = open(self.workdir / f"{broker.name}-{name}-{i}.err", "wb")
@@ -757,12 +759,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cprofile", default="", metavar="DIR",
                     help="run Roost under cProfile, one DIR/roost-<scenario>-<ms>.prof per broker start "
                          "(call counts and shares; no py-spy needed; figures drop)")
+    ap.add_argument("--instructions", action="store_true",
+                    help="Roost only: instructions per message under valgrind's callgrind, for --only's "
+                         "throughput scenarios (default fanin_qos1,p2p,shared_v5,fanout,im); exact to "
+                         "about 0.2 %% where wall-clock rates move by 25 %%: compare commits with it")
     ap.add_argument("--results", default="", metavar="FILE",
                     help="write a results page (machine, versions, command, table) to FILE, "
                          "e.g. bench/RESULTS.md")
     ap.add_argument("--keep", action="store_true", help="keep the work folder (configs, logs, specs)")
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
+    if args.instructions:
+        from bench import instructions  # (it builds on this module's Runner)
+
+        return instructions.main([s.strip() for s in args.only.split(",")] if args.only else [], args.markdown,
+                                 args.quick)
     return asyncio.run(amain(args, argv))
 
 

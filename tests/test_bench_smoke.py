@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -153,3 +154,28 @@ def test_mqtt5_rows_run_on_their_own(tmp_path: Path) -> None:
 # reported as XFAIL (not hidden), and the test passes on its own once it is gone.
 # (Roost's QoS 1 fan-in drops, found here, were fixed by slowing the publishers down.)
 KNOWN_LOSS: dict[tuple[str, str], str] = {}
+
+
+@pytest.mark.timeout(240)
+def test_instruction_counts_per_message(tmp_path: Path) -> None:
+    """`--instructions --quick`: Roost under callgrind, instructions per message of a
+    QoS 0 fan-in and of the durable IM path (every thread counted), as a Markdown
+    table. The figures must be plausible for a Python broker: each message costs
+    thousands of instructions, and an IM send (a commit, events, acks) many more
+    than a relayed QoS 0 message."""
+    if shutil.which("valgrind") is None:
+        pytest.skip("valgrind is not installed (scripts/test installs it)")
+    table = tmp_path / "instructions.md"
+    res = subprocess.run(
+        [sys.executable, "-m", "bench", "--instructions", "--quick", "--only", "fanin_qos0,im",
+         "--markdown", str(table)], cwd=str(ROOT), capture_output=True, text=True, timeout=230,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    assert res.returncode == 0, f"bench failed ({res.returncode}):\n{res.stdout}\n{res.stderr[-4000:]}"
+    rows = {}
+    for line in table.read_text().splitlines()[2:]:
+        name, value = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[name] = int(value.replace(",", ""))
+    assert set(rows) == {"fanin_qos0", "im"}, table.read_text()
+    assert 2_000 < rows["fanin_qos0"] < 1_000_000, rows
+    assert rows["im"] > 3 * rows["fanin_qos0"], rows
+    assert _children_of(os.getpid()) == []
