@@ -84,7 +84,7 @@ class Monitor:
     def _count_events(self, appended: MailboxAppended) -> None:
         counts = self.mailbox_events
         for ev in appended.events:
-            kind = str(ev.doc.get("kind", "?"))
+            kind = ev.kind
             if kind not in counts and len(counts) >= MAX_EVENT_KINDS:
                 kind = "other"
             counts[kind] = counts.get(kind, 0) + 1

@@ -427,14 +427,48 @@ class StoredMessage:
                 "ts": self.ts, "body": json.loads(self.body)}
 
 
-@dataclass(slots=True)
 class MailboxEvent:
-    principal: str
-    n: int
-    doc: dict[str, Any]              # the wire event: {"n", "kind", "ts", ...}
-    # `doc` as compact JSON bytes, when the store built them already (SQLite's send
-    # batch encodes a message once for all its members' events); None: encode `doc`
-    wire: bytes | None = field(default=None, compare=False, repr=False)
+    """One numbered event of a principal's mailbox.
+
+    `doc` is the wire event ({"n", "kind", "ts", ...}); `wire` the same as compact
+    JSON bytes when the store built them already (SQLite's send batch encodes a
+    message once for all its members' events), None: encode `doc`. Given `wire`
+    and its `kind` without `doc`, the dict is decoded from the bytes on first use:
+    a pushed event needs only its bytes, and building a dict per member's event
+    on the store's writer cost 5 % of its work per send. Equal by principal, n
+    and document, like the dataclass it was."""
+
+    __slots__ = ("principal", "n", "kind", "wire", "_doc")
+
+    def __init__(self, principal: str, n: int, doc: dict[str, Any] | None = None, wire: bytes | None = None,
+                 kind: str | None = None) -> None:
+        self.principal = principal
+        self.n = n
+        self.wire = wire
+        self._doc = doc
+        if doc is None and (wire is None or kind is None):
+            raise ValueError("a mailbox event needs its document, or its encoding and kind")
+        self.kind: str = kind if kind is not None else str(doc.get("kind", "?")) if doc is not None else "?"
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        doc = self._doc
+        if doc is None:
+            import json
+
+            assert self.wire is not None   # (__init__)
+            doc = self._doc = json.loads(self.wire)
+        return doc
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MailboxEvent):
+            return NotImplemented
+        return (self.principal, self.n, self.doc) == (other.principal, other.n, other.doc)
+
+    __hash__ = None   # type: ignore[assignment]   # (its document is a dict)
+
+    def __repr__(self) -> str:
+        return f"MailboxEvent(principal={self.principal!r}, n={self.n!r}, doc={self.doc!r})"
 
 
 @dataclass(slots=True)
