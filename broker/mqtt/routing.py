@@ -247,15 +247,19 @@ class Router:
         st = self._sessions.get(client_id)
         if st is None or st.discarded:
             return False
-        granted = st.grants.get(topic)
-        if granted is None:
+        grant = st.grants.get(topic)
+        if grant is None:
             # Checked once per topic and subscription set, not per message: a pusher
             # sends its whole stream on one topic, past every filter of the session.
+            # The topic as PUBLISH carries it is kept too (not encoded per message).
             granted = granted_qos(st, topic) if valid_topic_name(topic) else -1
+            t = topic.encode("utf-8") if granted >= 0 else b""
+            grant = (granted, len(t).to_bytes(2, "big") + t)
             grants = st.own_grants()
             if len(grants) >= GRANTS_KEPT:
                 grants.clear()
-            grants[topic] = granted
+            grants[topic] = grant
+        granted, topic_header = grant
         if granted < 0:
             return False
         ok = self._acl.may_receive_now(st, topic)
@@ -267,7 +271,7 @@ class Router:
         # instructions); only another buffer type needs the copy
         if type(payload) is not bytes:
             payload = bytes(payload)
-        return st.enqueue(Message(topic, payload, qos), qos if qos < granted else granted)
+        return st.enqueue(Message(topic, payload, qos, False, None, topic_header), qos if qos < granted else granted)
 
     async def deliver(self, client_id: str, topic: str, payload: bytes, qos: int = 1) -> bool:
         """deliver_nowait, waiting (at most DELIVER_WAIT) for the ACL or for room."""

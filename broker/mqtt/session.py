@@ -305,7 +305,7 @@ class SessionState:
         # topic -> the QoS its filters grant (-1: none, or not a valid topic name), for
         # the broker's own deliveries to this one session (routing.deliver_nowait: an
         # inbox pusher's stream, request responses); reset when the subscriptions change
-        self.grants: dict[str, int] = NO_DICT
+        self.grants: dict[str, tuple[int, bytes]] = NO_DICT   # topic -> (granted QoS, encoded topic)
 
     def own_inflight(self) -> dict[int, list[Any]]:
         """This session's own in-flight dict (NO_DICT until the first message sent)."""
@@ -319,7 +319,7 @@ class SessionState:
             self.subs = {}
         return self.subs
 
-    def own_grants(self) -> dict[str, int]:
+    def own_grants(self) -> dict[str, tuple[int, bytes]]:
         """This session's own grants cache (NO_DICT until the first direct delivery)."""
         if self.grants is NO_DICT:
             self.grants = {}
