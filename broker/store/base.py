@@ -442,13 +442,15 @@ class MailboxEvent:
 
     def __init__(self, principal: str, n: int, doc: dict[str, Any] | None = None, wire: bytes | None = None,
                  kind: str | None = None) -> None:
+        if doc is not None:
+            kind = str(doc.get("kind", "?")) if kind is None else kind
+        elif wire is None or kind is None:
+            raise ValueError("a mailbox event needs its document, or its encoding and kind")
         self.principal = principal
         self.n = n
+        self.kind: str = kind
         self.wire = wire
         self._doc = doc
-        if doc is None and (wire is None or kind is None):
-            raise ValueError("a mailbox event needs its document, or its encoding and kind")
-        self.kind: str = kind if kind is not None else str(doc.get("kind", "?")) if doc is not None else "?"
 
     @property
     def doc(self) -> dict[str, Any]:
